@@ -1,0 +1,193 @@
+"""
+Optimizers: Muon (orthogonalised momentum) for hidden weight matrices, AdamW for the rest.
+
+Which parameter goes where is decided by explicit rules (`param_kind`), not by "every 2-D tensor":
+    embedding  token/positional embeddings                      -> AdamW, embedding lr
+    head       lm_head                                          -> AdamW, unembedding lr
+    matrix     hidden 2-D weights (attention, MLP, Mamba in/out/x/dt projections) and
+               stacked 3-D expert weights (orthogonalised per expert)  -> Muon
+    scalar     everything else: Mamba A_log, D, dt_bias, conv1d weights and biases, norm
+               weights, routers, gates and predictors, biases    -> AdamW, scalar lr, no weight decay
+A model can override the rules for its own parameters with a `param_kind(name, param)` method
+returning one of these names (or None to fall back to the defaults).
+
+Distributed: under DDP the gradients are already averaged when step() runs, so every rank applies
+the same update. Parameters that are DTensors (FSDP2) are orthogonalised on their full tensor:
+each rank gathers the full gradient, computes the update and keeps its own shard of it.
+"""
+import torch
+
+KINDS = ("embedding", "head", "matrix", "scalar")
+
+
+def default_param_kind(name, p):
+    if getattr(p, "_no_weight_decay", False):
+        return "scalar"
+    leaf = name.split(".")[-1]
+    if "wte" in name or "pos_emb" in name or "embed" in leaf:
+        return "embedding"
+    if name.startswith("lm_head") or ".lm_head." in name:
+        return "head"
+    if "conv1d" in name or "router" in name or "norm" in name or leaf in ("bias", "dt_bias", "A_log", "D"):
+        return "scalar"
+    if p.ndim in (2, 3):
+        return "matrix"
+    return "scalar"
+
+
+def classify_params(model):
+    """{kind: [(name, param)]} over trainable parameters, using the model's rules first."""
+    groups = {k: [] for k in KINDS}
+    custom = getattr(model, "param_kind", None)
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        kind = custom(name, p) if custom is not None else None
+        kind = kind or default_param_kind(name, p)
+        if kind not in groups:
+            raise ValueError(f"param_kind({name}) returned {kind!r}; expected one of {KINDS}")
+        groups[kind].append((name, p))
+    return groups
+
+
+def orthogonalize(G, steps=5):
+    """
+    Approximately orthogonalise G (..., m, n) by a quintic Newton-Schulz iteration, returning
+    roughly U V^T of its SVD with singular values pushed into ~[0.7, 1.2] (Muon's tuned
+    coefficients trade exactness for speed). Works in bf16 on GPU, fp32 on CPU.
+    """
+    a, b, c = 3.4445, -4.7750, 2.0315
+    dtype = torch.bfloat16 if G.is_cuda else torch.float32
+    X = G.to(dtype)
+    transposed = G.size(-2) > G.size(-1)
+    if transposed:
+        X = X.mT
+    X = X / (X.norm(dim=(-2, -1), keepdim=True) + 1e-7)
+    for _ in range(steps):
+        A = X @ X.mT
+        B = b * A + c * A @ A
+        X = a * X + B @ X
+    if transposed:
+        X = X.mT
+    return X
+
+
+def _full(t):
+    return t.full_tensor() if hasattr(t, "full_tensor") else t
+
+
+def _local_like(update, p):
+    """The part of a full-tensor update that belongs to this rank's shard of p (DTensor) or the update itself."""
+    if hasattr(p, "device_mesh"):
+        from torch.distributed.tensor import distribute_tensor
+        return distribute_tensor(update, p.device_mesh, p.placements)
+    return update
+
+
+class Muon(torch.optim.Optimizer):
+    """
+    Momentum (Nesterov by default) whose update is orthogonalised by Newton-Schulz before it is
+    applied, scaled by sqrt(max(1, rows/cols)) so tall and wide matrices move alike.
+    3-D parameters are treated as a batch of matrices (one per expert).
+    """
+
+    def __init__(self, params, lr=0.02, momentum=0.95, nesterov=True, ns_steps=5, weight_decay=0.0):
+        super().__init__(params, dict(lr=lr, momentum=momentum, nesterov=nesterov, ns_steps=ns_steps, weight_decay=weight_decay))
+
+    @torch.no_grad()
+    def step(self):
+        for group in self.param_groups:
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                g = p.grad
+                state = self.state[p]
+                if "momentum_buffer" not in state:
+                    state["momentum_buffer"] = torch.zeros_like(g)
+                buf = state["momentum_buffer"]
+                buf.lerp_(g, 1 - group["momentum"])
+                g = g.lerp(buf, group["momentum"]) if group["nesterov"] else buf
+                full = _full(g)
+                update = orthogonalize(full, group["ns_steps"]).to(full.dtype)
+                update = update * max(1.0, full.size(-2) / full.size(-1)) ** 0.5
+                update = _local_like(update, p)
+                if group["weight_decay"] > 0:
+                    p.mul_(1 - group["lr"] * group["weight_decay"])
+                p.add_(update.to(p.dtype), alpha=-group["lr"])
+
+
+def setup_optimizers(model, matrix_lr=0.02, embedding_lr=0.2, unembedding_lr=0.004, scalar_lr=0.004,
+                     weight_decay=0.0, adam_betas=(0.8, 0.95), lr_overrides=None):
+    """
+    [AdamW, Muon] over the model's trainable parameters with explicit groups. AdamW learning rates
+    are scaled by (n_embd/768)^-0.5 like nanochat. `lr_overrides` maps a predicate name->bool to a
+    multiplier for extra groups (e.g. new channels after growth); see fractal_train.
+    Each param group records `initial_lr` so schedules multiply it.
+    """
+    groups = classify_params(model)
+    dim = getattr(model.config, "n_embd", 768)
+    scale = (dim / 768) ** -0.5
+    base_lr = {"embedding": embedding_lr * scale, "head": unembedding_lr * scale, "scalar": scalar_lr * scale}
+    adam_groups = []
+    for kind in ("embedding", "head", "scalar"):
+        if groups[kind]:
+            wd = 0.0 if kind == "scalar" else weight_decay
+            adam_groups.append(dict(params=[p for _, p in groups[kind]], lr=base_lr[kind], weight_decay=wd, kind=kind,
+                                    names=[n for n, _ in groups[kind]]))
+    optimizers = []
+    if adam_groups:
+        adamw = torch.optim.AdamW(adam_groups, betas=adam_betas, eps=1e-10, fused=False)
+        optimizers.append(adamw)
+    if groups["matrix"]:
+        by_shape = {}  # one group per shape keeps the update loop simple and lets overrides split cleanly
+        for n, p in groups["matrix"]:
+            by_shape.setdefault(tuple(p.shape), []).append((n, p))
+        muon_groups = [dict(params=[p for _, p in ps], lr=matrix_lr, kind="matrix", names=[n for n, _ in ps])
+                       for ps in by_shape.values()]
+        optimizers.append(Muon(muon_groups, lr=matrix_lr, momentum=0.95))
+    for opt in optimizers:
+        for g in opt.param_groups:
+            g["initial_lr"] = g["lr"]
+    return optimizers
+
+
+def set_lr_multiplier(optimizers, lrm):
+    for opt in optimizers:
+        for g in opt.param_groups:
+            g["lr"] = g["initial_lr"] * lrm * g.get("lr_scale", 1.0)
+
+
+def muon_momentum(step, warmup=300):
+    """Muon momentum warms from 0.85 to 0.95 over the first `warmup` steps (as nanochat)."""
+    frac = min(step / warmup, 1.0) if warmup > 0 else 1.0
+    return (1 - frac) * 0.85 + frac * 0.95
+
+
+def set_muon_momentum(optimizers, momentum):
+    for opt in optimizers:
+        if isinstance(opt, Muon):
+            for g in opt.param_groups:
+                g["momentum"] = momentum
+
+
+def lr_multiplier(step, num_iterations, warmup_ratio=0.0, warmdown_ratio=0.2, final_lr_frac=0.0):
+    """Warmup (linear from 0), constant, then linear warmdown to final_lr_frac."""
+    warmup = round(warmup_ratio * num_iterations)
+    warmdown = round(warmdown_ratio * num_iterations)
+    if warmup > 0 and step < warmup:
+        return (step + 1) / warmup
+    if warmdown > 0 and step > num_iterations - warmdown:
+        progress = (num_iterations - step) / warmdown
+        return progress + (1 - progress) * final_lr_frac
+    return 1.0
+
+
+def optimizer_state_dicts(optimizers):
+    return [opt.state_dict() for opt in optimizers]
+
+
+def load_optimizer_state_dicts(optimizers, states):
+    if len(states) != len(optimizers):
+        raise ValueError(f"optimizer state has {len(states)} optimizers, expected {len(optimizers)}")
+    for opt, st in zip(optimizers, states):
+        opt.load_state_dict(st)
