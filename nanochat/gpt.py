@@ -64,20 +64,20 @@ def apply_rotary_emb(x, cos, sin):
     return torch.cat([y1, y2], 3).to(x.dtype)
 
 
-def attention(q, k, v, n_prefix=0):
+def attention(q, k, v, scale=None):
     """
-    Causal attention of q (B, Hq, Tq, D) over k, v (B, Hkv, Tk, D), GQA allowed.
+    Causal attention of q (B, Hq, Tq, D) over k, v (B, Hkv, Tk, D), GQA allowed; scale None = 1/sqrt(D).
     The first Tk - Tq keys are a cached prefix every query may see; within the new chunk it is causal.
     """
     Tq, Tk = q.size(2), k.size(2)
     gqa = q.size(1) != k.size(1)
     if Tq == Tk:
-        return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa, scale=scale)
     if Tq == 1:
-        return F.scaled_dot_product_attention(q, k, v, is_causal=False, enable_gqa=gqa)
+        return F.scaled_dot_product_attention(q, k, v, is_causal=False, enable_gqa=gqa, scale=scale)
     prefix = Tk - Tq
     mask = torch.ones(Tq, Tk, dtype=torch.bool, device=q.device).tril(diagonal=prefix)
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=gqa)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=gqa, scale=scale)
 
 
 class KVCache:

@@ -1,0 +1,455 @@
+"""
+HybridGPT: nanochat's GPT with Mamba blocks interleaved, Matryoshka widths per block, and exit
+readouts after blocks.
+
+Block j = mixer (attention 'A' or Mamba 'M', from `layer_pattern` tiled over n_layer) followed by an
+FFN (dense ReLU^2 MLP 'D', MoE 'E' or none 'N', from `ffn_pattern`), each a pre-norm sublayer that
+adds to the residual exactly once:
+    x = x + mixer(norm(x));  x = x + ffn(norm(x))
+State-dict names extend nanochat's: transformer.h.{j}.attn.* | .mamba.*, .mlp.* | .moe.*, so a
+nanochat GPT's weights drop into the attention blocks unchanged.
+
+Width plan (one width per block, see matryoshka.py): at width w an attention or FFN sublayer reads
+norm(x)[..., :w] (the norm is over the full residual), uses the first w/head_dim query heads (and the
+KV heads they need under GQA) or the first hidden*w/n_embd units, and writes x[..., :w]. Mamba mixers
+run at full width whatever the plan says.
+"""
+import math
+from dataclasses import dataclass, field, asdict
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from nanochat.gpt import (norm, apply_rotary_emb, attention, rotary_inv_freq, rotary_cos_sin,
+                          linear_init_std, LOGIT_SOFTCAP)
+from nanochat.matryoshka import default_width_levels, validate_levels, expand_plan, check_plan
+from nanochat.checkpoint_manager import register_model_kind
+
+
+@dataclass
+class HybridConfig:
+    sequence_len: int = 1024
+    vocab_size: int = 50304
+    n_layer: int = 12            # total blocks (attention + Mamba)
+    n_head: int = 6
+    n_kv_head: int = 6
+    n_embd: int = 768
+    layer_pattern: str = "AM"    # tiled over n_layer: A attention, M Mamba
+    ffn_pattern: str = "D"       # tiled over n_layer: D dense MLP, E MoE, N none
+    mlp_hidden: int = 0          # 0 -> 4 * n_embd
+    # rotary: head dims whose frequency tables make up this model's (grows under head widening)
+    rotary_dims: list = field(default_factory=list)
+    attn_scale: float = 0.0      # softmax scale; 0 -> 1/sqrt(head_dim)
+    # Mamba mixer (nanochat.mamba_block)
+    mamba_version: int = 1
+    d_state: int = 16
+    d_conv: int = 4
+    expand: int = 2
+    mamba_headdim: int = 64      # Mamba-2 only
+    mamba_ngroups: int = 1       # Mamba-2 only
+    # MoE FFN (nanochat.moe)
+    num_experts: int = 8
+    expert_dim: int = 0          # 0 -> mlp_hidden
+    moe_top_k: int = 1
+    capacity_factor: float = 1.25
+    min_capacity: int = 4
+    # Matryoshka and exits
+    width_levels: list = field(default_factory=list)  # empty -> matryoshka.default_width_levels
+    exit_stride: int = 1         # a readout after every exit_stride-th block (and always the last)
+    adaptive: bool = False       # build the confidence gates and width predictor (confidence_probe.py)
+    # provenance of growth: residual widths this model was grown from, oldest first
+    grown_from: list = field(default_factory=list)
+
+    def __post_init__(self):
+        if self.n_embd % self.n_head != 0:
+            raise ValueError(f"n_embd={self.n_embd} must be a multiple of n_head={self.n_head}")
+        if self.n_head % self.n_kv_head != 0:
+            raise ValueError(f"n_head={self.n_head} must be a multiple of n_kv_head={self.n_kv_head}")
+        for name, pat, allowed in (("layer_pattern", self.layer_pattern, "AM"), ("ffn_pattern", self.ffn_pattern, "DEN")):
+            if not pat or set(pat) - set(allowed):
+                raise ValueError(f"{name}={pat!r} may only use the letters {allowed}")
+        if self.mamba_version not in (1, 2):
+            raise ValueError(f"mamba_version must be 1 or 2, got {self.mamba_version}")
+        if self.mlp_hidden == 0:
+            self.mlp_hidden = 4 * self.n_embd
+        if self.expert_dim == 0:
+            self.expert_dim = self.mlp_hidden
+        if not self.rotary_dims:
+            self.rotary_dims = [self.head_dim]
+        if sorted(self.rotary_dims) != list(self.rotary_dims) or self.rotary_dims[-1] != self.head_dim:
+            raise ValueError(f"rotary_dims {self.rotary_dims} must be non-decreasing and end at head_dim {self.head_dim}")
+        if not self.width_levels:
+            self.width_levels = default_width_levels(self.n_embd, self.head_dim)
+        validate_levels(self.width_levels, self.n_embd, self.head_dim)
+        if self.exit_stride < 1:
+            raise ValueError("exit_stride must be >= 1")
+
+    @property
+    def head_dim(self):
+        return self.n_embd // self.n_head
+
+    @property
+    def softmax_scale(self):
+        return self.attn_scale or 1.0 / math.sqrt(self.head_dim)
+
+    def mixer_kind(self, j):
+        return self.layer_pattern[j % len(self.layer_pattern)]
+
+    def ffn_kind(self, j):
+        return self.ffn_pattern[j % len(self.ffn_pattern)]
+
+    def exit_blocks(self):
+        """Block indices followed by an exit readout (the last block always is)."""
+        ids = [j for j in range(self.n_layer) if (j + 1) % self.exit_stride == 0]
+        if not ids or ids[-1] != self.n_layer - 1:
+            ids.append(self.n_layer - 1)
+        return ids
+
+    def mamba_kwargs(self):
+        kw = dict(d_model=self.n_embd, d_state=self.d_state, d_conv=self.d_conv, expand=self.expand)
+        if self.mamba_version == 2:
+            kw.update(headdim=self.mamba_headdim, ngroups=self.mamba_ngroups)
+        return kw
+
+    def to_dict(self):
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d):
+        unknown = set(d) - set(cls.__dataclass_fields__)
+        if unknown:
+            raise ValueError(f"hybrid model_config has unknown fields {sorted(unknown)}")
+        return cls(**d)
+
+
+def rotary_inv_freq_grown(rotary_dims, device=None):
+    """
+    Frequencies for a head that was widened d0 -> d1 -> ...: the first d0/2 pairs keep d0's
+    frequencies, the pairs added at each widening take the new head_dim's frequencies at their
+    indices. With one entry this is the plain nanochat table.
+    """
+    parts, done = [], 0
+    for d in rotary_dims:
+        full = rotary_inv_freq(d, device=device)
+        parts.append(full[done:d // 2])
+        done = d // 2
+    return torch.cat(parts)
+
+
+class MatryoshkaAttention(nn.Module):
+    """nanochat attention (rotary, QK norm, GQA) whose heads can be sliced to a width prefix."""
+
+    def __init__(self, config, layer_idx):
+        super().__init__()
+        self.layer_idx = layer_idx
+        self.n_head, self.n_kv_head, self.head_dim = config.n_head, config.n_kv_head, config.head_dim
+        self.scale = config.softmax_scale
+        D = config.n_embd
+        self.c_q = nn.Linear(D, self.n_head * self.head_dim, bias=False)
+        self.c_k = nn.Linear(D, self.n_kv_head * self.head_dim, bias=False)
+        self.c_v = nn.Linear(D, self.n_kv_head * self.head_dim, bias=False)
+        self.c_proj = nn.Linear(self.n_head * self.head_dim, D, bias=False)
+
+    def heads_at(self, w):
+        """(query heads, kv heads) used at width w."""
+        h = w // self.head_dim
+        group = self.n_head // self.n_kv_head
+        return h, -(-h // group)
+
+    def project_kv(self, xn, w, cos_sin):
+        """K, V (B, Hkv_w, T, hd) of the normalised input xn (B, T, >=w) at width w."""
+        B, T, _ = xn.shape
+        _, hkv = self.heads_at(w)
+        x = xn[..., :w]
+        k = F.linear(x, self.c_k.weight[:hkv * self.head_dim, :w]).view(B, T, hkv, self.head_dim)
+        v = F.linear(x, self.c_v.weight[:hkv * self.head_dim, :w]).view(B, T, hkv, self.head_dim)
+        k = norm(apply_rotary_emb(k, *cos_sin))
+        return k.transpose(1, 2), v.transpose(1, 2)
+
+    def forward(self, xn, w, cos_sin, kv_cache=None):
+        """xn: (B, T, n_embd) normalised input; returns (B, T, w)."""
+        B, T, _ = xn.shape
+        h, hkv = self.heads_at(w)
+        hd = self.head_dim
+        q = F.linear(xn[..., :w], self.c_q.weight[:h * hd, :w]).view(B, T, h, hd)
+        q = norm(apply_rotary_emb(q, *cos_sin)).transpose(1, 2)  # (B, h, T, hd)
+        k, v = self.project_kv(xn, w, cos_sin)
+        if kv_cache is not None:
+            k, v = kv_cache.insert(self.layer_idx, k, v)
+        if h % k.size(1) != 0:
+            # a width whose query heads do not fill whole GQA groups: give each query head its KV head
+            group = self.n_head // self.n_kv_head
+            k = k.repeat_interleave(group, dim=1)[:, :h]
+            v = v.repeat_interleave(group, dim=1)[:, :h]
+        y = attention(q, k, v, scale=self.scale)
+        y = y.transpose(1, 2).reshape(B, T, h * hd)
+        return F.linear(y, self.c_proj.weight[:w, :h * hd])
+
+
+class MatryoshkaMLP(nn.Module):
+    """nanochat's ReLU^2 MLP whose hidden units and channels can be sliced to a prefix."""
+
+    def __init__(self, config):
+        super().__init__()
+        self.hidden = config.mlp_hidden
+        self.n_embd = config.n_embd
+        self.c_fc = nn.Linear(config.n_embd, self.hidden, bias=False)
+        self.c_proj = nn.Linear(self.hidden, config.n_embd, bias=False)
+
+    def forward(self, x, w):
+        """x: (B, T, w) -> (B, T, w)."""
+        hw = self.hidden * w // self.n_embd
+        h = F.relu(F.linear(x, self.c_fc.weight[:hw, :w])).square()
+        return F.linear(h, self.c_proj.weight[:w, :hw])
+
+
+def make_mamba(config, layer_idx):
+    from nanochat.mamba_block import Mamba, Mamba2
+    cls = Mamba if config.mamba_version == 1 else Mamba2
+    return cls(layer_idx=layer_idx, **config.mamba_kwargs())
+
+
+def make_moe(config):
+    from nanochat.moe import MoE
+    return MoE(config.n_embd, config.num_experts, config.expert_dim, top_k=config.moe_top_k,
+               capacity_factor=config.capacity_factor, min_capacity=config.min_capacity)
+
+
+class HybridBlock(nn.Module):
+    def __init__(self, config, layer_idx):
+        super().__init__()
+        self.layer_idx = layer_idx
+        self.mixer_kind = config.mixer_kind(layer_idx)
+        self.ffn_kind = config.ffn_kind(layer_idx)
+        self.n_embd = config.n_embd
+        if self.mixer_kind == "A":
+            self.attn = MatryoshkaAttention(config, layer_idx)
+        else:
+            self.mamba = make_mamba(config, layer_idx)
+        if self.ffn_kind == "D":
+            self.mlp = MatryoshkaMLP(config)
+        elif self.ffn_kind == "E":
+            self.moe = make_moe(config)
+
+    def mix(self, x, w, cos_sin, cache=None, mask=None):
+        """The mixer's contribution to the residual, padded to full width: (B, T, n_embd)."""
+        xn = norm(x)
+        if self.mixer_kind == "A":
+            kv = cache.kv if cache is not None else None
+            y = self.attn(xn, w, cos_sin, kv)
+        else:
+            params = cache.ssm if cache is not None else None
+            y = self.mamba(xn, inference_params=params, mask=mask)
+        return F.pad(y, (0, self.n_embd - y.size(-1)))
+
+    def ffn(self, x, w, mask=None):
+        if self.ffn_kind == "N":
+            return None
+        xn = norm(x)[..., :w]
+        y = self.mlp(xn, w) if self.ffn_kind == "D" else self.moe(xn, mask=mask, width=w)
+        return F.pad(y, (0, self.n_embd - w))
+
+    def forward(self, x, w, cos_sin, cache=None, mask=None):
+        x = x + self.mix(x, w, cos_sin, cache, mask)
+        y = self.ffn(x, w, mask)
+        return x if y is None else x + y
+
+
+@dataclass
+class HybridOutput:
+    """What a forward with return_exits=True gives the trainer and the gates."""
+    logits: torch.Tensor = None          # (B, T, V) fp32, final readout
+    loss: torch.Tensor = None            # mean final loss (if targets)
+    exit_blocks: list = None             # block index of each readout
+    exit_hidden: list = None             # residual (B, T, D) after each exit block
+    exit_losses: torch.Tensor = None     # (n_exits, B, T) per-token loss of each readout (if targets)
+    exit_agree: torch.Tensor = None      # (n_exits, B, T) readout top-1 == final top-1
+    aux_loss: torch.Tensor = None        # sum of MoE balancing + z losses (0 without MoE)
+
+
+class HybridGPT(nn.Module):
+    kind = "hybrid"
+
+    def __init__(self, config):
+        super().__init__()
+        self.config = config
+        self.transformer = nn.ModuleDict({
+            "wte": nn.Embedding(config.vocab_size, config.n_embd),
+            "h": nn.ModuleList([HybridBlock(config, j) for j in range(config.n_layer)]),
+        })
+        self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
+        if config.adaptive:
+            from nanochat.confidence_probe import AdaptiveControllers
+            self.controllers = AdaptiveControllers(config)
+        self.rotary_seq_len = config.sequence_len * 10
+        half = config.head_dim // 2
+        self.register_buffer("cos", torch.empty(1, self.rotary_seq_len, 1, half), persistent=False)
+        self.register_buffer("sin", torch.empty(1, self.rotary_seq_len, 1, half), persistent=False)
+        if self.lm_head.weight.device.type != "meta":
+            self.init_buffers()
+
+    # ---- setup --------------------------------------------------------------------------------
+    def init_buffers(self):
+        device = self.lm_head.weight.device
+        inv_freq = rotary_inv_freq_grown(self.config.rotary_dims, device=device)
+        self.cos, self.sin = rotary_cos_sin(self.rotary_seq_len, inv_freq)
+
+    @torch.no_grad()
+    def init_weights(self):
+        """
+        Fresh init in one place: nanochat's rule for attention/MLP, mamba-ssm's own init for the
+        mixers (a freshly built mixer's weights), then every projection that writes the residual
+        (attention/MLP c_proj, Mamba out_proj, expert w_out) and the head start at zero.
+        """
+        device = self.lm_head.weight.device
+        for module in self.modules():
+            if isinstance(module, nn.Linear):
+                nn.init.normal_(module.weight, std=linear_init_std(*module.weight.shape))
+            elif isinstance(module, nn.Embedding):
+                nn.init.normal_(module.weight, std=1.0)
+        for j, block in enumerate(self.transformer.h):
+            if block.mixer_kind == "A":
+                nn.init.zeros_(block.attn.c_proj.weight)
+            else:
+                fresh = make_mamba(self.config, j).to(device)
+                block.mamba.load_state_dict(fresh.state_dict())
+                nn.init.zeros_(block.mamba.out_proj.weight)
+            if block.ffn_kind == "D":
+                nn.init.zeros_(block.mlp.c_proj.weight)
+            elif block.ffn_kind == "E":
+                block.moe.init_weights()
+                nn.init.zeros_(block.moe.w_out)
+        nn.init.zeros_(self.lm_head.weight)
+        if self.config.adaptive:
+            self.controllers.init_weights()
+        self.init_buffers()
+
+    def get_device(self):
+        return self.lm_head.weight.device
+
+    def param_kind(self, name, p):
+        if name.startswith("controllers."):
+            return "scalar"  # small heads, trained with AdamW
+        return None
+
+    def num_params(self):
+        return sum(p.numel() for p in self.parameters())
+
+    # ---- forward ------------------------------------------------------------------------------
+    def rotary(self, T0, T):
+        if T0 + T > self.rotary_seq_len:
+            raise ValueError(f"sequence of {T0 + T} tokens exceeds the rotary table ({self.rotary_seq_len})")
+        return self.cos[:, T0:T0 + T], self.sin[:, T0:T0 + T]
+
+    def readout(self, x):
+        """Shared final norm + lm_head + soft-cap: (B, T, D) -> fp32 logits (B, T, V)."""
+        logits = self.lm_head(norm(x).to(self.lm_head.weight.dtype))
+        return LOGIT_SOFTCAP * torch.tanh(logits.float() / LOGIT_SOFTCAP)
+
+    def forward(self, idx, targets=None, width=None, return_exits=False, exit_after=None, mask=None,
+                loss_reduction="mean"):
+        """
+        idx (B, T) -> logits (B, T, V) fp32, or the loss if targets are given.
+        width: None (full), an int for every block, or a plan (one width per block).
+        exit_after (B, T) long, optional: block index after which each token's residual stops
+            changing (early exit). Deeper blocks still compute from the frozen residual, so their
+            K/V and SSM states see the exited hidden state, exactly what the engine does at decode.
+        mask (B, T) bool, optional: True for real tokens; passed to Mamba and MoE (padding).
+        return_exits: give a HybridOutput with the exit readouts' hidden states, per-token losses
+            and top-1 agreement with the final readout (all differentiable where they can be).
+        """
+        c = self.config
+        plan = expand_plan(width, c.n_layer, c.n_embd)
+        check_plan(plan, c.n_embd, c.head_dim)
+        B, T = idx.shape
+        cos_sin = self.rotary(0, T)
+        x = norm(self.transformer.wte(idx))
+        exit_ids = set(c.exit_blocks()) if return_exits else set()
+        exit_hidden = []
+        for j, block in enumerate(self.transformer.h):
+            x_new = block(x, plan[j], cos_sin, mask=mask)
+            if exit_after is not None:
+                x_new = torch.where((exit_after < j).unsqueeze(-1), x, x_new)
+            x = x_new
+            if j in exit_ids:
+                exit_hidden.append(x)
+        logits = self.readout(x)
+        loss = None
+        if targets is not None:
+            loss = F.cross_entropy(logits.view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-1,
+                                   reduction=loss_reduction)
+        if not return_exits:
+            return logits if targets is None else loss
+        out = HybridOutput(logits=logits, loss=loss, exit_blocks=sorted(exit_ids), exit_hidden=exit_hidden,
+                           aux_loss=self.moe_aux_loss())
+        final_top1 = logits.argmax(-1)
+        losses, agree = [], []
+        for h in exit_hidden:
+            lg = self.readout(h)
+            agree.append(lg.argmax(-1) == final_top1)
+            if targets is not None:
+                losses.append(F.cross_entropy(lg.view(-1, lg.size(-1)), targets.reshape(-1), ignore_index=-1,
+                                              reduction="none").view(B, T))
+        out.exit_agree = torch.stack(agree)
+        if targets is not None:
+            out.exit_losses = torch.stack(losses)
+        return out
+
+    def moe_aux_loss(self):
+        terms = [b.moe.aux_loss + b.moe.z_loss for b in self.transformer.h
+                 if b.ffn_kind == "E" and getattr(b.moe, "aux_loss", None) is not None]
+        return torch.stack(terms).sum() if terms else torch.zeros((), device=self.get_device())
+
+    # ---- FLOPs --------------------------------------------------------------------------------
+    def flops_breakdown(self, context_len, width=None):
+        """
+        Forward FLOPs for one token per block and component, for a plan (None = full width).
+        Convention: 2 FLOPs per multiply-accumulate of every weight matmul (embedding lookup free);
+        attention scores + weighted values: 4 * heads_used * head_dim * context_len; Mamba conv:
+        2 * channels * d_conv; selective scan: 6 * d_inner * d_state (state decay and input
+        multiply-adds plus the C readout, the recurrent view; Mamba-2's chunked algorithm is counted
+        the same); MoE: the router plus top_k experts' matmuls; norms, softmax, rotary,
+        activations and gating are ignored. Returns a list of dicts, one per block, plus the head.
+        """
+        c = self.config
+        plan = expand_plan(width, c.n_layer, c.n_embd)
+        check_plan(plan, c.n_embd, c.head_dim)
+        D, hd = c.n_embd, c.head_dim
+        rows = []
+        for j, block in enumerate(self.transformer.h):
+            w = plan[j]
+            row = {"block": j, "kind": block.mixer_kind + block.ffn_kind, "width": w}
+            if block.mixer_kind == "A":
+                h, hkv = block.attn.heads_at(w)
+                row["attn_proj"] = 2 * w * (h * hd + 2 * hkv * hd) + 2 * h * hd * w
+                row["attn_scores"] = 4 * h * hd * context_len
+            else:
+                m = block.mamba
+                row["mamba_proj"] = 2 * (m.in_proj.weight.numel() + m.out_proj.weight.numel())
+                if hasattr(m, "x_proj"):
+                    row["mamba_proj"] += 2 * (m.x_proj.weight.numel() + m.dt_proj.weight.numel())
+                conv_channels = m.conv1d.weight.shape[0]
+                row["mamba_conv"] = 2 * conv_channels * c.d_conv
+                d_inner = c.expand * D
+                row["mamba_scan"] = 6 * d_inner * c.d_state
+            if block.ffn_kind == "D":
+                hw = c.mlp_hidden * w // D
+                row["mlp"] = 2 * 2 * w * hw
+            elif block.ffn_kind == "E":
+                hw = c.expert_dim * w // D
+                row["moe"] = 2 * w * c.num_experts + c.moe_top_k * 2 * 2 * w * hw
+            row["total"] = sum(v for k, v in row.items() if k not in ("block", "kind", "width"))
+            rows.append(row)
+        rows.append({"block": "head", "kind": "head", "width": D, "head": 2 * D * c.vocab_size, "total": 2 * D * c.vocab_size})
+        return rows
+
+    def forward_flops_per_token(self, context_len, width=None):
+        return sum(r["total"] for r in self.flops_breakdown(context_len, width))
+
+    def estimate_flops(self, width=None):
+        """Training FLOPs per token (3x forward) at the mean causal context of a full sequence, for MFU."""
+        return 3 * self.forward_flops_per_token(self.config.sequence_len / 2, width)
+
+
+register_model_kind("hybrid", HybridConfig, HybridGPT)
