@@ -1,0 +1,314 @@
+"""
+Switch-style Mixture-of-Experts FFN, and the Mamba + MoE model built from it.
+
+MoE in one paragraph: a router (one bias-free Linear, run in fp32) scores every real token
+against E experts; each token goes to its top-k experts; each expert is a nanochat-style
+ReLU^2 MLP with no biases, h = relu(x W1^T)^2, y = h W2^T; the token's output is the gate-weighted
+sum of its experts' outputs. An expert takes at most `capacity` tokens per call (earlier tokens
+first); a token an expert had no room for gets nothing from that expert (output 0 when it had
+only that one), the residual stream carries it.
+
+Parameter layout (the checkpoint contract):
+    router.weight  (E, dim)              nn.Linear(dim, E, bias=False)
+    w_in           (E, expert_dim, dim)  w_in[e] is expert e's c_fc.weight (nn.Linear(dim, expert_dim))
+    w_out          (E, dim, expert_dim)  w_out[e] is expert e's c_proj.weight (nn.Linear(expert_dim, dim))
+    expert_bias    (E,) fp32 buffer      only when bias_balancing=True
+"""
+import math
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+import torch.distributed as dist
+
+from nanochat.common import get_logger
+
+logger = get_logger(__name__)
+_LOGGED_DISPATCH = set()
+
+
+def _log_dispatch_once(path, why):
+    # one line per process and path, so a run's log says which expert kernel it used
+    if path not in _LOGGED_DISPATCH:
+        _LOGGED_DISPATCH.add(path)
+        logger.info(f"MoE expert dispatch: {path} ({why})")
+
+
+def grouped_mm_supported(dtype, device, row_sizes):
+    """
+    (ok, why): can torch._grouped_mm run the expert matmuls for this dtype and device?
+    row_sizes are the inner sizes of every operand (dim, expert_dim, the sliced w and h_w):
+    _grouped_mm needs every non-unit stride to be a multiple of 16 bytes.
+    CUDA: bf16 on sm90+ only (the CUTLASS kernel). CPU (torch >= 2.9 has a CPU kernel): fp32 and bf16.
+    """
+    if not hasattr(torch, "_grouped_mm"):
+        return False, f"torch {torch.__version__} has no torch._grouped_mm"
+    device = torch.device(device)
+    if device.type == "cuda":
+        if dtype != torch.bfloat16:
+            return False, f"CUDA grouped_mm wants bf16, compute dtype is {dtype}"
+        cap = torch.cuda.get_device_capability(device)
+        if cap < (9, 0):
+            return False, f"CUDA grouped_mm wants sm90+, this GPU is sm{cap[0]}{cap[1]}"
+    elif device.type == "cpu":
+        if dtype not in (torch.float32, torch.bfloat16):
+            return False, f"CPU grouped_mm wants fp32 or bf16, compute dtype is {dtype}"
+    else:
+        return False, f"no grouped_mm on device type {device.type}"
+    esize = torch.empty((), dtype=dtype).element_size()
+    if any(s * esize % 16 for s in row_sizes):
+        return False, f"row sizes {tuple(row_sizes)} x {esize} bytes are not all multiples of 16 bytes"
+    return True, f"torch._grouped_mm, {dtype} on {device.type}"
+
+
+class MoE(nn.Module):
+    """
+    Switch-style MoE FFN. See the module docstring for the parameter layout.
+
+    Routing: probs = softmax(router(x)) in fp32; the top_k experts by score are chosen, where the
+    score is probs (+ expert_bias when bias_balancing: the bias picks experts, it never weights them).
+    Gate weight = the chosen expert's prob; for top_k > 1 the k chosen probs are renormalised to sum
+    to 1. straight_gate=True makes every gate exactly 1/top_k in the forward pass while gradients
+    still reach the router as if the gate were the (renormalised) prob (a straight-through gate);
+    with identical experts (upcycling) the output is then exactly the shared expert's output.
+
+    Capacity per expert = max(min_capacity, ceil(capacity_factor * n * top_k / E)), n = real tokens
+    of this call (all B*T tokens unless a mask says otherwise). Assignments are kept in token order
+    (flattened (B, T) order, batch row 0 first): an expert keeps the first `capacity` tokens that
+    chose it and drops the rest. drop_tokens=False is dropless (no capacity).
+
+    After each forward:
+      aux_loss  = E * sum_e f_e * P_e (Switch load balancing); f_e = fraction of the n*top_k routing
+                  choices (before capacity drops) that picked e, so the loss is 1 at perfect balance
+                  for any top_k; P_e = mean router prob of e over real tokens. Gradient flows via P_e.
+      z_loss    = mean over real tokens of logsumexp(logits)^2 (ST-MoE router z-loss).
+      router_loss = aux_loss_coef * aux_loss + router_z_loss_coef * z_loss (what a trainer adds).
+      last_stats = {"tokens_per_expert": (E,) long kept per expert, "dropped": int dropped assignments}
+    update_bias(): aux-loss-free balancing (DeepSeek-V3): expert_bias += rate * sign(mean load - load),
+    load = routing choices counted over the training forwards since the last update (summed over ranks).
+    """
+
+    def __init__(self, dim, num_experts, expert_dim, top_k=1, capacity_factor=1.0, min_capacity=4,
+                 drop_tokens=True, router_z_loss_coef=1e-3, aux_loss_coef=1e-2, bias_balancing=False,
+                 bias_update_rate=1e-3, straight_gate=False, dispatch="auto", device=None, dtype=None):
+        super().__init__()
+        if not 1 <= top_k <= num_experts:
+            raise ValueError(f"top_k={top_k} must be in [1, num_experts={num_experts}]")
+        if capacity_factor <= 0 or min_capacity < 0:
+            raise ValueError(f"capacity_factor={capacity_factor} must be > 0 and min_capacity={min_capacity} >= 0")
+        if dispatch not in ("auto", "grouped_mm", "bmm"):
+            raise ValueError(f"dispatch={dispatch!r}: use 'auto', 'grouped_mm' or 'bmm'")
+        self.dim, self.num_experts, self.expert_dim, self.top_k = dim, num_experts, expert_dim, top_k
+        self.capacity_factor, self.min_capacity, self.drop_tokens = capacity_factor, min_capacity, drop_tokens
+        self.router_z_loss_coef, self.aux_loss_coef = router_z_loss_coef, aux_loss_coef
+        self.bias_balancing, self.bias_update_rate = bias_balancing, bias_update_rate
+        self.straight_gate = straight_gate
+        self.dispatch = dispatch  # may be changed on the instance, e.g. by tests and benchmarks
+        factory = dict(device=device, dtype=dtype)
+        self.router = nn.Linear(dim, num_experts, bias=False, **factory)
+        self.w_in = nn.Parameter(torch.empty(num_experts, expert_dim, dim, **factory))   # (E, H, D)
+        self.w_out = nn.Parameter(torch.empty(num_experts, dim, expert_dim, **factory))  # (E, D, H)
+        if bias_balancing:
+            self.register_buffer("expert_bias", torch.zeros(num_experts, device=device, dtype=torch.float32))
+            self.register_buffer("_load_accum", torch.zeros(num_experts, device=device, dtype=torch.long), persistent=False)
+        self.aux_loss = self.z_loss = None
+        self.last_stats = None
+        if torch.device(device if device is not None else "cpu").type != "meta":
+            self.init_weights()
+
+    @property
+    def num_experts_per_tok(self):
+        return self.top_k
+
+    @property
+    def router_loss(self):
+        if self.aux_loss is None:
+            raise RuntimeError("router_loss is set by forward(); call the MoE first")
+        return self.aux_loss_coef * self.aux_loss + self.router_z_loss_coef * self.z_loss
+
+    @torch.no_grad()
+    def init_weights(self):
+        # nanochat's Linear rule for c_fc (fan_in=dim, fan_out=expert_dim); zero c_proj so a fresh
+        # block adds nothing to the residual; a small router so routing starts near uniform
+        std_in = 1.0 / math.sqrt(self.dim) * min(1.0, math.sqrt(self.expert_dim / self.dim))
+        nn.init.normal_(self.w_in, mean=0.0, std=std_in)
+        nn.init.zeros_(self.w_out)
+        nn.init.normal_(self.router.weight, mean=0.0, std=0.1 / math.sqrt(self.dim))
+        if self.bias_balancing:
+            self.expert_bias.zero_()
+            self._load_accum.zero_()
+
+    @classmethod
+    def from_dense(cls, c_fc_weight, c_proj_weight, num_experts, top_k=1, straight_gate=True, drop_tokens=False, **kwargs):
+        """
+        Upcycle a dense nanochat MLP (c_fc.weight (H, D), c_proj.weight (D, H)) into an MoE whose
+        every expert is a copy of it; the router is freshly initialised (small normal).
+        Does the MoE compute the dense MLP? With the plain Switch gate (gate = prob < 1) NO: the output
+        is p * MLP(x). With the defaults here (straight_gate=True: gate exactly 1/top_k forward,
+        drop_tokens=False: nothing dropped) and top_k=1 (or 2) it is EXACTLY the dense MLP, up to
+        matmul rounding, while the router still learns through the straight-through gate. With
+        dropping on, tokens over capacity get 0 instead of MLP(x).
+        """
+        H, D = c_fc_weight.shape
+        if tuple(c_proj_weight.shape) != (D, H):
+            raise ValueError(f"c_proj_weight has shape {tuple(c_proj_weight.shape)}, expected (D, H) = {(D, H)}")
+        moe = cls(D, num_experts, H, top_k=top_k, straight_gate=straight_gate, drop_tokens=drop_tokens,
+                  device=c_fc_weight.device, dtype=c_fc_weight.dtype, **kwargs)
+        with torch.no_grad():
+            moe.w_in.copy_(c_fc_weight.detach().unsqueeze(0).expand(num_experts, H, D))
+            moe.w_out.copy_(c_proj_weight.detach().unsqueeze(0).expand(num_experts, D, H))
+        return moe
+
+    def capacity(self, num_tokens):
+        """Per-expert capacity for a call with num_tokens real tokens; None when dropless."""
+        if not self.drop_tokens:
+            return None
+        return max(self.min_capacity, math.ceil(self.capacity_factor * num_tokens * self.top_k / self.num_experts))
+
+    def _check_input(self, x, mask, width):
+        if x.ndim != 3:
+            raise ValueError(f"MoE input must be (B, T, w), got shape {tuple(x.shape)}")
+        B, T, w = x.shape
+        if width is not None and width != w:
+            raise ValueError(f"width={width} but the input has {w} channels; pass the sliced input")
+        if not 1 <= w <= self.dim:
+            raise ValueError(f"input width {w} must be in [1, dim={self.dim}]")
+        h_w = self.expert_dim * w // self.dim
+        if h_w < 1:
+            raise ValueError(f"width {w} leaves no expert hidden units (expert_dim={self.expert_dim}, dim={self.dim})")
+        if mask is not None and (mask.shape != (B, T) or mask.dtype != torch.bool):
+            raise ValueError(f"mask must be a (B, T) = {(B, T)} bool tensor, got {tuple(mask.shape)} {mask.dtype}")
+        return w, h_w
+
+    def route(self, xr, w):
+        """xr (n, w) real tokens -> logits (n, E) fp32, probs (n, E), top_idx (n, k), gate (n, k) fp32."""
+        with torch.autocast(device_type=xr.device.type, enabled=False):
+            logits = F.linear(xr.float(), self.router.weight[:, :w].float())  # (n, E)
+        probs = logits.softmax(dim=-1)
+        scores = probs + self.expert_bias if self.bias_balancing else probs  # bias: selection only
+        top_idx = scores.topk(self.top_k, dim=-1).indices  # (n, k), column 0 = first choice
+        gate = probs.gather(1, top_idx)  # (n, k)
+        if self.top_k > 1:
+            gate = gate / gate.sum(dim=-1, keepdim=True)
+        if self.straight_gate:
+            gate = gate - gate.detach() + 1.0 / self.top_k  # value 1/k, gradient of the prob
+        return logits, probs, top_idx, gate
+
+    def _set_losses(self, logits, probs, counts, n):
+        if n == 0:  # nothing routed: zero losses still attached to the router's graph
+            zero = logits.sum() * 0.0
+            self.aux_loss, self.z_loss = zero, zero.clone()
+            return
+        f = counts.float() / (n * self.top_k)  # (E,) fraction of routing choices
+        P = probs.mean(dim=0)  # (E,) mean router prob
+        self.aux_loss = self.num_experts * (f * P).sum()
+        self.z_loss = torch.logsumexp(logits, dim=-1).square().mean()
+
+    def _pick_path(self, dtype, device, w, h_w):
+        if self.dispatch == "bmm":
+            return "bmm", "forced by dispatch='bmm'"
+        ok, why = grouped_mm_supported(dtype, device, (w, h_w, self.dim, self.expert_dim))
+        if self.dispatch == "grouped_mm" and not ok:
+            raise RuntimeError(f"dispatch='grouped_mm' cannot run here: {why}; use dispatch='auto' or 'bmm'")
+        return ("grouped_mm", why) if ok else ("bmm", f"batched fallback: {why}")
+
+    def forward(self, x, mask=None, width=None):
+        """x (B, T, w), w <= dim (Matryoshka prefix); mask (B, T) bool, True = real. Returns (B, T, w)."""
+        w, h_w = self._check_input(x, mask, width)
+        B, T, _ = x.shape
+        E, k = self.num_experts, self.top_k
+        xf = x.reshape(B * T, w)
+        real = mask.reshape(-1).nonzero().squeeze(1) if mask is not None else None  # (n,) real token rows
+        xr = xf[real] if real is not None else xf  # (n, w)
+        n = xr.shape[0]
+        dev = x.device
+        cdtype = torch.get_autocast_dtype(dev.type) if torch.is_autocast_enabled(dev.type) else x.dtype
+
+        logits, probs, top_idx, gate = self.route(xr, w)
+        capacity = self.capacity(n)
+
+        # sort the (token, expert) assignments by expert; the stable sort keeps token order inside an expert
+        expert_flat = top_idx.reshape(-1)  # (n*k,) token-major
+        order = torch.sort(expert_flat, stable=True).indices  # (n*k,)
+        expert_sorted = expert_flat[order]
+        counts = torch.bincount(expert_flat, minlength=E)  # (E,) routing choices before capacity
+        starts = counts.cumsum(0) - counts
+        pos = torch.arange(n * k, device=dev) - starts[expert_sorted]  # slot within the expert
+        if capacity is not None:
+            keep = pos < capacity
+            order, expert_sorted, pos = order[keep], expert_sorted[keep], pos[keep]
+            kept_counts = counts.clamp(max=capacity)
+        else:
+            kept_counts = counts
+        token = order // k  # (M,) real-token index of each kept assignment
+        g = gate.reshape(-1)[order].to(cdtype)  # (M,)
+
+        path, why = self._pick_path(cdtype, dev, w, h_w)
+        _log_dispatch_once(path, why)
+        w_in = self.w_in[:, :h_w, :w].to(cdtype)  # (E, h_w, w)
+        w_out = self.w_out[:, :w, :h_w].to(cdtype)  # (E, w, h_w)
+        xs = xr[token].to(cdtype)  # (M, w) tokens grouped by expert
+        if path == "grouped_mm":
+            offs = kept_counts.cumsum(0).to(torch.int32)  # (E,) end row of each expert's group
+            hs = F.relu(torch._grouped_mm(xs, w_in.transpose(1, 2), offs=offs)).square()  # (M, h_w)
+            ys = torch._grouped_mm(hs, w_out.transpose(1, 2), offs=offs)  # (M, w)
+        else:
+            # pad to (E, cap, w); dropless uses the largest expert load of this call as cap
+            cap = int(kept_counts.max()) if n > 0 else 0
+            buf = xs.new_zeros(E, cap, w)
+            buf[expert_sorted, pos] = xs
+            hb = F.relu(torch.bmm(buf, w_in.transpose(1, 2))).square()  # (E, cap, h_w)
+            ys = torch.bmm(hb, w_out.transpose(1, 2))[expert_sorted, pos]  # (M, w)
+        out_r = torch.zeros(n, w, device=dev, dtype=ys.dtype).index_add(0, token, ys * g[:, None])  # (n, w)
+
+        self._set_losses(logits, probs, counts, n)
+        if self.bias_balancing and self.training:
+            self._load_accum += counts
+        self.last_stats = {"tokens_per_expert": kept_counts.detach(), "dropped": int((counts - kept_counts).sum())}
+        if real is None:
+            return out_r.view(B, T, w)
+        out = torch.zeros(B * T, w, device=dev, dtype=out_r.dtype).index_copy(0, real, out_r)
+        return out.view(B, T, w)
+
+    @torch.no_grad()
+    def update_bias(self):
+        """Aux-loss-free balancing step; call after optimizer steps. Needs bias_balancing=True."""
+        if not self.bias_balancing:
+            raise RuntimeError("update_bias() needs MoE(..., bias_balancing=True)")
+        load = self._load_accum.float()
+        if dist.is_available() and dist.is_initialized():
+            dist.all_reduce(load)  # every rank must hold the same bias
+        if load.sum() == 0:
+            raise RuntimeError("update_bias(): no training-mode forward since the last update, so no load to balance")
+        self.expert_bias += self.bias_update_rate * torch.sign(load.mean() - load)
+        self._load_accum.zero_()
+
+
+def moe_reference(moe, x, mask=None, width=None):
+    """
+    The plain per-expert loop: same router math (moe.route), capacity applied by taking each expert's
+    first `capacity` tokens in token order, each expert's MLP run with F.linear on its own tokens.
+    Computes in x's dtype (no autocast handling). Returns (y (B, T, w), tokens_per_expert (E,), dropped).
+    """
+    w, h_w = moe._check_input(x, mask, width)
+    B, T, _ = x.shape
+    xf = x.reshape(B * T, w)
+    real = mask.reshape(-1).nonzero().squeeze(1) if mask is not None else torch.arange(B * T, device=x.device)
+    xr = xf[real]
+    _, _, top_idx, gate = moe.route(xr, w)
+    capacity = moe.capacity(xr.shape[0])
+    out_r = torch.zeros_like(xr)
+    kept, dropped = [], 0
+    for e in range(moe.num_experts):
+        hit = top_idx == e  # (n, k)
+        tok = hit.any(dim=1).nonzero().squeeze(1)  # tokens that chose e, in token order
+        if capacity is not None:
+            dropped += max(0, tok.numel() - capacity)
+            tok = tok[:capacity]
+        g = (gate * hit).sum(dim=1)[tok].to(x.dtype)
+        h = F.relu(F.linear(xr[tok], moe.w_in[e, :h_w, :w])).square()
+        y = F.linear(h, moe.w_out[e, :w, :h_w])
+        out_r = out_r.index_add(0, tok, y * g[:, None])
+        kept.append(tok.numel())
+    out = torch.zeros_like(xf).index_copy(0, real, out_r)
+    return out.view(B, T, w), torch.tensor(kept, dtype=torch.long), dropped

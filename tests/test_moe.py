@@ -1,0 +1,350 @@
+"""
+Tests for nanochat/moe.py: routing, capacity, losses, dispatch paths vs the per-expert loop,
+masking, Matryoshka width slicing, bias balancing, upcycling, and the Mamba + MoE model.
+All on CPU and small. Tolerances: fp64 paths 1e-10, fp32 paths 1e-5 (relative to O(1) values).
+"""
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from nanochat.moe import MoE, moe_reference, grouped_mm_supported
+
+
+def crafted_moe(E=4, D=4, H=8, **kw):
+    """Router = 10 * I so a one-hot token e_i goes to expert i; positive w_in so kept tokens give nonzero output."""
+    torch.manual_seed(0)
+    moe = MoE(D, E, H, **kw)
+    with torch.no_grad():
+        moe.router.weight.copy_(10.0 * torch.eye(E, D))
+        moe.w_in.copy_(torch.rand(E, H, D) + 0.1)
+        moe.w_out.copy_(torch.randn(E, D, H))
+    return moe
+
+
+def onehot_tokens(experts, D=4):
+    # experts: (B, T) long -> (B, T, D) one-hot inputs routed to those experts
+    return F.one_hot(experts, D).float()
+
+
+def random_moe(D=16, E=4, H=32, seed=0, dtype=torch.float32, **kw):
+    torch.manual_seed(seed)
+    moe = MoE(D, E, H, dtype=dtype, **kw)
+    with torch.no_grad():  # nonzero w_out and a router with real preferences
+        moe.w_out.normal_(0.0, 0.2)
+        moe.router.weight.normal_(0.0, 0.5)
+    return moe
+
+
+def grads_of(moe, x):
+    return [t.grad.clone() for t in (x, moe.w_in, moe.w_out, moe.router.weight)]
+
+
+def run_with_grad(fn, moe, x, g):
+    moe.zero_grad(set_to_none=True)
+    x = x.detach().clone().requires_grad_(True)
+    out = fn(x)
+    y = out[0] if isinstance(out, tuple) else out
+    (y * g).sum().backward()
+    return y.detach(), [t.grad.clone() for t in (x, moe.w_in, moe.w_out, moe.router.weight)]
+
+
+# -----------------------------------------------------------------------------
+# capacity and exact drops on crafted routing
+
+def test_capacity_formula():
+    moe = MoE(8, 4, 16, capacity_factor=1.5, min_capacity=4)
+    assert moe.capacity(40) == 15  # ceil(1.5 * 40 / 4)
+    assert moe.capacity(41) == 16  # ceil(15.375)
+    assert moe.capacity(6) == 4  # ceil(2.25) = 3 < min_capacity
+    assert MoE(8, 4, 16, top_k=2, capacity_factor=1.0).capacity(40) == 20
+    assert MoE(8, 4, 16, drop_tokens=False).capacity(40) is None
+
+
+@pytest.mark.parametrize("dispatch", ["grouped_mm", "bmm"])
+def test_min_capacity_binds(dispatch):
+    moe = crafted_moe(capacity_factor=1.0, min_capacity=4, dispatch=dispatch)
+    x = onehot_tokens(torch.zeros(2, 5, dtype=torch.long))  # all 10 tokens choose expert 0
+    y = moe(x).reshape(10, 4)
+    # capacity = max(4, ceil(10/4) = 3) = 4: tokens 0..3 kept, 4..9 dropped
+    assert moe.last_stats["tokens_per_expert"].tolist() == [4, 0, 0, 0]
+    assert moe.last_stats["dropped"] == 6
+    assert (y[:4].abs().sum(dim=1) > 0).all()
+    assert torch.equal(y[4:], torch.zeros(6, 4))
+
+
+@pytest.mark.parametrize("dispatch", ["grouped_mm", "bmm"])
+@pytest.mark.parametrize("cf,kept,dropped", [(1.5, [15, 12, 8, 0], 5), (1.0, [10, 10, 8, 0], 12)])
+def test_capacity_factor_drops_in_token_order(dispatch, cf, kept, dropped):
+    moe = crafted_moe(capacity_factor=cf, min_capacity=4, dispatch=dispatch)
+    g = torch.Generator().manual_seed(1)
+    experts = torch.tensor([0] * 20 + [1] * 12 + [2] * 8)[torch.randperm(40, generator=g)]  # 40 tokens
+    x = onehot_tokens(experts.view(4, 10))
+    y = moe(x).reshape(40, 4)
+    C = moe.capacity(40)
+    assert moe.last_stats["tokens_per_expert"].tolist() == kept
+    assert moe.last_stats["dropped"] == dropped
+    for e in range(4):
+        tok = (experts == e).nonzero().squeeze(1)  # in token order
+        assert (y[tok[:C]].abs().sum(dim=1) > 0).all()
+        assert torch.equal(y[tok[C:]], torch.zeros(max(0, tok.numel() - C), 4))
+    y_ref, kept_ref, dropped_ref = moe_reference(moe, x)
+    assert kept_ref.tolist() == kept and dropped_ref == dropped
+    torch.testing.assert_close(y, y_ref.reshape(40, 4), rtol=1e-5, atol=1e-5)
+
+
+def test_dropless_keeps_everything():
+    moe = crafted_moe(drop_tokens=False)
+    y = moe(onehot_tokens(torch.zeros(2, 5, dtype=torch.long))).reshape(10, 4)
+    assert moe.last_stats["tokens_per_expert"].tolist() == [10, 0, 0, 0] and moe.last_stats["dropped"] == 0
+    assert (y.abs().sum(dim=1) > 0).all()
+
+
+# -----------------------------------------------------------------------------
+# fast paths vs the per-expert loop
+
+def test_dropless_equals_reference_fp64_with_grads():
+    moe = random_moe(dtype=torch.float64, drop_tokens=False)
+    x = torch.randn(3, 7, 16, dtype=torch.float64)
+    g = torch.randn(3, 7, 16, dtype=torch.float64)
+    y, gr = run_with_grad(moe, moe, x, g)
+    y_ref, gr_ref = run_with_grad(lambda t: moe_reference(moe, t), moe, x, g)
+    torch.testing.assert_close(y, y_ref, rtol=1e-10, atol=1e-10)
+    for a, b in zip(gr, gr_ref):
+        assert a.abs().sum() > 0
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10)
+
+
+@pytest.mark.parametrize("top_k", [1, 2])
+@pytest.mark.parametrize("drop_tokens", [True, False])
+@pytest.mark.parametrize("dispatch", ["grouped_mm", "bmm"])
+def test_batched_dispatch_equals_loop_fp32(top_k, drop_tokens, dispatch):
+    moe = random_moe(top_k=top_k, drop_tokens=drop_tokens, capacity_factor=1.0, min_capacity=1, dispatch=dispatch)
+    x = torch.randn(4, 9, 16)
+    g = torch.randn(4, 9, 16)
+    y, gr = run_with_grad(moe, moe, x, g)
+    stats = moe.last_stats
+    y_ref, gr_ref = run_with_grad(lambda t: moe_reference(moe, t), moe, x, g)
+    _, kept_ref, dropped_ref = moe_reference(moe, x)
+    assert stats["tokens_per_expert"].tolist() == kept_ref.tolist()
+    assert stats["dropped"] == dropped_ref
+    if drop_tokens and top_k == 1:
+        assert dropped_ref > 0  # the skewed router really overflows some expert
+    torch.testing.assert_close(y, y_ref, rtol=1e-5, atol=1e-5)
+    for a, b in zip(gr, gr_ref):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+
+
+def test_grouped_mm_support_check():
+    ok, why = grouped_mm_supported(torch.float64, "cpu", (16, 32))
+    assert not ok and "fp32 or bf16" in why
+    ok, _ = grouped_mm_supported(torch.float32, "cpu", (6, 32))  # 24-byte rows
+    assert not ok
+    moe = random_moe(D=6, H=12, dispatch="grouped_mm")
+    with pytest.raises(RuntimeError, match="grouped_mm"):
+        moe(torch.randn(1, 3, 6))
+    moe.dispatch = "auto"  # falls back to bmm, and says so in the log
+    assert moe(torch.randn(1, 3, 6)).shape == (1, 3, 6)
+
+
+def test_top2_gates_renormalised():
+    moe = random_moe(top_k=2)
+    _, probs, top_idx, gate = moe.route(torch.randn(10, 16), 16)
+    p = probs.gather(1, top_idx)
+    torch.testing.assert_close(gate, p / p.sum(dim=1, keepdim=True))
+    assert (top_idx[:, 0] == probs.argmax(dim=1)).all()
+
+
+def test_autocast_router_fp32():
+    moe = random_moe()
+    x = torch.randn(2, 5, 16)
+    y32 = moe(x)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y16 = moe(x)
+        logits, _, _, _ = moe.route(x.reshape(-1, 16), 16)
+    assert logits.dtype == torch.float32 and moe.aux_loss.dtype == torch.float32
+    assert y16.dtype == torch.bfloat16
+    torch.testing.assert_close(y16.float(), y32, rtol=0.05, atol=0.05)
+
+
+# -----------------------------------------------------------------------------
+# losses by hand
+
+def test_aux_and_z_loss_by_hand():
+    moe = MoE(2, 2, 8, drop_tokens=False)
+    with torch.no_grad():
+        moe.router.weight.copy_(torch.eye(2))
+    x = torch.tensor([[[2.0, 0.0], [0.0, 1.0], [3.0, 0.0]]])  # logits = x; top-1: experts 0, 1, 0
+    moe(x)
+    p = [[math.exp(2) / (math.exp(2) + 1), 1 / (math.exp(2) + 1)],
+         [1 / (1 + math.e), math.e / (1 + math.e)],
+         [math.exp(3) / (math.exp(3) + 1), 1 / (math.exp(3) + 1)]]
+    f = [2 / 3, 1 / 3]
+    P = [sum(r[e] for r in p) / 3 for e in range(2)]
+    aux = 2 * (f[0] * P[0] + f[1] * P[1])
+    z = (math.log(math.exp(2) + 1) ** 2 + math.log(1 + math.e) ** 2 + math.log(math.exp(3) + 1) ** 2) / 3
+    assert abs(moe.aux_loss.item() - aux) < 1e-6
+    assert abs(moe.z_loss.item() - z) < 1e-5
+    assert abs(moe.router_loss.item() - (1e-2 * aux + 1e-3 * z)) < 1e-6
+    (moe.aux_loss + moe.z_loss).backward()
+    assert moe.router.weight.grad.abs().sum() > 0
+
+
+def test_aux_loss_is_one_when_balanced():
+    moe = MoE(4, 4, 8, top_k=2, drop_tokens=False)
+    with torch.no_grad():
+        moe.router.weight.zero_()  # uniform probs; ties resolved, but f sums to 1 and P = 1/E
+    moe(torch.randn(2, 8, 4))
+    assert abs(moe.aux_loss.item() - 1.0) < 1e-6
+
+
+# -----------------------------------------------------------------------------
+# mask
+
+@pytest.mark.parametrize("dispatch", ["grouped_mm", "bmm"])
+def test_mask_consumes_no_capacity(dispatch):
+    moe = crafted_moe(capacity_factor=2.0, min_capacity=1, dispatch=dispatch)
+    x = onehot_tokens(torch.zeros(1, 12, dtype=torch.long))  # everything prefers expert 0
+    mask = torch.tensor([[False] * 8 + [True] * 4])
+    y = moe(x, mask=mask)[0]
+    # n = 4 real tokens -> capacity max(1, ceil(2 * 4 / 4)) = 2 (counting padding would give 6):
+    # real tokens 8, 9 kept, 10, 11 dropped, padding routed nowhere
+    assert moe.last_stats["tokens_per_expert"].tolist() == [2, 0, 0, 0] and moe.last_stats["dropped"] == 2
+    assert torch.equal(y[:8], torch.zeros(8, 4)) and torch.equal(y[10:], torch.zeros(2, 4))
+    assert (y[8:10].abs().sum(dim=1) > 0).all()
+
+
+@pytest.mark.parametrize("dispatch", ["grouped_mm", "bmm"])
+def test_padding_does_not_change_real_tokens(dispatch):
+    moe = random_moe(capacity_factor=1.0, min_capacity=1, dispatch=dispatch)
+    x = torch.randn(2, 6, 16)
+    y = moe(x)
+    stats, aux, z = moe.last_stats, moe.aux_loss.item(), moe.z_loss.item()
+    xp = 100 * torch.randn(2, 9, 16)  # garbage padding: 2 left, 1 right
+    xp[:, 2:8] = x
+    mask = torch.zeros(2, 9, dtype=torch.bool)
+    mask[:, 2:8] = True
+    yp = moe(xp, mask=mask)
+    assert stats["dropped"] > 0 and moe.last_stats["dropped"] == stats["dropped"]
+    torch.testing.assert_close(yp[:, 2:8], y, rtol=0, atol=1e-6)
+    assert torch.equal(yp[:, :2], torch.zeros(2, 2, 16)) and torch.equal(yp[:, 8:], torch.zeros(2, 1, 16))
+    assert abs(moe.aux_loss.item() - aux) < 1e-6 and abs(moe.z_loss.item() - z) < 1e-6
+    y_ref, _, _ = moe_reference(moe, xp, mask=mask)
+    torch.testing.assert_close(yp, y_ref, rtol=1e-5, atol=1e-5)
+
+
+def test_all_masked():
+    moe = random_moe()
+    y = moe(torch.randn(2, 3, 16), mask=torch.zeros(2, 3, dtype=torch.bool))
+    assert torch.equal(y, torch.zeros(2, 3, 16))
+    assert moe.aux_loss.item() == 0 and moe.last_stats["tokens_per_expert"].sum() == 0
+
+
+def test_bad_inputs_raise():
+    moe = random_moe()
+    with pytest.raises(ValueError, match="dim"):
+        moe(torch.randn(1, 2, 32))
+    with pytest.raises(ValueError, match="mask"):
+        moe(torch.randn(1, 2, 16), mask=torch.ones(1, 3, dtype=torch.bool))
+    with pytest.raises(ValueError, match="width"):
+        moe(torch.randn(1, 2, 16), width=8)
+
+
+# -----------------------------------------------------------------------------
+# Matryoshka width
+
+@pytest.mark.parametrize("dispatch", ["grouped_mm", "bmm"])
+def test_width_slicing_equals_prefix_moe(dispatch):
+    moe = random_moe(D=16, H=32, capacity_factor=1.0, min_capacity=1, dispatch=dispatch)
+    small = MoE(8, 4, 16, capacity_factor=1.0, min_capacity=1, dispatch=dispatch)
+    with torch.no_grad():
+        small.router.weight.copy_(moe.router.weight[:, :8])
+        small.w_in.copy_(moe.w_in[:, :16, :8])
+        small.w_out.copy_(moe.w_out[:, :8, :16])
+    x = torch.randn(3, 5, 8)
+    y = moe(x, width=8)
+    stats, aux = moe.last_stats, moe.aux_loss
+    y_small = small(x)
+    assert stats["tokens_per_expert"].tolist() == small.last_stats["tokens_per_expert"].tolist()
+    torch.testing.assert_close(y, y_small, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(aux, small.aux_loss)
+    y_ref, _, _ = moe_reference(moe, x)
+    torch.testing.assert_close(y, y_ref, rtol=1e-5, atol=1e-5)
+    xf = torch.randn(3, 5, 16)  # full width: the width argument changes nothing
+    assert torch.equal(moe(xf, width=16), moe(xf))
+
+
+# -----------------------------------------------------------------------------
+# bias balancing
+
+def test_bias_balancing_moves_towards_balance():
+    torch.manual_seed(0)
+    moe = MoE(8, 4, 16, bias_balancing=True, bias_update_rate=0.02, drop_tokens=False)
+    with torch.no_grad():
+        moe.router.weight.normal_(0.0, 0.3)
+        moe.router.weight[0, 0] = 3.0  # expert 0 wins almost whenever channel 0 is positive
+    x = torch.randn(4, 32, 8)
+    x[..., 0] = x[..., 0].abs() + 0.5
+    moe.train()
+    loads = []
+    for _ in range(40):
+        moe(x)
+        loads.append(moe.last_stats["tokens_per_expert"].float() / 128)
+        moe.update_bias()
+    assert loads[0][0] > 0.9  # skewed at the start
+    for load in loads[-5:]:  # the sign rule oscillates by one step around balance
+        assert load.max() < 0.4 and load.min() > 0.1, load
+    assert moe.expert_bias[0] < 0
+    # the bias picks experts but never weights them
+    _, probs, top_idx, gate = moe.route(x.reshape(-1, 8), 8)
+    assert torch.equal(gate, probs.gather(1, top_idx))
+    with pytest.raises(RuntimeError, match="no training-mode forward"):
+        moe.update_bias()
+    assert "expert_bias" in moe.state_dict() and "_load_accum" not in moe.state_dict()
+
+
+def test_update_bias_needs_flag():
+    with pytest.raises(RuntimeError, match="bias_balancing"):
+        MoE(8, 4, 16).update_bias()
+
+
+# -----------------------------------------------------------------------------
+# init and upcycling
+
+def test_init_and_meta():
+    moe = MoE(64, 4, 256)
+    assert torch.equal(moe.w_out, torch.zeros_like(moe.w_out))
+    assert abs(moe.w_in.std().item() - 1 / 8) < 0.01
+    assert torch.equal(moe(torch.randn(1, 3, 64)), torch.zeros(1, 3, 64))  # a fresh block adds nothing
+    meta = MoE(64, 4, 256, device="meta")
+    assert meta.w_in.is_meta
+    meta.to_empty(device="cpu")
+    meta.init_weights()
+    assert torch.equal(meta.w_out, torch.zeros_like(meta.w_out)) and meta.w_in.std() > 0
+
+
+@pytest.mark.parametrize("dtype,tol", [(torch.float64, 1e-12), (torch.float32, 1e-5)])
+@pytest.mark.parametrize("top_k", [1, 2])
+def test_upcycling_is_exact(dtype, tol, top_k):
+    torch.manual_seed(0)
+    D, H = 16, 64
+    c_fc = torch.randn(H, D, dtype=dtype) / 4
+    c_proj = torch.randn(D, H, dtype=dtype) / 8
+    x = torch.randn(2, 7, D, dtype=dtype)
+    dense = F.linear(F.relu(F.linear(x, c_fc)).square(), c_proj)
+    moe = MoE.from_dense(c_fc, c_proj, num_experts=4, top_k=top_k)
+    with torch.no_grad():
+        moe.router.weight.normal_(0, 1.0)  # a router with real preferences: spread over experts
+    x = x.requires_grad_(True)
+    y = moe(x)
+    assert (moe.last_stats["tokens_per_expert"] > 0).sum() >= 2
+    torch.testing.assert_close(y, dense, rtol=tol, atol=tol)
+    (y * torch.randn_like(y)).sum().backward()
+    assert moe.router.weight.grad.abs().sum() > 0  # straight-through gate still trains the router
+    # the plain Switch gate is NOT the dense function
+    plain = MoE.from_dense(c_fc, c_proj, num_experts=4, top_k=top_k, straight_gate=False)
+    with torch.no_grad():
+        plain.router.weight.copy_(moe.router.weight)
+    if top_k == 1:
+        assert not torch.allclose(plain(x), dense, atol=1e-3)
