@@ -167,7 +167,8 @@ def load_torch_file(path, device="cpu"):
         raise CheckpointError(f"missing checkpoint file {path}")
     try:
         return torch.load(path, map_location=device, weights_only=True)
-    except (RuntimeError, EOFError, pickle.UnpicklingError, zipfile.BadZipFile, ValueError) as e:
+    # a cut-off zip archive surfaces as RuntimeError, EOFError or (seen with torch 2.13) OSError "Invalid argument"
+    except (RuntimeError, EOFError, OSError, pickle.UnpicklingError, zipfile.BadZipFile, ValueError) as e:
         raise CheckpointError(f"cannot read {path}: the file is truncated or corrupt ({type(e).__name__}: {e})") from e
 
 

@@ -1,0 +1,198 @@
+"""
+Checkpoint manager: bitwise round trips, loud failures on every kind of bad checkpoint,
+atomic saves, latest-step resolution and per-rank optimizer files.
+"""
+import os
+import json
+
+import pytest
+import torch
+
+from nanochat.gpt import GPT, GPTConfig
+from nanochat import checkpoint_manager as cm
+from nanochat.checkpoint_manager import (CheckpointError, save_model, save_checkpoint, load_model,
+                                         load_optimizer_state, find_last_step)
+from nanochat.optim import setup_optimizers, optimizer_state_dicts, load_optimizer_state_dicts
+
+CFG = GPTConfig(sequence_len=32, vocab_size=64, n_layer=2, n_head=2, n_kv_head=1, n_embd=32)
+
+
+def make_model(seed=0):
+    torch.manual_seed(seed)
+    model = GPT(CFG)
+    model.init_weights()
+    with torch.no_grad():  # make the zero-initialised weights nonzero so logits say something
+        for name, p in model.named_parameters():
+            if "c_proj" in name or "lm_head" in name:
+                p.normal_(0.0, 0.1)
+    return model
+
+
+def files(d):
+    return sorted(os.listdir(d))
+
+
+def test_round_trip_is_bitwise(tmp_path):
+    model = make_model()
+    meta = save_model(tmp_path, 7, model, extra_meta={"note": "hello"})
+    assert meta["model_kind"] == "gpt" and meta["step"] == 7
+    loaded, meta2 = load_model(tmp_path)
+    assert meta2["checkpoint_step"] == 7 and meta2["note"] == "hello"
+    assert meta2["model_config"] == CFG.to_dict()
+    sd, sd2 = model.state_dict(), loaded.state_dict()
+    assert sd.keys() == sd2.keys()
+    for k in sd:
+        assert sd[k].dtype == sd2[k].dtype and torch.equal(sd[k], sd2[k]), k
+    idx = torch.randint(0, CFG.vocab_size, (2, 12))
+    model.eval()
+    with torch.no_grad():
+        assert torch.equal(model(idx), loaded(idx))
+    # the rotary tables are recomputed on load, not left as uninitialised memory
+    assert torch.equal(loaded.cos, model.cos) and torch.equal(loaded.sin, model.sin)
+
+
+def test_truncated_model_file_is_a_clear_error(tmp_path):
+    save_model(tmp_path, 1, make_model())
+    path = tmp_path / "model_000001.pt"
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])
+    with pytest.raises(CheckpointError, match="truncated or corrupt"):
+        load_model(tmp_path)
+
+
+def test_wrong_shape_lists_the_key(tmp_path):
+    model = make_model()
+    sd = model.state_dict()
+    sd["transformer.h.1.mlp.c_fc.weight"] = torch.zeros(100, CFG.n_embd)
+    meta = {"model_kind": "gpt", "model_config": CFG.to_dict(), "step": 3}
+    save_checkpoint(tmp_path, 3, sd, meta)
+    with pytest.raises(CheckpointError) as info:
+        load_model(tmp_path)
+    msg = str(info.value)
+    assert "mis-shaped" in msg and "transformer.h.1.mlp.c_fc.weight" in msg and "(100, 32)" in msg
+
+
+def test_missing_and_extra_keys_are_listed(tmp_path):
+    sd = make_model().state_dict()
+    del sd["transformer.h.0.attn.c_k.weight"]
+    sd["transformer.h.0.attn.bias"] = torch.zeros(3)
+    save_checkpoint(tmp_path, 3, sd, {"model_kind": "gpt", "model_config": CFG.to_dict(), "step": 3})
+    with pytest.raises(CheckpointError) as info:
+        load_model(tmp_path)
+    msg = str(info.value)
+    assert "missing keys" in msg and "transformer.h.0.attn.c_k.weight" in msg
+    assert "unexpected keys" in msg and "transformer.h.0.attn.bias" in msg
+
+
+def test_missing_meta_is_a_clear_error(tmp_path):
+    save_model(tmp_path, 4, make_model())
+    os.remove(tmp_path / "meta_000004.json")
+    with pytest.raises(CheckpointError, match="meta"):
+        load_model(tmp_path)  # directory: no complete step
+    with pytest.raises(CheckpointError, match="meta_000004.json"):
+        load_model(tmp_path / "model_000004.pt")  # the file itself: its meta is missing
+
+
+def test_path_that_does_not_exist_is_an_error(tmp_path):
+    with pytest.raises(CheckpointError, match="does not exist"):
+        load_model(tmp_path / "no_such_checkpoint")
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with pytest.raises(CheckpointError, match="no complete checkpoint"):
+        load_model(empty)
+    other = tmp_path / "notes.pt"
+    other.write_bytes(b"")
+    with pytest.raises(CheckpointError, match="not a model_<step>.pt"):
+        load_model(other)
+
+
+class Unpicklable:
+    def __reduce__(self):
+        raise TypeError("this object refuses to be pickled")
+
+
+def test_failed_save_leaves_previous_step_loadable(tmp_path):
+    model = make_model()
+    save_model(tmp_path, 1, model)
+    before = {name: (tmp_path / name).read_bytes() for name in files(tmp_path)}
+    # 1) an unpicklable object in the state: torch.save fails midway through writing
+    bad_state = dict(model.state_dict(), junk=Unpicklable())
+    with pytest.raises(TypeError, match="refuses to be pickled"):
+        save_checkpoint(tmp_path, 2, bad_state, {"model_kind": "gpt", "model_config": CFG.to_dict(), "step": 2})
+    assert files(tmp_path) == sorted(before)  # no model_000002.pt, no meta, no temporary file left
+    # 2) torch.save writes some bytes and then dies, also when overwriting an existing step
+    real_save = torch.save
+
+    def dying_save(obj, f, *args, **kwargs):
+        f.write(b"PK\x03\x04 partial bytes")
+        raise OSError("disk full (simulated)")
+
+    torch.save = dying_save
+    try:
+        for step in (2, 1):
+            with pytest.raises(OSError, match="disk full"):
+                save_model(tmp_path, step, make_model(seed=1))
+    finally:
+        torch.save = real_save
+    assert {name: (tmp_path / name).read_bytes() for name in files(tmp_path)} == before
+    loaded, meta = load_model(tmp_path)
+    assert meta["checkpoint_step"] == 1
+    for k, v in model.state_dict().items():
+        assert torch.equal(loaded.state_dict()[k], v)
+
+
+def test_latest_step_ignores_model_without_meta(tmp_path):
+    save_model(tmp_path, 5, make_model(seed=0))
+    save_model(tmp_path, 9, make_model(seed=1))
+    assert find_last_step(tmp_path) == 9
+    os.remove(tmp_path / "meta_000009.json")  # e.g. a save that died between the model and its meta
+    assert find_last_step(tmp_path) == 5
+    _, meta = load_model(tmp_path)
+    assert meta["checkpoint_step"] == 5
+    _, meta = load_model(tmp_path, step=5)
+    assert meta["checkpoint_step"] == 5
+
+
+def test_meta_without_kind_or_config_is_an_error(tmp_path):
+    model = make_model()
+    save_checkpoint(tmp_path, 2, model.state_dict(), {"step": 2})
+    with pytest.raises(CheckpointError, match="neither model_kind nor model_config"):
+        load_model(tmp_path)
+    (tmp_path / "meta_000002.json").write_text(json.dumps({"model_kind": "teapot", "model_config": {}}))
+    with pytest.raises(CheckpointError, match="unknown model kind 'teapot'"):
+        load_model(tmp_path)
+
+
+def test_optimizer_files_per_rank_and_exact_resume(tmp_path):
+    """Each rank writes its own optimizer file; only rank 0 writes the model and meta. A restored
+    optimizer continues exactly as the original would have."""
+    model = make_model()
+    optimizers = setup_optimizers(model, matrix_lr=0.02, embedding_lr=0.2, unembedding_lr=0.004)
+    idx = torch.randint(0, CFG.vocab_size, (2, 16))
+    tgt = torch.randint(0, CFG.vocab_size, (2, 16))
+
+    def train_step(m, opts):
+        m(idx, tgt).backward()
+        for opt in opts:
+            opt.step()
+        m.zero_grad(set_to_none=True)
+
+    train_step(model, optimizers)
+    state = optimizer_state_dicts(optimizers)
+    save_checkpoint(tmp_path, 1, None, None, optim_state={"rank": 1}, rank=1)  # rank 1: its optimizer file only
+    assert files(tmp_path) == ["optim_000001_rank1.pt"]
+    save_model(tmp_path, 1, model, optim_state=state, rank=0)
+    assert files(tmp_path) == ["meta_000001.json", "model_000001.pt", "optim_000001_rank0.pt", "optim_000001_rank1.pt"]
+    assert load_optimizer_state(tmp_path, 1, rank=1) == {"rank": 1}
+    with pytest.raises(CheckpointError, match="optim_000001_rank2.pt"):
+        load_optimizer_state(tmp_path, 1, rank=2)
+
+    # resume: load model + optimizer state, take one more step each way, compare bitwise
+    resumed, _ = load_model(tmp_path)
+    resumed.train()
+    resumed_opts = setup_optimizers(resumed, matrix_lr=0.02, embedding_lr=0.2, unembedding_lr=0.004)
+    load_optimizer_state_dicts(resumed_opts, load_optimizer_state(tmp_path, 1, rank=0))
+    train_step(model, optimizers)
+    train_step(resumed, resumed_opts)
+    for k, v in model.state_dict().items():
+        assert torch.equal(resumed.state_dict()[k], v), k
