@@ -248,17 +248,19 @@ class MoE(nn.Module):
         w_in = self.w_in[:, :h_w, :w].to(cdtype)  # (E, h_w, w)
         w_out = self.w_out[:, :w, :h_w].to(cdtype)  # (E, w, h_w)
         xs = xr[token].to(cdtype)  # (M, w) tokens grouped by expert
-        if path == "grouped_mm":
-            offs = kept_counts.cumsum(0).to(torch.int32)  # (E,) end row of each expert's group
-            hs = F.relu(torch._grouped_mm(xs, w_in.transpose(1, 2), offs=offs)).square()  # (M, h_w)
-            ys = torch._grouped_mm(hs, w_out.transpose(1, 2), offs=offs)  # (M, w)
-        else:
-            # pad to (E, cap, w); dropless uses the largest expert load of this call as cap
-            cap = int(kept_counts.max()) if n > 0 else 0
-            buf = xs.new_zeros(E, cap, w)
-            buf[expert_sorted, pos] = xs
-            hb = F.relu(torch.bmm(buf, w_in.transpose(1, 2))).square()  # (E, cap, h_w)
-            ys = torch.bmm(hb, w_out.transpose(1, 2))[expert_sorted, pos]  # (M, w)
+        # autocast off: the operands are already in cdtype, and autocast would run square() in fp32
+        with torch.autocast(device_type=dev.type, enabled=False):
+            if path == "grouped_mm":
+                offs = kept_counts.cumsum(0).to(torch.int32)  # (E,) end row of each expert's group
+                hs = F.relu(torch._grouped_mm(xs, w_in.transpose(1, 2), offs=offs)).square()  # (M, h_w)
+                ys = torch._grouped_mm(hs, w_out.transpose(1, 2), offs=offs)  # (M, w)
+            else:
+                # pad to (E, cap, w); dropless uses the largest expert load of this call as cap
+                cap = int(kept_counts.max()) if n > 0 else 0
+                buf = xs.new_zeros(E, cap, w)
+                buf[expert_sorted, pos] = xs
+                hb = F.relu(torch.bmm(buf, w_in.transpose(1, 2))).square()  # (E, cap, h_w)
+                ys = torch.bmm(hb, w_out.transpose(1, 2))[expert_sorted, pos]  # (M, w)
         out_r = torch.zeros(n, w, device=dev, dtype=ys.dtype).index_add(0, token, ys * g[:, None])  # (n, w)
 
         self._set_losses(logits, probs, counts, n)
