@@ -37,10 +37,6 @@ def random_moe(D=16, E=4, H=32, seed=0, dtype=torch.float32, **kw):
     return moe
 
 
-def grads_of(moe, x):
-    return [t.grad.clone() for t in (x, moe.w_in, moe.w_out, moe.router.weight)]
-
-
 def run_with_grad(fn, moe, x, g):
     moe.zero_grad(set_to_none=True)
     x = x.detach().clone().requires_grad_(True)
