@@ -1,0 +1,777 @@
+"""
+Mamba mixers: `Mamba` (Mamba-1, selective scan) and `Mamba2` (SSD).
+
+Constructor arguments, defaults, parameter names, shapes, dtypes and init are those of
+mamba-ssm 2.3.2 (`mamba_ssm.modules.mamba_simple.Mamba`, `mamba_ssm.modules.mamba2.Mamba2`),
+so state_dicts load strictly in either direction.
+
+Two implementations of one function, chosen per call by `module.path`:
+  "auto"   mamba-ssm's CUDA/Triton kernels when importable, the input is on CUDA and the call is one
+           they support; the PyTorch path otherwise (the choice is logged once per process)
+  "kernel" the kernels or a RuntimeError saying why they cannot run
+  "torch"  the PyTorch path: exact math with no Python loop over time (chunked log-depth scan for
+           Mamba-1, chunked SSD for Mamba-2); runs on any device and under torch.compile
+Sequential float64 references (`selective_scan_reference`, `ssd_reference`) sit next to the fast
+scans; tests/test_mamba_block.py compares them.
+
+Beyond mamba-ssm, forward takes
+  mask (B, L) bool, True = real token: masked tokens are removed from the sequence (the conv and SSM
+      of a real token see only earlier real tokens, states skip them), their output is 0. So left,
+      right and interior padding all give each row the result of its unpadded sequence.
+  seq_idx (B, L) int: packed documents; wherever seq_idx changes, the SSM state restarts from zero and
+      the conv does not look back across the change.
+  inference_params with seqlen_offset > 0 and L > 1: chunked prefill continuing from the cached states.
+      The cached state continues the document of position 0. The caller advances seqlen_offset.
+"""
+import logging
+import math
+from dataclasses import dataclass, field
+from typing import Optional
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+logger = logging.getLogger(__name__)
+
+try:
+    from mamba_ssm.ops.selective_scan_interface import selective_scan_fn, mamba_inner_fn
+    from mamba_ssm.ops.triton.selective_state_update import selective_state_update
+    from mamba_ssm.ops.triton.ssd_combined import mamba_chunk_scan_combined, mamba_split_conv1d_scan_combined
+    KERNEL_IMPORT_ERROR = None
+except ImportError as e:  # no GPU build here: the PyTorch path runs (path='kernel' raises with this reason)
+    selective_scan_fn = mamba_inner_fn = selective_state_update = None
+    mamba_chunk_scan_combined = mamba_split_conv1d_scan_combined = None
+    KERNEL_IMPORT_ERROR = f"{type(e).__name__}: {e}"
+try:
+    from causal_conv1d import causal_conv1d_fn, causal_conv1d_update
+    CONV_IMPORT_ERROR = None
+except ImportError as e:  # the depthwise conv then runs in PyTorch (same function; mamba-ssm does the same)
+    causal_conv1d_fn = causal_conv1d_update = None
+    CONV_IMPORT_ERROR = f"{type(e).__name__}: {e}"
+
+PATHS = ("auto", "kernel", "torch")
+_logged = set()
+
+
+def _log_once(msg):
+    if torch.compiler.is_compiling() or msg in _logged:
+        return
+    _logged.add(msg)
+    logger.info(msg)
+
+
+@dataclass
+class InferenceParams:
+    """Duck type of mamba_ssm.utils.generation.InferenceParams: per layer_idx (conv_state, ssm_state)."""
+    max_seqlen: int
+    max_batch_size: int
+    seqlen_offset: int = 0
+    batch_size_offset: int = 0
+    key_value_memory_dict: dict = field(default_factory=dict)
+    lengths_per_sample: Optional[torch.Tensor] = None
+
+    def reset(self, max_seqlen, max_batch_size):
+        self.max_seqlen, self.max_batch_size, self.seqlen_offset = max_seqlen, max_batch_size, 0
+        if self.lengths_per_sample is not None:
+            self.lengths_per_sample.zero_()
+
+
+# -----------------------------------------------------------------------------
+# shared helpers
+
+def _compute_dtype(dtype):
+    return torch.promote_types(dtype, torch.float32)  # fp32, or fp64 for fp64 inputs
+
+
+def _segment_ids(seq_idx):
+    """(B, L) any ints -> (B, L) int64 counting the changes so far: 0 for the first document."""
+    change = (seq_idx[:, 1:] != seq_idx[:, :-1]).long()
+    return F.pad(change.cumsum(1), (1, 0))
+
+
+def _inverse_softplus(y):
+    return y + torch.log(-torch.expm1(-y))
+
+
+def _dt_init(n, dt_min, dt_max, dt_init_floor, device):
+    """dt log-uniform in [dt_min, dt_max], floored at dt_init_floor; returns softplus^-1(dt), fp32."""
+    u = torch.rand(n, device=device, dtype=torch.float32)
+    dt = torch.exp(u * (math.log(dt_max) - math.log(dt_min)) + math.log(dt_min)).clamp(min=dt_init_floor)
+    return _inverse_softplus(dt)
+
+
+def _compact(hidden_states, mask, seq_idx):
+    """Move each row's real tokens to the front in order, so padding only trails.
+    Returns compacted hidden (B, L, D), valid (B, L) (a prefix per row), seq_idx or None, and the
+    permutation `order` (B, L) needed to put outputs back."""
+    order = torch.argsort((~mask).to(torch.uint8), dim=1, stable=True)
+    valid = torch.arange(mask.shape[1], device=mask.device)[None] < mask.sum(1, keepdim=True)
+    h = hidden_states.gather(1, order[..., None].expand_as(hidden_states))
+    if seq_idx is not None:
+        seq_idx = seq_idx.gather(1, order)
+        # the trailing pads copy the last real token's document, so they never start a new one
+        last = seq_idx.gather(1, (mask.sum(1, keepdim=True) - 1).clamp(min=0))
+        seq_idx = torch.where(valid, seq_idx, last)
+    return h, valid, seq_idx, order
+
+
+def _uncompact(out, order, mask):
+    inv = torch.argsort(order, dim=1)
+    return out.gather(1, inv[..., None].expand_as(out)) * mask[..., None].to(out.dtype)
+
+
+def _causal_conv(x, conv1d, prev, seg):
+    """Depthwise causal conv (before the activation). x: (B, L, C); prev: (B, C, W) cached inputs (the
+    last W-1 are the history) or None for zeros; seg: (B, L) segment ids or None. Returns (B, L, C)."""
+    W, L = conv1d.kernel_size[0], x.shape[1]
+    f = _compute_dtype(x.dtype)
+    hist = x.new_zeros(x.shape[0], W - 1, x.shape[2]) if prev is None else prev[:, :, 1:].transpose(1, 2).to(x.dtype)
+    full = torch.cat([hist, x], dim=1).to(f)  # (B, W-1+L, C)
+    w, b = conv1d.weight.to(f), None if conv1d.bias is None else conv1d.bias.to(f)
+    if seg is None:
+        out = F.conv1d(full.transpose(1, 2), w, b, groups=w.shape[0]).transpose(1, 2)
+    else:  # one term per tap (W of them), dropping taps from another document; history is document 0
+        seg_full = F.pad(seg, (W - 1, 0))
+        out = 0 if b is None else b
+        for k in range(W):  # tap k reads x_{t-W+1+k}
+            keep = (seg_full[:, k:k + L] == seg)[..., None]
+            out = out + full[:, k:k + L] * keep * w[:, 0, k]
+    return out.to(x.dtype)
+
+
+def _conv_state_after(x, prev, valid, seg, W):
+    """The last W real conv inputs after this call: (B, C, W). x: (B, L, C) conv inputs (compacted, so
+    real tokens are a prefix marked by valid); prev: cached (B, C, W) or None; entries from an earlier
+    document than the last real token's are zeroed (the conv must not see them)."""
+    B, L, C = x.shape
+    prev = x.new_zeros(B, W, C) if prev is None else prev.transpose(1, 2).to(x.dtype)
+    full = torch.cat([prev, x], dim=1)  # (B, W+L, C); real tokens at W .. W+n_real-1
+    n_real = torch.full((B,), L, device=x.device) if valid is None else valid.sum(1)
+    idx = n_real[:, None] + torch.arange(W, device=x.device)  # (B, W)
+    state = full.gather(1, idx[..., None].expand(B, W, C))
+    if seg is not None:
+        seg_at = F.pad(seg, (W, 0)).gather(1, idx)
+        state = state * (seg_at == seg_at[:, -1:])[..., None]
+    return state.transpose(1, 2)
+
+
+# -----------------------------------------------------------------------------
+# Mamba-1: selective scan (parallel) and its sequential reference
+
+def _hillis_steele(a, b):
+    """Inclusive scan of h_t = a_t * h_{t-1} + b_t (h_{-1} = 0) along dim -2 in log2(T) steps.
+    Returns (prod_{s<=t} a_s, h_t)."""
+    k, T = 1, a.shape[-2]
+    while k < T:
+        b = a * F.pad(b[..., :-k, :], (0, 0, k, 0)) + b
+        a = a * F.pad(a[..., :-k, :], (0, 0, k, 0), value=1.0)
+        k *= 2
+    return a, b
+
+
+def _chunked_linear_scan(a, b, h0, chunk_size):
+    """h_t = a_t * h_{t-1} + b_t along dim -2 with h_{-1} = h0. a, b: (..., L, N); h0: (..., N) or None.
+    Log-depth scan inside chunks of chunk_size, then the same over the chunk ends. Only products of
+    decays in [0, 1] are formed, so nothing overflows. Returns h (..., L, N) and h_{L-1} (..., N)."""
+    L = a.shape[-2]
+    Q = min(chunk_size, L)
+    nc = -(-L // Q)
+    pad = nc * Q - L
+    if pad:  # decay 1 and no input: pads leave the state as it is
+        a, b = F.pad(a, (0, 0, 0, pad), value=1.0), F.pad(b, (0, 0, 0, pad))
+    a, b = a.unflatten(-2, (nc, Q)), b.unflatten(-2, (nc, Q))  # (..., nc, Q, N)
+    a_loc, h_loc = _hillis_steele(a, b)  # within each chunk, from a zero state
+    a_end, h_end = a_loc[..., -1, :], h_loc[..., -1, :]  # (..., nc, N)
+    if h0 is not None:
+        h_end = torch.cat([h_end[..., :1, :] + a_end[..., :1, :] * h0[..., None, :], h_end[..., 1:, :]], dim=-2)
+    _, H_end = _hillis_steele(a_end, h_end)  # true state at each chunk end
+    H_in = F.pad(H_end[..., :-1, :], (0, 0, 1, 0)) if h0 is None else torch.cat([h0[..., None, :], H_end[..., :-1, :]], dim=-2)
+    h = h_loc + a_loc * H_in[..., None, :]
+    return h.flatten(-3, -2)[..., :L, :], H_end[..., -1, :]
+
+
+def selective_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False,
+                   initial_state=None, seq_idx=None, return_last_state=False, chunk_size=16):
+    """Parallel selective scan, same arguments and layout as mamba-ssm's selective_scan_fn (real A,
+    input-dependent B and C) plus initial_state (B, D, N) and seq_idx (B, L).
+    u, delta, z: (B, D, L); A: (D, N); B, C: (B, N, L); D, delta_bias: (D,).
+    Computes in fp32 (fp64 for fp64 input); returns out (B, D, L) in u's dtype [, last_state (B, D, N)]."""
+    dtype_in, f = u.dtype, _compute_dtype(u.dtype)
+    u, delta, A, B, C = u.to(f), delta.to(f), A.to(f), B.to(f), C.to(f)
+    if delta_bias is not None:
+        delta = delta + delta_bias.to(f)[:, None]
+    if delta_softplus:
+        delta = F.softplus(delta)
+    a = torch.exp(delta[..., None] * A[:, None, :])  # (B, D, L, N)
+    b = (delta * u)[..., None] * B.transpose(1, 2)[:, None]  # (B, D, L, N)
+    if seq_idx is not None:  # a new document: the state restarts (decay 0)
+        start = F.pad(seq_idx[:, 1:] != seq_idx[:, :-1], (1, 0))
+        a = a.masked_fill(start[:, None, :, None], 0.0)
+    h0 = None if initial_state is None else initial_state.to(f)
+    h, last = _chunked_linear_scan(a, b, h0, chunk_size)
+    y = torch.einsum("bdln,bnl->bdl", h, C)
+    if D is not None:
+        y = y + u * D.to(f)[:, None]
+    if z is not None:
+        y = y * F.silu(z.to(f))
+    y = y.to(dtype_in)
+    return (y, last) if return_last_state else y
+
+
+def selective_scan_reference(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False,
+                             initial_state=None, seq_idx=None, return_last_state=False):
+    """Sequential float64 reference of `selective_scan` (same arguments), one step per position."""
+    u, delta, A, B, C = (t.double() for t in (u, delta, A, B, C))
+    if delta_bias is not None:
+        delta = delta + delta_bias.double()[:, None]
+    if delta_softplus:
+        delta = F.softplus(delta)
+    h = u.new_zeros(u.shape[0], A.shape[0], A.shape[1]) if initial_state is None else initial_state.double()
+    ys = []
+    for t in range(u.shape[2]):
+        decay = torch.exp(delta[:, :, t, None] * A)  # (B, D, N)
+        if seq_idx is not None and t > 0:
+            decay = decay * (seq_idx[:, t] == seq_idx[:, t - 1]).double()[:, None, None]
+        h = decay * h + (delta[:, :, t] * u[:, :, t])[..., None] * B[:, None, :, t]
+        ys.append(torch.einsum("bdn,bn->bd", h, C[:, :, t]))
+    y = torch.stack(ys, dim=2)
+    if D is not None:
+        y = y + u * D.double()[:, None]
+    if z is not None:
+        y = y * F.silu(z.double())
+    return (y, h) if return_last_state else y
+
+
+# -----------------------------------------------------------------------------
+# Mamba-2: chunked SSD and its sequential reference
+
+def _segsum(a):
+    """(..., T) -> (..., T, T) with [t, s] = a_{s+1} + ... + a_t for t >= s (0 above the diagonal).
+    Built by a masked cumsum, so no difference of large cumulative sums is ever taken."""
+    T = a.shape[-1]
+    strict = torch.tril(torch.ones(T, T, dtype=torch.bool, device=a.device), diagonal=-1)  # [k, s]: k > s
+    return a[..., :, None].expand(*a.shape, T).masked_fill(~strict, 0.0).cumsum(-2)
+
+
+def ssd_chunk_scan(x, dt, A, B, C, chunk_size, D=None, z=None, dt_bias=None, dt_softplus=False,
+                   dt_limit=(0.0, float("inf")), initial_states=None, seq_idx=None, return_final_states=False):
+    """Chunked SSD (the ssd_minimal algorithm), same arguments as mamba-ssm's mamba_chunk_scan_combined.
+    x: (b, l, h, p); dt: (b, l, h); A: (h,); B, C: (b, l, g, n) (head i uses group i // (h/g));
+    D: (h,) or (h, p); z: (b, l, h, p); initial_states: (b, h, p, n); seq_idx: (b, l).
+    Returns y (b, l, h, p) in x's dtype [, final_states (b, h, p, n) in fp32/fp64]."""
+    dtype_in, f = x.dtype, _compute_dtype(x.dtype)
+    b_, L, H, P = x.shape
+    G = B.shape[2]
+    if H % G:
+        raise ValueError(f"nheads={H} must be a multiple of ngroups={G}")
+    x, dt, A = x.to(f), dt.to(f), A.to(f)
+    if dt_bias is not None:
+        dt = dt + dt_bias.to(f)
+    if dt_softplus:
+        dt = F.softplus(dt)
+    if tuple(dt_limit) != (0.0, float("inf")):
+        dt = dt.clamp(min=dt_limit[0], max=dt_limit[1])
+    B = B.to(f).repeat_interleave(H // G, dim=2)  # (b, l, h, n)
+    C = C.to(f).repeat_interleave(H // G, dim=2)
+    Q = min(chunk_size, L)
+    nc = -(-L // Q)
+    pad = nc * Q - L
+    seg = None if seq_idx is None else _segment_ids(seq_idx)
+    xdt = x * dt[..., None]
+    a = dt * A  # (b, l, h) log decays, <= 0
+    if pad:  # dt = 0 on pads: decay 1, no input, so the final state is that of position L-1
+        xdt, a, B, C = (F.pad(t, (0, 0) * (t.dim() - 2) + (0, pad)) for t in (xdt, a, B, C))
+        seg = None if seg is None else torch.cat([seg, seg[:, -1:].expand(-1, pad)], dim=1)
+    xdt, B, C = (t.unflatten(1, (nc, Q)) for t in (xdt, B, C))  # (b, c, q, h, .)
+    a = a.unflatten(1, (nc, Q)).permute(0, 3, 1, 2)  # (b, h, c, q)
+    a_cum = a.cumsum(-1)
+    causal = torch.tril(torch.ones(Q, Q, dtype=torch.bool, device=x.device))
+    if seg is not None:
+        seg = seg.unflatten(1, (nc, Q))  # (b, c, q)
+        seg_end = F.pad(seg[:, :, -1], (1, 0))  # (b, c+1): the initial state is document 0
+        seg_in = seg_end[:, :-1]  # document of the state entering each chunk
+    # 1. within chunks: y_t = sum_{s<=t} C_t.B_s exp(a_{s+1}+..+a_t) dt_s x_s
+    keep = causal if seg is None else causal & (seg[..., :, None] == seg[..., None, :])[:, None]
+    Lmat = torch.where(keep, torch.exp(_segsum(a)), 0.0)  # (b, h, c, q, q)
+    y = torch.einsum("bclhn,bcshn,bhcls,bcshp->bclhp", C, B, Lmat, xdt)
+    # 2. each chunk's own contribution to the state at its end
+    decay_states = torch.exp(a_cum[..., -1:] - a_cum)  # (b, h, c, q)
+    if seg is not None:
+        decay_states = decay_states * (seg == seg[..., -1:])[:, None]
+    states = torch.einsum("bclhn,bhcl,bclhp->bchpn", B, decay_states, xdt)
+    # 3. states at chunk boundaries: a short recurrence over chunks, written as a (c+1, c+1) matrix
+    h0 = x.new_zeros(b_, H, P, B.shape[-1]) if initial_states is None else initial_states.to(f)
+    states = torch.cat([h0[:, None], states], dim=1)  # (b, c+1, h, p, n)
+    ss = _segsum(F.pad(a_cum[..., -1], (1, 0)))  # (b, h, c+1, c+1)
+    keep = torch.tril(torch.ones(nc + 1, nc + 1, dtype=torch.bool, device=x.device))
+    if seg is not None:
+        keep = keep & (seg_end[:, :, None] == seg_end[:, None, :])[:, None]
+    new_states = torch.einsum("bhzc,bchpn->bzhpn", torch.where(keep, torch.exp(ss), 0.0), states)
+    states, final = new_states[:, :-1], new_states[:, -1]
+    # 4. the state entering each chunk, read out at every position
+    decay_out = torch.exp(a_cum)  # (b, h, c, q)
+    if seg is not None:
+        decay_out = decay_out * (seg == seg_in[..., None])[:, None]
+    y = y + torch.einsum("bclhn,bchpn,bhcl->bclhp", C, states, decay_out)
+    y = y.flatten(1, 2)[:, :L]
+    if D is not None:
+        y = y + x * (D.to(f)[:, None] if D.dim() == 1 else D.to(f))
+    if z is not None:
+        y = y * F.silu(z.to(f))
+    y = y.to(dtype_in)
+    return (y, final) if return_final_states else y
+
+
+def ssd_reference(x, dt, A, B, C, D=None, z=None, initial_states=None, seq_idx=None):
+    """Sequential float64 reference of `ssd_chunk_scan` (dt already positive; no bias/softplus).
+    Returns (y (b, l, h, p), final_states (b, h, p, n)), both float64."""
+    x, dt, A, B, C = (t.double() for t in (x, dt, A, B, C))
+    H, G = x.shape[2], B.shape[2]
+    B, C = B.repeat_interleave(H // G, dim=2), C.repeat_interleave(H // G, dim=2)
+    h = x.new_zeros(x.shape[0], H, x.shape[3], B.shape[-1]) if initial_states is None else initial_states.double()
+    ys = []
+    for t in range(x.shape[1]):
+        decay = torch.exp(dt[:, t] * A)  # (b, h)
+        if seq_idx is not None and t > 0:
+            decay = decay * (seq_idx[:, t] == seq_idx[:, t - 1]).double()[:, None]
+        h = h * decay[..., None, None] + (dt[:, t, :, None] * x[:, t])[..., None] * B[:, t, :, None, :]
+        ys.append(torch.einsum("bhpn,bhn->bhp", h, C[:, t]))
+    y = torch.stack(ys, dim=1)
+    if D is not None:
+        y = y + x * (D.double()[:, None] if D.dim() == 1 else D.double())
+    if z is not None:
+        y = y * F.silu(z.double())
+    return y, h
+
+
+# -----------------------------------------------------------------------------
+# modules
+
+class RMSNormGated(nn.Module):
+    """mamba-ssm's gated RMSNorm (ops/triton/layernorm_gated.RMSNorm) in PyTorch, computed in fp32.
+    norm_before_gate=False: norm(x * silu(z)) * weight; True: norm(x) * weight * silu(z).
+    group_size: normalise over groups of this many channels (None: all of them)."""
+
+    def __init__(self, hidden_size, eps=1e-5, group_size=None, norm_before_gate=True, device=None, dtype=None):
+        super().__init__()
+        self.eps, self.group_size, self.norm_before_gate = eps, group_size, norm_before_gate
+        self.weight = nn.Parameter(torch.empty(hidden_size, device=device, dtype=dtype))
+        self.register_parameter("bias", None)
+        self.reset_parameters()
+
+    def reset_parameters(self):
+        nn.init.ones_(self.weight)
+
+    def forward(self, x, z=None):
+        dtype, f = x.dtype, _compute_dtype(x.dtype)
+        x = x.to(f)
+        if z is not None and not self.norm_before_gate:
+            x = x * F.silu(z.to(f))
+        g = x.unflatten(-1, (-1, self.group_size or x.shape[-1]))  # (..., groups, group_size)
+        out = (g * torch.rsqrt(g.square().mean(-1, keepdim=True) + self.eps)).flatten(-2) * self.weight.to(f)
+        if z is not None and self.norm_before_gate:
+            out = out * F.silu(z.to(f))
+        return out.to(dtype)
+
+
+class _MambaMixer(nn.Module):
+    """What both mixers share: path choice, mask compaction, the cache protocol."""
+
+    def _use_kernels(self, x, what, unsupported=None):
+        """True to run mamba-ssm's kernels for this call; raises if path='kernel' cannot be honoured."""
+        if self.path not in PATHS:
+            raise ValueError(f"{type(self).__name__}.path must be one of {PATHS}, got {self.path!r}")
+        reason = None
+        if self.path == "torch":
+            reason = "path='torch'"
+        elif KERNEL_IMPORT_ERROR is not None:
+            reason = f"mamba_ssm kernels not importable ({KERNEL_IMPORT_ERROR})"
+        elif not x.is_cuda:
+            reason = "input is not on CUDA"
+        elif unsupported is not None:
+            reason = unsupported
+        if reason is not None and self.path == "kernel":
+            raise RuntimeError(f"{type(self).__name__}.path='kernel' but {reason}; use path='auto' or 'torch'")
+        _log_once(f"{type(self).__name__} {what}: " + ("mamba-ssm kernels" if reason is None else f"PyTorch path ({reason})"))
+        return reason is None
+
+    def forward(self, hidden_states, inference_params=None, mask=None, seq_idx=None):
+        """hidden_states: (B, L, d_model) -> (B, L, d_model). mask: (B, L) bool, True = real token;
+        seq_idx: (B, L) int document ids; inference_params: see the module docstring."""
+        batch, seqlen, _ = hidden_states.shape
+        for name, t in (("mask", mask), ("seq_idx", seq_idx)):
+            if t is not None and t.shape != (batch, seqlen):
+                raise ValueError(f"{name} must have shape (batch, seqlen)={(batch, seqlen)}, got {tuple(t.shape)}")
+        if mask is not None and mask.dtype != torch.bool:
+            raise ValueError(f"mask must be a bool tensor (True = real token), got {mask.dtype}")
+        conv_state = ssm_state = None
+        cont = False
+        if inference_params is not None:
+            conv_state, ssm_state = self._get_states_from_cache(inference_params, batch)
+            cont = inference_params.seqlen_offset > 0
+            if cont and seqlen == 1 and mask is None and seq_idx is None:
+                out, _, _ = self.step(hidden_states, conv_state, ssm_state)  # states updated in place
+                return out
+        h, valid, order = hidden_states, None, None
+        if mask is not None:
+            h, valid, seq_idx, order = _compact(hidden_states, mask, seq_idx)
+        seg = None if seq_idx is None else _segment_ids(seq_idx)
+        out = self._mix(h, conv_state, ssm_state, cont, valid, seg)
+        return out if mask is None else _uncompact(out, order, mask)
+
+    def _get_states_from_cache(self, inference_params, batch_size, initialize_states=False):
+        if self.layer_idx is None:
+            raise ValueError(f"{type(self).__name__} needs layer_idx to use inference_params")
+        cache = inference_params.key_value_memory_dict
+        if self.layer_idx not in cache:
+            cache[self.layer_idx] = self.allocate_inference_cache(batch_size, inference_params.max_seqlen)
+        conv_state, ssm_state = cache[self.layer_idx]
+        if conv_state.shape[0] != batch_size:
+            raise ValueError(f"cached states of layer {self.layer_idx} have batch {conv_state.shape[0]}, input has "
+                             f"{batch_size}; start a new InferenceParams for a new batch")
+        if initialize_states:
+            conv_state.zero_()
+            ssm_state.zero_()
+        return conv_state, ssm_state
+
+    def _conv_step(self, x, conv_state, use_kernels):
+        """One token through the depthwise conv + silu, shifting conv_state (B, C, W) in place. x: (B, C)."""
+        w = self.conv1d.weight.squeeze(1)  # (C, W)
+        if use_kernels and causal_conv1d_update is not None:
+            return causal_conv1d_update(x, conv_state, w, self.conv1d.bias, self.activation)
+        f = _compute_dtype(x.dtype)
+        conv_state.copy_(torch.roll(conv_state, shifts=-1, dims=-1))
+        conv_state[:, :, -1] = x
+        out = (conv_state.to(f) * w.to(f)).sum(-1)
+        if self.conv1d.bias is not None:
+            out = out + self.conv1d.bias.to(f)
+        return F.silu(out).to(x.dtype)
+
+
+class Mamba(_MambaMixer):
+    """Mamba-1 mixer; the arguments, parameters and init of mamba_ssm.modules.mamba_simple.Mamba."""
+
+    def __init__(self, d_model, d_state=16, d_conv=4, expand=2, dt_rank="auto", dt_min=0.001, dt_max=0.1,
+                 dt_init="random", dt_scale=1.0, dt_init_floor=1e-4, conv_bias=True, bias=False,
+                 use_fast_path=True, layer_idx=None, device=None, dtype=None):
+        factory_kwargs = {"device": device, "dtype": dtype}
+        super().__init__()
+        if dt_init not in ("random", "constant"):
+            raise ValueError(f"dt_init must be 'random' or 'constant', got {dt_init!r}")
+        self.d_model, self.d_state, self.d_conv, self.expand = d_model, d_state, d_conv, expand
+        self.d_inner = int(self.expand * self.d_model)
+        self.dt_rank = math.ceil(self.d_model / 16) if dt_rank == "auto" else dt_rank
+        self.dt_min, self.dt_max, self.dt_init, self.dt_scale, self.dt_init_floor = dt_min, dt_max, dt_init, dt_scale, dt_init_floor
+        self.use_fast_path, self.layer_idx = use_fast_path, layer_idx
+        self.activation = "silu"
+        self.path = "auto"  # "auto" | "kernel" | "torch", see the module docstring
+
+        self.in_proj = nn.Linear(self.d_model, self.d_inner * 2, bias=bias, **factory_kwargs)
+        self.conv1d = nn.Conv1d(self.d_inner, self.d_inner, kernel_size=d_conv, groups=self.d_inner,
+                                padding=d_conv - 1, bias=conv_bias, **factory_kwargs)
+        self.x_proj = nn.Linear(self.d_inner, self.dt_rank + self.d_state * 2, bias=False, **factory_kwargs)
+        self.dt_proj = nn.Linear(self.dt_rank, self.d_inner, bias=True, **factory_kwargs)
+        self.dt_proj.bias._no_reinit = True  # a model-level init that zeroes biases must skip this one
+        # A_log is fp32 whatever dtype is; D has the default dtype (mamba-ssm: "Keep in fp32")
+        self.A_log = nn.Parameter(torch.empty(self.d_inner, self.d_state, device=device, dtype=torch.float32))
+        self.A_log._no_weight_decay = True
+        self.D = nn.Parameter(torch.empty(self.d_inner, device=device))
+        self.D._no_weight_decay = True
+        self._init_ssm()  # before out_proj exists: the same order of random draws as mamba-ssm
+        self.out_proj = nn.Linear(self.d_inner, self.d_model, bias=bias, **factory_kwargs)
+
+    @torch.no_grad()
+    def _init_ssm(self):
+        # dt_proj keeps the variance of dt at init; its bias makes softplus(bias) log-uniform in [dt_min, dt_max]
+        std = self.dt_rank ** -0.5 * self.dt_scale
+        if self.dt_init == "constant":
+            nn.init.constant_(self.dt_proj.weight, std)
+        else:
+            nn.init.uniform_(self.dt_proj.weight, -std, std)
+        self.dt_proj.bias.copy_(_dt_init(self.d_inner, self.dt_min, self.dt_max, self.dt_init_floor, self.dt_proj.bias.device))
+        # S4D-real: A = -(1..d_state) for every channel
+        A = torch.arange(1, self.d_state + 1, dtype=torch.float32, device=self.A_log.device)
+        self.A_log.copy_(torch.log(A).expand(self.d_inner, -1))
+        self.D.fill_(1.0)
+
+    def reset_parameters(self):
+        """Re-run the constructor's init in place (e.g. after building on the meta device)."""
+        for m in (self.in_proj, self.conv1d, self.x_proj, self.dt_proj, self.out_proj):
+            m.reset_parameters()
+        self._init_ssm()
+
+    def _mix(self, h, conv_state, ssm_state, cont, valid, seg):
+        unsupported = ("seq_idx (the Mamba-1 CUDA scan has no state resets)" if seg is not None else
+                       "chunked prefill (the Mamba-1 CUDA scan takes no initial state)" if cont else None)
+        if self._use_kernels(h, "forward", unsupported):
+            return self._mix_kernels(h, conv_state, ssm_state, valid)
+        f = _compute_dtype(h.dtype)
+        x, z = self.in_proj(h).chunk(2, dim=-1)  # (B, L, d_inner) each
+        prev = conv_state if cont else None
+        if conv_state is not None:
+            new_conv_state = _conv_state_after(x, prev, valid, seg, self.d_conv)
+        x = F.silu(_causal_conv(x, self.conv1d, prev, seg))
+        dt, B, C = self.x_proj(x).split([self.dt_rank, self.d_state, self.d_state], dim=-1)
+        # dt straight into the scan's (B, d_inner, L) layout; the bias goes in at fp32, as in the kernel.
+        # (Transposing after the softplus instead trips a stride bug in torch.compile's backward.)
+        dt = torch.matmul(self.dt_proj.weight, dt.transpose(1, 2))
+        delta = F.softplus(dt.to(f) + self.dt_proj.bias.to(f)[:, None])  # (B, d_inner, L)
+        if valid is not None:
+            delta = delta * valid[:, None, :]  # pads: decay 1, no input
+        A = -torch.exp(self.A_log.to(f))  # (d_inner, d_state)
+        y, last = selective_scan(x.transpose(1, 2), delta, A, B.transpose(1, 2), C.transpose(1, 2),
+                                 self.D, z.transpose(1, 2), initial_state=ssm_state if cont else None,
+                                 seq_idx=seg, return_last_state=True)
+        if conv_state is not None:
+            conv_state.copy_(new_conv_state)
+            ssm_state.copy_(last)
+        return self.out_proj(y.transpose(1, 2))
+
+    def _mix_kernels(self, h, conv_state, ssm_state, valid):
+        """mamba-ssm's own forward: fused mamba_inner_fn when no state is wanted, else conv + selective_scan_fn."""
+        batch, seqlen, _ = h.shape
+        # (B, 2*d_inner, L) with L contiguous, the layout the kernels take
+        xz = (self.in_proj.weight @ h.reshape(-1, self.d_model).t()).unflatten(1, (batch, seqlen)).transpose(0, 1)
+        if self.in_proj.bias is not None:
+            xz = xz + self.in_proj.bias.to(xz.dtype)[:, None]
+        A = -torch.exp(self.A_log.float())
+        if self.use_fast_path and causal_conv1d_fn is not None and conv_state is None:
+            return mamba_inner_fn(xz, self.conv1d.weight, self.conv1d.bias, self.x_proj.weight, self.dt_proj.weight,
+                                  self.out_proj.weight, self.out_proj.bias, A, None, None, self.D.float(),
+                                  delta_bias=self.dt_proj.bias.float(), delta_softplus=True)
+        x, z = xz.chunk(2, dim=1)  # (B, d_inner, L)
+        if conv_state is not None:
+            conv_state.copy_(_conv_state_after(x.transpose(1, 2), None, valid, None, self.d_conv))
+        if causal_conv1d_fn is not None:
+            x = causal_conv1d_fn(x, self.conv1d.weight.squeeze(1), self.conv1d.bias, activation=self.activation)
+        else:
+            x = F.silu(self.conv1d(x)[..., :seqlen])
+        x_dbl = self.x_proj(x.transpose(1, 2).reshape(batch * seqlen, self.d_inner))
+        dt, B, C = x_dbl.split([self.dt_rank, self.d_state, self.d_state], dim=-1)
+        dt = (self.dt_proj.weight @ dt.t()).unflatten(1, (batch, seqlen)).transpose(0, 1)  # (B, d_inner, L)
+        B = B.unflatten(0, (batch, seqlen)).transpose(1, 2).contiguous()  # (B, d_state, L)
+        C = C.unflatten(0, (batch, seqlen)).transpose(1, 2).contiguous()
+        delta_bias, softplus = self.dt_proj.bias.float(), True
+        if valid is not None and ssm_state is not None:  # dt = 0 on pads, so the state is the last real token's
+            dt = (F.softplus(dt.float() + delta_bias[:, None]) * valid[:, None, :]).to(x.dtype)
+            delta_bias, softplus = None, False
+        y = selective_scan_fn(x, dt, A, B, C, self.D.float(), z=z, delta_bias=delta_bias, delta_softplus=softplus,
+                              return_last_state=ssm_state is not None)
+        if ssm_state is not None:
+            y, last = y
+            ssm_state.copy_(last)
+        return self.out_proj(y.transpose(1, 2))
+
+    def step(self, hidden_states, conv_state, ssm_state):
+        """One token: (B, 1, d_model) -> (B, 1, d_model); conv_state and ssm_state are updated in place."""
+        if hidden_states.shape[1] != 1:
+            raise ValueError(f"step takes one token (B, 1, D), got {tuple(hidden_states.shape)}; use forward for more")
+        use_kernels = self._use_kernels(hidden_states, "step")
+        dtype, f = hidden_states.dtype, _compute_dtype(hidden_states.dtype)
+        x, z = self.in_proj(hidden_states.squeeze(1)).chunk(2, dim=-1)  # (B, d_inner)
+        x = self._conv_step(x, conv_state, use_kernels)
+        dt, B, C = self.x_proj(x).split([self.dt_rank, self.d_state, self.d_state], dim=-1)
+        dt = F.linear(dt, self.dt_proj.weight)  # (B, d_inner), bias added with the softplus
+        if use_kernels:
+            A = -torch.exp(self.A_log.float())
+            y = selective_state_update(ssm_state, x, dt, A, B, C, self.D, z=z, dt_bias=self.dt_proj.bias, dt_softplus=True)
+        else:
+            A = -torch.exp(self.A_log.to(f))
+            delta = F.softplus(dt.to(f) + self.dt_proj.bias.to(f))
+            state = ssm_state.to(f) * torch.exp(delta[..., None] * A) + (delta * x.to(f))[..., None] * B.to(f)[:, None]
+            ssm_state.copy_(state)
+            y = torch.einsum("bdn,bn->bd", state, C.to(f)) + self.D.to(f) * x.to(f)
+            y = (y * F.silu(z.to(f))).to(dtype)
+        return self.out_proj(y).unsqueeze(1), conv_state, ssm_state
+
+    def allocate_inference_cache(self, batch_size, max_seqlen, dtype=None, **kwargs):
+        """(conv_state (B, d_inner, d_conv), ssm_state (B, d_inner, d_state)), zeros; mamba-ssm's dtypes."""
+        device = self.out_proj.weight.device
+        conv_state = torch.zeros(batch_size, self.d_inner, self.d_conv, device=device,
+                                 dtype=self.conv1d.weight.dtype if dtype is None else dtype)
+        ssm_state = torch.zeros(batch_size, self.d_inner, self.d_state, device=device,
+                                dtype=self.dt_proj.weight.dtype if dtype is None else dtype)
+        return conv_state, ssm_state
+
+
+class Mamba2(_MambaMixer):
+    """Mamba-2 (SSD) mixer; the arguments, parameters and init of mamba_ssm.modules.mamba2.Mamba2.
+    in_proj packs [z0, x0, z, xBC, dt]: z0, x0 (d_inner - d_ssm each) are a gated MLP beside the SSM."""
+
+    def __init__(self, d_model, d_state=128, d_conv=4, conv_init=None, expand=2, headdim=64, d_ssm=None,
+                 ngroups=1, A_init_range=(1, 16), D_has_hdim=False, rmsnorm=True, norm_before_gate=False,
+                 dt_min=0.001, dt_max=0.1, dt_init_floor=1e-4, dt_limit=(0.0, float("inf")), bias=False,
+                 conv_bias=True, chunk_size=256, use_mem_eff_path=True, layer_idx=None, process_group=None,
+                 sequence_parallel=True, device=None, dtype=None):
+        factory_kwargs = {"device": device, "dtype": dtype}
+        super().__init__()
+        if process_group is not None:
+            raise NotImplementedError("Mamba2 here supports process_group=None only (no tensor parallelism)")
+        self.d_model, self.d_state, self.d_conv, self.conv_init, self.expand = d_model, d_state, d_conv, conv_init, expand
+        self.process_group, self.sequence_parallel, self.world_size, self.local_rank = None, sequence_parallel, 1, 0
+        self.d_inner = self.expand * self.d_model
+        if self.d_inner != int(self.d_inner):
+            raise ValueError(f"expand * d_model must be an integer, got {self.d_inner}")
+        self.d_inner = int(self.d_inner)
+        self.headdim = headdim
+        self.d_ssm = self.d_inner if d_ssm is None else d_ssm
+        if self.d_ssm > self.d_inner or self.d_ssm % headdim:
+            raise ValueError(f"d_ssm={self.d_ssm} must be a multiple of headdim={headdim} and at most d_inner={self.d_inner}")
+        self.ngroups = ngroups
+        self.nheads = self.d_ssm // self.headdim
+        if self.nheads % ngroups:
+            raise ValueError(f"nheads={self.nheads} (d_ssm/headdim) must be a multiple of ngroups={ngroups}")
+        if not (A_init_range[0] > 0 and A_init_range[1] >= A_init_range[0]):
+            raise ValueError(f"A_init_range must satisfy 0 < lo <= hi, got {A_init_range}")
+        self.A_init_range, self.dt_min, self.dt_max, self.dt_init_floor = A_init_range, dt_min, dt_max, dt_init_floor
+        self.D_has_hdim, self.rmsnorm, self.norm_before_gate, self.dt_limit = D_has_hdim, rmsnorm, norm_before_gate, dt_limit
+        self.activation = "silu"
+        self.chunk_size, self.use_mem_eff_path, self.layer_idx = chunk_size, use_mem_eff_path, layer_idx
+        self.path = "auto"  # "auto" | "kernel" | "torch", see the module docstring
+
+        d_in_proj = 2 * self.d_inner + 2 * self.ngroups * self.d_state + self.nheads  # [z0, x0, z, xBC, dt]
+        self.in_proj = nn.Linear(self.d_model, d_in_proj, bias=bias, **factory_kwargs)
+        conv_dim = self.d_ssm + 2 * self.ngroups * self.d_state  # xBC
+        self.conv1d = nn.Conv1d(conv_dim, conv_dim, kernel_size=d_conv, groups=conv_dim, padding=d_conv - 1,
+                                bias=conv_bias, **factory_kwargs)
+        self.dt_bias = nn.Parameter(torch.empty(self.nheads, **factory_kwargs))
+        self.dt_bias._no_weight_decay = True
+        self.A_log = nn.Parameter(torch.empty(self.nheads, **factory_kwargs))  # in dtype, as mamba-ssm's Mamba2
+        self.A_log._no_weight_decay = True
+        self.D = nn.Parameter(torch.empty(self.d_ssm if self.D_has_hdim else self.nheads, device=device))  # default dtype
+        self.D._no_weight_decay = True
+        self._init_ssm()  # same order of random draws as mamba-ssm
+        if self.rmsnorm:
+            self.norm = RMSNormGated(self.d_ssm, eps=1e-5, norm_before_gate=self.norm_before_gate,
+                                     group_size=self.d_ssm // ngroups, **factory_kwargs)
+        self.out_proj = nn.Linear(self.d_inner, self.d_model, bias=bias, **factory_kwargs)
+
+    @torch.no_grad()
+    def _init_ssm(self):
+        if self.conv_init is not None:
+            nn.init.uniform_(self.conv1d.weight, -self.conv_init, self.conv_init)
+        self.dt_bias.copy_(_dt_init(self.nheads, self.dt_min, self.dt_max, self.dt_init_floor, self.dt_bias.device))
+        A = torch.empty(self.nheads, dtype=torch.float32, device=self.A_log.device).uniform_(*self.A_init_range)
+        self.A_log.copy_(torch.log(A))
+        self.D.fill_(1.0)
+
+    def reset_parameters(self):
+        """Re-run the constructor's init in place (e.g. after building on the meta device)."""
+        for m in (self.in_proj, self.conv1d, self.out_proj) + ((self.norm,) if self.rmsnorm else ()):
+            m.reset_parameters()
+        self._init_ssm()
+
+    def forward(self, hidden_states, inference_params=None, mask=None, seq_idx=None, seqlen=None, cu_seqlens=None):
+        """As _MambaMixer.forward; also mamba-ssm's seqlen (input flattened to (B*L, D))."""
+        if cu_seqlens is not None:
+            raise NotImplementedError("Mamba2 here does not take cu_seqlens; pack documents with seq_idx (B, L) instead")
+        if seqlen is None:
+            return super().forward(hidden_states, inference_params, mask, seq_idx)
+        out = super().forward(hidden_states.unflatten(0, (-1, seqlen)), inference_params, mask, seq_idx)
+        return out.flatten(0, 1)
+
+    def _split_sizes(self, n):
+        d_mlp = (n - 2 * self.d_ssm - 2 * self.ngroups * self.d_state - self.nheads) // 2
+        return [d_mlp, d_mlp, self.d_ssm, self.d_ssm + 2 * self.ngroups * self.d_state, self.nheads]
+
+    def _D(self):
+        return self.D.view(self.nheads, self.headdim) if self.D_has_hdim else self.D
+
+    def _dt(self, dt, f):
+        """softplus(dt + dt_bias), clamped to dt_limit, in fp32 (fp64 for fp64 input)."""
+        dt = F.softplus(dt.to(f) + self.dt_bias.to(f))
+        if tuple(self.dt_limit) != (0.0, float("inf")):
+            dt = dt.clamp(min=self.dt_limit[0], max=self.dt_limit[1])
+        return dt
+
+    def _mix(self, h, conv_state, ssm_state, cont, valid, seg):
+        use_kernels = self._use_kernels(h, "forward")
+        seg32 = None if seg is None else seg.to(torch.int32).contiguous()
+        if use_kernels and self.use_mem_eff_path and conv_state is None:  # one fused kernel, as mamba-ssm
+            dt_limit_kwargs = {} if tuple(self.dt_limit) == (0.0, float("inf")) else dict(dt_limit=self.dt_limit)
+            return mamba_split_conv1d_scan_combined(
+                self.in_proj(h), self.conv1d.weight.squeeze(1), self.conv1d.bias, self.dt_bias,
+                -torch.exp(self.A_log.float()), D=self._D(), chunk_size=self.chunk_size, seq_idx=seg32,
+                activation=self.activation, rmsnorm_weight=self.norm.weight if self.rmsnorm else None,
+                rmsnorm_eps=self.norm.eps if self.rmsnorm else 1e-6, outproj_weight=self.out_proj.weight,
+                outproj_bias=self.out_proj.bias, headdim=None if self.D_has_hdim else self.headdim,
+                ngroups=self.ngroups, norm_before_gate=self.norm_before_gate, **dt_limit_kwargs)
+        f = _compute_dtype(h.dtype)
+        zxbcdt = self.in_proj(h)  # (B, L, d_in_proj)
+        z0, x0, z, xBC, dt = zxbcdt.split(self._split_sizes(zxbcdt.shape[-1]), dim=-1)
+        prev = conv_state if cont else None
+        if conv_state is not None:
+            new_conv_state = _conv_state_after(xBC, prev, valid, seg, self.d_conv)
+        if use_kernels and causal_conv1d_fn is not None and prev is None:
+            xBC = causal_conv1d_fn(xBC.transpose(1, 2), self.conv1d.weight.squeeze(1), bias=self.conv1d.bias,
+                                   activation=self.activation, seq_idx=seg32).transpose(1, 2)
+        else:
+            xBC = F.silu(_causal_conv(xBC, self.conv1d, prev, seg))
+        x, B, C = xBC.split([self.d_ssm, self.ngroups * self.d_state, self.ngroups * self.d_state], dim=-1)
+        dt = self._dt(dt, f)  # (B, L, nheads)
+        if valid is not None:
+            dt = dt * valid[..., None]  # pads: decay 1, no input
+        args = (x.unflatten(-1, (self.nheads, self.headdim)), dt, -torch.exp(self.A_log.to(f)),
+                B.unflatten(-1, (self.ngroups, self.d_state)), C.unflatten(-1, (self.ngroups, self.d_state)))
+        kwargs = dict(chunk_size=self.chunk_size, D=self._D(), initial_states=ssm_state if cont else None,
+                      z=None if self.rmsnorm else z.unflatten(-1, (self.nheads, self.headdim)), return_final_states=True)
+        if use_kernels:
+            y, last = mamba_chunk_scan_combined(*args, seq_idx=seg32, **kwargs)
+        else:
+            y, last = ssd_chunk_scan(*args, seq_idx=seg, **kwargs)
+        if conv_state is not None:
+            conv_state.copy_(new_conv_state)
+            ssm_state.copy_(last)
+        y = y.flatten(2)  # (B, L, d_ssm)
+        if self.rmsnorm:
+            y = self.norm(y, z)
+        if x0.shape[-1] > 0:
+            y = torch.cat([F.silu(z0) * x0, y], dim=-1)
+        return self.out_proj(y)
+
+    def step(self, hidden_states, conv_state, ssm_state):
+        """One token: (B, 1, d_model) -> (B, 1, d_model); conv_state and ssm_state are updated in place."""
+        if hidden_states.shape[1] != 1:
+            raise ValueError(f"step takes one token (B, 1, D), got {tuple(hidden_states.shape)}; use forward for more")
+        use_kernels = self._use_kernels(hidden_states, "step")
+        dtype, f = hidden_states.dtype, _compute_dtype(hidden_states.dtype)
+        zxbcdt = self.in_proj(hidden_states.squeeze(1))  # (B, d_in_proj)
+        z0, x0, z, xBC, dt = zxbcdt.split(self._split_sizes(zxbcdt.shape[-1]), dim=-1)
+        xBC = self._conv_step(xBC, conv_state, use_kernels)
+        x, B, C = xBC.split([self.d_ssm, self.ngroups * self.d_state, self.ngroups * self.d_state], dim=-1)
+        H, P, G, N = self.nheads, self.headdim, self.ngroups, self.d_state
+        x, B, C = x.unflatten(-1, (H, P)), B.unflatten(-1, (G, N)), C.unflatten(-1, (G, N))
+        dt = self._dt(dt, f)  # (B, nheads); dt_limit applied here too (mamba-ssm's step skips it)
+        D = self._D().to(f)
+        D = D[:, None].expand(H, P) if D.dim() == 1 else D
+        if use_kernels:
+            A = (-torch.exp(self.A_log.float()))[:, None, None].expand(H, P, N)
+            y = selective_state_update(ssm_state, x, dt[..., None].expand(-1, H, P), A, B, C, D,
+                                       z=None if self.rmsnorm else z.unflatten(-1, (H, P)), dt_softplus=False)
+        else:
+            A = -torch.exp(self.A_log.to(f))
+            Bh, Ch = B.to(f).repeat_interleave(H // G, dim=1), C.to(f).repeat_interleave(H // G, dim=1)  # (B, H, N)
+            state = (ssm_state.to(f) * torch.exp(dt * A)[..., None, None]
+                     + (dt[..., None] * x.to(f))[..., None] * Bh[:, :, None, :])  # (B, H, P, N)
+            ssm_state.copy_(state)
+            y = torch.einsum("bhpn,bhn->bhp", state, Ch) + D * x.to(f)
+            if not self.rmsnorm:
+                y = y * F.silu(z.unflatten(-1, (H, P)).to(f))
+            y = y.to(dtype)
+        y = y.flatten(1)  # (B, d_ssm)
+        if self.rmsnorm:
+            y = self.norm(y, z)
+        if x0.shape[-1] > 0:
+            y = torch.cat([F.silu(z0) * x0, y], dim=-1)
+        return self.out_proj(y).unsqueeze(1), conv_state, ssm_state
+
+    def allocate_inference_cache(self, batch_size, max_seqlen, dtype=None, **kwargs):
+        """(conv_state (B, conv_dim, d_conv) stored channel-last, ssm_state (B, nheads, headdim, d_state)),
+        zeros; mamba-ssm's dtypes and layout."""
+        device = self.out_proj.weight.device
+        conv_state = torch.zeros(batch_size, self.d_conv, self.conv1d.weight.shape[0], device=device,
+                                 dtype=self.conv1d.weight.dtype if dtype is None else dtype).transpose(1, 2)
+        ssm_state = torch.zeros(batch_size, self.nheads, self.headdim, self.d_state, device=device,
+                                dtype=self.in_proj.weight.dtype if dtype is None else dtype)
+        return conv_state, ssm_state
