@@ -13,6 +13,14 @@ Width plan (one width per block, see matryoshka.py): at width w an attention or 
 norm(x)[..., :w] (the norm is over the full residual), uses the first w/head_dim query heads (and the
 KV heads they need under GQA) or the first hidden*w/n_embd units, and writes x[..., :w]. Mamba mixers
 run at full width whatever the plan says.
+
+Per-token widths (width as a (B, T, n_layer) tensor: what the engine does when a token widens at
+decode) define one more thing, the keys/values a query sees. At width w head h's key depends on w
+(K = norm(x)[:w] @ c_k[h rows, :w]^T), so position s's K/V are: for the KV heads its own width w_s has,
+computed at w_s; for the heads it lacks (needed only by a later, wider query), computed at full width
+from its normalised block input. This is a function of position s alone, so a cache can store it once
+(engine.MatryoshkaKVCache fills lacked heads lazily, the first time a wider query needs them). With one
+width everywhere it is exactly the static-plan forward.
 """
 import math
 from dataclasses import dataclass, field, asdict
@@ -57,7 +65,11 @@ class HybridConfig:
     # Matryoshka and exits
     width_levels: list = field(default_factory=list)  # empty -> matryoshka.default_width_levels
     exit_stride: int = 1         # a readout after every exit_stride-th block (and always the last)
-    adaptive: bool = False       # build the confidence gates and width predictor (confidence_probe.py)
+    adaptive: bool = True        # build the confidence gates and width predictor (confidence_probe.py)
+    gate_hidden: int = 64        # ConfidenceGate MLP width
+    predictor_hidden: int = 64   # LayerDimPredictor MLP width
+    predictor_after: int = 1     # the predictor reads the prompt after this many blocks (run at full width)
+    calib_bins: int = 32         # most steps of a gate's isotonic calibration map
     # provenance of growth: residual widths this model was grown from, oldest first
     grown_from: list = field(default_factory=list)
 
@@ -84,6 +96,8 @@ class HybridConfig:
         validate_levels(self.width_levels, self.n_embd, self.head_dim)
         if self.exit_stride < 1:
             raise ValueError("exit_stride must be >= 1")
+        if not 1 <= self.predictor_after <= self.n_layer:
+            raise ValueError(f"predictor_after={self.predictor_after} must be in [1, n_layer={self.n_layer}]")
 
     @property
     def head_dim(self):
@@ -187,6 +201,40 @@ class MatryoshkaAttention(nn.Module):
         return F.linear(y, self.c_proj.weight[:w, :h * hd])
 
 
+    def forward_per_token(self, xn, widths, cos_sin):
+        """
+        xn: (B, T, n_embd) normalised input; widths: (B, T) long, each token's width. Returns (B, T, n_embd)
+        (zero beyond each token's width). K/V of a position: its own width's heads at that width, the
+        heads it lacks at full width (the module docstring's rule). A reference path: every level
+        present runs over every token and the results are selected, so it costs levels x the static one.
+        """
+        B, T, D = xn.shape
+        levels = sorted(widths.unique().tolist())
+        k, v = self.project_kv(xn, D, cos_sin)  # (B, Hkv, T, hd): every head at full width
+        for w in levels:
+            if w == D:
+                continue
+            _, hkv = self.heads_at(w)
+            kw, vw = self.project_kv(xn, w, cos_sin)  # (B, hkv, T, hd)
+            own = (widths == w)[:, None, :, None]  # (B, 1, T, 1) positions whose own width is w
+            k = torch.cat([torch.where(own, kw, k[:, :hkv]), k[:, hkv:]], dim=1)
+            v = torch.cat([torch.where(own, vw, v[:, :hkv]), v[:, hkv:]], dim=1)
+        y = xn.new_zeros(B, T, D)
+        hd, group = self.head_dim, self.n_head // self.n_kv_head
+        for w in levels:
+            h, hkv = self.heads_at(w)
+            q = F.linear(xn[..., :w], self.c_q.weight[:h * hd, :w]).view(B, T, h, hd)
+            q = norm(apply_rotary_emb(q, *cos_sin)).transpose(1, 2)  # (B, h, T, hd)
+            kh, vh = k[:, :hkv], v[:, :hkv]
+            if h % hkv != 0:
+                kh = kh.repeat_interleave(group, dim=1)[:, :h]
+                vh = vh.repeat_interleave(group, dim=1)[:, :h]
+            yw = attention(q, kh, vh, scale=self.scale).transpose(1, 2).reshape(B, T, h * hd)
+            yw = F.pad(F.linear(yw, self.c_proj.weight[:w, :h * hd]), (0, D - w))
+            y = torch.where((widths == w).unsqueeze(-1), yw, y)
+        return y
+
+
 class MatryoshkaMLP(nn.Module):
     """nanochat's ReLU^2 MLP whose hidden units and channels can be sliced to a prefix."""
 
@@ -233,9 +281,15 @@ class HybridBlock(nn.Module):
             self.moe = make_moe(config)
 
     def mix(self, x, w, cos_sin, cache=None, mask=None):
-        """The mixer's contribution to the residual, padded to full width: (B, T, n_embd)."""
+        """The mixer's contribution to the residual, padded to full width: (B, T, n_embd).
+        w: an int, or a (B, T) long tensor of per-token widths (no cache then)."""
         xn = norm(x)
-        if self.mixer_kind == "A":
+        per_token = torch.is_tensor(w)
+        if per_token and cache is not None:
+            raise ValueError("per-token widths run without a cache here; decode with nanochat.engine.Engine")
+        if self.mixer_kind == "A" and per_token:
+            y = self.attn.forward_per_token(xn, w, cos_sin)
+        elif self.mixer_kind == "A":
             kv = cache.kv if cache is not None else None
             y = self.attn(xn, w, cos_sin, kv)
         else:
@@ -246,9 +300,25 @@ class HybridBlock(nn.Module):
     def ffn(self, x, w, mask=None):
         if self.ffn_kind == "N":
             return None
+        if torch.is_tensor(w):
+            return self.ffn_per_token(x, w, mask)
         xn = norm(x)[..., :w]
         y = self.mlp(xn, w) if self.ffn_kind == "D" else self.moe(xn, mask=mask, width=w)
         return F.pad(y, (0, self.n_embd - w))
+
+    def ffn_per_token(self, x, widths, mask=None):
+        """widths (B, T): each token through the FFN at its own width; the MoE routes only the tokens of
+        one width per call (mask), so its capacity counts those tokens."""
+        xn = norm(x)
+        y = torch.zeros_like(x)
+        for w in sorted(widths.unique().tolist()):
+            sel = widths == w  # (B, T)
+            if self.ffn_kind == "D":
+                yw = self.mlp(xn[..., :w], w)
+            else:
+                yw = self.moe(xn[..., :w], mask=sel if mask is None else sel & mask, width=w)
+            y = torch.where(sel.unsqueeze(-1), F.pad(yw, (0, self.n_embd - w)), y)
+        return y
 
     def forward(self, x, w, cos_sin, cache=None, mask=None):
         x = x + self.mix(x, w, cos_sin, cache, mask)
@@ -266,6 +336,7 @@ class HybridOutput:
     exit_losses: torch.Tensor = None     # (n_exits, B, T) per-token loss of each readout (if targets)
     exit_agree: torch.Tensor = None      # (n_exits, B, T) readout top-1 == final top-1
     aux_loss: torch.Tensor = None        # sum of MoE balancing + z losses (0 without MoE)
+    plan: list = None                    # the static width plan this forward ran (None: per-token widths)
 
 
 class HybridGPT(nn.Module):
@@ -351,7 +422,8 @@ class HybridGPT(nn.Module):
                 loss_reduction="mean"):
         """
         idx (B, T) -> logits (B, T, V) fp32, or the loss if targets are given.
-        width: None (full), an int for every block, or a plan (one width per block).
+        width: None (full), an int for every block, a plan (one width per block), or a long tensor of
+            per-row plans (B, n_layer) or per-token widths (B, T, n_layer) (see the module docstring).
         exit_after (B, T) long, optional: block index after which each token's residual stops
             changing (early exit). Deeper blocks still compute from the frozen residual, so their
             K/V and SSM states see the exited hidden state, exactly what the engine does at decode.
@@ -360,9 +432,14 @@ class HybridGPT(nn.Module):
             and top-1 agreement with the final readout (all differentiable where they can be).
         """
         c = self.config
-        plan = expand_plan(width, c.n_layer, c.n_embd)
-        check_plan(plan, c.n_embd, c.head_dim)
         B, T = idx.shape
+        if torch.is_tensor(width):
+            widths = self.per_token_widths(width, B, T)  # (B, T, n_layer)
+            plan = [widths[..., j] for j in range(c.n_layer)]  # (B, T) each
+        else:
+            widths = None
+            plan = expand_plan(width, c.n_layer, c.n_embd)
+            check_plan(plan, c.n_embd, c.head_dim)
         cos_sin = self.rotary(0, T)
         x = norm(self.transformer.wte(idx))
         exit_ids = set(c.exit_blocks()) if return_exits else set()
@@ -382,7 +459,7 @@ class HybridGPT(nn.Module):
         if not return_exits:
             return logits if targets is None else loss
         out = HybridOutput(logits=logits, loss=loss, exit_blocks=sorted(exit_ids), exit_hidden=exit_hidden,
-                           aux_loss=self.moe_aux_loss())
+                           aux_loss=self.moe_aux_loss(), plan=None if widths is not None else plan)
         final_top1 = logits.argmax(-1)
         losses, agree = [], []
         for h in exit_hidden:
@@ -395,6 +472,26 @@ class HybridGPT(nn.Module):
         if targets is not None:
             out.exit_losses = torch.stack(losses)
         return out
+
+    def per_token_widths(self, width, B, T):
+        """A (B, n_layer) or (B, T, n_layer) width tensor -> checked (B, T, n_layer) long."""
+        c = self.config
+        if width.dim() == 2:
+            width = width[:, None, :].expand(B, T, c.n_layer)
+        if tuple(width.shape) != (B, T, c.n_layer) or width.dtype != torch.long:
+            raise ValueError(f"a width tensor must be long (B, n_layer) or (B, T, n_layer) = {(B, T, c.n_layer)}, "
+                             f"got {width.dtype} {tuple(width.shape)}")
+        check_plan(width.unique().tolist(), c.n_embd, c.head_dim)
+        return width.to(self.get_device())
+
+    @torch.no_grad()
+    def prefix_hidden(self, idx, n_blocks, mask=None):
+        """The residual (B, T, D) after the first n_blocks blocks at full width, no grad (the predictor's input)."""
+        cos_sin = self.rotary(0, idx.size(1))
+        x = norm(self.transformer.wte(idx))
+        for block in self.transformer.h[:n_blocks]:
+            x = block(x, self.config.n_embd, cos_sin, mask=mask)
+        return x
 
     def moe_aux_loss(self):
         terms = [b.moe.aux_loss + b.moe.z_loss for b in self.transformer.h

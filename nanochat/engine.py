@@ -1,0 +1,445 @@
+"""
+Generation for a HybridGPT (and the dense GPT): batched, with a KV cache for attention and conv/SSM
+states for Mamba, a width plan per row, and per-token early exit and widening.
+
+What a token computes (HybridGPT.forward with per-token widths (B, T, n_layer) and exit_after (B, T) is
+the same function, and tests/test_engine.py compares the two):
+- Every row has a base plan, one width per block: a fixed mode (ghost/whisper/normal/think, see
+  matryoshka.mode_plan), an explicit plan, or "auto": the LayerDimPredictor's plan from the prompt. In
+  auto the prompt's first config.predictor_after blocks run at full width (the predictor reads their
+  output) and the rest at the plan; generated tokens run the plan in every block.
+- Generated tokens, after each gated exit block j (config.exit_blocks() but the last), ask the gate
+  (calibrated probability p that exiting is safe):
+    p > exit_threshold: the token exits; its residual freezes and its logits are the readout of it.
+    p < expand_threshold: the token runs its remaining blocks (j+1, ...) at full width ("widening");
+      the next token starts from the row's base plan again.
+  Prompt tokens never exit or widen.
+- Exited tokens still feed the caches of deeper blocks (CALM's state propagation): a deeper attention
+  block computes only the K/V of the frozen residual at the token's plan width (no query, attention,
+  output projection or FFN); a deeper Mamba block steps its conv/SSM state with the frozen residual.
+  Mamba's step also computes its output projection, which is then discarded; it is counted.
+- MatryoshkaKVCache: every position has slots for all KV heads. A position's own width's heads are
+  written when it is processed (at that width); the heads it lacks are computed from its stored
+  normalised block input at full width the first time a wider query needs them, and kept.
+
+FLOPs are counted per token for what ran (hybrid_gpt.flops_breakdown's convention): the parts of each
+block that ran at the width they ran at, lazily filled K/V heads, gate checks, the predictor, one readout.
+The full model's count is forward_flops_per_token at the same context length.
+"""
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+
+from nanochat.gpt import GPT, norm, apply_rotary_emb, attention, sample_next_token
+from nanochat.matryoshka import MODE_WIDTHS, mode_plan, expand_plan, check_plan
+
+MODES = tuple(MODE_WIDTHS) + ("auto",)
+
+
+class MatryoshkaKVCache:
+    """
+    Per attention block: k, v (B, H_kv, T_max, hd) with slots for every head; xn (B, T_max, D) the
+    normalised block input of each position (to fill heads later); heads (B, T_max) how many KV heads of
+    each position are valid (always a prefix: own heads first, lacked heads filled in order).
+    """
+
+    def __init__(self, model, batch_size, max_len, dtype=torch.float32):
+        c = model.config
+        dev = model.get_device()
+        self.head_dim, self.max_len = c.head_dim, max_len
+        self.layers = [j for j in range(c.n_layer) if c.mixer_kind(j) == "A"]
+        self.k = {j: torch.zeros(batch_size, c.n_kv_head, max_len, c.head_dim, device=dev, dtype=dtype) for j in self.layers}
+        self.v = {j: torch.zeros_like(self.k[j]) for j in self.layers}
+        self.xn = {j: torch.zeros(batch_size, max_len, c.n_embd, device=dev, dtype=dtype) for j in self.layers}
+        self.heads = {j: torch.zeros(batch_size, max_len, device=dev, dtype=torch.long) for j in self.layers}
+
+    def store(self, j, rows, pos, k, v, xn):
+        """Own heads of positions pos.. of `rows`: k, v (R, hkv, T, hd); xn (R, T, D)."""
+        hkv, T = k.size(1), k.size(2)
+        if pos + T > self.max_len:
+            raise RuntimeError(f"KV cache full: {pos + T} tokens > capacity {self.max_len}")
+        self.k[j][rows, :hkv, pos:pos + T] = k.to(self.k[j].dtype)
+        self.v[j][rows, :hkv, pos:pos + T] = v.to(self.v[j].dtype)
+        self.xn[j][rows, pos:pos + T] = xn.to(self.xn[j].dtype)
+        self.heads[j][rows, pos:pos + T] = hkv
+
+    def fill(self, j, rows, need, end, attn, cos, sin):
+        """
+        Give positions < end of `rows` their KV heads < need, computing the missing ones at full width from
+        the stored normalised inputs (exactly the heads missing, grouped by how many a position has).
+        cos, sin: the model's full rotary tables. Returns the FLOPs spent per row (R,) float64.
+        """
+        hd = self.head_dim
+        have = self.heads[j][rows, :end]  # (R, end)
+        flops = torch.zeros(len(rows), dtype=torch.float64, device=have.device)
+        for a in sorted(set(have[have < need].tolist())):
+            r, s = (have == a).nonzero(as_tuple=True)  # (N,) row index into rows, position
+            xn = self.xn[j][rows[r], s].unsqueeze(0)  # (1, N, D): the N positions as one sequence
+            N, Din = s.numel(), xn.size(-1)
+            k = F.linear(xn, attn.c_k.weight[a * hd:need * hd]).view(1, N, need - a, hd)
+            v = F.linear(xn, attn.c_v.weight[a * hd:need * hd]).view(1, N, need - a, hd)
+            k = norm(apply_rotary_emb(k, cos[:, s], sin[:, s]))
+            self.k[j][rows[r], a:need, s] = k[0].to(self.k[j].dtype)  # (N, need - a, hd)
+            self.v[j][rows[r], a:need, s] = v[0].to(self.v[j].dtype)
+            self.heads[j][rows[r], s] = need
+            flops.index_add_(0, r, torch.full((N,), 2.0 * 2 * Din * (need - a) * hd, dtype=torch.float64, device=r.device))
+        return flops
+
+    def view(self, j, rows, hkv, end):
+        return self.k[j][rows, :hkv, :end], self.v[j][rows, :hkv, :end]
+
+
+@dataclass
+class DecodeState:
+    cache: MatryoshkaKVCache
+    ssm: dict                 # Mamba block index -> (conv_state, ssm_state), updated in place
+    plan: torch.Tensor        # (B, n_layer) long: each row's base plan
+    prompt_widths: torch.Tensor  # (B, n_layer) long: widths the prompt ran at
+    exit_threshold: float
+    expand_threshold: float
+    pos: int = 0
+
+
+@dataclass
+class TokenStep:
+    """One position of generation for all B rows; step 0 is the prompt (flops = the whole prompt's)."""
+    tokens: list                      # B sampled token ids
+    logits: torch.Tensor              # (B, V) fp32 the tokens were sampled from
+    exit_block: torch.Tensor          # (B,) block after which the input token's residual froze
+    widths: torch.Tensor              # (B, n_layer) widths the input token ran at
+    widened: torch.Tensor             # (B,) bool: the gate widened this token
+    flops: torch.Tensor               # (B,) float64 FLOPs that ran
+    full_flops: torch.Tensor          # (B,) float64 the full model's FLOPs for the same tokens
+    source: str = "decode"            # "prompt" for step 0
+
+
+@dataclass
+class GenerationResult:
+    prompts: list
+    tokens: list                      # per row: generated ids (stopped rows end before their stop token)
+    steps: list = field(default_factory=list)
+    prompt_widths: torch.Tensor = None
+    plan: torch.Tensor = None
+
+    def reference_inputs(self):
+        """(idx, widths, exit_after) for HybridGPT.forward reproducing every step's logits: step 0's at
+        position T_prompt - 1, step k's at T_prompt + k - 1."""
+        B, Tp = len(self.prompts), len(self.prompts[0])
+        gen = torch.tensor([s.tokens for s in self.steps[:-1]], dtype=torch.long).T.reshape(B, -1)  # (B, K-1)
+        idx = torch.cat([torch.tensor(self.prompts, dtype=torch.long), gen], 1)
+        n = self.prompt_widths.size(1)
+        widths = torch.cat([self.prompt_widths.cpu()[:, None].expand(B, Tp, n)] +
+                           [s.widths.cpu()[:, None] for s in self.steps[1:]], 1)
+        exit_after = torch.cat([torch.full((B, Tp), n - 1, dtype=torch.long)] +
+                               [s.exit_block.cpu()[:, None] for s in self.steps[1:]], 1)
+        return idx, widths, exit_after
+
+
+class Engine:
+    def __init__(self, model):
+        self.model = model
+        self.dense = isinstance(model, GPT)
+        self._costs = {}
+
+    # ---- plans and thresholds -----------------------------------------------------------------
+    def resolve(self, plan, exit_threshold, expand_threshold):
+        """plan: a mode name, a plan (list, one width per block) or a (B, n_layer) tensor. Thresholds None
+        -> auto: 0.95 / 0.5, anything else: off (1.0 / 0.0)."""
+        if self.dense:
+            if not (plan is None or (isinstance(plan, str) and plan == "think")) or exit_threshold not in (None, 1.0) or expand_threshold not in (None, 0.0):
+                raise ValueError("a dense GPT checkpoint has no width levels or exit gates: only mode 'think' "
+                                 "(full width) without exit/expand thresholds runs on it")
+            return None, 1.0, 0.0
+        if isinstance(plan, str) and plan not in MODES:
+            raise ValueError(f"unknown mode {plan!r}; choose from {MODES}")
+        auto = isinstance(plan, str) and plan == "auto"
+        exit_threshold = (0.95 if auto else 1.0) if exit_threshold is None else float(exit_threshold)
+        expand_threshold = (0.5 if auto else 0.0) if expand_threshold is None else float(expand_threshold)
+        if not 0.0 <= expand_threshold <= exit_threshold <= 1.0:
+            raise ValueError(f"need 0 <= expand_threshold ({expand_threshold}) <= exit_threshold ({exit_threshold}) <= 1")
+        gating = exit_threshold < 1.0 or expand_threshold > 0.0
+        if (auto or gating) and not hasattr(self.model, "controllers"):
+            raise ValueError("this model has no controllers (HybridConfig.adaptive=False): mode 'auto' and exit/expand "
+                             "thresholds need the trained width predictor and gates")
+        return plan, exit_threshold, expand_threshold
+
+    def base_plan(self, plan, B):
+        c, dev = self.model.config, self.model.get_device()
+        if plan is None or isinstance(plan, str):
+            plan = mode_plan(plan or "think", c.width_levels, c.n_layer)
+        if torch.is_tensor(plan):
+            if tuple(plan.shape) != (B, c.n_layer):
+                raise ValueError(f"a plan tensor must be (B, n_layer) = {(B, c.n_layer)}, got {tuple(plan.shape)}")
+            check_plan(plan.unique().tolist(), c.n_embd, c.head_dim)
+            return plan.to(dev, torch.long)
+        plan = expand_plan(plan, c.n_layer, c.n_embd)
+        check_plan(plan, c.n_embd, c.head_dim)
+        return torch.tensor(plan, dtype=torch.long, device=dev).expand(B, -1).clone()
+
+    # ---- FLOPs --------------------------------------------------------------------------------
+    def costs(self, j, w):
+        """Per-token FLOPs of block j's parts at width w (context-free; scores are per context position)."""
+        if w not in self._costs:
+            self._costs[w] = self.model.flops_breakdown(0, w)
+        row, c = self._costs[w][j], self.model.config
+        out = {"ffn": row.get("mlp", 0) + row.get("moe", 0), "mamba": sum(row.get(k, 0) for k in ("mamba_proj", "mamba_conv", "mamba_scan"))}
+        if "attn_proj" in row:
+            h, hkv = self.model.transformer.h[j].attn.heads_at(w)
+            out["kv"] = 2 * w * 2 * hkv * c.head_dim
+            out["qo"] = row["attn_proj"] - out["kv"]
+            out["score"] = 4 * h * c.head_dim  # per position attended
+        return out
+
+    # ---- the blocks ---------------------------------------------------------------------------
+    def _attend(self, st, j, attn, x, w_rows, active, flops):
+        """Attention block j for x (B, T, D) at positions st.pos..; K/V for all rows, the rest for active rows."""
+        model, pos, T = self.model, st.pos, x.size(1)
+        cos_sin = model.rotary(pos, T)
+        xn = norm(x)
+        for w in w_rows.unique().tolist():
+            rows = (w_rows == w).nonzero()[:, 0]
+            k, v = attn.project_kv(xn[rows], w, cos_sin)  # (R, hkv, T, hd)
+            st.cache.store(j, rows, pos, k, v, xn[rows])
+            flops[rows] += T * self.costs(j, w)["kv"]
+        y = torch.zeros_like(x)
+        hd, group = attn.head_dim, attn.n_head // attn.n_kv_head
+        ctx_sum = T * pos + T * (T + 1) // 2  # positions attended, summed over the T tokens
+        for w in w_rows[active].unique().tolist():
+            rows = (active & (w_rows == w)).nonzero()[:, 0]
+            R = rows.numel()
+            h, hkv = attn.heads_at(w)
+            flops[rows] += st.cache.fill(j, rows, hkv, pos + T, attn, model.cos, model.sin)
+            q = F.linear(xn[rows, :, :w], attn.c_q.weight[:h * hd, :w]).view(R, T, h, hd)
+            q = norm(apply_rotary_emb(q, *cos_sin)).transpose(1, 2)  # (R, h, T, hd)
+            k, v = st.cache.view(j, rows, hkv, pos + T)
+            if h % hkv != 0:
+                k = k.repeat_interleave(group, dim=1)[:, :h]
+                v = v.repeat_interleave(group, dim=1)[:, :h]
+            o = attention(q, k.to(q.dtype), v.to(q.dtype), scale=attn.scale).transpose(1, 2).reshape(R, T, h * hd)
+            y[rows, :, :w] = F.linear(o, attn.c_proj.weight[:w, :h * hd])
+            cost = self.costs(j, w)
+            flops[rows] += T * cost["qo"] + ctx_sum * cost["score"]
+        return y
+
+    def _ffn(self, j, block, x, w_rows, active, flops):
+        xn = norm(x)
+        y = torch.zeros_like(x)
+        T = x.size(1)
+        for w in w_rows[active].unique().tolist():
+            rows = (active & (w_rows == w)).nonzero()[:, 0]
+            xw = xn[rows, :, :w]
+            y[rows, :, :w] = block.mlp(xw, w) if block.ffn_kind == "D" else block.moe(xw, width=w)
+            flops[rows] += T * self.costs(j, w)["ffn"]
+        return y
+
+    def _block(self, st, j, x, w_rows, active, flops):
+        """Block j on x (B, T, D): mixer, then FFN; exited rows only update the mixer's cache/state."""
+        block = self.model.transformer.h[j]
+        if block.mixer_kind == "A":
+            x = x + self._attend(st, j, block.attn, x, w_rows, active, flops)
+        else:
+            xn = norm(x)
+            conv_state, ssm_state = st.ssm[j]
+            if x.size(1) == 1 and st.pos > 0:
+                y, _, _ = block.mamba.step(xn, conv_state, ssm_state)
+            else:
+                y = self._mamba_prefill(block.mamba, xn, conv_state, ssm_state, st.pos)
+            x = x + torch.where(active[:, None, None], y, torch.zeros_like(y))
+            flops += x.size(1) * self.costs(j, self.model.config.n_embd)["mamba"]
+        if block.ffn_kind != "N":
+            x = x + self._ffn(j, block, x, w_rows, active, flops)
+        return x
+
+    @staticmethod
+    def _mamba_prefill(mamba, xn, conv_state, ssm_state, pos):
+        from nanochat.mamba_block import InferenceParams
+        B, T, _ = xn.shape
+        params = InferenceParams(max_seqlen=pos + T, max_batch_size=B, seqlen_offset=pos)
+        params.key_value_memory_dict[mamba.layer_idx] = (conv_state, ssm_state)
+        return mamba(xn, inference_params=params)  # writes the states after the T tokens in place
+
+    # ---- prefill and one decode step ----------------------------------------------------------
+    @torch.inference_mode()
+    def prefill(self, prompts, plan="think", exit_threshold=None, expand_threshold=None, plan_epsilon=0.02, max_len=None):
+        """prompts (B, T) long (one length). Returns (state, TokenStep-like dict for the last position)."""
+        model, c = self.model, self.model.config
+        plan, exit_threshold, expand_threshold = self.resolve(plan, exit_threshold, expand_threshold)
+        B, T = prompts.shape
+        dev = model.get_device()
+        prompts = prompts.to(dev)
+        auto = isinstance(plan, str) and plan == "auto"
+        base = self.base_plan("think" if auto else plan, B)
+        max_len = max_len or c.sequence_len
+        if T > max_len:
+            raise ValueError(f"prompt of {T} tokens exceeds max_len {max_len}")
+        cache = MatryoshkaKVCache(model, B, max_len, dtype=model.lm_head.weight.dtype)
+        ssm = {j: model.transformer.h[j].mamba.allocate_inference_cache(B, max_len)
+               for j in range(c.n_layer) if c.mixer_kind(j) == "M"}
+        st = DecodeState(cache, ssm, base, base.clone(), exit_threshold, expand_threshold)
+        flops = torch.zeros(B, dtype=torch.float64, device=dev)
+        active = torch.ones(B, dtype=torch.bool, device=dev)
+        x = norm(model.transformer.wte(prompts))
+        for j in range(c.n_layer):
+            if auto and j == c.predictor_after:
+                self._predict_plan(st, x, plan_epsilon, flops)
+            x = self._block(st, j, x, st.prompt_widths[:, j], active, flops)
+        if auto and c.predictor_after == c.n_layer:
+            self._predict_plan(st, x, plan_epsilon, flops)
+        st.pos = T
+        logits = model.readout(x[:, -1])  # (B, V)
+        flops += 2 * c.n_embd * c.vocab_size  # one readout: only the last position's logits are used
+        full = sum(model.forward_flops_per_token(t + 1) for t in range(T)) - (T - 1) * 2 * c.n_embd * c.vocab_size
+        return st, logits, flops, torch.full((B,), float(full), dtype=torch.float64)
+
+    def _predict_plan(self, st, x, epsilon, flops):
+        """Auto mode: the predictor's plan from the prompt's residual x after predictor_after blocks."""
+        c, ctrl = self.model.config, self.model.controllers
+        delta = ctrl.predictor(ctrl.predictor.pool(x))
+        st.plan = ctrl.predictor.plan(delta, epsilon, ctrl.matters)
+        st.prompt_widths[:, c.predictor_after:] = st.plan[:, c.predictor_after:]
+        flops += ctrl.predictor.flops()
+
+    @torch.inference_mode()
+    def step(self, st, tokens, plan=None):
+        """
+        One token per row, tokens (B,) long, at position st.pos. plan (B, n_layer) optional: replaces the
+        rows' base plan from this token on (tests use it to widen mid-sequence). Returns (logits (B, V),
+        exit_block (B,), widths (B, n_layer), widened (B,), flops (B,)).
+        """
+        model, c = self.model, self.model.config
+        if plan is not None:
+            st.plan = self.base_plan(plan, tokens.size(0))
+        B, n, D = tokens.size(0), c.n_layer, c.n_embd
+        dev = model.get_device()
+        widths = st.plan.clone()
+        exit_block = torch.full((B,), n - 1, dtype=torch.long, device=dev)
+        active = torch.ones(B, dtype=torch.bool, device=dev)
+        widened = torch.zeros(B, dtype=torch.bool, device=dev)
+        flops = torch.zeros(B, dtype=torch.float64, device=dev)
+        gating = st.exit_threshold < 1.0 or st.expand_threshold > 0.0
+        gates = {b: g for g, b in enumerate(model.controllers.gate_blocks)} if gating else {}
+        x = norm(model.transformer.wte(tokens.to(dev)[:, None]))  # (B, 1, D)
+        for j in range(n):
+            x = self._block(st, j, x, widths[:, j], active, flops)
+            if j in gates and active.any():
+                rows = active.nonzero()[:, 0]
+                gate = model.controllers.gate
+                p = gate.prob(x[rows, 0], gates[j])  # (R,) calibrated
+                flops[rows] += gate.flops_per_check()
+                leave = rows[p > st.exit_threshold]
+                exit_block[leave] = j
+                active[leave] = False
+                wide = rows[p < st.expand_threshold]
+                widths[wide, j + 1:] = D
+                widened[wide] = True
+        st.pos += 1
+        logits = model.readout(x[:, 0])
+        flops += 2 * D * c.vocab_size
+        return logits, exit_block, widths, widened, flops
+
+    # ---- generation ---------------------------------------------------------------------------
+    @torch.inference_mode()
+    def generate(self, prompts, max_tokens, plan="think", exit_threshold=None, expand_threshold=None,
+                 temperature=0.0, top_k=None, seed=42, plan_epsilon=0.02, stop_tokens=()):
+        """
+        prompts: B token lists of one length. Yields TokenStep per generated position (step 0 from the
+        prompt), until max_tokens or every row has produced a stop token.
+        """
+        if not prompts or len({len(p) for p in prompts}) != 1 or not prompts[0]:
+            raise ValueError("prompts must be a non-empty list of non-empty token lists of one length "
+                             "(batch prompts of equal length; padding is not supported)")
+        if max_tokens < 1:
+            return
+        model = self.model
+        dev = model.get_device()
+        ids = torch.tensor(prompts, dtype=torch.long, device=dev)
+        B, T = ids.shape
+        rng = torch.Generator(device=dev).manual_seed(seed) if temperature > 0 else None
+        if self.dense:
+            yield from self._generate_dense(ids, max_tokens, plan, exit_threshold, expand_threshold, temperature, top_k, rng, stop_tokens)
+            return
+        n = model.config.n_layer
+        st, logits, flops, full = self.prefill(ids, plan, exit_threshold, expand_threshold, plan_epsilon, T + max_tokens)
+        self.state = st
+        done = torch.zeros(B, dtype=torch.bool)
+        stop = torch.tensor(sorted(stop_tokens), dtype=torch.long)
+        info = (torch.full((B,), n - 1, dtype=torch.long), st.prompt_widths.clone(), torch.zeros(B, dtype=torch.bool), flops, full, "prompt")
+        for k in range(max_tokens):
+            tok = sample_next_token(logits, rng, temperature, top_k)
+            yield TokenStep(tok.tolist(), logits.float(), *info)
+            done |= torch.isin(tok.cpu(), stop)
+            if k == max_tokens - 1 or bool(done.all()):
+                return
+            full = torch.full((B,), float(model.forward_flops_per_token(st.pos + 1)), dtype=torch.float64)
+            logits, exit_block, widths, widened, flops = self.step(st, tok)
+            info = (exit_block, widths, widened, flops, full, "decode")
+
+    def _generate_dense(self, ids, max_tokens, plan, exit_threshold, expand_threshold, temperature, top_k, rng, stop_tokens):
+        model = self.model
+        self.resolve(plan, exit_threshold, expand_threshold)
+        B, T = ids.shape
+        n = model.config.n_layer
+        cache = model.new_kv_cache(B, T + max_tokens, dtype=model.lm_head.weight.dtype)
+        logits = model(ids, kv_cache=cache)[:, -1]
+        V, D = model.config.vocab_size, model.config.n_embd
+        full = float(sum(model.forward_flops_per_token(t + 1) for t in range(T)) - (T - 1) * 2 * D * V)
+        source, done = "prompt", torch.zeros(B, dtype=torch.bool)
+        stop = torch.tensor(sorted(stop_tokens), dtype=torch.long)
+        widths = torch.full((B, n), D, dtype=torch.long)
+        for k in range(max_tokens):
+            tok = sample_next_token(logits, rng, temperature, top_k)
+            f = torch.full((B,), full, dtype=torch.float64)
+            yield TokenStep(tok.tolist(), logits.float(), torch.full((B,), n - 1, dtype=torch.long), widths,
+                            torch.zeros(B, dtype=torch.bool), f, f.clone(), source)
+            done |= torch.isin(tok.cpu(), stop)
+            if k == max_tokens - 1 or bool(done.all()):
+                return
+            full, source = float(model.forward_flops_per_token(cache.pos + 1)), "decode"
+            logits = model(tok[:, None], kv_cache=cache)[:, -1]
+
+    def generate_batch(self, prompts, max_tokens, stop_tokens=(), **kwargs):
+        """generate() collected: a GenerationResult; each row's tokens end before its first stop token."""
+        res = GenerationResult(prompts=[list(p) for p in prompts], tokens=[[] for _ in prompts])
+        done = [False] * len(prompts)
+        for s in self.generate(prompts, max_tokens, stop_tokens=stop_tokens, **kwargs):
+            res.steps.append(s)
+            for b, t in enumerate(s.tokens):
+                if not done[b]:
+                    if t in stop_tokens:
+                        done[b] = True
+                    else:
+                        res.tokens[b].append(t)
+        if not self.dense:
+            res.prompt_widths, res.plan = self.state.prompt_widths.cpu(), self.state.plan.cpu()
+        return res
+
+
+# -----------------------------------------------------------------------------
+# --show-compute
+
+def compute_report(model, steps, row=0, decode=None):
+    """Lines describing each generated token's compute for one row, and a FLOPs summary.
+    decode: the tokenizer's decode (ids -> str) to show the tokens' text."""
+    n = model.config.n_layer
+    lines = [f"{'#':>4} {'token':<16} {'exit':>6} {'mean width':>10} {'widened':>7} {'GFLOP':>9} {'% full':>7}"]
+    used = full = 0.0
+    for k, s in enumerate(steps):
+        t = s.tokens[row]
+        text = repr(decode([t]))[:16] if decode else str(t)
+        f, ff = float(s.flops[row]), float(s.full_flops[row])
+        if s.source == "prompt":
+            lines.append(f"{k:4d} {text:<16} {'prompt':>6} {'':>10} {'':>7} {f / 1e9:9.4f} {100 * f / ff:6.1f}%")
+            prompt_used, prompt_full = f, ff
+            continue
+        eb = int(s.exit_block[row])
+        w = s.widths[row, :eb + 1].float().mean().item()
+        lines.append(f"{k:4d} {text:<16} {eb + 1:>3}/{n:<2} {w:10.0f} {'yes' if s.widened[row] else '':>7} "
+                     f"{f / 1e9:9.4f} {100 * f / ff:6.1f}%")
+        used, full = used + f, full + ff
+    if steps and steps[0].source == "prompt":
+        lines.append(f"prompt: {prompt_used / 1e9:.4f} GFLOP vs full model {prompt_full / 1e9:.4f} ({100 * prompt_used / prompt_full:.1f}%)")
+    if full > 0:
+        lines.append(f"decode: {used / 1e9:.4f} GFLOP vs full model {full / 1e9:.4f} ({100 * used / full:.1f}%) "
+                     f"over {len(steps) - 1} tokens")
+    return lines

@@ -1,0 +1,96 @@
+"""
+Continue a prompt with a checkpoint, in one of the compute modes.
+
+    python -m scripts.generate --checkpoint PATH --prompt "The capital of France" --mode auto --max-tokens 64
+    python -m scripts.generate --checkpoint PATH --prompt "Hi" --mode ghost --temperature 0.8 --show-compute
+
+Modes: ghost / whisper / normal (every block at 128 / 512 / 1024 channels, snapped down to the model's
+width levels), think (full width), auto (the width predictor's plan from the prompt, per-token exit and
+widening by the gates). Exit/expand thresholds default to 0.95 / 0.5 in auto and off elsewhere.
+A dense nanochat GPT checkpoint runs in mode think only.
+The tokenizer comes from --tokenizer-dir, else the checkpoint directory's tokenizer.pkl.
+"""
+import os
+import argparse
+
+import torch
+
+from nanochat.common import autodetect_device_type
+from nanochat.checkpoint_manager import load_model
+from nanochat.engine import Engine, MODES, compute_report
+from nanochat.tokenizer import Tokenizer, TOKENIZER_FILENAME
+
+
+def add_generation_args(parser):
+    parser.add_argument("--checkpoint", type=str, required=True, help="checkpoint directory (latest step) or model_<step>.pt")
+    parser.add_argument("--mode", type=str, default="think", choices=MODES, help="compute mode")
+    parser.add_argument("--max-tokens", type=int, default=128, help="tokens to generate")
+    parser.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
+    parser.add_argument("--top-k", type=int, default=None, help="sample from the top k tokens only")
+    parser.add_argument("--seed", type=int, default=42)
+    parser.add_argument("--exit-threshold", type=float, default=None, help="exit when the gate > this (default: 0.95 in auto, off otherwise)")
+    parser.add_argument("--expand-threshold", type=float, default=None, help="widen when the gate < this (default: 0.5 in auto, off otherwise)")
+    parser.add_argument("--plan-epsilon", type=float, default=0.02, help="auto: per-block predicted loss increase allowed (nats/token)")
+    parser.add_argument("--show-compute", action="store_true", help="print each token's exit block, width and FLOPs")
+    parser.add_argument("--tokenizer-dir", type=str, default=None, help="default: the checkpoint directory")
+    parser.add_argument("--device", type=str, default=None, help="cuda|cpu|mps (default: autodetect)")
+
+
+def load_model_and_tokenizer(args):
+    device = args.device or autodetect_device_type()
+    model, meta = load_model(args.checkpoint, device)
+    tokenizer_dir = args.tokenizer_dir or meta["checkpoint_dir"]
+    if not os.path.isfile(os.path.join(tokenizer_dir, TOKENIZER_FILENAME)):
+        raise SystemExit(f"no {TOKENIZER_FILENAME} in {tokenizer_dir}: pass --tokenizer-dir (e.g. <base_dir>/tokenizer, "
+                         f"where scripts.tok_train writes it)")
+    tokenizer = Tokenizer.from_directory(tokenizer_dir)
+    if tokenizer.get_vocab_size() > model.config.vocab_size:
+        raise SystemExit(f"the tokenizer in {tokenizer_dir} has {tokenizer.get_vocab_size()} ids but the model only "
+                         f"{model.config.vocab_size}: it is not this model's tokenizer")
+    return model, tokenizer, meta
+
+
+def check_mode(model, args):
+    """Fail before generating on flag combinations the model cannot run; warn on an uncalibrated gate."""
+    engine = Engine(model)
+    plan = args.mode
+    try:
+        engine.resolve(plan, args.exit_threshold, args.expand_threshold)
+    except ValueError as e:
+        raise SystemExit(f"--mode {args.mode}: {e}")
+    ctrl = getattr(model, "controllers", None)
+    gating = (args.mode == "auto" or (args.exit_threshold is not None and args.exit_threshold < 1.0)
+              or (args.expand_threshold is not None and args.expand_threshold > 0.0))
+    if gating and not ctrl.is_calibrated():
+        print("WARNING: the exit gates are not calibrated (confidence_probe.calibrate_gates): thresholds are raw scores")
+    return engine
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description="Generate text with a checkpoint in a compute mode")
+    add_generation_args(parser)
+    parser.add_argument("--prompt", type=str, required=True)
+    parser.add_argument("--num-samples", type=int, default=1, help="rows generated together from the prompt")
+    args = parser.parse_args(argv)
+
+    model, tokenizer, meta = load_model_and_tokenizer(args)
+    engine = check_mode(model, args)
+    print(f"{meta.get('model_kind', 'gpt')} model from {meta['checkpoint_dir']} step {meta['checkpoint_step']} | mode {args.mode}")
+    prompt = tokenizer.encode(args.prompt, prepend="<|bos|>")
+    res = engine.generate_batch([prompt] * args.num_samples, args.max_tokens, plan=args.mode,
+                                exit_threshold=args.exit_threshold, expand_threshold=args.expand_threshold,
+                                temperature=args.temperature, top_k=args.top_k, seed=args.seed,
+                                plan_epsilon=args.plan_epsilon, stop_tokens=(tokenizer.get_bos_token_id(),))
+    for b, toks in enumerate(res.tokens):
+        print(("" if args.num_samples == 1 else f"--- sample {b}\n") + args.prompt + tokenizer.decode(toks))
+        if args.show_compute:
+            if res.plan is not None:
+                print("width plan: " + " ".join(str(w) for w in res.plan[b].tolist()))
+            for line in compute_report(model, res.steps[:max(1, len(toks))], row=b, decode=tokenizer.decode):
+                print(line)
+    return res
+
+
+if __name__ == "__main__":
+    with torch.inference_mode():
+        main()

@@ -1,0 +1,257 @@
+"""Engine: incremental decode with exits/widening == the per-token-width forward, dense equivalence, modes, scripts."""
+import importlib.util
+import shutil
+
+import pytest
+import torch
+
+from nanochat.gpt import GPT, GPTConfig
+from nanochat.hybrid_gpt import HybridGPT, HybridConfig
+from nanochat.engine import Engine, MODES
+from nanochat.checkpoint_manager import save_model
+
+HAS_MAMBA = importlib.util.find_spec("nanochat.mamba_block") is not None
+HAS_MOE = importlib.util.find_spec("nanochat.moe") is not None
+V = 96
+ATOL = 1e-4
+
+
+def tiny_config(**kw):
+    base = dict(sequence_len=32, vocab_size=V, n_layer=4, n_head=4, n_kv_head=2, n_embd=64, layer_pattern="A",
+                ffn_pattern="D", d_state=8, d_conv=4, expand=2, mamba_headdim=16, num_experts=4, expert_dim=64,
+                capacity_factor=4.0, width_levels=[16, 32, 48, 64], gate_hidden=16, predictor_hidden=16)
+    base.update(kw)
+    return HybridConfig(**base)
+
+
+def build(seed=0, **kw):
+    """A tiny model whose residual writers are non-zero and whose gates give varied decisions
+    (random gate weights, each gate's bias centring its logits on random text)."""
+    torch.manual_seed(seed)
+    model = HybridGPT(tiny_config(**kw))
+    model.init_weights()
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if not name.startswith("controllers.") and p.ndim >= 2 and p.abs().sum() == 0:
+                p.copy_(torch.randn(p.shape, generator=g) * 0.3)
+        gate = model.controllers.gate
+        for p, std in ((gate.fc.weight, 0.15), (gate.gate_embed, 0.3), (gate.out.weight, 1.0)):
+            p.copy_(torch.randn(p.shape, generator=g) * std)
+        model.eval()
+        out = model(torch.randint(0, model.config.vocab_size, (4, 16), generator=g), return_exits=True)
+        for i in range(gate.n_gates):
+            gate.out_bias[i] -= gate.logits(out.exit_hidden[i], i).median()
+    return model
+
+
+def check_against_forward(model, res, atol=ATOL):
+    """Every step's logits equal the per-token-width forward given the same decisions."""
+    idx, widths, exit_after = res.reference_inputs()
+    with torch.no_grad():
+        ref = model(idx, width=widths, exit_after=exit_after)
+    Tp = len(res.prompts[0])
+    for k, s in enumerate(res.steps):
+        torch.testing.assert_close(s.logits, ref[:, Tp - 1 + k], rtol=0, atol=atol)
+
+
+KINDS = [dict(layer_pattern="A")]
+if HAS_MAMBA:
+    KINDS += [dict(layer_pattern="AM"), dict(layer_pattern="MA", mamba_version=2, ffn_pattern="DN")]
+if HAS_MOE:
+    KINDS += [dict(layer_pattern="A", ffn_pattern="ED")]  # capacity_factor = num_experts: nothing is dropped
+
+
+@pytest.mark.parametrize("kind", KINDS, ids=lambda k: "-".join(f"{v}" for v in k.values()))
+def test_decode_with_exits_and_widening_equals_forward(kind):
+    model = build(**kind)
+    prompts = [[1, 2, 3, 4, 5], [6, 7, 8, 9, 10], [11, 12, 13, 14, 15]]
+    plan = torch.tensor([[16, 32, 48, 16], [32, 16, 16, 48], [48, 48, 32, 16]])
+    res = Engine(model).generate_batch(prompts, 10, plan=plan, exit_threshold=0.8, expand_threshold=0.25,
+                                       temperature=1.0, seed=1)
+    decode = res.steps[1:]
+    exits = sum(int((s.exit_block < model.config.n_layer - 1).sum()) for s in decode)
+    widens = sum(int(s.widened.sum()) for s in decode)
+    total = len(decode) * len(prompts)
+    assert 0 < exits < total and 0 < widens < total, (exits, widens, total)  # the test exercises both
+    check_against_forward(model, res)
+
+
+def test_per_token_forward_with_one_width_is_the_static_forward():
+    model = build(layer_pattern="AM" if HAS_MAMBA else "A")
+    idx = torch.randint(0, V, (2, 9))
+    for w in (16, 48, 64):
+        widths = torch.full((2, 9, 4), w, dtype=torch.long)
+        torch.testing.assert_close(model(idx, width=widths), model(idx, width=w), rtol=0, atol=0)
+
+
+def test_widening_mid_sequence_equals_wider_plan_from_there():
+    model = build()
+    eng = Engine(model)
+    prompts = torch.tensor([[5, 6, 7, 8], [9, 10, 11, 12]])
+    st, logits, _, _ = eng.prefill(prompts, plan=[16, 16, 32, 16], max_len=16)
+    got, toks = [logits], [prompts]
+    plans = [None, None, [64] * 4, None, [48, 32, 64, 48]]  # widen at the 3rd token, stay, widen differently
+    rows_widths = [st.prompt_widths[:, None].expand(2, 4, 4)]
+    for plan in plans:
+        tok = got[-1].argmax(-1)
+        logits, exit_block, widths, _, _ = eng.step(st, tok, plan=None if plan is None else torch.tensor([plan] * 2))
+        got.append(logits)
+        toks.append(tok[:, None])
+        rows_widths.append(widths[:, None])
+        assert (exit_block == 3).all()
+    # the lacked heads of the narrow positions were filled when the wide token attended
+    assert (st.cache.heads[0][:, :st.pos] == model.config.n_kv_head).all()
+    idx = torch.cat(toks, 1)
+    widths = torch.cat(rows_widths, 1)
+    with torch.no_grad():
+        ref = model(idx, width=widths)
+    for k, lg in enumerate(got):
+        torch.testing.assert_close(lg, ref[:, 3 + k], rtol=0, atol=ATOL)
+    # and the wide tokens do see different keys than an all-wide run: the semantics are not vacuous
+    with torch.no_grad():
+        all_wide = model(idx, width=torch.where(widths == 16, 64, widths))
+    assert (all_wide[:, 7] - ref[:, 7]).abs().max() > 1e-3
+
+
+def test_batch_rows_do_not_affect_each_other():
+    model = build(layer_pattern="AM" if HAS_MAMBA else "A")
+    prompts = [[1, 2, 3, 4], [4, 3, 2, 1], [7, 7, 7, 7]]
+    plan = torch.tensor([[16, 32, 48, 16], [64, 64, 64, 64], [32, 16, 16, 48]])
+    eng = Engine(model)
+    kw = dict(exit_threshold=0.8, expand_threshold=0.25, temperature=0.0)
+    batch = eng.generate_batch(prompts, 8, plan=plan, **kw)
+    for b in range(3):
+        alone = eng.generate_batch(prompts[b:b + 1], 8, plan=plan[b:b + 1], **kw)
+        assert alone.tokens[0] == batch.tokens[b]
+        for s_alone, s_batch in zip(alone.steps, batch.steps):
+            torch.testing.assert_close(s_alone.logits[0], s_batch.logits[b], rtol=0, atol=ATOL)
+            assert int(s_alone.exit_block[0]) == int(s_batch.exit_block[b])
+            assert torch.equal(s_alone.widths[0], s_batch.widths[b])
+
+
+def gpt_and_hybrid():
+    torch.manual_seed(0)
+    gcfg = GPTConfig(sequence_len=32, vocab_size=V, n_layer=2, n_head=4, n_kv_head=2, n_embd=64)
+    gpt = GPT(gcfg)
+    gpt.init_weights()
+    with torch.no_grad():
+        for p in gpt.parameters():
+            if p.abs().sum() == 0:
+                p.normal_(0, 0.3)
+    hybrid = HybridGPT(tiny_config(n_layer=2))
+    hybrid.init_weights()
+    state = gpt.state_dict()
+    state.update({k: v for k, v in hybrid.state_dict().items() if k.startswith("controllers.")})
+    hybrid.load_state_dict(state, strict=True)
+    return gpt.eval(), hybrid.eval()
+
+
+def test_full_width_without_exits_is_the_dense_gpt():
+    gpt, hybrid = gpt_and_hybrid()
+    prompt = [3, 1, 4, 1, 5, 9]
+    want = list(gpt.generate(prompt, 12, temperature=0.0))
+    res_h = Engine(hybrid).generate_batch([prompt], 12, plan="think", exit_threshold=1.0, expand_threshold=0.0)
+    res_g = Engine(gpt).generate_batch([prompt], 12, plan="think")
+    assert res_h.tokens[0] == want and res_g.tokens[0] == want
+    for a, b in zip(res_h.steps, res_g.steps):
+        torch.testing.assert_close(a.logits, b.logits, rtol=0, atol=ATOL)
+        torch.testing.assert_close(a.flops, b.flops, rtol=0, atol=0)  # same FLOPs too: nothing extra ran
+    with pytest.raises(ValueError, match="dense GPT"):
+        list(Engine(gpt).generate([prompt], 2, plan="ghost"))
+
+
+def test_flops_accounting():
+    model = build(layer_pattern="AM" if HAS_MAMBA else "A")
+    prompts = [[1, 2, 3], [4, 5, 6]]
+    res = Engine(model).generate_batch(prompts, 6, plan="think")
+    for s in res.steps:  # full width, no gates: exactly the full model's count
+        torch.testing.assert_close(s.flops, s.full_flops, rtol=0, atol=0)
+    narrow = Engine(model).generate_batch(prompts, 6, plan=[16] * 4)
+    expect = model.forward_flops_per_token(3 + 1, width=16)  # first decoded token attends 4 positions
+    assert float(narrow.steps[1].flops[0]) == expect
+    gated = Engine(model).generate_batch(prompts, 6, plan=[16] * 4, exit_threshold=0.8, expand_threshold=0.0)
+    gate_cost, head = model.controllers.gate.flops_per_check(), 2 * 64 * V
+    seen_exit = False
+    for k, s in enumerate(gated.steps[1:]):
+        L = 3 + k + 1  # context of the k-th decoded token
+        rows = model.flops_breakdown(L, width=16)
+        for b in range(2):
+            eb = int(s.exit_block[b])
+            seen_exit |= eb < 3
+            want = head + min(eb + 1, 3) * gate_cost  # gates after blocks 0..2 until the token exits
+            for j in range(4):
+                r = rows[j]
+                if j <= eb:
+                    want += r["total"]
+                elif "attn_proj" in r:
+                    want += 2 * 16 * 2 * 1 * 16  # K and V of one KV head at width 16
+                else:  # Mamba steps its state (its output projection is computed and dropped); no FFN
+                    want += r["mamba_proj"] + r["mamba_conv"] + r["mamba_scan"]
+            assert float(s.flops[b]) == want
+    assert seen_exit
+
+
+def test_every_mode_runs():
+    # n_embd 256 so the named modes map to different levels: ghost 128, whisper/normal/think 256
+    model = build(n_layer=2, n_head=4, n_kv_head=4, n_embd=256, width_levels=[64, 128, 192, 256], mlp_hidden=256)
+    eng = Engine(model)
+    for mode in MODES:
+        res = eng.generate_batch([[1, 2, 3]], 4, plan=mode)
+        assert len(res.tokens[0]) == 4
+        want = {"ghost": 128, "whisper": 256, "normal": 256, "think": 256}.get(mode)
+        if want is not None:
+            assert (res.plan == want).all()
+    # auto with an untrained predictor (it predicts 1 nat for any narrowing) keeps full width
+    assert (res.plan == 256).all()
+    with pytest.raises(ValueError, match="unknown mode"):
+        eng.resolve("turbo", None, None)
+
+
+@pytest.fixture
+def hybrid_checkpoint(tmp_path, tiny_data):
+    model = build(vocab_size=tiny_data["vocab_size"], n_layer=2, layer_pattern="AM" if HAS_MAMBA else "A")
+    ckpt = tmp_path / "ckpt"
+    save_model(str(ckpt), 5, model)
+    shutil.copy(tiny_data["tokenizer_dir"] / "tokenizer.pkl", ckpt / "tokenizer.pkl")
+    return ckpt
+
+
+def test_generate_script_every_mode(hybrid_checkpoint, capsys):
+    from scripts import generate
+    for mode in MODES:
+        res = generate.main(["--checkpoint", str(hybrid_checkpoint), "--prompt", "the cat", "--mode", mode,
+                             "--max-tokens", "5", "--show-compute", "--device", "cpu", "--temperature", "0.7"])
+        assert len(res.tokens[0]) <= 5
+        out = capsys.readouterr().out
+        assert "prompt:" in out and ("decode:" in out or len(res.tokens[0]) <= 1)
+        if mode == "auto":
+            assert "not calibrated" in out
+
+
+def test_scripts_on_dense_gpt_checkpoint(tmp_path, tiny_data, capsys):
+    from scripts import generate, chat_cli
+    torch.manual_seed(0)
+    gpt = GPT(GPTConfig(sequence_len=32, vocab_size=tiny_data["vocab_size"], n_layer=2, n_head=2, n_kv_head=2, n_embd=32))
+    gpt.init_weights()
+    ckpt = tmp_path / "gpt"
+    save_model(str(ckpt), 1, gpt)
+    tok = str(tiny_data["tokenizer_dir"])
+    args = ["--checkpoint", str(ckpt), "--max-tokens", "4", "--device", "cpu", "--tokenizer-dir", tok]
+    res = generate.main(args + ["--prompt", "hello", "--mode", "think", "--show-compute"])
+    assert len(res.tokens[0]) <= 4
+    with pytest.raises(SystemExit, match="dense GPT"):
+        generate.main(args + ["--prompt", "hello", "--mode", "auto"])
+    replies = chat_cli.main(args + ["--prompt", "hi there"])
+    assert len(replies) == 1
+    with pytest.raises(SystemExit, match="tokenizer"):
+        generate.main(["--checkpoint", str(ckpt), "--prompt", "x", "--device", "cpu"])  # no tokenizer there
+
+
+def test_chat_cli_interactive(hybrid_checkpoint, capsys):
+    from scripts import chat_cli
+    lines = iter(["hello", "clear", "again", "quit"])
+    replies = chat_cli.main(["--checkpoint", str(hybrid_checkpoint), "--mode", "auto", "--max-tokens", "3",
+                             "--device", "cpu", "--show-compute"], input_fn=lambda _: next(lines))
+    assert len(replies) == 2
+    assert "Conversation cleared." in capsys.readouterr().out
