@@ -3,7 +3,9 @@ Mamba mixers: `Mamba` (Mamba-1, selective scan) and `Mamba2` (SSD).
 
 Constructor arguments, defaults, parameter names, shapes, dtypes and init are those of
 mamba-ssm 2.3.2 (`mamba_ssm.modules.mamba_simple.Mamba`, `mamba_ssm.modules.mamba2.Mamba2`),
-so state_dicts load strictly in either direction.
+so state_dicts load strictly in either direction; a seed gives mamba-ssm's exact initial values.
+Parameters an optimizer must not decay carry `_no_weight_decay = True` (A_log, D; Mamba2 also dt_bias);
+Mamba's dt_proj.bias carries `_no_reinit = True`. `reset_parameters()` redoes the init in place.
 
 Two implementations of one function, chosen per call by `module.path`:
   "auto"   mamba-ssm's CUDA/Triton kernels when importable, the input is on CUDA and the call is one
@@ -94,9 +96,10 @@ def _inverse_softplus(y):
     return y + torch.log(-torch.expm1(-y))
 
 
-def _dt_init(n, dt_min, dt_max, dt_init_floor, device):
-    """dt log-uniform in [dt_min, dt_max], floored at dt_init_floor; returns softplus^-1(dt), fp32."""
-    u = torch.rand(n, device=device, dtype=torch.float32)
+def _dt_init(n, dt_min, dt_max, dt_init_floor, device, dtype):
+    """dt log-uniform in [dt_min, dt_max], floored at dt_init_floor; returns softplus^-1(dt).
+    Computed in the parameter's dtype, as mamba-ssm does, so a seed gives its exact values."""
+    u = torch.rand(n, device=device, dtype=dtype)
     dt = torch.exp(u * (math.log(dt_max) - math.log(dt_min)) + math.log(dt_min)).clamp(min=dt_init_floor)
     return _inverse_softplus(dt)
 
@@ -191,6 +194,31 @@ def _chunked_linear_scan(a, b, h0, chunk_size):
     return h.flatten(-3, -2)[..., :L, :], H_end[..., -1, :]
 
 
+class _LinearScan(torch.autograd.Function):
+    """_chunked_linear_scan with an analytic backward: the adjoint g_t = dL/dh_t + a_{t+1} g_{t+1} is the
+    same scan run backwards in time, then dL/da_t = g_t h_{t-1}, dL/db_t = g_t, dL/dh0 = a_0 g_0.
+    Autograd then keeps a and h instead of every log-step of the scan (about 20 (B, D, L, N) tensors)."""
+
+    @staticmethod
+    def forward(ctx, a, b, h0, chunk_size):
+        h, last = _chunked_linear_scan(a, b, h0, chunk_size)
+        ctx.save_for_backward(a, h, h0)
+        ctx.chunk_size = chunk_size
+        return h, last
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_h, grad_last):
+        a, h, h0 = ctx.saved_tensors
+        grad_h = torch.cat([grad_h[..., :-1, :], grad_h[..., -1:, :] + grad_last[..., None, :]], dim=-2)
+        a_next = F.pad(a[..., 1:, :], (0, 0, 0, 1))  # a_{t+1}; nothing follows the last step
+        g, _ = _chunked_linear_scan(a_next.flip(-2), grad_h.flip(-2), None, ctx.chunk_size)
+        g = g.flip(-2)
+        h_prev = F.pad(h[..., :-1, :], (0, 0, 1, 0)) if h0 is None else torch.cat([h0[..., None, :], h[..., :-1, :]], dim=-2)
+        grad_h0 = None if h0 is None else a[..., 0, :] * g[..., 0, :]
+        return g * h_prev, g, grad_h0, None
+
+
 def selective_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False,
                    initial_state=None, seq_idx=None, return_last_state=False, chunk_size=16):
     """Parallel selective scan, same arguments and layout as mamba-ssm's selective_scan_fn (real A,
@@ -209,7 +237,7 @@ def selective_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_sof
         start = F.pad(seq_idx[:, 1:] != seq_idx[:, :-1], (1, 0))
         a = a.masked_fill(start[:, None, :, None], 0.0)
     h0 = None if initial_state is None else initial_state.to(f)
-    h, last = _chunked_linear_scan(a, b, h0, chunk_size)
+    h, last = _LinearScan.apply(a, b, h0, chunk_size)  # (B, D, L, N), (B, D, N)
     y = torch.einsum("bdln,bnl->bdl", h, C)
     if D is not None:
         y = y + u * D.to(f)[:, None]
@@ -393,7 +421,11 @@ class _MambaMixer(nn.Module):
             reason = unsupported
         if reason is not None and self.path == "kernel":
             raise RuntimeError(f"{type(self).__name__}.path='kernel' but {reason}; use path='auto' or 'torch'")
-        _log_once(f"{type(self).__name__} {what}: " + ("mamba-ssm kernels" if reason is None else f"PyTorch path ({reason})"))
+        if reason is None:
+            conv = "" if CONV_IMPORT_ERROR is None else f", depthwise conv in PyTorch ({CONV_IMPORT_ERROR})"
+            _log_once(f"{type(self).__name__} {what}: mamba-ssm kernels{conv}")
+        else:
+            _log_once(f"{type(self).__name__} {what}: PyTorch path ({reason})")
         return reason is None
 
     def forward(self, hidden_states, inference_params=None, mask=None, seq_idx=None):
@@ -489,7 +521,8 @@ class Mamba(_MambaMixer):
             nn.init.constant_(self.dt_proj.weight, std)
         else:
             nn.init.uniform_(self.dt_proj.weight, -std, std)
-        self.dt_proj.bias.copy_(_dt_init(self.d_inner, self.dt_min, self.dt_max, self.dt_init_floor, self.dt_proj.bias.device))
+        self.dt_proj.bias.copy_(_dt_init(self.d_inner, self.dt_min, self.dt_max, self.dt_init_floor,
+                                         self.dt_proj.bias.device, self.dt_proj.bias.dtype))
         # S4D-real: A = -(1..d_state) for every channel
         A = torch.arange(1, self.d_state + 1, dtype=torch.float32, device=self.A_log.device)
         self.A_log.copy_(torch.log(A).expand(self.d_inner, -1))
@@ -651,7 +684,8 @@ class Mamba2(_MambaMixer):
     def _init_ssm(self):
         if self.conv_init is not None:
             nn.init.uniform_(self.conv1d.weight, -self.conv_init, self.conv_init)
-        self.dt_bias.copy_(_dt_init(self.nheads, self.dt_min, self.dt_max, self.dt_init_floor, self.dt_bias.device))
+        self.dt_bias.copy_(_dt_init(self.nheads, self.dt_min, self.dt_max, self.dt_init_floor,
+                                    self.dt_bias.device, self.dt_bias.dtype))
         A = torch.empty(self.nheads, dtype=torch.float32, device=self.A_log.device).uniform_(*self.A_init_range)
         self.A_log.copy_(torch.log(A))
         self.D.fill_(1.0)

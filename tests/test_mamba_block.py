@@ -414,3 +414,29 @@ def test_paths_and_errors():
     # mamba-ssm's flattened (B*L, D) input with seqlen
     u = torch.randn(2, 5, 64)
     torch.testing.assert_close(m2(u.flatten(0, 1), seqlen=5), m2(u).flatten(0, 1))
+
+
+@pytest.mark.parametrize("cls,cfg", [(Mamba, MAMBA1_CONFIGS[0]), (Mamba2, MAMBA2_CONFIGS[0])], ids=["Mamba", "Mamba2"])
+def test_masked_decode_step_leaves_state(cls, cfg):
+    """A one-token call with a mask (a finished row in a batch): that row's output is 0, its states stay."""
+    m = build(cls, cfg)
+    u = rnd(2, 6, m.d_model)
+    params = InferenceParams(8, 2)
+    m(u[:, :5], inference_params=params)
+    params.seqlen_offset = 5
+    before = [s.clone() for s in params.key_value_memory_dict[0]]
+    out = m(u[:, 5:], inference_params=params, mask=torch.tensor([[True], [False]]))
+    assert (out[1] == 0).all()
+    for b, s in zip(before, params.key_value_memory_dict[0]):
+        assert torch.equal(b[1], s[1]) and not torch.equal(b[0], s[0])
+    torch.testing.assert_close(out[0], m(u[:1])[0, 5:], atol=1e-10, rtol=0)
+
+
+def test_bfloat16_forward_and_step_run():
+    for m in (Mamba(32, d_state=4, dtype=torch.bfloat16), Mamba2(32, d_state=8, headdim=8, chunk_size=4, dtype=torch.bfloat16)):
+        u = torch.randn(2, 7, 32, dtype=torch.bfloat16)
+        y = m(u)
+        conv_state, ssm_state = m.allocate_inference_cache(2, 7)
+        steps = torch.cat([m.step(u[:, t:t + 1], conv_state, ssm_state)[0] for t in range(7)], 1)
+        assert y.dtype == steps.dtype == torch.bfloat16
+        torch.testing.assert_close(steps, y, atol=3e-2, rtol=3e-2)  # bf16 rounding of the cached states
