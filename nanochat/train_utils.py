@@ -1,0 +1,158 @@
+"""
+Training-loop plumbing that the training scripts share and that is not about any one model:
+peak FLOPs for MFU, activation checkpointing and FSDP2 applied from outside the model,
+a data-parallel gradient all-reduce, full state dicts from sharded models, and optimizer
+state that survives a save/load under FSDP2.
+
+The model files know nothing about any of this (torchtitan's habit): every function here takes a
+built model and changes how it runs, never what it computes.
+"""
+import functools
+
+import torch
+import torch.distributed as dist
+from torch.utils.checkpoint import checkpoint
+
+# bf16 dense tensor-core peak (no sparsity), FLOP/s; matched against torch.cuda.get_device_name
+PEAK_FLOPS_BF16 = [("H200", 989e12), ("H100", 989e12), ("A100", 312e12), ("L40S", 362e12),
+                   ("A10G", 125e12), ("RTX 4090", 165e12), ("RTX 3090", 71e12)]
+
+
+def peak_flops(device):
+    """Peak bf16 FLOP/s of one device of this kind, or None where MFU means nothing (CPU, MPS, unknown GPU)."""
+    device = torch.device(device)
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    for key, flops in PEAK_FLOPS_BF16:
+        if key in name:
+            return flops
+    return None
+
+
+def is_dist():
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+def apply_activation_checkpointing(blocks):
+    """
+    Recompute each block's activations in the backward pass instead of keeping them: memory for
+    one block's activations at a time, for about one extra forward. Wraps the instance's forward,
+    so parameter names (and checkpoints) do not change.
+    """
+    for block in blocks:
+        block.forward = functools.partial(checkpoint, block.forward, use_reentrant=False)
+
+
+def apply_fsdp(model, blocks, replicated_params=(), device_type="cuda"):
+    """
+    FSDP2: shard every block, then the root (embedding, head); parameters become DTensors sharded on
+    dim 0 over all ranks. `replicated_params` stay whole plain tensors on every rank (small modules
+    called through methods outside any forward, whose FSDP hooks would never run, e.g. the adaptive
+    controllers); their gradients must be all-reduced by the caller (allreduce_gradients).
+    """
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+    mesh = init_device_mesh(device_type, (dist.get_world_size(),))
+    for block in blocks:
+        fully_shard(block, mesh=mesh)
+    fully_shard(model, mesh=mesh, ignored_params=set(replicated_params) or None)
+    return model
+
+
+def allreduce_gradients(params, bucket_numel=2**25, divide_by=1):
+    """
+    Data parallel with replicated weights: sum every trainable parameter's gradient over the ranks
+    (callers scale the loss by 1 / (micro-steps * world size) so the sum is the global mean).
+    A parameter that got no gradient on this rank (a step where it was not used) counts as zeros,
+    on every rank and on a single process alike, so all ranks make the same collective calls and
+    the optimizers step the same parameters whatever the world size. Gradients are flattened into buckets of at most
+    `bucket_numel` elements of one dtype: one all-reduce per bucket instead of one per tensor.
+    The sums are divided by `divide_by` (the world size where the loss was not scaled by it).
+    """
+    params = [p for p in params if p.requires_grad]
+    for p in params:  # also on one process, so a run on one rank steps the same parameters as on many
+        if p.grad is None:
+            p.grad = torch.zeros_like(p)
+    if not is_dist():
+        return
+    by_dtype = {}
+    for p in params:
+        by_dtype.setdefault(p.grad.dtype, []).append(p)
+    for group in by_dtype.values():
+        bucket, size = [], 0
+        for i, p in enumerate(group):
+            bucket.append(p)
+            size += p.grad.numel()
+            if size >= bucket_numel or i == len(group) - 1:
+                flat = torch.cat([q.grad.reshape(-1) for q in bucket])
+                dist.all_reduce(flat, op=dist.ReduceOp.SUM)
+                if divide_by != 1:
+                    flat /= divide_by
+                offset = 0
+                for q in bucket:
+                    n = q.grad.numel()
+                    q.grad.copy_(flat[offset:offset + n].view_as(q.grad))
+                    offset += n
+                bucket, size = [], 0
+
+
+def clip_grad_norm(params, max_norm):
+    """
+    Scale the gradients so their global L2 norm is at most max_norm; returns the norm before clipping
+    (a 0-d fp32 tensor, the same on every rank). Gradients may mix FSDP2 DTensors (sharded on dim 0:
+    their squared shard norms are summed over ranks) and plain tensors (replicated: counted once).
+    Without DTensors this is torch.nn.utils.clip_grad_norm_ (tests compare them).
+    """
+    grads = [p.grad for p in params if p.grad is not None]
+    if not grads:
+        return torch.zeros(())
+    sharded = [g for g in grads if hasattr(g, "to_local")]
+    plain = [g for g in grads if not hasattr(g, "to_local")]
+    norms = [torch.linalg.vector_norm(g.float()) for g in plain]
+    if sharded:
+        sq = sum(g.to_local().float().pow(2).sum() for g in sharded)
+        dist.all_reduce(sq, op=dist.ReduceOp.SUM)
+        norms.append(sq.sqrt())
+    total = torch.linalg.vector_norm(torch.stack(norms))
+    coef = (max_norm / (total + 1e-6)).clamp(max=1.0)
+    for g in grads:
+        (g.to_local() if hasattr(g, "to_local") else g).mul_(coef.to(g.dtype))
+    return total
+
+
+def full_state_dict(model):
+    """The whole model's state_dict on CPU on rank 0 (every rank must call it under FSDP2)."""
+    if any(hasattr(p, "device_mesh") for p in model.parameters()):
+        from torch.distributed.checkpoint.state_dict import get_model_state_dict, StateDictOptions
+        return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    return {k: v.detach().cpu() for k, v in model.state_dict().items()}
+
+
+def optimizer_state_to_local(state_dicts):
+    """Optimizer state_dicts with every DTensor replaced by this rank's shard (a plain tensor), for torch.save."""
+    def local(v):
+        return v.to_local() if hasattr(v, "to_local") else v
+    return [dict(sd, state={i: {k: local(v) for k, v in st.items()} for i, st in sd["state"].items()})
+            for sd in state_dicts]
+
+
+def optimizer_state_to_dtensor(optimizers):
+    """After load_state_dict on FSDP2 parameters: make each per-parameter state tensor a DTensor like its parameter."""
+    from torch.distributed.tensor import DTensor
+    for opt in optimizers:
+        for p, st in opt.state.items():
+            if not isinstance(p, DTensor):
+                continue
+            for k, v in st.items():
+                if torch.is_tensor(v) and not isinstance(v, DTensor) and v.shape == p.to_local().shape and v.ndim > 0:
+                    st[k] = DTensor.from_local(v.to(p.device), p.device_mesh, p.placements, run_check=False,
+                                               shape=p.shape, stride=p.stride())
+
+
+def format_eta(seconds):
+    if seconds < 90:
+        return f"{seconds:.0f}s"
+    if seconds < 5400:
+        return f"{seconds / 60:.1f}m"
+    return f"{seconds / 3600:.1f}h"

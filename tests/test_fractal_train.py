@@ -1,0 +1,252 @@
+"""
+scripts/fractal_train end to end on CPU: a tiny nanochat GPT -> surgery -> phase 1 -> phase 2 -> growth
+-> phase 3, and what each phase may and may not change; exact resume; 2 gloo processes (DDP-style and
+FSDP2) against 1 process on the same global batch; the errors that must stop a run before it trains.
+"""
+import os
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from nanochat.gpt import GPT, GPTConfig
+from nanochat.checkpoint_manager import (CheckpointError, save_checkpoint, load_model, load_meta, find_last_step,
+                                         load_optimizer_state, model_path, meta_path, optim_path)
+from nanochat.surgery import new_entry_mask
+from nanochat.tokenizer import Tokenizer
+from nanochat.train_utils import clip_grad_norm, allreduce_gradients
+from scripts import fractal_train
+from scripts import surgery as surgery_cli
+
+REPO = Path(__file__).resolve().parents[1]
+T, B = 32, 2
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    # tiny matmuls: one thread is faster, and far faster when the machine's cores are shared
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def run_args(tiny_data, phase, checkpoint, out_dir, steps, *extra):
+    return [f"--phase={phase}", f"--checkpoint={checkpoint}", f"--out-dir={out_dir}", f"--data-dir={tiny_data['data_dir']}",
+            "--device=cpu", f"--num-iterations={steps}", f"--device-batch-size={B}", f"--max-seq-len={T}",
+            "--eval-tokens=128", *extra]
+
+
+def write_tiny_gpt(d, tiny_data):
+    """A tiny nanochat-layout GPT (meta has model_config, no model_kind) with non-trivial weights + its tokenizer."""
+    torch.manual_seed(0)
+    config = GPTConfig(sequence_len=T, vocab_size=tiny_data["vocab_size"], n_layer=2, n_head=2, n_kv_head=2, n_embd=64)
+    model = GPT(config)
+    model.init_weights()
+    with torch.no_grad():  # nanochat zero-inits the output projections and head; a trained model's are not zero
+        for p in model.parameters():
+            if p.abs().sum() == 0:
+                p.normal_(0, 0.05)
+    save_checkpoint(d, 0, model.state_dict(), {"model_config": config.to_dict(), "step": 0})
+    for name in ("tokenizer.pkl", "token_bytes.pt"):
+        shutil.copy(os.path.join(tiny_data["tokenizer_dir"], name), d)
+
+
+@pytest.fixture(scope="module")
+def pipeline(tiny_data, tmp_path_factory):
+    root = tmp_path_factory.mktemp("fractal")
+    old_base = os.environ.get("NANOCHAT_BASE_DIR")
+    os.environ["NANOCHAT_BASE_DIR"] = str(root / "base")
+    try:
+        write_tiny_gpt(root / "gpt", tiny_data)
+        surgery_cli.main([f"--src={root / 'gpt'}", f"--dst={root / 'hybrid'}", "--new-dim=64", "--width-levels=32,64",
+                          "--adaptive", "--d-state=8"])
+        p1 = fractal_train.main(run_args(tiny_data, 1, root / "hybrid", root / "p1", 3, "--eval-every=-1"))
+        p2 = fractal_train.main(run_args(tiny_data, 2, root / "p1", root / "p2", 4, "--sample-dim", "--eval-every=4",
+                                         "--save-every=2", "--continue-data"))
+        surgery_cli.main([f"--src={root / 'p2'}", f"--dst={root / 'grown'}", "--expand-from=64", "--new-dim=128",
+                          "--width-levels=32,64,128"])
+        p3 = fractal_train.main(run_args(tiny_data, 3, root / "grown", root / "p3", 2, "--expanded-dim=128",
+                                         "--new-channel-lr-mult=0", "--eval-every=-1"))
+    finally:
+        if old_base is None:
+            os.environ.pop("NANOCHAT_BASE_DIR")
+        else:
+            os.environ["NANOCHAT_BASE_DIR"] = old_base
+    return {"root": root, "p1": p1, "p2": p2, "p3": p3}
+
+
+def state_of(path):
+    model, meta = load_model(path)
+    return model.state_dict(), meta
+
+
+def test_every_phase_writes_a_hybrid_checkpoint_that_records_the_run(pipeline):
+    root = pipeline["root"]
+    for phase, steps in ((1, 3), (2, 4), (3, 2)):
+        result = pipeline[f"p{phase}"]
+        assert result["checkpoint"] == model_path(str(root / f"p{phase}"), steps)
+        assert len(result["loss"]) == steps and all(torch.isfinite(torch.tensor(result["loss"])))
+        model, meta = load_model(root / f"p{phase}")
+        assert meta["model_kind"] == "hybrid" and meta["phase"] == phase and meta["step"] == steps
+        assert meta["user_args"]["phase"] == phase and len(meta["dataloader_state"]) == meta["data_ranks"] == 1
+        assert os.path.isfile(root / f"p{phase}" / "tokenizer.pkl")
+    assert load_meta(str(root / "p3"), 2)["model_config"]["n_embd"] == 128
+    # phase 2 continued phase 1's data stream, so its first batch is not phase 1's first batch
+    assert pipeline["p2"]["loss"][0] != pytest.approx(pipeline["p1"]["loss"][0], abs=1e-3)
+
+
+def test_phase1_trains_only_the_mamba_side(pipeline):
+    root = pipeline["root"]
+    before, src_meta = state_of(root / "hybrid")
+    after, _ = state_of(root / "p1")
+    prefixes = src_meta["surgery"]["new_param_prefixes"]
+    assert prefixes and all(".mamba." in p or ".mlp." in p for p in prefixes)
+    trainable = {k for k in before if fractal_train.phase1_trainable(k, prefixes)}
+    frozen = set(before) - trainable
+    assert any(k.startswith("controllers.") for k in frozen) and "lm_head.weight" in frozen
+    for k in frozen:
+        assert torch.equal(before[k], after[k]), f"{k} changed in phase 1"
+    changed = [k for k in trainable if not torch.equal(before[k], after[k])]
+    assert any(".mamba.out_proj" in k for k in changed) and any(".mlp.c_fc" in k for k in changed)
+    # frozen parameters are in no optimizer (not merely given zero gradients)
+    opt = load_optimizer_state(str(root / "p1"), 3, 0)["optimizers"]
+    names = {n for sd in opt for g in sd["param_groups"] for n in g["names"]}
+    assert names == {k for k in trainable if not k.endswith(("calib_lo", "calib_val", "calib_on"))}
+
+
+def test_phase2_trains_everything_with_the_sandwich_of_widths(pipeline):
+    p2 = pipeline["p2"]
+    labels = p2["plan_labels"]
+    assert all(step[0] == "w64" and step[1] == "w32" and len(step) == 3 for step in labels)
+    assert any(re.fullmatch(r"m\d+", step[2]) for step in labels)  # --sample-dim: per-block random widths
+    assert all(len(l) == 3 for l in p2["plan_losses"]) and all(g > 0 for g in p2["gate_loss"])
+    val = p2["val"][4]
+    assert set(val) >= {"bpb_w32", "bpb_w64", "bpb_pred", "compute_pred", "exit_rate", "exit_precision"}
+    assert 0 < val["compute_pred"] <= 1 and 0 <= val["exit_rate"] <= 1
+    before, _ = state_of(pipeline["root"] / "p1")
+    after, _ = state_of(pipeline["root"] / "p2")
+    for k in ("lm_head.weight", "transformer.h.0.attn.c_q.weight", "controllers.gate.fc.weight",
+              "controllers.predictor.out.bias"):
+        assert not torch.equal(before[k], after[k]), f"{k} did not train in phase 2"
+
+
+def test_phase3_new_channel_lr_mult_zero_keeps_grown_entries(pipeline):
+    root = pipeline["root"]
+    before, meta = state_of(root / "grown")
+    after, _ = state_of(root / "p3")
+    old_index = meta["surgery"]["grow"]["old_index"]
+    n_old_changed = 0
+    for name, runs in old_index.items():
+        new = new_entry_mask(tuple(before[name].shape), runs)
+        assert torch.equal(before[name][new], after[name][new]), f"grown entries of {name} moved at lr mult 0"
+        n_old_changed += not torch.equal(before[name][~new], after[name][~new])
+    assert n_old_changed > len(old_index) // 2
+
+
+def test_resume_continues_exactly(pipeline, tiny_data, tmp_path, capsys):
+    """Stop phase 2 at step 2 (its step-2 checkpoint, as a crash would leave it), resume, same losses."""
+    root, resumed = pipeline["root"], tmp_path / "resumed"
+    resumed.mkdir()
+    for f in (model_path(str(root / "p2"), 2), meta_path(str(root / "p2"), 2), optim_path(str(root / "p2"), 2, 0),
+              root / "p2" / "tokenizer.pkl"):
+        shutil.copy(f, resumed)
+    result = fractal_train.main(run_args(tiny_data, 2, root / "p1", resumed, 4, "--sample-dim", "--eval-every=4",
+                                         "--save-every=2", "--continue-data", "--resume"))
+    assert result["steps"] == [2, 3]
+    assert result["loss"] == pipeline["p2"]["loss"][2:]  # bitwise: same data, plans, probes, optimizer state
+    assert result["plan_losses"] == pipeline["p2"]["plan_losses"][2:]
+    a, _ = state_of(resumed)
+    b, _ = state_of(root / "p2")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    out = capsys.readouterr().out
+    assert re.search(r"step 00003/00004 \(75\.0%\) \| loss \d+\.\d{6} \[w32 \d+\.\d{3} m\d+ \d+\.\d{3}\] \| gate ", out)
+
+
+def parse_losses(text):
+    return [float(x) for x in re.findall(r"^step \d+/\d+ \([\d.]+%\) \| loss (\d+\.\d+)", text, re.M)]
+
+
+@pytest.mark.parametrize("parallel", ["ddp", "fsdp"])
+def test_two_gloo_processes_equal_one_process(pipeline, tiny_data, tmp_path, parallel):
+    """
+    2 ranks x 1 micro-batch vs 1 rank x 2 micro-batches of the same 2 data shards (--data-ranks=2).
+    Not bitwise: the per-plan, per-micro-batch and per-rank gradients are summed in another order
+    (fp32 addition is not associative), and each torchrun worker runs single-threaded.
+    """
+    root = pipeline["root"]
+    args = ["--sample-dim", "--eval-every=-1", "--data-ranks=2", f"--total-batch-size={2 * B * T}"]
+    one = fractal_train.main(run_args(tiny_data, 2, root / "p1", tmp_path / "one", 3, *args))
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "scripts.fractal_train",
+           *run_args(tiny_data, 2, root / "p1", tmp_path / "two", 3, *args, f"--parallel={parallel}")]
+    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    two = parse_losses(proc.stdout)
+    assert len(two) == 3 and two[0] != two[1]
+    assert max(abs(a - b) for a, b in zip(one["loss"], two)) < 1e-5, (one["loss"], two)
+    a, _ = state_of(tmp_path / "one")
+    b, _ = state_of(tmp_path / "two")
+    assert max((a[k].float() - b[k].float()).abs().max().item() for k in a) < 1e-4
+
+
+def test_bad_inputs_stop_before_training(pipeline, tiny_data, tmp_path):
+    root = pipeline["root"]
+    with pytest.raises(ValueError, match="phase 3 needs a grown checkpoint: run scripts.surgery --expand-from"):
+        fractal_train.main(run_args(tiny_data, 3, root / "p2", tmp_path / "a", 1))
+    with pytest.raises(CheckpointError, match="does not exist"):
+        fractal_train.main(run_args(tiny_data, 1, tmp_path / "no_such_checkpoint", tmp_path / "b", 1))
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        fractal_train.main(run_args(tiny_data, 1, root / "hybrid", tmp_path / "c", 1) + [f"--data-dir={tmp_path / 'nodata'}"])
+    with pytest.raises(ValueError, match="--matryoshka is for phases 2 and 3"):
+        fractal_train.main(run_args(tiny_data, 1, root / "hybrid", tmp_path / "d", 1, "--matryoshka"))
+    with pytest.raises(ValueError, match="--expanded-dim=256 but the checkpoint's n_embd is 128"):
+        fractal_train.main(run_args(tiny_data, 3, root / "grown", tmp_path / "e", 1, "--expanded-dim=256"))
+    with pytest.raises(ValueError, match="make one with python -m scripts.surgery"):  # a dense GPT
+        fractal_train.main(run_args(tiny_data, 1, root / "gpt", tmp_path / "f", 1))
+    with pytest.raises(ValueError, match="already holds checkpoints"):
+        fractal_train.main(run_args(tiny_data, 2, root / "p1", root / "p2", 1))
+    # the tokenizer comes from the checkpoint directory: missing or of another vocabulary is an error
+    bare = tmp_path / "bare"
+    bare.mkdir()
+    for f in (model_path(str(root / "p1"), 3), meta_path(str(root / "p1"), 3)):
+        shutil.copy(f, bare)
+    with pytest.raises(FileNotFoundError, match="tokenizer.pkl"):
+        fractal_train.main(run_args(tiny_data, 2, bare, tmp_path / "g", 1))
+    Tokenizer.train_from_iterator(iter(["a small text for another tokenizer"] * 20), 280).save(bare)
+    with pytest.raises(ValueError, match="has 280 ids but the model's vocab_size is 512"):
+        fractal_train.main(run_args(tiny_data, 2, bare, tmp_path / "h", 1))
+    assert not any(os.path.exists(tmp_path / d / "model_000001.pt") for d in "abcdefgh")
+
+
+def test_clip_grad_norm_matches_torch():
+    torch.manual_seed(0)
+    ps = [torch.nn.Parameter(torch.randn(5, 3)) for _ in range(3)] + [torch.nn.Parameter(torch.randn(7))]
+    qs = [torch.nn.Parameter(p.detach().clone()) for p in ps]
+    for p, q in zip(ps, qs):
+        p.grad = torch.randn_like(p) * 3
+        q.grad = p.grad.clone()
+    for max_norm in (0.5, 1e3):
+        ours = clip_grad_norm(ps, max_norm)
+        ref = torch.nn.utils.clip_grad_norm_(qs, max_norm)
+        assert torch.equal(ours, ref)
+        assert all(torch.equal(p.grad, q.grad) for p, q in zip(ps, qs))
+
+
+def test_allreduce_gradients_single_process_fills_missing_grads():
+    a, b = torch.nn.Parameter(torch.ones(3)), torch.nn.Parameter(torch.ones(2))
+    a.grad = torch.full((3,), 2.0)
+    allreduce_gradients([a, b])
+    assert torch.equal(a.grad, torch.full((3,), 2.0)) and torch.equal(b.grad, torch.zeros(2))
+
+
+def test_activation_checkpointing_changes_nothing_but_memory(pipeline, tiny_data, tmp_path):
+    root = pipeline["root"]
+    args = ["--sample-dim", "--eval-every=-1"]
+    plain = fractal_train.main(run_args(tiny_data, 2, root / "p1", tmp_path / "plain", 2, *args))
+    ac = fractal_train.main(run_args(tiny_data, 2, root / "p1", tmp_path / "ac", 2, *args, "--activation-checkpointing"))
+    assert ac["loss"] == plain["loss"] and ac["plan_losses"] == plain["plan_losses"]
