@@ -51,6 +51,7 @@ import torch
 
 from nanochat.gpt import GPT, GPTConfig, linear_init_std, check_nanochat_state_dict
 from nanochat.hybrid_gpt import HybridGPT, HybridConfig, make_mamba, make_moe
+from nanochat.moe import MoE
 from nanochat.checkpoint_manager import CheckpointError, load_state_dict_strict, check_state_dict
 
 MAMBA_FFN_LETTER = {"dense": "D", "none": "N", "moe": "E"}
@@ -162,7 +163,6 @@ def create_hybrid(src_state, src_config, layer_pattern="AM", mamba_ffn="dense", 
             if config.ffn_kind(j) == "D":
                 state[f"{p}mlp.c_fc.weight"], state[f"{p}mlp.c_proj.weight"] = c_fc, c_proj
             else:
-                from nanochat.moe import MoE
                 moe = _seeded(seed, p + "moe", lambda: MoE.from_dense(
                     c_fc.float(), c_proj.float(), config.num_experts, top_k=config.moe_top_k, straight_gate=True,
                     drop_tokens=False, capacity_factor=config.capacity_factor, min_capacity=config.min_capacity))
@@ -461,12 +461,21 @@ def _grow_mamba(g, state, p, config, new_config, j, res, s):
 # -----------------------------------------------------------------------------
 # Checking the function: build models that alias the state tensors (no second copy)
 
-def model_from_state(kind, config, state):
-    """A GPT or HybridGPT whose parameters ARE the state's tensors (assign=True), bf16 cast to fp32, eval."""
+def model_from_state(kind, config, state, cast_cache=None):
+    """A GPT or HybridGPT whose parameters ARE the state's tensors (assign=True), eval mode.
+    bf16/fp16 tensors (nanochat's wte) are cast to fp32 copies; pass the same dict as cast_cache to two
+    calls whose states share tensors (create) so each is cast once."""
     cls = {"gpt": GPT, "hybrid": HybridGPT}[kind]
     with torch.device("meta"):
         model = cls(config)
-    st = {k: v.float() if v.dtype in (torch.bfloat16, torch.float16) else v for k, v in state.items()}
+    cache = {} if cast_cache is None else cast_cache
+    st = {}
+    for k, v in state.items():
+        if v.dtype in (torch.bfloat16, torch.float16):
+            if id(v) not in cache:
+                cache[id(v)] = (v, v.float())  # keep v alive so its id is not reused
+            v = cache[id(v)][1]
+        st[k] = v
     load_state_dict_strict(model, st, assign=True)
     model.init_buffers()
     left = [n for n, t in itertools.chain(model.named_parameters(), model.named_buffers()) if t.is_meta]

@@ -17,6 +17,21 @@ new tensors). The probe builds both models with load_state_dict(assign=True) on 
 surgery itself fits, and it is exact (no blockwise approximation to document).
 The probe: random token ids (fixed seed), fp32, full width; max |dlogit| > --dlogit-tol exits non-zero
 and writes nothing.
+
+The result is a checkpoint directory (model_<step>.pt at the source's step, meta_<step>.json with
+model_kind "hybrid", the tokenizer files beside them). meta["surgery"]:
+    op                   "create" | "grow" | "create+grow"
+    source               {path, hub, step, model_kind, n_embd}; args: every CLI argument
+    new_param_prefixes   parameter-name prefixes surgery created in the function path (new Mamba blocks,
+                         their FFNs, upcycled routers): what phase 1 trains. [] for a pure grow.
+    controller_prefixes  ["controllers."] when the model has fresh adaptive controllers
+    blocks_added, attention_blocks (source block i -> hybrid block)
+    grow                 {from, to, head_growth, head_dim, n_head, n_kv_head, residual_scale, lora_rank,
+                         lora_std, seed, controllers_reinitialised, old_index}: old_index[param] is one list
+                         of [new_start, length] runs per dim; nanochat.surgery.new_entry_mask turns it into
+                         the bool mask of new entries (per-channel learning rates)
+    params_before / params_after (state_dict entries by kind), max_abs_dlogit, probe
+    previous             the source's own meta["surgery"] (a chain through every earlier surgery)
 """
 import argparse
 import os
@@ -228,10 +243,11 @@ def main(argv=None):
     for k in before:
         print0(f"{k:<12}{before[k]:>16,}{after[k]:>16,}")
     idx = surgery.probe_tokens(src_config.vocab_size, args.probe_tokens, args.probe_seed)
-    src_model = surgery.model_from_state(kind, src_config, src_state)
-    dst_model = surgery.model_from_state("hybrid", config, state)
+    cast_cache = {}  # create shares wte between source and result: one fp32 copy
+    src_model = surgery.model_from_state(kind, src_config, src_state, cast_cache)
+    dst_model = surgery.model_from_state("hybrid", config, state, cast_cache)
     dlogit = surgery.max_abs_logit_diff(src_model, dst_model, idx)
-    del src_model, dst_model
+    del src_model, dst_model, cast_cache
     print0(f"max |dlogit| on a {tuple(idx.shape)} probe (fp32): {dlogit:.3e} (tolerance {args.dlogit_tol:.0e})")
     if not dlogit <= args.dlogit_tol:
         raise SystemExit(f"surgery changed the logits by {dlogit:.3e} > {args.dlogit_tol:.0e}; nothing was written")

@@ -273,6 +273,16 @@ def test_new_entry_mask_matches_the_grown_tensors(src):
 
 
 def test_upcycle_moe(src, tmp_path):
+    # what upcycling rests on, measured: MoE.from_dense with the straight-through gate and no dropping
+    # computes the dense MLP; the plain Switch gate computes p * MLP(x), a different function
+    from nanochat.moe import MoE
+    g = torch.Generator().manual_seed(0)
+    c_fc, c_proj = torch.randn(256, 64, generator=g) * 0.1, torch.randn(64, 256, generator=g) * 0.1
+    x = torch.randn(2, 16, 64, generator=g)
+    dense = torch.relu(x @ c_fc.T).square() @ c_proj.T
+    with torch.no_grad():
+        assert (MoE.from_dense(c_fc, c_proj, 4)(x) - dense).abs().max() <= 1e-5
+        assert (MoE.from_dense(c_fc, c_proj, 4, straight_gate=False)(x) - dense).abs().max() > 1e-2
     args = ["--new-dim=64", "--src", src, "--dst", str(tmp_path / "out"), "--upcycle-moe", "--num-experts=4"]
     if "moe_straight_gate" not in HybridConfig.__dataclass_fields__:
         with pytest.raises(ValueError, match="moe_straight_gate"):
