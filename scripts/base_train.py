@@ -13,8 +13,8 @@ Checkpoints go to --out-dir (default <base_dir>/base_checkpoints/d<depth>) with 
 copied beside them; --resume continues from the latest one exactly where it stopped.
 
 FLOP convention for MFU (gpt.forward_flops_per_token): 2 FLOPs per multiply-accumulate of every
-matmul, attention over the mean causal context (T/2), training = 3x forward; peak bf16 dense
-FLOP/s per GPU from PEAK_FLOPS below (H100/H200 989e12); n/a on CPU and unknown GPUs.
+matmul, attention over the mean causal context (T/2), training = 3x forward; peak dense bf16
+FLOP/s per GPU from train_utils.peak_flops (H100/H200 989e12); n/a on CPU and unknown GPUs.
 """
 import os
 os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
@@ -37,18 +37,8 @@ from nanochat.dataloader import tokenizing_distributed_data_loader
 from nanochat.loss_eval import evaluate_bpb
 from nanochat.optim import (setup_optimizers, lr_multiplier, set_lr_multiplier, muon_momentum, set_muon_momentum,
                             optimizer_state_dicts, load_optimizer_state_dicts)
+from nanochat.train_utils import peak_flops
 from nanochat import checkpoint_manager as cm
-
-# dense bf16 peak FLOP/s per GPU, without sparsity, matched against torch.cuda.get_device_name
-PEAK_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12}
-
-
-def peak_flops(device):
-    if device.type != "cuda":
-        return None
-    name = torch.cuda.get_device_name(device)
-    return next((flops for key, flops in PEAK_FLOPS.items() if key in name), None)
-
 
 def get_args(argv=None):
     parser = argparse.ArgumentParser(description="Pretrain the dense nanochat GPT")
