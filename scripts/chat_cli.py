@@ -10,8 +10,7 @@ Type 'quit' or 'exit' to leave, 'clear' to start over.
 """
 import argparse
 
-import torch
-
+from nanochat.common import autocast_context
 from nanochat.engine import compute_report
 from scripts.generate import add_generation_args, load_model_and_tokenizer, check_mode
 
@@ -51,10 +50,11 @@ def main(argv=None, input_fn=input):
         if not user_input:
             continue
         conversation += [user_start] + tokenizer.encode(user_input) + [user_end, assistant_start]
-        res = engine.generate_batch([conversation], args.max_tokens, plan=args.mode,
-                                    exit_threshold=args.exit_threshold, expand_threshold=args.expand_threshold,
-                                    temperature=args.temperature, top_k=args.top_k, seed=args.seed,
-                                    plan_epsilon=args.plan_epsilon, stop_tokens=(assistant_end, bos))
+        with autocast_context(model.get_device().type):
+            res = engine.generate_batch([conversation], args.max_tokens, plan=args.mode,
+                                        exit_threshold=args.exit_threshold, expand_threshold=args.expand_threshold,
+                                        temperature=args.temperature, top_k=args.top_k, seed=args.seed,
+                                        plan_epsilon=args.plan_epsilon, stop_tokens=(assistant_end, bos))
         reply = res.tokens[0]
         print(f"\nAssistant: {tokenizer.decode(reply)}")
         if args.show_compute:
@@ -68,5 +68,4 @@ def main(argv=None, input_fn=input):
 
 
 if __name__ == "__main__":
-    with torch.inference_mode():
-        main()
+    main()

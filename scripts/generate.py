@@ -13,9 +13,7 @@ The tokenizer comes from --tokenizer-dir, else the checkpoint directory's tokeni
 import os
 import argparse
 
-import torch
-
-from nanochat.common import autodetect_device_type
+from nanochat.common import autodetect_device_type, autocast_context
 from nanochat.checkpoint_manager import load_model
 from nanochat.engine import Engine, MODES, compute_report
 from nanochat.tokenizer import Tokenizer, TOKENIZER_FILENAME
@@ -77,10 +75,11 @@ def main(argv=None):
     engine = check_mode(model, args)
     print(f"{meta.get('model_kind', 'gpt')} model from {meta['checkpoint_dir']} step {meta['checkpoint_step']} | mode {args.mode}")
     prompt = tokenizer.encode(args.prompt, prepend="<|bos|>")
-    res = engine.generate_batch([prompt] * args.num_samples, args.max_tokens, plan=args.mode,
-                                exit_threshold=args.exit_threshold, expand_threshold=args.expand_threshold,
-                                temperature=args.temperature, top_k=args.top_k, seed=args.seed,
-                                plan_epsilon=args.plan_epsilon, stop_tokens=(tokenizer.get_bos_token_id(),))
+    with autocast_context(model.get_device().type):  # bf16 on CUDA, as nanochat; fp32 elsewhere
+        res = engine.generate_batch([prompt] * args.num_samples, args.max_tokens, plan=args.mode,
+                                    exit_threshold=args.exit_threshold, expand_threshold=args.expand_threshold,
+                                    temperature=args.temperature, top_k=args.top_k, seed=args.seed,
+                                    plan_epsilon=args.plan_epsilon, stop_tokens=(tokenizer.get_bos_token_id(),))
     for b, toks in enumerate(res.tokens):
         print(("" if args.num_samples == 1 else f"--- sample {b}\n") + args.prompt + tokenizer.decode(toks))
         if args.show_compute:
@@ -92,5 +91,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    with torch.inference_mode():
-        main()
+    main()
