@@ -162,12 +162,13 @@ def resolve_checkpoint(path, step=None):
     return path, step
 
 
-def load_torch_file(path, device="cpu"):
+def load_torch_file(path, device="cpu", mmap=False):
+    """torch.load with weights_only; mmap=True maps the file so pages are read on use (big checkpoints).
+    A cut-off zip archive surfaces as RuntimeError, EOFError or (seen with torch 2.13) OSError."""
     if not os.path.exists(path):
         raise CheckpointError(f"missing checkpoint file {path}")
     try:
-        return torch.load(path, map_location=device, weights_only=True)
-    # a cut-off zip archive surfaces as RuntimeError, EOFError or (seen with torch 2.13) OSError "Invalid argument"
+        return torch.load(path, map_location=device, weights_only=True, mmap=mmap)
     except (RuntimeError, EOFError, OSError, pickle.UnpicklingError, zipfile.BadZipFile, ValueError) as e:
         raise CheckpointError(f"cannot read {path}: the file is truncated or corrupt ({type(e).__name__}: {e})") from e
 

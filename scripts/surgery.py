@@ -46,7 +46,7 @@ import torch
 
 from nanochat.common import get_base_dir, expand_path, print0
 from nanochat.checkpoint_manager import (CheckpointError, resolve_checkpoint, load_meta, model_kind_of, get_model_kind,
-                                         model_path, clean_state_dict, save_checkpoint, list_steps)
+                                         model_path, clean_state_dict, save_checkpoint, list_steps, load_torch_file)
 from nanochat.hybrid_gpt import HybridConfig
 from nanochat import surgery
 
@@ -122,13 +122,7 @@ def load_source(path, step=None):
     get_model_kind(kind)  # unknown kinds stop here with the list of known ones
     if kind not in ("gpt", "hybrid"):
         raise CheckpointError(f"surgery takes a nanochat GPT (create) or a hybrid (grow) checkpoint; {ckpt_dir} holds {kind!r}")
-    p = model_path(ckpt_dir, step)
-    if not os.path.exists(p):
-        raise CheckpointError(f"missing checkpoint file {p}")
-    try:
-        state = torch.load(p, map_location="cpu", weights_only=True, mmap=True)
-    except (RuntimeError, EOFError, OSError, ValueError) as e:
-        raise CheckpointError(f"cannot read {p}: the file is truncated or corrupt ({type(e).__name__}: {e})") from e
+    state = load_torch_file(model_path(ckpt_dir, step), "cpu", mmap=True)
     return clean_state_dict(state), meta, ckpt_dir, step
 
 
