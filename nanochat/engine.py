@@ -217,7 +217,7 @@ class Engine:
                 k = k.repeat_interleave(group, dim=1)[:, :h]
                 v = v.repeat_interleave(group, dim=1)[:, :h]
             o = attention(q, k.to(q.dtype), v.to(q.dtype), scale=attn.scale).transpose(1, 2).reshape(R, T, h * hd)
-            y[rows, :, :w] = F.linear(o, attn.c_proj.weight[:w, :h * hd])
+            y[rows, :, :w] = F.linear(o, attn.c_proj.weight[:w, :h * hd]).to(y.dtype)  # bf16 under autocast
             cost = self.costs(j, w)
             flops[rows] += T * cost["qo"] + ctx_sum * cost["score"]
         return y
@@ -229,7 +229,7 @@ class Engine:
         for w in w_rows[active].unique().tolist():
             rows = (active & (w_rows == w)).nonzero()[:, 0]
             xw = xn[rows, :, :w]
-            y[rows, :, :w] = block.mlp(xw, w) if block.ffn_kind == "D" else block.moe(xw, width=w)
+            y[rows, :, :w] = (block.mlp(xw, w) if block.ffn_kind == "D" else block.moe(xw, width=w)).to(y.dtype)
             flops[rows] += T * self.costs(j, w)["ffn"]
         return y
 

@@ -255,3 +255,11 @@ def test_chat_cli_interactive(hybrid_checkpoint, capsys):
                              "--device", "cpu", "--show-compute"], input_fn=lambda _: next(lines))
     assert len(replies) == 2
     assert "Conversation cleared." in capsys.readouterr().out
+
+
+def test_runs_under_bf16_autocast():
+    # what the scripts do on CUDA; on CPU autocast exercises the same mixed-dtype cache writes
+    model = build(layer_pattern="AM" if HAS_MAMBA else "A")
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        res = Engine(model).generate_batch([[1, 2, 3]] * 2, 5, plan="auto", exit_threshold=0.8, expand_threshold=0.25)
+    assert all(len(t) == 5 for t in res.tokens)
