@@ -62,6 +62,8 @@ class HybridConfig:
     moe_top_k: int = 1
     capacity_factor: float = 1.25
     min_capacity: int = 4
+    moe_drop_tokens: bool = True     # False: dropless (no capacity limit)
+    moe_straight_gate: bool = False  # gate value 1/top_k in the forward (upcycled experts = the dense MLP)
     # Matryoshka and exits
     width_levels: list = field(default_factory=list)  # empty -> matryoshka.default_width_levels
     exit_stride: int = 1         # a readout after every exit_stride-th block (and always the last)
@@ -261,7 +263,8 @@ def make_mamba(config, layer_idx):
 def make_moe(config):
     from nanochat.moe import MoE
     return MoE(config.n_embd, config.num_experts, config.expert_dim, top_k=config.moe_top_k,
-               capacity_factor=config.capacity_factor, min_capacity=config.min_capacity)
+               capacity_factor=config.capacity_factor, min_capacity=config.min_capacity,
+               drop_tokens=config.moe_drop_tokens, straight_gate=config.moe_straight_gate)
 
 
 class HybridBlock(nn.Module):
@@ -335,7 +338,7 @@ class HybridOutput:
     exit_hidden: list = None             # residual (B, T, D) after each exit block
     exit_losses: torch.Tensor = None     # (n_exits, B, T) per-token loss of each readout (if targets)
     exit_agree: torch.Tensor = None      # (n_exits, B, T) readout top-1 == final top-1
-    aux_loss: torch.Tensor = None        # sum of MoE balancing + z losses (0 without MoE)
+    aux_loss: torch.Tensor = None        # sum of the MoE blocks' router losses (0 without MoE)
     plan: list = None                    # the static width plan this forward ran (None: per-token widths)
 
 
@@ -494,7 +497,8 @@ class HybridGPT(nn.Module):
         return x
 
     def moe_aux_loss(self):
-        terms = [b.moe.aux_loss + b.moe.z_loss for b in self.transformer.h
+        """Sum over MoE blocks of their router loss (balancing + z-loss, with the MoE's coefficients)."""
+        terms = [b.moe.router_loss for b in self.transformer.h
                  if b.ffn_kind == "E" and getattr(b.moe, "aux_loss", None) is not None]
         return torch.stack(terms).sum() if terms else torch.zeros((), device=self.get_device())
 

@@ -52,7 +52,7 @@ import torch
 from nanochat.gpt import GPT, GPTConfig, linear_init_std, check_nanochat_state_dict
 from nanochat.hybrid_gpt import HybridGPT, HybridConfig, make_mamba, make_moe
 from nanochat.moe import MoE
-from nanochat.checkpoint_manager import CheckpointError, load_state_dict_strict, check_state_dict
+from nanochat.checkpoint_manager import load_state_dict_strict, check_state_dict
 
 MAMBA_FFN_LETTER = {"dense": "D", "none": "N", "moe": "E"}
 
@@ -134,11 +134,7 @@ def create_hybrid(src_state, src_config, layer_pattern="AM", mamba_ffn="dense", 
     N = hybrid_n_layer(L, layer_pattern)
     ffn_pattern = "".join(("E" if upcycle_moe else "D") if c == "A" else MAMBA_FFN_LETTER[mamba_ffn] for c in layer_pattern)
     if upcycle_moe:
-        missing = [f for f in ("moe_straight_gate", "moe_drop_tokens") if f not in HybridConfig.__dataclass_fields__]
-        if missing:
-            raise ValueError(f"--upcycle-moe needs HybridConfig fields {missing} (passed to MoE as straight_gate/"
-                             "drop_tokens in hybrid_gpt.make_moe); without them a loaded MoE uses the plain Switch gate, "
-                             "output p * MLP(x), and the logits change")
+        # the plain Switch gate would output p * MLP(x): only a straight gate without drops is the dense MLP
         hybrid_kwargs.update(moe_straight_gate=True, moe_drop_tokens=False)
     config = HybridConfig(sequence_len=src_config.sequence_len, vocab_size=src_config.vocab_size, n_layer=N,
                           n_head=src_config.n_head, n_kv_head=src_config.n_kv_head, n_embd=D,

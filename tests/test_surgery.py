@@ -11,7 +11,6 @@ import pytest
 import torch
 
 from nanochat.gpt import GPT, GPTConfig
-from nanochat.hybrid_gpt import HybridConfig
 from nanochat.checkpoint_manager import load_model, save_checkpoint, CheckpointError
 from nanochat import surgery
 from scripts import surgery as surgery_cli
@@ -283,13 +282,10 @@ def test_upcycle_moe(src, tmp_path):
     with torch.no_grad():
         assert (MoE.from_dense(c_fc, c_proj, 4)(x) - dense).abs().max() <= 1e-5
         assert (MoE.from_dense(c_fc, c_proj, 4, straight_gate=False)(x) - dense).abs().max() > 1e-2
-    args = ["--new-dim=64", "--src", src, "--dst", str(tmp_path / "out"), "--upcycle-moe", "--num-experts=4"]
-    if "moe_straight_gate" not in HybridConfig.__dataclass_fields__:
-        with pytest.raises(ValueError, match="moe_straight_gate"):
-            run(args)
-        return
-    out = run(args)
+    out = run(["--new-dim=64", "--src", src, "--dst", str(tmp_path / "out"), "--upcycle-moe", "--num-experts=4"])
     assert out["max_abs_dlogit"] <= TOL
+    model, meta = load_model(tmp_path / "out")
+    assert model.config.moe_straight_gate and not model.config.moe_drop_tokens
 
 
 # -----------------------------------------------------------------------------
