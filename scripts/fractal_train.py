@@ -147,12 +147,6 @@ def phase1_trainable(name, new_prefixes):
     return ".mamba." in name or any(name.startswith(prefix) for prefix in new_prefixes)
 
 
-def moe_router_loss(model):
-    """Sum over MoE blocks of their weighted balancing + z losses from the last forward (0 without MoE)."""
-    terms = [b.moe.router_loss for b in model.transformer.h if b.ffn_kind == "E"]
-    return torch.stack(terms).sum() if terms else None
-
-
 def grown_masks(model, meta):
     """
     {parameter name: bool mask, True on the entries the last growth added}, from where surgery.grow
@@ -431,7 +425,7 @@ def main(argv=None):
     # -------------------------------------------------------------------------
     # Training loop: at the top of step s the model has had s updates
     history = {"steps": [], "loss": [], "plan_losses": [], "plan_labels": [], "gate_loss": [], "predictor_loss": [],
-               "val": {}}
+               "router_loss": [], "val": {}}
     step_times, val = [], None
     step = start_step
     while True:
@@ -475,11 +469,11 @@ def main(argv=None):
                     else:
                         ce = train_model(x, y, width=plan)
                         objective = ce
-                    router = moe_router_loss(model)
-                    if router is not None:
+                    if has_moe:  # read now: the controllers' probe forwards overwrite each MoE's losses
+                        router = model.moe_aux_loss()  # balancing + z losses with the MoE's coefficients
                         objective = objective + router
                         sums[-3] += router.detach().float() / len(plans)
-                    if full and controllers is not None:  # after the router losses: its probes overwrite them
+                    if full and controllers is not None:
                         cl = controller_losses(model, x, y, out, rng=probe_rng)
                         objective = objective + cl["loss"]
                         sums[-2] += cl["gate_loss"].detach().float()
@@ -535,6 +529,7 @@ def main(argv=None):
         history["plan_labels"].append([plan_label(plan) for plan in plans])
         history["gate_loss"].append(sums[-2])
         history["predictor_loss"].append(sums[-1])
+        history["router_loss"].append(sums[-3])
         log = {"step": step, "train/loss": loss, "train/lrm": lrm, "train/dt": dt, "train/tok_per_sec": tok_per_sec,
                **{f"train/loss_{plan_label(plan)}": l for plan, l in zip(plans[1:], sums[1:len(plans)])}}
         if controllers is not None:

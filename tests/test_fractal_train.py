@@ -250,3 +250,13 @@ def test_activation_checkpointing_changes_nothing_but_memory(pipeline, tiny_data
     plain = fractal_train.main(run_args(tiny_data, 2, root / "p1", tmp_path / "plain", 2, *args))
     ac = fractal_train.main(run_args(tiny_data, 2, root / "p1", tmp_path / "ac", 2, *args, "--activation-checkpointing"))
     assert ac["loss"] == plain["loss"] and ac["plan_losses"] == plain["plan_losses"]
+
+
+def test_moe_and_mamba2_hybrid_trains_with_router_losses(pipeline, tiny_data, tmp_path):
+    root = pipeline["root"]
+    surgery_cli.main([f"--src={root / 'gpt'}", f"--dst={tmp_path / 'moe'}", "--new-dim=64", "--width-levels=32,64",
+                      "--adaptive", "--d-state=8", "--mamba=2", "--mamba-headdim=16", "--mamba-ffn=moe", "--num-experts=4"])
+    result = fractal_train.main(run_args(tiny_data, 2, tmp_path / "moe", tmp_path / "out", 2, "--eval-every=2"))
+    assert all(r > 0 for r in result["router_loss"]) and all(torch.isfinite(torch.tensor(result["loss"])))
+    model, meta = load_model(tmp_path / "out")
+    assert meta["model_config"]["ffn_pattern"] == "DE" and any(".moe.router." in k for k in model.state_dict())
