@@ -117,12 +117,12 @@ class Muon(torch.optim.Optimizer):
 
 
 def setup_optimizers(model, matrix_lr=0.02, embedding_lr=0.2, unembedding_lr=0.004, scalar_lr=0.004,
-                     weight_decay=0.0, adam_betas=(0.8, 0.95), lr_overrides=None):
+                     weight_decay=0.0, adam_betas=(0.8, 0.95)):
     """
     [AdamW, Muon] over the model's trainable parameters with explicit groups. AdamW learning rates
-    are scaled by (n_embd/768)^-0.5 like nanochat. `lr_overrides` maps a predicate name->bool to a
-    multiplier for extra groups (e.g. new channels after growth); see fractal_train.
-    Each param group records `initial_lr` so schedules multiply it.
+    are scaled by (n_embd/768)^-0.5 like nanochat. Each param group records `initial_lr` so schedules
+    multiply it. (Per-entry learning rates for channels added by growth are applied by fractal_train
+    to the update, since Adam and Muon normalise away any gradient scaling.)
     """
     groups = classify_params(model)
     dim = getattr(model.config, "n_embd", 768)
