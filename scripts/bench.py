@@ -1,0 +1,692 @@
+"""
+Benchmarks on one device, each printing a table with its targets (pass/fail) and, as its LAST line,
+one JSON object with the environment (device, torch, date, kernel versions) and every number.
+
+    python -m scripts.bench mamba   # Mamba/Mamba2 fwd+bwd: mamba-ssm itself, our kernel path, our PyTorch path eager and compiled; step()
+    python -m scripts.bench moe     # MoE fwd+bwd: torch._grouped_mm vs bmm vs the per-expert loop vs a dense FFN of equal active FLOPs
+    python -m scripts.bench train   # training tokens/s and MFU: dense GPT vs hybrids, phase-1 and phase-2 settings
+    python -m scripts.bench decode  # prefill/decode tokens/s and KV + SSM cache memory: dense GPT vs hybrid modes
+
+Timing: CUDA events around each timed iteration after warmup, median over iterations (perf_counter on
+CPU); the first call's wall time (compilation, autotuning) is reported apart. Weights are fresh inits:
+the work done does not depend on their values, except where routing or gating decides it (MoE
+loads, decode mode 'auto'), which the tables say. --profile adds the top kernels (torch.profiler,
+self device time) of the rows the targets compare, so a missed target comes with its cause.
+
+FLOP convention (MFU), as scripts.fractal_train: FLOPs/token = model.estimate_flops(plan) = 3 x forward
+(2 per multiply-accumulate of every weight matmul, attention at the mean causal context T/2, Mamba conv
+and scan, MoE router + top-k experts), summed over the plans a step runs; MFU = that x tokens/s / peak,
+peak = dense bf16 of H100 SXM and H200 (same chip): 989.4e12. The 'exec' MFU column adds what the
+convention leaves out or removes what does not run (exit readouts; frozen weights' gradients in phase 1).
+"""
+import os
+os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
+import gc
+import sys
+import json
+import math
+import time
+import argparse
+import statistics
+import subprocess
+from datetime import datetime, timezone
+from importlib import metadata
+
+import torch
+import torch.nn.functional as F
+
+from nanochat.common import autodetect_device_type, autocast_context
+
+PEAK_BF16 = {"H100": 989.4e12, "H200": 989.4e12}  # dense bf16 tensor-core FLOP/s (H200 is the H100 chip with HBM3e)
+
+
+# -----------------------------------------------------------------------------
+# shared helpers
+
+def environment(device):
+    env = {"date": datetime.now(timezone.utc).isoformat(timespec="seconds"), "torch": torch.__version__,
+           "device": torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu ({os.cpu_count()} cores)",
+           "cuda": torch.version.cuda if device.type == "cuda" else None, "python": sys.version.split()[0]}
+    for pkg in ("mamba_ssm", "causal_conv1d", "triton"):
+        try:
+            env[pkg] = metadata.version(pkg)
+        except metadata.PackageNotFoundError:
+            env[pkg] = "not installed"
+    try:
+        r = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=os.path.dirname(__file__))
+        env["git"] = r.stdout.strip() if r.returncode == 0 else "not a git checkout"
+    except FileNotFoundError:
+        env["git"] = "git not installed"
+    return env
+
+
+def peak_flops(device):
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    return next((v for k, v in PEAK_BF16.items() if k in name), None)
+
+
+def sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def free_memory(device):
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(device)
+
+
+def median_ms(fn, iters, device):
+    times = []
+    for _ in range(iters):
+        if device.type == "cuda":
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            fn()
+            end.record()
+            end.synchronize()
+            times.append(start.elapsed_time(end))
+        else:
+            t0 = time.perf_counter()
+            fn()
+            times.append((time.perf_counter() - t0) * 1e3)
+    return statistics.median(times)
+
+
+def error_text(e):
+    first = (str(e).strip().splitlines() or [""])[0]
+    return f"{type(e).__name__}: {first[:200]}"
+
+
+def measure(fn, device, warmup, iters):
+    """{"ms": median, "first_s": wall time of the first call, "peak_gib"} or {"error": why}.
+    Errors (out of memory, a kernel or compiler refusing) are reported in the table, never hidden."""
+    free_memory(device)
+    try:
+        t0 = time.perf_counter()
+        fn()
+        sync(device)
+        first_s = time.perf_counter() - t0
+        for _ in range(max(0, warmup - 1)):
+            fn()
+        ms = median_ms(fn, iters, device)
+    except (RuntimeError, ValueError, NotImplementedError) as e:  # torch.OutOfMemoryError is a RuntimeError
+        msg = error_text(e)
+        del e
+        free_memory(device)
+        return {"error": msg}
+    peak = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
+    return {"ms": ms, "first_s": first_s, "peak_gib": peak}
+
+
+def top_kernels(fn, device, n=8, steps=2):
+    """The n ops/kernels with the most self time (device time on CUDA) over `steps` calls of fn."""
+    from torch.profiler import profile, ProfilerActivity
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    with profile(activities=acts) as prof:
+        for _ in range(steps):
+            fn()
+        sync(device)
+    key = "self_device_time_total" if device.type == "cuda" else "self_cpu_time_total"
+    events = sorted(prof.key_averages(), key=lambda e: getattr(e, key), reverse=True)
+    total = sum(getattr(e, key) for e in events) or 1.0
+    return [{"name": e.key[:100], "ms_per_call": getattr(e, key) / 1e3 / steps, "pct": 100 * getattr(e, key) / total,
+             "count_per_call": e.count / steps} for e in events[:n] if getattr(e, key) > 0]
+
+
+def print_profile(title, rows):
+    print(f"  profile: {title} (top ops/kernels by self time)")
+    for r in rows:
+        print(f"    {r['pct']:5.1f}%  {r['ms_per_call']:9.3f} ms  x{r['count_per_call']:<6g} {r['name']}")
+
+
+def fmt(v, spec):
+    if v is None:
+        return "-"
+    if isinstance(v, str):
+        return v
+    return format(v, spec)
+
+
+def print_table(title, rows, cols):
+    """cols: (key, header, format spec). A row with 'error' shows it after its first columns."""
+    print(f"\n== {title}")
+    lines = [[h for _, h, _ in cols]] + [[fmt(r.get(k), f) for k, _, f in cols] for r in rows if "error" not in r]
+    widths = [max(len(line[i]) for line in lines) for i in range(len(cols))]
+    print("  " + "  ".join(h.ljust(w) if i == 0 else h.rjust(w) for i, (h, w) in enumerate(zip(lines[0], widths))))
+    for r in rows:
+        cells = [fmt(r.get(k), f) for k, _, f in cols]
+        if "error" in r:  # the identifying columns (all but the numbers), then the reason
+            ident = [c for (k, _, f), c in zip(cols, cells) if f == "" and c != "-"]
+            print("  " + "  ".join(ident) + "  " + r["error"])
+        else:
+            print("  " + "  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(cells, widths))))
+
+
+def target(name, value, limit, op, note=""):
+    """A target row: value op limit, pass None when the value could not be measured."""
+    ok = None if value is None else (value <= limit if op == "<=" else value >= limit)
+    return {"target": name, "value": value, "limit": f"{op} {limit:g}", "pass": ok, "note": note}
+
+
+def print_targets(targets):
+    print("\n== targets")
+    for t in targets:
+        verdict = "n/a (not measured)" if t["pass"] is None else ("PASS" if t["pass"] else "FAIL")
+        value = "-" if t["value"] is None else f"{t['value']:.3f}"
+        print(f"  {verdict:<5} {t['target']:<58} {value:>9} (target {t['limit']}) {t['note']}")
+
+
+def finish(kind, args, device, result):
+    result.update(bench=kind, env=environment(device), args=vars(args))
+    if "targets" in result:
+        print_targets(result["targets"])
+    print(json.dumps(result, default=str))
+    return result
+
+
+def ratio(a, b):
+    """a / b of two measurements' ms, None if either failed."""
+    return a["ms"] / b["ms"] if "ms" in a and "ms" in b else None
+
+
+def model_dims(depth):
+    """nanochat's depth dial: width 64*depth, heads of 128."""
+    D = 64 * depth
+    return D, max(1, (D + 127) // 128)
+
+
+# -----------------------------------------------------------------------------
+# mamba: our mixers (kernel path, PyTorch path eager and compiled) against mamba-ssm's own modules
+
+def mamba_ssm_classes():
+    """mamba-ssm's own (Mamba, Mamba2) modules, or None and why they cannot be imported."""
+    try:
+        from mamba_ssm.modules.mamba_simple import Mamba
+        from mamba_ssm.modules.mamba2 import Mamba2
+    except ImportError as e:
+        return None, error_text(e)
+    return (Mamba, Mamba2), None
+
+
+def cmd_mamba(args, device):
+    import copy
+    from nanochat import mamba_block as mb
+    ms_classes, ms_why = mamba_ssm_classes()
+    kernel_why = mb.KERNEL_IMPORT_ERROR or (None if device.type == "cuda" else "needs CUDA")
+    actx = autocast_context(device.type)
+    rows, steps, targets, profiles = [], [], [], {}
+    lengths = [int(s) for s in args.seqlens.split(",")]
+    for v in [int(s) for s in args.versions.split(",")]:
+        mixer = "Mamba" if v == 1 else "Mamba2"
+        torch.manual_seed(0)
+        ours = (mb.Mamba if v == 1 else mb.Mamba2)(args.d_model, layer_idx=0, device=device)
+        impls = {}  # name -> module, or the reason it cannot run here
+        if ms_classes is None or kernel_why:
+            impls["mamba-ssm"] = f"unavailable: {ms_why or kernel_why}"
+        else:
+            ref = ms_classes[v - 1](args.d_model, layer_idx=0, device=device)
+            ref.load_state_dict(ours.state_dict())  # strict: the same parameters, so the same function
+            impls["mamba-ssm"] = ref
+        kern, tor = copy.deepcopy(ours), copy.deepcopy(ours)
+        kern.path, tor.path = "kernel", "torch"
+        impls["ours kernel"] = f"unavailable: {kernel_why}" if kernel_why else kern
+        impls["ours torch eager"] = tor
+        impls["ours torch compiled"] = torch.compile(tor, dynamic=False, backend=args.compile_backend)
+        for L in lengths:
+            B = args.batch if L == lengths[0] else max(1, args.batch * lengths[0] // L)
+            x = torch.randn(B, L, args.d_model, device=device, requires_grad=True)
+            g = torch.randn(B, L, args.d_model, device=device)
+            res = {}
+            for name, m in impls.items():
+                row = res[name] = {"mixer": mixer, "impl": name, "batch": B, "seqlen": L}
+                rows.append(row)
+                if isinstance(m, str):
+                    row["error"] = m
+                    continue
+
+                def fwd_bwd(m=m):
+                    with actx:
+                        y = m(x)
+                    y.backward(g.to(y.dtype))
+                row.update(measure(fwd_bwd, device, args.warmup, args.iters))
+                m.zero_grad(set_to_none=True)
+                x.grad = None
+                if "ms" in row:
+                    row["tok_per_s"] = B * L / row["ms"] * 1e3
+                    if args.profile and L == lengths[0] and name != "ours torch eager":
+                        profiles[f"{mixer} {name} fwd+bwd B={B} L={L}"] = top_kernels(fwd_bwd, device)
+            targets.append(target(f"{mixer} L={L}: ours kernel / mamba-ssm time", ratio(res["ours kernel"], res["mamba-ssm"]), 1.05, "<="))
+            targets.append(target(f"{mixer} L={L}: torch compiled / ours kernel time",
+                                  ratio(res["ours torch compiled"], res["ours kernel"]), 5.0 if v == 1 else 3.0, "<="))
+        # decode: one step() at each batch, bf16 weights and states (fp32 on CPU)
+        dt = torch.bfloat16 if device.type == "cuda" else torch.float32
+        for Bd in [int(s) for s in args.decode_batches.split(",")]:
+            for name in ("mamba-ssm", "ours kernel", "ours torch eager"):
+                row = {"mixer": mixer, "impl": name.replace(" eager", ""), "batch": Bd}
+                steps.append(row)
+                if isinstance(impls[name], str):
+                    row["error"] = impls[name]
+                    continue
+                m = copy.deepcopy(impls[name]).to(dt)
+                conv, ssm = m.allocate_inference_cache(Bd, 1)
+                h = torch.randn(Bd, 1, args.d_model, device=device, dtype=dt)
+
+                @torch.inference_mode()
+                def one_step(m=m, h=h, conv=conv, ssm=ssm):
+                    m.step(h, conv, ssm)
+                row.update(measure(one_step, device, 10, args.decode_iters))
+                if "ms" in row:
+                    row["us"] = row["ms"] * 1e3
+    print_table("Mamba fwd+bwd, " + ("bf16 autocast, fp32 weights" if device.type == "cuda" else "fp32"), rows,
+                [("mixer", "mixer", ""), ("impl", "impl", ""), ("batch", "B", "d"), ("seqlen", "L", "d"), ("ms", "ms", ".2f"),
+                 ("tok_per_s", "tokens/s", ",.0f"), ("peak_gib", "peak GiB", ".2f"), ("first_s", "first call s", ".1f")])
+    print_table("Mamba decode step latency, " + ("bf16 weights and states" if device.type == "cuda" else "fp32"), steps,
+                [("mixer", "mixer", ""), ("impl", "impl", ""), ("batch", "B", "d"), ("us", "us/step", ".1f")])
+    for k, p in profiles.items():
+        print_profile(k, p)
+    return finish("mamba", args, device, {"rows": rows, "decode": steps, "targets": targets, "profiles": profiles})
+
+
+# -----------------------------------------------------------------------------
+# moe: grouped_mm vs bmm vs per-expert loop vs dense FFN of equal active FLOPs
+
+def cmd_moe(args, device):
+    from nanochat.moe import MoE, moe_reference
+    dt = torch.bfloat16 if device.type == "cuda" else torch.float32
+    torch.manual_seed(0)
+    D, H, E, k = args.d_model, args.expert_dim, args.experts, args.top_k
+    moe = MoE(D, E, H, top_k=k, capacity_factor=args.capacity_factor, device=device, dtype=dt)
+    with torch.no_grad():
+        moe.w_out.normal_(0.0, H ** -0.5)  # init is 0 (a fresh block adds nothing); any values cost the same
+    w1 = (torch.randn(k * H, D, device=device, dtype=dt) * D ** -0.5).requires_grad_()  # dense: top_k * expert_dim units
+    w2 = (torch.randn(D, k * H, device=device, dtype=dt) * H ** -0.5).requires_grad_()
+    T = min(args.tokens, 1024)
+    x = torch.randn(args.tokens // T, T, D, device=device, dtype=dt, requires_grad=True)
+    g = torch.randn_like(x)
+
+    def run(kind):
+        if kind == "dense":
+            return F.linear(F.relu(F.linear(x, w1)).square(), w2)
+        if kind == "loop":
+            return moe_reference(moe, x)[0]
+        moe.dispatch = kind
+        return moe(x)
+
+    rows, out, profiles = [], {}, {}
+    names = {"grouped_mm": "MoE grouped_mm", "bmm": "MoE bmm (padded)", "loop": "MoE per-expert loop", "dense": "dense ReLU^2 FFN"}
+    for kind in ("grouped_mm", "bmm", "loop", "dense"):
+        def fwd_bwd(kind=kind):
+            run(kind).backward(g)
+        r = measure(fwd_bwd, device, args.warmup, args.iters)
+        row = {"impl": names[kind], **r}
+        if "ms" in r:
+            row["tok_per_s"] = x.shape[0] * T / r["ms"] * 1e3
+            with torch.no_grad():
+                out[kind] = run(kind).float()
+            if args.profile and kind in ("grouped_mm", "dense"):
+                profiles[names[kind]] = top_kernels(fwd_bwd, device)
+        rows.append(row)
+    for row, kind in zip(rows, ("grouped_mm", "bmm", "loop", "dense")):
+        if kind in out and "loop" in out and kind != "dense":
+            row["max_diff_vs_loop"] = (out[kind] - out["loop"]).abs().max().item()
+    stats = moe.last_stats
+    by = {k: r for k, r in zip(("grouped_mm", "bmm", "loop", "dense"), rows)}
+    targets = [target(f"loop / grouped_mm time ({E} experts, top-{k})", ratio(by["loop"], by["grouped_mm"]), 3.0, ">="),
+               target("grouped_mm / dense FFN of equal active FLOPs time", ratio(by["grouped_mm"], by["dense"]), 1.3, "<=")]
+    print_table(f"MoE fwd+bwd: {x.shape[0] * T} tokens, d_model {D}, {E} experts x {H}, top-{k}, capacity factor "
+                f"{args.capacity_factor}, {str(dt).replace('torch.', '')} weights and activations", rows,
+                [("impl", "impl", ""), ("ms", "ms", ".3f"), ("tok_per_s", "tokens/s", ",.0f"), ("peak_gib", "peak GiB", ".2f"),
+                 ("max_diff_vs_loop", "max|y - loop|", ".2e")])
+    load = stats["tokens_per_expert"].tolist() if stats else None
+    print(f"  tokens kept per expert {load}, dropped {stats['dropped'] if stats else '-'} (fresh router: near-uniform)")
+    for name, p in profiles.items():
+        print_profile(name, p)
+    return finish("moe", args, device, {"rows": rows, "targets": targets, "tokens_per_expert": load,
+                                        "dropped": stats["dropped"] if stats else None, "profiles": profiles})
+
+
+# -----------------------------------------------------------------------------
+# train: tokens/s and MFU of one training step (fwd+bwd of every plan, clip, Muon + AdamW step)
+
+def train_models(args):
+    """(name, kind, config) of the benchmarked models: the dense GPT, the hybrid scripts.surgery makes
+    from it (pattern AM: one Mamba block after each attention block), and a hybrid of depth blocks in
+    total (about the dense model's parameter count)."""
+    from nanochat.gpt import GPTConfig
+    from nanochat.hybrid_gpt import HybridConfig
+    from nanochat.surgery import hybrid_n_layer
+    D, nh = model_dims(args.depth)
+    common = dict(sequence_len=args.seq_len, vocab_size=args.vocab_size, n_head=nh, n_kv_head=nh, n_embd=D)
+    hyb = dict(layer_pattern="AM", ffn_pattern="DD", mamba_version=args.mamba, adaptive=False, **common)
+    models = {"dense": ("gpt", GPTConfig(n_layer=args.depth, **common)),
+              "hybrid": ("hybrid", HybridConfig(n_layer=hybrid_n_layer(args.depth, "AM"), **hyb)),
+              "hybrid-eq": ("hybrid", HybridConfig(n_layer=args.depth, **hyb))}
+    return [(n, *models[n]) for n in args.models.split(",")]
+
+
+def build_model(kind, config, device):
+    from nanochat.gpt import GPT
+    from nanochat.hybrid_gpt import HybridGPT
+    with torch.device(device):
+        model = GPT(config) if kind == "gpt" else HybridGPT(config)
+        model.init_weights()
+    return model
+
+
+def train_flops(model, kind, phase, plans, T, exits):
+    """(convention FLOPs per token, executed FLOPs per token) of one step; see the module docstring."""
+    if kind == "gpt":
+        f = model.estimate_flops()
+        return f, f
+    conv = sum(model.estimate_flops(p) for p in plans)
+    c = model.config
+    if phase == "1":  # frozen weights get no weight gradient: 2x forward, + 1x forward of the trainable matmuls
+        rows = model.flops_breakdown(T / 2)
+        trainable = sum(r.get("mamba_proj", 0) + r.get("mlp", 0) + r.get("moe", 0) for r in rows[:-1] if r["kind"][0] == "M")
+        return conv, 2 * model.forward_flops_per_token(T / 2) + trainable
+    if not exits:
+        return conv, conv
+    # HybridGPT.forward(return_exits=True) reads out every exit (the last one again); all but the last get a loss
+    n = len(c.exit_blocks())
+    return conv, conv + 2 * c.n_embd * c.vocab_size * (n + 2 * (n - 1))
+
+
+def train_one(args, device, name, kind, config, phase, exit_stride):
+    """One row: build, freeze (phase 1), compile, then time whole optimizer steps; halve the batch on OOM."""
+    from nanochat.optim import setup_optimizers
+    from nanochat.matryoshka import sample_plans, plan_rng
+    actx = autocast_context(device.type)
+    T = args.seq_len
+    if exit_stride is not None:
+        config.exit_stride = exit_stride
+    free_memory(device)
+    torch.manual_seed(args.seed)
+    model = build_model(kind, config, device)
+    model.train()
+    if phase == "1":  # as fractal_train: the blocks surgery added (Mamba mixer + its FFN) train, the rest is frozen
+        for n, p in model.named_parameters():
+            p.requires_grad_(n.startswith("transformer.h.") and config.mixer_kind(int(n.split(".")[2])) == "M")
+    optimizers = setup_optimizers(model)  # Muon + AdamW over the trainable parameters
+    params = [p for p in model.parameters() if p.requires_grad]
+    if args.compile == "blocks":
+        for block in model.transformer.h:
+            block.compile(dynamic=False, backend=args.compile_backend)
+    run_model = torch.compile(model, dynamic=False, backend=args.compile_backend) if args.compile == "model" else model
+    if phase != "2":
+        plans = [None]
+    else:  # the sandwich: full, smallest, one random uniform level (fixed here, so compiled graphs are reused)
+        plans = sample_plans(config.width_levels, config.n_layer, plan_rng(args.seed), 1, per_block=False)
+    exits = phase == "2" and len(config.exit_blocks()) > 1
+    row = {"model": name, "params_M": sum(p.numel() for p in model.parameters()) / 1e6,
+           "trainable_M": sum(p.numel() for p in params) / 1e6, "phase": phase,
+           "plans": "full" if plans == [None] else "+".join(str(p[0]) for p in plans), "exit_stride": exit_stride}
+    B, oom = args.batch, []
+    while True:
+        x = torch.randint(0, config.vocab_size, (B, T), device=device)
+        y = torch.randint(0, config.vocab_size, (B, T), device=device)
+
+        def step():
+            for i, plan in enumerate(plans):
+                with actx:
+                    if exits and i == 0:  # fractal_train's full-width forward: exit readouts + their CE
+                        out = run_model(x, y, width=plan, return_exits=True)
+                        loss = out.loss + args.exit_loss_weight * out.exit_losses[:-1].mean()
+                    elif kind == "gpt":
+                        loss = run_model(x, y)
+                    else:
+                        loss = run_model(x, y, width=plan)
+                (loss / len(plans)).backward()
+            torch.nn.utils.clip_grad_norm_(params, 1.0)
+            for opt in optimizers:
+                opt.step()
+            model.zero_grad(set_to_none=True)
+        r = measure(step, device, args.warmup, args.iters)
+        if r.get("error", "").startswith("OutOfMemoryError") and B > 1:
+            oom.append(B)
+            model.zero_grad(set_to_none=True)
+            B //= 2
+            continue
+        break
+    row.update(r, batch=B)
+    if oom:
+        row["note"] = f"OOM at batch {oom}"
+    if "ms" in r:
+        conv, execf = train_flops(model, kind, phase, plans, T, exits)
+        tps = B * T / r["ms"] * 1e3
+        row.update(tok_per_s=tps, flops_per_tok_G=conv / 1e9, exec_flops_per_tok_G=execf / 1e9)
+        peak = peak_flops(device)
+        if peak:
+            row.update(mfu=100 * conv * tps / peak, mfu_exec=100 * execf * tps / peak)
+        if args.profile:
+            row["profile"] = top_kernels(step, device, steps=1)
+    return row
+
+
+def cmd_train(args, device):
+    import torch._dynamo
+    torch._dynamo.config.cache_size_limit = 64  # one graph per (block kind, width, grad mode) is expected
+    rows = []
+    for name, kind, config in train_models(args):
+        for phase in (["all"] if kind == "gpt" else args.phases.split(",")):
+            for stride in ([int(s) for s in args.exit_strides.split(",")] if phase == "2" else [None]):
+                rows.append(train_one(args, device, name, kind, config, phase, stride))
+    D = model_dims(args.depth)[0]
+    print_table(f"training step (fwd+bwd of every plan, clip, Muon + AdamW), T={args.seq_len}, vocab {args.vocab_size}, "
+                f"depth {args.depth} (width {D}), compile={args.compile}, Mamba-{args.mamba}", rows,
+                [("model", "model", ""), ("phase", "phase", ""), ("plans", "plans", ""), ("exit_stride", "exits every", "d"),
+                 ("params_M", "params M", ",.0f"), ("trainable_M", "trainable M", ",.0f"), ("batch", "B", "d"),
+                 ("ms", "ms/step", ".0f"), ("tok_per_s", "tokens/s", ",.0f"), ("flops_per_tok_G", "GFLOP/tok", ".2f"),
+                 ("mfu", "MFU %", ".1f"), ("exec_flops_per_tok_G", "exec GFLOP/tok", ".2f"), ("mfu_exec", "MFU exec %", ".1f"),
+                 ("peak_gib", "peak GiB", ".1f"), ("first_s", "first step s", ".0f"), ("note", "note", "")])
+    for r in rows:
+        if "profile" in r:
+            print_profile(f"{r['model']} phase {r['phase']} exits every {r['exit_stride']}", r["profile"])
+    return finish("train", args, device, {"rows": rows, "peak_flops": peak_flops(device)})
+
+
+# -----------------------------------------------------------------------------
+# decode: prefill and per-token decode, cache memory (measured, counted, analytic)
+
+def cache_bytes_analytic(config, B, L, nbytes):
+    """KV + SSM cache bytes of nanochat.engine's caches for a HybridGPT (GPTConfig: plain K/V).
+    Returns dict kv, xn (the engine's stored block inputs, for filling lacked heads), heads, ssm."""
+    hd = config.n_embd // config.n_head
+    if not hasattr(config, "layer_pattern"):
+        return {"kv": config.n_layer * 2 * B * config.n_kv_head * L * hd * nbytes, "xn": 0, "heads": 0, "ssm": 0}
+    n_attn = sum(config.mixer_kind(j) == "A" for j in range(config.n_layer))
+    n_mamba = config.n_layer - n_attn
+    d_inner = config.expand * config.n_embd
+    if config.mamba_version == 1:
+        per = d_inner * (config.d_conv + config.d_state)
+    else:
+        conv_dim = d_inner + 2 * config.mamba_ngroups * config.d_state
+        per = conv_dim * config.d_conv + d_inner * config.d_state
+    return {"kv": n_attn * 2 * B * config.n_kv_head * L * hd * nbytes, "xn": n_attn * B * L * config.n_embd * nbytes,
+            "heads": n_attn * B * L * 8, "ssm": n_mamba * B * per * nbytes}
+
+
+def tensor_bytes(ts):
+    return sum(t.numel() * t.element_size() for t in ts)
+
+
+def cmd_decode(args, device):
+    from nanochat.gpt import GPTConfig
+    from nanochat.hybrid_gpt import HybridConfig
+    from nanochat.surgery import hybrid_n_layer
+    from nanochat.engine import Engine
+    actx = autocast_context(device.type)  # as scripts.generate: fp32 weights, bf16 autocast on CUDA
+    nbytes = 4  # the engine's caches (and GPT.new_kv_cache) take the weights' dtype: fp32
+    contexts = [int(s) for s in args.contexts.split(",")]
+    D, nh = model_dims(args.depth)
+    # the rotary tables hold 10 x sequence_len positions: size them for the longest context
+    seq = max(args.seq_len, math.ceil((max(contexts) + args.decode_tokens + 8) / 10))
+    common = dict(sequence_len=seq, vocab_size=args.vocab_size, n_head=nh, n_kv_head=nh, n_embd=D)
+    hyb = dict(layer_pattern="AM", ffn_pattern="DD", mamba_version=args.mamba, **common)
+    specs = [("dense", "gpt", GPTConfig(n_layer=args.depth, **common), ["-"]),
+             ("hybrid", "hybrid", HybridConfig(n_layer=hybrid_n_layer(args.depth, "AM"), **hyb), args.modes.split(",")),
+             ("hybrid-eq", "hybrid", HybridConfig(n_layer=args.depth, **hyb), ["think"])]
+    B = args.batch
+    rows, targets, profiles = [], [], {}
+    for name, kind, config, modes in specs:
+        torch.manual_seed(0)
+        model = build_model(kind, config, device).eval()
+        engine = Engine(model)
+        for L in contexts:
+            prompt = torch.randint(0, config.vocab_size, (B, L), device=device)
+            max_len = L + args.decode_tokens + 8  # + the profiled steps
+            for mode in modes:
+                row = {"model": name, "mode": mode, "context": L, "batch": B}
+                analytic = cache_bytes_analytic(config, B, max_len, nbytes)
+                row.update(cache_analytic_MiB=sum(analytic.values()) / 2**20, kv_ssm_analytic_MiB=(analytic["kv"] + analytic["ssm"]) / 2**20)
+                try:
+                    prefill_ms, state = [], None
+                    for _ in range(args.prefill_reps + 1):  # the first is warmup
+                        state = None
+                        free_memory(device)
+                        before = torch.cuda.memory_allocated(device) if device.type == "cuda" else 0
+                        sync(device)
+                        t0 = time.perf_counter()
+                        with torch.inference_mode(), actx:
+                            if kind == "gpt":
+                                cache = model.new_kv_cache(B, max_len)
+                                logits = model(prompt, kv_cache=cache)[:, -1].clone()  # not a view of (B, T, V)
+                                state = cache
+                            else:
+                                state, logits, _, _ = engine.prefill(prompt, plan=mode, max_len=max_len)
+                        sync(device)
+                        prefill_ms.append((time.perf_counter() - t0) * 1e3)
+                        after = torch.cuda.memory_allocated(device) if device.type == "cuda" else 0
+                    row["prefill_ms"] = statistics.median(prefill_ms[1:])
+                    row["prefill_tok_per_s"] = B * L / row["prefill_ms"] * 1e3
+                    if device.type == "cuda":  # what stays allocated after prefill: the caches (+ the (B, V) logits)
+                        row["cache_measured_MiB"] = (after - before - logits.numel() * logits.element_size()) / 2**20
+                    if kind == "gpt":
+                        counted = tensor_bytes(state.k + state.v)
+                    else:
+                        c = state.cache
+                        counted = tensor_bytes([*c.k.values(), *c.v.values(), *c.xn.values(), *c.heads.values()]
+                                               + [t for pair in state.ssm.values() for t in pair])
+                    row["cache_counted_MiB"] = counted / 2**20
+                    tok = logits.argmax(-1)
+                    times, fracs = [], []
+                    for i in range(args.decode_tokens):
+                        def one(tok=tok):
+                            with torch.inference_mode(), actx:
+                                if kind == "gpt":
+                                    return model(tok[:, None], kv_cache=state)[:, -1], None
+                                full = model.forward_flops_per_token(state.pos + 1)
+                                lg, _, _, _, flops = engine.step(state, tok)
+                                return lg, (flops.double().mean() / full).item()
+                        if device.type == "cuda":
+                            s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                            s.record()
+                            lg, frac = one()
+                            e.record()
+                            e.synchronize()
+                            times.append(s.elapsed_time(e))
+                        else:
+                            t0 = time.perf_counter()
+                            lg, frac = one()
+                            times.append((time.perf_counter() - t0) * 1e3)
+                        fracs.append(frac)
+                        tok = lg.argmax(-1)
+                    warm = min(2, len(times) - 1)
+                    row["decode_ms"] = statistics.median(times[warm:])
+                    row["decode_tok_per_s"] = B / row["decode_ms"] * 1e3
+                    if kind != "gpt":
+                        row["compute_frac"] = statistics.mean(fracs)
+                    if args.profile and L == contexts[0] and mode in ("-", "think"):
+                        profiles[f"{name} decode step, context {L}"] = top_kernels(lambda: one(tok), device, steps=4)
+                except (RuntimeError, ValueError) as e:
+                    row["error"] = error_text(e)
+                    del e
+                state = logits = None
+                rows.append(row)
+        del model, engine
+    dense_at = {r["context"]: r for r in rows if r["model"] == "dense"}
+    L = max(contexts)
+    key = "cache_measured_MiB" if device.type == "cuda" else "cache_counted_MiB"
+    for name in ("hybrid", "hybrid-eq"):
+        h = next((r for r in rows if r["model"] == name and r["mode"] == "think" and r["context"] == L), {})
+        d = dense_at.get(L, {})
+        val = h[key] / d[key] if key in h and key in d else None
+        targets.append(target(f"{name} cache / dense cache at context {L} ({key.split('_')[1]})", val, 0.5, "<="))
+        if "kv_ssm_analytic_MiB" in h and "cache_analytic_MiB" in d:
+            targets.append(target(f"{name} K/V + SSM only (analytic, no stored block inputs) / dense", 
+                                  h["kv_ssm_analytic_MiB"] / d["cache_analytic_MiB"], 0.5, "<=", "what the layer pattern allows"))
+    print_table(f"decode, batch {B}, fp32 weights and caches, {'bf16 autocast, ' if device.type == 'cuda' else ''}depth {args.depth} "
+                f"(width {D}), Mamba-{args.mamba}, {args.decode_tokens} decode steps", rows,
+                [("model", "model", ""), ("mode", "mode", ""), ("context", "context", "d"), ("prefill_ms", "prefill ms", ".1f"),
+                 ("prefill_tok_per_s", "prefill tok/s", ",.0f"), ("decode_ms", "ms/token", ".2f"),
+                 ("decode_tok_per_s", "decode tok/s", ",.1f"), ("compute_frac", "FLOPs vs full", ".2f"),
+                 ("cache_measured_MiB", "cache MiB (alloc)", ",.1f"), ("cache_counted_MiB", "cache MiB (tensors)", ",.1f"),
+                 ("cache_analytic_MiB", "cache MiB (formula)", ",.1f"), ("kv_ssm_analytic_MiB", "K/V+SSM MiB", ",.1f")])
+    print("  weights are fresh inits: 'auto' follows an untrained width predictor and gates")
+    for name, p in profiles.items():
+        print_profile(name, p)
+    return finish("decode", args, device, {"rows": rows, "targets": targets, "profiles": profiles})
+
+
+# -----------------------------------------------------------------------------
+
+def get_args(argv=None):
+    p = argparse.ArgumentParser(description="Adamba benchmarks (see the module docstring)")
+    p.add_argument("--device", type=str, default="", help="cuda|cpu (empty = autodetect)")
+    p.add_argument("--warmup", type=int, default=3, help="untimed calls first (the first also reports its wall time)")
+    p.add_argument("--iters", type=int, default=10, help="timed calls; the median is reported")
+    p.add_argument("--profile", action="store_true", help="top kernels of the rows the targets compare")
+    p.add_argument("--compile-backend", type=str, default="inductor", help="torch.compile backend ('eager' for smoke tests)")
+    sub = p.add_subparsers(dest="cmd", required=True)
+    m = sub.add_parser("mamba", help="Mamba/Mamba2 mixers: fwd+bwd and decode step")
+    m.add_argument("--batch", type=int, default=8, help="batch at the first length; longer lengths keep batch*length")
+    m.add_argument("--seqlens", type=str, default="2048,8192")
+    m.add_argument("--d-model", type=int, default=1024)
+    m.add_argument("--versions", type=str, default="1,2")
+    m.add_argument("--decode-batches", type=str, default="1,8")
+    m.add_argument("--decode-iters", type=int, default=50)
+    e = sub.add_parser("moe", help="MoE dispatch vs loop vs dense FFN")
+    e.add_argument("--tokens", type=int, default=16384)
+    e.add_argument("--d-model", type=int, default=1024)
+    e.add_argument("--expert-dim", type=int, default=4096)
+    e.add_argument("--experts", type=int, default=8)
+    e.add_argument("--top-k", type=int, default=1)
+    e.add_argument("--capacity-factor", type=float, default=1.25, help="HybridConfig's default")
+    for name, helptext in (("train", "training step throughput and MFU"), ("decode", "prefill/decode speed and cache memory")):
+        t = sub.add_parser(name, help=helptext)
+        t.add_argument("--depth", type=int, default=20, help="nanochat depth dial: width 64*depth, heads of 128")
+        t.add_argument("--vocab-size", type=int, default=65536, help="nanochat's tokenizer")
+        t.add_argument("--mamba", type=int, default=1, choices=(1, 2), help="Mamba version (scripts.surgery's default: 1)")
+        t.add_argument("--seq-len", type=int, default=2048)
+        t.add_argument("--batch", type=int, default=16 if name == "train" else 1,
+                       help="rows per step (train: halved on out-of-memory, the table says so)")
+        t.add_argument("--seed", type=int, default=0)
+        if name == "train":
+            t.add_argument("--models", type=str, default="dense,hybrid,hybrid-eq")
+            t.add_argument("--phases", type=str, default="1,2")
+            t.add_argument("--exit-strides", type=str, default="1,8", help="phase 2: readouts after every Nth block (1 = the default config)")
+            t.add_argument("--exit-loss-weight", type=float, default=0.1, help="as scripts.fractal_train")
+            t.add_argument("--compile", type=str, default="blocks", choices=("blocks", "model", "none"),
+                           help="torch.compile each block (identical blocks share graphs), the whole model, or nothing")
+        else:
+            t.add_argument("--contexts", type=str, default="1024,8192,32768")
+            t.add_argument("--modes", type=str, default="think,normal,whisper,ghost,auto")
+            t.add_argument("--decode-tokens", type=int, default=16)
+            t.add_argument("--prefill-reps", type=int, default=2)
+    return p.parse_args(argv)
+
+
+def main(argv=None):
+    args = get_args(argv)
+    device = torch.device(args.device or autodetect_device_type())
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    return {"mamba": cmd_mamba, "moe": cmd_moe, "train": cmd_train, "decode": cmd_decode}[args.cmd](args, device)
+
+
+if __name__ == "__main__":
+    main()
