@@ -26,6 +26,7 @@ import math
 from dataclasses import dataclass, field, asdict
 
 import torch
+import torch.utils.checkpoint
 import torch.nn as nn
 import torch.nn.functional as F
 
@@ -416,6 +417,43 @@ class HybridGPT(nn.Module):
             raise ValueError(f"sequence of {T0 + T} tokens exceeds the rotary table ({self.rotary_seq_len})")
         return self.cos[:, T0:T0 + T], self.sin[:, T0:T0 + T]
 
+    READOUT_CHUNK_TOKENS = 4096
+
+    def readout_loss_top1(self, h, targets=None):
+        """
+        Per-token loss (B, T) (None without targets) and top-1 (B, T) of the readout of h, in chunks of
+        READOUT_CHUNK_TOKENS tokens whose logits are recomputed in backward (activation checkpointing):
+        an exit readout never keeps a (B, T, V) tensor alive, which at a 65k vocabulary and dozens
+        of exits would not fit in memory.
+        """
+        B, T, D = h.shape
+        flat_h = h.reshape(B * T, D)
+        flat_t = None if targets is None else targets.reshape(B * T)
+
+        def chunk_fn(hc, tc):
+            lg = self.readout(hc)
+            top1 = lg.argmax(-1)
+            if tc is None:
+                return top1
+            return F.cross_entropy(lg, tc, ignore_index=-1, reduction="none"), top1
+
+        losses, tops = [], []
+        for i in range(0, B * T, self.READOUT_CHUNK_TOKENS):
+            hc = flat_h[i:i + self.READOUT_CHUNK_TOKENS]
+            tc = None if flat_t is None else flat_t[i:i + self.READOUT_CHUNK_TOKENS]
+            if tc is None:
+                with torch.no_grad():
+                    tops.append(chunk_fn(hc, None))
+                continue
+            if hc.requires_grad:
+                loss_c, top_c = torch.utils.checkpoint.checkpoint(chunk_fn, hc, tc, use_reentrant=False)
+            else:
+                loss_c, top_c = chunk_fn(hc, tc)
+            losses.append(loss_c)
+            tops.append(top_c)
+        top1 = torch.cat(tops).view(B, T)
+        return (torch.cat(losses).view(B, T) if losses else None), top1
+
     def readout(self, x):
         """Shared final norm + lm_head + soft-cap: (B, T, D) -> fp32 logits (B, T, V)."""
         logits = self.lm_head(norm(x).to(self.lm_head.weight.dtype))
@@ -465,12 +503,16 @@ class HybridGPT(nn.Module):
                            aux_loss=self.moe_aux_loss(), plan=None if widths is not None else plan)
         final_top1 = logits.argmax(-1)
         losses, agree = [], []
-        for h in exit_hidden:
-            lg = self.readout(h)
-            agree.append(lg.argmax(-1) == final_top1)
-            if targets is not None:
-                losses.append(F.cross_entropy(lg.view(-1, lg.size(-1)), targets.reshape(-1), ignore_index=-1,
-                                              reduction="none").view(B, T))
+        for j, h in zip(out.exit_blocks, exit_hidden):
+            if j == c.n_layer - 1:  # the last readout is the final one: reuse its logits
+                lg_loss = None if targets is None else F.cross_entropy(
+                    logits.view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-1, reduction="none").view(B, T)
+                losses.append(lg_loss)
+                agree.append(torch.ones_like(final_top1, dtype=torch.bool))
+                continue
+            lg_loss, top1 = self.readout_loss_top1(h, targets)
+            losses.append(lg_loss)
+            agree.append(top1 == final_top1)
         out.exit_agree = torch.stack(agree)
         if targets is not None:
             out.exit_losses = torch.stack(losses)
