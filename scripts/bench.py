@@ -29,6 +29,7 @@ import time
 import argparse
 import statistics
 import subprocess
+from contextlib import nullcontext
 from datetime import datetime, timezone
 from importlib import metadata
 
@@ -103,7 +104,8 @@ def error_text(e):
 
 def measure(fn, device, warmup, iters):
     """{"ms": median, "first_s": wall time of the first call, "peak_gib"} or {"error": why}.
-    Errors (out of memory, a kernel or compiler refusing) are reported in the table, never hidden."""
+    Any exception of the measured call (out of memory, a kernel or the compiler refusing, a bug in the code
+    under test) becomes the row's 'error' and is printed in the table; the other rows still run."""
     free_memory(device)
     try:
         t0 = time.perf_counter()
@@ -113,7 +115,7 @@ def measure(fn, device, warmup, iters):
         for _ in range(max(0, warmup - 1)):
             fn()
         ms = median_ms(fn, iters, device)
-    except (RuntimeError, ValueError, NotImplementedError) as e:  # torch.OutOfMemoryError is a RuntimeError
+    except Exception as e:  # noqa: BLE001 -- reported, not swallowed: the table and the JSON carry it
         msg = error_text(e)
         del e
         free_memory(device)
@@ -122,23 +124,35 @@ def measure(fn, device, warmup, iters):
     return {"ms": ms, "first_s": first_s, "peak_gib": peak}
 
 
-def top_kernels(fn, device, n=8, steps=2):
-    """The n ops/kernels with the most self time (device time on CUDA) over `steps` calls of fn."""
+def progress(row):
+    """One line per finished row, flushed, so a later crash or timeout cannot lose it."""
+    print("row " + json.dumps({k: (round(v, 4) if isinstance(v, float) else v) for k, v in row.items() if k != "profile"},
+                              default=str), flush=True)
+
+
+def top_kernels(fn, device, n=12, steps=2):
+    """The n device kernels (CPU ops on a CPU) with the most self time over `steps` calls of fn, and their
+    share of the total. On CUDA only kernel events count: an op's own entry would count its kernels twice."""
     from torch.profiler import profile, ProfilerActivity
-    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    cuda = device.type == "cuda"
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
     with profile(activities=acts) as prof:
         for _ in range(steps):
             fn()
         sync(device)
-    key = "self_device_time_total" if device.type == "cuda" else "self_cpu_time_total"
-    events = sorted(prof.key_averages(), key=lambda e: getattr(e, key), reverse=True)
+    key = "self_device_time_total" if cuda else "self_cpu_time_total"
+    events = [e for e in prof.key_averages() if not cuda or e.device_type == torch.autograd.DeviceType.CUDA]
+    events.sort(key=lambda e: getattr(e, key), reverse=True)
     total = sum(getattr(e, key) for e in events) or 1.0
-    return [{"name": e.key[:100], "ms_per_call": getattr(e, key) / 1e3 / steps, "pct": 100 * getattr(e, key) / total,
+    rows = [{"name": e.key[:100], "ms_per_call": getattr(e, key) / 1e3 / steps, "pct": 100 * getattr(e, key) / total,
              "count_per_call": e.count / steps} for e in events[:n] if getattr(e, key) > 0]
+    rows.append({"name": f"(total of all {len(events)} kinds)", "ms_per_call": total / 1e3 / steps, "pct": 100.0,
+                 "count_per_call": sum(e.count for e in events) / steps})
+    return rows
 
 
 def print_profile(title, rows):
-    print(f"  profile: {title} (top ops/kernels by self time)")
+    print(f"  profile: {title} (top {'device kernels' if rows and 'aten::' not in rows[0]['name'] else 'ops'} by self time per call)")
     for r in rows:
         print(f"    {r['pct']:5.1f}%  {r['ms_per_call']:9.3f} ms  x{r['count_per_call']:<6g} {r['name']}")
 
@@ -246,6 +260,7 @@ def cmd_mamba(args, device):
                 rows.append(row)
                 if isinstance(m, str):
                     row["error"] = m
+                    progress(row)
                     continue
 
                 def fwd_bwd(m=m):
@@ -257,8 +272,9 @@ def cmd_mamba(args, device):
                 x.grad = None
                 if "ms" in row:
                     row["tok_per_s"] = B * L / row["ms"] * 1e3
-                    if args.profile and L == lengths[0] and name != "ours torch eager":
-                        profiles[f"{mixer} {name} fwd+bwd B={B} L={L}"] = top_kernels(fwd_bwd, device)
+                progress(row)
+                if "ms" in row and args.profile and L == lengths[0] and name != "ours torch eager":
+                    profiles[f"{mixer} {name} fwd+bwd B={B} L={L}"] = top_kernels(fwd_bwd, device)
             targets.append(target(f"{mixer} L={L}: ours kernel / mamba-ssm time", ratio(res["ours kernel"], res["mamba-ssm"]), 1.05, "<="))
             targets.append(target(f"{mixer} L={L}: torch compiled / ours kernel time",
                                   ratio(res["ours torch compiled"], res["ours kernel"]), 5.0 if v == 1 else 3.0, "<="))
@@ -270,6 +286,7 @@ def cmd_mamba(args, device):
                 steps.append(row)
                 if isinstance(impls[name], str):
                     row["error"] = impls[name]
+                    progress(row)
                     continue
                 m = copy.deepcopy(impls[name]).to(dt)
                 conv, ssm = m.allocate_inference_cache(Bd, 1)
@@ -281,6 +298,7 @@ def cmd_mamba(args, device):
                 row.update(measure(one_step, device, 10, args.decode_iters))
                 if "ms" in row:
                     row["us"] = row["ms"] * 1e3
+                progress(row)
     print_table("Mamba fwd+bwd, " + ("bf16 autocast, fp32 weights" if device.type == "cuda" else "fp32"), rows,
                 [("mixer", "mixer", ""), ("impl", "impl", ""), ("batch", "B", "d"), ("seqlen", "L", "d"), ("ms", "ms", ".2f"),
                  ("tok_per_s", "tokens/s", ",.0f"), ("peak_gib", "peak GiB", ".2f"), ("first_s", "first call s", ".1f")])
@@ -329,6 +347,7 @@ def cmd_moe(args, device):
                 out[kind] = run(kind).float()
             if args.profile and kind in ("grouped_mm", "dense"):
                 profiles[names[kind]] = top_kernels(fwd_bwd, device)
+        progress(row)
         rows.append(row)
     for row, kind in zip(rows, ("grouped_mm", "bmm", "loop", "dense")):
         if kind in out and "loop" in out and kind != "dense":
@@ -474,6 +493,7 @@ def cmd_train(args, device):
         for phase in (["all"] if kind == "gpt" else args.phases.split(",")):
             for stride in ([int(s) for s in args.exit_strides.split(",")] if phase == "2" else [None]):
                 rows.append(train_one(args, device, name, kind, config, phase, stride))
+                progress(rows[-1])
     D = model_dims(args.depth)[0]
     print_table(f"training step (fwd+bwd of every plan, clip, Muon + AdamW), T={args.seq_len}, vocab {args.vocab_size}, "
                 f"depth {args.depth} (width {D}), compile={args.compile}, Mamba-{args.mamba}", rows,
@@ -513,13 +533,78 @@ def tensor_bytes(ts):
     return sum(t.numel() * t.element_size() for t in ts)
 
 
+def engine_cache_bytes(kind, state):
+    """Bytes of the cache tensors a prefill allocated: GPT KVCache, or the engine's K/V, stored block
+    inputs, head counts and Mamba states."""
+    if kind == "gpt":
+        return tensor_bytes(state.k + state.v)
+    c = state.cache
+    return tensor_bytes([*c.k.values(), *c.v.values(), *c.xn.values(), *c.heads.values()]
+                        + [t for pair in state.ssm.values() for t in pair])
+
+
+def decode_one(args, device, model, engine, kind, mode, L, actx):
+    """Prefill a (B, L) prompt (median of --prefill-reps after one warmup), then --decode-tokens greedy steps."""
+    B, max_len = args.batch, L + args.decode_tokens + 8  # + the profiled steps
+    prompt = torch.randint(0, model.config.vocab_size, (B, L), device=device)
+    row = {}
+    prefill_ms = []
+    for _ in range(args.prefill_reps + 1):  # the first is warmup
+        state = logits = None  # the previous rep's cache must be gone before `before` is read
+        free_memory(device)
+        before = torch.cuda.memory_allocated(device) if device.type == "cuda" else 0
+        sync(device)
+        t0 = time.perf_counter()
+        with torch.inference_mode(), actx:
+            if kind == "gpt":
+                state = model.new_kv_cache(B, max_len)
+                logits = model(prompt, kv_cache=state)[:, -1].clone()  # not a view that keeps (B, T, V) alive
+            else:
+                state, logits, _, _ = engine.prefill(prompt, plan=mode, max_len=max_len)
+        sync(device)
+        prefill_ms.append((time.perf_counter() - t0) * 1e3)
+        after = torch.cuda.memory_allocated(device) if device.type == "cuda" else 0
+    row["prefill_ms"] = statistics.median(prefill_ms[1:])
+    row["prefill_tok_per_s"] = B * L / row["prefill_ms"] * 1e3
+    if device.type == "cuda":  # what stays allocated after prefill: the caches and the (B, V) logits
+        row["cache_measured_MiB"] = (after - before - logits.numel() * logits.element_size()) / 2**20
+    row["cache_counted_MiB"] = engine_cache_bytes(kind, state) / 2**20
+
+    def one(tok):
+        with torch.inference_mode(), actx:
+            if kind == "gpt":
+                return model(tok[:, None], kv_cache=state)[:, -1], None
+            full = model.forward_flops_per_token(state.pos + 1)
+            lg, _, _, _, flops = engine.step(state, tok)
+            return lg, (flops.double().mean() / full).item()
+    tok = logits.argmax(-1)
+    times, fracs = [], []
+    for _ in range(args.decode_tokens):
+        t0 = time.perf_counter()
+        lg, frac = one(tok)
+        tok = lg.argmax(-1)
+        sync(device)  # per-token latency as a user sees it: the step, then the next token on the host side
+        times.append((time.perf_counter() - t0) * 1e3)
+        fracs.append(frac)
+    warm = min(2, len(times) - 1)
+    row["decode_ms"] = statistics.median(times[warm:])
+    row["decode_tok_per_s"] = B / row["decode_ms"] * 1e3
+    if kind != "gpt":
+        row["compute_frac"] = statistics.mean(fracs)
+    if args.profile and mode in ("-", "think"):
+        row["profile"] = top_kernels(lambda: one(tok), device, steps=4)
+    return row
+
+
 def cmd_decode(args, device):
     from nanochat.gpt import GPTConfig
     from nanochat.hybrid_gpt import HybridConfig
     from nanochat.surgery import hybrid_n_layer
     from nanochat.engine import Engine
-    actx = autocast_context(device.type)  # as scripts.generate: fp32 weights, bf16 autocast on CUDA
-    nbytes = 4  # the engine's caches (and GPT.new_kv_cache) take the weights' dtype: fp32
+    # default as scripts.generate: fp32 weights under bf16 autocast on CUDA; the caches take the weights' dtype
+    bf16 = args.weights == "bf16"
+    actx = nullcontext() if bf16 else autocast_context(device.type)  # autocast_context is a no-op on CPU
+    nbytes = 2 if bf16 else 4
     contexts = [int(s) for s in args.contexts.split(",")]
     D, nh = model_dims(args.depth)
     # the rotary tables hold 10 x sequence_len positions: size them for the longest context
@@ -527,108 +612,60 @@ def cmd_decode(args, device):
     common = dict(sequence_len=seq, vocab_size=args.vocab_size, n_head=nh, n_kv_head=nh, n_embd=D)
     hyb = dict(layer_pattern="AM", ffn_pattern="DD", mamba_version=args.mamba, **common)
     specs = [("dense", "gpt", GPTConfig(n_layer=args.depth, **common), ["-"]),
-             ("hybrid", "hybrid", HybridConfig(n_layer=hybrid_n_layer(args.depth, "AM"), **hyb), args.modes.split(",")),
+             ("hybrid", "hybrid", HybridConfig(n_layer=hybrid_n_layer(args.depth, "AM"), **hyb),
+              ["think"] if args.memory_only else args.modes.split(",")),  # the cache does not depend on the mode
              ("hybrid-eq", "hybrid", HybridConfig(n_layer=args.depth, **hyb), ["think"])]
     B = args.batch
-    rows, targets, profiles = [], [], {}
+    rows, targets = [], []
     for name, kind, config, modes in specs:
-        torch.manual_seed(0)
-        model = build_model(kind, config, device).eval()
-        engine = Engine(model)
+        model = engine = None
+        if not args.memory_only:
+            torch.manual_seed(args.seed)
+            model = build_model(kind, config, device).eval()
+            if bf16:
+                model = model.to(torch.bfloat16)
+            engine = Engine(model)
         for L in contexts:
-            prompt = torch.randint(0, config.vocab_size, (B, L), device=device)
-            max_len = L + args.decode_tokens + 8  # + the profiled steps
             for mode in modes:
                 row = {"model": name, "mode": mode, "context": L, "batch": B}
-                analytic = cache_bytes_analytic(config, B, max_len, nbytes)
-                row.update(cache_analytic_MiB=sum(analytic.values()) / 2**20, kv_ssm_analytic_MiB=(analytic["kv"] + analytic["ssm"]) / 2**20)
-                try:
-                    prefill_ms, state = [], None
-                    for _ in range(args.prefill_reps + 1):  # the first is warmup
-                        state = None
+                analytic = cache_bytes_analytic(config, B, L + args.decode_tokens + 8, nbytes)
+                row.update(cache_analytic_MiB=sum(analytic.values()) / 2**20,
+                           kv_ssm_analytic_MiB=(analytic["kv"] + analytic["ssm"]) / 2**20)
+                if not args.memory_only:
+                    try:
+                        row.update(decode_one(args, device, model, engine, kind, mode, L, actx))
+                    except Exception as e:  # noqa: BLE001 -- reported in the table and the JSON, the other rows still run
+                        row["error"] = error_text(e)
+                        del e
                         free_memory(device)
-                        before = torch.cuda.memory_allocated(device) if device.type == "cuda" else 0
-                        sync(device)
-                        t0 = time.perf_counter()
-                        with torch.inference_mode(), actx:
-                            if kind == "gpt":
-                                cache = model.new_kv_cache(B, max_len)
-                                logits = model(prompt, kv_cache=cache)[:, -1].clone()  # not a view of (B, T, V)
-                                state = cache
-                            else:
-                                state, logits, _, _ = engine.prefill(prompt, plan=mode, max_len=max_len)
-                        sync(device)
-                        prefill_ms.append((time.perf_counter() - t0) * 1e3)
-                        after = torch.cuda.memory_allocated(device) if device.type == "cuda" else 0
-                    row["prefill_ms"] = statistics.median(prefill_ms[1:])
-                    row["prefill_tok_per_s"] = B * L / row["prefill_ms"] * 1e3
-                    if device.type == "cuda":  # what stays allocated after prefill: the caches (+ the (B, V) logits)
-                        row["cache_measured_MiB"] = (after - before - logits.numel() * logits.element_size()) / 2**20
-                    if kind == "gpt":
-                        counted = tensor_bytes(state.k + state.v)
-                    else:
-                        c = state.cache
-                        counted = tensor_bytes([*c.k.values(), *c.v.values(), *c.xn.values(), *c.heads.values()]
-                                               + [t for pair in state.ssm.values() for t in pair])
-                    row["cache_counted_MiB"] = counted / 2**20
-                    tok = logits.argmax(-1)
-                    times, fracs = [], []
-                    for i in range(args.decode_tokens):
-                        def one(tok=tok):
-                            with torch.inference_mode(), actx:
-                                if kind == "gpt":
-                                    return model(tok[:, None], kv_cache=state)[:, -1], None
-                                full = model.forward_flops_per_token(state.pos + 1)
-                                lg, _, _, _, flops = engine.step(state, tok)
-                                return lg, (flops.double().mean() / full).item()
-                        if device.type == "cuda":
-                            s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-                            s.record()
-                            lg, frac = one()
-                            e.record()
-                            e.synchronize()
-                            times.append(s.elapsed_time(e))
-                        else:
-                            t0 = time.perf_counter()
-                            lg, frac = one()
-                            times.append((time.perf_counter() - t0) * 1e3)
-                        fracs.append(frac)
-                        tok = lg.argmax(-1)
-                    warm = min(2, len(times) - 1)
-                    row["decode_ms"] = statistics.median(times[warm:])
-                    row["decode_tok_per_s"] = B / row["decode_ms"] * 1e3
-                    if kind != "gpt":
-                        row["compute_frac"] = statistics.mean(fracs)
-                    if args.profile and L == contexts[0] and mode in ("-", "think"):
-                        profiles[f"{name} decode step, context {L}"] = top_kernels(lambda: one(tok), device, steps=4)
-                except (RuntimeError, ValueError) as e:
-                    row["error"] = error_text(e)
-                    del e
-                state = logits = None
+                progress(row)
                 rows.append(row)
         del model, engine
-    dense_at = {r["context"]: r for r in rows if r["model"] == "dense"}
     L = max(contexts)
-    key = "cache_measured_MiB" if device.type == "cuda" else "cache_counted_MiB"
+    by = {(r["model"], r["mode"], r["context"]): r for r in rows}
+    d = by[("dense", "-", L)]
     for name in ("hybrid", "hybrid-eq"):
-        h = next((r for r in rows if r["model"] == name and r["mode"] == "think" and r["context"] == L), {})
-        d = dense_at.get(L, {})
-        val = h[key] / d[key] if key in h and key in d else None
-        targets.append(target(f"{name} cache / dense cache at context {L} ({key.split('_')[1]})", val, 0.5, "<="))
-        if "kv_ssm_analytic_MiB" in h and "cache_analytic_MiB" in d:
-            targets.append(target(f"{name} K/V + SSM only (analytic, no stored block inputs) / dense", 
-                                  h["kv_ssm_analytic_MiB"] / d["cache_analytic_MiB"], 0.5, "<=", "what the layer pattern allows"))
-    print_table(f"decode, batch {B}, fp32 weights and caches, {'bf16 autocast, ' if device.type == 'cuda' else ''}depth {args.depth} "
-                f"(width {D}), Mamba-{args.mamba}, {args.decode_tokens} decode steps", rows,
+        h = by[(name, "think", L)]
+        for key, what in (("cache_measured_MiB", "allocated"), ("cache_counted_MiB", "cache tensors"),
+                          ("cache_analytic_MiB", "formula")):
+            if key in h and key in d:
+                targets.append(target(f"{name} cache / dense cache at context {L} ({what})", h[key] / d[key], 0.5, "<="))
+        targets.append(target(f"{name} K/V + SSM alone / dense (formula, no stored block inputs)",
+                              h["kv_ssm_analytic_MiB"] / d["cache_analytic_MiB"], 0.5, "<=", "(what the layer pattern allows)"))
+    wdesc = "bf16 weights and caches" if bf16 else "fp32 weights and caches" + (", bf16 autocast" if device.type == "cuda" else "")
+    print_table(f"decode, batch {B}, {wdesc}, depth {args.depth} (width {D}), Mamba-{args.mamba}, "
+                f"{args.decode_tokens} decode steps", rows,
                 [("model", "model", ""), ("mode", "mode", ""), ("context", "context", "d"), ("prefill_ms", "prefill ms", ".1f"),
                  ("prefill_tok_per_s", "prefill tok/s", ",.0f"), ("decode_ms", "ms/token", ".2f"),
                  ("decode_tok_per_s", "decode tok/s", ",.1f"), ("compute_frac", "FLOPs vs full", ".2f"),
                  ("cache_measured_MiB", "cache MiB (alloc)", ",.1f"), ("cache_counted_MiB", "cache MiB (tensors)", ",.1f"),
                  ("cache_analytic_MiB", "cache MiB (formula)", ",.1f"), ("kv_ssm_analytic_MiB", "K/V+SSM MiB", ",.1f")])
-    print("  weights are fresh inits: 'auto' follows an untrained width predictor and gates")
-    for name, p in profiles.items():
-        print_profile(name, p)
-    return finish("decode", args, device, {"rows": rows, "targets": targets, "profiles": profiles})
+    print("  'hybrid' = what scripts.surgery makes (one Mamba block after each attention block); 'hybrid-eq' = as many"
+          " blocks as the dense model. Fresh weights: 'auto' follows an untrained width predictor and gates.")
+    for r in rows:
+        if "profile" in r:
+            print_profile(f"{r['model']} {r['mode']} decode step, context {r['context']}", r["profile"])
+    return finish("decode", args, device, {"rows": rows, "targets": targets})
 
 
 # -----------------------------------------------------------------------------
@@ -676,6 +713,10 @@ def get_args(argv=None):
             t.add_argument("--modes", type=str, default="think,normal,whisper,ghost,auto")
             t.add_argument("--decode-tokens", type=int, default=16)
             t.add_argument("--prefill-reps", type=int, default=2)
+            t.add_argument("--weights", type=str, default="fp32", choices=("fp32", "bf16"),
+                           help="fp32 weights under bf16 autocast (scripts.generate's setting), or bf16 weights and caches")
+            t.add_argument("--memory-only", action="store_true", help="only the cache formula (checked against the "
+                           "engine's tensors by tests/test_bench.py): no model is built, so any size runs on a CPU")
     return p.parse_args(argv)
 
 

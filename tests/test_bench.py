@@ -93,3 +93,15 @@ def test_decode(capsys):
     # same attention blocks as the dense model (pattern AM): its K/V alone already equals the dense cache
     assert by[("hybrid", "think", 24)]["cache_counted_MiB"] > by[("dense", "-", 24)]["cache_counted_MiB"]
     assert [t["pass"] for t in res["targets"]][0] is False
+
+
+def test_decode_memory_only(capsys):
+    """--memory-only builds no model: the formula rows and their targets, for sizes a CPU cannot run."""
+    res, _ = run(capsys, ["decode", "--depth", "32", "--contexts", "1024,32768", "--memory-only"])
+    by = {(r["model"], r["context"]): r for r in res["rows"]}
+    assert all("prefill_ms" not in r and "error" not in r for r in res["rows"])
+    # dense d32: 32 layers x (K, V) x 16 heads x 128 dims x fp32, per position
+    assert by[("dense", 32768)]["cache_analytic_MiB"] == pytest.approx(32 * 2 * 16 * 128 * 4 * (32768 + 16 + 8) / 2**20)
+    # surgery's hybrid keeps all 32 attention blocks: its K/V alone already equals the dense cache
+    assert by[("hybrid", 32768)]["kv_ssm_analytic_MiB"] > by[("dense", 32768)]["cache_analytic_MiB"]
+    assert all(t["pass"] is False for t in res["targets"])

@@ -1,0 +1,227 @@
+#!/usr/bin/env bash
+# The whole Adamba pipeline at d32 scale on one node of 8 GPUs:
+#   data      python -m nanochat.dataset --download N           FineWeb-Edu shards (the last one is val)
+#   surgery   python -m scripts.surgery --hub karpathy/nanochat-d32 --new-dim=NEW_DIM    nanochat-d32 + tokenizer from the hub
+#   phase 1   torchrun -m scripts.fractal_train --phase=1       only the new Mamba blocks train
+#   phase 2   torchrun -m scripts.fractal_train --phase=2       all weights, Matryoshka sandwich, gates, width predictor
+#   growth    python -m scripts.surgery --expand-from=NEW_DIM --new-dim=GROW_DIM
+#   phase 3   torchrun -m scripts.fractal_train --phase=3       the grown model
+#   eval      python -m scripts.generate, modes think and auto, --show-compute
+#   report    $RUN_DIR/report.md: sizes, every phase's final val metrics, the eval outputs
+# Every stage is skipped when its output exists; a training phase with checkpoints but no final one resumes.
+#
+#   bash runs/speedrun.sh --dry-run    # the plan: commands, measured parameter counts, time and cost estimates
+#   bash runs/speedrun.sh              # run it (settings below are environment variables)
+#
+# Parameter counts in the plan are measured: nanochat/surgery.py's create_hybrid and grow, the functions
+# scripts.surgery runs, applied to meta-device tensors of the source's shapes (no memory, a few seconds).
+# Time = steps x tokens/step x FLOPs/token / (MFU x peak x GPUs), FLOPs/token = HybridGPT.estimate_flops summed
+# over the plans a step runs (scripts.fractal_train's MFU convention); MFU from the measured constants below.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+DRY_RUN=0
+for a in "$@"; do
+  case "$a" in
+    --dry-run) DRY_RUN=1 ;;
+    -h|--help) sed -n '2,22p' "$0"; exit 0 ;;
+    *) echo "unknown argument $a (use --dry-run or none)" >&2; exit 2 ;;
+  esac
+done
+
+PY=${PYTHON:-python3}
+NPROC=${NPROC:-8}                       # GPUs of this node
+HUB=${HUB:-karpathy/nanochat-d32}        # the source GPT and its tokenizer
+NEW_DIM=${NEW_DIM:-2048}                # width after surgery (d32 is 2048: Mamba blocks are inserted, no growth)
+GROW_DIM=${GROW_DIM:-3072}              # width after growth
+MAMBA=${MAMBA:-1}                       # Mamba version of the new blocks
+EXIT_STRIDE=${EXIT_STRIDE:-8}           # a readout every 8th block: at 1 (every block) phase 2 runs out of memory (docs/benchmarks.md)
+SEQ_LEN=${SEQ_LEN:-2048}
+TOTAL_BATCH=${TOTAL_BATCH:-524288}      # tokens per optimizer step, all GPUs (nanochat's)
+DBS1=${DBS1:-8}                         # rows per GPU per micro-batch, phase 1
+DBS2=${DBS2:-4}                         # phases 2 and 3 (the sandwich + exit readouts need more memory per row)
+P1_STEPS=${P1_STEPS:-2000}
+P2_STEPS=${P2_STEPS:-4000}
+P3_STEPS=${P3_STEPS:-4000}
+CHARS_PER_TOKEN=${CHARS_PER_TOKEN:-4.8} # nanochat's tokenizer on FineWeb-Edu, for the shard count
+CHARS_PER_SHARD=${CHARS_PER_SHARD:-250000000}
+GPU_HOUR_USD=${GPU_HOUR_USD:-3.00}      # an assumption: set your price
+PEAK_FLOPS=${PEAK_FLOPS:-989.4e12}      # dense bf16 per GPU, H100 SXM / H200
+
+# Measured MFU (scripts.fractal_train's convention), from scripts/bench.py train on one NVIDIA H200, 2026-11-22,
+# depth 20 (width 1280), T=2048, batch 8, torch 2.11, mamba-ssm 2.3.2.post1 kernels (docs/benchmarks.md):
+MFU_P1=${MFU_P1:-0.309}   # hybrid, phase 1, --compile blocks: 50.9k tok/s
+MFU_P2=${MFU_P2:-0.156}   # hybrid, phase 2 sandwich (1280+128+1024), exits every 8, NOT compiled: 12.5k tok/s
+MFU_P3=${MFU_P3:-$MFU_P2} # phase 3 is the phase-2 step on the grown model (not measured separately)
+# Not measured: phase 2 compiled, FSDP over 8 GPUs, d32 widths. The estimate assumes the d20 one-GPU MFU carries over.
+
+export NANOCHAT_BASE_DIR=${NANOCHAT_BASE_DIR:-$HOME/.cache/nanochat}
+RUN_DIR=${RUN_DIR:-$NANOCHAT_BASE_DIR/speedrun}
+DATA_DIR=$NANOCHAT_BASE_DIR/base_data
+HYB=$RUN_DIR/hybrid_$NEW_DIM
+P1=$RUN_DIR/phase1
+P2=$RUN_DIR/phase2
+GROWN=$RUN_DIR/grown_$GROW_DIM
+P3=$RUN_DIR/phase3
+TOKENS=$(( (P1_STEPS + P2_STEPS + P3_STEPS) * TOTAL_BATCH ))
+SHARDS=$($PY -c "import math; print(math.ceil($TOKENS * $CHARS_PER_TOKEN / $CHARS_PER_SHARD) + 1)")  # + 1: the last is val
+
+SURGERY_ARGS=(--hub "$HUB" --new-dim="$NEW_DIM" --mamba "$MAMBA" --exit-stride "$EXIT_STRIDE" --adaptive --dst "$HYB")
+GROW_ARGS=(--src "$P2" --expand-from="$NEW_DIM" --new-dim="$GROW_DIM" --dst "$GROWN")
+TRAIN_COMMON=(--max-seq-len "$SEQ_LEN" --total-batch-size "$TOTAL_BATCH" --parallel fsdp --compile --save-every 500)
+TORCHRUN=(torchrun --standalone --nproc_per_node="$NPROC" -m scripts.fractal_train)
+
+final_meta() { printf '%s/meta_%06d.json' "$1" "$2"; }
+have_checkpoint() { compgen -G "$1/meta_*.json" > /dev/null; }
+
+run() {  # print the command, run it unless --dry-run
+  echo "+ $*"
+  if [ "$DRY_RUN" = 0 ]; then "$@"; fi
+}
+
+train_phase() {  # name out_dir steps args...: skip when finished, --resume when interrupted
+  local name=$1 out=$2 steps=$3; shift 3
+  if [ -f "$(final_meta "$out" "$steps")" ]; then echo "== $name: done ($(final_meta "$out" "$steps")), skipped"; return; fi
+  local resume=()
+  if have_checkpoint "$out"; then resume=(--resume); echo "== $name: resuming $out"; else echo "== $name"; fi
+  run "${TORCHRUN[@]}" "$@" --num-iterations "$steps" --out-dir "$out" "${TRAIN_COMMON[@]}" "${resume[@]}"
+}
+
+# -----------------------------------------------------------------------------
+# the plan: sizes measured from what the scripts build, time and cost from the measured MFU
+echo "== plan: $HUB -> surgery to $NEW_DIM -> phases 1, 2 -> growth to $GROW_DIM -> phase 3 on $NPROC GPUs ($RUN_DIR)"
+MAMBA="$MAMBA" NEW_DIM="$NEW_DIM" GROW_DIM="$GROW_DIM" HUB="$HUB" SEQ_LEN="$SEQ_LEN" TOTAL_BATCH="$TOTAL_BATCH" NPROC="$NPROC" \
+P1_STEPS="$P1_STEPS" P2_STEPS="$P2_STEPS" P3_STEPS="$P3_STEPS" MFU_P1="$MFU_P1" MFU_P2="$MFU_P2" MFU_P3="$MFU_P3" \
+PEAK_FLOPS="$PEAK_FLOPS" GPU_HOUR_USD="$GPU_HOUR_USD" SURGERY_ARGS="${SURGERY_ARGS[*]}" $PY - <<'EOF'
+import glob, json, os, re
+import torch
+from nanochat.common import get_base_dir
+from nanochat.gpt import GPTConfig
+from nanochat.hybrid_gpt import HybridGPT
+from nanochat import surgery
+from scripts.surgery import parse_args
+
+env = os.environ
+hub = env["HUB"]
+metas = sorted(glob.glob(os.path.join(get_base_dir(), "hub", hub.replace("/", "--"), "meta_*.json")))
+if metas:  # the downloaded checkpoint's own config
+    src = GPTConfig(**{k: v for k, v in json.load(open(metas[-1]))["model_config"].items() if k in GPTConfig.__dataclass_fields__})
+    where = metas[-1]
+else:  # not downloaded yet: nanochat's depth rule for the hub name's dN (width 64 N, heads of 128, its 65536-id tokenizer)
+    depth = int(re.search(r"d(\d+)$", hub).group(1))
+    src = GPTConfig(sequence_len=2048, vocab_size=65536, n_layer=depth, n_head=depth * 64 // 128, n_kv_head=depth * 64 // 128,
+                    n_embd=depth * 64)
+    where = f"nanochat's depth rule for d{depth} (checkpoint not downloaded yet)"
+a = parse_args(env["SURGERY_ARGS"].split())  # scripts.surgery's own parser: the same defaults as the real run
+kwargs = dict(mamba_version=a.mamba, d_state=a.d_state, d_conv=a.d_conv, expand=a.expand, mamba_headdim=a.mamba_headdim,
+              mamba_ngroups=a.mamba_ngroups, num_experts=a.num_experts, expert_dim=a.expert_dim, moe_top_k=a.moe_top_k,
+              capacity_factor=a.capacity_factor, exit_stride=a.exit_stride)
+if a.adaptive is not None:
+    kwargs["adaptive"] = a.adaptive
+D, hd = src.n_embd, src.n_embd // src.n_head
+with torch.device("meta"):  # shapes only: create and grow exactly as scripts.surgery does, on tensors without data
+    state = {"transformer.wte.weight": torch.empty(src.vocab_size, D), "lm_head.weight": torch.empty(src.vocab_size, D)}
+    for i in range(src.n_layer):
+        for w, shape in (("attn.c_q", (src.n_head * hd, D)), ("attn.c_k", (src.n_kv_head * hd, D)),
+                         ("attn.c_v", (src.n_kv_head * hd, D)), ("attn.c_proj", (D, src.n_head * hd)),
+                         ("mlp.c_fc", (4 * D, D)), ("mlp.c_proj", (D, 4 * D))):
+            state[f"transformer.h.{i}.{w}.weight"] = torch.empty(shape)
+    src_params = sum(t.numel() for t in state.values())
+    state, cfg, info = surgery.create_hybrid(state, src, layer_pattern=a.pattern, mamba_ffn=a.mamba_ffn,
+                                             upcycle_moe=a.upcycle_moe, seed=a.seed, **kwargs)
+    new_dim, grow_dim = int(env["NEW_DIM"]), int(env["GROW_DIM"])
+    if new_dim > D:
+        state, cfg, _ = surgery.grow(state, cfg, new_dim, head_growth=a.head_growth)
+    hyb_params = sum(t.numel() for t in state.values())
+    p1_trainable = sum(t.numel() for k, t in state.items() if any(k.startswith(p) for p in info["new_param_prefixes"]))
+    gstate, gcfg, _ = surgery.grow(state, cfg, grow_dim)
+    grown_params = sum(t.numel() for t in gstate.values())
+    hyb, grown = HybridGPT(cfg), HybridGPT(gcfg)
+
+
+def step_flops(model, sandwich):
+    """FLOPs per token of one step: full width, or the sandwich (full, smallest, one uniform random level: its mean)."""
+    c = model.config
+    full = model.estimate_flops()
+    if not sandwich:
+        return full
+    levels = c.width_levels
+    rand = sum(model.estimate_flops([w] * c.n_layer) for w in levels) / len(levels)
+    return full + (model.estimate_flops([levels[0]] * c.n_layer) if len(levels) > 1 else 0) + rand
+
+
+tok_step, gpus, peak, usd = int(env["TOTAL_BATCH"]), int(env["NPROC"]), float(env["PEAK_FLOPS"]), float(env["GPU_HOUR_USD"])
+print(f"source {hub}: {src_params / 1e9:.3f}B parameters ({src.n_layer} layers, width {D}; config from {where})")
+print(f"hybrid (surgery): {hyb_params / 1e9:.3f}B ({cfg.n_layer} blocks {cfg.layer_pattern}/{cfg.ffn_pattern}, width {cfg.n_embd}, "
+      f"Mamba-{cfg.mamba_version}, exits every {cfg.exit_stride}); phase 1 trains {p1_trainable / 1e9:.3f}B of it")
+print(f"grown: {grown_params / 1e9:.3f}B (width {gcfg.n_embd}, {gcfg.n_head} heads, levels {gcfg.width_levels})")
+print(f"{'stage':<9}{'params':>9}{'trains':>9}{'steps':>7}{'tokens':>8}{'GFLOP/tok':>11}{'MFU':>6}{'hours':>7}{'cost $':>9}")
+total_h = 0.0
+for name, model, params, trains, steps, sandwich, mfu in (
+        ("phase 1", hyb, hyb_params, p1_trainable, int(env["P1_STEPS"]), False, float(env["MFU_P1"])),
+        ("phase 2", hyb, hyb_params, hyb_params, int(env["P2_STEPS"]), True, float(env["MFU_P2"])),
+        ("phase 3", grown, grown_params, grown_params, int(env["P3_STEPS"]), True, float(env["MFU_P3"]))):
+    f = step_flops(model, sandwich)
+    hours = steps * tok_step * f / (mfu * peak * gpus) / 3600
+    total_h += hours
+    print(f"{name:<9}{params / 1e9:>8.2f}B{trains / 1e9:>8.2f}B{steps:>7}{steps * tok_step / 1e9:>7.2f}B{f / 1e9:>11.1f}"
+          f"{mfu:>6.3f}{hours:>7.1f}{hours * gpus * usd:>9,.0f}")
+print(f"training total: {total_h:.1f} h on {gpus} GPUs, ${total_h * gpus * usd:,.0f} at ${usd}/GPU-hour "
+      f"(download, surgery, growth and eval not estimated: not measured)")
+EOF
+echo "data: $SHARDS shards for $(( TOKENS / 1000000 ))M tokens ($CHARS_PER_TOKEN chars/token, $CHARS_PER_SHARD chars/shard)"
+
+# -----------------------------------------------------------------------------
+# the stages
+if [ "$DRY_RUN" = 0 ]; then mkdir -p "$RUN_DIR"; fi
+
+n_shards=$(compgen -G "$DATA_DIR/shard_*.parquet" | wc -l || true)
+if [ "$n_shards" -ge "$SHARDS" ]; then echo "== data: $n_shards shards in $DATA_DIR, skipped"
+else echo "== data"; run $PY -m nanochat.dataset --download "$SHARDS" --data-dir "$DATA_DIR"; fi
+
+if have_checkpoint "$HYB"; then echo "== surgery: $HYB exists, skipped"
+else echo "== surgery"; run $PY -m scripts.surgery "${SURGERY_ARGS[@]}"; fi
+
+train_phase "phase 1" "$P1" "$P1_STEPS" --phase=1 --checkpoint="$HYB" --device-batch-size "$DBS1" --data-dir "$DATA_DIR"
+train_phase "phase 2" "$P2" "$P2_STEPS" --phase=2 --checkpoint="$P1" --device-batch-size "$DBS2" --data-dir "$DATA_DIR" --continue-data
+
+if have_checkpoint "$GROWN"; then echo "== growth: $GROWN exists, skipped"
+else echo "== growth"; run $PY -m scripts.surgery "${GROW_ARGS[@]}"; fi
+
+# NOTE: the grown checkpoint's meta carries no data position, so phase 3 reads the train stream from its start
+train_phase "phase 3" "$P3" "$P3_STEPS" --phase=3 --checkpoint="$GROWN" --expanded-dim="$GROW_DIM" \
+  --device-batch-size "$DBS2" --data-dir "$DATA_DIR"
+
+PROMPT="The chemical symbol of gold is"
+for mode in think auto; do
+  out=$RUN_DIR/eval_$mode.txt
+  if [ -s "$out" ]; then echo "== eval $mode: $out exists, skipped"; continue; fi
+  echo "== eval $mode"
+  if [ "$DRY_RUN" = 1 ]; then echo "+ $PY -m scripts.generate --checkpoint $P3 --mode $mode --prompt \"$PROMPT\" --max-tokens 64 --show-compute > $out"
+  else $PY -m scripts.generate --checkpoint "$P3" --mode "$mode" --prompt "$PROMPT" --max-tokens 64 --show-compute > "$out.tmp" && mv "$out.tmp" "$out"; fi
+done
+
+echo "== report -> $RUN_DIR/report.md"
+if [ "$DRY_RUN" = 0 ]; then
+RUN_DIR="$RUN_DIR" $PY - <<'EOF' > "$RUN_DIR/report.md"
+import glob, json, os
+run = os.environ["RUN_DIR"]
+print("# Adamba speedrun report\n")
+for name in ("hybrid_*", "phase1", "phase2", "grown_*", "phase3"):
+    for d in sorted(glob.glob(os.path.join(run, name))):
+        metas = sorted(glob.glob(os.path.join(d, "meta_*.json")))
+        meta = json.load(open(metas[-1]))
+        cfg = meta.get("model_config", {})
+        print(f"## {os.path.basename(d)} (step {meta.get('step')})")
+        print(f"width {cfg.get('n_embd')}, {cfg.get('n_layer')} blocks {cfg.get('layer_pattern')}/{cfg.get('ffn_pattern')}")
+        if meta.get("val"):
+            print("\n| metric | value |\n|---|---|")
+            for k, v in meta["val"].items():
+                print(f"| {k} | {v:.4f} |")
+        print()
+for mode in ("think", "auto"):
+    p = os.path.join(run, f"eval_{mode}.txt")
+    print(f"## eval, mode {mode}\n\n```\n{open(p).read().rstrip()}\n```\n")
+EOF
+cat "$RUN_DIR/report.md"
+fi
