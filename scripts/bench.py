@@ -409,9 +409,10 @@ def train_flops(model, kind, phase, plans, T, exits):
         return conv, 2 * model.forward_flops_per_token(T / 2) + trainable
     if not exits:
         return conv, conv
-    # HybridGPT.forward(return_exits=True) reads out every exit (the last one again); all but the last get a loss
+    # HybridGPT.forward(return_exits=True): every exit but the last (which reuses the final logits) is read out in
+    # checkpointed chunks: forward, recomputed forward in backward, backward (2x) = 4 readouts' FLOPs each
     n = len(c.exit_blocks())
-    return conv, conv + 2 * c.n_embd * c.vocab_size * (n + 2 * (n - 1))
+    return conv, conv + 4 * 2 * c.n_embd * c.vocab_size * (n - 1)
 
 
 def train_one(args, device, name, kind, config, phase, exit_stride):
