@@ -250,7 +250,11 @@ class _MambaMixer(nn.Module):
         """One token through the depthwise conv + silu, shifting conv_state (B, C, W) in place. x: (B, C)."""
         w = self.conv1d.weight.squeeze(1)  # (C, W)
         if use_kernels and causal_conv1d_update is not None:
-            return causal_conv1d_update(x, conv_state, w, self.conv1d.bias, self.activation)
+            # the kernel wants input, state and weights of one dtype; under autocast x is bf16 while the
+            # cache keeps the parameters' dtype, so run in the state's dtype (the torch path does the same math)
+            sd = conv_state.dtype
+            bias = None if self.conv1d.bias is None else self.conv1d.bias.to(sd)
+            return causal_conv1d_update(x.to(sd), conv_state, w.to(sd), bias, self.activation).to(x.dtype)
         f = _compute_dtype(x.dtype)
         conv_state.copy_(torch.roll(conv_state, shifts=-1, dims=-1))
         conv_state[:, :, -1] = x
@@ -560,8 +564,12 @@ class Mamba2(_MambaMixer):
         D = D[:, None].expand(H, P) if D.dim() == 1 else D
         if use_kernels:
             A = (-torch.exp(self.A_log.float()))[:, None, None].expand(H, P, N)
+            # dt already holds softplus(dt + dt_bias) clamped to dt_limit; mamba-ssm 2.3.2's kernel reads
+            # dt_bias's strides unconditionally, so hand it zeros (stride 0 along headdim, like dt and A)
+            zero_bias = dt.new_zeros(H)[:, None].expand(H, P)
             y = selective_state_update(ssm_state, x, dt[..., None].expand(-1, H, P), A, B, C, D,
-                                       z=None if self.rmsnorm else z.unflatten(-1, (H, P)), dt_softplus=False)
+                                       z=None if self.rmsnorm else z.unflatten(-1, (H, P)),
+                                       dt_bias=zero_bias, dt_softplus=False)
         else:
             A = -torch.exp(self.A_log.to(f))
             Bh, Ch = B.to(f).repeat_interleave(H // G, dim=1), C.to(f).repeat_interleave(H // G, dim=1)  # (B, H, N)

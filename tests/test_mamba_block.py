@@ -440,3 +440,72 @@ def test_bfloat16_forward_and_step_run():
         steps = torch.cat([m.step(u[:, t:t + 1], conv_state, ssm_state)[0] for t in range(7)], 1)
         assert y.dtype == steps.dtype == torch.bfloat16
         torch.testing.assert_close(steps, y, atol=3e-2, rtol=3e-2)  # bf16 rounding of the cached states
+
+
+# -----------------------------------------------------------------------------
+# decode on the kernel path, with doubles that hold mamba-ssm 2.3.2's argument contract (CPU-testable)
+
+def _ssu_double(state, x, dt, A, B, C, D=None, z=None, dt_bias=None, dt_softplus=False):
+    """selective_state_update's checks and math (ops/triton/selective_state_update.py, 2.3.2)."""
+    heads = state.dim() == 4
+    if not heads:
+        state, x, dt, A, B, C = state[:, None], x[:, None], dt[:, None], A[None], B[:, None], C[:, None]
+        D = None if D is None else D[None]
+        z = None if z is None else z[:, None]
+        dt_bias = None if dt_bias is None else dt_bias[None]
+    b, h, p, n = state.shape
+    g = B.shape[1]
+    assert x.shape == (b, h, p) and dt.shape == x.shape and A.shape == (h, p, n)
+    assert B.shape == (b, g, n) and C.shape == B.shape and h % g == 0
+    assert D is None or D.shape == (h, p)
+    assert z is None or z.shape == x.shape
+    # the 2.3.2 kernel reads dt_bias.stride(-1) whether or not a bias is given: None crashes there
+    assert dt_bias is not None and dt_bias.shape == (h, p), "dt_bias must be given as (nheads, dim)"
+    f = torch.float32
+    d = dt.to(f) + dt_bias.to(f)
+    d = F.softplus(d) if dt_softplus else d
+    Bh, Ch = B.to(f).repeat_interleave(h // g, 1), C.to(f).repeat_interleave(h // g, 1)
+    new = state.to(f) * torch.exp(d[..., None] * A.to(f)) + (d * x.to(f))[..., None] * Bh[:, :, None, :]
+    state.copy_(new)
+    out = torch.einsum("bhpn,bhn->bhp", new, Ch)
+    out = out if D is None else out + x.to(f) * D.to(f)
+    out = (out if z is None else out * F.silu(z.to(f))).to(x.dtype)
+    return out if heads else out[:, 0]
+
+
+def _conv_update_double(x, conv_state, weight, bias=None, activation=None):
+    """causal_conv1d_update's dtype check and math (causal-conv1d 1.7.0)."""
+    assert x.dtype == conv_state.dtype, "Expected conv_state.scalar_type() == input_type"
+    conv_state.copy_(torch.roll(conv_state, -1, -1))
+    conv_state[:, :, -1] = x
+    out = (conv_state * weight).sum(-1) + (0 if bias is None else bias)
+    return F.silu(out) if activation in ("silu", "swish") else out
+
+
+@pytest.mark.parametrize("cls,cfg", [(Mamba, dict(d_model=32, d_state=8)),
+                                     (Mamba2, dict(d_model=64, d_state=8, headdim=16, ngroups=2)),
+                                     (Mamba2, dict(d_model=64, d_state=8, headdim=16, rmsnorm=False))])
+def test_kernel_step_contract(monkeypatch, cls, cfg):
+    """step() on the kernel path calls the kernels as their contract demands (fp32 and bf16 autocast)
+    and computes the torch path's function."""
+    import nanochat.mamba_block as mb
+    torch.manual_seed(0)
+    m = cls(**cfg)
+    xs = torch.randn(2, 5, cfg["d_model"])
+
+    def run(kernels, autocast):
+        monkeypatch.setattr(mb._MambaMixer, "_use_kernels", lambda self, x, what, unsupported=None: kernels)
+        monkeypatch.setattr(mb, "selective_state_update", _ssu_double)
+        monkeypatch.setattr(mb, "causal_conv1d_update", _conv_update_double)
+        conv, ssm = m.allocate_inference_cache(2, 5)
+        outs = []
+        with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            for t in range(5):
+                outs.append(m.step(xs[:, t:t + 1], conv, ssm)[0].float())
+        return torch.cat(outs, 1), ssm.float()
+
+    for autocast, tol in ((False, 1e-5), (True, 3e-2)):
+        y_k, s_k = run(True, autocast)
+        y_t, s_t = run(False, autocast)
+        torch.testing.assert_close(y_k, y_t, rtol=tol, atol=tol)
+        torch.testing.assert_close(s_k, s_t, rtol=tol, atol=tol)
