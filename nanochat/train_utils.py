@@ -14,7 +14,7 @@ import torch.distributed as dist
 from torch.utils.checkpoint import checkpoint
 
 # bf16 dense tensor-core peak (no sparsity), FLOP/s; matched against torch.cuda.get_device_name
-PEAK_FLOPS_BF16 = [("H200", 989e12), ("H100", 989e12), ("A100", 312e12), ("L40S", 362e12),
+PEAK_FLOPS_BF16 = [("H200", 989.4e12), ("H100", 989.4e12), ("A100", 312e12), ("L40S", 362e12),
                    ("A10G", 125e12), ("RTX 4090", 165e12), ("RTX 3090", 71e12)]
 
 

@@ -14,7 +14,7 @@ copied beside them; --resume continues from the latest one exactly where it stop
 
 FLOP convention for MFU (gpt.forward_flops_per_token): 2 FLOPs per multiply-accumulate of every
 matmul, attention over the mean causal context (T/2), training = 3x forward; peak dense bf16
-FLOP/s per GPU from train_utils.peak_flops (H100/H200 989e12); n/a on CPU and unknown GPUs.
+FLOP/s per GPU from train_utils.peak_flops (H100/H200 989.4e12); n/a on CPU and unknown GPUs.
 """
 import os
 os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")

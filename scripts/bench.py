@@ -36,9 +36,9 @@ from importlib import metadata
 import torch
 import torch.nn.functional as F
 
-from nanochat.common import autodetect_device_type, autocast_context
+from nanochat.common import autodetect_device_type, autocast_context, synchronize as sync
+from nanochat.train_utils import peak_flops  # dense bf16 tensor-core FLOP/s per device kind
 
-PEAK_BF16 = {"H100": 989.4e12, "H200": 989.4e12}  # dense bf16 tensor-core FLOP/s (H200 is the H100 chip with HBM3e)
 
 
 # -----------------------------------------------------------------------------
@@ -59,18 +59,6 @@ def environment(device):
     except FileNotFoundError:
         env["git"] = "git not installed"
     return env
-
-
-def peak_flops(device):
-    if device.type != "cuda":
-        return None
-    name = torch.cuda.get_device_name(device)
-    return next((v for k, v in PEAK_BF16.items() if k in name), None)
-
-
-def sync(device):
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def free_memory(device):
