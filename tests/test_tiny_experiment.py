@@ -1,0 +1,153 @@
+"""
+tiny_experiment: the task generator and its splits, and one --quick run of the whole pipeline in-process
+(schema and ranges of results.json, the plots, the held-out set checked against the corpus on disk, the
+final checkpoint loading with load_model). The quick run's numbers are not results: only their types,
+ranges and internal consistency are checked.
+"""
+import json
+import math
+import os
+
+import pyarrow.parquet as pq
+import pytest
+import torch
+
+from nanochat.checkpoint_manager import load_model
+from nanochat.hybrid_gpt import HybridGPT
+from tiny_experiment import tasks
+from tiny_experiment.__main__ import main, heldout_check
+from tiny_experiment.pipeline import quick_settings
+
+DIFFS = ("easy", "medium", "hard")
+
+
+# -----------------------------------------------------------------------------
+# tasks
+
+def test_answers_and_exact_match():
+    p = tasks.Problem("hard", (9, 8, 7, 6))
+    assert (p.question, p.answer, p.completion) == ("sum:9,8,7,6", "30", "=30\n")
+    assert tasks.Problem("medium", (9, 8, 7, 6)).answer == "17"
+    assert tasks.Problem("easy", (9, 8, 7, 6)).text == "copy:9,8,7,6=9\n"
+    assert tasks.exact_match("=30", p)
+    for wrong in ("=3", "=30\n", "30", "= 30", "=300"):
+        assert not tasks.exact_match(wrong, p)
+
+
+def test_splits_are_a_partition_fixed_by_the_question():
+    splits = tasks.split_problems(seed=0)
+    sizes = tasks.check_disjoint(splits)
+    assert sum(sizes.values()) == 3 * 10 ** 4
+    for s, frac in tasks.SPLIT_FRACTIONS.items():
+        assert abs(sizes[s] / 3e4 - frac) < 0.02
+    p = splits["test"]["hard"][0]
+    assert tasks.split_of(p.question, 0) == "test"
+    assert tasks.split_problems(seed=1)["test"]["hard"] != splits["test"]["hard"]  # the seed moves the split
+    bad = {s: {d: list(v) for d, v in splits[s].items()} for s in splits}
+    bad["train"]["easy"].append(splits["test"]["easy"][0])
+    with pytest.raises(AssertionError, match="both"):
+        tasks.check_disjoint(bad)
+
+
+def test_heldout_check_catches_a_leak():
+    splits = tasks.split_problems(0)
+    test = tasks.sample_eval(splits, "test", 5, 0)
+    leak = [("hard", [test["hard"][2]])]
+    assert heldout_check([], [], test)["overlap"] == 0
+    with pytest.raises(AssertionError, match="held-out"):
+        heldout_check(leak, [], test)
+
+
+def test_pages_and_answer_mask(tiny_data):
+    from nanochat.tokenizer import Tokenizer
+    tok = Tokenizer.from_directory(tiny_data["tokenizer_dir"])  # any byte-level BPE tokenizer will do here
+    import random
+    pages = tasks.make_pages(tasks.split_problems(0)["train"], 6, 3, random.Random(0))
+    assert [d for d, _ in pages] == list(DIFFS) * 2
+    for page in pages:
+        assert all(p.difficulty == page[0] for p in page[1])
+        ids, mask = tasks.encode_page(tok, page, {})
+        assert ids[0] == tok.get_bos_token_id() and len(ids) == len(mask)
+        assert tok.decode(ids[1:]) == tasks.page_text(page)
+        # the masked tokens decode to exactly the completions
+        assert tok.decode([t for t, m in zip(ids, mask) if m]) == "".join(p.completion for p in page[1])
+
+
+# -----------------------------------------------------------------------------
+# one --quick run
+
+@pytest.fixture(scope="module")
+def quick_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("tiny_experiment") / "out"
+    results = main(["--quick", "--out", str(out), "--seed", "0"])
+    with open(out / "results.json") as f:
+        on_disk = json.load(f)
+    return out, results, on_disk
+
+
+def is_num(x):
+    return isinstance(x, (int, float)) and not isinstance(x, bool)
+
+
+def test_results_schema_and_ranges(quick_run):
+    out, results, r = quick_run
+    assert set(r) >= {"difficulties", "gate_loss", "surgery_max_abs_dlogit", "final_checkpoint", "seconds", "targets"}
+    assert set(r["difficulties"]) == set(DIFFS)
+    n_layer, n_embd = r["model"]["n_layer"], r["model"]["n_embd"]
+    levels = r["model"]["width_levels"]
+    for d in DIFFS:
+        b = r["difficulties"][d]
+        for k in ("full_accuracy", "adaptive_accuracy", "exit_rate", "compute_fraction"):
+            assert is_num(b[k]) and 0.0 <= b[k] <= (1.5 if k == "compute_fraction" else 1.0), (d, k, b[k])
+        assert set(b["mode_accuracy"]) == {"ghost", "whisper", "normal", "think", "auto"}
+        assert all(is_num(v) and 0 <= v <= 1 for v in b["mode_accuracy"].values())
+        assert b["mode_accuracy"]["think"] == b["full_accuracy"] and b["mode_accuracy"]["auto"] == b["adaptive_accuracy"]
+        assert 1 <= b["mean_exit_layer"] <= n_layer
+        assert levels[0] <= b["mean_width"] <= n_embd and levels[0] <= b["predicted_mean_width"] <= n_embd
+        assert b["exit_precision"] is None or math.isnan(b["exit_precision"]) or 0 <= b["exit_precision"] <= 1
+        assert len(b["plan_by_block"]) == n_layer
+        # the engine's accounting: the full-width plan costs exactly the full model, narrower levels less
+        lc = b["level_compute_fraction"]
+        assert lc[f"w{n_embd}"] == pytest.approx(1.0, abs=1e-9)
+        assert all(lc[f"w{a}"] < lc[f"w{b_}"] for a, b_ in zip(levels, levels[1:]))
+    assert is_num(r["gate_loss"]["first"]) and is_num(r["gate_loss"]["last"])
+    assert len(r["surgery_max_abs_dlogit"]) == 2 and all(0 <= x <= 1e-4 for x in r["surgery_max_abs_dlogit"])
+    assert is_num(r["seconds"]) and r["seconds"] > 0
+    assert set(r["targets"]) == {"accuracy", "easy_compute_saved", "hard_vs_easy_compute", "exit_precision"}
+    for t in r["targets"].values():
+        assert isinstance(t["pass"], bool) and (t["pass"] or t["reason"])
+    assert r["model"]["grown_from"] == [quick_settings().n_embd]
+
+
+def test_plots_written(quick_run):
+    out, _, r = quick_run
+    for name in ("compute_vs_accuracy", "width_by_block"):
+        path = r["plots"][name]
+        assert os.path.dirname(path) == str(out)
+        with open(path, "rb") as f:
+            assert f.read(8) == b"\x89PNG\r\n\x1a\n"
+
+
+def test_heldout_problems_are_not_in_the_corpus(quick_run):
+    """Read the parquet shards the phases trained on and check no test question is in them."""
+    out, _, r = quick_run
+    data = out / "data"
+    questions = set()
+    for name in sorted(os.listdir(data)):
+        for text in pq.read_table(data / name).column("text").to_pylist():
+            questions |= {line.split("=")[0] for line in text.strip().split("\n")}
+    test = tasks.sample_eval(tasks.split_problems(0), "test", r["data"]["eval_problems_per_difficulty"], 0)
+    test_q = {p.question for d in DIFFS for p in test[d]}
+    assert len(test_q) == 3 * quick_settings().eval_problems and len(questions) > 1000
+    assert not (test_q & questions)
+    assert r["data"]["heldout"]["overlap"] == 0
+
+
+def test_final_checkpoint_loads(quick_run):
+    _, _, r = quick_run
+    model, meta = load_model(r["final_checkpoint"])
+    assert isinstance(model, HybridGPT)
+    assert model.config.n_embd == quick_settings().grow_dim and model.controllers.is_calibrated()
+    idx = torch.randint(0, model.config.vocab_size, (1, 8))
+    assert model(idx).shape == (1, 8, model.config.vocab_size)
+    assert os.path.isfile(os.path.join(meta["checkpoint_dir"], "tokenizer.pkl"))

@@ -1,0 +1,258 @@
+"""
+The stages of the tiny experiment, each a thin call into the project's own code:
+
+    corpus      task pages -> parquet shards (train shards + a val shard of calib-split pages)
+    tokenizer   scripts.tok_train on those shards
+    pretrain    a dense nanochat GPT, our own short loop (see pretrain())
+    surgery     scripts.surgery (create: Mamba blocks interleaved, logits unchanged)
+    phase 1     scripts.fractal_train --phase=1 (the new Mamba blocks only)
+    phase 2     scripts.fractal_train --phase=2 (everything + Matryoshka widths + gates + predictor)
+    grow        scripts.surgery --expand-from (wider, logits unchanged)
+    phase 3     scripts.fractal_train --phase=3
+    calibrate   confidence_probe.calibrate_gates on calib-split problems, then the final checkpoint
+
+Pretraining is our own loop (the project's GPT, optim.setup_optimizers and lr schedule) rather than
+scripts.base_train because base_train's loader puts the loss on every token and this experiment's
+pretraining puts it on the answers only (targets -1 elsewhere). The phases use fractal_train's standard
+loader, so their loss is on every token of the pages; the question digits are uniformly random, so that
+part of the loss is a constant floor (ln 10 per digit) that no width changes.
+"""
+import os
+import random
+import shutil
+import time
+from dataclasses import dataclass, asdict
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import torch
+
+from nanochat.dataset import shard_filename, SYNTHETIC_KEY
+from nanochat.gpt import GPT, GPTConfig
+from nanochat.optim import setup_optimizers, lr_multiplier, set_lr_multiplier, muon_momentum, set_muon_momentum
+from nanochat.tokenizer import Tokenizer, TOKENIZER_FILENAME, TOKEN_BYTES_FILENAME
+from nanochat import checkpoint_manager as cm
+from tiny_experiment.tasks import DIFFICULTIES, make_pages, page_text, encode_page
+
+
+@dataclass
+class Settings:
+    """The training recipe. Evaluation settings are not here: they are the engine's defaults."""
+    # data
+    train_pages: int = 6000        # pages in the train shards (pretraining and phases sample from them)
+    calib_pages: int = 600         # pages of calib-split problems: the val shard and the gate calibration
+    problems_per_page: int = 4     # ~13 tokens each: a page is longer than seq_len + 1, so a packed row is one page
+    vocab_size: int = 288          # 256 bytes + 9 specials + 23 merges (op names, frequent two-digit sums)
+    seq_len: int = 32
+    # dense GPT
+    n_layer: int = 4
+    n_embd: int = 128
+    n_head: int = 4                # head_dim 32
+    pretrain_steps: int = 600
+    pretrain_batch: int = 32
+    # hybrid
+    layer_pattern: str = "AM"
+    mamba_version: int = 2         # on CPU the Mamba-2 (chunked SSD) path runs ~10x faster than Mamba-1's scan here
+    mamba_headdim: int = 32
+    mamba_ffn: str = "dense"
+    width_levels: str = "32,64,128"
+    exit_stride: int = 2
+    phase_batch: int = 16
+    phase_lr_scale: float = 0.25   # times fractal_train's default learning rates (at 1.0 phase 2 cut hard accuracy 0.99 -> 0.54)
+    controller_lr: float = 1e-3
+    phase1_steps: int = 60
+    phase2_steps: int = 300
+    # growth and phase 3
+    grow_dim: int = 256
+    grown_width_levels: str = "32,64,128,256"
+    phase3_steps: int = 60
+    # evaluation sizes (how many held-out problems, not how they are scored)
+    eval_problems: int = 200       # per difficulty, test split
+    calib_problems_pages: int = 300  # calib pages used to fit the gate calibration
+
+    def to_dict(self):
+        return asdict(self)
+
+
+def quick_settings():
+    """--quick: the same pipeline, smaller and shorter (for tests; its numbers mean little)."""
+    return Settings(train_pages=600, calib_pages=60, n_embd=64, n_head=2, pretrain_steps=60, pretrain_batch=16,
+                    width_levels="32,64", phase_batch=4, phase1_steps=4, phase2_steps=6, grow_dim=128,
+                    grown_width_levels="32,64,128", phase3_steps=4, eval_problems=24, calib_problems_pages=40)
+
+
+class Timer:
+    """Wall and CPU seconds per stage (CPU seconds say what the work costs when the cores are shared)."""
+
+    def __init__(self):
+        self.stages = {}
+
+    def __call__(self, name, fn, *args, **kwargs):
+        w0, c0 = time.time(), time.process_time()
+        print(f"\n==== {name}", flush=True)
+        out = fn(*args, **kwargs)
+        self.stages[name] = {"wall_s": round(time.time() - w0, 2), "cpu_s": round(time.process_time() - c0, 2)}
+        print(f"==== {name}: {self.stages[name]['wall_s']:.1f}s wall, {self.stages[name]['cpu_s']:.1f}s cpu", flush=True)
+        return out
+
+
+# -----------------------------------------------------------------------------
+# Corpus and tokenizer
+
+def write_corpus(data_dir, splits, settings, seed, n_train_shards=4):
+    """
+    Train pages (train-split problems) in n_train_shards shards, then one val shard of calib-split pages
+    (the last shard in sorted order is the val split). Marked synthetic in the parquet metadata.
+    Returns (train_pages, calib_pages) as lists of (difficulty, [Problem]).
+    """
+    if os.path.isdir(data_dir) and os.listdir(data_dir):
+        raise FileExistsError(f"{data_dir} is not empty; tiny_experiment writes its corpus into a fresh --out")
+    os.makedirs(data_dir)
+    rng = random.Random(f"corpus:{seed}")
+    train = make_pages(splits["train"], settings.train_pages, settings.problems_per_page, rng)
+    calib = make_pages(splits["calib"], settings.calib_pages, settings.problems_per_page, rng)
+    per = -(-len(train) // n_train_shards)
+    chunks = [train[i:i + per] for i in range(0, len(train), per)] + [calib]
+    for index, pages in enumerate(chunks):
+        table = pa.table({"text": [page_text(p) for p in pages]}).replace_schema_metadata({SYNTHETIC_KEY: b"true"})
+        pq.write_table(table, os.path.join(data_dir, shard_filename(index)), row_group_size=128)
+    return train, calib
+
+
+def train_tokenizer(data_dir, tokenizer_dir, settings):
+    from scripts import tok_train
+    tok_train.main(["--data-dir", data_dir, "--out-dir", tokenizer_dir, "--vocab-size", str(settings.vocab_size)])
+    return Tokenizer.from_directory(tokenizer_dir)
+
+
+def page_rows(tokenizer, pages, T, cache):
+    """
+    (idx (N, T), targets (N, T)): each page's first T+1 tokens; targets are the next token where that
+    token belongs to a completion ('=', answer, newline) and -1 elsewhere (answer-only loss).
+    """
+    idx, tgt = [], []
+    for page in pages:
+        ids, mask = encode_page(tokenizer, page, cache)
+        if len(ids) < T + 1:
+            raise ValueError(f"a page has {len(ids)} tokens < seq_len + 1 = {T + 1}: raise problems_per_page")
+        ids, mask = ids[:T + 1], mask[:T + 1]
+        idx.append(ids[:-1])
+        tgt.append([t if m else -1 for t, m in zip(ids[1:], mask[1:])])
+    return torch.tensor(idx, dtype=torch.long), torch.tensor(tgt, dtype=torch.long)
+
+
+def gate_rows(tokenizer, pages, T, cache):
+    """
+    Rows for gate calibration: targets kept only where the INPUT token is inside a completion and the
+    target is the next token of the same completion ('=' -> first digit, digit -> next digit or newline):
+    exactly the positions where, at decode time, a gate decides.
+    """
+    idx, tgt = [], []
+    for page in pages:
+        ids, mask = encode_page(tokenizer, page, cache)
+        ids, mask = ids[:T + 1], mask[:T + 1]
+        idx.append(ids[:-1])
+        tgt.append([ids[t + 1] if mask[t] and mask[t + 1] else -1 for t in range(T)])
+    return torch.tensor(idx, dtype=torch.long), torch.tensor(tgt, dtype=torch.long)
+
+
+def copy_tokenizer(tokenizer_dir, dst):
+    for name in (TOKENIZER_FILENAME, TOKEN_BYTES_FILENAME):
+        shutil.copyfile(os.path.join(tokenizer_dir, name), os.path.join(dst, name))
+
+
+# -----------------------------------------------------------------------------
+# Pretraining: a dense nanochat GPT, loss on the answers only
+
+def pretrain(tokenizer, tokenizer_dir, train_pages, out_dir, settings, seed):
+    """
+    nanochat's GPT (meta-device build, init_weights), Muon + AdamW (optim.setup_optimizers), nanochat's
+    lr schedule (constant, then a linear warmdown over the last 30%), batches of pages drawn with a
+    seeded generator. Saves a checkpoint that scripts.surgery reads (tokenizer copied beside it).
+    Returns {"losses": [...], "checkpoint_dir": out_dir}.
+    """
+    s, T = settings, settings.seq_len
+    cache = {}
+    idx, targets = page_rows(tokenizer, train_pages, T, cache)
+    config = GPTConfig(sequence_len=T, vocab_size=tokenizer.get_vocab_size(), n_layer=s.n_layer, n_head=s.n_head,
+                       n_kv_head=s.n_head, n_embd=s.n_embd)
+    with torch.device("meta"):
+        model = GPT(config)
+    model.to_empty(device="cpu")
+    torch.manual_seed(seed)
+    model.init_weights()
+    model.train()
+    optimizers = setup_optimizers(model)
+    gen = torch.Generator().manual_seed(seed)
+    losses = []
+    t0 = time.time()
+    for step in range(s.pretrain_steps):
+        rows = torch.randint(0, idx.size(0), (s.pretrain_batch,), generator=gen)
+        loss = model(idx[rows], targets[rows])
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        lrm = lr_multiplier(step, s.pretrain_steps, 0.0, 0.3)
+        set_lr_multiplier(optimizers, lrm)
+        set_muon_momentum(optimizers, muon_momentum(step))
+        for opt in optimizers:
+            opt.step()
+        model.zero_grad(set_to_none=True)
+        losses.append(loss.item())
+        if step % 50 == 0 or step == s.pretrain_steps - 1:
+            print(f"pretrain step {step:04d}/{s.pretrain_steps} | answer loss {losses[-1]:.4f} | lrm {lrm:.2f} | "
+                  f"{time.time() - t0:.0f}s", flush=True)
+    os.makedirs(out_dir, exist_ok=True)
+    cm.save_model(out_dir, s.pretrain_steps, model, extra_meta={
+        "produced_by": "tiny_experiment.pipeline.pretrain (answer-only loss on synthetic task pages)",
+        "final_loss": losses[-1]})
+    copy_tokenizer(tokenizer_dir, out_dir)
+    return {"losses": losses, "checkpoint_dir": out_dir}
+
+
+# -----------------------------------------------------------------------------
+# Surgery and phases: the project's scripts, called in-process
+
+def surgery_create(src, dst, settings, seed):
+    from scripts import surgery
+    return surgery.main(["--src", src, "--dst", dst, "--new-dim", str(settings.n_embd), "--pattern", settings.layer_pattern,
+                         "--mamba", str(settings.mamba_version), "--mamba-headdim", str(settings.mamba_headdim),
+                         "--mamba-ffn", settings.mamba_ffn, "--adaptive", "--exit-stride", str(settings.exit_stride),
+                         "--width-levels", settings.width_levels, "--seed", str(seed)])
+
+
+def surgery_grow(src, dst, settings, seed):
+    from scripts import surgery
+    return surgery.main(["--src", src, "--dst", dst, "--expand-from", str(settings.n_embd),
+                         "--new-dim", str(settings.grow_dim), "--width-levels", settings.grown_width_levels,
+                         "--seed", str(seed)])
+
+
+def fractal_phase(phase, checkpoint, out_dir, data_dir, steps, settings, seed):
+    from scripts import fractal_train
+    B, T = settings.phase_batch, settings.seq_len
+    argv = [f"--phase={phase}", f"--checkpoint={checkpoint}", f"--out-dir={out_dir}", f"--data-dir={data_dir}",
+            "--device=cpu", f"--num-iterations={steps}", f"--device-batch-size={B}", f"--max-seq-len={T}",
+            f"--total-batch-size={B * T}", "--eval-every=-1", f"--seed={seed}", f"--controller-lr={settings.controller_lr}"]
+    k = settings.phase_lr_scale
+    defaults = {"matrix-lr": 0.02, "embedding-lr": 0.2, "unembedding-lr": 0.004, "scalar-lr": 0.004}  # fractal_train's
+    argv += [f"--{name}={k * lr}" for name, lr in defaults.items()]
+    if phase >= 2:
+        argv.append("--sample-dim")  # each block its own random width: the predictor plans per block
+    if phase == 3:
+        argv.append(f"--expanded-dim={settings.grow_dim}")
+    return fractal_train.main(argv)
+
+
+def calibrate_and_save(checkpoint, out_dir, tokenizer, calib_pages, settings):
+    """Fit the gates' isotonic maps on calib-split pages (the decode positions only), save the final model."""
+    from nanochat.confidence_probe import calibrate_gates
+    model, meta = cm.load_model(checkpoint)
+    idx, targets = gate_rows(tokenizer, calib_pages[:settings.calib_problems_pages], settings.seq_len, {})
+    batches = [(idx[i:i + 32], targets[i:i + 32]) for i in range(0, idx.size(0), 32)]
+    info = calibrate_gates(model, batches)
+    step = meta["checkpoint_step"]
+    keep = {k: meta[k] for k in ("phase", "lineage", "surgery", "source") if k in meta}
+    cm.save_model(out_dir, step, model, extra_meta=dict(keep, calibration={
+        "data": "calib-split pages, positions whose input and target are in one completion", **info}))
+    copy_tokenizer(meta["checkpoint_dir"], out_dir)
+    return {"checkpoint_dir": out_dir, "checkpoint": cm.model_path(out_dir, step), "calibration": info}

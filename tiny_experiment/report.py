@@ -1,0 +1,153 @@
+"""
+What the experiment reports: the per-difficulty block of results.json, the targets (pass/fail, and the
+measured reason when one is missed), the table on stdout and two plots (matplotlib, Agg backend).
+"""
+import math
+import os
+
+from tiny_experiment.tasks import DIFFICULTIES
+
+TAU = 0.95  # the engine's default exit threshold in auto mode: the precision target is stated at it
+TARGETS = {
+    "accuracy": "adaptive accuracy within 2 points of full width on every difficulty",
+    "easy_compute_saved": ">= 30% compute saved on easy problems (adaptive)",
+    "hard_vs_easy_compute": "hard problems get >= 1.3x the compute fraction of easy ones (adaptive)",
+    "exit_precision": f">= 0.95 of exited tokens agree with the full model's top-1 at tau = {TAU}",
+}
+
+
+def difficulty_block(ev):
+    """The results.json 'difficulties' block from evaluate_model's output."""
+    s = ev["settings"]
+    out = {}
+    for d in DIFFICULTIES:
+        auto = s["auto"][d]
+        out[d] = {
+            "full_accuracy": s["think"][d]["accuracy"],
+            "adaptive_accuracy": auto["accuracy"],
+            "mode_accuracy": {m: s[m][d]["accuracy"] for m in ("ghost", "whisper", "normal", "think", "auto")},
+            "level_accuracy": {k: s[k][d]["accuracy"] for k in ev["level_names"]},
+            "level_compute_fraction": {k: s[k][d]["compute_fraction"] for k in ev["level_names"]},
+            "mean_exit_layer": auto["mean_exit_layer"],
+            "mean_width": auto["mean_width"],
+            "compute_fraction": auto["compute_fraction"],
+            "exit_rate": auto["exit_rate"],
+            "exit_precision": auto["exit_precision"],
+            "n_exited": auto["n_exited"],
+            "widen_rate": auto["widen_rate"],
+            "predicted_mean_width": auto["predicted_mean_width"],
+            "plan_by_block": auto["plan_by_block"],
+        }
+        if "dense" in s:
+            out[d]["dense_gpt_accuracy"] = s["dense"][d]["accuracy"]
+    return out
+
+
+def check_targets(results):
+    """{name: {"pass", "value", "threshold", "target", "reason"}}; reason says what was measured when missed."""
+    D = results["difficulties"]
+    t = {}
+    gaps = {d: D[d]["full_accuracy"] - D[d]["adaptive_accuracy"] for d in DIFFICULTIES}
+    worst = max(gaps, key=gaps.get)
+    ok = all(g <= 0.02 + 1e-9 for g in gaps.values())
+    t["accuracy"] = {"pass": ok, "value": gaps, "threshold": 0.02,
+                     "reason": None if ok else (
+                         f"{worst}: full {D[worst]['full_accuracy']:.3f} vs adaptive {D[worst]['adaptive_accuracy']:.3f} "
+                         f"(predicted mean width {D[worst]['predicted_mean_width']:.0f}, exit rate {D[worst]['exit_rate']:.2f}, "
+                         f"exit precision {D[worst]['exit_precision']:.3f})")}
+    saved = 1 - D["easy"]["compute_fraction"]
+    ok = saved >= 0.30
+    t["easy_compute_saved"] = {"pass": ok, "value": saved, "threshold": 0.30,
+                               "reason": None if ok else (
+                                   f"easy compute fraction {D['easy']['compute_fraction']:.3f}: predicted mean width "
+                                   f"{D['easy']['predicted_mean_width']:.0f}, exit rate {D['easy']['exit_rate']:.2f}, "
+                                   f"mean exit layer {D['easy']['mean_exit_layer']:.2f}")}
+    ratio = D["hard"]["compute_fraction"] / D["easy"]["compute_fraction"]
+    ok = ratio >= 1.3
+    t["hard_vs_easy_compute"] = {"pass": ok, "value": ratio, "threshold": 1.3,
+                                 "reason": None if ok else (
+                                     f"compute fraction hard {D['hard']['compute_fraction']:.3f} vs easy "
+                                     f"{D['easy']['compute_fraction']:.3f}; predicted mean width hard "
+                                     f"{D['hard']['predicted_mean_width']:.0f} vs easy {D['easy']['predicted_mean_width']:.0f}")}
+    n_exit = sum(D[d]["n_exited"] for d in DIFFICULTIES)
+    agree = sum(D[d]["exit_precision"] * D[d]["n_exited"] for d in DIFFICULTIES if D[d]["n_exited"])
+    prec = agree / n_exit if n_exit else float("nan")
+    ok = n_exit > 0 and prec >= 0.95
+    t["exit_precision"] = {"pass": ok, "value": prec, "threshold": 0.95, "n_exited": n_exit,
+                           "reason": None if ok else ("no decode token exited at tau = 0.95" if n_exit == 0 else
+                                                      f"{n_exit} exited tokens, {prec:.3f} agree with the full model")}
+    for k in t:
+        t[k]["target"] = TARGETS[k]
+    return t
+
+
+def fmt(x, p=3):
+    return "  n/a" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{x:.{p}f}"
+
+
+def print_table(results):
+    D = results["difficulties"]
+    cols = ["full_accuracy", "adaptive_accuracy", "compute_fraction", "mean_exit_layer", "mean_width",
+            "predicted_mean_width", "exit_rate", "exit_precision"]
+    short = ["full acc", "adapt acc", "compute", "exit layer", "mean width", "pred width", "exit rate", "exit prec"]
+    print("\n" + f"{'':<8}" + "".join(f"{h:>12}" for h in short))
+    for d in DIFFICULTIES:
+        print(f"{d:<8}" + "".join(f"{fmt(D[d][c], 1 if 'width' in c else 3):>12}" for c in cols))
+    modes = list(D["easy"]["mode_accuracy"]) + list(D["easy"]["level_accuracy"])
+    print("\naccuracy by compute setting (mode -> width level: " +
+          ", ".join(f"{m} {w}" for m, w in results["mode_levels"].items()) + ")")
+    print(f"{'':<8}" + "".join(f"{m:>9}" for m in modes) + (f"{'dense GPT':>11}" if "dense_gpt_accuracy" in D["easy"] else ""))
+    for d in DIFFICULTIES:
+        accs = {**D[d]["mode_accuracy"], **D[d]["level_accuracy"]}
+        print(f"{d:<8}" + "".join(f"{accs[m]:>9.3f}" for m in modes) +
+              (f"{D[d]['dense_gpt_accuracy']:>11.3f}" if "dense_gpt_accuracy" in D[d] else ""))
+    print("\ntargets")
+    for k, v in results["targets"].items():
+        val = v["value"]
+        shown = ", ".join(f"{d} {g:+.3f}" for d, g in val.items()) if isinstance(val, dict) else fmt(val)
+        print(f"  [{'PASS' if v['pass'] else 'FAIL'}] {v['target']}: {shown}" + ("" if v["pass"] else f"  -- {v['reason']}"))
+
+
+def make_plots(results, out_dir):
+    """compute_vs_accuracy.png (one panel per difficulty) and width_by_block.png; returns their paths."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    D = results["difficulties"]
+    paths = {}
+    fig, axes = plt.subplots(1, len(DIFFICULTIES), figsize=(4 * len(DIFFICULTIES), 3.6), sharey=True)
+    for ax, d in zip(axes, DIFFICULTIES):
+        lv = D[d]["level_accuracy"]
+        xs = [D[d]["level_compute_fraction"][k] for k in lv]
+        ax.plot(xs, list(lv.values()), "o-", color="gray", label="fixed width")
+        for k, x, y in zip(lv, xs, lv.values()):
+            ax.annotate(k, (x, y), textcoords="offset points", xytext=(4, -10), fontsize=7)
+        ax.plot([D[d]["compute_fraction"]], [D[d]["adaptive_accuracy"]], "r*", markersize=12, label="auto")
+        ax.set_title(d)
+        ax.set_xlabel("compute fraction (FLOPs / full)")
+        ax.set_xlim(0, 1.1)
+        ax.set_ylim(-0.02, 1.02)
+        ax.grid(alpha=0.3)
+    axes[0].set_ylabel("exact-match accuracy (test)")
+    axes[0].legend(loc="lower right", fontsize=8)
+    fig.tight_layout()
+    paths["compute_vs_accuracy"] = os.path.join(out_dir, "compute_vs_accuracy.png")
+    fig.savefig(paths["compute_vs_accuracy"], dpi=110)
+    plt.close(fig)
+
+    fig, ax = plt.subplots(figsize=(7, 3.6))
+    n = len(D["easy"]["plan_by_block"])
+    width = 0.8 / len(DIFFICULTIES)
+    for i, d in enumerate(DIFFICULTIES):
+        ax.bar([j + (i - 1) * width for j in range(n)], D[d]["plan_by_block"], width=width, label=d)
+    ax.set_xticks(range(n))
+    ax.set_xticklabels([f"{j}\n{k}" for j, k in enumerate(results["layer_kinds"])])
+    ax.set_xlabel("block (mixer+FFN kind)")
+    ax.set_ylabel("mean planned width (auto)")
+    ax.legend(fontsize=8)
+    ax.grid(axis="y", alpha=0.3)
+    fig.tight_layout()
+    paths["width_by_block"] = os.path.join(out_dir, "width_by_block.png")
+    fig.savefig(paths["width_by_block"], dpi=110)
+    plt.close(fig)
+    return paths
