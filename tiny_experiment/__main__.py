@@ -119,6 +119,7 @@ def run(args, out, settings):
         "final_checkpoint": final["checkpoint"],
         "seconds": None,
         "mode_levels": ev["mode_levels"],
+        "definitions": report.DEFINITIONS,
         "overall": {name: s["all"] for name, s in ev["settings"].items()},
         "teacher_forced_reliability": reliability,
         "model": {"n_layer": c.n_layer, "n_embd": c.n_embd, "n_head": c.n_head, "layer_pattern": c.layer_pattern,

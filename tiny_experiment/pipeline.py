@@ -66,9 +66,10 @@ class Settings:
     grow_dim: int = 256
     grown_width_levels: str = "32,64,128,256"
     phase3_steps: int = 60
+    phase3_batch: int = 16
     # evaluation sizes (how many held-out problems, not how they are scored)
     eval_problems: int = 200       # per difficulty, test split
-    calib_problems_pages: int = 300  # calib pages used to fit the gate calibration
+    calib_gate_pages: int = 300  # calib pages used to fit the gate calibration
 
     def to_dict(self):
         return asdict(self)
@@ -78,7 +79,7 @@ def quick_settings():
     """--quick: the same pipeline, smaller and shorter (for tests; its numbers mean little)."""
     return Settings(train_pages=600, calib_pages=60, n_embd=64, n_head=2, pretrain_steps=60, pretrain_batch=16,
                     width_levels="32,64", phase_batch=4, phase1_steps=4, phase2_steps=6, grow_dim=128,
-                    grown_width_levels="32,64,128", phase3_steps=4, eval_problems=24, calib_problems_pages=40)
+                    grown_width_levels="32,64,128", phase3_steps=4, phase3_batch=4, eval_problems=24, calib_gate_pages=40)
 
 
 class Timer:
@@ -229,13 +230,13 @@ def surgery_grow(src, dst, settings, seed):
 
 def fractal_phase(phase, checkpoint, out_dir, data_dir, steps, settings, seed):
     from scripts import fractal_train
-    B, T = settings.phase_batch, settings.seq_len
+    B, T = (settings.phase3_batch if phase == 3 else settings.phase_batch), settings.seq_len
     argv = [f"--phase={phase}", f"--checkpoint={checkpoint}", f"--out-dir={out_dir}", f"--data-dir={data_dir}",
             "--device=cpu", f"--num-iterations={steps}", f"--device-batch-size={B}", f"--max-seq-len={T}",
             f"--total-batch-size={B * T}", "--eval-every=-1", f"--seed={seed}", f"--controller-lr={settings.controller_lr}"]
-    k = settings.phase_lr_scale
-    defaults = {"matrix-lr": 0.02, "embedding-lr": 0.2, "unembedding-lr": 0.004, "scalar-lr": 0.004}  # fractal_train's
-    argv += [f"--{name}={k * lr}" for name, lr in defaults.items()]
+    defaults = fractal_train.get_args(["--phase=1", "--checkpoint=unused"])  # fractal_train's own default rates
+    argv += [f"--{name.replace('_', '-')}={settings.phase_lr_scale * getattr(defaults, name)}"
+             for name in ("matrix_lr", "embedding_lr", "unembedding_lr", "scalar_lr")]
     if phase >= 2:
         argv.append("--sample-dim")  # each block its own random width: the predictor plans per block
     if phase == 3:
@@ -247,7 +248,7 @@ def calibrate_and_save(checkpoint, out_dir, tokenizer, calib_pages, settings):
     """Fit the gates' isotonic maps on calib-split pages (the decode positions only), save the final model."""
     from nanochat.confidence_probe import calibrate_gates
     model, meta = cm.load_model(checkpoint)
-    idx, targets = gate_rows(tokenizer, calib_pages[:settings.calib_problems_pages], settings.seq_len, {})
+    idx, targets = gate_rows(tokenizer, calib_pages[:settings.calib_gate_pages], settings.seq_len, {})
     batches = [(idx[i:i + 32], targets[i:i + 32]) for i in range(0, idx.size(0), 32)]
     info = calibrate_gates(model, batches)
     step = meta["checkpoint_step"]

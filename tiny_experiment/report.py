@@ -16,6 +16,22 @@ TARGETS = {
 }
 
 
+DEFINITIONS = {
+    "full_accuracy": "exact match of the greedy completion, mode think (every block at full width, no exits)",
+    "adaptive_accuracy": "the same in mode auto: the predictor's width plan, gates at the engine's defaults "
+                         "(exit > 0.95, widen < 0.5, plan epsilon 0.02)",
+    "mode_accuracy": "per named mode; at toy width the modes snap to levels as in mode_levels",
+    "compute_fraction": "auto: engine-counted FLOPs / the full model's FLOPs on the same tokens (prompt + answer "
+                        "up to its newline), summed over the problems",
+    "mean_exit_layer": "auto: mean over decode tokens of the blocks run (n_layer = no exit)",
+    "mean_width": "auto: mean width over the blocks each token ran, prompt and decode tokens",
+    "predicted_mean_width": "auto: mean of the width predictor's plan over blocks and problems",
+    "exit_rate": "auto: fraction of decode tokens that exited before the last block",
+    "exit_precision": "auto: fraction of exited tokens equal to the full model's top-1 (teacher-forced full-width "
+                      "forward of the sequence the auto run produced)",
+}
+
+
 def difficulty_block(ev):
     """The results.json 'difficulties' block from evaluate_model's output."""
     s = ev["settings"]
