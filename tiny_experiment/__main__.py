@@ -12,6 +12,7 @@ results).
 """
 import argparse
 import json
+import math
 import os
 import random
 import shutil
@@ -28,7 +29,7 @@ RESULTS = "results.json"
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description="Adamba's whole pipeline at toy scale on a CPU, evaluated on held-out problems")
+    p = argparse.ArgumentParser(prog="python -m tiny_experiment", description="Adamba's whole pipeline at toy scale on a CPU, evaluated on held-out problems")
     p.add_argument("--out", type=str, default=None, help="output directory (default <base_dir>/tiny_experiment)")
     p.add_argument("--seed", type=int, default=0, help="seed of the splits, corpus, init and every sampler")
     p.add_argument("--quick", action="store_true", help="a smaller, shorter run for tests (its numbers are not results)")
@@ -56,6 +57,16 @@ def heldout_check(train_pages, calib_pages, test):
     if overlap:
         raise AssertionError(f"held-out test questions occur in the training/calibration corpus: {overlap[:5]}")
     return {"test_questions": len(test_q), "corpus_questions": len(seen), "overlap": len(overlap)}
+
+
+def nan_to_null(x):
+    if isinstance(x, float) and math.isnan(x):
+        return None
+    if isinstance(x, dict):
+        return {k: nan_to_null(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [nan_to_null(v) for v in x]
+    return x
 
 
 def main(argv=None):
@@ -143,7 +154,7 @@ def run(args, out, settings):
     results["seconds"] = round(time.time() - t0, 1)
     results["cpu_seconds"] = round(sum(s["cpu_s"] for s in timer.stages.values()), 1)
     with open(os.path.join(out, RESULTS), "w") as f:
-        json.dump(results, f, indent=2, allow_nan=True)
+        json.dump(nan_to_null(results), f, indent=2, allow_nan=False)  # strict JSON: nan (e.g. no exits) -> null
     report.print_table(results)
     print(f"\n{results['seconds']:.0f}s wall ({results['cpu_seconds']:.0f}s cpu in the timed stages, {results['threads']} "
           f"thread(s), load average {load0[0]:.1f} -> {results['loadavg']['end'][0]:.1f}) | results in {out}/{RESULTS}")
