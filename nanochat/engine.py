@@ -7,7 +7,9 @@ the same function, and tests/test_engine.py compares the two):
 - Every row has a base plan, one width per block: a fixed mode (ghost/whisper/normal/think, see
   matryoshka.mode_plan), an explicit plan, or "auto": the LayerDimPredictor's plan from the prompt. In
   auto the prompt's first config.predictor_after blocks run at full width (the predictor reads their
-  output) and the rest at the plan; generated tokens run the plan in every block.
+  output), so the plan keeps those blocks at full width for generated tokens too: prompt and generated
+  tokens run one static plan, the kind training sees (a block whose prompt keys were computed at full
+  width but whose later queries run narrow is a mix training never shows the model).
 - Generated tokens, after each gated exit block j (config.exit_blocks() but the last), ask the gate
   (calibrated probability p that exiting is safe):
     p > exit_threshold: the token exits; its residual freezes and its logits are the readout of it.
@@ -297,6 +299,7 @@ class Engine:
         c, ctrl = self.model.config, self.model.controllers
         delta = ctrl.predictor(ctrl.predictor.pool(x))
         st.plan = ctrl.predictor.plan(delta, epsilon, ctrl.matters)
+        st.plan[:, :c.predictor_after] = c.n_embd  # the blocks the prompt already ran at full width
         st.prompt_widths[:, c.predictor_after:] = st.plan[:, c.predictor_after:]
         flops += ctrl.predictor.flops()
 

@@ -263,3 +263,20 @@ def test_runs_under_bf16_autocast():
     with torch.autocast("cpu", dtype=torch.bfloat16):
         res = Engine(model).generate_batch([[1, 2, 3]] * 2, 5, plan="auto", exit_threshold=0.8, expand_threshold=0.25)
     assert all(len(t) == 5 for t in res.tokens)
+
+
+def test_auto_runs_one_static_plan():
+    """In auto, generated tokens run the same widths as the prompt in every block (the blocks the predictor
+    reads stay full), so without gating the logits are the fixed plan's forward."""
+    model = build(predictor_after=1).eval()
+    prompt = [[3, 1, 4, 1, 5, 9]]
+    # a huge epsilon accepts any predicted loss increase: the predictor picks the narrowest level wherever width matters
+    res = Engine(model).generate_batch(prompt, 4, plan="auto", exit_threshold=1.0, expand_threshold=0.0, plan_epsilon=1e9)
+    plan = res.prompt_widths[0]
+    assert plan[0] == 64 and (plan[1:] < 64).any()
+    for s in res.steps[1:]:
+        assert torch.equal(s.widths[0], plan)
+    idx = torch.tensor([prompt[0] + [s.tokens[0] for s in res.steps[:-1]]])
+    ref = model(idx, width=plan.tolist())[0, len(prompt[0]) - 1:]
+    got = torch.stack([s.logits[0] for s in res.steps])
+    torch.testing.assert_close(got, ref, rtol=0, atol=1e-4)
