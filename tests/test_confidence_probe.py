@@ -8,6 +8,7 @@ from nanochat.hybrid_gpt import HybridGPT, HybridConfig
 from nanochat.confidence_probe import (controller_losses, isotonic_steps, reliability_table, gate_scores,
                                        calibrate_gates, ConfidenceGate, LayerDimPredictor)
 from nanochat.checkpoint_manager import save_model, load_model
+from testutil import fill_zero_matrices
 
 V = 64
 
@@ -19,11 +20,7 @@ def build(seed=0, **kw):
     torch.manual_seed(seed)
     model = HybridGPT(HybridConfig(**base))
     model.init_weights()
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if not name.startswith("controllers.") and p.ndim >= 2 and p.abs().sum() == 0:
-                p.copy_(torch.randn(p.shape, generator=g) * 0.3)
+    fill_zero_matrices(model, 0.3, torch.Generator().manual_seed(seed))
     return model
 
 

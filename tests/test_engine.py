@@ -9,6 +9,7 @@ from nanochat.gpt import GPT, GPTConfig
 from nanochat.hybrid_gpt import HybridGPT, HybridConfig
 from nanochat.engine import Engine, MODES
 from nanochat.checkpoint_manager import save_model
+from testutil import fill_zero_matrices
 
 HAS_MAMBA = importlib.util.find_spec("nanochat.mamba_block") is not None
 HAS_MOE = importlib.util.find_spec("nanochat.moe") is not None
@@ -31,10 +32,8 @@ def build(seed=0, **kw):
     model = HybridGPT(tiny_config(**kw))
     model.init_weights()
     g = torch.Generator().manual_seed(seed)
+    fill_zero_matrices(model, 0.3, g)
     with torch.no_grad():
-        for name, p in model.named_parameters():
-            if not name.startswith("controllers.") and p.ndim >= 2 and p.abs().sum() == 0:
-                p.copy_(torch.randn(p.shape, generator=g) * 0.3)
         gate = model.controllers.gate
         for p, std in ((gate.fc.weight, 0.15), (gate.gate_embed, 0.3), (gate.out.weight, 1.0)):
             p.copy_(torch.randn(p.shape, generator=g) * std)

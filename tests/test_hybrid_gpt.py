@@ -9,6 +9,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from nanochat.gpt import GPT, GPTConfig, CausalSelfAttention, MLP, norm, LOGIT_SOFTCAP
 from nanochat.hybrid_gpt import HybridGPT, HybridConfig
 from nanochat.checkpoint_manager import save_model, load_model
+from testutil import fill_zero_matrices
 
 HAS_MAMBA = importlib.util.find_spec("nanochat.mamba_block") is not None
 HAS_MOE = importlib.util.find_spec("nanochat.moe") is not None
@@ -26,12 +27,7 @@ def tiny_config(**kw):
 
 
 def randomize_outputs(model, std=0.2, seed=0):
-    """Fresh init zeroes every residual-writing projection; give them values so tests can see them."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if p.abs().sum() == 0 and p.ndim >= 2:
-                p.copy_(torch.randn(p.shape, generator=g) * std)
+    fill_zero_matrices(model, std, torch.Generator().manual_seed(seed))
 
 
 def build(seed=0, **kw):
