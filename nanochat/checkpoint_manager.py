@@ -22,7 +22,7 @@ import zipfile
 
 import torch
 
-from nanochat.common import expand_path, get_logger
+from nanochat.common import expand_path, get_logger, TOKENIZER_FILES
 
 log = get_logger(__name__)
 
@@ -120,6 +120,28 @@ def save_model(checkpoint_dir, step, model, extra_meta=None, optim_state=None, r
     meta.update(extra_meta or {})
     save_checkpoint(checkpoint_dir, step, model.state_dict(), meta, optim_state=optim_state, rank=rank)
     return meta
+
+
+def copy_tokenizer_files(src_dir, dst_dir, names=TOKENIZER_FILES, overwrite=False):
+    """
+    Put the tokenizer's files beside a checkpoint (names that src_dir lacks are skipped), each copied
+    atomically. A different file already under that name is an error unless overwrite: a checkpoint
+    directory must not mix two tokenizers.
+    """
+    os.makedirs(dst_dir, exist_ok=True)
+    for name in names:
+        src, dst = os.path.join(src_dir, name), os.path.join(dst_dir, name)
+        if not os.path.exists(src):
+            continue
+        with open(src, "rb") as f:
+            data = f.read()
+        if os.path.exists(dst) and not overwrite:
+            with open(dst, "rb") as f:
+                if f.read() != data:
+                    raise CheckpointError(f"{dst} differs from {src}: this checkpoint directory was made with another "
+                                          "tokenizer; use its own tokenizer or another output directory")
+            continue
+        _atomic_write(dst, lambda f: f.write(data))
 
 
 # -----------------------------------------------------------------------------

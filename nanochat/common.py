@@ -12,6 +12,11 @@ import torch.distributed as dist
 
 _LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 
+# the tokenizer's files, nanochat's names; they travel with every checkpoint directory
+TOKENIZER_FILENAME = "tokenizer.pkl"
+TOKEN_BYTES_FILENAME = "token_bytes.pt"
+TOKENIZER_FILES = (TOKENIZER_FILENAME, TOKEN_BYTES_FILENAME)
+
 
 def setup_logging(level=logging.INFO):
     """Configure the root logger once; later calls are no-ops."""

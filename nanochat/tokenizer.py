@@ -35,8 +35,7 @@ SPECIAL_TOKENS = [
 # It must stay byte-identical to nanochat's for its tokenizer.pkl to mean the same thing.
 SPLIT_PATTERN = r"""'(?i:[sdmt]|ll|ve|re)|[^\r\n\p{L}\p{N}]?+\p{L}+|\p{N}{1,2}| ?[^\s\p{L}\p{N}]++[\r\n]*|\s*[\r\n]|\s+(?!\S)|\s+"""
 
-TOKENIZER_FILENAME = "tokenizer.pkl"
-TOKEN_BYTES_FILENAME = "token_bytes.pt"
+from nanochat.common import TOKENIZER_FILENAME, TOKEN_BYTES_FILENAME  # noqa: E402 (the names live with the other shared constants)
 
 
 class Tokenizer:

@@ -20,7 +20,6 @@ import os
 os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
 import math
 import time
-import shutil
 import argparse
 from contextlib import nullcontext
 
@@ -31,7 +30,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from nanochat.common import (compute_init, compute_cleanup, print0, autodetect_device_type, autocast_context,
                              get_base_dir, expand_path, init_wandb, synchronize, peak_memory_gib)
 from nanochat.gpt import GPT, GPTConfig
-from nanochat.tokenizer import Tokenizer, get_token_bytes, default_tokenizer_dir, TOKENIZER_FILENAME, TOKEN_BYTES_FILENAME
+from nanochat.tokenizer import Tokenizer, get_token_bytes, default_tokenizer_dir, TOKEN_BYTES_FILENAME
 from nanochat.dataset import get_data_dir, split_parquet_files
 from nanochat.dataloader import tokenizing_distributed_data_loader
 from nanochat.loss_eval import evaluate_bpb
@@ -185,15 +184,7 @@ def main(argv=None):
                          f"continue that run, or use another --out-dir")
     if master:
         # the tokenizer travels with the checkpoints; on resume it must be the one the run started with
-        os.makedirs(out_dir, exist_ok=True)
-        for name in (TOKENIZER_FILENAME, TOKEN_BYTES_FILENAME):
-            src, dst = os.path.join(tokenizer_dir, name), os.path.join(out_dir, name)
-            if os.path.exists(dst) and open(src, "rb").read() != open(dst, "rb").read():
-                raise ValueError(f"{dst} differs from {src}: this checkpoint directory was trained with another "
-                                 f"tokenizer; use its own tokenizer (--tokenizer-dir={out_dir}) or another --out-dir")
-            if not os.path.exists(dst):
-                shutil.copyfile(src, dst + ".tmp")
-                os.replace(dst + ".tmp", dst)  # never a half-copied tokenizer under the real name
+        cm.copy_tokenizer_files(tokenizer_dir, out_dir)
 
     # -------------------------------------------------------------------------
     # Data (train loader resumes exactly; val loaders are rebuilt for each evaluation)

@@ -45,7 +45,6 @@ import os
 import math
 import time
 import random
-import shutil
 import argparse
 
 import torch
@@ -363,11 +362,7 @@ def main(argv=None):
     # -------------------------------------------------------------------------
     # Data: one train stream per data shard of this rank; the val batches are read once and kept
     if master:  # the tokenizer travels with the checkpoints (the next phase and surgery read it there)
-        os.makedirs(out_dir, exist_ok=True)
-        dst = os.path.join(out_dir, TOKENIZER_FILENAME)
-        if not os.path.exists(dst):
-            shutil.copyfile(os.path.join(tok_dir, TOKENIZER_FILENAME), dst + ".tmp")
-            os.replace(dst + ".tmp", dst)
+        cm.copy_tokenizer_files(tok_dir, out_dir)
         if not os.path.exists(os.path.join(out_dir, TOKEN_BYTES_FILENAME)):
             save_token_bytes(tokenizer, out_dir)
     loaders = {j: tokenizing_distributed_data_loader(tokenizer, B, T, "train", data_dir=data_dir, device=device,

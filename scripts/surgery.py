@@ -44,13 +44,12 @@ import resource
 
 import torch
 
-from nanochat.common import get_base_dir, expand_path, print0
+from nanochat.common import get_base_dir, expand_path, print0, TOKENIZER_FILES
 from nanochat.checkpoint_manager import (CheckpointError, resolve_checkpoint, load_meta, model_kind_of, get_model_kind,
-                                         model_path, clean_state_dict, save_checkpoint, list_steps, load_torch_file)
+                                         model_path, clean_state_dict, save_checkpoint, list_steps, load_torch_file, copy_tokenizer_files)
 from nanochat.hybrid_gpt import HybridConfig
 from nanochat import surgery
 
-TOKENIZER_FILES = ("tokenizer.pkl", "token_bytes.pt")
 
 
 def parse_args(argv=None):
@@ -256,8 +255,8 @@ def main(argv=None):
                 os.remove(os.path.join(dst, f))
     meta = {"model_kind": "hybrid", "model_config": config.to_dict(), "step": step, "surgery": record}
     save_checkpoint(dst, step, state, meta)
-    for f in tokenizer_files:
-        shutil.copy2(f, os.path.join(dst, os.path.basename(f)))
+    if tokenizer_files:
+        copy_tokenizer_files(os.path.dirname(tokenizer_files[0]), dst, overwrite=True)
     dt, rss = time.time() - t0, peak_rss_gib()
     print0(f"wrote {dst} (step {step}) in {dt:.1f}s, peak RSS {rss:.2f} GiB")
     return {"dst": dst, "step": step, "op": record["op"], "max_abs_dlogit": dlogit, "params_before": before,

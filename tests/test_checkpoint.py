@@ -196,3 +196,21 @@ def test_optimizer_files_per_rank_and_exact_resume(tmp_path):
     train_step(resumed, resumed_opts)
     for k, v in model.state_dict().items():
         assert torch.equal(resumed.state_dict()[k], v), k
+
+
+def test_copy_tokenizer_files(tmp_path):
+    from nanochat.checkpoint_manager import copy_tokenizer_files
+    src, other, dst = tmp_path / "src", tmp_path / "other", tmp_path / "dst"
+    for d, body in ((src, b"A"), (other, b"B")):
+        d.mkdir()
+        (d / "tokenizer.pkl").write_bytes(body)
+        (d / "token_bytes.pt").write_bytes(body * 2)
+    copy_tokenizer_files(src, dst)
+    copy_tokenizer_files(src, dst)  # the same tokenizer again is fine
+    assert (dst / "tokenizer.pkl").read_bytes() == b"A" and (dst / "token_bytes.pt").read_bytes() == b"AA"
+    with pytest.raises(CheckpointError, match="another tokenizer"):
+        copy_tokenizer_files(other, dst)
+    assert (dst / "tokenizer.pkl").read_bytes() == b"A"  # nothing replaced
+    copy_tokenizer_files(other, dst, overwrite=True)
+    assert (dst / "tokenizer.pkl").read_bytes() == b"B"
+    assert sorted(p.name for p in dst.iterdir()) == ["token_bytes.pt", "tokenizer.pkl"]  # no temp files left

@@ -19,7 +19,6 @@ part of the loss is a constant floor (ln 10 per digit) that no width changes.
 """
 import os
 import random
-import shutil
 import time
 from dataclasses import dataclass, asdict
 
@@ -30,9 +29,9 @@ import torch
 from nanochat.dataset import shard_filename, SYNTHETIC_KEY
 from nanochat.gpt import GPT, GPTConfig
 from nanochat.optim import setup_optimizers, lr_multiplier, set_lr_multiplier, muon_momentum, set_muon_momentum
-from nanochat.tokenizer import Tokenizer, TOKENIZER_FILENAME, TOKEN_BYTES_FILENAME
+from nanochat.tokenizer import Tokenizer
 from nanochat import checkpoint_manager as cm
-from tiny_experiment.tasks import DIFFICULTIES, make_pages, page_text, encode_page
+from tiny_experiment.tasks import make_pages, page_text, encode_page
 
 
 @dataclass
@@ -157,11 +156,6 @@ def gate_rows(tokenizer, pages, T, cache):
     return torch.tensor(idx, dtype=torch.long), torch.tensor(tgt, dtype=torch.long)
 
 
-def copy_tokenizer(tokenizer_dir, dst):
-    for name in (TOKENIZER_FILENAME, TOKEN_BYTES_FILENAME):
-        shutil.copyfile(os.path.join(tokenizer_dir, name), os.path.join(dst, name))
-
-
 # -----------------------------------------------------------------------------
 # Pretraining: a dense nanochat GPT, loss on the answers only
 
@@ -206,7 +200,7 @@ def pretrain(tokenizer, tokenizer_dir, train_pages, out_dir, settings, seed):
     cm.save_model(out_dir, s.pretrain_steps, model, extra_meta={
         "produced_by": "tiny_experiment.pipeline.pretrain (answer-only loss on synthetic task pages)",
         "final_loss": losses[-1]})
-    copy_tokenizer(tokenizer_dir, out_dir)
+    cm.copy_tokenizer_files(tokenizer_dir, out_dir, overwrite=True)
     return {"losses": losses, "checkpoint_dir": out_dir}
 
 
@@ -255,5 +249,5 @@ def calibrate_and_save(checkpoint, out_dir, tokenizer, calib_pages, settings):
     keep = {k: meta[k] for k in ("phase", "lineage", "surgery", "source") if k in meta}
     cm.save_model(out_dir, step, model, extra_meta=dict(keep, calibration={
         "data": "calib-split pages, positions whose input and target are in one completion", **info}))
-    copy_tokenizer(meta["checkpoint_dir"], out_dir)
+    cm.copy_tokenizer_files(meta["checkpoint_dir"], out_dir, overwrite=True)
     return {"checkpoint_dir": out_dir, "checkpoint": cm.model_path(out_dir, step), "calibration": info}
