@@ -229,7 +229,7 @@ class MoE(nn.Module):
         E, k = self.num_experts, self.top_k
         xf = x.reshape(B * T, w)
         real = mask.reshape(-1).nonzero().squeeze(1) if mask is not None else None  # (n,) real token rows
-        xr = xf[real] if real is not None else xf  # (n, w)
+        xr = xf.index_select(0, real) if real is not None else xf  # (n, w)
         n = xr.shape[0]
         dev = x.device
         cdtype = torch.get_autocast_dtype(dev.type) if torch.is_autocast_enabled(dev.type) else x.dtype
@@ -237,27 +237,28 @@ class MoE(nn.Module):
         logits, probs, top_idx, gate = self.route(xr, w)
         capacity = self.capacity(n)
 
-        # sort the (token, expert) assignments by expert; the stable sort keeps token order inside an expert
-        expert_flat = top_idx.reshape(-1)  # (n*k,) token-major
-        order = torch.sort(expert_flat, stable=True).indices  # (n*k,)
-        expert_sorted = expert_flat[order]
+        # Assignment slots are token-major: slot = token * k + j for the token's j-th choice. Sort them by
+        # expert (stable, so token order survives inside an expert); slot_of[i] is the i-th slot in that order.
+        expert_flat = top_idx.reshape(-1)  # (n*k,)
+        slot_of = torch.sort(expert_flat, stable=True).indices  # (n*k,)
         counts = torch.bincount(expert_flat, minlength=E)  # (E,) routing choices before capacity
-        starts = counts.cumsum(0) - counts
-        pos = torch.arange(n * k, device=dev) - starts[expert_sorted]  # slot within the expert
         if capacity is not None:
-            keep = pos < capacity
-            order, expert_sorted, pos = order[keep], expert_sorted[keep], pos[keep]
+            expert_sorted = expert_flat.index_select(0, slot_of)
+            starts = counts.cumsum(0) - counts
+            pos = torch.arange(n * k, device=dev) - starts.index_select(0, expert_sorted)  # slot within the expert
+            kept_sorted = (pos < capacity).nonzero().squeeze(1)  # one host sync: the number of kept rows
+            slot_of = slot_of.index_select(0, kept_sorted)
             kept_counts = counts.clamp(max=capacity)
         else:
             kept_counts = counts
-        token = order // k  # (M,) real-token index of each kept assignment
-        g = gate.reshape(-1)[order].to(cdtype)  # (M,)
+        M = slot_of.numel()  # kept assignments; rows of the expert computation
+        g = gate.reshape(-1).index_select(0, slot_of).to(cdtype)  # (M,)
 
         path, why = self._pick_path(cdtype, dev, w, h_w)
         _log_dispatch_once(path, why)
         w_in = self.w_in[:, :h_w, :w].to(cdtype)  # (E, h_w, w)
         w_out = self.w_out[:, :w, :h_w].to(cdtype)  # (E, w, h_w)
-        xs = xr[token].to(cdtype)  # (M, w) tokens grouped by expert
+        xs = _SlotGather.apply(xr.to(cdtype), slot_of, k)  # (M, w) tokens grouped by expert
         # autocast off: the operands are already in cdtype, and autocast would run square() in fp32
         with torch.autocast(device_type=dev.type, enabled=False):
             if path == "grouped_mm":
@@ -266,17 +267,19 @@ class MoE(nn.Module):
                 ys = torch._grouped_mm(hs, w_out.transpose(1, 2), offs=offs)  # (M, w)
             else:
                 # pad to (E, cap, w); dropless uses the largest expert load of this call as cap
+                expert_kept = expert_flat.index_select(0, slot_of)
+                pos_kept = torch.arange(M, device=dev) - (kept_counts.cumsum(0) - kept_counts).index_select(0, expert_kept)
                 cap = int(kept_counts.max()) if n > 0 else 0
                 buf = xs.new_zeros(E, cap, w)
-                buf[expert_sorted, pos] = xs
+                buf[expert_kept, pos_kept] = xs
                 hb = F.relu(torch.bmm(buf, w_in.transpose(1, 2))).square()  # (E, cap, h_w)
-                ys = torch.bmm(hb, w_out.transpose(1, 2))[expert_sorted, pos]  # (M, w)
-        out_r = torch.zeros(n, w, device=dev, dtype=ys.dtype).index_add(0, token, ys * g[:, None])  # (n, w)
+                ys = torch.bmm(hb, w_out.transpose(1, 2))[expert_kept, pos_kept]  # (M, w)
+        out_r = _SlotCombine.apply(ys * g[:, None], slot_of, n, k)  # (n, w)
 
         self._set_losses(logits, probs, counts, n)
         if self.bias_balancing and self.training:
             self._load_accum += counts
-        self.last_stats = {"tokens_per_expert": kept_counts.detach(), "dropped": int((counts - kept_counts).sum())}
+        self.last_stats = {"tokens_per_expert": kept_counts.detach(), "dropped": n * k - M}
         if real is None:
             return out_r.view(B, T, w)
         out = torch.zeros(B * T, w, device=dev, dtype=out_r.dtype).index_copy(0, real, out_r)
@@ -294,6 +297,56 @@ class MoE(nn.Module):
             raise RuntimeError("update_bias(): no training-mode forward since the last update, so no load to balance")
         self.expert_bias += self.bias_update_rate * torch.sign(load.mean() - load)
         self._load_accum.zero_()
+
+
+
+class _SlotGather(torch.autograd.Function):
+    """
+    xs = xr[slot_of // k]: the token rows of the kept assignment slots, in expert order.
+    slot_of holds distinct slots, so the backward is a plain scatter into a (n*k, w) slot buffer and a
+    sum over each token's k slots (no atomics, no sort, which an accumulating index backward would need);
+    slots that were dropped get zero gradient.
+    """
+
+    @staticmethod
+    def forward(ctx, xr, slot_of, k):
+        ctx.save_for_backward(slot_of)
+        ctx.n, ctx.k = xr.shape[0], k
+        return xr.index_select(0, slot_of // k if k > 1 else slot_of)
+
+    @staticmethod
+    def backward(ctx, grad_xs):
+        slot_of, = ctx.saved_tensors
+        n, k = ctx.n, ctx.k
+        grad = _scatter_slots(grad_xs, slot_of, n * k)
+        return (grad.view(n, k, -1).sum(1) if k > 1 else grad), None, None
+
+
+class _SlotCombine(torch.autograd.Function):
+    """
+    out_r[t] = sum over token t's kept slots of ys_g[row of that slot] (dropped slots add nothing).
+    Forward: scatter the rows into a (n*k, w) slot buffer, sum each token's k slots; backward: gather.
+    """
+
+    @staticmethod
+    def forward(ctx, ys_g, slot_of, n, k):
+        ctx.save_for_backward(slot_of)
+        ctx.k = k
+        out = _scatter_slots(ys_g, slot_of, n * k)
+        return out.view(n, k, -1).sum(1) if k > 1 else out
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        slot_of, = ctx.saved_tensors
+        k = ctx.k
+        return grad_out.index_select(0, slot_of // k if k > 1 else slot_of), None, None, None
+
+
+def _scatter_slots(rows, slot_of, n_slots):
+    """(n_slots, w) with row slot_of[i] = rows[i] and zeros at slots not in slot_of (distinct slots)."""
+    full = slot_of.numel() == n_slots  # every slot written: no fill needed
+    buf = rows.new_empty(n_slots, rows.shape[1]) if full else rows.new_zeros(n_slots, rows.shape[1])
+    return buf.index_copy_(0, slot_of, rows)
 
 
 def moe_reference(moe, x, mask=None, width=None):
