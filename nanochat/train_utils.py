@@ -129,25 +129,41 @@ def full_state_dict(model):
     return {k: v.detach().cpu() for k, v in model.state_dict().items()}
 
 
-def optimizer_state_to_local(state_dicts):
-    """Optimizer state_dicts with every DTensor replaced by this rank's shard (a plain tensor), for torch.save."""
-    def local(v):
-        return v.to_local() if hasattr(v, "to_local") else v
-    return [dict(sd, state={i: {k: local(v) for k, v in st.items()} for i, st in sd["state"].items()})
+def optimizer_state_full(state_dicts):
+    """
+    Optimizer state_dicts with every DTensor gathered into its full tensor, and every tensor moved to
+    the CPU, so one file holds the whole state whatever the number of ranks that saved it. Under FSDP2
+    this is a collective (full_tensor per state tensor, in the same order on every rank): every rank
+    calls it, rank 0 saves the result. Tensors are gathered one at a time, so the extra GPU memory is
+    one full state tensor.
+    """
+    from torch.distributed.tensor import DTensor
+
+    def full(v):
+        if isinstance(v, DTensor):
+            return v.full_tensor().cpu()
+        return v.cpu() if torch.is_tensor(v) else v
+    return [dict(sd, state={i: {k: full(v) for k, v in st.items()} for i, st in sd["state"].items()})
             for sd in state_dicts]
 
 
 def optimizer_state_to_dtensor(optimizers):
-    """After load_state_dict on FSDP2 parameters: make each per-parameter state tensor a DTensor like its parameter."""
-    from torch.distributed.tensor import DTensor
+    """
+    After load_state_dict of a full state (optimizer_state_full) into optimizers of FSDP2 parameters: shard
+    each per-parameter state tensor of the parameter's full shape like the parameter (a collective:
+    distribute_tensor, in the same order on every rank). Scalars (step counts) stay plain tensors.
+    """
+    from torch.distributed.tensor import DTensor, distribute_tensor
     for opt in optimizers:
         for p, st in opt.state.items():
             if not isinstance(p, DTensor):
                 continue
             for k, v in st.items():
-                if torch.is_tensor(v) and not isinstance(v, DTensor) and v.shape == p.to_local().shape and v.ndim > 0:
-                    st[k] = DTensor.from_local(v.to(p.device), p.device_mesh, p.placements, run_check=False,
-                                               shape=p.shape, stride=p.stride())
+                if torch.is_tensor(v) and not isinstance(v, DTensor) and v.ndim > 0:
+                    if v.shape != p.shape:
+                        raise ValueError(f"optimizer state {k!r} has shape {tuple(v.shape)}, its parameter {tuple(p.shape)}: "
+                                         f"not a full state (optimizer_state_full)")
+                    st[k] = distribute_tensor(v.to(p.device), p.device_mesh, p.placements)
 
 
 def format_eta(seconds):

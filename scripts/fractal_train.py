@@ -38,7 +38,9 @@ tokens of every step independent of the number of processes (resume on fewer GPU
 Resume (--resume: the latest checkpoint in --out-dir) is exact: weights, optimizer states, every data
 shard's position, and the random choices, which are functions of (seed, step) for the plans and of
 (seed, step, data shard, micro-batch round) for the controllers' probes, so there is no RNG state to
-lose. --compile compiles the training forward for each distinct plan it meets (recompiles on new
+lose. A checkpoint holds the full model and the full optimizer state (one file each, written by rank 0), so
+a run saved on N ranks, with either --parallel, resumes on any number of ranks (same --data-ranks).
+--compile compiles the training forward for each distinct plan it meets (recompiles on new
 plans; --sample-dim makes many), so it pays off for long runs with uniform plans.
 """
 import os
@@ -60,7 +62,7 @@ from nanochat.matryoshka import sample_plans
 from nanochat.optim import (setup_optimizers, lr_multiplier, set_lr_multiplier, muon_momentum, set_muon_momentum,
                             optimizer_state_dicts, load_optimizer_state_dicts)
 from nanochat.train_utils import (peak_flops, apply_activation_checkpointing, apply_fsdp, allreduce_gradients,
-                                  clip_grad_norm, full_state_dict, optimizer_state_to_local, optimizer_state_to_dtensor,
+                                  clip_grad_norm, full_state_dict, optimizer_state_full, optimizer_state_to_dtensor,
                                   format_eta)
 from nanochat import checkpoint_manager as cm
 
@@ -340,10 +342,8 @@ def main(argv=None):
             raise ValueError(f"--resume: the run used {meta.get('data_ranks')} data ranks, now {data_ranks}: "
                              f"pass --data-ranks={meta.get('data_ranks')}")
         loader_states = meta["dataloader_state"]
-        if args.parallel == "fsdp" and meta.get("world_size") != world_size:
-            raise ValueError(f"--resume with fsdp needs the world size the run was saved with ({meta.get('world_size')})")
-        opt_rank = rank if args.parallel == "fsdp" else 0  # ddp replicas hold the same state: rank 0's is saved
-        saved_opt = cm.load_optimizer_state(out_dir, start_step, opt_rank, device)
+        # one file of full (unsharded) optimizer state, whatever the world size and --parallel that saved it
+        saved_opt = cm.load_optimizer_state(out_dir, start_step, 0, device)
         load_optimizer_state_dicts(optimizers, saved_opt["optimizers"])
         if args.parallel == "fsdp":
             optimizer_state_to_dtensor(optimizers)
@@ -390,7 +390,7 @@ def main(argv=None):
         return results
 
     def save(step, val):
-        """Optimizer state (rank 0 under ddp, every rank under fsdp), then the model and, last, the meta."""
+        """Optimizer state (full, from rank 0), then the model and, last, the meta."""
         states = [None] * world_size
         mine = {j: loader_states[j] for j in my_shards}
         if ddp:
@@ -401,10 +401,11 @@ def main(argv=None):
         for d in states:
             for j, s in d.items():
                 all_states[int(j)] = s
-        opt_state = {"optimizers": optimizer_state_to_local(optimizer_state_dicts(optimizers)),
-                     "rng_cpu": torch.get_rng_state()}
-        if args.parallel == "fsdp" or master:
-            cm.atomic_torch_save(opt_state, cm.optim_path(out_dir, step, rank))
+        # full optimizer state (gathered under fsdp: a collective), one file from rank 0, so a run saved on N ranks
+        # resumes on any number, with either --parallel
+        opt_state = {"optimizers": optimizer_state_full(optimizer_state_dicts(optimizers)), "rng_cpu": torch.get_rng_state()}
+        if master:
+            cm.atomic_torch_save(opt_state, cm.optim_path(out_dir, step, 0))
         model_state = full_state_dict(model)  # collective under fsdp
         if ddp:
             dist.barrier()

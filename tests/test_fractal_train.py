@@ -183,7 +183,7 @@ def test_two_gloo_processes_equal_one_process(pipeline, tiny_data, tmp_path, par
     one = fractal_train.main(run_args(tiny_data, 2, root / "p1", tmp_path / "one", 3, *args))
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "scripts.fractal_train",
-           *run_args(tiny_data, 2, root / "p1", tmp_path / "two", 3, *args, f"--parallel={parallel}")]
+           *run_args(tiny_data, 2, root / "p1", tmp_path / "two", 3, *args, f"--parallel={parallel}", "--save-every=2")]
     proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     two = parse_losses(proc.stdout)
@@ -192,6 +192,28 @@ def test_two_gloo_processes_equal_one_process(pipeline, tiny_data, tmp_path, par
     a, _ = state_of(tmp_path / "one")
     b, _ = state_of(tmp_path / "two")
     assert max((a[k].float() - b[k].float()).abs().max().item() for k in a) < 1e-4
+
+    # the 2-rank checkpoint of step 2 resumes on 1 process: its step 2 is the 2-rank run's step 2
+    resumed = tmp_path / "resumed"
+    resumed.mkdir()
+    for f in (tmp_path / "two").iterdir():
+        if "_000003" not in f.name:
+            shutil.copy(f, resumed / f.name)
+    r = fractal_train.main(run_args(tiny_data, 2, root / "p1", resumed, 3, *args, "--resume"))
+    assert r["steps"] == [2]
+    assert abs(r["loss"][0] - two[2]) < 1e-5, (r["loss"], two)
+    c, _ = state_of(resumed)
+    assert max((b[k].float() - c[k].float()).abs().max().item() for k in b) < 1e-4
+    if parallel == "fsdp":  # and on 2 ranks again: the full optimizer state is sharded back (distribute_tensor)
+        again = tmp_path / "again"
+        shutil.copytree(resumed, again, ignore=shutil.ignore_patterns("*_000003*"))
+        cmd = [*cmd[:cmd.index("scripts.fractal_train") + 1],
+               *run_args(tiny_data, 2, root / "p1", again, 3, *args, "--parallel=fsdp", "--resume")]
+        proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+        assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+        assert abs(parse_losses(proc.stdout)[0] - two[2]) < 1e-5, (proc.stdout[-2000:], two)
+        d, _ = state_of(again)  # after step 2's update: the optimizer state came back right
+        assert max((b[k].float() - d[k].float()).abs().max().item() for k in b) < 1e-4
 
 
 def test_bad_inputs_stop_before_training(pipeline, tiny_data, tmp_path):
