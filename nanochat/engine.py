@@ -22,7 +22,8 @@ the same function, and tests/test_engine.py compares the two):
   Mamba's step also computes its output projection, which is then discarded; it is counted.
 - MatryoshkaKVCache: every position has slots for all KV heads. A position's own width's heads are
   written when it is processed (at that width); the heads it lacks are computed from its stored
-  normalised block input at full width the first time a wider query needs them, and kept.
+  normalised block input at full width the first time a wider query needs them, and kept. That input is
+  stored only for positions written with fewer than all KV heads (none in mode think).
 
 FLOPs are counted per token for what ran (hybrid_gpt.flops_breakdown's convention): the parts of each
 block that ran at the width they ran at, lazily filled K/V heads, gate checks, the predictor, one readout.
@@ -41,29 +42,38 @@ MODES = tuple(MODE_WIDTHS) + ("auto",)
 
 class MatryoshkaKVCache:
     """
-    Per attention block: k, v (B, H_kv, T_max, hd) with slots for every head; xn (B, T_max, D) the
-    normalised block input of each position (to fill heads later); heads (B, T_max) how many KV heads of
-    each position are valid (always a prefix: own heads first, lacked heads filled in order).
+    Per attention block j:
+    - k[j], v[j] (B, H_kv, T_max, hd): slots for every KV head of every position.
+    - heads[j] (B, T_max) int16: how many KV heads of each position are valid (always a prefix: own heads
+      first, lacked heads filled in order; 0 = position not stored yet).
+    - xn[j] (B, T_max, D), the cache's dtype: the normalised block input, kept only for positions stored
+      with fewer than n_kv_head heads (the only ones fill() may read). Allocated (zeros) on block j's first
+      such store, so a cache that only sees full-KV-width stores (mode think) has no xn[j]: the dict holds
+      the allocated blocks only. Other positions' rows of xn[j] stay zero and are never read.
     """
 
     def __init__(self, model, batch_size, max_len, dtype=torch.float32):
         c = model.config
         dev = model.get_device()
-        self.head_dim, self.max_len = c.head_dim, max_len
+        self.head_dim, self.max_len, self.n_kv_head = c.head_dim, max_len, c.n_kv_head
         self.layers = [j for j in range(c.n_layer) if c.mixer_kind(j) == "A"]
         self.k = {j: torch.zeros(batch_size, c.n_kv_head, max_len, c.head_dim, device=dev, dtype=dtype) for j in self.layers}
         self.v = {j: torch.zeros_like(self.k[j]) for j in self.layers}
-        self.xn = {j: torch.zeros(batch_size, max_len, c.n_embd, device=dev, dtype=dtype) for j in self.layers}
-        self.heads = {j: torch.zeros(batch_size, max_len, device=dev, dtype=torch.long) for j in self.layers}
+        self.heads = {j: torch.zeros(batch_size, max_len, device=dev, dtype=torch.int16) for j in self.layers}
+        self.xn = {}  # block -> (B, T_max, D), allocated by the first store with fewer than n_kv_head heads
+        self._xn_shape = (batch_size, max_len, c.n_embd)
 
     def store(self, j, rows, pos, k, v, xn):
-        """Own heads of positions pos.. of `rows`: k, v (R, hkv, T, hd); xn (R, T, D)."""
+        """Own heads of positions pos.. of `rows`: k, v (R, hkv, T, hd); xn (R, T, D), kept if hkv < n_kv_head."""
         hkv, T = k.size(1), k.size(2)
         if pos + T > self.max_len:
             raise RuntimeError(f"KV cache full: {pos + T} tokens > capacity {self.max_len}")
         self.k[j][rows, :hkv, pos:pos + T] = k.to(self.k[j].dtype)
         self.v[j][rows, :hkv, pos:pos + T] = v.to(self.v[j].dtype)
-        self.xn[j][rows, pos:pos + T] = xn.to(self.xn[j].dtype)
+        if hkv < self.n_kv_head:  # a wider query may need the lacked heads later
+            if j not in self.xn:
+                self.xn[j] = torch.zeros(self._xn_shape, device=self.k[j].device, dtype=self.k[j].dtype)
+            self.xn[j][rows, pos:pos + T] = xn.to(self.xn[j].dtype)
         self.heads[j][rows, pos:pos + T] = hkv
 
     def fill(self, j, rows, need, end, attn, cos, sin):
@@ -75,7 +85,13 @@ class MatryoshkaKVCache:
         hd = self.head_dim
         have = self.heads[j][rows, :end]  # (R, end)
         flops = torch.zeros(len(rows), dtype=torch.float64, device=have.device)
-        for a in sorted(set(have[have < need].tolist())):
+        counts = sorted(set(have[have < need].tolist()))
+        # a position lacking heads was stored with fewer than n_kv_head (its xn was kept), or never stored (0)
+        if counts and counts[0] == 0:
+            raise RuntimeError(f"block {j}: positions < {end} were never stored, so they have no K/V or input to fill from")
+        if counts and j not in self.xn:
+            raise RuntimeError(f"block {j}: positions lack KV heads but no normalised input was stored for them")
+        for a in counts:
             r, s = (have == a).nonzero(as_tuple=True)  # (N,) row index into rows, position
             xn = self.xn[j][rows[r], s].unsqueeze(0)  # (1, N, D): the N positions as one sequence
             N, Din = s.numel(), xn.size(-1)

@@ -500,9 +500,11 @@ def cmd_train(args, device):
 # -----------------------------------------------------------------------------
 # decode: prefill and per-token decode, cache memory (measured, counted, analytic)
 
-def cache_bytes_analytic(config, B, L, nbytes):
+def cache_bytes_analytic(config, B, L, nbytes, narrow):
     """KV + SSM cache bytes of nanochat.engine's caches for a HybridGPT (GPTConfig: plain K/V).
-    Returns dict kv, xn (the engine's stored block inputs, for filling lacked heads), heads, ssm."""
+    narrow: whether positions are stored with fewer KV heads than n_kv_head in every attention block (the
+    engine then keeps each block's normalised inputs, to fill the lacked heads; see stores_narrow_kv).
+    Returns dict kv, xn (those stored block inputs, else 0), heads (int16 head counts), ssm."""
     hd = config.n_embd // config.n_head
     if not hasattr(config, "layer_pattern"):
         return {"kv": config.n_layer * 2 * B * config.n_kv_head * L * hd * nbytes, "xn": 0, "heads": 0, "ssm": 0}
@@ -514,8 +516,24 @@ def cache_bytes_analytic(config, B, L, nbytes):
     else:
         conv_dim = d_inner + 2 * config.mamba_ngroups * config.d_state
         per = conv_dim * config.d_conv + d_inner * config.d_state
-    return {"kv": n_attn * 2 * B * config.n_kv_head * L * hd * nbytes, "xn": n_attn * B * L * config.n_embd * nbytes,
-            "heads": n_attn * B * L * 8, "ssm": n_mamba * B * per * nbytes}
+    return {"kv": n_attn * 2 * B * config.n_kv_head * L * hd * nbytes,
+            "xn": n_attn * B * L * config.n_embd * nbytes if narrow else 0,
+            "heads": n_attn * B * L * 2, "ssm": n_mamba * B * per * nbytes}
+
+
+def stores_narrow_kv(config, mode):
+    """Whether decoding in `mode` stores positions with fewer KV heads than n_kv_head (what makes the engine
+    keep block inputs). A fixed mode's plan has one width for every block: it does so in all attention
+    blocks or in none. 'auto' does where its predictor picks a narrow width (blocks from predictor_after
+    on, per row): True, so its formula is an upper bound."""
+    from nanochat.matryoshka import mode_plan
+    if not hasattr(config, "layer_pattern") or mode in ("-", "think"):
+        return False
+    if mode == "auto":
+        return True
+    group = config.n_head // config.n_kv_head
+    return any(-(-(w // config.head_dim) // group) < config.n_kv_head  # the KV heads at width w (heads_at)
+               for j, w in enumerate(mode_plan(mode, config.width_levels, config.n_layer)) if config.mixer_kind(j) == "A")
 
 
 def tensor_bytes(ts):
@@ -523,8 +541,8 @@ def tensor_bytes(ts):
 
 
 def engine_cache_bytes(kind, state):
-    """Bytes of the cache tensors a prefill allocated: GPT KVCache, or the engine's K/V, stored block
-    inputs, head counts and Mamba states."""
+    """Bytes of the cache tensors a prefill allocated: GPT KVCache, or the engine's K/V, head counts,
+    Mamba states and stored block inputs (c.xn holds only the blocks that allocated them)."""
     if kind == "gpt":
         return tensor_bytes(state.k + state.v)
     c = state.cache
@@ -602,7 +620,7 @@ def cmd_decode(args, device):
     hyb = dict(layer_pattern="AM", ffn_pattern="DD", mamba_version=args.mamba, **common)
     specs = [("dense", "gpt", GPTConfig(n_layer=args.depth, **common), ["-"]),
              ("hybrid", "hybrid", HybridConfig(n_layer=hybrid_n_layer(args.depth, "AM"), **hyb),
-              ["think"] if args.memory_only else args.modes.split(",")),  # the cache does not depend on the mode
+              args.modes.split(",")),  # narrow modes add the stored block inputs (stores_narrow_kv)
              ("hybrid-eq", "hybrid", HybridConfig(n_layer=args.depth, **hyb), ["think"])]
     B = args.batch
     rows, targets = [], []
@@ -617,7 +635,7 @@ def cmd_decode(args, device):
         for L in contexts:
             for mode in modes:
                 row = {"model": name, "mode": mode, "context": L, "batch": B}
-                analytic = cache_bytes_analytic(config, B, L + args.decode_tokens + 8, nbytes)
+                analytic = cache_bytes_analytic(config, B, L + args.decode_tokens + 8, nbytes, stores_narrow_kv(config, mode))
                 row.update(cache_analytic_MiB=sum(analytic.values()) / 2**20,
                            kv_ssm_analytic_MiB=(analytic["kv"] + analytic["ssm"]) / 2**20)
                 if not args.memory_only:
@@ -639,7 +657,7 @@ def cmd_decode(args, device):
                           ("cache_analytic_MiB", "formula")):
             if key in h and key in d:
                 targets.append(target(f"{name} cache / dense cache at context {L} ({what})", h[key] / d[key], 0.5, "<="))
-        targets.append(target(f"{name} K/V + SSM alone / dense (formula, no stored block inputs)",
+        targets.append(target(f"{name} K/V + SSM alone / dense (formula, without the head counts)",
                               h["kv_ssm_analytic_MiB"] / d["cache_analytic_MiB"], 0.5, "<=", "(what the layer pattern allows)"))
     wdesc = "bf16 weights and caches" if bf16 else "fp32 weights and caches" + (", bf16 autocast" if device.type == "cuda" else "")
     print_table(f"decode, batch {B}, {wdesc}, depth {args.depth} (width {D}), Mamba-{args.mamba}, "
@@ -650,7 +668,9 @@ def cmd_decode(args, device):
                  ("cache_measured_MiB", "cache MiB (alloc)", ",.1f"), ("cache_counted_MiB", "cache MiB (tensors)", ",.1f"),
                  ("cache_analytic_MiB", "cache MiB (formula)", ",.1f"), ("kv_ssm_analytic_MiB", "K/V+SSM MiB", ",.1f")])
     print("  'hybrid' = what scripts.surgery makes (one Mamba block after each attention block); 'hybrid-eq' = as many"
-          " blocks as the dense model. Fresh weights: 'auto' follows an untrained width predictor and gates.")
+          " blocks as the dense model. Fresh weights: 'auto' follows an untrained width predictor and gates.\n"
+          "  Cache: K/V, int16 head counts and Mamba states; modes whose plan stores fewer KV heads than the model"
+          " has add each attention block's normalised inputs (B x T x n_embd); 'auto' formula = that bound.")
     for r in rows:
         if "profile" in r:
             print_profile(f"{r['model']} {r['mode']} decode step, context {r['context']}", r["profile"])
@@ -704,8 +724,8 @@ def get_args(argv=None):
             t.add_argument("--prefill-reps", type=int, default=2)
             t.add_argument("--weights", type=str, default="fp32", choices=("fp32", "bf16"),
                            help="fp32 weights under bf16 autocast (scripts.generate's setting), or bf16 weights and caches")
-            t.add_argument("--memory-only", action="store_true", help="only the cache formula (checked against the "
-                           "engine's tensors by tests/test_bench.py): no model is built, so any size runs on a CPU")
+            t.add_argument("--memory-only", action="store_true", help="only the cache formula per mode (checked against "
+                           "the engine's tensors by tests/test_bench.py): no model is built, so any size runs on a CPU")
     return p.parse_args(argv)
 
 

@@ -79,17 +79,28 @@ def test_train(capsys):
 
 def test_decode(capsys):
     res, _ = run(capsys, ["decode", "--depth", "4", "--seq-len", "16", "--vocab-size", "128", "--contexts", "24",
-                          "--decode-tokens", "2", "--prefill-reps", "1", "--modes", "think,ghost"])
+                          "--decode-tokens", "2", "--prefill-reps", "1", "--modes", "think,ghost,whisper,auto"])
     rows = res["rows"]
     assert {(r["model"], r["mode"]) for r in rows} == {("dense", "-"), ("hybrid", "think"), ("hybrid", "ghost"),
-                                                       ("hybrid-eq", "think")}
+                                                       ("hybrid", "whisper"), ("hybrid", "auto"), ("hybrid-eq", "think")}
     for r in rows:
         assert "error" not in r, r
         assert r["prefill_ms"] > 0 and r["decode_ms"] > 0
-        # the formula equals the bytes of the tensors the engine (or GPT.new_kv_cache) allocated
-        assert r["cache_counted_MiB"] == pytest.approx(r["cache_analytic_MiB"], rel=1e-12)
+        # the formula equals the bytes of the tensors the engine (or GPT.new_kv_cache) allocated; for auto
+        # (the predictor decides the widths) it is an upper bound
+        if r["mode"] == "auto":
+            assert r["cache_counted_MiB"] <= r["cache_analytic_MiB"] * (1 + 1e-12)
+        else:
+            assert r["cache_counted_MiB"] == pytest.approx(r["cache_analytic_MiB"], rel=1e-12)
     by = {(r["model"], r["mode"], r["context"]): r for r in rows}
     assert by[("hybrid", "ghost", 24)]["compute_frac"] < by[("hybrid", "think", 24)]["compute_frac"]
+    # width 256, two heads: ghost (128) stores one KV head of two, so the engine keeps the normalised input of
+    # each of the 4 attention blocks: 4 x 34 positions x 256 x fp32 on top of think; whisper snaps to the
+    # full width (the only level above 128), so it stores every head and keeps none
+    think = by[("hybrid", "think", 24)]["cache_counted_MiB"]
+    assert (by[("hybrid", "ghost", 24)]["cache_counted_MiB"] - think) * 2**20 == 4 * 34 * 256 * 4
+    assert by[("hybrid", "whisper", 24)]["cache_counted_MiB"] == think
+    assert think <= by[("hybrid", "auto", 24)]["cache_counted_MiB"] <= by[("hybrid", "ghost", 24)]["cache_counted_MiB"]
     # same attention blocks as the dense model (pattern AM): its K/V alone already equals the dense cache
     assert by[("hybrid", "think", 24)]["cache_counted_MiB"] > by[("dense", "-", 24)]["cache_counted_MiB"]
     assert [t["pass"] for t in res["targets"]][0] is False
@@ -97,11 +108,32 @@ def test_decode(capsys):
 
 def test_decode_memory_only(capsys):
     """--memory-only builds no model: the formula rows and their targets, for sizes a CPU cannot run."""
-    res, _ = run(capsys, ["decode", "--depth", "32", "--contexts", "1024,32768", "--memory-only"])
-    by = {(r["model"], r["context"]): r for r in res["rows"]}
+    res, _ = run(capsys, ["decode", "--depth", "32", "--contexts", "1024,32768", "--modes", "think,ghost", "--memory-only"])
+    by = {(r["model"], r["mode"], r["context"]): r for r in res["rows"]}
     assert all("prefill_ms" not in r and "error" not in r for r in res["rows"])
+    L = 32768 + 16 + 8
     # dense d32: 32 layers x (K, V) x 16 heads x 128 dims x fp32, per position
-    assert by[("dense", 32768)]["cache_analytic_MiB"] == pytest.approx(32 * 2 * 16 * 128 * 4 * (32768 + 16 + 8) / 2**20)
+    assert by[("dense", "-", 32768)]["cache_analytic_MiB"] == pytest.approx(32 * 2 * 16 * 128 * 4 * L / 2**20)
     # surgery's hybrid keeps all 32 attention blocks: its K/V alone already equals the dense cache
-    assert by[("hybrid", 32768)]["kv_ssm_analytic_MiB"] > by[("dense", 32768)]["cache_analytic_MiB"]
+    think, ghost = by[("hybrid", "think", 32768)], by[("hybrid", "ghost", 32768)]
+    assert think["kv_ssm_analytic_MiB"] > by[("dense", "-", 32768)]["cache_analytic_MiB"]
+    # think: K/V + Mamba states + 32 blocks of int16 head counts; ghost adds 32 blocks of (L, 2048) fp32 inputs
+    assert (think["cache_analytic_MiB"] - think["kv_ssm_analytic_MiB"]) * 2**20 == pytest.approx(32 * L * 2)
+    assert (ghost["cache_analytic_MiB"] - think["cache_analytic_MiB"]) * 2**20 == pytest.approx(32 * L * 2048 * 4)
     assert all(t["pass"] is False for t in res["targets"])
+
+
+def test_cache_formula_narrow_condition():
+    """A narrower width adds stored inputs only where it stores fewer KV heads than the model has."""
+    from nanochat.hybrid_gpt import HybridConfig
+    # 4 query heads sharing 2 KV heads of 64 dims: width 192 runs 3 query heads but still both KV heads
+    cfg = HybridConfig(sequence_len=16, vocab_size=64, n_layer=2, n_head=4, n_kv_head=2, n_embd=256,
+                       layer_pattern="AM", width_levels=[64, 192, 256])
+    assert not bench.stores_narrow_kv(cfg, "think")
+    assert bench.stores_narrow_kv(cfg, "ghost")  # 128 snaps to 64: one query head, one KV head
+    assert not bench.stores_narrow_kv(cfg, "whisper")  # 512 snaps to 256
+    assert bench.stores_narrow_kv(cfg, "auto")
+    cfg.width_levels = [192, 256]  # ghost snaps to the smallest level, 192: narrower queries, every KV head
+    assert not bench.stores_narrow_kv(cfg, "ghost")
+    wide, narrow = (bench.cache_bytes_analytic(cfg, 3, 10, 2, n) for n in (False, True))
+    assert wide["xn"] == 0 and narrow["xn"] == 1 * 3 * 10 * 256 * 2 and wide["heads"] == narrow["heads"] == 3 * 10 * 2

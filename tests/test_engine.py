@@ -66,8 +66,10 @@ def test_decode_with_exits_and_widening_equals_forward(kind):
     model = build(**kind)
     prompts = [[1, 2, 3, 4, 5], [6, 7, 8, 9, 10], [11, 12, 13, 14, 15]]
     plan = torch.tensor([[16, 32, 48, 16], [32, 16, 16, 48], [48, 48, 32, 16]])
-    res = Engine(model).generate_batch(prompts, 10, plan=plan, exit_threshold=0.8, expand_threshold=0.25,
-                                       temperature=1.0, seed=1)
+    eng = Engine(model)
+    res = eng.generate_batch(prompts, 10, plan=plan, exit_threshold=0.8, expand_threshold=0.25, temperature=1.0, seed=1)
+    cache = eng.state.cache
+    assert set(cache.xn) == set(cache.layers)  # every row stores one KV head of two somewhere in each block
     decode = res.steps[1:]
     exits = sum(int((s.exit_block < model.config.n_layer - 1).sum()) for s in decode)
     widens = sum(int(s.widened.sum()) for s in decode)
@@ -89,6 +91,8 @@ def test_widening_mid_sequence_equals_wider_plan_from_there():
     eng = Engine(model)
     prompts = torch.tensor([[5, 6, 7, 8], [9, 10, 11, 12]])
     st, logits, _, _ = eng.prefill(prompts, plan=[16, 16, 32, 16], max_len=16)
+    # widths 16 and 32 give one KV head of two: each block kept the normalised inputs to fill from later
+    assert set(st.cache.xn) == set(st.cache.layers) and (st.cache.heads[0][:, :4] == 1).all()
     got, toks = [logits], [prompts]
     plans = [None, None, [64] * 4, None, [48, 32, 64, 48]]  # widen at the 3rd token, stay, widen differently
     rows_widths = [st.prompt_widths[:, None].expand(2, 4, 4)]
@@ -101,6 +105,7 @@ def test_widening_mid_sequence_equals_wider_plan_from_there():
         assert (exit_block == 3).all()
     # the lacked heads of the narrow positions were filled when the wide token attended
     assert (st.cache.heads[0][:, :st.pos] == model.config.n_kv_head).all()
+    assert all(h.dtype == torch.int16 for h in st.cache.heads.values())
     idx = torch.cat(toks, 1)
     widths = torch.cat(rows_widths, 1)
     with torch.no_grad():
@@ -111,6 +116,32 @@ def test_widening_mid_sequence_equals_wider_plan_from_there():
     with torch.no_grad():
         all_wide = model(idx, width=torch.where(widths == 16, 64, widths))
     assert (all_wide[:, 7] - ref[:, 7]).abs().max() > 1e-3
+
+
+def test_full_kv_width_keeps_no_block_inputs():
+    """Stored block inputs only serve to fill lacked KV heads: full width (mode think, with exits and widening)
+    and a width that runs fewer query heads but every KV head (48 = 3 of 4 heads, 2 of 2 KV heads) keep none."""
+    model = build(layer_pattern="AM" if HAS_MAMBA else "A")
+    prompts = [[1, 2, 3, 4, 5], [6, 7, 8, 9, 10]]
+    for plan in ("think", [48, 64, 48, 48]):
+        eng = Engine(model)
+        res = eng.generate_batch(prompts, 8, plan=plan, exit_threshold=0.8, expand_threshold=0.25, temperature=1.0, seed=3)
+        cache = eng.state.cache
+        assert cache.xn == {}, plan
+        for j in cache.layers:
+            assert (cache.heads[j][:, :eng.state.pos] == model.config.n_kv_head).all()
+        check_against_forward(model, res)
+    assert any(int((s.exit_block < 3).sum()) for s in res.steps[1:])  # exits stored their K/V at plan width
+
+
+def test_fill_refuses_positions_never_stored():
+    from nanochat.engine import MatryoshkaKVCache
+    model = build()
+    cache = MatryoshkaKVCache(model, 1, 8)
+    attn, rows = model.transformer.h[0].attn, torch.tensor([0])
+    assert cache.fill(0, rows, 1, 0, attn, model.cos, model.sin).sum() == 0  # nothing to fill before position 0
+    with pytest.raises(RuntimeError, match="never stored"):
+        cache.fill(0, rows, 2, 3, attn, model.cos, model.sin)
 
 
 def test_batch_rows_do_not_affect_each_other():
@@ -270,9 +301,13 @@ def test_auto_runs_one_static_plan():
     model = build(predictor_after=1).eval()
     prompt = [[3, 1, 4, 1, 5, 9]]
     # a huge epsilon accepts any predicted loss increase: the predictor picks the narrowest level wherever width matters
-    res = Engine(model).generate_batch(prompt, 4, plan="auto", exit_threshold=1.0, expand_threshold=0.0, plan_epsilon=1e9)
+    eng = Engine(model)
+    res = eng.generate_batch(prompt, 4, plan="auto", exit_threshold=1.0, expand_threshold=0.0, plan_epsilon=1e9)
     plan = res.prompt_widths[0]
     assert plan[0] == 64 and (plan[1:] < 64).any()
+    # block inputs are kept exactly in the blocks whose width stores fewer KV heads than the model has
+    attn = model.transformer.h[0].attn
+    assert set(eng.state.cache.xn) == {j for j in range(4) if attn.heads_at(int(plan[j]))[1] < model.config.n_kv_head}
     for s in res.steps[1:]:
         assert torch.equal(s.widths[0], plan)
     idx = torch.tensor([prompt[0] + [s.tokens[0] for s in res.steps[:-1]]])
