@@ -119,6 +119,7 @@ def get_args(argv=None):
     p.add_argument("--eval-every", type=int, default=250, help="val metrics every N steps and at the end (-1 = off)")
     p.add_argument("--eval-tokens", type=int, default=2 * 524288, help="val tokens per evaluation setting, all ranks")
     p.add_argument("--save-every", type=int, default=-1, help="checkpoint every N steps (always at the end)")
+    p.add_argument("--no-save", action="store_true", help="write no checkpoint at all, not even the last (throughput runs)")
     p.add_argument("--out-dir", type=str, default=None, help="default <base_dir>/fractal_checkpoints/phase<N>")
     p.add_argument("--resume", action="store_true", help="continue exactly from the latest checkpoint in --out-dir")
     p.add_argument("--continue-data", action="store_true",
@@ -431,7 +432,7 @@ def main(argv=None):
             history["val"][step] = val
             print0(f"step {step:05d} | val " + " | ".join(f"{k} {v:.4f}" for k, v in val.items()))
             wandb_run.log({"step": step, **{f"val/{k}": v for k, v in val.items()}})
-        if step > start_step and (last_step or (args.save_every > 0 and step % args.save_every == 0)):
+        if not args.no_save and step > start_step and (last_step or (args.save_every > 0 and step % args.save_every == 0)):
             save(step, val)
         if last_step:
             break

@@ -267,19 +267,23 @@ def main(argv=None):
 # -----------------------------------------------------------------------------
 # Benchmark on a synthetic nanochat checkpoint
 
-def write_synthetic_nanochat(out_dir, depth, vocab_size=65536, seed=0):
+def write_synthetic_nanochat(out_dir, depth, vocab_size=65536, seed=0, device="cpu"):
     """A nanochat Oct-2025 checkpoint of random weights (wte bf16, the rest fp32) at nanochat's depth
-    rule (n_embd = 64*depth, heads of 128); returns its size in bytes."""
+    rule (n_embd = 64*depth, heads of 128); returns its size in bytes. device: where the random numbers
+    are drawn (a GPU is much faster at d32; the values then differ from the CPU's for the same seed)."""
     D = 64 * depth
     n_head = max(1, (D + 127) // 128)
     cfg = dict(sequence_len=2048, vocab_size=vocab_size, n_layer=depth, n_head=n_head, n_kv_head=n_head, n_embd=D)
-    g = torch.Generator().manual_seed(seed)
-    state = {"transformer.wte.weight": torch.randn(vocab_size, D, generator=g).bfloat16()}
+    g = torch.Generator(device=device).manual_seed(seed)
+
+    def randn(*shape):
+        return torch.randn(*shape, generator=g, device=device).cpu()
+    state = {"transformer.wte.weight": randn(vocab_size, D).bfloat16()}
     for i in range(depth):
         for name, shape in (("attn.c_q", (D, D)), ("attn.c_k", (D, D)), ("attn.c_v", (D, D)), ("attn.c_proj", (D, D)),
                             ("mlp.c_fc", (4 * D, D)), ("mlp.c_proj", (D, 4 * D))):
-            state[f"transformer.h.{i}.{name}.weight"] = torch.randn(shape, generator=g) * D ** -0.5
-    state["lm_head.weight"] = torch.randn(vocab_size, D, generator=g) * D ** -0.5
+            state[f"transformer.h.{i}.{name}.weight"] = randn(*shape) * D ** -0.5
+    state["lm_head.weight"] = randn(vocab_size, D) * D ** -0.5
     save_checkpoint(out_dir, 0, state, {"step": 0, "model_config": cfg})
     del state
     return os.path.getsize(model_path(out_dir, 0))
