@@ -17,7 +17,7 @@ def _compute_dtype(dtype):
 def _segment_ids(seq_idx):
     """(B, L) any ints -> (B, L) int64 counting the changes so far: 0 for the first document."""
     change = (seq_idx[:, 1:] != seq_idx[:, :-1]).long()
-    return F.pad(change.cumsum(1), (1, 0))
+    return F.pad(_cumsum(change, 1), (1, 0))
 
 
 # -----------------------------------------------------------------------------
@@ -135,12 +135,37 @@ def selective_scan_reference(u, delta, A, B, C, D=None, z=None, delta_bias=None,
 # -----------------------------------------------------------------------------
 # Mamba-2: chunked SSD and its sequential reference
 
+@torch.library.custom_op("adamba::cumsum", mutates_args=())
+def _cumsum(x: torch.Tensor, dim: int) -> torch.Tensor:
+    """torch.cumsum as an op torch.compile does not look into. Inductor 2.11 fails to generate code for
+    the SSD's chunk cumsums on CUDA ("Error in codegen for ComputedBuffer ... SplitScan", seen on an H100
+    at the bench's shapes), so the compiled graph calls the ATen kernel here instead. Output contiguous."""
+    return torch.cumsum(x.contiguous(), dim)
+
+
+@_cumsum.register_fake
+def _(x, dim):
+    return x.new_empty(x.shape)
+
+
+def _cumsum_setup(ctx, inputs, output):
+    ctx.dim = inputs[1]
+
+
+def _cumsum_backward(ctx, grad):
+    # d/dx_k of sum_{j <= t} x_j: the reversed cumulative sum of the gradient
+    return _cumsum(grad.flip(ctx.dim), ctx.dim).flip(ctx.dim), None
+
+
+_cumsum.register_autograd(_cumsum_backward, setup_context=_cumsum_setup)
+
+
 def _segsum(a):
     """(..., T) -> (..., T, T) with [t, s] = a_{s+1} + ... + a_t for t >= s (0 above the diagonal).
     Built by a masked cumsum, so no difference of large cumulative sums is ever taken."""
     T = a.shape[-1]
     strict = torch.tril(torch.ones(T, T, dtype=torch.bool, device=a.device), diagonal=-1)  # [k, s]: k > s
-    return a[..., :, None].expand(*a.shape, T).masked_fill(~strict, 0.0).cumsum(-2)
+    return _cumsum(a[..., :, None].expand(*a.shape, T).masked_fill(~strict, 0.0), a.dim() - 1)
 
 
 def ssd_chunk_scan(x, dt, A, B, C, chunk_size, D=None, z=None, dt_bias=None, dt_softplus=False,
@@ -174,7 +199,7 @@ def ssd_chunk_scan(x, dt, A, B, C, chunk_size, D=None, z=None, dt_bias=None, dt_
         seg = None if seg is None else torch.cat([seg, seg[:, -1:].expand(-1, pad)], dim=1)
     xdt, B, C = (t.unflatten(1, (nc, Q)) for t in (xdt, B, C))  # (b, c, q, h, .)
     a = a.unflatten(1, (nc, Q)).permute(0, 3, 1, 2)  # (b, h, c, q)
-    a_cum = a.cumsum(-1)
+    a_cum = _cumsum(a, 3)  # (b, h, c, q)
     causal = torch.tril(torch.ones(Q, Q, dtype=torch.bool, device=x.device))
     if seg is not None:
         seg = seg.unflatten(1, (nc, Q))  # (b, c, q)
