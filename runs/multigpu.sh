@@ -18,6 +18,7 @@
 #   NGPU           GPUs to use (default: all that torch sees)
 #   STEPS_AGREE=50 SEQ_AGREE=1024 DBS_AGREE=8 DEPTH_AGREE=12
 #   STEPS_SCALE=6 DEPTH_SCALE=32 SEQ_SCALE=2048 DBS1=4 DBS2=2 PARALLEL_SCALE=fsdp (runs on more than one GPU; 1 GPU is plain)
+#   PREPARE_ONLY=1 scale: make the hybrid checkpoint and stop (to overlap it with other work)
 #   DEVICE=cpu     a smoke test of this script on CPU processes (gloo); NGPU then counts processes
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -133,6 +134,7 @@ else
   rm -rf "$S"; mkdir -p "$S"
   HYB=$WORK/hybrid_d${D}
   make_hybrid "$D" "$HYB" --exit-stride 8   # runs/speedrun.sh's surgery settings
+  if [ -n "${PREPARE_ONLY:-}" ]; then echo "== PREPARE_ONLY: $HYB is ready"; exit 0; fi
   SIZES=()
   for n in 1 2 4 8; do [ "$n" -le "$NGPU" ] && SIZES+=("$n"); done
   for phase in 1 2; do
