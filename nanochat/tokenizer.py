@@ -12,7 +12,6 @@ import pickle
 
 import torch
 import tiktoken
-import rustbpe
 
 from nanochat.common import get_base_dir, expand_path
 
@@ -61,6 +60,7 @@ class Tokenizer:
         if num_ranks < 256:
             raise ValueError(f"vocab_size={vocab_size} leaves {num_ranks} ids for BPE, fewer than the 256 byte "
                              f"tokens; use vocab_size >= {256 + len(SPECIAL_TOKENS)}")
+        import rustbpe  # the trainer only: loading and encoding need tiktoken alone
         bpe = rustbpe.Tokenizer()
         bpe.train_from_iterator(text_iterator, num_ranks, pattern=SPLIT_PATTERN)
         # rustbpe stops early when the corpus runs out of pairs to merge; a smaller vocab than
