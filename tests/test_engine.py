@@ -197,6 +197,9 @@ def test_flops_accounting():
     res = Engine(model).generate_batch(prompts, 6, plan="think")
     for s in res.steps:  # full width, no gates: exactly the full model's count
         torch.testing.assert_close(s.flops, s.full_flops, rtol=0, atol=0)
+    # the prompt's full-model count (closed form in the engine) is the per-position sum, one readout
+    loop = sum(model.forward_flops_per_token(t + 1) for t in range(3)) - 2 * 2 * model.config.n_embd * V
+    assert float(res.steps[0].full_flops[0]) == loop
     narrow = Engine(model).generate_batch(prompts, 6, plan=[16] * 4)
     expect = model.forward_flops_per_token(3 + 1, width=16)  # first decoded token attends 4 positions
     assert float(narrow.steps[1].flops[0]) == expect
