@@ -44,17 +44,19 @@ def apply_activation_checkpointing(blocks):
         block.forward = functools.partial(checkpoint, block.forward, use_reentrant=False)
 
 
-def apply_fsdp(model, blocks, replicated_params=(), device_type="cuda"):
+def apply_fsdp(model, blocks, replicated_params=(), device_type="cuda", separate=()):
     """
-    FSDP2: shard every block, then the root (embedding, head); parameters become DTensors sharded on
-    dim 0 over all ranks. `replicated_params` stay whole plain tensors on every rank (small modules
+    FSDP2: shard every block, then each module of `separate` on its own, then the root (what is left: the
+    head); parameters become DTensors sharded on dim 0 over all ranks. One shard group must hold one
+    dtype, so a module whose dtype differs from the rest (nanochat's bf16 embedding on CUDA next to the
+    fp32 head) goes in `separate`. `replicated_params` stay whole plain tensors on every rank (small modules
     called through methods outside any forward, whose FSDP hooks would never run, e.g. the adaptive
     controllers); their gradients must be all-reduced by the caller (allreduce_gradients).
     """
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
     mesh = init_device_mesh(device_type, (dist.get_world_size(),))
-    for block in blocks:
+    for block in [*blocks, *separate]:
         fully_shard(block, mesh=mesh)
     fully_shard(model, mesh=mesh, ignored_params=set(replicated_params) or None)
     return model

@@ -304,7 +304,8 @@ def main(argv=None):
         apply_activation_checkpointing(model.transformer.h)
     if args.parallel == "fsdp":
         # NOTE: fully_shard replaces the parameters by DTensors: the optimizers must be built after it
-        apply_fsdp(model, model.transformer.h, ctrl_params, device.type)  # the controllers stay replicated
+        # the controllers stay replicated; wte (bf16 on CUDA, as nanochat) is a shard group of its own
+        apply_fsdp(model, model.transformer.h, ctrl_params, device.type, separate=[model.transformer.wte])
         from torch.distributed.tensor import distribute_tensor
         params = dict(model.named_parameters())
         masks = {n: distribute_tensor(m, params[n].device_mesh, params[n].placements) for n, m in masks.items()}
@@ -348,7 +349,7 @@ def main(argv=None):
         load_optimizer_state_dicts(optimizers, saved_opt["optimizers"])
         if args.parallel == "fsdp":
             optimizer_state_to_dtensor(optimizers)
-        torch.set_rng_state(saved_opt["rng_cpu"])
+        torch.set_rng_state(saved_opt["rng_cpu"].cpu())  # the file was loaded onto the device
         print0(f"resumed {out_dir} at step {start_step}")
     elif args.continue_data:
         prev = meta.get("user_args") or {}
