@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from nanochat.gpt import GPT, GPTConfig
-from nanochat.checkpoint_manager import (CheckpointError, save_checkpoint, load_model, load_meta, find_last_step,
+from nanochat.checkpoint_manager import (CheckpointError, save_checkpoint, load_model, load_meta,
                                          load_optimizer_state, model_path, meta_path, optim_path)
 from nanochat.surgery import new_entry_mask
 from nanochat.tokenizer import Tokenizer

@@ -11,7 +11,8 @@ Tolerances, allclose-style |got - kernel| <= atol + rtol * |kernel|, from state-
       out, so gradients use (rtolw, atolw) after dividing both by the kernel gradient's largest magnitude (the
       scan test's gradients are O(1); a weight gradient summed over B*L tokens is not).
   SSD (Mamba-2): v2.3.2.post1 tests/ops/triton/test_ssd.py has one tolerance, (1e-2, 3e-3) (chunk_state_varlen,
-      every dtype): our fp32 forward. bf16 forward: (6e-2, 6e-2), upstream's bf16 relaxation of that test (529e5a8).
+      every dtype), which the kernel's own TF32 rounding exceeds at fp32: there ours is checked against the
+      float64 reference and the kernel against ours at a TF32 tolerance (see test_ssd_matches_kernel). bf16 forward: (6e-2, 6e-2), upstream's bf16 relaxation of that test (529e5a8).
       Gradients: 1e-1, upstream's TestMambaChunkScanCombined.test_bwd (b527279; "rtol=atol=1e-2 fails"), scaled to
       unit max like the Mamba-1 module's.
   decode step, tests/ops/triton/test_selective_state_update.py: (3e-4, 1e-3) fp32; bf16 (1e-2, 5e-2) per channel
@@ -118,7 +119,16 @@ def test_ssd_matches_kernel(itype):
         y64, _ = ssd_reference(x, dt64, A, B, C, D=D)
     note = (f"; vs float64 reference: max |torch - ref| {(y_t.double() - y64).abs().max().item():.3e}, "
             f"max |kernel - ref| {(y_k.double() - y64).abs().max().item():.3e}")
-    check("y", y_t, y_k, *SSD_FWD_TOL[itype], note=note)
+    if itype == F32:
+        # The Triton kernel runs its fp32 dot products in TF32 (10-bit mantissa). Measured on an H100
+        # (2026-11-22): max |kernel - float64| 6.4e-2, max |ours - float64| 1.6e-5, max |y| 34.8, and 129 of
+        # 262,144 outputs outside upstream's (1e-2, 3e-3). So: ours against float64 at 1e-5 of the output
+        # scale, and the kernel against ours at 5e-3 of it (TF32's rounding, summed over a chunk).
+        scale = y64.abs().max().item()
+        check("y vs float64", y_t.double(), y64, 0.0, 1e-5 * scale, note=note)
+        check("y", y_t, y_k, 0.0, 5e-3 * scale, note=note)
+    else:
+        check("y", y_t, y_k, *SSD_FWD_TOL[itype], note=note)
     g = torch.randn_like(y_k)
     y_k.backward(g)
     y_t.backward(g)
