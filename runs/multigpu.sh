@@ -41,7 +41,7 @@ VOCAB=$($PY -c "from nanochat.tokenizer import Tokenizer; print(Tokenizer.from_d
 export NANOCHAT_BASE_DIR=$WORK/base PYTHONUNBUFFERED=1 OMP_NUM_THREADS=${OMP_NUM_THREADS:-8}
 DATA=$WORK/data
 mkdir -p "$WORK"
-echo "== multigpu $MODE: $NGPU GPUs, vocab $VOCAB, work dir $WORK, commit $(git rev-parse --short HEAD 2>/dev/null || echo '?')"
+echo "== multigpu $MODE: $NGPU GPUs, vocab $VOCAB, work dir $WORK"
 
 if ! compgen -G "$DATA/*.parquet" > /dev/null; then
   $PY -m nanochat.dataset --synthetic --data-dir "$DATA" --num-shards 8 --docs-per-shard 6000

@@ -38,8 +38,8 @@ MAMBA=${MAMBA:-1}                       # Mamba version of the new blocks
 EXIT_STRIDE=${EXIT_STRIDE:-8}           # a readout every 8th block: at 1, 63 exit readouts add 67.6 GFLOP/token at d32 (1.7x the phase-2 sandwich); MFU_P2 was measured at 8
 SEQ_LEN=${SEQ_LEN:-2048}
 TOTAL_BATCH=${TOTAL_BATCH:-524288}      # tokens per optimizer step, all GPUs (nanochat's)
-DBS1=${DBS1:-8}                         # rows per GPU per micro-batch, phase 1
-DBS2=${DBS2:-4}                         # phases 2 and 3 (the sandwich + exit readouts need more memory per row)
+DBS1=${DBS1:-4}                         # rows per GPU per micro-batch, phase 1: peak 73.5 GiB per GPU with FSDP2 on 4 H200s
+DBS2=${DBS2:-2}                         # phases 2 and 3: peak 73.9 GiB (sandwich + exit readouts); runs/multigpu.sh scale
 P1_STEPS=${P1_STEPS:-2000}
 P2_STEPS=${P2_STEPS:-4000}
 P3_STEPS=${P3_STEPS:-4000}
@@ -48,12 +48,13 @@ CHARS_PER_SHARD=${CHARS_PER_SHARD:-250000000}
 GPU_HOUR_USD=${GPU_HOUR_USD:-3.00}      # an assumption: set your price
 PEAK_FLOPS=${PEAK_FLOPS:-989.4e12}      # dense bf16 per GPU, H100 SXM / H200
 
-# Measured MFU (scripts.fractal_train's convention), from scripts/bench.py train on one NVIDIA H200, 2026-11-22,
-# depth 20 (width 1280), T=2048, batch 8, torch 2.11, mamba-ssm 2.3.2.post1 kernels (docs/benchmarks.md):
-MFU_P1=${MFU_P1:-0.309}   # hybrid, phase 1, --compile blocks: 50.9k tok/s
-MFU_P2=${MFU_P2:-0.156}   # hybrid, phase 2 sandwich (1280+128+1024), exits every 8, NOT compiled: 12.5k tok/s
+# Measured MFU (scripts.fractal_train's convention and step lines): `bash runs/multigpu.sh scale` on 4 NVIDIA H200s,
+# 2026-11-22: this surgery's d32 hybrid (3.80B parameters, random weights), T=2048, DBS1/DBS2 rows per GPU, FSDP2,
+# eager (no --compile), torch 2.11, mamba-ssm 2.3.2.post1 kernels (docs/benchmarks.md, "Multi-GPU"):
+MFU_P1=${MFU_P1:-0.192}   # phase 1, 4 GPUs: 8.3k tok/s per GPU
+MFU_P2=${MFU_P2:-0.078}   # phase 2 sandwich (full + smallest + one random width), exits every 8, 4 GPUs: 1.76k tok/s per GPU
 MFU_P3=${MFU_P3:-$MFU_P2} # phase 3 is the phase-2 step on the grown model (not measured separately)
-# Not measured: phase 2 compiled, FSDP over 8 GPUs, d32 widths. The estimate assumes the d20 one-GPU MFU carries over.
+# Not measured: 8 GPUs (2 -> 4 GPUs kept 99% of the per-GPU rate), --compile at d32, the grown model.
 
 export NANOCHAT_BASE_DIR=${NANOCHAT_BASE_DIR:-$HOME/.cache/nanochat}
 RUN_DIR=${RUN_DIR:-$NANOCHAT_BASE_DIR/speedrun}
