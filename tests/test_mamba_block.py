@@ -373,15 +373,18 @@ COMPILE_BACKENDS = ["aot_eager"] + (["inductor"] if os.environ.get("ADAMBA_SLOW_
 @pytest.mark.parametrize("backend", COMPILE_BACKENDS)
 @pytest.mark.parametrize("cls,cfg", [(Mamba, MAMBA1_CONFIGS[0]), (Mamba2, MAMBA2_CONFIGS[0])], ids=["Mamba", "Mamba2"])
 def test_compile_torch_path(cls, cfg, backend):
-    """torch.compile (fullgraph) of the PyTorch path with a mask and packed documents, forward + backward."""
+    """torch.compile (fullgraph) of the PyTorch path with a mask and packed documents, forward + backward.
+    Compiled, Mamba-1 scans with torch's associative_scan; eager, with the log-depth scan: this compares them."""
     mod = build(cls, cfg, dtype=torch.float32)
     u = torch.randn(2, 9, mod.d_model)
     kw = dict(seq_idx=torch.tensor([[0] * 5 + [1] * 4] * 2), mask=torch.arange(9)[None].expand(2, -1) >= torch.tensor([[0], [2]]))
+    compiled = torch.compile(mod, backend=backend, fullgraph=True)
     try:
-        compiled = torch.compile(mod, backend=backend, fullgraph=True)
         out = compiled(u, **kw)
-    except Exception as e:  # compile unavailable in this environment: say which error
-        pytest.skip(f"torch.compile unavailable: {type(e).__name__}: {e}")
+    except Exception as e:
+        if backend == "aot_eager":  # needs no compiler toolchain: any failure is ours
+            raise
+        pytest.skip(f"torch.compile with {backend} unavailable here: {type(e).__name__}: {e}")
     out.square().sum().backward()
     grads = [p.grad.clone() for p in mod.parameters()]
     mod.zero_grad()
