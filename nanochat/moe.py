@@ -299,7 +299,6 @@ class MoE(nn.Module):
         self._load_accum.zero_()
 
 
-
 class _SlotGather(torch.autograd.Function):
     """
     xs = xr[slot_of // k]: the token rows of the kept assignment slots, in expert order.
