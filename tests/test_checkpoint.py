@@ -9,7 +9,6 @@ import pytest
 import torch
 
 from nanochat.gpt import GPT, GPTConfig
-from nanochat import checkpoint_manager as cm
 from nanochat.checkpoint_manager import (CheckpointError, save_model, save_checkpoint, load_model,
                                          load_optimizer_state, find_last_step)
 from nanochat.optim import setup_optimizers, optimizer_state_dicts, load_optimizer_state_dicts

@@ -9,7 +9,6 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from nanochat import dataset
 from nanochat.dataset import (write_synthetic_shards, list_parquet_files, split_parquet_files, parquets_iter_batched,
                               read_row_group, row_group_index, is_synthetic, download_shards)
 from nanochat.dataloader import tokenizing_distributed_data_loader, _best_fit_row
