@@ -154,6 +154,13 @@ def rotary_inv_freq_grown(rotary_dims, device=None):
     return torch.cat(parts)
 
 
+def heads_at(w, head_dim, n_head, n_kv_head):
+    """(query heads, KV heads) an attention block of n_head / n_kv_head heads of head_dim uses at width w:
+    the first w // head_dim query heads and the KV heads their groups read."""
+    h = w // head_dim
+    return h, -(-h // (n_head // n_kv_head))
+
+
 class MatryoshkaAttention(nn.Module):
     """nanochat attention (rotary, QK norm, GQA) whose heads can be sliced to a width prefix."""
 
@@ -170,9 +177,7 @@ class MatryoshkaAttention(nn.Module):
 
     def heads_at(self, w):
         """(query heads, kv heads) used at width w."""
-        h = w // self.head_dim
-        group = self.n_head // self.n_kv_head
-        return h, -(-h // group)
+        return heads_at(w, self.head_dim, self.n_head, self.n_kv_head)
 
     def project_kv(self, xn, w, cos_sin):
         """K, V (B, Hkv_w, T, hd) of the normalised input xn (B, T, >=w) at width w."""

@@ -527,12 +527,12 @@ def stores_narrow_kv(config, mode):
     blocks or in none. 'auto' does where its predictor picks a narrow width (blocks from predictor_after
     on, per row): True, so its formula is an upper bound."""
     from nanochat.matryoshka import mode_plan
+    from nanochat.hybrid_gpt import heads_at
     if not hasattr(config, "layer_pattern") or mode in ("-", "think"):
         return False
     if mode == "auto":
         return True
-    group = config.n_head // config.n_kv_head
-    return any(-(-(w // config.head_dim) // group) < config.n_kv_head  # the KV heads at width w (heads_at)
+    return any(heads_at(w, config.head_dim, config.n_head, config.n_kv_head)[1] < config.n_kv_head
                for j, w in enumerate(mode_plan(mode, config.width_levels, config.n_layer)) if config.mixer_kind(j) == "A")
 
 
