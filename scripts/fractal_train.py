@@ -345,11 +345,11 @@ def main(argv=None):
                              f"pass --data-ranks={meta.get('data_ranks')}")
         loader_states = meta["dataloader_state"]
         # one file of full (unsharded) optimizer state, whatever the world size and --parallel that saved it
-        saved_opt = cm.load_optimizer_state(out_dir, start_step, 0, device)
+        saved_opt = cm.load_optimizer_state(out_dir, start_step, 0, "cpu")  # load_state_dict moves it to the params
         load_optimizer_state_dicts(optimizers, saved_opt["optimizers"])
         if args.parallel == "fsdp":
             optimizer_state_to_dtensor(optimizers)
-        torch.set_rng_state(saved_opt["rng_cpu"].cpu())  # the file was loaded onto the device
+        torch.set_rng_state(saved_opt["rng_cpu"])
         print0(f"resumed {out_dir} at step {start_step}")
     elif args.continue_data:
         prev = meta.get("user_args") or {}
