@@ -36,6 +36,7 @@ import torch.nn.functional as F
 
 from nanochat.mamba_scan import (_compute_dtype, _segment_ids, selective_scan, selective_scan_reference,
                                    ssd_chunk_scan, ssd_reference)  # noqa: F401 (re-exported)
+from nanochat import mamba_ops
 
 logger = logging.getLogger(__name__)
 
@@ -346,6 +347,8 @@ class Mamba(_MambaMixer):
 
     def _mix_kernels(self, h, conv_state, ssm_state, valid):
         """mamba-ssm's own forward: fused mamba_inner_fn when no state is wanted, else conv + selective_scan_fn."""
+        if torch.compiler.is_compiling() and conv_state is None and causal_conv1d_fn is not None:
+            return mamba_ops.mamba1_forward(self, h)  # the kernels as custom ops: no graph break
         batch, seqlen, _ = h.shape
         # (B, 2*d_inner, L) with L contiguous, the layout the kernels take
         xz = (self.in_proj.weight @ h.reshape(-1, self.d_model).t()).unflatten(1, (batch, seqlen)).transpose(0, 1)
@@ -505,7 +508,9 @@ class Mamba2(_MambaMixer):
     def _mix(self, h, conv_state, ssm_state, cont, valid, seg):
         use_kernels = self._use_kernels(h, "forward")
         seg32 = None if seg is None else seg.to(torch.int32).contiguous()
-        if use_kernels and self.use_mem_eff_path and conv_state is None:  # one fused kernel, as mamba-ssm
+        # torch.compile cannot trace the fused kernel's Python; it gets the custom ops of nanochat/mamba_ops.py
+        ops = use_kernels and torch.compiler.is_compiling() and conv_state is None and causal_conv1d_fn is not None
+        if use_kernels and self.use_mem_eff_path and conv_state is None and not ops:  # one fused kernel, as mamba-ssm
             dt_limit_kwargs = {} if tuple(self.dt_limit) == (0.0, float("inf")) else dict(dt_limit=self.dt_limit)
             return mamba_split_conv1d_scan_combined(
                 self.in_proj(h), self.conv1d.weight.squeeze(1), self.conv1d.bias, self.dt_bias,
@@ -521,8 +526,9 @@ class Mamba2(_MambaMixer):
         if conv_state is not None:
             new_conv_state = _conv_state_after(xBC, prev, valid, seg, self.d_conv)
         if use_kernels and causal_conv1d_fn is not None and prev is None:
-            xBC = causal_conv1d_fn(xBC.transpose(1, 2), self.conv1d.weight.squeeze(1), bias=self.conv1d.bias,
-                                   activation=self.activation, seq_idx=seg32).transpose(1, 2)
+            conv = mamba_ops.causal_conv1d if ops else causal_conv1d_fn
+            xBC = conv(xBC.transpose(1, 2), self.conv1d.weight.squeeze(1), self.conv1d.bias,
+                       activation=self.activation, seq_idx=seg32).transpose(1, 2)
         else:
             xBC = F.silu(_causal_conv(xBC, self.conv1d, prev, seg))
         x, B, C = xBC.split([self.d_ssm, self.ngroups * self.d_state, self.ngroups * self.d_state], dim=-1)
@@ -533,7 +539,11 @@ class Mamba2(_MambaMixer):
                 B.unflatten(-1, (self.ngroups, self.d_state)), C.unflatten(-1, (self.ngroups, self.d_state)))
         kwargs = dict(chunk_size=self.chunk_size, D=self._D(), initial_states=ssm_state if cont else None,
                       z=None if self.rmsnorm else z.unflatten(-1, (self.nheads, self.headdim)), return_final_states=True)
-        if use_kernels:
+        if ops:
+            y = mamba_ops.ssd_scan(*args, D=kwargs["D"], chunk_size=self.chunk_size, seq_idx=seg32)
+            if kwargs["z"] is not None:  # the kernel gates inside; here after it, the same function
+                y = (y.float() * F.silu(kwargs["z"].float())).to(y.dtype)
+        elif use_kernels:
             y, last = mamba_chunk_scan_combined(*args, seq_idx=seg32, **kwargs)
         else:
             y, last = ssd_chunk_scan(*args, seq_idx=seg, **kwargs)

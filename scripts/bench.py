@@ -2,7 +2,7 @@
 Benchmarks on one device, each printing a table with its targets (pass/fail) and, as its LAST line,
 one JSON object with the environment (device, torch, date, kernel versions) and every number.
 
-    python -m scripts.bench mamba   # Mamba/Mamba2 fwd+bwd: mamba-ssm itself, our kernel path, our PyTorch path eager and compiled; step()
+    python -m scripts.bench mamba   # Mamba/Mamba2 fwd+bwd: mamba-ssm itself, our kernel and PyTorch paths eager and compiled; step()
     python -m scripts.bench moe     # MoE fwd+bwd: torch._grouped_mm vs bmm vs the per-expert loop vs a dense FFN of equal active FLOPs
     python -m scripts.bench train   # training tokens/s and MFU: dense GPT vs hybrids, phase-1 and phase-2 settings
     python -m scripts.bench decode  # prefill/decode tokens/s and KV + SSM cache memory: dense GPT vs hybrid modes
@@ -202,7 +202,7 @@ def model_dims(depth):
 
 
 # -----------------------------------------------------------------------------
-# mamba: our mixers (kernel path, PyTorch path eager and compiled) against mamba-ssm's own modules
+# mamba: our mixers (kernel path and PyTorch path, eager and compiled) against mamba-ssm's own modules
 
 def mamba_ssm_classes():
     """mamba-ssm's own (Mamba, Mamba2) modules, or None and why they cannot be imported."""
@@ -236,6 +236,9 @@ def cmd_mamba(args, device):
         kern, tor = copy.deepcopy(ours), copy.deepcopy(ours)
         kern.path, tor.path = "kernel", "torch"
         impls["ours kernel"] = f"unavailable: {kernel_why}" if kernel_why else kern
+        # compiled, the kernel path runs mamba_ops' custom ops (what `bench train --compile` and training run)
+        impls["ours kernel compiled"] = (f"unavailable: {kernel_why}" if kernel_why else
+                                         torch.compile(kern, dynamic=False, backend=args.compile_backend))
         impls["ours torch eager"] = tor
         impls["ours torch compiled"] = torch.compile(tor, dynamic=False, backend=args.compile_backend)
         for L in lengths:

@@ -26,12 +26,12 @@ def test_mamba(capsys):
     res, out = run(capsys, ["mamba", "--batch", "2", "--seqlens", "16,32", "--d-model", "32", "--versions", "2", "--decode-batches", "1",
                             "--decode-iters", "2"])
     rows = res["rows"]
-    assert len(rows) == 2 * 4  # lengths x (mamba-ssm, ours kernel, torch eager, torch compiled)
+    assert len(rows) == 2 * 5  # lengths x (mamba-ssm, ours kernel eager and compiled, torch eager and compiled)
     for r in rows:
         assert ("ms" in r and r["ms"] > 0 and r["tok_per_s"] > 0) or r["error"].startswith("unavailable")
         if r["impl"].startswith("ours torch"):
             assert r["ms"] > 0
-    assert [r["batch"] for r in rows] == [2] * 4 + [1] * 4  # longer lengths keep batch * length
+    assert [r["batch"] for r in rows] == [2] * 5 + [1] * 5  # longer lengths keep batch * length
     assert len(res["targets"]) == 2 * 2
     from nanochat.mamba_block import KERNEL_IMPORT_ERROR
     if KERNEL_IMPORT_ERROR is not None:  # nothing to compare against: the targets say so instead of passing

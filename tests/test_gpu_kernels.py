@@ -207,6 +207,47 @@ def test_kernel_path_is_mamba_ssm_module(v):
         check(f"d {n}", g_o[n], g_r[n], rtolg, atolg, scale=True)
 
 
+@needs_kernels
+@pytest.mark.parametrize("dtype", [F32, BF16], ids=["fp32", "bf16-autocast"])
+@pytest.mark.parametrize("v", [1, 2], ids=["Mamba", "Mamba2"])
+def test_compiled_kernel_path_is_one_graph(v, dtype):
+    """Under torch.compile the kernel path runs the custom ops of nanochat/mamba_ops.py: fullgraph=True
+    compiles the whole mixer (a graph break would raise), and it computes the eager kernel path's function
+    at the module tolerances (outputs, input and parameter gradients)."""
+    (rtol, atol), (rtolg, atolg) = MODULE_TOL[(v, dtype)]
+    m = build(v)
+    m.path = "kernel"
+    torch.manual_seed(1)
+    u = torch.randn(2, 512, m.d_model, device=DEV)
+    g = torch.randn(2, 512, m.d_model, device=DEV)
+    y_e, du_e, g_e = fwd_bwd(m, u, g, dtype)
+    torch._dynamo.reset()
+    m.zero_grad(set_to_none=True)
+    y_c, du_c, g_c = fwd_bwd(torch.compile(m, fullgraph=True), u, g, dtype)
+    check("out", y_c, y_e, rtol, atol)
+    check("d input", du_c, du_e, rtolg, atolg, scale=True)
+    for n in g_e:
+        check(f"d {n}", g_c[n], g_e[n], rtolg, atolg, scale=True)
+
+
+@needs_kernels
+def test_custom_ops_opcheck():
+    """The kernel ops' schemas, fake implementations and autograd registrations against the real kernels."""
+    from nanochat import mamba_ops
+    torch.manual_seed(0)
+    r = lambda *s, dt=BF16: torch.randn(*s, device=DEV, dtype=dt)  # noqa: E731
+    x, w, b = r(2, 64, 300), r(64, 4, dt=F32), r(64, dt=F32)
+    torch.library.opcheck(mamba_ops.conv1d_fwd, (x.requires_grad_(), w.requires_grad_(), b.requires_grad_(), None, True))
+    A = -torch.rand(64, 16, device=DEV) - 0.5
+    scan = [r(2, 64, 300), r(2, 64, 300) * 0.5, A, r(2, 1, 16, 300), r(2, 1, 16, 300), r(64, dt=F32), r(2, 64, 300),
+            r(64, dt=F32) * 0.1]
+    # the backward kernels accumulate some gradients atomically, so two runs differ in the last bits
+    torch.library.opcheck(mamba_ops.selective_scan_fwd, tuple(t.requires_grad_() for t in scan), rtol=5e-2, atol=5e-2)
+    ssd = [r(2, 512, 4, 64), torch.rand(2, 512, 4, device=DEV) * 0.1, -torch.rand(4, device=DEV) - 0.5,
+           r(2, 512, 1, 128), r(2, 512, 1, 128), r(4, dt=F32)]
+    torch.library.opcheck(mamba_ops.ssd_fwd, (*[t.requires_grad_() for t in ssd], None, 256), rtol=5e-2, atol=5e-2)
+
+
 # -----------------------------------------------------------------------------
 # decode: prefill into the cache, then step() with causal_conv1d_update / selective_state_update vs PyTorch
 

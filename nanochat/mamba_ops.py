@@ -1,0 +1,237 @@
+"""
+mamba-ssm's and causal-conv1d's CUDA kernels as torch.library custom ops, for torch.compile.
+
+mamba-ssm calls its CUDA scan through pybind (`selective_scan_cuda.fwd`) and its Triton SSD through Python
+functions that dynamo cannot trace, so a compiled Mamba block breaks its graph at every mixer and each piece
+between the breaks compiles on its own. Each op here has three parts:
+  the kernel call (the real implementation),
+  a fake implementation (output shapes and dtypes, all contiguous) so dynamo and AOTAutograd can trace it,
+  an autograd formula that calls the kernel's own backward.
+The kernels are looked up when an op runs, so importing this module needs neither package.
+
+Ops (all outputs contiguous):
+  adamba::conv1d_fwd / conv1d_bwd            depthwise causal conv (+ SiLU), causal-conv1d; optional seq_idx
+  adamba::selective_scan_fwd / _bwd          Mamba-1 scan with the z gate, delta bias and softplus
+  adamba::ssd_fwd / ssd_bwd                  Mamba-2 chunked SSD (dt already processed; no z, no initial state)
+
+`mamba1_forward` and the two wrappers below are what nanochat/mamba_block.py runs on the kernel path while
+torch.compile traces (training: no cache, no mask). In eager mode the mixers keep mamba-ssm's fused autograd
+functions (mamba_inner_fn, mamba_split_conv1d_scan_combined), which recompute activations and save memory.
+tests/test_gpu_kernels.py checks these ops with torch.library.opcheck and compares a compiled mixer with
+the eager kernel path (outputs and gradients); tests/test_mamba_block.py checks the plumbing on CPU with the
+PyTorch scans standing in for the kernels.
+"""
+import math
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+SCAN_CHUNK = 2048  # the CUDA scan saves one state per 2048 positions: x is (B, D, ceil(L / 2048), 2 * N)
+
+
+class _Kernels:
+    """The kernel entry points, imported on first use (tests on CPU replace them with PyTorch stand-ins)."""
+
+    def __init__(self):
+        self.loaded = False
+
+    def load(self):
+        if self.loaded:
+            return self
+        import selective_scan_cuda
+        from causal_conv1d.cpp_functions import causal_conv1d_bwd_function, causal_conv1d_fwd_function
+        from mamba_ssm.ops.triton.ssd_combined import _mamba_chunk_scan_combined_bwd, _mamba_chunk_scan_combined_fwd
+        self.scan_fwd, self.scan_bwd = selective_scan_cuda.fwd, selective_scan_cuda.bwd
+        self.conv_fwd, self.conv_bwd = causal_conv1d_fwd_function, causal_conv1d_bwd_function
+        self.ssd_fwd, self.ssd_bwd = _mamba_chunk_scan_combined_fwd, _mamba_chunk_scan_combined_bwd
+        self.loaded = True
+        return self
+
+
+KERNELS = _Kernels()
+
+
+def _lastdim_contiguous(t):
+    return t if t is None or t.stride(-1) == 1 else t.contiguous()
+
+
+# -----------------------------------------------------------------------------
+# depthwise causal conv1d (+ SiLU): x (B, C, L), weight (C, W), bias (C,), seq_idx (B, L) int32 or None
+
+@torch.library.custom_op("adamba::conv1d_fwd", mutates_args=())
+def conv1d_fwd(x: Tensor, weight: Tensor, bias: Tensor, seq_idx: Optional[Tensor], silu: bool) -> Tensor:
+    if x.stride(2) != 1 and x.stride(1) != 1:
+        x = x.contiguous()
+    return KERNELS.load().conv_fwd(x, weight, bias, seq_idx, None, None, silu).contiguous()
+
+
+@conv1d_fwd.register_fake
+def _(x, weight, bias, seq_idx, silu):
+    return x.new_empty(x.shape)
+
+
+@torch.library.custom_op("adamba::conv1d_bwd", mutates_args=())
+def conv1d_bwd(x: Tensor, weight: Tensor, bias: Tensor, seq_idx: Optional[Tensor], dout: Tensor,
+               silu: bool) -> tuple[Tensor, Tensor, Tensor]:
+    if x.stride(2) != 1 and x.stride(1) != 1:
+        x = x.contiguous()
+    if dout.stride(2) != 1 and dout.stride(1) != 1:
+        dout = dout.contiguous()
+    dx, dw, db, _ = KERNELS.load().conv_bwd(x, weight, bias, dout, seq_idx, None, None, None, False, silu)
+    return dx.contiguous(), dw.to(weight.dtype).contiguous(), db.to(bias.dtype).contiguous()
+
+
+@conv1d_bwd.register_fake
+def _(x, weight, bias, seq_idx, dout, silu):
+    return x.new_empty(x.shape), weight.new_empty(weight.shape), bias.new_empty(bias.shape)
+
+
+def _conv1d_setup(ctx, inputs, output):
+    x, weight, bias, seq_idx, silu = inputs
+    ctx.save_for_backward(x, weight, bias, seq_idx)
+    ctx.silu = silu
+
+
+def _conv1d_backward(ctx, dout):
+    x, weight, bias, seq_idx = ctx.saved_tensors
+    dx, dw, db = conv1d_bwd(x, weight, bias, seq_idx, dout, ctx.silu)
+    return dx, dw, db, None, None
+
+
+conv1d_fwd.register_autograd(_conv1d_backward, setup_context=_conv1d_setup)
+
+
+def causal_conv1d(x, weight, bias, seq_idx=None, activation="silu"):
+    """x (B, C, L) -> (B, C, L): the depthwise causal conv of causal_conv1d_fn as one traceable op.
+    weight (C, W); bias (C,) or None (zeros then, whose gradient is dropped)."""
+    if bias is None:
+        bias = weight.new_zeros(weight.shape[0])
+    return conv1d_fwd(x, weight, bias, seq_idx, activation in ("silu", "swish"))
+
+
+# -----------------------------------------------------------------------------
+# Mamba-1 selective scan: u, delta, z (B, D, L); A (D, N) fp32; B, C (B, G, N, L); D, delta_bias (D,) fp32.
+# out_z = (scan(u) + D * u) * silu(z), with delta = softplus(delta + delta_bias); x: the saved chunk states.
+
+@torch.library.custom_op("adamba::selective_scan_fwd", mutates_args=())
+def selective_scan_fwd(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Tensor, z: Tensor,
+                       delta_bias: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    u, delta, B, C, z = (_lastdim_contiguous(t) for t in (u, delta, B, C, z))
+    out, x, out_z = KERNELS.load().scan_fwd(u, delta, A, B, C, D.contiguous(), z, delta_bias.contiguous(), True)
+    return out.contiguous(), x.contiguous(), out_z.contiguous()
+
+
+@selective_scan_fwd.register_fake
+def _(u, delta, A, B, C, D, z, delta_bias):
+    batch, dim, L = u.shape
+    x = u.new_empty(batch, dim, math.ceil(L / SCAN_CHUNK), 2 * A.shape[1], dtype=A.dtype)
+    return delta.new_empty(delta.shape), x, z.new_empty(z.shape)
+
+
+@torch.library.custom_op("adamba::selective_scan_bwd", mutates_args=())
+def selective_scan_bwd(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Tensor, z: Tensor,
+                       delta_bias: Tensor, dout: Tensor, x: Tensor, out: Tensor
+                       ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    u, delta, B, C, z, dout, out = (_lastdim_contiguous(t) for t in (u, delta, B, C, z, dout, out))
+    grads = KERNELS.load().scan_bwd(u, delta, A, B, C, D.contiguous(), z, delta_bias.contiguous(), dout,
+                                    x.contiguous(), out, None, True, False)
+    like = (u, delta, A, B, C, D, delta_bias, z)  # the kernel returns (du, ddelta, dA, dB, dC, dD, ddelta_bias, dz)
+    return tuple(g.to(t.dtype).contiguous() for g, t in zip(grads, like))
+
+
+@selective_scan_bwd.register_fake
+def _(u, delta, A, B, C, D, z, delta_bias, dout, x, out):
+    return tuple(t.new_empty(t.shape) for t in (u, delta, A, B, C, D, delta_bias, z))
+
+
+def _scan_setup(ctx, inputs, output):
+    out, x, _ = output
+    ctx.save_for_backward(*inputs, x, out)
+
+
+def _scan_backward(ctx, dout_unused, dx_unused, dout_z):
+    u, delta, A, B, C, D, z, delta_bias, x, out = ctx.saved_tensors
+    du, ddelta, dA, dB, dC, dD, ddelta_bias, dz = selective_scan_bwd(u, delta, A, B, C, D, z, delta_bias, dout_z, x, out)
+    return du, ddelta, dA, dB, dC, dD, dz, ddelta_bias
+
+
+selective_scan_fwd.register_autograd(_scan_backward, setup_context=_scan_setup)
+
+
+def selective_scan(u, delta, A, B, C, D, z, delta_bias):
+    """The gated Mamba-1 scan as one traceable op: returns out_z (B, D, L) in u's dtype."""
+    return selective_scan_fwd(u, delta, A, B, C, D, z, delta_bias)[2]
+
+
+def mamba1_forward(mixer, h):
+    """
+    A Mamba-1 mixer on the kernels through the ops above: h (B, L, d_model) -> (B, L, d_model), no cache and
+    no mask (training). The function of mamba_inner_fn: in_proj, causal conv + SiLU, x_proj, dt_proj, the
+    scan gated by z (dt_proj's bias and the softplus inside the kernel), out_proj; the projections stay
+    PyTorch ops, which the compiler sees.
+    """
+    batch, L, _ = h.shape
+    # (B, 2 * d_inner, L) with L contiguous, the layout the kernels take: one GEMM over all B * L tokens
+    xz = (mixer.in_proj.weight @ h.reshape(-1, mixer.d_model).t()).unflatten(1, (batch, L)).transpose(0, 1)
+    if mixer.in_proj.bias is not None:
+        xz = xz + mixer.in_proj.bias.to(xz.dtype)[:, None]
+    x, z = xz.chunk(2, dim=1)  # (B, d_inner, L) each
+    x = causal_conv1d(x, mixer.conv1d.weight.squeeze(1), mixer.conv1d.bias, activation=mixer.activation)
+    x_dbl = mixer.x_proj(x.transpose(1, 2).reshape(batch * L, mixer.d_inner))  # (B * L, dt_rank + 2 * d_state)
+    dt, Bm, Cm = x_dbl.split([mixer.dt_rank, mixer.d_state, mixer.d_state], dim=-1)
+    # (B, d_inner, L); dt_proj's bias goes in the kernel, with the softplus
+    delta = (mixer.dt_proj.weight @ dt.t()).unflatten(1, (batch, L)).transpose(0, 1)
+    Bm = Bm.unflatten(0, (batch, L)).transpose(1, 2).unsqueeze(1).contiguous()  # (B, 1, d_state, L)
+    Cm = Cm.unflatten(0, (batch, L)).transpose(1, 2).unsqueeze(1).contiguous()
+    A = -torch.exp(mixer.A_log.float())
+    y = selective_scan(x, delta, A, Bm, Cm, mixer.D.float(), z, mixer.dt_proj.bias.float())  # (B, d_inner, L)
+    return mixer.out_proj(y.transpose(1, 2))
+
+
+# -----------------------------------------------------------------------------
+# Mamba-2 chunked SSD: x (B, L, H, P); dt (B, L, H) already softplus'd and clamped; A (H,) fp32;
+# B, C (B, L, G, N); D (H,) or (H, P); seq_idx (B, L) int32 or None. y = SSD(x) + D * x, (B, L, H, P).
+
+@torch.library.custom_op("adamba::ssd_fwd", mutates_args=())
+def ssd_fwd(x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Tensor, seq_idx: Optional[Tensor],
+            chunk_size: int) -> Tensor:
+    out = KERNELS.load().ssd_fwd(x, dt, A, B, C, chunk_size, D=D, seq_idx=seq_idx)[0]
+    return out.to(x.dtype).contiguous()
+
+
+@ssd_fwd.register_fake
+def _(x, dt, A, B, C, D, seq_idx, chunk_size):
+    return x.new_empty(x.shape)
+
+
+@torch.library.custom_op("adamba::ssd_bwd", mutates_args=())
+def ssd_bwd(dout: Tensor, x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Tensor, out: Tensor,
+            seq_idx: Optional[Tensor], chunk_size: int) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    dx, ddt, dA, dB, dC, dD = KERNELS.load().ssd_bwd(dout, x, dt, A, B, C, out, chunk_size, D=D, seq_idx=seq_idx)[:6]
+    return tuple(g.to(t.dtype).contiguous() for g, t in zip((dx, ddt, dA, dB, dC, dD), (x, dt, A, B, C, D)))
+
+
+@ssd_bwd.register_fake
+def _(dout, x, dt, A, B, C, D, out, seq_idx, chunk_size):
+    return tuple(t.new_empty(t.shape) for t in (x, dt, A, B, C, D))
+
+
+def _ssd_setup(ctx, inputs, output):
+    x, dt, A, B, C, D, seq_idx, chunk_size = inputs
+    ctx.save_for_backward(x, dt, A, B, C, D, seq_idx, output)
+    ctx.chunk_size = chunk_size
+
+
+def _ssd_backward(ctx, dout):
+    x, dt, A, B, C, D, seq_idx, out = ctx.saved_tensors
+    dx, ddt, dA, dB, dC, dD = ssd_bwd(dout, x, dt, A, B, C, D, out, seq_idx, ctx.chunk_size)
+    return dx, ddt, dA, dB, dC, dD, None, None
+
+
+ssd_fwd.register_autograd(_ssd_backward, setup_context=_ssd_setup)
+
+
+def ssd_scan(x, dt, A, B, C, D, chunk_size, seq_idx=None):
+    """The Mamba-2 chunked SSD kernel as one traceable op (no z gate, no initial or final state)."""
+    return ssd_fwd(x, dt, A, B, C, D, seq_idx, chunk_size)
