@@ -14,11 +14,16 @@ Parameter layout (the checkpoint contract):
     w_out          (E, dim, expert_dim)  w_out[e] is expert e's c_proj.weight (nn.Linear(expert_dim, dim))
     expert_bias    (E,) fp32 buffer      only when bias_balancing=True
 
-Dispatch: assignments are sorted by expert (stable, so token order survives), positions within an
-expert come from a cumsum, capacity is applied, and all experts run in one batched computation:
-torch._grouped_mm on the kept rows (CUDA bf16 on sm90+, CPU fp32/bf16, rows a multiple of 16 bytes)
-or torch.bmm on an (E, capacity, w) zero-padded buffer otherwise. `moe_reference` is the plain
-per-expert loop both are tested against.
+Dispatch: every one of the n*top_k assignments gets a row of the expert computation, so all shapes are
+static and the forward never waits on the device (no host sync without a mask). The rows are ordered
+as a stable sort on the key expert + E * dropped would order them: kept assignments first, grouped by
+expert in token order, then the dropped ones. All experts run in one batched computation:
+torch._grouped_mm with group ends offs = cumsum(kept per expert) (CUDA bf16 on sm90+, CPU fp32/bf16,
+rows a multiple of 16 bytes; under torch.compile bf16 only), whose outputs for the rows past offs[-1]
+are undefined memory; or torch.bmm on an (E, capacity, w) zero-padded buffer otherwise (dropless: padded
+to the largest load, one host sync). The dropped rows' outputs are set to 0 with torch.where (0 * NaN
+would be NaN) and their gradients never reach x. `moe_reference` is the plain per-expert loop both paths
+are tested against.
 
 Also here: create_mamba_moe / MambaMoEModel, layers of Mamba mixer + MoE FFN.
 """
@@ -42,30 +47,36 @@ def _log_dispatch_once(path, why):
         logger.info(f"MoE expert dispatch: {path} ({why})")
 
 
-def grouped_mm_supported(dtype, device, row_sizes):
+def grouped_mm_supported(dtype, device, row_sizes, compiled=None):
     """
     (ok, why): can torch._grouped_mm run the expert matmuls for this dtype and device?
     row_sizes are the inner sizes of every operand (dim, expert_dim, the sliced w and h_w):
     _grouped_mm needs every non-unit stride to be a multiple of 16 bytes.
-    CUDA: bf16 on sm90+ only (the CUTLASS kernel). CPU (torch >= 2.9 has a CPU kernel): fp32 and bf16.
+    CUDA: bf16 on sm90+ only (the CUTLASS kernel). CPU (torch >= 2.9 has a CPU kernel): fp32 and bf16,
+    but only bf16 under torch.compile, whose meta function for _grouped_mm rejects every other dtype.
+    compiled: is the call traced by torch.compile (None: ask torch.compiler.is_compiling()).
     """
+    if compiled is None:
+        compiled = torch.compiler.is_compiling()
     if not hasattr(torch, "_grouped_mm"):
         return False, f"torch {torch.__version__} has no torch._grouped_mm"
     device = torch.device(device)
     if device.type == "cuda":
         if dtype != torch.bfloat16:
             return False, f"CUDA grouped_mm wants bf16, compute dtype is {dtype}"
-        cap = torch.cuda.get_device_capability(device)
-        if cap < (9, 0):
-            return False, f"CUDA grouped_mm wants sm90+, this GPU is sm{cap[0]}{cap[1]}"
+        props = torch.cuda.get_device_properties(device)  # torch.compile folds this call to a constant
+        if (props.major, props.minor) < (9, 0):
+            return False, f"CUDA grouped_mm wants sm90+, this GPU is sm{props.major}{props.minor}"
     elif device.type == "cpu":
         if dtype not in (torch.float32, torch.bfloat16):
             return False, f"CPU grouped_mm wants fp32 or bf16, compute dtype is {dtype}"
+        if dtype != torch.bfloat16 and compiled:
+            return False, (f"under torch.compile grouped_mm wants bf16 (its meta function takes nothing else), "
+                           f"compute dtype is {dtype}")
     else:
         return False, f"no grouped_mm on device type {device.type}"
-    esize = torch.empty((), dtype=dtype).element_size()
-    if any(s * esize % 16 for s in row_sizes):
-        return False, f"row sizes {tuple(row_sizes)} x {esize} bytes are not all multiples of 16 bytes"
+    if any(s * dtype.itemsize % 16 for s in row_sizes):
+        return False, f"row sizes {tuple(row_sizes)} x {dtype.itemsize} bytes are not all multiples of 16 bytes"
     return True, f"torch._grouped_mm, {dtype} on {device.type}"
 
 
@@ -91,7 +102,8 @@ class MoE(nn.Module):
                   for any top_k; P_e = mean router prob of e over real tokens. Gradient flows via P_e.
       z_loss    = mean over real tokens of logsumexp(logits)^2 (ST-MoE router z-loss).
       router_loss = aux_loss_coef * aux_loss + router_z_loss_coef * z_loss (what a trainer adds).
-      last_stats = {"tokens_per_expert": (E,) long kept per expert, "dropped": int dropped assignments}
+      last_stats = {"tokens_per_expert": (E,) long kept per expert, "dropped": int dropped assignments};
+                  the forward keeps both on the device, reading last_stats syncs once for the int
     Matryoshka width: an input with only the first w < dim channels uses router.weight[:, :w] and each
     expert's first h_w = expert_dim * w // dim hidden units (w_in[:, :h_w, :w], w_out[:, :w, :h_w]).
     update_bias(): aux-loss-free balancing (DeepSeek-V3): expert_bias += rate * sign(mean load - load),
@@ -122,13 +134,22 @@ class MoE(nn.Module):
             self.register_buffer("expert_bias", torch.zeros(num_experts, device=device, dtype=torch.float32))
             self.register_buffer("_load_accum", torch.zeros(num_experts, device=device, dtype=torch.long), persistent=False)
         self.aux_loss = self.z_loss = None
-        self.last_stats = None
+        self._stats = None  # (kept per expert (E,), dropped ()) of the last forward, device tensors
         if torch.device(device if device is not None else "cpu").type != "meta":
             self.init_weights()
 
     @property
     def num_experts_per_tok(self):
         return self.top_k
+
+    @property
+    def last_stats(self):
+        """{"tokens_per_expert": (E,) long tensor, "dropped": int} of the last forward (None before one).
+        The int costs one host sync here, never in the forward."""
+        if self._stats is None:
+            return None
+        kept, dropped = self._stats
+        return {"tokens_per_expert": kept, "dropped": int(dropped)}
 
     @property
     def router_loss(self):
@@ -237,49 +258,68 @@ class MoE(nn.Module):
         logits, probs, top_idx, gate = self.route(xr, w)
         capacity = self.capacity(n)
 
-        # Assignment slots are token-major: slot = token * k + j for the token's j-th choice. Sort them by
-        # expert (stable, so token order survives inside an expert); slot_of[i] is the i-th slot in that order.
-        expert_flat = top_idx.reshape(-1)  # (n*k,)
-        slot_of = torch.sort(expert_flat, stable=True).indices  # (n*k,)
-        counts = torch.bincount(expert_flat, minlength=E)  # (E,) routing choices before capacity
-        if capacity is not None:
-            expert_sorted = expert_flat.index_select(0, slot_of)
-            starts = counts.cumsum(0) - counts
-            pos = torch.arange(n * k, device=dev) - starts.index_select(0, expert_sorted)  # slot within the expert
-            kept_sorted = (pos < capacity).nonzero().squeeze(1)  # one host sync: the number of kept rows
-            slot_of = slot_of.index_select(0, kept_sorted)
-            kept_counts = counts.clamp(max=capacity)
+        # Assignment slots are token-major: slot = token * k + j for the token's j-th choice. Every slot gets a
+        # row of the expert computation (static shapes, nothing for the host to wait on): kept rows first, grouped
+        # by expert in token order, then the dropped rows; order[r] is the slot of row r, inv[slot] its row.
+        nk = n * k
+        expert_flat = top_idx.reshape(-1)  # (nk,)
+        sorted_e, by_expert = torch.sort(expert_flat, stable=True)  # (nk,) stable: token order within an expert
+        # routing choices per expert before capacity: a bincount of static size (E,)
+        counts = expert_flat.new_zeros(E).scatter_add_(0, expert_flat, torch.ones_like(expert_flat))
+        starts = counts.cumsum(0) - counts  # (E,) first sorted position of each expert
+        ar = torch.arange(nk, device=dev)
+        if capacity is None or capacity >= n:  # nothing can be dropped: an expert gets at most n assignments
+            kept_counts, kept_starts, keep_row, order = counts, starts, None, by_expert
         else:
-            kept_counts = counts
-        M = slot_of.numel()  # kept assignments; rows of the expert computation
-        g = gate.reshape(-1).index_select(0, slot_of).to(cdtype)  # (M,)
+            kept_counts = counts.clamp(max=capacity)
+            kept_starts = kept_counts.cumsum(0) - kept_counts  # (E,) first row of each expert's kept group
+            n_kept = kept_counts.sum()  # 0-d, stays on the device
+            ks = kept_starts.index_select(0, sorted_e)
+            pos = ar - starts.index_select(0, sorted_e)  # (nk,) place of each sorted position within its expert
+            # where a second stable sort on expert + E * (pos >= capacity) would put each sorted position:
+            # kept -> kept_starts[e] + pos; dropped -> after all kept rows, still by expert and token
+            row = torch.where(pos < capacity, ks + pos, n_kept + ar - ks - capacity)
+            order = torch.empty_like(by_expert).scatter_(0, row, by_expert)  # (nk,) a permutation
+            keep_row = ar < n_kept  # (nk,) rows that belong to an expert's group
+        inv = torch.empty_like(order).scatter_(0, order, ar)  # (nk,) the inverse permutation
 
         path, why = self._pick_path(cdtype, dev, w, h_w)
-        _log_dispatch_once(path, why)
+        if not torch.compiler.is_compiling():  # a logging call would break the compiled graph
+            _log_dispatch_once(path, why)
         w_in = self.w_in[:, :h_w, :w].to(cdtype)  # (E, h_w, w)
         w_out = self.w_out[:, :w, :h_w].to(cdtype)  # (E, w, h_w)
-        xs = _SlotGather.apply(xr.to(cdtype), slot_of, k)  # (M, w) tokens grouped by expert
+        xs = _TokensToRows.apply(xr.to(cdtype), order, inv, keep_row, k)  # (nk, w) tokens grouped by expert
         # autocast off: the operands are already in cdtype, and autocast would run square() in fp32
         with torch.autocast(device_type=dev.type, enabled=False):
             if path == "grouped_mm":
+                # rows from offs[-1] on (the dropped ones) are in no group: their outputs, and the gradients
+                # grouped_mm's backward gives their inputs, are undefined memory; weight gradients sum over
+                # group rows only
                 offs = kept_counts.cumsum(0).to(torch.int32)  # (E,) end row of each expert's group
-                hs = F.relu(torch._grouped_mm(xs, w_in.transpose(1, 2), offs=offs)).square()  # (M, h_w)
-                ys = torch._grouped_mm(hs, w_out.transpose(1, 2), offs=offs)  # (M, w)
+                hs = F.relu(torch._grouped_mm(xs, w_in.transpose(1, 2), offs=offs)).square()  # (nk, h_w)
+                ys = torch._grouped_mm(hs, w_out.transpose(1, 2), offs=offs)  # (nk, w)
             else:
-                # pad to (E, cap, w); dropless uses the largest expert load of this call as cap
-                expert_kept = expert_flat.index_select(0, slot_of)
-                pos_kept = torch.arange(M, device=dev) - (kept_counts.cumsum(0) - kept_counts).index_select(0, expert_kept)
-                cap = int(kept_counts.max()) if n > 0 else 0
-                buf = xs.new_zeros(E, cap, w)
-                buf[expert_kept, pos_kept] = xs
-                hb = F.relu(torch.bmm(buf, w_in.transpose(1, 2))).square()  # (E, cap, h_w)
-                ys = torch.bmm(hb, w_out.transpose(1, 2))[expert_kept, pos_kept]  # (M, w)
-        out_r = _SlotCombine.apply(ys * g[:, None], slot_of, n, k)  # (n, w)
+                # pad to (E, cap, w) (+1 scratch row that every dropped row is written to and nothing reads);
+                # dropless pads to the largest load, which costs a host sync
+                cap = min(capacity, n) if capacity is not None else (int(kept_counts.max()) if n > 0 else 0)
+                row_e = expert_flat.index_select(0, order)  # (nk,) expert of each row
+                flat = row_e * cap + ar - kept_starts.index_select(0, row_e)  # (nk,) e * cap + place in the group
+                if keep_row is not None:
+                    flat = torch.where(keep_row, flat, E * cap)
+                buf = xs.new_zeros(E * cap + 1, w).index_copy(0, flat, xs)
+                hb = F.relu(torch.bmm(buf[:E * cap].view(E, cap, w), w_in.transpose(1, 2))).square()  # (E, cap, h_w)
+                yb = torch.bmm(hb, w_out.transpose(1, 2)).view(E * cap, w)
+                ys = yb.index_select(0, flat.clamp(max=max(E * cap - 1, 0)))  # (nk, w); dropped rows masked below
+        if keep_row is not None:
+            ys = torch.where(keep_row[:, None], ys, 0.0)  # dropped rows: exactly 0, also when ys there is NaN
+        ys = _RowsToSlots.apply(ys, order, inv)  # (nk, w) in slot order
+        gate = gate.to(cdtype)
+        out_r = (ys.view(n, k, w) * gate[..., None]).sum(1) if k > 1 else ys * gate  # (n, w)
 
         self._set_losses(logits, probs, counts, n)
         if self.bias_balancing and self.training:
             self._load_accum += counts
-        self.last_stats = {"tokens_per_expert": kept_counts.detach(), "dropped": n * k - M}
+        self._stats = (kept_counts.detach(), nk - kept_counts.sum().detach())
         if real is None:
             return out_r.view(B, T, w)
         out = torch.zeros(B * T, w, device=dev, dtype=out_r.dtype).index_copy(0, real, out_r)
@@ -299,53 +339,42 @@ class MoE(nn.Module):
         self._load_accum.zero_()
 
 
-class _SlotGather(torch.autograd.Function):
+class _TokensToRows(torch.autograd.Function):
     """
-    xs = xr[slot_of // k]: the token rows of the kept assignment slots, in expert order.
-    slot_of holds distinct slots, so the backward is a plain scatter into a (n*k, w) slot buffer and a
-    sum over each token's k slots (no atomics, no sort, which an accumulating index backward would need);
-    slots that were dropped get zero gradient.
+    xs = xr[order // k]: row r of the expert computation holds the token of assignment slot order[r].
+    Backward: the rows where keep_row is False (dropped) get undefined gradients from grouped_mm (rows past
+    offs[-1]); torch.where sets them to 0 (0 * NaN would be NaN); then inv gathers the rows back into slot
+    order and each token sums its k slots. Gathers only: no atomics, which index_select's backward would use.
     """
 
     @staticmethod
-    def forward(ctx, xr, slot_of, k):
-        ctx.save_for_backward(slot_of)
-        ctx.n, ctx.k = xr.shape[0], k
-        return xr.index_select(0, slot_of // k if k > 1 else slot_of)
+    def forward(ctx, xr, order, inv, keep_row, k):
+        ctx.save_for_backward(inv, keep_row)
+        ctx.k = k
+        return xr.index_select(0, order // k if k > 1 else order)
 
     @staticmethod
     def backward(ctx, grad_xs):
-        slot_of, = ctx.saved_tensors
-        n, k = ctx.n, ctx.k
-        grad = _scatter_slots(grad_xs, slot_of, n * k)
-        return (grad.view(n, k, -1).sum(1) if k > 1 else grad), None, None
-
-
-class _SlotCombine(torch.autograd.Function):
-    """
-    out_r[t] = sum over token t's kept slots of ys_g[row of that slot] (dropped slots add nothing).
-    Forward: scatter the rows into a (n*k, w) slot buffer, sum each token's k slots; backward: gather.
-    """
-
-    @staticmethod
-    def forward(ctx, ys_g, slot_of, n, k):
-        ctx.save_for_backward(slot_of)
-        ctx.k = k
-        out = _scatter_slots(ys_g, slot_of, n * k)
-        return out.view(n, k, -1).sum(1) if k > 1 else out
-
-    @staticmethod
-    def backward(ctx, grad_out):
-        slot_of, = ctx.saved_tensors
+        inv, keep_row = ctx.saved_tensors
         k = ctx.k
-        return grad_out.index_select(0, slot_of // k if k > 1 else slot_of), None, None, None
+        if keep_row is not None:
+            grad_xs = torch.where(keep_row[:, None], grad_xs, 0.0)
+        grad = grad_xs.index_select(0, inv)  # (n*k, w) slot order
+        return (grad.view(-1, k, grad.shape[1]).sum(1) if k > 1 else grad), None, None, None, None
 
 
-def _scatter_slots(rows, slot_of, n_slots):
-    """(n_slots, w) with row slot_of[i] = rows[i] and zeros at slots not in slot_of (distinct slots)."""
-    full = slot_of.numel() == n_slots  # every slot written: no fill needed
-    buf = rows.new_empty(n_slots, rows.shape[1]) if full else rows.new_zeros(n_slots, rows.shape[1])
-    return buf.index_copy_(0, slot_of, rows)
+class _RowsToSlots(torch.autograd.Function):
+    """ys[inv]: rows back to slot order (a permutation); backward: the gradient gathered by order."""
+
+    @staticmethod
+    def forward(ctx, ys, order, inv):
+        ctx.save_for_backward(order)
+        return ys.index_select(0, inv)
+
+    @staticmethod
+    def backward(ctx, grad):
+        order, = ctx.saved_tensors
+        return grad.index_select(0, order), None, None
 
 
 def moe_reference(moe, x, mask=None, width=None):

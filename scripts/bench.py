@@ -304,7 +304,7 @@ def cmd_mamba(args, device):
 # moe: grouped_mm vs bmm vs per-expert loop vs dense FFN of equal active FLOPs
 
 def cmd_moe(args, device):
-    from nanochat.moe import MoE, moe_reference
+    from nanochat.moe import MoE, moe_reference, grouped_mm_supported
     dt = torch.bfloat16 if device.type == "cuda" else torch.float32
     torch.manual_seed(0)
     D, H, E, k = args.d_model, args.expert_dim, args.experts, args.top_k
@@ -317,20 +317,28 @@ def cmd_moe(args, device):
     x = torch.randn(args.tokens // T, T, D, device=device, dtype=dt, requires_grad=True)
     g = torch.randn_like(x)
 
+    def dense(t):
+        return F.linear(F.relu(F.linear(t, w1)).square(), w2)
+    # --compile: MoE (both dispatches, one graph each: dynamo guards on moe.dispatch) and the dense FFN through
+    # torch.compile, fullgraph so that a graph break or a host sync fails loudly; the loop reference stays eager
+    wrap = (lambda f: torch.compile(f, fullgraph=True, backend=args.compile_backend)) if args.compile else (lambda f: f)
+    moe_fn, dense_fn = wrap(moe), wrap(dense)
+
     def run(kind):
         if kind == "dense":
-            return F.linear(F.relu(F.linear(x, w1)).square(), w2)
+            return dense_fn(x)
         if kind == "loop":
             return moe_reference(moe, x)[0]
         moe.dispatch = kind
-        return moe(x)
+        return moe_fn(x)
 
     rows, out, profiles = [], {}, {}
     names = {"grouped_mm": "MoE grouped_mm", "bmm": "MoE bmm (padded)", "loop": "MoE per-expert loop", "dense": "dense ReLU^2 FFN"}
     for kind in ("grouped_mm", "bmm", "loop", "dense"):
         def fwd_bwd(kind=kind):
             run(kind).backward(g)
-        r = measure(fwd_bwd, device, args.warmup, args.iters)
+        ok, why = grouped_mm_supported(dt, device, (D, H), compiled=args.compile) if kind == "grouped_mm" else (True, "")
+        r = measure(fwd_bwd, device, args.warmup, args.iters) if ok else {"error": f"unavailable: {why}"}
         row = {"impl": names[kind], **r}
         if "ms" in r:
             row["tok_per_s"] = x.shape[0] * T / r["ms"] * 1e3
@@ -347,8 +355,9 @@ def cmd_moe(args, device):
     by = {k: r for k, r in zip(("grouped_mm", "bmm", "loop", "dense"), rows)}
     targets = [target(f"loop / grouped_mm time ({E} experts, top-{k})", ratio(by["loop"], by["grouped_mm"]), 3.0, ">="),
                target("grouped_mm / dense FFN of equal active FLOPs time", ratio(by["grouped_mm"], by["dense"]), 1.3, "<=")]
+    how = f"torch.compile ({args.compile_backend}, fullgraph; the loop eager)" if args.compile else "eager"
     print_table(f"MoE fwd+bwd: {x.shape[0] * T} tokens, d_model {D}, {E} experts x {H}, top-{k}, capacity factor "
-                f"{args.capacity_factor}, {str(dt).replace('torch.', '')} weights and activations", rows,
+                f"{args.capacity_factor}, {str(dt).replace('torch.', '')} weights and activations, {how}", rows,
                 [("impl", "impl", ""), ("ms", "ms", ".3f"), ("tok_per_s", "tokens/s", ",.0f"), ("peak_gib", "peak GiB", ".2f"),
                  ("max_diff_vs_loop", "max|y - loop|", ".2e")])
     load = stats["tokens_per_expert"].tolist() if stats else None
@@ -356,7 +365,8 @@ def cmd_moe(args, device):
     for name, p in profiles.items():
         print_profile(name, p)
     return finish("moe", args, device, {"rows": rows, "targets": targets, "tokens_per_expert": load,
-                                        "dropped": stats["dropped"] if stats else None, "profiles": profiles})
+                                        "dropped": stats["dropped"] if stats else None, "profiles": profiles,
+                                        "compile": args.compile, "compile_backend": args.compile_backend if args.compile else None})
 
 
 # -----------------------------------------------------------------------------
@@ -704,6 +714,8 @@ def get_args(argv=None):
     e.add_argument("--experts", type=int, default=8)
     e.add_argument("--top-k", type=int, default=1)
     e.add_argument("--capacity-factor", type=float, default=1.25, help="HybridConfig's default")
+    e.add_argument("--compile", action="store_true", help="torch.compile (--compile-backend, fullgraph) the grouped_mm "
+                   "and bmm MoE and the dense FFN, to compare compiled with compiled; the loop reference stays eager")
     for name, helptext in (("train", "training step throughput and MFU"), ("decode", "prefill/decode speed and cache memory")):
         t = sub.add_parser(name, help=helptext)
         t.add_argument("--depth", type=int, default=20, help="nanochat depth dial: width 64*depth, heads of 128")

@@ -1,13 +1,16 @@
 """
 Tests for nanochat/moe.py: routing, capacity, losses, dispatch paths vs the per-expert loop,
-masking, Matryoshka width slicing, bias balancing, upcycling, and the Mamba + MoE model.
-All on CPU and small. Tolerances: fp64 paths 1e-10, fp32 paths 1e-5 (relative to O(1) values).
+masking, Matryoshka width slicing, bias balancing, upcycling, the static-shape dispatch (no host sync, garbage
+past grouped_mm's groups never leaks), and the Mamba + MoE model.
+All on CPU and small. Tolerances: fp64 paths 1e-10, fp32 paths 1e-5 (relative to O(1) values), 1e-6 where the
+fast path does the loop's arithmetic in the loop's order; compiled vs eager 1e-6 fp32, 1e-2 bf16 (observed exact).
 """
 import math
 
 import pytest
 import torch
 import torch.nn.functional as F
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from nanochat.moe import MoE, moe_reference, grouped_mm_supported, create_mamba_moe, apply_rotary
 
@@ -427,3 +430,150 @@ def test_vocab_mode_loss_backprops_everywhere():
         assert p.grad is not None and torch.isfinite(p.grad).all() and p.grad.abs().sum() > 0, name
     with pytest.raises(ValueError, match="token ids"):
         model(torch.randn(2, 12, 32))
+
+
+# -----------------------------------------------------------------------------
+# the static-shape dispatch: no host sync, dropped rows masked, garbage past offs[-1] never leaks
+
+def skewed_moe(top_k, dispatch, dtype=torch.float32, **kw):
+    moe = random_moe(top_k=top_k, capacity_factor=1.0, min_capacity=1, dispatch=dispatch, dtype=dtype, **kw)
+    with torch.no_grad():
+        moe.router.weight.normal_(0.0, 1.0)  # strong preferences: some experts overflow for top-1 and top-2
+    return moe
+
+
+@pytest.mark.parametrize("top_k", [1, 2])
+@pytest.mark.parametrize("dispatch", ["grouped_mm", "bmm"])
+def test_drops_equal_reference_with_grads(top_k, dispatch):
+    moe = skewed_moe(top_k, dispatch)
+    x, g = torch.randn(4, 16, 16), torch.randn(4, 16, 16)
+    y, gr = run_with_grad(moe, moe, x, g)
+    stats = moe.last_stats
+    y_ref, gr_ref = run_with_grad(lambda t: moe_reference(moe, t), moe, x, g)
+    _, kept_ref, dropped_ref = moe_reference(moe, x)
+    assert dropped_ref > 0 and isinstance(stats["dropped"], int) and stats["dropped"] == dropped_ref
+    assert stats["tokens_per_expert"].tolist() == kept_ref.tolist()
+    # fp32, same products and sums in the same order as the loop: exact on the CPU here; 1e-6 leaves room for
+    # another BLAS
+    torch.testing.assert_close(y, y_ref, rtol=1e-6, atol=1e-6)
+    for a, b in zip(gr, gr_ref):  # x, w_in, w_out, router
+        assert a.abs().sum() > 0
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("dispatch", ["grouped_mm", "bmm"])
+def test_capacity_of_all_tokens_drops_nothing(dispatch):
+    moe = crafted_moe(capacity_factor=1.0, min_capacity=10, dispatch=dispatch)  # capacity 10 = n: no mask needed
+    x = onehot_tokens(torch.zeros(2, 5, dtype=torch.long))  # all 10 tokens choose expert 0
+    y = moe(x)
+    assert moe.last_stats["tokens_per_expert"].tolist() == [10, 0, 0, 0] and moe.last_stats["dropped"] == 0
+    torch.testing.assert_close(y, moe_reference(moe, x)[0], rtol=1e-6, atol=1e-6)
+
+
+class SyncOps(TorchDispatchMode):
+    """Records the ops that make a CUDA host wait for the device (a value or a data-dependent shape)."""
+    SYNC = {"_local_scalar_dense", "item", "is_nonzero", "equal", "nonzero", "masked_select", "bincount", "_unique2",
+            "unique_dim", "unique_consecutive", "repeat_interleave"}
+
+    def __init__(self):
+        super().__init__()
+        self.seen = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func.overloadpacket.__name__ in self.SYNC:
+            self.seen.append(str(func))
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("top_k,dispatch", [(1, "grouped_mm"), (2, "grouped_mm"), (1, "bmm")])
+def test_no_mask_fwd_bwd_has_no_sync_op(top_k, dispatch):
+    moe = skewed_moe(top_k, dispatch)
+    x = torch.randn(4, 16, 16, requires_grad=True)
+    with SyncOps() as ops:
+        moe(x).square().sum().backward()
+    assert ops.seen == []
+    assert moe.last_stats["dropped"] > 0  # reading the stats is where the int is made
+    with SyncOps() as ops:  # the detector sees the one sync a mask costs
+        moe(x, mask=torch.ones(4, 16, dtype=torch.bool))
+    assert any("nonzero" in op for op in ops.seen)
+
+
+@pytest.mark.parametrize("top_k,dispatch,dtype,drop_tokens", [
+    (1, "grouped_mm", torch.bfloat16, True),
+    (2, "grouped_mm", torch.bfloat16, True),
+    (1, "grouped_mm", torch.bfloat16, False),
+    (2, "auto", torch.float32, True),  # fp32 grouped_mm has no meta function under compile: auto picks bmm
+])
+def test_no_mask_forward_compiles_fullgraph(top_k, dispatch, dtype, drop_tokens):
+    """
+    One graph (fullgraph=True) with no unbacked symbol: torch 2.13's compiler accepts .item() and nonzero in a
+    full graph but gives their results unbacked symbols, so none means no data-dependent value or shape.
+    Then aot_eager runs it, and outputs and gradients must match eager.
+    """
+    from torch._dynamo.backends.registry import lookup_backend
+    from torch.fx.experimental.symbolic_shapes import free_unbacked_symbols
+    graphs, unbacked = [], set()
+
+    def backend(gm, example_inputs):
+        graphs.append(gm)
+        for node in gm.graph.nodes:
+            if node.meta.get("example_value") is not None:
+                unbacked.update(str(u) for u in free_unbacked_symbols(node.meta["example_value"]))
+        return lookup_backend("aot_eager")(gm, example_inputs)
+
+    torch._dynamo.reset()
+    moe = skewed_moe(top_k, dispatch, dtype=dtype, drop_tokens=drop_tokens)
+    x, g = torch.randn(4, 16, 16, dtype=dtype), torch.randn(4, 16, 16, dtype=dtype)
+    y, gr = run_with_grad(moe, moe, x, g)
+    stats = moe.last_stats
+    assert (stats["dropped"] > 0) == drop_tokens
+    compiled = torch.compile(moe, fullgraph=True, backend=backend)
+    y_c, gr_c = run_with_grad(compiled, moe, x, g)
+    assert len(graphs) == 1 and not unbacked, unbacked
+    assert moe.last_stats["dropped"] == stats["dropped"]
+    assert torch.equal(moe.last_stats["tokens_per_expert"], stats["tokens_per_expert"])
+    # aot_eager runs the same kernels as eager: equal up to rounding (observed exact)
+    tol = 1e-6 if dtype == torch.float32 else 1e-2
+    torch.testing.assert_close(y_c, y, rtol=tol, atol=tol)
+    for a, b in zip(gr_c, gr):
+        torch.testing.assert_close(a, b, rtol=tol, atol=tol)
+
+
+def nan_past_offs(grouped_mm):
+    """torch._grouped_mm with every row past offs[-1] of its output, and of its input gradient, set to NaN:
+    what undefined memory may hold on a GPU. The weight gradient is the real kernel's (it sums group rows only)."""
+
+    class NaNPastOffs(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, a, b, offs):
+            ctx.save_for_backward(a, b, offs)
+            out = grouped_mm(a, b, offs=offs)
+            out[int(offs[-1]):] = float("nan")
+            return out
+
+        @staticmethod
+        def backward(ctx, grad):
+            a, b, offs = ctx.saved_tensors
+            with torch.enable_grad():
+                a_, b_ = a.detach().requires_grad_(), b.detach().requires_grad_()
+                ga, gb = torch.autograd.grad(grouped_mm(a_, b_, offs=offs), (a_, b_), grad)
+            ga[int(offs[-1]):] = float("nan")
+            return ga, gb, None
+
+    return lambda a, b, offs: NaNPastOffs.apply(a, b, offs)
+
+
+@pytest.mark.parametrize("top_k", [1, 2])
+def test_garbage_past_offs_never_leaks(monkeypatch, top_k):
+    moe = skewed_moe(top_k, "grouped_mm")
+    x, g = torch.randn(4, 16, 16), torch.randn(4, 16, 16)
+    y_ref, gr_ref = run_with_grad(lambda t: moe_reference(moe, t), moe, x, g)
+    _, _, dropped_ref = moe_reference(moe, x)
+    assert dropped_ref > 0  # there are rows past offs[-1]
+    monkeypatch.setattr(torch, "_grouped_mm", nan_past_offs(torch._grouped_mm))
+    y, gr = run_with_grad(moe, moe, x, g)
+    assert moe.last_stats["dropped"] == dropped_ref
+    assert torch.isfinite(y).all() and all(torch.isfinite(a).all() for a in gr)
+    torch.testing.assert_close(y, y_ref, rtol=1e-6, atol=1e-6)
+    for a, b in zip(gr, gr_ref):  # x, w_in, w_out, router
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6)
