@@ -12,10 +12,16 @@ A model can override the rules for its own parameters with a `param_kind(name, p
 returning one of these names (or None to fall back to the defaults).
 
 Distributed: under DDP the gradients are already averaged when step() runs, so every rank applies
-the same update. Parameters that are DTensors (FSDP2) are orthogonalised on their full tensor:
-each rank gathers the full gradient, computes the update and keeps its own shard of it.
+the same update. Parameters that are DTensors (FSDP2, sharded on dim 0) keep momentum, weight decay
+and the update on their local shards; each matrix is orthogonalised once, on its full tensor, by one
+owner rank: matrices go in batches of world-size, slot j of a batch owned by rank j, and one
+all_to_all sends every shard of a batch to its owner, a second one sends each rank its rows of the
+updates. The result is bitwise the single-process step on the full tensors.
 """
+import math
+
 import torch
+import torch.distributed as dist
 
 KINDS = ("embedding", "head", "matrix", "scalar")
 
@@ -50,6 +56,11 @@ def classify_params(model):
     return groups
 
 
+def ns_dtype(device):
+    """The dtype orthogonalize computes in (it casts its input to it first)."""
+    return torch.bfloat16 if device.type == "cuda" else torch.float32
+
+
 def orthogonalize(G, steps=5):
     """
     Approximately orthogonalise G (..., m, n) by a quintic Newton-Schulz iteration, returning
@@ -57,8 +68,7 @@ def orthogonalize(G, steps=5):
     coefficients trade exactness for speed). Works in bf16 on GPU, fp32 on CPU.
     """
     a, b, c = 3.4445, -4.7750, 2.0315
-    dtype = torch.bfloat16 if G.is_cuda else torch.float32
-    X = G.to(dtype)
+    X = G.to(ns_dtype(G.device))
     transposed = G.size(-2) > G.size(-1)
     if transposed:
         X = X.mT
@@ -72,16 +82,10 @@ def orthogonalize(G, steps=5):
     return X
 
 
-def _full(t):
-    return t.full_tensor() if hasattr(t, "full_tensor") else t
-
-
-def _local_like(update, p):
-    """The part of a full-tensor update that belongs to this rank's shard of p (DTensor) or the update itself."""
-    if hasattr(p, "device_mesh"):
-        from torch.distributed.tensor import distribute_tensor
-        return distribute_tensor(update, p.device_mesh, p.placements)
-    return update
+def _shard_rows(n, world):
+    """Rows of each rank when FSDP2 shards n rows on dim 0 (torch.chunk: ceil(n/world) each, the last ranks fewer or none)."""
+    per = -(-n // world)
+    return [max(0, min(per, n - r * per)) for r in range(world)]
 
 
 class Muon(torch.optim.Optimizer):
@@ -89,31 +93,100 @@ class Muon(torch.optim.Optimizer):
     Momentum (Nesterov by default) whose update is orthogonalised by Newton-Schulz before it is
     applied, scaled by sqrt(max(1, rows/cols)) so tall and wide matrices move alike.
     3-D parameters are treated as a batch of matrices (one per expert).
+    DTensor parameters (FSDP2, dim-0 shards on a 1-D mesh) are stepped on their local shards, each
+    matrix orthogonalised by one owner rank (two all_to_all per world-size matrices, see _step_sharded);
+    their momentum buffers are DTensors sharded like them, so state_dict() holds the same layout.
     """
 
     def __init__(self, params, lr=0.02, momentum=0.95, nesterov=True, ns_steps=5, weight_decay=0.0):
         super().__init__(params, dict(lr=lr, momentum=momentum, nesterov=nesterov, ns_steps=ns_steps, weight_decay=weight_decay))
 
+    @staticmethod
+    def _momentum(g, buf, group):
+        """Update buf in place; return the direction to orthogonalise (Nesterov: g blended toward buf)."""
+        buf.lerp_(g, 1 - group["momentum"])
+        return g.lerp(buf, group["momentum"]) if group["nesterov"] else buf
+
+    @staticmethod
+    def _apply(p, update, group):
+        """p (plain tensor or local shard) <- p * (1 - lr * wd) - lr * update, update already in p's dtype."""
+        if group["weight_decay"] > 0:
+            p.mul_(1 - group["lr"] * group["weight_decay"])
+        p.add_(update, alpha=-group["lr"])
+
     @torch.no_grad()
     def step(self):
+        sharded = {}  # (mesh, dtype) -> [(p, local direction, group)], in param-group order (the same on every rank)
         for group in self.param_groups:
             for p in group["params"]:
-                if p.grad is None:
+                if p.grad is None:  # under FSDP2 every rank has a gradient or none, so the batches agree
                     continue
-                g = p.grad
                 state = self.state[p]
                 if "momentum_buffer" not in state:
-                    state["momentum_buffer"] = torch.zeros_like(g)
+                    state["momentum_buffer"] = torch.zeros_like(p.grad)  # a DTensor like p.grad under FSDP2
                 buf = state["momentum_buffer"]
-                buf.lerp_(g, 1 - group["momentum"])
-                g = g.lerp(buf, group["momentum"]) if group["nesterov"] else buf
-                full = _full(g)
-                update = orthogonalize(full, group["ns_steps"]).to(full.dtype)
-                update = update * max(1.0, full.size(-2) / full.size(-1)) ** 0.5
-                update = _local_like(update, p)
-                if group["weight_decay"] > 0:
-                    p.mul_(1 - group["lr"] * group["weight_decay"])
-                p.add_(update.to(p.dtype), alpha=-group["lr"])
+                if hasattr(p, "device_mesh"):
+                    if not hasattr(buf, "to_local"):
+                        raise ValueError(f"Muon: momentum buffer of a DTensor parameter {tuple(p.shape)} is a plain tensor; "
+                                         f"after loading a full optimizer state, shard it (train_utils.optimizer_state_to_dtensor)")
+                    g = self._momentum(p.grad.to_local(), buf.to_local(), group)
+                    sharded.setdefault((p.device_mesh, p.dtype), []).append((p, g, group))
+                    continue
+                g = self._momentum(p.grad, buf, group)
+                update = orthogonalize(g, group["ns_steps"]).to(g.dtype)
+                update = update * max(1.0, g.size(-2) / g.size(-1)) ** 0.5
+                self._apply(p, update.to(p.dtype), group)
+        for (mesh, dtype), items in sharded.items():
+            world = mesh.size()
+            for i in range(0, len(items), world):
+                self._step_sharded(mesh, dtype, items[i:i + world])
+
+    def _step_sharded(self, mesh, dtype, batch):
+        """
+        One batch of k <= world DTensor matrices of one mesh and dtype; slot j is owned by rank j.
+        all_to_all #1: every rank sends its local rows of matrix j to rank j, which concatenates them
+        (in rank order: the dim-0 shards) into the full direction and computes its update exactly as
+        the single-process step does. all_to_all #2: rank j sends every rank its rows of update j.
+        """
+        from torch.distributed.tensor import Shard
+        for p, _, _ in batch:
+            if mesh.ndim != 1 or tuple(p.placements) != (Shard(0),) or tuple(p.grad.placements) != (Shard(0),):
+                raise ValueError(f"Muon: DTensor parameter {tuple(p.shape)} has placements {p.placements} (gradient "
+                                 f"{p.grad.placements}) on a {mesh.ndim}-D mesh; only FSDP2's Shard(0) on a 1-D mesh is supported")
+        rank, world, group = mesh.get_local_rank(), mesh.size(), mesh.get_group()
+        rows, inner = [], []  # per slot: rows of each rank; elements per row
+        for p, g, _ in batch:
+            r = _shard_rows(p.size(0), world)
+            local = p.to_local().shape
+            if local[0] != r[rank] or local[1:] != p.shape[1:] or g.shape != local:
+                raise ValueError(f"Muon: rank {rank} holds a shard {tuple(local)} (gradient {tuple(g.shape)}) of "
+                                 f"{tuple(p.shape)}, expected {r[rank]} rows (torch.chunk over {world} ranks)")
+            rows.append(r)
+            inner.append(math.prod(p.shape[1:]))
+        k, device = len(batch), batch[0][1].device
+        # The wire dtype of the directions is the one orthogonalize casts to as its first op, so the owner's
+        # result is bitwise that of the full tensor (and bf16 on CUDA halves the bytes of fp32 gradients).
+        wire = ns_dtype(device)
+        send = torch.cat([g.reshape(-1).to(wire) for _, g, _ in batch])
+        send_splits = [rows[j][rank] * inner[j] for j in range(k)] + [0] * (world - k)
+        own = rank < k
+        recv_splits = [rows[rank][s] * inner[rank] for s in range(world)] if own else [0] * world
+        recv = torch.empty(sum(recv_splits), dtype=wire, device=device)
+        dist.all_to_all_single(recv, send, recv_splits, send_splits, group=group)
+        if own:
+            p, g, grp = batch[rank]
+            full = recv.view(p.shape)
+            update = orthogonalize(full, grp["ns_steps"]).to(g.dtype)  # g.dtype: what the full direction has
+            update = update * max(1.0, full.size(-2) / full.size(-1)) ** 0.5
+            send = update.to(dtype).reshape(-1)  # rows in rank order: the dim-0 shards, back to their ranks
+        else:
+            send = torch.empty(0, dtype=dtype, device=device)
+        send_splits, recv_splits = recv_splits, send_splits
+        recv = torch.empty(sum(recv_splits), dtype=dtype, device=device)
+        dist.all_to_all_single(recv, send, recv_splits, send_splits, group=group)
+        for (p, g, grp), part in zip(batch, recv.split(recv_splits[:k])):
+            local = p.to_local()
+            self._apply(local, part.view(local.shape), grp)
 
 
 def setup_optimizers(model, matrix_lr=0.02, embedding_lr=0.2, unembedding_lr=0.004, scalar_lr=0.004,
