@@ -44,7 +44,7 @@ def apply_activation_checkpointing(blocks):
         block.forward = functools.partial(checkpoint, block.forward, use_reentrant=False)
 
 
-def apply_fsdp(model, blocks, replicated_params=(), device_type="cuda", separate=()):
+def apply_fsdp(model, blocks, replicated_params=(), device_type="cuda", separate=(), reshard_after_forward=True):
     """
     FSDP2: shard every block, then each module of `separate` on its own, then the root (what is left: the
     head); parameters become DTensors sharded on dim 0 over all ranks. One shard group must hold one
@@ -52,12 +52,14 @@ def apply_fsdp(model, blocks, replicated_params=(), device_type="cuda", separate
     fp32 head) goes in `separate`. `replicated_params` stay whole plain tensors on every rank (small modules
     called through methods outside any forward, whose FSDP hooks would never run, e.g. the adaptive
     controllers); their gradients must be all-reduced by the caller (allreduce_gradients).
+    reshard_after_forward=False keeps each block's gathered parameters until its backward (one all-gather
+    per block and pass instead of two, for the memory of the unsharded blocks); the root always keeps them.
     """
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
     mesh = init_device_mesh(device_type, (dist.get_world_size(),))
     for block in [*blocks, *separate]:
-        fully_shard(block, mesh=mesh)
+        fully_shard(block, mesh=mesh, reshard_after_forward=reshard_after_forward)
     fully_shard(model, mesh=mesh, ignored_params=set(replicated_params) or None)
     return model
 

@@ -18,6 +18,8 @@
 #   NGPU           GPUs to use (default: all that torch sees)
 #   STEPS_AGREE=50 SEQ_AGREE=1024 DBS_AGREE=8 DEPTH_AGREE=12
 #   STEPS_SCALE=6 DEPTH_SCALE=32 SEQ_SCALE=2048 DBS1=4 DBS2=2 PARALLEL_SCALE=fsdp (runs on more than one GPU; 1 GPU is plain)
+#   SIZES_SCALE=1,2,4,8 (those up to NGPU)  PHASES_SCALE=1,2  EXTRA_SCALE="" (more fractal_train flags for the runs
+#                  on more than one GPU, e.g. --fsdp-keep-params)  SCALE_DIR=scale (the output directory under WORK)
 #   PREPARE_ONLY=1 scale: make the hybrid checkpoint and stop (to overlap it with other work)
 #   DEVICE=cpu     a smoke test of this script on CPU processes (gloo); NGPU then counts processes
 set -euo pipefail
@@ -130,29 +132,30 @@ if [ "$MODE" = agree ]; then
   $PY runs/multigpu_report.py agree "$A"
 else
   D=${DEPTH_SCALE:-32} STEPS=${STEPS_SCALE:-6} T=${SEQ_SCALE:-2048} PAR=${PARALLEL_SCALE:-fsdp}
-  S=$WORK/scale
+  read -r -a EXTRA <<< "${EXTRA_SCALE:-}"
+  S=$WORK/${SCALE_DIR:-scale}
   rm -rf "$S"; mkdir -p "$S"
   HYB=$WORK/hybrid_d${D}
   make_hybrid "$D" "$HYB" --exit-stride 8   # runs/speedrun.sh's surgery settings
   if [ -n "${PREPARE_ONLY:-}" ]; then echo "== PREPARE_ONLY: $HYB is ready"; exit 0; fi
   SIZES=()
-  for n in 1 2 4 8; do [ "$n" -le "$NGPU" ] && SIZES+=("$n"); done
-  for phase in 1 2; do
+  for n in $(echo "${SIZES_SCALE:-1,2,4,8}" | tr ',' ' '); do
+    if [ "$n" -le "$NGPU" ]; then SIZES+=("$n"); else echo "== skipping $n GPUs: only $NGPU"; fi
+  done
+  for phase in $(echo "${PHASES_SCALE:-1,2}" | tr ',' ' '); do
     dbs=$([ "$phase" = 1 ] && echo "${DBS1:-4}" || echo "${DBS2:-2}")
-    run_size() {  # n first_gpu
-      local n=$1 par=(); [ "$n" -gt 1 ] && par=(--parallel="$PAR")
-      launch "$(gpus "$2" "$n")" "$S/p${phase}_n$n.log" --phase=$phase --checkpoint="$HYB" --data-dir="$DATA" \
-        --max-seq-len=$T --device-batch-size="$dbs" --total-batch-size=$((dbs * T * n)) --num-iterations="$STEPS" \
-        --eval-every=-1 --no-save --out-dir="$S/p${phase}_n$n" "${par[@]}"
-    }
-    # 1 and 2 GPUs side by side (GPU 0; GPUs 1-2), then each larger size alone
-    run_size 1 0
-    if [ "$NGPU" -ge 3 ]; then run_size 2 1; fi
-    wait_all "$S/p${phase}_n1.log" "$S/p${phase}_n2.log"
-    if [ "$NGPU" -lt 3 ]; then run_size 2 0; wait_all "$S/p${phase}_n2.log"; fi
+    # runs that fit side by side on disjoint GPUs start together (on 4 GPUs: 1 and 2, then 4)
+    next=0 logs=()
     for n in "${SIZES[@]}"; do
-      if [ "$n" -gt 2 ]; then run_size "$n" 0; wait_all "$S/p${phase}_n$n.log"; fi
+      if [ $((next + n)) -gt "$NGPU" ]; then wait_all "${logs[@]}"; next=0 logs=(); fi
+      par=(); [ "$n" -gt 1 ] && par=(--parallel="$PAR" "${EXTRA[@]}")
+      log=$S/p${phase}_n$n.log
+      launch "$(gpus "$next" "$n")" "$log" --phase="$phase" --checkpoint="$HYB" --data-dir="$DATA" \
+        --max-seq-len="$T" --device-batch-size="$dbs" --total-batch-size=$((dbs * T * n)) --num-iterations="$STEPS" \
+        --eval-every=-1 --no-save --out-dir="$S/p${phase}_n$n" "${par[@]}"
+      logs+=("$log") next=$((next + n))
     done
+    wait_all "${logs[@]}"
   done
   $PY runs/multigpu_report.py scale "$S"
 fi

@@ -10,18 +10,21 @@ import re
 import sys
 
 STEP = re.compile(r"^step (\d+)/\d+ \([\d.]+%\) \| loss (\d+\.\d+).*? \| dt (\d+)ms \| tok/s ([\d,]+) \| mfu ([\d.]+|n/a)", re.M)
+UPDATE = re.compile(r"^step (\d+)/.*\| update (\d+)ms", re.M)
 
 
 def parse_log(path):
-    """{step: (loss, dt_ms, tok_s, mfu)}, and the peak memory / trainable counts the run printed."""
+    """{step: (loss, dt_ms, tok_s, mfu)}, {step: update_ms} (the optimizer part of dt, from clipping on), and
+    the peak memory / trainable counts the run printed."""
     text = open(path).read()
     steps = {int(m[1]): (float(m[2]), int(m[3]), int(m[4].replace(",", "")), None if m[5] == "n/a" else float(m[5]))
              for m in STEP.finditer(text)}
+    updates = {int(m[1]): int(m[2]) for m in UPDATE.finditer(text)}
     if not steps:
         raise SystemExit(f"{path}: no step lines (did the run fail? its tail:)\n{text[-2000:]}")
     peak = re.search(r"peak memory ([\d.]+) GiB", text)
     trainable = re.search(r"trainable ([\d,]+) \| frozen ([\d,]+)", text)
-    return {"steps": steps, "peak_gib": float(peak[1]) if peak else None,
+    return {"steps": steps, "update_ms": updates, "peak_gib": float(peak[1]) if peak else None,
             "trainable": int(trainable[1].replace(",", "")) if trainable else None,
             "frozen": int(trainable[2].replace(",", "")) if trainable else None}
 
@@ -74,18 +77,21 @@ def scale(d):
         dt = sum(r["steps"][s][1] for s in timed) / len(timed)
         tok = sum(r["steps"][s][2] for s in timed) / len(timed)
         mfus = [r["steps"][s][3] for s in timed if r["steps"][s][3] is not None]
-        rows.append({"phase": phase, "gpus": n, "timed_steps": len(timed), "dt_ms": dt, "tok_s": tok, "tok_s_per_gpu": tok / n,
+        upd = [r["update_ms"][s] for s in timed if s in r["update_ms"]]
+        rows.append({"phase": phase, "gpus": n, "timed_steps": len(timed), "dt_ms": dt, "update_ms": sum(upd) / len(upd) if upd else None, "tok_s": tok, "tok_s_per_gpu": tok / n,
                      "mfu": sum(mfus) / len(mfus) if mfus else None, "peak_gib_rank0": r["peak_gib"],
                      "trainable": r["trainable"], "params": (r["trainable"] or 0) + (r["frozen"] or 0)})
     rows.sort(key=lambda r: (r["phase"], r["gpus"]))
-    print("| stage | GPUs | params | trains | ms/step | tok/s | tok/s per GPU | MFU % | peak GiB (rank 0) | scaling efficiency |")
-    print("|---|---|---|---|---|---|---|---|---|---|")
+    print("| stage | GPUs | params | trains | ms/step | of which update | tok/s | tok/s per GPU | MFU % | peak GiB (rank 0) "
+          "| scaling efficiency |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         base = next((b for b in rows if b["phase"] == r["phase"] and b["gpus"] == 1), None)
         r["efficiency"] = r["tok_s_per_gpu"] / base["tok_s_per_gpu"] if base else None
         eff = f"{100 * r['efficiency']:.1f}%" if r["efficiency"] is not None else "n/a"
         mfu = f"{r['mfu']:.1f}" if r["mfu"] is not None else "n/a"
-        print(f"| phase {r['phase']} | {r['gpus']} | {r['params'] / 1e9:.2f}B | {r['trainable'] / 1e9:.2f}B | {r['dt_ms']:.0f} | "
+        upd = f"{r['update_ms']:.0f}" if r["update_ms"] is not None else "n/a"
+        print(f"| phase {r['phase']} | {r['gpus']} | {r['params'] / 1e9:.2f}B | {r['trainable'] / 1e9:.2f}B | {r['dt_ms']:.0f} | {upd} | "
               f"{r['tok_s']:,.0f} | {r['tok_s_per_gpu']:,.0f} | {mfu} | {r['peak_gib_rank0']} | {eff} |")
     summary = {"mode": "scale", "rows": rows}
     json.dump(summary, open(os.path.join(d, "summary.json"), "w"), indent=1)

@@ -97,6 +97,9 @@ def get_args(argv=None):
     p.add_argument("--compile", action="store_true", help="torch.compile the training forward (recompiles per distinct plan)")
     p.add_argument("--activation-checkpointing", action="store_true", help="recompute block activations in backward")
     p.add_argument("--parallel", type=str, default="ddp", choices=("ddp", "fsdp"))
+    p.add_argument("--fsdp-keep-params", action="store_true",
+                   help="fsdp: keep each block's gathered parameters from its forward to its backward (one all-gather "
+                        "per block and pass instead of two; costs the memory of the unsharded blocks)")
     # data and batch
     p.add_argument("--data-dir", type=str, default=None, help="parquet shards (default <base_dir>/base_data)")
     p.add_argument("--data-ranks", type=int, default=0, help="interleaved shards of the train stream (0 = world size)")
@@ -305,7 +308,8 @@ def main(argv=None):
     if args.parallel == "fsdp":
         # NOTE: fully_shard replaces the parameters by DTensors: the optimizers must be built after it
         # the controllers stay replicated; wte (bf16 on CUDA, as nanochat) is a shard group of its own
-        apply_fsdp(model, model.transformer.h, ctrl_params, device.type, separate=[model.transformer.wte])
+        apply_fsdp(model, model.transformer.h, ctrl_params, device.type, separate=[model.transformer.wte],
+                   reshard_after_forward=not args.fsdp_keep_params)
         from torch.distributed.tensor import distribute_tensor
         params = dict(model.named_parameters())
         masks = {n: distribute_tensor(m, params[n].device_mesh, params[n].placements) for n, m in masks.items()}
@@ -486,7 +490,8 @@ def main(argv=None):
             allreduce_gradients(ctrl_params, divide_by=world_size)
         if ddp:
             dist.all_reduce(sums, op=dist.ReduceOp.SUM)
-        sums = (sums / (grad_accum * world_size)).tolist()
+        sums = (sums / (grad_accum * world_size)).tolist()  # a device sync: what follows is the update
+        t_update = time.time()
         grad_norm = clip_grad_norm(train_params, args.grad_clip) if args.grad_clip > 0 else None
         lrm = lr_multiplier(step, num_iterations, args.warmup_ratio, args.warmdown_ratio)
         set_lr_multiplier(optimizers, lrm)
@@ -502,7 +507,8 @@ def main(argv=None):
             if block.ffn_kind == "E" and block.moe.bias_balancing:
                 block.moe.update_bias()
         synchronize(device)
-        dt = time.time() - t0
+        t1 = time.time()
+        dt, dt_update = t1 - t0, t1 - t_update
         loss = sums[0]
         if not math.isfinite(loss):
             raise FloatingPointError(f"step {step}: full-width loss is {loss}; lower the learning rates or check the data")
@@ -520,7 +526,7 @@ def main(argv=None):
         print0(f"step {step:05d}/{num_iterations:05d} ({100 * step / num_iterations:.1f}%) | loss {loss:.6f}"
                + (f" [{widths}]" if widths else "") + ctrl +
                f" | lrm {lrm:.2f} | dt {dt * 1000:.0f}ms | tok/s {int(tok_per_sec):,} | "
-               f"mfu {f'{mfu:.2f}' if mfu is not None else 'n/a'} | eta {format_eta(eta)}")
+               f"mfu {f'{mfu:.2f}' if mfu is not None else 'n/a'} | update {dt_update * 1000:.0f}ms | eta {format_eta(eta)}")
         history["steps"].append(step)
         history["loss"].append(loss)
         history["plan_losses"].append(sums[:len(plans)])

@@ -160,7 +160,7 @@ def fwd_bwd(m, u, g, dtype):
     with torch.autocast("cuda", dtype=BF16, enabled=dtype == BF16):
         y = m(u)
     y.backward(g.to(y.dtype))
-    return y, u.grad, {n: q.grad for n, q in m.named_parameters()}
+    return y, u.grad, {n.removeprefix("_orig_mod."): q.grad for n, q in m.named_parameters()}  # also compiled
 
 
 @needs_kernels
