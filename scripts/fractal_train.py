@@ -98,8 +98,9 @@ def get_args(argv=None):
     p.add_argument("--activation-checkpointing", action="store_true", help="recompute block activations in backward")
     p.add_argument("--parallel", type=str, default="ddp", choices=("ddp", "fsdp"))
     p.add_argument("--fsdp-keep-params", action="store_true",
-                   help="fsdp: keep each block's gathered parameters from its forward to its backward (one all-gather "
-                        "per block and pass instead of two; costs the memory of the unsharded blocks)")
+                   help="fsdp: keep the gathered parameters for the whole step (no reshard after a forward, nor between "
+                        "the step's backward passes): one all-gather per block and step instead of two per pass; costs "
+                        "the memory of the unsharded model")
     # data and batch
     p.add_argument("--data-dir", type=str, default=None, help="parquet shards (default <base_dir>/base_data)")
     p.add_argument("--data-ranks", type=int, default=0, help="interleaved shards of the train stream (0 = world size)")
@@ -482,7 +483,10 @@ def main(argv=None):
                         sums[-1] += cl["predictor_loss"].detach().float()
                 sums[i] += ce.detach().float()
                 if args.parallel == "fsdp":  # reduce-scatter once, after the step's last backward
-                    model.set_requires_gradient_sync(micro == grad_accum - 1 and i == len(plans) - 1)
+                    last = micro == grad_accum - 1 and i == len(plans) - 1
+                    model.set_requires_gradient_sync(last)
+                    if args.fsdp_keep_params:  # the step's passes share the weights: gather them once per step
+                        model.set_reshard_after_backward(last)
                 (objective * scale).backward()
         if args.parallel == "ddp":
             allreduce_gradients(train_params)

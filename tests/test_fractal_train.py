@@ -171,19 +171,21 @@ def parse_losses(text):
     return [float(x) for x in re.findall(r"^step \d+/\d+ \([\d.]+%\) \| loss (\d+\.\d+)", text, re.M)]
 
 
-@pytest.mark.parametrize("parallel", ["ddp", "fsdp"])
+@pytest.mark.parametrize("parallel", ["ddp", "fsdp", "fsdp-keep"])
 def test_two_gloo_processes_equal_one_process(pipeline, tiny_data, tmp_path, parallel):
     """
     2 ranks x 1 micro-batch vs 1 rank x 2 micro-batches of the same 2 data shards (--data-ranks=2).
     Not bitwise: the per-plan, per-micro-batch and per-rank gradients are summed in another order
     (fp32 addition is not associative), and each torchrun worker runs single-threaded.
+    fsdp-keep: --fsdp-keep-params, the parameters gathered once per step and shared by its passes.
     """
+    flags = [f"--parallel={parallel.split('-')[0]}"] + (["--fsdp-keep-params"] if parallel == "fsdp-keep" else [])
     root = pipeline["root"]
     args = ["--sample-dim", "--eval-every=-1", "--data-ranks=2", f"--total-batch-size={2 * B * T}"]
     one = fractal_train.main(run_args(tiny_data, 2, root / "p1", tmp_path / "one", 3, *args))
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "scripts.fractal_train",
-           *run_args(tiny_data, 2, root / "p1", tmp_path / "two", 3, *args, f"--parallel={parallel}", "--save-every=2")]
+           *run_args(tiny_data, 2, root / "p1", tmp_path / "two", 3, *args, *flags, "--save-every=2")]
     proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     two = parse_losses(proc.stdout)
@@ -192,6 +194,8 @@ def test_two_gloo_processes_equal_one_process(pipeline, tiny_data, tmp_path, par
     a, _ = state_of(tmp_path / "one")
     b, _ = state_of(tmp_path / "two")
     assert max((a[k].float() - b[k].float()).abs().max().item() for k in a) < 1e-4
+    if parallel == "fsdp-keep":  # resuming is the same as for fsdp
+        return
 
     # the 2-rank checkpoint of step 2 resumes on 1 process: its step 2 is the 2-rank run's step 2
     resumed = tmp_path / "resumed"
