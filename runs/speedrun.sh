@@ -40,6 +40,8 @@ SEQ_LEN=${SEQ_LEN:-2048}
 TOTAL_BATCH=${TOTAL_BATCH:-524288}      # tokens per optimizer step, all GPUs (nanochat's)
 DBS1=${DBS1:-4}                         # rows per GPU per micro-batch, phase 1: peak 73.5 GiB per GPU with FSDP2 on 4 H200s
 DBS2=${DBS2:-2}                         # phases 2 and 3: peak 73.9 GiB (sandwich + exit readouts); runs/multigpu.sh scale
+KEEP_PARAMS=${KEEP_PARAMS:-1}           # phase 2: --fsdp-keep-params (1.6x the per-GPU rate; peak 87-94 GiB: 141 GB H200s; 0 on 80 GB GPUs).
+                                        # Not in phase 3: the grown model's gathered weights would not fit (not measured)
 P1_STEPS=${P1_STEPS:-2000}
 P2_STEPS=${P2_STEPS:-4000}
 P3_STEPS=${P3_STEPS:-4000}
@@ -51,10 +53,12 @@ PEAK_FLOPS=${PEAK_FLOPS:-989.4e12}      # dense bf16 per GPU, H100 SXM / H200
 # Measured MFU (scripts.fractal_train's convention and step lines): `bash runs/multigpu.sh scale` on 4 NVIDIA H200s,
 # 2026-11-22: this surgery's d32 hybrid (3.80B parameters, random weights), T=2048, DBS1/DBS2 rows per GPU, FSDP2,
 # eager (no --compile), torch 2.11, mamba-ssm 2.3.2.post1 kernels (docs/benchmarks.md, "Multi-GPU"):
-MFU_P1=${MFU_P1:-0.192}   # phase 1, 4 GPUs: 8.3k tok/s per GPU
-MFU_P2=${MFU_P2:-0.078}   # phase 2 sandwich (full + smallest + one random width), exits every 8, 4 GPUs: 1.76k tok/s per GPU
-MFU_P3=${MFU_P3:-$MFU_P2} # phase 3 is the phase-2 step on the grown model (not measured separately)
-# Not measured: 8 GPUs (2 -> 4 GPUs kept 99% of the per-GPU rate), --compile at d32, the grown model.
+MFU_P1=${MFU_P1:-0.254}   # phase 1, 4 GPUs: 11.0k tok/s per GPU (the same per GPU as on 1 GPU)
+# phase 2 sandwich (full + smallest + one random width), exits every 8, 4 GPUs: 2.68k tok/s per GPU with
+# --fsdp-keep-params, 1.72k (MFU 0.082) without
+MFU_P2=${MFU_P2:-$([ "$KEEP_PARAMS" = 1 ] && echo 0.126 || echo 0.082)}
+MFU_P3=${MFU_P3:-0.082}   # phase 3 is the phase-2 step on the grown model, without --fsdp-keep-params (not measured separately)
+# Not measured: 8 GPUs (1 -> 2 -> 4 GPUs kept 97-103% of the per-GPU rate), --compile at d32, the grown model.
 
 export NANOCHAT_BASE_DIR=${NANOCHAT_BASE_DIR:-$HOME/.cache/nanochat}
 RUN_DIR=${RUN_DIR:-$NANOCHAT_BASE_DIR/speedrun}
@@ -184,7 +188,9 @@ if have_checkpoint "$HYB"; then echo "== surgery: $HYB exists, skipped"
 else echo "== surgery"; run $PY -m scripts.surgery "${SURGERY_ARGS[@]}"; fi
 
 train_phase "phase 1" "$P1" "$P1_STEPS" --phase=1 --checkpoint="$HYB" --device-batch-size "$DBS1" --data-dir "$DATA_DIR"
-train_phase "phase 2" "$P2" "$P2_STEPS" --phase=2 --checkpoint="$P1" --device-batch-size "$DBS2" --data-dir "$DATA_DIR" --continue-data
+KEEP=(); [ "$KEEP_PARAMS" = 1 ] && KEEP=(--fsdp-keep-params)
+train_phase "phase 2" "$P2" "$P2_STEPS" --phase=2 --checkpoint="$P1" --device-batch-size "$DBS2" --data-dir "$DATA_DIR" --continue-data \
+  "${KEEP[@]}"
 
 if have_checkpoint "$GROWN"; then echo "== growth: $GROWN exists, skipped"
 else echo "== growth"; run $PY -m scripts.surgery "${GROW_ARGS[@]}"; fi
