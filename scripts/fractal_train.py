@@ -29,7 +29,8 @@ Data parallel: --parallel=ddp keeps a full replica per rank and sums the gradien
 all-reduce after the last backward of the step (several backwards per step, parameters unused by
 some of them, and controllers called outside the model's forward are why this is not the DDP wrapper);
 --parallel=fsdp shards with FSDP2 (fully_shard per block, then the root; the small controllers stay
-replicated, their gradients all-reduced).
+replicated, their gradients all-reduced); --fsdp-keep-params keeps the gathered parameters for the whole
+step (one all-gather per block and step; phase 2's three passes otherwise gather every block six times).
 The training stream is cut into --data-ranks interleaved shards (default: the world size); each rank
 reads data-ranks / world_size of them, one per micro-batch in turn. A fixed --data-ranks makes the
 tokens of every step independent of the number of processes (resume on fewer GPUs, or check that
