@@ -154,6 +154,15 @@ class GenerationResult:
         return idx, widths, exit_after
 
 
+def prompt_full_flops(model, T):
+    """The full model's forward FLOPs on a T-token prompt with logits at its last position only. Per-token FLOPs
+    are affine in the context (attention scores), so the sum over contexts 1..T is closed-form (a Python loop
+    over T took seconds at 32K tokens)."""
+    c = model.config
+    f0 = model.forward_flops_per_token(0)
+    return T * f0 + (model.forward_flops_per_token(1) - f0) * T * (T + 1) // 2 - (T - 1) * 2 * c.n_embd * c.vocab_size
+
+
 class Engine:
     def __init__(self, model):
         self.model = model
@@ -307,11 +316,7 @@ class Engine:
         st.pos = T
         logits = model.readout(x[:, -1])  # (B, V)
         flops += 2 * c.n_embd * c.vocab_size  # one readout: only the last position's logits are used
-        # the full model on these T tokens: per-token FLOPs are affine in the context (attention scores), so the
-        # sum over contexts 1..T is closed-form (a Python loop over T took seconds at 32K tokens)
-        f0 = model.forward_flops_per_token(0)
-        full = T * f0 + (model.forward_flops_per_token(1) - f0) * T * (T + 1) // 2 - (T - 1) * 2 * c.n_embd * c.vocab_size
-        return st, logits, flops, torch.full((B,), float(full), dtype=torch.float64)
+        return st, logits, flops, torch.full((B,), float(prompt_full_flops(model, T)), dtype=torch.float64)
 
     def _predict_plan(self, st, x, epsilon, flops):
         """Auto mode: the predictor's plan from the prompt's residual x after predictor_after blocks."""
@@ -404,8 +409,8 @@ class Engine:
         n = model.config.n_layer
         cache = model.new_kv_cache(B, T + max_tokens, dtype=model.lm_head.weight.dtype)
         logits = model(ids, kv_cache=cache)[:, -1]
-        V, D = model.config.vocab_size, model.config.n_embd
-        full = float(sum(model.forward_flops_per_token(t + 1) for t in range(T)) - (T - 1) * 2 * D * V)
+        D = model.config.n_embd
+        full = float(prompt_full_flops(model, T))
         source, done = "prompt", torch.zeros(B, dtype=torch.bool)
         stop = torch.tensor(sorted(stop_tokens), dtype=torch.long)
         widths = torch.full((B, n), D, dtype=torch.long)
