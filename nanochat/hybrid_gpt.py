@@ -498,8 +498,21 @@ class HybridGPT(nn.Module):
             if j in exit_ids:
                 exit_hidden.append(x)
         logits = self.readout(x)
-        loss = None
-        if targets is not None:
+        loss = final_tok = None
+        if targets is not None and return_exits:
+            # per token once: the last exit's losses are these, and the loss reduces them (one (B*T, V)
+            # log-softmax kept for the backward instead of two)
+            final_tok = F.cross_entropy(logits.view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-1,
+                                        reduction="none")
+            if loss_reduction == "none":
+                loss = final_tok
+            elif loss_reduction == "sum":
+                loss = final_tok.sum()
+            elif loss_reduction == "mean":
+                loss = final_tok.sum() / (targets != -1).sum()
+            else:
+                raise ValueError(f"loss_reduction must be 'mean', 'sum' or 'none', got {loss_reduction!r}")
+        elif targets is not None:
             loss = F.cross_entropy(logits.view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-1,
                                    reduction=loss_reduction)
         if not return_exits:
@@ -510,9 +523,7 @@ class HybridGPT(nn.Module):
         losses, agree = [], []
         for j, h in zip(out.exit_blocks, exit_hidden):
             if j == c.n_layer - 1:  # the last readout is the final one: reuse its logits
-                lg_loss = None if targets is None else F.cross_entropy(
-                    logits.view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-1, reduction="none").view(B, T)
-                losses.append(lg_loss)
+                losses.append(None if targets is None else final_tok.view(B, T))
                 agree.append(torch.ones_like(final_top1, dtype=torch.bool))
                 continue
             lg_loss, top1 = self.readout_loss_top1(h, targets)
