@@ -186,6 +186,12 @@ class RMSNormGated(nn.Module):
 class _MambaMixer(nn.Module):
     """What both mixers share: path choice, mask compaction, the cache protocol."""
 
+    @staticmethod
+    def _kernel_ops(conv_state):
+        """True while torch.compile traces a cache-free kernel call: dynamo cannot trace mamba-ssm's Python and
+        pybind calls, so the kernels run as the custom ops of nanochat/mamba_ops.py (which need causal-conv1d)."""
+        return torch.compiler.is_compiling() and conv_state is None and causal_conv1d_fn is not None
+
     def _use_kernels(self, x, what, unsupported=None):
         """True to run mamba-ssm's kernels for this call; raises if path='kernel' cannot be honoured."""
         if self.path not in PATHS:
@@ -346,16 +352,16 @@ class Mamba(_MambaMixer):
         return self.out_proj(y.transpose(1, 2))
 
     def _mix_kernels(self, h, conv_state, ssm_state, valid):
-        """mamba-ssm's own forward: fused mamba_inner_fn when no state is wanted, else conv + selective_scan_fn."""
-        if torch.compiler.is_compiling() and conv_state is None and causal_conv1d_fn is not None:
-            return mamba_ops.mamba1_forward(self, h)  # the kernels as custom ops: no graph break
+        """mamba-ssm's own forward: fused mamba_inner_fn when no state is wanted, else conv + selective_scan_fn;
+        while torch.compile traces, conv + scan as custom ops (no graph break)."""
+        ops = self._kernel_ops(conv_state)
         batch, seqlen, _ = h.shape
         # (B, 2*d_inner, L) with L contiguous, the layout the kernels take
         xz = (self.in_proj.weight @ h.reshape(-1, self.d_model).t()).unflatten(1, (batch, seqlen)).transpose(0, 1)
         if self.in_proj.bias is not None:
             xz = xz + self.in_proj.bias.to(xz.dtype)[:, None]
         A = -torch.exp(self.A_log.float())
-        if self.use_fast_path and causal_conv1d_fn is not None and conv_state is None:
+        if self.use_fast_path and causal_conv1d_fn is not None and conv_state is None and not ops:
             return mamba_inner_fn(xz, self.conv1d.weight, self.conv1d.bias, self.x_proj.weight, self.dt_proj.weight,
                                   self.out_proj.weight, self.out_proj.bias, A, None, None, self.D.float(),
                                   delta_bias=self.dt_proj.bias.float(), delta_softplus=True)
@@ -363,7 +369,8 @@ class Mamba(_MambaMixer):
         if conv_state is not None:
             conv_state.copy_(_conv_state_after(x.transpose(1, 2), None, valid, None, self.d_conv))
         if causal_conv1d_fn is not None:
-            x = causal_conv1d_fn(x, self.conv1d.weight.squeeze(1), self.conv1d.bias, activation=self.activation)
+            conv = mamba_ops.causal_conv1d if ops else causal_conv1d_fn
+            x = conv(x, self.conv1d.weight.squeeze(1), self.conv1d.bias, activation=self.activation)
         else:
             x = F.silu(self.conv1d(x)[..., :seqlen])
         x_dbl = self.x_proj(x.transpose(1, 2).reshape(batch * seqlen, self.d_inner))
@@ -375,6 +382,9 @@ class Mamba(_MambaMixer):
         if valid is not None and ssm_state is not None:  # dt = 0 on pads, so the state is the last real token's
             dt = (F.softplus(dt.float() + delta_bias[:, None]) * valid[:, None, :]).to(x.dtype)
             delta_bias, softplus = None, False
+        if ops:  # no state here: the bias and the softplus go in the kernel, as below
+            return self.out_proj(mamba_ops.selective_scan(x, dt, A, B[:, None], C[:, None], self.D.float(), z,
+                                                          delta_bias).transpose(1, 2))
         y = selective_scan_fn(x, dt, A, B, C, self.D.float(), z=z, delta_bias=delta_bias, delta_softplus=softplus,
                               return_last_state=ssm_state is not None)
         if ssm_state is not None:
@@ -508,8 +518,7 @@ class Mamba2(_MambaMixer):
     def _mix(self, h, conv_state, ssm_state, cont, valid, seg):
         use_kernels = self._use_kernels(h, "forward")
         seg32 = None if seg is None else seg.to(torch.int32).contiguous()
-        # torch.compile cannot trace the fused kernel's Python; it gets the custom ops of nanochat/mamba_ops.py
-        ops = use_kernels and torch.compiler.is_compiling() and conv_state is None and causal_conv1d_fn is not None
+        ops = use_kernels and self._kernel_ops(conv_state)
         if use_kernels and self.use_mem_eff_path and conv_state is None and not ops:  # one fused kernel, as mamba-ssm
             dt_limit_kwargs = {} if tuple(self.dt_limit) == (0.0, float("inf")) else dict(dt_limit=self.dt_limit)
             return mamba_split_conv1d_scan_combined(

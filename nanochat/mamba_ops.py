@@ -14,12 +14,12 @@ Ops (all outputs contiguous):
   adamba::selective_scan_fwd / _bwd          Mamba-1 scan with the z gate, delta bias and softplus
   adamba::ssd_fwd / ssd_bwd                  Mamba-2 chunked SSD (dt already processed; no z, no initial state)
 
-`mamba1_forward` and the two wrappers below are what nanochat/mamba_block.py runs on the kernel path while
-torch.compile traces (training: no cache, no mask). In eager mode the mixers keep mamba-ssm's fused autograd
-functions (mamba_inner_fn, mamba_split_conv1d_scan_combined), which recompute activations and save memory.
-tests/test_gpu_kernels.py checks these ops with torch.library.opcheck and compares a compiled mixer with
-the eager kernel path (outputs and gradients); tests/test_mamba_block.py checks the plumbing on CPU with the
-PyTorch scans standing in for the kernels.
+The wrappers `causal_conv1d`, `selective_scan` and `ssd_scan` are what the mixers of nanochat/mamba_block.py
+call on the kernel path while torch.compile traces (a call without cache: training). In eager mode the mixers
+keep mamba-ssm's fused autograd functions (mamba_inner_fn, mamba_split_conv1d_scan_combined), which recompute
+activations and save memory. tests/test_gpu_kernels.py checks these ops with torch.library.opcheck and compares
+a compiled mixer with the eager kernel path (outputs and gradients); tests/test_mamba_ops.py checks the plumbing
+on CPU with the PyTorch scans standing in for the kernels.
 """
 import math
 from typing import Optional
@@ -162,31 +162,6 @@ selective_scan_fwd.register_autograd(_scan_backward, setup_context=_scan_setup)
 def selective_scan(u, delta, A, B, C, D, z, delta_bias):
     """The gated Mamba-1 scan as one traceable op: returns out_z (B, D, L) in u's dtype."""
     return selective_scan_fwd(u, delta, A, B, C, D, z, delta_bias)[2]
-
-
-def mamba1_forward(mixer, h):
-    """
-    A Mamba-1 mixer on the kernels through the ops above: h (B, L, d_model) -> (B, L, d_model), no cache and
-    no mask (training). The function of mamba_inner_fn: in_proj, causal conv + SiLU, x_proj, dt_proj, the
-    scan gated by z (dt_proj's bias and the softplus inside the kernel), out_proj; the projections stay
-    PyTorch ops, which the compiler sees.
-    """
-    batch, L, _ = h.shape
-    # (B, 2 * d_inner, L) with L contiguous, the layout the kernels take: one GEMM over all B * L tokens
-    xz = (mixer.in_proj.weight @ h.reshape(-1, mixer.d_model).t()).unflatten(1, (batch, L)).transpose(0, 1)
-    if mixer.in_proj.bias is not None:
-        xz = xz + mixer.in_proj.bias.to(xz.dtype)[:, None]
-    x, z = xz.chunk(2, dim=1)  # (B, d_inner, L) each
-    x = causal_conv1d(x, mixer.conv1d.weight.squeeze(1), mixer.conv1d.bias, activation=mixer.activation)
-    x_dbl = mixer.x_proj(x.transpose(1, 2).reshape(batch * L, mixer.d_inner))  # (B * L, dt_rank + 2 * d_state)
-    dt, Bm, Cm = x_dbl.split([mixer.dt_rank, mixer.d_state, mixer.d_state], dim=-1)
-    # (B, d_inner, L); dt_proj's bias goes in the kernel, with the softplus
-    delta = (mixer.dt_proj.weight @ dt.t()).unflatten(1, (batch, L)).transpose(0, 1)
-    Bm = Bm.unflatten(0, (batch, L)).transpose(1, 2).unsqueeze(1).contiguous()  # (B, 1, d_state, L)
-    Cm = Cm.unflatten(0, (batch, L)).transpose(1, 2).unsqueeze(1).contiguous()
-    A = -torch.exp(mixer.A_log.float())
-    y = selective_scan(x, delta, A, Bm, Cm, mixer.D.float(), z, mixer.dt_proj.bias.float())  # (B, d_inner, L)
-    return mixer.out_proj(y.transpose(1, 2))
 
 
 # -----------------------------------------------------------------------------

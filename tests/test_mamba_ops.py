@@ -12,7 +12,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from nanochat import mamba_ops
+from nanochat import mamba_block as mb, mamba_ops
 from nanochat.mamba_block import Mamba
 from nanochat.mamba_scan import selective_scan, ssd_chunk_scan
 
@@ -118,9 +118,15 @@ def test_scan_op_gradients_are_the_kernels(stand_ins):
         torch.testing.assert_close(g, w, rtol=0, atol=0, msg=name)
 
 
-def test_mamba1_forward_equals_the_pytorch_path_and_compiles_to_one_graph(stand_ins):
-    """mamba1_forward (what a compiled kernel-path Mamba-1 runs) is the mixer's function: outputs and every
-    parameter gradient against the PyTorch path (fp32, 1e-5), eager and under torch.compile(fullgraph=True)."""
+def test_mamba1_kernel_path_through_the_ops_equals_the_pytorch_path_and_compiles_to_one_graph(stand_ins, monkeypatch):
+    """The Mamba-1 kernel path as a compiled call runs it (conv and scan as ops, no cache) is the mixer's function:
+    outputs and every parameter gradient against the PyTorch path (fp32, 1e-5), eager and under
+    torch.compile(fullgraph=True). The ops path is forced (here is no CUDA), and causal-conv1d's own function
+    must not be called."""
+    def not_this(*args, **kwargs):
+        raise AssertionError("the ops path called causal_conv1d_fn")
+    monkeypatch.setattr(mb, "causal_conv1d_fn", not_this)
+    monkeypatch.setattr(mb._MambaMixer, "_kernel_ops", staticmethod(lambda conv_state: conv_state is None))
     torch.manual_seed(0)
     mixer = Mamba(16, d_state=4, d_conv=4, expand=2)
     mixer.path = "torch"
@@ -135,9 +141,12 @@ def test_mamba1_forward_equals_the_pytorch_path_and_compiles_to_one_graph(stand_
 
     want = run(mixer)
     names = ["out", "dh"] + [n for n, _ in mixer.named_parameters()]
-    for how, fn in (("eager", lambda x: mamba_ops.mamba1_forward(mixer, x)),
-                    ("compiled", torch.compile(lambda x: mamba_ops.mamba1_forward(mixer, x), fullgraph=True,
-                                               backend="aot_eager"))):
+
+    def kernel_path(x):
+        return mixer._mix_kernels(x, None, None, None)
+
+    for how, fn in (("eager", kernel_path),
+                    ("compiled", torch.compile(kernel_path, fullgraph=True, backend="aot_eager"))):
         for name, g, w in zip(names, run(fn), want):
             torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-5, msg=f"{how}: {name}")
 
