@@ -115,7 +115,9 @@ def compute_init(device_type=None):
 
 
 def compute_cleanup():
-    if dist.is_available() and dist.is_initialized():
+    """End the process group of a torchrun run; a group this process did not join through compute_init (say,
+    a test calling a script's main() in-process) is left alone."""
+    if get_dist_info()[0] and dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()
 
 

@@ -299,8 +299,7 @@ def main(argv=None):
     print0(f"peak memory: {peak_memory_gib(device):.2f} GiB | training time: {sum(step_times) / 60:.2f}m | "
            f"min val bpb: {min_bpb_str}")
     wandb_run.finish()
-    if ddp:
-        compute_cleanup()  # only a process group this run joined (tests call main() in-process)
+    compute_cleanup()
     return dict(history, checkpoint_dir=out_dir, last_step=step, num_iterations=num_iterations,
                 num_params=num_params, num_flops_per_token=num_flops_per_token, min_val_bpb=min_val_bpb,
                 model_config=model_config.to_dict())

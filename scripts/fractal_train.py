@@ -58,7 +58,7 @@ from nanochat.common import (compute_init, compute_cleanup, print0, autodetect_d
 from nanochat.tokenizer import Tokenizer, compute_token_bytes, save_token_bytes, TOKENIZER_FILENAME, TOKEN_BYTES_FILENAME
 from nanochat.dataset import get_data_dir, split_parquet_files
 from nanochat.dataloader import tokenizing_distributed_data_loader
-from nanochat.loss_eval import evaluate_bpb
+from nanochat.loss_eval import all_reduce_sums, evaluate_bpb
 from nanochat.matryoshka import sample_plans
 from nanochat.optim import (setup_optimizers, lr_multiplier, set_lr_multiplier, muon_momentum, set_muon_momentum,
                             optimizer_state_dicts, load_optimizer_state_dicts)
@@ -202,9 +202,7 @@ def controller_eval(model, batches, token_bytes, T, exit_threshold, plan_epsilon
     first = fire.float().argmax(0)
     good = agree[first, torch.arange(agree.size(1))] & exited
     counts = torch.tensor([exited.numel(), exited.sum().item(), good.sum().item()], dtype=torch.float64, device=dev)
-    if dist.is_available() and dist.is_initialized():
-        dist.all_reduce(frac)
-        dist.all_reduce(counts)
+    all_reduce_sums(frac, counts)
     res["compute_pred"] = (frac[0] / frac[1]).item()
     res["exit_rate"] = (counts[1] / counts[0]).item()
     res["exit_precision"] = (counts[2] / counts[1]).item() if counts[1] > 0 else float("nan")
