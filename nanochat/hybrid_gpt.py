@@ -410,7 +410,7 @@ class HybridGPT(nn.Module):
 
     def param_kind(self, name, p):
         if name.startswith("controllers."):
-            return "scalar"  # small heads, trained with AdamW
+            return "controller"  # small heads, AdamW at the trainer's controller lr
         return None
 
     def num_params(self):

@@ -7,7 +7,9 @@ Which parameter goes where is decided by explicit rules (`param_kind`), not by "
     matrix     hidden 2-D weights (attention, MLP, Mamba in/out/x/dt projections) and
                stacked 3-D expert weights (orthogonalised per expert)  -> Muon
     scalar     everything else: Mamba A_log, D, dt_bias, conv1d weights and biases, norm
-               weights, routers, gates and predictors, biases    -> AdamW, scalar lr, no weight decay
+               weights, routers, biases                          -> AdamW, scalar lr, no weight decay
+    controller a model's adaptive controllers (HybridGPT's gates and width predictor) -> AdamW at
+               controller_lr, not width-scaled, no weight decay; with controller_lr=None, the scalar group
 A model can override the rules for its own parameters with a `param_kind(name, param)` method
 returning one of these names (or None to fall back to the defaults).
 
@@ -23,7 +25,7 @@ import math
 import torch
 import torch.distributed as dist
 
-KINDS = ("embedding", "head", "matrix", "scalar")
+KINDS = ("embedding", "head", "matrix", "scalar", "controller")
 
 
 def default_param_kind(name, p):
@@ -190,21 +192,25 @@ class Muon(torch.optim.Optimizer):
 
 
 def setup_optimizers(model, matrix_lr=0.02, embedding_lr=0.2, unembedding_lr=0.004, scalar_lr=0.004,
-                     weight_decay=0.0, adam_betas=(0.8, 0.95)):
+                     weight_decay=0.0, adam_betas=(0.8, 0.95), controller_lr=None):
     """
     [AdamW, Muon] over the model's trainable parameters with explicit groups. AdamW learning rates
     are scaled by (n_embd/768)^-0.5 like nanochat. Each param group records `initial_lr` so schedules
     multiply it. (Per-entry learning rates for channels added by growth are applied by fractal_train
     to the update, since Adam and Muon normalise away any gradient scaling.)
+    controller_lr: the AdamW lr of the "controller" parameters (a group after "scalar"); None puts them in "scalar".
     """
     groups = classify_params(model)
+    if controller_lr is None:  # the controllers come last among the parameters, so the scalar order holds
+        groups["scalar"] += groups.pop("controller")
     dim = getattr(model.config, "n_embd", 768)
     scale = (dim / 768) ** -0.5
-    base_lr = {"embedding": embedding_lr * scale, "head": unembedding_lr * scale, "scalar": scalar_lr * scale}
+    base_lr = {"embedding": embedding_lr * scale, "head": unembedding_lr * scale, "scalar": scalar_lr * scale,
+               "controller": controller_lr}
     adam_groups = []
-    for kind in ("embedding", "head", "scalar"):
-        if groups[kind]:
-            wd = 0.0 if kind == "scalar" else weight_decay
+    for kind in ("embedding", "head", "scalar", "controller"):
+        if groups.get(kind):
+            wd = 0.0 if kind in ("scalar", "controller") else weight_decay
             adam_groups.append(dict(params=[p for _, p in groups[kind]], lr=base_lr[kind], weight_decay=wd, kind=kind,
                                     names=[n for n, _ in groups[kind]]))
     optimizers = []

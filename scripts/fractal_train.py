@@ -320,18 +320,9 @@ def main(argv=None):
 
     # -------------------------------------------------------------------------
     # Optimizers: Muon + AdamW by kind (optim.setup_optimizers), controllers as an AdamW group of their own
-    for p in ctrl_params:
-        p.requires_grad_(False)  # keep them out of setup_optimizers' scalar group
     optimizers = setup_optimizers(model, matrix_lr=args.matrix_lr, embedding_lr=args.embedding_lr,
                                   unembedding_lr=args.unembedding_lr, scalar_lr=args.scalar_lr,
-                                  weight_decay=args.weight_decay)
-    for p in ctrl_params:
-        p.requires_grad_(True)
-    if ctrl_params:
-        names = [n for n, _ in model.named_parameters() if n.startswith("controllers.")]
-        adamw = next(opt for opt in optimizers if isinstance(opt, torch.optim.AdamW))
-        adamw.add_param_group(dict(params=ctrl_params, lr=args.controller_lr, initial_lr=args.controller_lr,
-                                           weight_decay=0.0, kind="controller", names=names))
+                                  weight_decay=args.weight_decay, controller_lr=args.controller_lr)
     train_params = [p for p in model.parameters() if p.requires_grad]
 
     # -------------------------------------------------------------------------
