@@ -12,6 +12,8 @@ finished early are not charged for the steps the batch ran after them):
 Exit precision: a token that exited is compared with the full model's top-1 at the same position, from a
 teacher-forced full-width, no-exit forward of the sequence the adaptive run produced.
 """
+import copy
+
 import torch
 
 from nanochat.engine import Engine
@@ -131,13 +133,16 @@ def evaluate_model(model, tokenizer, test, dense_model=None):
         print(f"eval {name:>8}: " + " | ".join(f"{d} acc {settings[name][d]['accuracy']:.3f} compute "
                                                 f"{settings[name][d]['compute_fraction']:.3f}" for d in DIFFICULTIES), flush=True)
 
-    for mode in NAMED_MODES + ("auto",):
-        run(mode, mode, engine, c.n_layer)
+    run("auto", "auto", engine, c.n_layer)
     for w in c.width_levels:
         run(f"w{w}", [w] * c.n_layer, engine, c.n_layer)
     if dense_model is not None:
         run("dense", "think", Engine(dense_model), None)
+    # a named mode is its level's fixed plan with the gates off: the same generations as that level's pass
     mode_levels = {m: mode_plan(m, c.width_levels, c.n_layer)[0] for m in NAMED_MODES}
+    for m in NAMED_MODES:
+        print(f"eval {m:>8}: = w{mode_levels[m]}", flush=True)
+    settings = {**{m: copy.deepcopy(settings[f"w{mode_levels[m]}"]) for m in NAMED_MODES}, **settings}
     return {"settings": settings, "mode_levels": mode_levels, "level_names": [f"w{w}" for w in c.width_levels]}
 
 
