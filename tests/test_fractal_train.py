@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from nanochat.gpt import GPT, GPTConfig
-from nanochat.checkpoint_manager import (CheckpointError, save_checkpoint, load_model, load_meta,
+from nanochat.checkpoint_manager import (CheckpointError, copy_tokenizer_files, save_checkpoint, load_model, load_meta,
                                          load_optimizer_state, model_path, meta_path, optim_path)
 from nanochat.surgery import new_entry_mask
 from nanochat.tokenizer import Tokenizer
@@ -52,16 +52,14 @@ def write_tiny_gpt(d, tiny_data):
             if p.abs().sum() == 0:
                 p.normal_(0, 0.05)
     save_checkpoint(d, 0, model.state_dict(), {"model_config": config.to_dict(), "step": 0})
-    for name in ("tokenizer.pkl", "token_bytes.pt"):
-        shutil.copy(os.path.join(tiny_data["tokenizer_dir"], name), d)
+    copy_tokenizer_files(tiny_data["tokenizer_dir"], d)
 
 
 @pytest.fixture(scope="module")
 def pipeline(tiny_data, tmp_path_factory):
     root = tmp_path_factory.mktemp("fractal")
-    old_base = os.environ.get("NANOCHAT_BASE_DIR")
-    os.environ["NANOCHAT_BASE_DIR"] = str(root / "base")
-    try:
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("NANOCHAT_BASE_DIR", str(root / "base"))
         write_tiny_gpt(root / "gpt", tiny_data)
         surgery_cli.main([f"--src={root / 'gpt'}", f"--dst={root / 'hybrid'}", "--new-dim=64", "--width-levels=32,64",
                           "--adaptive", "--d-state=8"])
@@ -72,11 +70,6 @@ def pipeline(tiny_data, tmp_path_factory):
                           "--width-levels=32,64,128"])
         p3 = fractal_train.main(run_args(tiny_data, 3, root / "grown", root / "p3", 2, "--expanded-dim=128",
                                          "--new-channel-lr-mult=0", "--eval-every=-1"))
-    finally:
-        if old_base is None:
-            os.environ.pop("NANOCHAT_BASE_DIR")
-        else:
-            os.environ["NANOCHAT_BASE_DIR"] = old_base
     return {"root": root, "p1": p1, "p2": p2, "p3": p3}
 
 
