@@ -36,6 +36,14 @@ class GPTConfig:
     def to_dict(self):
         return asdict(self)
 
+    @classmethod
+    def from_depth(cls, depth, vocab_size=65536, sequence_len=2048):
+        """nanochat's depth dial: width 64 * depth, heads of 128 (at least one), as many KV heads."""
+        n_embd = 64 * depth
+        n_head = max(1, (n_embd + 127) // 128)
+        return cls(sequence_len=sequence_len, vocab_size=vocab_size, n_layer=depth, n_head=n_head, n_kv_head=n_head,
+                   n_embd=n_embd)
+
 
 def norm(x):
     # parameter-free RMSNorm over the last dimension (nanochat's only norm)

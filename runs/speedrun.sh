@@ -101,7 +101,7 @@ PEAK_FLOPS="$PEAK_FLOPS" GPU_HOUR_USD="$GPU_HOUR_USD" SURGERY_ARGS="${SURGERY_AR
 import glob, json, os, re
 import torch
 from nanochat.common import get_base_dir
-from nanochat.gpt import GPTConfig
+from nanochat.gpt import GPT, GPTConfig
 from nanochat.hybrid_gpt import HybridGPT
 from nanochat import surgery
 from scripts.surgery import parse_args
@@ -114,8 +114,7 @@ if metas:  # the downloaded checkpoint's own config
     where = metas[-1]
 else:  # not downloaded yet: nanochat's depth rule for the hub name's dN (width 64 N, heads of 128, its 65536-id tokenizer)
     depth = int(re.search(r"d(\d+)$", hub).group(1))
-    src = GPTConfig(sequence_len=2048, vocab_size=65536, n_layer=depth, n_head=depth * 64 // 128, n_kv_head=depth * 64 // 128,
-                    n_embd=depth * 64)
+    src = GPTConfig.from_depth(depth)
     where = f"nanochat's depth rule for d{depth} (checkpoint not downloaded yet)"
 a = parse_args(env["SURGERY_ARGS"].split())  # scripts.surgery's own parser: the same defaults as the real run
 kwargs = dict(mamba_version=a.mamba, d_state=a.d_state, d_conv=a.d_conv, expand=a.expand, mamba_headdim=a.mamba_headdim,
@@ -123,14 +122,9 @@ kwargs = dict(mamba_version=a.mamba, d_state=a.d_state, d_conv=a.d_conv, expand=
               capacity_factor=a.capacity_factor, exit_stride=a.exit_stride)
 if a.adaptive is not None:
     kwargs["adaptive"] = a.adaptive
-D, hd = src.n_embd, src.n_embd // src.n_head
+D = src.n_embd
 with torch.device("meta"):  # shapes only: create and grow exactly as scripts.surgery does, on tensors without data
-    state = {"transformer.wte.weight": torch.empty(src.vocab_size, D), "lm_head.weight": torch.empty(src.vocab_size, D)}
-    for i in range(src.n_layer):
-        for w, shape in (("attn.c_q", (src.n_head * hd, D)), ("attn.c_k", (src.n_kv_head * hd, D)),
-                         ("attn.c_v", (src.n_kv_head * hd, D)), ("attn.c_proj", (D, src.n_head * hd)),
-                         ("mlp.c_fc", (4 * D, D)), ("mlp.c_proj", (D, 4 * D))):
-            state[f"transformer.h.{i}.{w}.weight"] = torch.empty(shape)
+    state = dict(GPT(src).state_dict())  # nanochat's checkpoint layout
     src_params = sum(t.numel() for t in state.values())
     state, cfg, info = surgery.create_hybrid(state, src, layer_pattern=a.pattern, mamba_ffn=a.mamba_ffn,
                                              upcycle_moe=a.upcycle_moe, seed=a.seed, **kwargs)

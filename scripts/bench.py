@@ -196,9 +196,10 @@ def ratio(a, b):
 
 
 def model_dims(depth):
-    """nanochat's depth dial: width 64*depth, heads of 128."""
-    D = 64 * depth
-    return D, max(1, (D + 127) // 128)
+    """(width, heads) of nanochat's depth dial (GPTConfig.from_depth)."""
+    from nanochat.gpt import GPTConfig
+    c = GPTConfig.from_depth(depth)
+    return c.n_embd, c.n_head
 
 
 # -----------------------------------------------------------------------------

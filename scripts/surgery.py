@@ -47,6 +47,7 @@ import torch
 from nanochat.common import get_base_dir, expand_path, print0, TOKENIZER_FILES
 from nanochat.checkpoint_manager import (CheckpointError, resolve_checkpoint, load_meta, model_kind_of, get_model_kind,
                                          model_path, clean_state_dict, save_checkpoint, list_steps, load_torch_file, copy_tokenizer_files)
+from nanochat.gpt import GPTConfig
 from nanochat.hybrid_gpt import HybridConfig
 from nanochat import surgery
 
@@ -271,9 +272,8 @@ def write_synthetic_nanochat(out_dir, depth, vocab_size=65536, seed=0, device="c
     """A nanochat Oct-2025 checkpoint of random weights (wte bf16, the rest fp32) at nanochat's depth
     rule (n_embd = 64*depth, heads of 128); returns its size in bytes. device: where the random numbers
     are drawn (a GPU is much faster at d32; the values then differ from the CPU's for the same seed)."""
-    D = 64 * depth
-    n_head = max(1, (D + 127) // 128)
-    cfg = dict(sequence_len=2048, vocab_size=vocab_size, n_layer=depth, n_head=n_head, n_kv_head=n_head, n_embd=D)
+    cfg = GPTConfig.from_depth(depth, vocab_size=vocab_size).to_dict()
+    D = cfg["n_embd"]
     g = torch.Generator(device=device).manual_seed(seed)
 
     def randn(*shape):
