@@ -127,11 +127,12 @@ def load_source(path, step=None):
 
 
 def find_tokenizer(ckpt_dir):
-    """The tokenizer files next to the checkpoint, else in <base_dir>/tokenizer; a clear error if neither has both."""
+    """The directory holding the tokenizer files: the checkpoint's, else <base_dir>/tokenizer; a clear error if
+    neither has both."""
     tried = [ckpt_dir, os.path.join(get_base_dir(), "tokenizer")]
     for d in tried:
         if all(os.path.isfile(os.path.join(d, f)) for f in TOKENIZER_FILES):
-            return [os.path.join(d, f) for f in TOKENIZER_FILES]
+            return d
     raise CheckpointError(f"tokenizer files {TOKENIZER_FILES} not found together in {tried}; "
                           "put them next to the checkpoint (or train one with scripts.tok_train), or pass --skip-tokenizer")
 
@@ -192,7 +193,7 @@ def main(argv=None):
         raise SystemExit(f"--new-dim={args.new_dim} is narrower than the source width {D}: surgery never shrinks")
     if grow_only and args.new_dim == D:
         raise SystemExit(f"--new-dim={args.new_dim} equals the source width: nothing to grow")
-    tokenizer_files = [] if args.skip_tokenizer else find_tokenizer(ckpt_dir)
+    tokenizer_dir = None if args.skip_tokenizer else find_tokenizer(ckpt_dir)
     levels = parse_levels(args.width_levels) or None
     dst = expand_path(args.dst) if args.dst else os.path.join(
         base, "hybrid_checkpoints", f"{default_tag(ckpt_dir, args.hub, D)}_{args.new_dim}")
@@ -256,13 +257,13 @@ def main(argv=None):
                 os.remove(os.path.join(dst, f))
     meta = {"model_kind": "hybrid", "model_config": config.to_dict(), "step": step, "surgery": record}
     save_checkpoint(dst, step, state, meta)
-    if tokenizer_files:
-        copy_tokenizer_files(os.path.dirname(tokenizer_files[0]), dst, overwrite=True)
+    if tokenizer_dir:
+        copy_tokenizer_files(tokenizer_dir, dst, overwrite=True)
     dt, rss = time.time() - t0, peak_rss_gib()
     print0(f"wrote {dst} (step {step}) in {dt:.1f}s, peak RSS {rss:.2f} GiB")
     return {"dst": dst, "step": step, "op": record["op"], "max_abs_dlogit": dlogit, "params_before": before,
             "params_after": after, "blocks_added": record["blocks_added"], "n_embd": [D, config.n_embd],
-            "time_s": dt, "peak_rss_gib": rss, "tokenizer_files": [os.path.basename(f) for f in tokenizer_files]}
+            "time_s": dt, "peak_rss_gib": rss, "tokenizer_files": list(TOKENIZER_FILES) if tokenizer_dir else []}
 
 
 # -----------------------------------------------------------------------------
