@@ -208,13 +208,17 @@ def write_synthetic_shards(data_dir, docs_per_shard=512, num_shards=4, seed=0, r
     rng = random.Random(seed)
     paths = []
     for index in range(num_shards):
-        texts = [synthetic_document(rng) for _ in range(docs_per_shard)]
-        table = pa.table({"text": texts}).replace_schema_metadata({SYNTHETIC_KEY: b"true"})
         path = os.path.join(data_dir, shard_filename(index))
-        pq.write_table(table, path + ".tmp", row_group_size=row_group_size)
-        os.replace(path + ".tmp", path)
+        write_synthetic_shard(path, [synthetic_document(rng) for _ in range(docs_per_shard)], row_group_size)
         paths.append(path)
     return paths
+
+
+def write_synthetic_shard(path, texts, row_group_size):
+    """One parquet shard of `texts`, marked synthetic in its metadata (what is_synthetic reads), written atomically."""
+    table = pa.table({"text": texts}).replace_schema_metadata({SYNTHETIC_KEY: b"true"})
+    pq.write_table(table, path + ".tmp", row_group_size=row_group_size)
+    os.replace(path + ".tmp", path)
 
 
 if __name__ == "__main__":

@@ -22,11 +22,9 @@ import random
 import time
 from dataclasses import dataclass, asdict
 
-import pyarrow as pa
-import pyarrow.parquet as pq
 import torch
 
-from nanochat.dataset import shard_filename, SYNTHETIC_KEY
+from nanochat.dataset import shard_filename, write_synthetic_shard
 from nanochat.gpt import GPT, GPTConfig
 from nanochat.optim import setup_optimizers, lr_multiplier, set_lr_multiplier, muon_momentum, set_muon_momentum
 from nanochat.tokenizer import Tokenizer
@@ -114,8 +112,7 @@ def write_corpus(data_dir, splits, settings, seed, n_train_shards=4):
     per = -(-len(train) // n_train_shards)
     chunks = [train[i:i + per] for i in range(0, len(train), per)] + [calib]
     for index, pages in enumerate(chunks):
-        table = pa.table({"text": [page_text(p) for p in pages]}).replace_schema_metadata({SYNTHETIC_KEY: b"true"})
-        pq.write_table(table, os.path.join(data_dir, shard_filename(index)), row_group_size=128)
+        write_synthetic_shard(os.path.join(data_dir, shard_filename(index)), [page_text(p) for p in pages], 128)
     return train, calib
 
 
