@@ -122,11 +122,9 @@ def train_tokenizer(data_dir, tokenizer_dir, settings):
     return Tokenizer.from_directory(tokenizer_dir)
 
 
-def page_rows(tokenizer, pages, T, cache):
-    """
-    (idx (N, T), targets (N, T)): each page's first T+1 tokens; targets are the next token where that
-    token belongs to a completion ('=', answer, newline) and -1 elsewhere (answer-only loss).
-    """
+def _rows(tokenizer, pages, T, cache, target):
+    """(idx (N, T), targets (N, T)) from each page's first T+1 tokens; target(ids, mask, t) is the target of
+    input position t (-1: no loss there)."""
     idx, tgt = [], []
     for page in pages:
         ids, mask = encode_page(tokenizer, page, cache)
@@ -134,8 +132,16 @@ def page_rows(tokenizer, pages, T, cache):
             raise ValueError(f"a page has {len(ids)} tokens < seq_len + 1 = {T + 1}: raise problems_per_page")
         ids, mask = ids[:T + 1], mask[:T + 1]
         idx.append(ids[:-1])
-        tgt.append([t if m else -1 for t, m in zip(ids[1:], mask[1:])])
+        tgt.append([target(ids, mask, t) for t in range(T)])
     return torch.tensor(idx, dtype=torch.long), torch.tensor(tgt, dtype=torch.long)
+
+
+def page_rows(tokenizer, pages, T, cache):
+    """
+    Training rows: targets are the next token where that token belongs to a completion ('=', answer,
+    newline) and -1 elsewhere (answer-only loss).
+    """
+    return _rows(tokenizer, pages, T, cache, lambda ids, mask, t: ids[t + 1] if mask[t + 1] else -1)
 
 
 def gate_rows(tokenizer, pages, T, cache):
@@ -144,13 +150,7 @@ def gate_rows(tokenizer, pages, T, cache):
     target is the next token of the same completion ('=' -> first digit, digit -> next digit or newline):
     exactly the positions where, at decode time, a gate decides.
     """
-    idx, tgt = [], []
-    for page in pages:
-        ids, mask = encode_page(tokenizer, page, cache)
-        ids, mask = ids[:T + 1], mask[:T + 1]
-        idx.append(ids[:-1])
-        tgt.append([ids[t + 1] if mask[t] and mask[t + 1] else -1 for t in range(T)])
-    return torch.tensor(idx, dtype=torch.long), torch.tensor(tgt, dtype=torch.long)
+    return _rows(tokenizer, pages, T, cache, lambda ids, mask, t: ids[t + 1] if mask[t] and mask[t + 1] else -1)
 
 
 # -----------------------------------------------------------------------------
