@@ -77,12 +77,11 @@ class ConfidenceGate(nn.Module):
         return (self.out(F.relu(z + emb)).squeeze(-1) + bias).float()
 
     def calibrate(self, p, gate):
-        """Raw probabilities p (...) of one gate -> calibrated (identity until calibrate_gates has run)."""
-        if not bool(self.calib_on[gate]):
-            return p
+        """Raw probabilities p (...) of one gate -> calibrated (identity until calibrate_gates has run). Both are
+        computed and one is picked on the device: reading calib_on on the host would cost a sync per check."""
         lo = self.calib_lo[gate].to(p.dtype)
         s = (torch.searchsorted(lo, p.contiguous(), right=True) - 1).clamp(min=0)
-        return self.calib_val[gate].to(p.dtype)[s]
+        return torch.where(self.calib_on[gate], self.calib_val[gate].to(p.dtype)[s], p)
 
     def prob(self, h, gate, calibrated=True):
         """P(exit is safe) per row of h (..., D) at gate index `gate`."""

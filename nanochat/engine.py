@@ -50,6 +50,11 @@ class MatryoshkaKVCache:
       with fewer than n_kv_head heads (the only ones fill() may read). Allocated (zeros) on block j's first
       such store, so a cache that only sees full-KV-width stores (mode think) has no xn[j]: the dict holds
       the allocated blocks only. Other positions' rows of xn[j] stay zero and are never read.
+    - On the host, per block and row: `stored` (positions 0.. stored written without a gap) and `fewest` (the
+      fewest heads any of them was written with). covers() answers from them whether fill() has anything to
+      do without reading the device (a read is a host-device sync, once per block and token).
+    Row arguments: `rows` a list (or 1-d tensor) of batch indices; `idx` what indexes them on the device
+    (row_index(rows, B, device): slice(None) for every row, so stores and views need no gather).
     """
 
     def __init__(self, model, batch_size, max_len, dtype=torch.float32):
@@ -62,29 +67,44 @@ class MatryoshkaKVCache:
         self.heads = {j: torch.zeros(batch_size, max_len, device=dev, dtype=torch.int16) for j in self.layers}
         self.xn = {}  # block -> (B, T_max, D), allocated by the first store with fewer than n_kv_head heads
         self._xn_shape = (batch_size, max_len, c.n_embd)
+        self.stored = {j: [0] * batch_size for j in self.layers}
+        self.fewest = {j: [c.n_kv_head] * batch_size for j in self.layers}
 
-    def store(self, j, rows, pos, k, v, xn):
+    def store(self, j, rows, idx, pos, k, v, xn):
         """Own heads of positions pos.. of `rows`: k, v (R, hkv, T, hd); xn (R, T, D), kept if hkv < n_kv_head."""
         hkv, T = k.size(1), k.size(2)
         if pos + T > self.max_len:
             raise RuntimeError(f"KV cache full: {pos + T} tokens > capacity {self.max_len}")
-        self.k[j][rows, :hkv, pos:pos + T] = k.to(self.k[j].dtype)
-        self.v[j][rows, :hkv, pos:pos + T] = v.to(self.v[j].dtype)
+        self.k[j][idx, :hkv, pos:pos + T] = k.to(self.k[j].dtype)
+        self.v[j][idx, :hkv, pos:pos + T] = v.to(self.v[j].dtype)
         if hkv < self.n_kv_head:  # a wider query may need the lacked heads later
             if j not in self.xn:
                 self.xn[j] = torch.zeros(self._xn_shape, device=self.k[j].device, dtype=self.k[j].dtype)
-            self.xn[j][rows, pos:pos + T] = xn.to(self.xn[j].dtype)
-        self.heads[j][rows, pos:pos + T] = hkv
+            self.xn[j][idx, pos:pos + T] = xn.to(self.xn[j].dtype)
+        self.heads[j][idx, pos:pos + T] = hkv
+        stored, fewest = self.stored[j], self.fewest[j]
+        for b in rows:
+            if stored[b] >= pos:  # no gap before pos
+                stored[b] = max(stored[b], pos + T)
+            fewest[b] = min(fewest[b], hkv)
+
+    def covers(self, j, rows, need, end):
+        """True when positions < end of `rows` are stored with at least `need` KV heads each (fill() would do
+        nothing), from the host-side summary. False means fill() must look."""
+        stored, fewest = self.stored[j], self.fewest[j]
+        return all(stored[b] >= end and fewest[b] >= need for b in rows)
 
     def fill(self, j, rows, need, end, attn, cos, sin):
         """
         Give positions < end of `rows` their KV heads < need, computing the missing ones at full width from
         the stored normalised inputs (exactly the heads missing, grouped by how many a position has).
-        cos, sin: the model's full rotary tables. Returns the FLOPs spent per row (R,) float64.
+        cos, sin: the model's full rotary tables. Returns the FLOPs spent per row (R,) float64 on the CPU.
+        This reads the head counts back to the host; the engine calls it only when covers() is False.
         """
         hd = self.head_dim
+        rows = torch.as_tensor(rows, dtype=torch.long, device=self.heads[j].device)
         have = self.heads[j][rows, :end]  # (R, end)
-        flops = torch.zeros(len(rows), dtype=torch.float64, device=have.device)
+        flops = torch.zeros(len(rows), dtype=torch.float64)
         counts = sorted(set(have[have < need].tolist()))
         # a position lacking heads was stored with fewer than n_kv_head (its xn was kept), or never stored (0)
         if counts and counts[0] == 0:
@@ -101,19 +121,40 @@ class MatryoshkaKVCache:
             self.k[j][rows[r], a:need, s] = k[0].to(self.k[j].dtype)  # (N, need - a, hd)
             self.v[j][rows[r], a:need, s] = v[0].to(self.v[j].dtype)
             self.heads[j][rows[r], s] = need
-            flops.index_add_(0, r, torch.full((N,), 2.0 * 2 * Din * (need - a) * hd, dtype=torch.float64, device=r.device))
+            flops.index_add_(0, r.cpu(), torch.full((N,), 2.0 * 2 * Din * (need - a) * hd, dtype=torch.float64))
         return flops
 
-    def view(self, j, rows, hkv, end):
-        return self.k[j][rows, :hkv, :end], self.v[j][rows, :hkv, :end]
+    def view(self, j, idx, hkv, end):
+        return self.k[j][idx, :hkv, :end], self.v[j][idx, :hkv, :end]
+
+
+def row_index(rows, B, device):
+    """What indexes batch rows `rows` (a list) of a device tensor: slice(None) when they are all B rows in order
+    (a view: no gather, no copy), else a long tensor on the device, copied there without waiting for the device
+    (from pinned memory on CUDA)."""
+    if len(rows) == B and rows == list(range(B)):
+        return slice(None)
+    return to_device(torch.tensor(rows, dtype=torch.long), device)
+
+
+def to_device(t, device):
+    """A small CPU tensor on `device`, without waiting for the device (a plain copy to CUDA synchronises)."""
+    if torch.device(device).type == "cuda":
+        return t.pin_memory().to(device, non_blocking=True)
+    return t.to(device)
+
+
+def add_flops(flops, rows, amount):
+    for b in rows:
+        flops[b] += amount
 
 
 @dataclass
 class DecodeState:
     cache: MatryoshkaKVCache
     ssm: dict                 # Mamba block index -> (conv_state, ssm_state), updated in place
-    plan: torch.Tensor        # (B, n_layer) long: each row's base plan
-    prompt_widths: torch.Tensor  # (B, n_layer) long: widths the prompt ran at
+    plan: torch.Tensor        # (B, n_layer) long, CPU: each row's base plan
+    prompt_widths: torch.Tensor  # (B, n_layer) long, CPU: widths the prompt ran at
     exit_threshold: float
     expand_threshold: float
     pos: int = 0
@@ -192,17 +233,19 @@ class Engine:
         return plan, exit_threshold, expand_threshold
 
     def base_plan(self, plan, B):
-        c, dev = self.model.config, self.model.get_device()
+        """(B, n_layer) long widths on the CPU (the engine's control flow runs on the host)."""
+        c = self.model.config
         if plan is None or isinstance(plan, str):
             plan = mode_plan(plan or "think", c.width_levels, c.n_layer)
         if torch.is_tensor(plan):
             if tuple(plan.shape) != (B, c.n_layer):
                 raise ValueError(f"a plan tensor must be (B, n_layer) = {(B, c.n_layer)}, got {tuple(plan.shape)}")
+            plan = plan.to("cpu", torch.long)
             check_plan(plan.unique().tolist(), c.n_embd, c.head_dim)
-            return plan.to(dev, torch.long)
+            return plan.clone()
         plan = expand_plan(plan, c.n_layer, c.n_embd)
         check_plan(plan, c.n_embd, c.head_dim)
-        return torch.tensor(plan, dtype=torch.long, device=dev).expand(B, -1).clone()
+        return torch.tensor(plan, dtype=torch.long).expand(B, -1).clone()
 
     # ---- FLOPs --------------------------------------------------------------------------------
     def costs(self, j, w):
@@ -219,52 +262,79 @@ class Engine:
         return out
 
     # ---- the blocks ---------------------------------------------------------------------------
+    # Control state lives on the host: widths (one int per row), active (one bool per row), flops (one float
+    # per row). Rows are grouped by width in Python; a group of every row indexes device tensors with a slice.
+    # So a token reads nothing back from the device except the gate's decisions (modes with exits/widening)
+    # and, when some positions lack KV heads a query needs, the cache's head counts.
+    def _groups(self, w_rows, active=None):
+        """[(w, rows, idx)] in increasing w: the rows (among the active ones) that run at width w, and their
+        device index (row_index)."""
+        by = {}
+        for b, w in enumerate(w_rows):
+            if active is None or active[b]:
+                by.setdefault(w, []).append(b)
+        dev = self.model.get_device()
+        return [(w, rows, row_index(rows, len(w_rows), dev)) for w, rows in sorted(by.items())]
+
+    @staticmethod
+    def _place(y, x, idx, w, out):
+        """Put a group's output (R, T, w) into the block's update for x (B, T, D); a group of every row at full
+        width is the update itself."""
+        if y is None and isinstance(idx, slice) and w == x.size(-1):
+            return out.to(x.dtype)
+        if y is None:
+            y = torch.zeros_like(x)
+        y[idx, :, :w] = out.to(y.dtype)  # bf16 under autocast
+        return y
+
     def _attend(self, st, j, attn, x, w_rows, active, flops):
-        """Attention block j for x (B, T, D) at positions st.pos..; K/V for all rows, the rest for active rows."""
+        """Attention block j for x (B, T, D) at positions st.pos..; K/V for all rows, the rest for active rows.
+        Returns the update (None when no row is active)."""
         model, pos, T = self.model, st.pos, x.size(1)
         cos_sin = model.rotary(pos, T)
         xn = norm(x)
-        for w in w_rows.unique().tolist():
-            rows = (w_rows == w).nonzero()[:, 0]
-            k, v = attn.project_kv(xn[rows], w, cos_sin)  # (R, hkv, T, hd)
-            st.cache.store(j, rows, pos, k, v, xn[rows])
-            flops[rows] += T * self.costs(j, w)["kv"]
-        y = torch.zeros_like(x)
+        for w, rows, idx in self._groups(w_rows):
+            xr = xn[idx]
+            k, v = attn.project_kv(xr, w, cos_sin)  # (R, hkv, T, hd)
+            st.cache.store(j, rows, idx, pos, k, v, xr)
+            add_flops(flops, rows, T * self.costs(j, w)["kv"])
+        y = None
         hd, group = attn.head_dim, attn.n_head // attn.n_kv_head
         ctx_sum = T * pos + T * (T + 1) // 2  # positions attended, summed over the T tokens
-        for w in w_rows[active].unique().tolist():
-            rows = (active & (w_rows == w)).nonzero()[:, 0]
-            R = rows.numel()
+        for w, rows, idx in self._groups(w_rows, active):
+            R = len(rows)
             h, hkv = attn.heads_at(w)
-            flops[rows] += st.cache.fill(j, rows, hkv, pos + T, attn, model.cos, model.sin)
-            q = F.linear(xn[rows, :, :w], attn.c_q.weight[:h * hd, :w]).view(R, T, h, hd)
+            if not st.cache.covers(j, rows, hkv, pos + T):
+                for b, f in zip(rows, st.cache.fill(j, rows, hkv, pos + T, attn, model.cos, model.sin).tolist()):
+                    flops[b] += f
+            q = F.linear(xn[idx, :, :w], attn.c_q.weight[:h * hd, :w]).view(R, T, h, hd)
             q = norm(apply_rotary_emb(q, *cos_sin)).transpose(1, 2)  # (R, h, T, hd)
-            k, v = st.cache.view(j, rows, hkv, pos + T)
+            k, v = st.cache.view(j, idx, hkv, pos + T)
             if h % hkv != 0:
                 k = k.repeat_interleave(group, dim=1)[:, :h]
                 v = v.repeat_interleave(group, dim=1)[:, :h]
             o = attention(q, k.to(q.dtype), v.to(q.dtype), scale=attn.scale).transpose(1, 2).reshape(R, T, h * hd)
-            y[rows, :, :w] = F.linear(o, attn.c_proj.weight[:w, :h * hd]).to(y.dtype)  # bf16 under autocast
+            y = self._place(y, x, idx, w, F.linear(o, attn.c_proj.weight[:w, :h * hd]))
             cost = self.costs(j, w)
-            flops[rows] += T * cost["qo"] + ctx_sum * cost["score"]
+            add_flops(flops, rows, T * cost["qo"] + ctx_sum * cost["score"])
         return y
 
     def _ffn(self, j, block, x, w_rows, active, flops):
         xn = norm(x)
-        y = torch.zeros_like(x)
+        y = None
         T = x.size(1)
-        for w in w_rows[active].unique().tolist():
-            rows = (active & (w_rows == w)).nonzero()[:, 0]
-            xw = xn[rows, :, :w]
-            y[rows, :, :w] = (block.mlp(xw, w) if block.ffn_kind == "D" else block.moe(xw, width=w)).to(y.dtype)
-            flops[rows] += T * self.costs(j, w)["ffn"]
+        for w, rows, idx in self._groups(w_rows, active):
+            xw = xn[idx, :, :w]
+            y = self._place(y, x, idx, w, block.mlp(xw, w) if block.ffn_kind == "D" else block.moe(xw, width=w))
+            add_flops(flops, rows, T * self.costs(j, w)["ffn"])
         return y
 
     def _block(self, st, j, x, w_rows, active, flops):
-        """Block j on x (B, T, D): mixer, then FFN; exited rows only update the mixer's cache/state."""
+        """Block j on x (B, T, D): mixer, then FFN; exited rows only update the mixer's cache/state.
+        w_rows: B widths, active: B bools, flops: B floats (added to), all host lists."""
         block = self.model.transformer.h[j]
         if block.mixer_kind == "A":
-            x = x + self._attend(st, j, block.attn, x, w_rows, active, flops)
+            y = self._attend(st, j, block.attn, x, w_rows, active, flops)
         else:
             xn = norm(x)
             conv_state, ssm_state = st.ssm[j]
@@ -272,10 +342,15 @@ class Engine:
                 y, _, _ = block.mamba.step(xn, conv_state, ssm_state)
             else:
                 y = self._mamba_prefill(block.mamba, xn, conv_state, ssm_state, st.pos)
-            x = x + torch.where(active[:, None, None], y, torch.zeros_like(y))
-            flops += x.size(1) * self.costs(j, self.model.config.n_embd)["mamba"]
+            if not all(active):  # exited rows stepped the state; their residual stays frozen
+                y = torch.where(to_device(torch.tensor(active), x.device)[:, None, None], y, torch.zeros_like(y))
+            add_flops(flops, range(x.size(0)), x.size(1) * self.costs(j, self.model.config.n_embd)["mamba"])
+        if y is not None:
+            x = x + y
         if block.ffn_kind != "N":
-            x = x + self._ffn(j, block, x, w_rows, active, flops)
+            y = self._ffn(j, block, x, w_rows, active, flops)
+            if y is not None:
+                x = x + y
         return x
 
     @staticmethod
@@ -289,7 +364,8 @@ class Engine:
     # ---- prefill and one decode step ----------------------------------------------------------
     @torch.inference_mode()
     def prefill(self, prompts, plan="think", exit_threshold=None, expand_threshold=None, plan_epsilon=0.02, max_len=None):
-        """prompts (B, T) long (one length). Returns (state, TokenStep-like dict for the last position)."""
+        """prompts (B, T) long (one length). Returns (state, logits (B, V) of the last position, FLOPs (B,) that
+        ran, the full model's FLOPs (B,)); the FLOPs are float64 on the CPU."""
         model, c = self.model, self.model.config
         plan, exit_threshold, expand_threshold = self.resolve(plan, exit_threshold, expand_threshold)
         B, T = prompts.shape
@@ -304,66 +380,67 @@ class Engine:
         ssm = {j: model.transformer.h[j].mamba.allocate_inference_cache(B, max_len)
                for j in range(c.n_layer) if c.mixer_kind(j) == "M"}
         st = DecodeState(cache, ssm, base, base.clone(), exit_threshold, expand_threshold)
-        flops = torch.zeros(B, dtype=torch.float64, device=dev)
-        active = torch.ones(B, dtype=torch.bool, device=dev)
+        flops, active = [0.0] * B, [True] * B
         x = norm(model.transformer.wte(prompts))
         for j in range(c.n_layer):
             if auto and j == c.predictor_after:
                 self._predict_plan(st, x, plan_epsilon, flops)
-            x = self._block(st, j, x, st.prompt_widths[:, j], active, flops)
+            x = self._block(st, j, x, st.prompt_widths[:, j].tolist(), active, flops)
         if auto and c.predictor_after == c.n_layer:
             self._predict_plan(st, x, plan_epsilon, flops)
         st.pos = T
         logits = model.readout(x[:, -1])  # (B, V)
-        flops += 2 * c.n_embd * c.vocab_size  # one readout: only the last position's logits are used
-        return st, logits, flops, torch.full((B,), float(prompt_full_flops(model, T)), dtype=torch.float64)
+        add_flops(flops, range(B), 2 * c.n_embd * c.vocab_size)  # one readout: only the last position's logits are used
+        return (st, logits, torch.tensor(flops, dtype=torch.float64),
+                torch.full((B,), float(prompt_full_flops(model, T)), dtype=torch.float64))
 
     def _predict_plan(self, st, x, epsilon, flops):
         """Auto mode: the predictor's plan from the prompt's residual x after predictor_after blocks."""
         c, ctrl = self.model.config, self.model.controllers
         delta = ctrl.predictor(ctrl.predictor.pool(x))
-        st.plan = ctrl.predictor.plan(delta, epsilon, ctrl.matters)
+        st.plan = ctrl.predictor.plan(delta, epsilon, ctrl.matters).cpu()
         st.plan[:, :c.predictor_after] = c.n_embd  # the blocks the prompt already ran at full width
         st.prompt_widths[:, c.predictor_after:] = st.plan[:, c.predictor_after:]
-        flops += ctrl.predictor.flops()
+        add_flops(flops, range(len(flops)), ctrl.predictor.flops())
 
     @torch.inference_mode()
     def step(self, st, tokens, plan=None):
         """
         One token per row, tokens (B,) long, at position st.pos. plan (B, n_layer) optional: replaces the
         rows' base plan from this token on (tests use it to widen mid-sequence). Returns (logits (B, V),
-        exit_block (B,), widths (B, n_layer), widened (B,), flops (B,)).
+        exit_block (B,), widths (B, n_layer), widened (B,), flops (B,)); all but the logits on the CPU.
+        Without exits or widening this reads nothing back from the device; with them, one read per gate.
         """
         model, c = self.model, self.model.config
         if plan is not None:
             st.plan = self.base_plan(plan, tokens.size(0))
         B, n, D = tokens.size(0), c.n_layer, c.n_embd
         dev = model.get_device()
-        widths = st.plan.clone()
-        exit_block = torch.full((B,), n - 1, dtype=torch.long, device=dev)
-        active = torch.ones(B, dtype=torch.bool, device=dev)
-        widened = torch.zeros(B, dtype=torch.bool, device=dev)
-        flops = torch.zeros(B, dtype=torch.float64, device=dev)
+        widths = st.plan.tolist()  # per row, one width per block; widening rewrites a row's tail
+        exit_block, widened = [n - 1] * B, [False] * B
+        active, flops = [True] * B, [0.0] * B
         gating = st.exit_threshold < 1.0 or st.expand_threshold > 0.0
         gates = {b: g for g, b in enumerate(model.controllers.gate_blocks)} if gating else {}
         x = norm(model.transformer.wte(tokens.to(dev)[:, None]))  # (B, 1, D)
         for j in range(n):
-            x = self._block(st, j, x, widths[:, j], active, flops)
-            if j in gates and active.any():
-                rows = active.nonzero()[:, 0]
+            x = self._block(st, j, x, [w[j] for w in widths], active, flops)
+            if j in gates and any(active):
+                rows = [b for b in range(B) if active[b]]
                 gate = model.controllers.gate
-                p = gate.prob(x[rows, 0], gates[j])  # (R,) calibrated
-                flops[rows] += gate.flops_per_check()
-                leave = rows[p > st.exit_threshold]
-                exit_block[leave] = j
-                active[leave] = False
-                wide = rows[p < st.expand_threshold]
-                widths[wide, j + 1:] = D
-                widened[wide] = True
+                p = gate.prob(x[row_index(rows, B, dev), 0], gates[j])  # (R,) calibrated
+                leave, wide = torch.stack([p > st.exit_threshold, p < st.expand_threshold]).tolist()  # the one read
+                for b, out, wid in zip(rows, leave, wide):
+                    flops[b] += gate.flops_per_check()
+                    if out:
+                        exit_block[b], active[b] = j, False
+                    elif wid:
+                        widths[b][j + 1:] = [D] * (n - j - 1)
+                        widened[b] = True
         st.pos += 1
         logits = model.readout(x[:, 0])
-        flops += 2 * D * c.vocab_size
-        return logits, exit_block, widths, widened, flops
+        add_flops(flops, range(B), 2 * D * c.vocab_size)
+        return (logits, torch.tensor(exit_block, dtype=torch.long), torch.tensor(widths, dtype=torch.long),
+                torch.tensor(widened), torch.tensor(flops, dtype=torch.float64))
 
     # ---- generation ---------------------------------------------------------------------------
     @torch.inference_mode()

@@ -317,3 +317,86 @@ def test_auto_runs_one_static_plan():
     ref = model(idx, width=plan.tolist())[0, len(prompt[0]) - 1:]
     got = torch.stack([s.logits[0] for s in res.steps])
     torch.testing.assert_close(got, ref, rtol=0, atol=1e-4)
+
+
+# ops that read a CUDA tensor back to the host (a sync per call): the engine's control flow must not use them
+SYNC_OPS = {"aten.nonzero.default", "aten.nonzero_numpy.default", "aten._local_scalar_dense.default", "aten.is_nonzero.default", "aten.equal.default",
+            "aten._unique2.default", "aten.unique_dim.default", "aten.masked_select.default", "aten.item.default"}
+
+
+def device_reads(fn):
+    """(result of fn(), names of the sync ops fn dispatched). `.tolist()` bypasses dispatch, so this sees only
+    aten-level reads; the CUDA test below checks every kind with torch.cuda.set_sync_debug_mode."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Reads(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.seen = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            bool_index = str(func) in ("aten.index.Tensor", "aten.index_put_.default") and any(
+                i is not None and i.dtype == torch.bool for i in args[1])  # a mask index is a nonzero
+            if str(func) in SYNC_OPS or bool_index:
+                self.seen.append(str(func))
+            return func(*args, **(kwargs or {}))
+
+    with Reads() as r:
+        out = fn()
+    return out, r.seen
+
+
+def test_decode_step_reads_nothing_back_without_gates():
+    """A decode step's control state (widths, active rows, FLOPs) lives on the host: with one plan or per-row
+    plans and no exit/widening thresholds, no op reads the device. With gates, only their decisions are read
+    (through .tolist(), not an aten op: none seen here either)."""
+    model = build(layer_pattern="AM" if HAS_MAMBA else "A")
+    prompts = torch.tensor([[1, 2, 3, 4], [5, 6, 7, 8]])
+    for plan, thresholds in (("think", {}), ([16, 32, 48, 64], {}), (torch.tensor([[16, 64, 32, 64], [64, 16, 16, 48]]), {}),
+                             ("think", dict(exit_threshold=0.8, expand_threshold=0.25))):
+        eng = Engine(model)
+        st, logits, _, _ = eng.prefill(prompts, plan=plan, max_len=16, **thresholds)
+        tok = logits.argmax(-1)
+        for _ in range(3):
+            (logits, *_), seen = device_reads(lambda: eng.step(st, tok))
+            assert seen == [], (plan, thresholds, seen)
+            tok = logits.argmax(-1)
+    # the counter does see a read: the lazy fill of lacked KV heads reads the head counts when it must
+    eng = Engine(model)
+    st, logits, _, _ = eng.prefill(prompts, plan=[16, 16, 16, 16], max_len=16)
+    _, seen = device_reads(lambda: eng.step(st, logits.argmax(-1), plan=torch.full((2, 4), 64)))
+    assert "aten.nonzero_numpy.default" in seen and "aten.index.Tensor" in seen  # the grouping, and have[have < need]
+
+
+def test_cache_covers_tracks_stores():
+    from nanochat.engine import MatryoshkaKVCache
+    model = build()
+    cache = MatryoshkaKVCache(model, 2, 8)
+    hd, hkv = model.config.head_dim, model.config.n_kv_head
+    kv = torch.zeros(1, 1, 3, hd)
+    cache.store(0, [0], torch.tensor([0]), 0, kv, kv, torch.zeros(1, 3, model.config.n_embd))  # row 0: 3 positions, 1 head
+    assert cache.covers(0, [0], 1, 3) and not cache.covers(0, [0], 2, 3)  # too few heads
+    assert not cache.covers(0, [0], 1, 4) and not cache.covers(0, [1], 1, 1)  # not stored
+    full = torch.zeros(2, hkv, 5, hd)
+    cache.store(0, [0, 1], slice(None), 3, full, full, None)  # a gap for row 1 (0..2 never stored)
+    assert cache.stored[0] == [8, 0] and cache.fewest[0] == [1, hkv]
+    assert not cache.covers(0, [1], 1, 8)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_decode_step_does_not_sync_on_cuda():
+    """torch.cuda.set_sync_debug_mode('error') raises on any host-device sync inside a decode step."""
+    model = build(layer_pattern="AM" if HAS_MAMBA else "A").cuda()
+    prompts = torch.tensor([[1, 2, 3, 4], [5, 6, 7, 8]], device="cuda")
+    for plan in ("think", torch.tensor([[16, 64, 32, 64], [64, 16, 16, 48]])):
+        eng = Engine(model)
+        st, logits, _, _ = eng.prefill(prompts, plan=plan, max_len=16)
+        tok = logits.argmax(-1)
+        eng.step(st, tok)  # warm-up: first calls may allocate pinned memory
+        torch.cuda.synchronize()
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            for _ in range(3):
+                tok = eng.step(st, tok)[0].argmax(-1)
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
