@@ -50,15 +50,15 @@ CHARS_PER_SHARD=${CHARS_PER_SHARD:-250000000}
 GPU_HOUR_USD=${GPU_HOUR_USD:-3.00}      # an assumption: set your price
 PEAK_FLOPS=${PEAK_FLOPS:-989.4e12}      # dense bf16 per GPU, H100 SXM / H200
 
-# Measured MFU (scripts.fractal_train's convention and step lines): `bash runs/multigpu.sh scale` on 4 NVIDIA H200s,
+# Measured MFU (scripts.fractal_train's convention and step lines): `bash runs/multigpu.sh scale` on 8 NVIDIA H200s,
 # 2026-11-22: this surgery's d32 hybrid (3.80B parameters, random weights), T=2048, DBS1/DBS2 rows per GPU, FSDP2,
 # eager (no --compile), torch 2.11, mamba-ssm 2.3.2.post1 kernels (docs/benchmarks.md, "Multi-GPU"):
-MFU_P1=${MFU_P1:-0.254}   # phase 1, 4 GPUs: 11.0k tok/s per GPU (the same per GPU as on 1 GPU)
-# phase 2 sandwich (full + smallest + one random width), exits every 8, 4 GPUs: 2.68k tok/s per GPU with
-# --fsdp-keep-params, 1.72k (MFU 0.082) without
-MFU_P2=${MFU_P2:-$([ "$KEEP_PARAMS" = 1 ] && echo 0.126 || echo 0.082)}
-MFU_P3=${MFU_P3:-0.082}   # phase 3 is the phase-2 step on the grown model, without --fsdp-keep-params (not measured separately)
-# Not measured: 8 GPUs (1 -> 2 -> 4 GPUs kept 97-103% of the per-GPU rate), --compile at d32, the grown model.
+MFU_P1=${MFU_P1:-0.232}   # phase 1, 8 GPUs: 10.0k tok/s per GPU (10.9k on 1 GPU)
+# phase 2 sandwich (full + smallest + one random width), exits every 8, 8 GPUs, 18 timed steps: 2.51k tok/s per
+# GPU with --fsdp-keep-params (MFU 0.105); 1.75k (MFU 0.083) without, over 3 steps
+MFU_P2=${MFU_P2:-$([ "$KEEP_PARAMS" = 1 ] && echo 0.105 || echo 0.083)}
+MFU_P3=${MFU_P3:-0.083}   # phase 3 is the phase-2 step on the grown model, without --fsdp-keep-params (not measured separately)
+# Not measured: --compile at d32, the grown model, more than one node.
 
 export NANOCHAT_BASE_DIR=${NANOCHAT_BASE_DIR:-$HOME/.cache/nanochat}
 RUN_DIR=${RUN_DIR:-$NANOCHAT_BASE_DIR/speedrun}
