@@ -81,7 +81,7 @@ class MatryoshkaKVCache:
             if j not in self.xn:
                 self.xn[j] = torch.zeros(self._xn_shape, device=self.k[j].device, dtype=self.k[j].dtype)
             self.xn[j][idx, pos:pos + T] = xn.to(self.xn[j].dtype)
-        self.heads[j][idx, pos:pos + T] = hkv
+        self.heads[j][idx, pos:pos + T] = self.heads[j].new_full((), hkv)  # a device scalar: a Python one is copied over, a sync
         stored, fewest = self.stored[j], self.fewest[j]
         for b in rows:
             if stored[b] >= pos:  # no gap before pos

@@ -484,7 +484,7 @@ def train_one(args, device, name, kind, config, phase, exit_stride):
         if peak:
             row.update(mfu=100 * conv * tps / peak, mfu_exec=100 * execf * tps / peak)
         if args.profile:
-            row["profile"] = top_kernels(step, device, steps=1)
+            row["profile"] = top_kernels(step, device, n=25, steps=1)
     return row
 
 
@@ -631,7 +631,7 @@ def cmd_decode(args, device):
     # the rotary tables hold 10 x sequence_len positions: size them for the longest context
     seq = max(args.seq_len, math.ceil((max(contexts) + args.decode_tokens + 8) / 10))
     common = dict(sequence_len=seq, vocab_size=args.vocab_size, n_head=nh, n_kv_head=nh, n_embd=D)
-    hyb = dict(layer_pattern="AM", ffn_pattern="DD", mamba_version=args.mamba, **common)
+    hyb = dict(layer_pattern="AM", ffn_pattern="DD", mamba_version=args.mamba, exit_stride=args.exit_stride, **common)
     specs = [("dense", "gpt", GPTConfig(n_layer=args.depth, **common), ["-"]),
              ("hybrid", "hybrid", HybridConfig(n_layer=hybrid_n_layer(args.depth, "AM"), **hyb),
               args.modes.split(",")),  # narrow modes add the stored block inputs (stores_narrow_kv)
@@ -675,7 +675,7 @@ def cmd_decode(args, device):
                               h["kv_ssm_analytic_MiB"] / d["cache_analytic_MiB"], 0.5, "<=", "(what the layer pattern allows)"))
     wdesc = "bf16 weights and caches" if bf16 else "fp32 weights and caches" + (", bf16 autocast" if device.type == "cuda" else "")
     print_table(f"decode, batch {B}, {wdesc}, depth {args.depth} (width {D}), Mamba-{args.mamba}, "
-                f"{args.decode_tokens} decode steps", rows,
+                f"{args.decode_tokens} decode steps, exits every {args.exit_stride} blocks", rows,
                 [("model", "model", ""), ("mode", "mode", ""), ("context", "context", "d"), ("prefill_ms", "prefill ms", ".1f"),
                  ("prefill_tok_per_s", "prefill tok/s", ",.0f"), ("decode_ms", "ms/token", ".2f"),
                  ("decode_tok_per_s", "decode tok/s", ",.1f"), ("compute_frac", "FLOPs vs full", ".2f"),
@@ -737,6 +737,8 @@ def get_args(argv=None):
             t.add_argument("--contexts", type=str, default="1024,8192,32768")
             t.add_argument("--modes", type=str, default="think,normal,whisper,ghost,auto")
             t.add_argument("--decode-tokens", type=int, default=16)
+            t.add_argument("--exit-stride", type=int, default=1, help="the hybrids' gated exits: after every Nth block "
+                           "(1 = HybridConfig's default); in gated modes (auto) each gate costs a host-device sync")
             t.add_argument("--prefill-reps", type=int, default=2)
             t.add_argument("--weights", type=str, default="fp32", choices=("fp32", "bf16"),
                            help="fp32 weights under bf16 autocast (scripts.generate's setting), or bf16 weights and caches")
