@@ -452,16 +452,17 @@ def train_one(args, device, name, kind, config, phase, exit_stride):
         y = torch.randint(0, config.vocab_size, (B, T), device=device)
 
         def step():
-            for i, plan in enumerate(plans):
-                with actx:
-                    if exits and i == 0:  # fractal_train's full-width forward: exit readouts + their CE
-                        out = run_model(x, y, width=plan, return_exits=True)
-                        loss = out.loss + args.exit_loss_weight * out.exit_losses[:-1].mean()
-                    elif kind == "gpt":
-                        loss = run_model(x, y)
-                    else:
-                        loss = run_model(x, y, width=plan)
-                (loss / len(plans)).backward()
+            for _ in range(args.grad_accum):  # the same rows each time: only the timing matters here
+                for i, plan in enumerate(plans):
+                    with actx:
+                        if exits and i == 0:  # fractal_train's full-width forward: exit readouts + their CE
+                            out = run_model(x, y, width=plan, return_exits=True)
+                            loss = out.loss + args.exit_loss_weight * out.exit_losses[:-1].mean()
+                        elif kind == "gpt":
+                            loss = run_model(x, y)
+                        else:
+                            loss = run_model(x, y, width=plan)
+                    (loss / (len(plans) * args.grad_accum)).backward()
             torch.nn.utils.clip_grad_norm_(params, 1.0)
             for opt in optimizers:
                 opt.step()
@@ -473,12 +474,12 @@ def train_one(args, device, name, kind, config, phase, exit_stride):
             B //= 2
             continue
         break
-    row.update(r, batch=B)
+    row.update(r, batch=B, grad_accum=args.grad_accum)
     if oom:
         row["note"] = f"OOM at batch {oom}"
     if "ms" in r:
         conv, execf = train_flops(model, kind, phase, plans, T, exits)
-        tps = B * T / r["ms"] * 1e3
+        tps = args.grad_accum * B * T / r["ms"] * 1e3
         row.update(tok_per_s=tps, flops_per_tok_G=conv / 1e9, exec_flops_per_tok_G=execf / 1e9)
         peak = peak_flops(device)
         if peak:
@@ -498,10 +499,11 @@ def cmd_train(args, device):
                 rows.append(train_one(args, device, name, kind, config, phase, stride))
                 progress(rows[-1])
     D = model_dims(args.depth)[0]
-    print_table(f"training step (fwd+bwd of every plan, clip, Muon + AdamW), T={args.seq_len}, vocab {args.vocab_size}, "
+    print_table(f"training step (accum x fwd+bwd of every plan, clip, Muon + AdamW), T={args.seq_len}, vocab {args.vocab_size}, "
                 f"depth {args.depth} (width {D}), compile={args.compile}, Mamba-{args.mamba}", rows,
                 [("model", "model", ""), ("phase", "phase", ""), ("plans", "plans", ""), ("exit_stride", "exits every", "d"),
                  ("params_M", "params M", ",.0f"), ("trainable_M", "trainable M", ",.0f"), ("batch", "B", "d"),
+                 ("grad_accum", "accum", "d"),
                  ("ms", "ms/step", ".0f"), ("tok_per_s", "tokens/s", ",.0f"), ("flops_per_tok_G", "GFLOP/tok", ".2f"),
                  ("mfu", "MFU %", ".1f"), ("exec_flops_per_tok_G", "exec GFLOP/tok", ".2f"), ("mfu_exec", "MFU exec %", ".1f"),
                  ("peak_gib", "peak GiB", ".1f"), ("first_s", "first step s", ".0f"), ("note", "note", "")])
@@ -731,6 +733,8 @@ def get_args(argv=None):
             t.add_argument("--phases", type=str, default="1,2")
             t.add_argument("--exit-strides", type=str, default="1,8", help="phase 2: readouts after every Nth block (1 = the default config)")
             t.add_argument("--exit-loss-weight", type=float, default=0.1, help="as scripts.fractal_train")
+            t.add_argument("--grad-accum", type=int, default=1, help="micro-batches (fwd+bwd of every plan) per optimizer "
+                           "step, as fractal_train's total batch / (device batch x seq len); 1 pays the update every batch")
             t.add_argument("--compile", type=str, default="blocks", choices=("blocks", "model", "none"),
                            help="torch.compile each block (identical blocks share graphs), the whole model, or nothing")
         else:

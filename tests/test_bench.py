@@ -92,6 +92,15 @@ def test_train(capsys):
     assert rows[("hybrid", "2")]["exec_flops_per_tok_G"] > rows[("hybrid", "2")]["flops_per_tok_G"]
 
 
+
+def test_train_grad_accum_counts_every_micro_batch(capsys):
+    res, out = run(capsys, ["train", "--depth", "2", "--seq-len", "16", "--batch", "2", "--vocab-size", "128",
+                            "--models", "dense", "--grad-accum", "3", "--compile", "none"])
+    (r,) = res["rows"]
+    assert r["grad_accum"] == 3 and r["tok_per_s"] == pytest.approx(3 * 2 * 16 / r["ms"] * 1e3)
+    assert "accum" in out
+
+
 def test_decode(capsys):
     res, _ = run(capsys, ["decode", "--depth", "4", "--seq-len", "16", "--vocab-size", "128", "--contexts", "24",
                           "--decode-tokens", "2", "--prefill-reps", "1", "--modes", "think,ghost,whisper,auto"])
