@@ -29,15 +29,27 @@ FLOPs are counted per token for what ran (hybrid_gpt.flops_breakdown's conventio
 block that ran at the width they ran at, lazily filled K/V heads, gate checks, the predictor, one readout.
 The full model's count is forward_flops_per_token at the same context length.
 """
+import logging
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from nanochat.gpt import GPT, norm, apply_rotary_emb, attention, sample_next_token
 from nanochat.matryoshka import MODE_WIDTHS, mode_plan, expand_plan, check_plan
 
 MODES = tuple(MODE_WIDTHS) + ("auto",)
+DECODE_PATHS = ("auto", "eager", "static", "graph")
+logger = logging.getLogger(__name__)
+_logged = set()
+
+
+def _log_once(msg):
+    if msg not in _logged:
+        _logged.add(msg)
+        logger.info(msg)
 
 
 class MatryoshkaKVCache:
@@ -78,15 +90,22 @@ class MatryoshkaKVCache:
         self.k[j][idx, :hkv, pos:pos + T] = k.to(self.k[j].dtype)
         self.v[j][idx, :hkv, pos:pos + T] = v.to(self.v[j].dtype)
         if hkv < self.n_kv_head:  # a wider query may need the lacked heads later
-            if j not in self.xn:
-                self.xn[j] = torch.zeros(self._xn_shape, device=self.k[j].device, dtype=self.k[j].dtype)
+            self.ensure_xn(j)
             self.xn[j][idx, pos:pos + T] = xn.to(self.xn[j].dtype)
         self.heads[j][idx, pos:pos + T] = self.heads[j].new_full((), hkv)  # a device scalar: a Python one is copied over, a sync
+        self.note_store(j, rows, pos, T, hkv)
+
+    def note_store(self, j, rows, pos, T, hkv):
+        """The host-side summary of a store of positions pos..pos+T-1 of `rows` with hkv heads."""
         stored, fewest = self.stored[j], self.fewest[j]
         for b in rows:
             if stored[b] >= pos:  # no gap before pos
                 stored[b] = max(stored[b], pos + T)
             fewest[b] = min(fewest[b], hkv)
+
+    def ensure_xn(self, j):
+        if j not in self.xn:
+            self.xn[j] = torch.zeros(self._xn_shape, device=self.k[j].device, dtype=self.k[j].dtype)
 
     def covers(self, j, rows, need, end):
         """True when positions < end of `rows` are stored with at least `need` KV heads each (fill() would do
@@ -102,6 +121,7 @@ class MatryoshkaKVCache:
         This reads the head counts back to the host; the engine calls it only when covers() is False.
         """
         hd = self.head_dim
+        host_rows = rows.tolist() if torch.is_tensor(rows) else list(rows)
         rows = torch.as_tensor(rows, dtype=torch.long, device=self.heads[j].device)
         have = self.heads[j][rows, :end]  # (R, end)
         flops = torch.zeros(len(rows), dtype=torch.float64)
@@ -122,6 +142,9 @@ class MatryoshkaKVCache:
             self.v[j][rows[r], a:need, s] = v[0].to(self.v[j].dtype)
             self.heads[j][rows[r], s] = need
             flops.index_add_(0, r.cpu(), torch.full((N,), 2.0 * 2 * Din * (need - a) * hd, dtype=torch.float64))
+        for b in host_rows:  # every stored position of the row now has >= need heads
+            if self.stored[j][b] <= end:
+                self.fewest[j][b] = max(self.fewest[j][b], need)
         return flops
 
     def view(self, j, idx, hkv, end):
@@ -158,6 +181,8 @@ class DecodeState:
     exit_threshold: float
     expand_threshold: float
     pos: int = 0
+    graphs: dict = field(default_factory=dict)  # (key length, plan) -> (CUDAGraph, static logits): graph decode
+    static_in: tuple = None                     # (token ids (B,), position (1,)) the static step reads
 
 
 @dataclass
@@ -205,10 +230,28 @@ def prompt_full_flops(model, T):
 
 
 class Engine:
-    def __init__(self, model):
+    """
+    decode: how step() runs a token.
+      "eager"  the per-block step below: any plan, per-row plans, gates, MoE, lazy KV-head fills.
+      "static" the same function with static shapes (static_step): one plan for every row, no gates, dense or
+               no FFN, every KV head a query needs already stored; attention over a power-of-two bucket of key
+               slots with a length mask, position and cache writes indexed by a device tensor. Runs anywhere;
+               tests compare it with "eager".
+      "graph"  "static" captured once per (bucket, plan) as a CUDA graph and replayed: one launch per token
+               instead of a kernel launch per op (batch-1 decode is bound by launch overhead).
+      "auto"   "graph" on CUDA, "eager" elsewhere.
+    A token the static step cannot run (gates on, rows with different plans, ...) runs eager; the path and the
+    reason are logged once.
+    """
+
+    def __init__(self, model, decode="auto"):
+        if decode not in DECODE_PATHS:
+            raise ValueError(f"decode must be one of {DECODE_PATHS}, got {decode!r}")
         self.model = model
         self.dense = isinstance(model, GPT)
         self._costs = {}
+        self.decode = decode
+        self.last_path = None  # the path step() took last ("eager", "static" or "graph")
 
     # ---- plans and thresholds -----------------------------------------------------------------
     def resolve(self, plan, exit_threshold, expand_threshold):
@@ -410,10 +453,16 @@ class Engine:
         rows' base plan from this token on (tests use it to widen mid-sequence). Returns (logits (B, V),
         exit_block (B,), widths (B, n_layer), widened (B,), flops (B,)); all but the logits on the CPU.
         Without exits or widening this reads nothing back from the device; with them, one read per gate.
+        Runs the static step (captured as a CUDA graph on CUDA) when it can; see the class docstring.
         """
         model, c = self.model, self.model.config
         if plan is not None:
             st.plan = self.base_plan(plan, tokens.size(0))
+        path, why = self._static_path(st, tokens.size(0))
+        self.last_path = path
+        if path != "eager":
+            return self._step_static(st, tokens, path)
+        _log_once(f"Engine decode: eager per-block step ({why})")
         B, n, D = tokens.size(0), c.n_layer, c.n_embd
         dev = model.get_device()
         widths = st.plan.tolist()  # per row, one width per block; widening rewrites a row's tail
@@ -441,6 +490,135 @@ class Engine:
         add_flops(flops, range(B), 2 * D * c.vocab_size)
         return (logits, torch.tensor(exit_block, dtype=torch.long), torch.tensor(widths, dtype=torch.long),
                 torch.tensor(widened), torch.tensor(flops, dtype=torch.float64))
+
+    # ---- static-shape decode (Engine.decode "static" / "graph") ------------------------------
+    STATIC_MIN_KEYS = 256  # the smallest key bucket of the static step (tests lower it to cross buckets)
+
+    def _static_path(self, st, B):
+        """(path, reason): "graph" or "static" when st's next token can run the static step, else ("eager", why)."""
+        model = self.model
+        want = self.decode
+        if want == "auto":
+            if model.get_device().type != "cuda":
+                return "eager", "decode='auto' off CUDA"
+            want = "graph"
+        if want == "eager":
+            return "eager", "decode='eager'"
+        if want == "graph" and model.get_device().type != "cuda":
+            raise ValueError("Engine(decode='graph') needs the model on CUDA")
+        if st.exit_threshold < 1.0 or st.expand_threshold > 0.0:
+            return "eager", "exit/widening gates are on"
+        if B > 1 and not bool((st.plan == st.plan[0]).all()):
+            return "eager", "rows have different plans"
+        if any(block.ffn_kind not in ("D", "N") for block in model.transformer.h):
+            return "eager", "MoE blocks"
+        if st.pos + 1 > min(st.cache.max_len, model.rotary_seq_len):
+            return "eager", "no room left"  # the eager step raises the error
+        widths = st.plan[0].tolist()
+        for j in st.cache.layers:
+            if not st.cache.covers(j, range(B), model.transformer.h[j].attn.heads_at(widths[j])[1], st.pos):
+                return "eager", "earlier positions lack KV heads this plan's queries need (the eager step fills them)"
+        return want, None
+
+    def static_step(self, st, widths, L):
+        """
+        The decode step of the tokens in st.static_in[0] at the position in st.static_in[1], every row at one
+        plan `widths`, over key slots 0..L-1 (L > position; slots after the position are masked out). Reads and
+        writes device tensors only, with shapes fixed by (B, widths, L): a CUDA graph can capture it.
+        Returns the logits (B, V). Host-side bookkeeping is step()'s.
+        """
+        model, cache = self.model, st.cache
+        tok, pos = st.static_in
+        B = tok.size(0)
+        cos_sin = (model.cos.index_select(1, pos), model.sin.index_select(1, pos))
+        keep = (torch.arange(L, device=pos.device) <= pos).view(1, 1, 1, L)
+        backends = sdpa_kernel([SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]) if pos.is_cuda else nullcontext()
+        x = norm(model.transformer.wte(tok[:, None]))  # (B, 1, D)
+        for j, block in enumerate(model.transformer.h):
+            w = widths[j]
+            xn = norm(x)
+            if block.mixer_kind == "A":
+                attn = block.attn
+                h, hkv = attn.heads_at(w)
+                hd, group = attn.head_dim, attn.n_head // attn.n_kv_head
+                k, v = attn.project_kv(xn, w, cos_sin)  # (B, hkv, 1, hd)
+                cache.k[j][:, :hkv].index_copy_(2, pos, k.to(cache.k[j].dtype))
+                cache.v[j][:, :hkv].index_copy_(2, pos, v.to(cache.v[j].dtype))
+                if hkv < cache.n_kv_head:
+                    cache.xn[j].index_copy_(1, pos, xn.to(cache.xn[j].dtype))
+                cache.heads[j].index_fill_(1, pos, hkv)
+                q = F.linear(xn[:, :, :w], attn.c_q.weight[:h * hd, :w]).view(B, 1, h, hd)
+                q = norm(apply_rotary_emb(q, *cos_sin)).transpose(1, 2)  # (B, h, 1, hd)
+                k, v = cache.k[j][:, :hkv, :L], cache.v[j][:, :hkv, :L]
+                if h % hkv != 0:
+                    k = k.repeat_interleave(group, dim=1)[:, :h]
+                    v = v.repeat_interleave(group, dim=1)[:, :h]
+                with backends:
+                    o = F.scaled_dot_product_attention(q, k.to(q.dtype), v.to(q.dtype), attn_mask=keep,
+                                                       enable_gqa=q.size(1) != k.size(1), scale=attn.scale)
+                y = F.linear(o.transpose(1, 2).reshape(B, 1, h * hd), attn.c_proj.weight[:w, :h * hd])
+                x = x + self._place(None, x, slice(None), w, y)
+            else:
+                conv_state, ssm_state = st.ssm[j]
+                x = x + block.mamba.step(xn, conv_state, ssm_state)[0]
+            if block.ffn_kind != "N":
+                x = x + self._place(None, x, slice(None), w, block.mlp(norm(x)[:, :, :w], w))
+        return model.readout(x[:, 0])
+
+    def _replay(self, st, widths, L):
+        """static_step as a CUDA graph, captured the first time (bucket L, plan) is seen."""
+        key = (L, tuple(widths))
+        if key not in st.graphs:
+            ac = (torch.autocast("cuda", dtype=torch.get_autocast_dtype("cuda"), cache_enabled=False)
+                  if torch.is_autocast_enabled("cuda") else nullcontext())  # capture needs autocast's cache off
+            states = [t for pair in st.ssm.values() for t in pair]
+            saved = [t.clone() for t in states]
+            side = torch.cuda.Stream()
+            side.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(side), ac:
+                self.static_step(st, widths, L)  # warm-up outside the graph (kernel choice, Triton compilation)
+            torch.cuda.current_stream().wait_stream(side)
+            for t, t0 in zip(states, saved):
+                t.copy_(t0)  # the warm-up stepped the Mamba states; its K/V writes are those the replay repeats
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph), ac:
+                out = self.static_step(st, widths, L)
+            st.graphs[key] = (graph, out)
+        graph, out = st.graphs[key]
+        graph.replay()
+        return out.clone()  # the next replay overwrites out
+
+    def _step_static(self, st, tokens, path):
+        model, c = self.model, self.model.config
+        B, n, D = tokens.size(0), c.n_layer, c.n_embd
+        dev, pos = model.get_device(), st.pos
+        widths = st.plan[0].tolist()
+        L = min(st.cache.max_len, max(self.STATIC_MIN_KEYS, 1 << pos.bit_length()))  # a power of two > pos
+        for j in st.cache.layers:
+            if model.transformer.h[j].attn.heads_at(widths[j])[1] < st.cache.n_kv_head:
+                st.cache.ensure_xn(j)
+        if st.static_in is None:
+            st.static_in = (torch.zeros(B, dtype=torch.long, device=dev), torch.zeros(1, dtype=torch.long, device=dev))
+        st.static_in[0].copy_(tokens, non_blocking=True)
+        st.static_in[1].fill_(pos)
+        _log_once(f"Engine decode: {'CUDA graphs of the static step' if path == 'graph' else 'static step'}")
+        logits = self._replay(st, widths, L) if path == "graph" else self.static_step(st, widths, L)
+        flops, rows = [0.0] * B, range(B)  # what the eager step counts, in its order
+        for j, block in enumerate(model.transformer.h):
+            w = widths[j]
+            if block.mixer_kind == "A":
+                st.cache.note_store(j, rows, pos, 1, block.attn.heads_at(w)[1])
+                cost = self.costs(j, w)
+                add_flops(flops, rows, cost["kv"])
+                add_flops(flops, rows, cost["qo"] + (pos + 1) * cost["score"])
+            else:
+                add_flops(flops, rows, self.costs(j, D)["mamba"])
+            if block.ffn_kind != "N":
+                add_flops(flops, rows, self.costs(j, w)["ffn"])
+        st.pos += 1
+        add_flops(flops, rows, 2 * D * c.vocab_size)
+        return (logits, torch.full((B,), n - 1, dtype=torch.long), torch.tensor([widths] * B, dtype=torch.long),
+                torch.zeros(B, dtype=torch.bool), torch.tensor(flops, dtype=torch.float64))
 
     # ---- generation ---------------------------------------------------------------------------
     @torch.inference_mode()

@@ -598,9 +598,10 @@ def decode_one(args, device, model, engine, kind, mode, L, actx):
             if kind == "gpt":
                 return model(tok[:, None], kv_cache=state)[:, -1], None
             lg, _, _, _, flops = engine.step(state, tok)
+            paths.add(engine.last_path)
             return lg, flops
     tok = logits.argmax(-1)
-    times, fracs = [], []
+    times, fracs, paths = [], [], set()
     for _ in range(args.decode_tokens):
         t0 = time.perf_counter()
         lg, flops = one(tok)
@@ -614,6 +615,7 @@ def decode_one(args, device, model, engine, kind, mode, L, actx):
     row["decode_tok_per_s"] = B / row["decode_ms"] * 1e3
     if kind != "gpt":
         row["compute_frac"] = statistics.mean(fracs)
+        row["path"] = "+".join(sorted(paths))
     if args.profile and mode in ("-", "think"):
         row["profile"] = top_kernels(lambda: one(tok), device, steps=4)
     return row
@@ -647,7 +649,7 @@ def cmd_decode(args, device):
             model = build_model(kind, config, device).eval()
             if bf16:
                 model = model.to(torch.bfloat16)
-            engine = Engine(model)
+            engine = Engine(model, decode=args.engine_decode)
         for L in contexts:
             for mode in modes:
                 row = {"model": name, "mode": mode, "context": L, "batch": B}
@@ -678,7 +680,7 @@ def cmd_decode(args, device):
     wdesc = "bf16 weights and caches" if bf16 else "fp32 weights and caches" + (", bf16 autocast" if device.type == "cuda" else "")
     print_table(f"decode, batch {B}, {wdesc}, depth {args.depth} (width {D}), Mamba-{args.mamba}, "
                 f"{args.decode_tokens} decode steps, exits every {args.exit_stride} blocks", rows,
-                [("model", "model", ""), ("mode", "mode", ""), ("context", "context", "d"), ("prefill_ms", "prefill ms", ".1f"),
+                [("model", "model", ""), ("mode", "mode", ""), ("path", "step", ""), ("context", "context", "d"), ("prefill_ms", "prefill ms", ".1f"),
                  ("prefill_tok_per_s", "prefill tok/s", ",.0f"), ("decode_ms", "ms/token", ".2f"),
                  ("decode_tok_per_s", "decode tok/s", ",.1f"), ("compute_frac", "FLOPs vs full", ".2f"),
                  ("cache_measured_MiB", "cache MiB (alloc)", ",.1f"), ("cache_counted_MiB", "cache MiB (tensors)", ",.1f"),
@@ -744,6 +746,9 @@ def get_args(argv=None):
             t.add_argument("--exit-stride", type=int, default=1, help="the hybrids' gated exits: after every Nth block "
                            "(1 = HybridConfig's default); in gated modes (auto) each gate costs a host-device sync")
             t.add_argument("--prefill-reps", type=int, default=2)
+            t.add_argument("--engine-decode", type=str, default="auto", choices=("auto", "eager", "static", "graph"),
+                           help="the hybrids' decode path (nanochat.engine.Engine): auto = CUDA graphs on CUDA where the "
+                           "step allows them (not with gates), else the eager per-block step")
             t.add_argument("--weights", type=str, default="fp32", choices=("fp32", "bf16"),
                            help="fp32 weights under bf16 autocast (scripts.generate's setting), or bf16 weights and caches")
             t.add_argument("--memory-only", action="store_true", help="only the cache formula per mode (checked against "

@@ -400,3 +400,103 @@ def test_decode_step_does_not_sync_on_cuda():
                 tok = eng.step(st, tok)[0].argmax(-1)
         finally:
             torch.cuda.set_sync_debug_mode("default")
+
+
+STATIC_KINDS = [dict(layer_pattern="A")] + ([dict(layer_pattern="AM"), dict(layer_pattern="AM", mamba_version=2)] if HAS_MAMBA else [])
+
+
+@pytest.mark.parametrize("kind", STATIC_KINDS, ids=lambda k: "-".join(f"{v}" for v in k.values()))
+def test_static_step_equals_eager_step(kind, monkeypatch):
+    """The static-shape step (the function CUDA graphs capture) against the eager step: logits, FLOPs, returned
+    widths, caches and Mamba states, over key buckets 4, 8 and 16 (STATIC_MIN_KEYS lowered to 4), for full width
+    and for a narrow plan that stores fewer KV heads (and keeps block inputs) than the model has."""
+    monkeypatch.setattr(Engine, "STATIC_MIN_KEYS", 4)
+    model = build(**kind)
+    prompts = torch.tensor([[1, 2, 3], [4, 5, 6]])
+    for plan in ("think", [16, 32, 16, 48]):
+        runs = {}
+        for path in ("eager", "static"):
+            eng = Engine(model, decode=path)
+            st, logits, _, _ = eng.prefill(prompts, plan=plan, max_len=16)
+            tok, steps = logits.argmax(-1), []
+            for _ in range(12):  # positions 3..14: buckets 4, 8, 16
+                out = eng.step(st, tok)
+                assert eng.last_path == path
+                steps.append(out)
+                tok = out[0].argmax(-1)
+            runs[path] = (st, steps)
+        (se, eager), (ss, static) = runs["eager"], runs["static"]
+        for a, b in zip(eager, static):
+            torch.testing.assert_close(b[0], a[0], rtol=0, atol=1e-5)  # logits (masked vs exact-length attention)
+            for x, y in zip(a[1:], b[1:]):
+                assert torch.equal(x, y)  # exit blocks, widths, widened, FLOPs: exactly
+        for j in se.cache.layers:
+            for name in ("k", "v"):
+                torch.testing.assert_close(getattr(ss.cache, name)[j], getattr(se.cache, name)[j], rtol=0, atol=1e-5)
+            assert torch.equal(ss.cache.heads[j], se.cache.heads[j])
+            assert ss.cache.stored[j] == se.cache.stored[j] and ss.cache.fewest[j] == se.cache.fewest[j]
+        assert set(ss.cache.xn) == set(se.cache.xn)
+        for j in se.cache.xn:
+            torch.testing.assert_close(ss.cache.xn[j], se.cache.xn[j], rtol=0, atol=1e-5)
+        for j in se.ssm:
+            for a, b in zip(se.ssm[j], ss.ssm[j]):
+                torch.testing.assert_close(b, a, rtol=0, atol=1e-5)
+
+
+def test_static_step_falls_back_to_eager_where_it_cannot_run():
+    model = build(layer_pattern="AM" if HAS_MAMBA else "A")
+    prompts = torch.tensor([[1, 2, 3], [4, 5, 6]])
+    cases = [(dict(plan="think", exit_threshold=0.8), None),                            # gates
+             (dict(plan=torch.tensor([[16, 16, 16, 16], [64, 64, 64, 64]])), None),       # rows differ
+             (dict(plan=[16, 16, 16, 16]), torch.full((2, 4), 64))]                       # widened: lacked heads
+    for kw, new_plan in cases:
+        eng = Engine(model, decode="static")
+        st, logits, _, _ = eng.prefill(prompts, max_len=16, **kw)
+        eng.step(st, logits.argmax(-1), plan=new_plan)
+        assert eng.last_path == "eager", kw
+    # after the eager step filled the lacked heads, the wide plan runs static
+    eng.step(st, logits.argmax(-1))
+    assert eng.last_path == "static"
+    with pytest.raises(ValueError, match="decode must be one of"):
+        Engine(model, decode="fast")
+    with pytest.raises(ValueError, match="needs the model on CUDA"):
+        eng = Engine(model, decode="graph")
+        st, logits, _, _ = eng.prefill(prompts, max_len=16)
+        eng.step(st, logits.argmax(-1))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("kind", STATIC_KINDS, ids=lambda k: "-".join(f"{v}" for v in k.values()))
+def test_graph_step_equals_eager_step_on_cuda(kind, monkeypatch):
+    """CUDA graphs of the static step against the eager step, fp32 and under bf16 autocast (the attention
+    kernels differ: masked memory-efficient vs flash), over buckets 4, 8, 16; replays do not sync."""
+    monkeypatch.setattr(Engine, "STATIC_MIN_KEYS", 4)
+    model = build(**kind).cuda()
+    prompts = torch.tensor([[1, 2, 3], [4, 5, 6]], device="cuda")
+    for plan in ("think", [16, 32, 16, 48]):
+        for dtype, atol in ((None, 1e-4), (torch.bfloat16, 5e-2)):
+            ctx = torch.autocast("cuda", dtype=dtype) if dtype else torch.autocast("cuda", enabled=False)
+            logits_by = {}
+            for path in ("eager", "graph"):
+                eng = Engine(model, decode=path)
+                with ctx:
+                    st, logits, _, _ = eng.prefill(prompts, plan=plan, max_len=16)
+                    tok, got = logits.argmax(-1), []
+                    for _ in range(12):
+                        out = eng.step(st, tok)
+                        assert eng.last_path == path
+                        got.append(out[0])
+                        tok = out[0].argmax(-1)
+                logits_by[path] = got
+            assert len(st.graphs) == 3  # buckets 4, 8 and 16
+            for a, b in zip(logits_by["eager"], logits_by["graph"]):
+                torch.testing.assert_close(b, a, rtol=0, atol=atol)
+    eng = Engine(model, decode="graph")
+    st, logits, _, _ = eng.prefill(torch.tensor([[1, 2, 3, 4], [5, 6, 7, 8]], device="cuda"), max_len=16)
+    tok = eng.step(st, logits.argmax(-1))[0].argmax(-1)  # position 4: captures bucket 8
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        eng.step(st, tok)  # position 5, bucket 8: a replay
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
