@@ -532,7 +532,6 @@ class Engine:
         B = tok.size(0)
         cos_sin = (model.cos.index_select(1, pos), model.sin.index_select(1, pos))
         keep = (torch.arange(L, device=pos.device) <= pos).view(1, 1, 1, L)
-        backends = sdpa_kernel([SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]) if pos.is_cuda else nullcontext()
         x = norm(model.transformer.wte(tok[:, None]))  # (B, 1, D)
         for j, block in enumerate(model.transformer.h):
             w = widths[j]
@@ -553,7 +552,7 @@ class Engine:
                 if h % hkv != 0:
                     k = k.repeat_interleave(group, dim=1)[:, :h]
                     v = v.repeat_interleave(group, dim=1)[:, :h]
-                with backends:
+                with sdpa_kernel([SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]) if pos.is_cuda else nullcontext():
                     o = F.scaled_dot_product_attention(q, k.to(q.dtype), v.to(q.dtype), attn_mask=keep,
                                                        enable_gqa=q.size(1) != k.size(1), scale=attn.scale)
                 y = F.linear(o.transpose(1, 2).reshape(B, 1, h * hd), attn.c_proj.weight[:w, :h * hd])
