@@ -468,25 +468,26 @@ def test_static_step_falls_back_to_eager_where_it_cannot_run():
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 @pytest.mark.parametrize("kind", STATIC_KINDS, ids=lambda k: "-".join(f"{v}" for v in k.values()))
 def test_graph_step_equals_eager_step_on_cuda(kind, monkeypatch):
-    """CUDA graphs of the static step against the eager step, fp32 and under bf16 autocast (the attention
-    kernels differ: masked memory-efficient vs flash), over buckets 4, 8, 16; replays do not sync."""
+    """CUDA graphs of the static step against the eager step on the same tokens, over buckets 4, 8, 16: fp32 to
+    1e-4, and under bf16 autocast to 0.15 (logits reach ~15, where bf16's spacing is 0.0625, and the attention
+    kernels differ: masked memory-efficient vs flash); replays do not sync."""
     monkeypatch.setattr(Engine, "STATIC_MIN_KEYS", 4)
     model = build(**kind).cuda()
     prompts = torch.tensor([[1, 2, 3], [4, 5, 6]], device="cuda")
+    feed = torch.randint(0, V, (12, 2), generator=torch.Generator().manual_seed(0)).cuda()
     for plan in ("think", [16, 32, 16, 48]):
-        for dtype, atol in ((None, 1e-4), (torch.bfloat16, 5e-2)):
+        for dtype, atol in ((None, 1e-4), (torch.bfloat16, 0.15)):
             ctx = torch.autocast("cuda", dtype=dtype) if dtype else torch.autocast("cuda", enabled=False)
             logits_by = {}
             for path in ("eager", "graph"):
                 eng = Engine(model, decode=path)
                 with ctx:
                     st, logits, _, _ = eng.prefill(prompts, plan=plan, max_len=16)
-                    tok, got = logits.argmax(-1), []
-                    for _ in range(12):
+                    got = []
+                    for tok in feed:
                         out = eng.step(st, tok)
                         assert eng.last_path == path
                         got.append(out[0])
-                        tok = out[0].argmax(-1)
                 logits_by[path] = got
             assert len(st.graphs) == 3  # buckets 4, 8 and 16
             for a, b in zip(logits_by["eager"], logits_by["graph"]):
