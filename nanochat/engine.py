@@ -28,6 +28,11 @@ the same function, and tests/test_engine.py compares the two):
 FLOPs are counted per token for what ran (hybrid_gpt.flops_breakdown's convention): the parts of each
 block that ran at the width they ran at, lazily filled K/V heads, gate checks, the predictor, one readout.
 The full model's count is forward_flops_per_token at the same context length.
+
+Speed: the control state (widths, active rows, FLOPs) lives on the host, so a step reads nothing back from
+the GPU except the gates' decisions. Tokens whose rows share one plan without gates take a static-shape
+step, captured as CUDA graphs on CUDA (Engine's `decode` argument); batch-1 decode is otherwise bound by
+kernel-launch overhead.
 """
 import logging
 from contextlib import nullcontext
