@@ -188,6 +188,8 @@ class DecodeState:
     pos: int = 0
     graphs: dict = field(default_factory=dict)  # (key length, plan) -> (CUDAGraph, static logits): graph decode
     static_in: tuple = None                     # (token ids (B,), position (1,)) the static step reads
+    static_x: torch.Tensor = None               # (B, 1, D) the residual between static segments
+    graph_pool: tuple = None                    # the CUDA graphs' shared memory pool
 
 
 @dataclass
@@ -238,15 +240,16 @@ class Engine:
     """
     decode: how step() runs a token.
       "eager"  the per-block step below: any plan, per-row plans, gates, MoE, lazy KV-head fills.
-      "static" the same function with static shapes (static_step): one plan for every row, no gates, dense or
-               no FFN, every KV head a query needs already stored; attention over a power-of-two bucket of key
-               slots with a length mask, position and cache writes indexed by a device tensor. Runs anywhere;
-               tests compare it with "eager".
-      "graph"  "static" captured once per (bucket, plan) as a CUDA graph and replayed: one launch per token
-               instead of a kernel launch per op (batch-1 decode is bound by launch overhead).
+      "static" the same function with static shapes (static_segment), in segments of blocks that end at the
+               gates: attention over a power-of-two bucket of key slots with a length mask, position and cache
+               writes indexed by a device tensor. Needs one plan for every row (and one row when gates are on),
+               dense or no FFNs, and, for an active token, every KV head its queries need already stored (a
+               segment that needs a lazy fill runs eager). Runs anywhere; tests compare it with "eager".
+      "graph"  "static" with each segment captured once per (bucket, widths, state, gate) as a CUDA graph and
+               replayed: a launch per segment instead of one per op (batch-1 decode is bound by launch
+               overhead). Gates still read their decision back, once per gate.
       "auto"   "graph" on CUDA, "eager" elsewhere.
-    A token the static step cannot run (gates on, rows with different plans, ...) runs eager; the path and the
-    reason are logged once.
+    What cannot run static runs eager; the reason is logged once, and last_path says what the last step ran.
     """
 
     def __init__(self, model, decode="auto"):
@@ -458,40 +461,62 @@ class Engine:
         rows' base plan from this token on (tests use it to widen mid-sequence). Returns (logits (B, V),
         exit_block (B,), widths (B, n_layer), widened (B,), flops (B,)); all but the logits on the CPU.
         Without exits or widening this reads nothing back from the device; with them, one read per gate.
-        Runs the static step (captured as a CUDA graph on CUDA) when it can; see the class docstring.
+        The blocks run in segments that end at the gates; a segment runs the static step (captured as a CUDA
+        graph on CUDA) when it can, the eager per-block step otherwise (see the class docstring).
         """
         model, c = self.model, self.model.config
+        B = tokens.size(0)
         if plan is not None:
-            st.plan = self.base_plan(plan, tokens.size(0))
-        path, why = self._static_path(st, tokens.size(0))
-        self.last_path = path
-        if path != "eager":
-            return self._step_static(st, tokens, path)
-        _log_once(f"Engine decode: eager per-block step ({why})")
-        B, n, D = tokens.size(0), c.n_layer, c.n_embd
-        dev = model.get_device()
+            st.plan = self.base_plan(plan, B)
+        n, D = c.n_layer, c.n_embd
+        path, why = self._static_path(st, B)
         widths = st.plan.tolist()  # per row, one width per block; widening rewrites a row's tail
         exit_block, widened = [n - 1] * B, [False] * B
         active, flops = [True] * B, [0.0] * B
         gating = st.exit_threshold < 1.0 or st.expand_threshold > 0.0
         gates = {b: g for g, b in enumerate(model.controllers.gate_blocks)} if gating else {}
-        x = norm(model.transformer.wte(tokens.to(dev)[:, None]))  # (B, 1, D)
-        for j in range(n):
-            x = self._block(st, j, x, [w[j] for w in widths], active, flops)
-            if j in gates and any(active):
+        gate = model.controllers.gate if gating else None
+        if path != "eager":
+            L = self._prepare_static(st, tokens)
+        x, logits, ran = None, None, set()  # x: the residual when the eager step holds it (else in st.static_x)
+        j0 = 0
+        for j1 in sorted(b for b in gates if b < n - 1) + [n - 1]:
+            g = gates.get(j1)
+            static = path != "eager" and self._segment_ok(st, j0, j1, widths[0], active[0], B)
+            if static:
+                if x is not None:
+                    st.static_x.copy_(x)
+                    x = None
+                out = self._segment(st, path, j0, j1, widths[0], active[0], g if active[0] else None, L)
+                self._segment_flops(st, j0, j1, widths[0], active[0], flops)
+                logits = out if j1 == n - 1 else None
+                p = out if g is not None and active[0] else None
+            else:
+                if x is None:
+                    x = st.static_x.clone() if j0 > 0 and path != "eager" else norm(model.transformer.wte(tokens.to(model.get_device())[:, None]))
+                for j in range(j0, j1 + 1):
+                    x = self._block(st, j, x, [w[j] for w in widths], active, flops)
+                p = None
+            ran.add(path if static else "eager")
+            if g is not None and any(active):
                 rows = [b for b in range(B) if active[b]]
-                gate = model.controllers.gate
-                p = gate.prob(x[row_index(rows, B, dev), 0], gates[j])  # (R,) calibrated
+                if p is None:
+                    p = gate.prob(x[row_index(rows, B, x.device), 0], g)  # (R,) calibrated
                 leave, wide = torch.stack([p > st.exit_threshold, p < st.expand_threshold]).tolist()  # the one read
-                for b, out, wid in zip(rows, leave, wide):
+                for b, out_, wid in zip(rows, leave, wide):
                     flops[b] += gate.flops_per_check()
-                    if out:
-                        exit_block[b], active[b] = j, False
+                    if out_:
+                        exit_block[b], active[b] = j1, False
                     elif wid:
-                        widths[b][j + 1:] = [D] * (n - j - 1)
+                        widths[b][j1 + 1:] = [D] * (n - j1 - 1)
                         widened[b] = True
+            j0 = j1 + 1
+        if logits is None:
+            logits = model.readout(x[:, 0])
+        self.last_path = "+".join(sorted(ran))
+        if "eager" in ran:
+            _log_once(f"Engine decode: eager per-block step ({why or 'a segment needs lazily filled KV heads'})")
         st.pos += 1
-        logits = model.readout(x[:, 0])
         add_flops(flops, range(B), 2 * D * c.vocab_size)
         return (logits, torch.tensor(exit_block, dtype=torch.long), torch.tensor(widths, dtype=torch.long),
                 torch.tensor(widened), torch.tensor(flops, dtype=torch.float64))
@@ -500,7 +525,7 @@ class Engine:
     STATIC_MIN_KEYS = 256  # the smallest key bucket of the static step (tests lower it to cross buckets)
 
     def _static_path(self, st, B):
-        """(path, reason): "graph" or "static" when st's next token can run the static step, else ("eager", why)."""
+        """(path, reason): "graph" or "static" when st's next token may run static segments, else ("eager", why)."""
         model = self.model
         want = self.decode
         if want == "auto":
@@ -511,35 +536,56 @@ class Engine:
             return "eager", "decode='eager'"
         if want == "graph" and model.get_device().type != "cuda":
             raise ValueError("Engine(decode='graph') needs the model on CUDA")
-        if st.exit_threshold < 1.0 or st.expand_threshold > 0.0:
-            return "eager", "exit/widening gates are on"
+        if B > 1 and (st.exit_threshold < 1.0 or st.expand_threshold > 0.0):
+            return "eager", "gates on with more than one row (rows would take different paths)"
         if B > 1 and not bool((st.plan == st.plan[0]).all()):
             return "eager", "rows have different plans"
         if any(block.ffn_kind not in ("D", "N") for block in model.transformer.h):
             return "eager", "MoE blocks"
         if st.pos + 1 > min(st.cache.max_len, model.rotary_seq_len):
             return "eager", "no room left"  # the eager step raises the error
-        widths = st.plan[0].tolist()
-        for j in st.cache.layers:
-            if not st.cache.covers(j, range(B), model.transformer.h[j].attn.heads_at(widths[j])[1], st.pos):
-                return "eager", "earlier positions lack KV heads this plan's queries need (the eager step fills them)"
         return want, None
 
-    def static_step(self, st, widths, L):
+    def _segment_ok(self, st, j0, j1, widths, active, B):
+        """Whether blocks j0..j1 can run static: an active token's queries need every KV head already stored."""
+        if not active:
+            return True  # an exited token only stores K/V and steps Mamba states
+        h = self.model.transformer.h
+        return all(st.cache.covers(j, range(B), h[j].attn.heads_at(widths[j])[1], st.pos)
+                   for j in range(j0, j1 + 1) if j in st.cache.k)
+
+    def _prepare_static(self, st, tokens):
+        """The static inputs for this token; returns the key bucket L (a power of two > position, capped)."""
+        model, pos = self.model, st.pos
+        B, dev = tokens.size(0), model.get_device()
+        for j in st.cache.layers:  # a store with fewer KV heads keeps block inputs: allocate before any capture
+            if model.transformer.h[j].attn.heads_at(int(st.plan[:, j].min()))[1] < st.cache.n_kv_head:
+                st.cache.ensure_xn(j)
+        if st.static_in is None:
+            st.static_in = (torch.zeros(B, dtype=torch.long, device=dev), torch.zeros(1, dtype=torch.long, device=dev))
+            st.static_x = torch.zeros(B, 1, model.config.n_embd, device=dev, dtype=model.transformer.wte.weight.dtype)
+        st.static_in[0].copy_(tokens, non_blocking=True)
+        st.static_in[1].fill_(pos)
+        return min(st.cache.max_len, max(self.STATIC_MIN_KEYS, 1 << pos.bit_length()))
+
+    def static_segment(self, st, j0, j1, widths, active, gate, L):
         """
-        The decode step of the tokens in st.static_in[0] at the position in st.static_in[1], every row at one
-        plan `widths`, over key slots 0..L-1 (L > position; slots after the position are masked out). Reads and
-        writes device tensors only, with shapes fixed by (B, widths, L): a CUDA graph can capture it.
-        Returns the logits (B, V). Host-side bookkeeping is step()'s.
+        Blocks j0..j1 of the token in st.static_in[0] at the position in st.static_in[1], every row at plan
+        `widths` (one width per block) and in one state: active (the whole block) or exited (K/V stores and
+        Mamba state steps only, the residual frozen). Attention covers key slots 0..L-1 (L > position, later
+        slots masked out). The residual comes from the embedding (j0 = 0) or st.static_x, and goes back to
+        st.static_x. Returns the logits (B, V) after the last block, the gate's probabilities (B,) when `gate`
+        is given, else None. Reads and writes device tensors only, with shapes fixed by the arguments: a CUDA
+        graph can capture it. Host-side bookkeeping is step()'s.
         """
         model, cache = self.model, st.cache
         tok, pos = st.static_in
         B = tok.size(0)
         cos_sin = (model.cos.index_select(1, pos), model.sin.index_select(1, pos))
         keep = (torch.arange(L, device=pos.device) <= pos).view(1, 1, 1, L)
-        x = norm(model.transformer.wte(tok[:, None]))  # (B, 1, D)
-        for j, block in enumerate(model.transformer.h):
-            w = widths[j]
+        x = norm(model.transformer.wte(tok[:, None])) if j0 == 0 else st.static_x  # (B, 1, D)
+        for j in range(j0, j1 + 1):
+            block, w = model.transformer.h[j], widths[j]
             xn = norm(x)
             if block.mixer_kind == "A":
                 attn = block.attn
@@ -551,78 +597,72 @@ class Engine:
                 if hkv < cache.n_kv_head:
                     cache.xn[j].index_copy_(1, pos, xn.to(cache.xn[j].dtype))
                 cache.heads[j].index_fill_(1, pos, hkv)
-                q = F.linear(xn[:, :, :w], attn.c_q.weight[:h * hd, :w]).view(B, 1, h, hd)
-                q = norm(apply_rotary_emb(q, *cos_sin)).transpose(1, 2)  # (B, h, 1, hd)
-                k, v = cache.k[j][:, :hkv, :L], cache.v[j][:, :hkv, :L]
-                if h % hkv != 0:
-                    k = k.repeat_interleave(group, dim=1)[:, :h]
-                    v = v.repeat_interleave(group, dim=1)[:, :h]
-                with sdpa_kernel([SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]) if pos.is_cuda else nullcontext():
-                    o = F.scaled_dot_product_attention(q, k.to(q.dtype), v.to(q.dtype), attn_mask=keep,
-                                                       enable_gqa=q.size(1) != k.size(1), scale=attn.scale)
-                y = F.linear(o.transpose(1, 2).reshape(B, 1, h * hd), attn.c_proj.weight[:w, :h * hd])
-                x = x + self._place(None, x, slice(None), w, y)
+                if active:
+                    q = F.linear(xn[:, :, :w], attn.c_q.weight[:h * hd, :w]).view(B, 1, h, hd)
+                    q = norm(apply_rotary_emb(q, *cos_sin)).transpose(1, 2)  # (B, h, 1, hd)
+                    k, v = cache.k[j][:, :hkv, :L], cache.v[j][:, :hkv, :L]
+                    if h % hkv != 0:
+                        k = k.repeat_interleave(group, dim=1)[:, :h]
+                        v = v.repeat_interleave(group, dim=1)[:, :h]
+                    with sdpa_kernel([SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]) if pos.is_cuda else nullcontext():
+                        o = F.scaled_dot_product_attention(q, k.to(q.dtype), v.to(q.dtype), attn_mask=keep,
+                                                           enable_gqa=q.size(1) != k.size(1), scale=attn.scale)
+                    y = F.linear(o.transpose(1, 2).reshape(B, 1, h * hd), attn.c_proj.weight[:w, :h * hd])
+                    x = x + self._place(None, x, slice(None), w, y)
             else:
                 conv_state, ssm_state = st.ssm[j]
-                x = x + block.mamba.step(xn, conv_state, ssm_state)[0]
-            if block.ffn_kind != "N":
+                y = block.mamba.step(xn, conv_state, ssm_state)[0]
+                if active:
+                    x = x + y
+            if active and block.ffn_kind != "N":
                 x = x + self._place(None, x, slice(None), w, block.mlp(norm(x)[:, :, :w], w))
-        return model.readout(x[:, 0])
+        if j1 == model.config.n_layer - 1:
+            return model.readout(x[:, 0])
+        st.static_x.copy_(x)
+        return model.controllers.gate.prob(x[:, 0], gate) if gate is not None else None
 
-    def _replay(self, st, widths, L):
-        """static_step as a CUDA graph, captured the first time (bucket L, plan) is seen."""
-        key = (L, tuple(widths))
+    def _segment(self, st, path, j0, j1, widths, active, gate, L):
+        if path == "static":
+            return self.static_segment(st, j0, j1, widths, active, gate, L)
+        key = (j0, j1, L, tuple(widths[j0:j1 + 1]), active, gate)
         if key not in st.graphs:
             ac = (torch.autocast("cuda", dtype=torch.get_autocast_dtype("cuda"), cache_enabled=False)
                   if torch.is_autocast_enabled("cuda") else nullcontext())  # capture needs autocast's cache off
-            states = [t for pair in st.ssm.values() for t in pair]
+            states = [t for pair in st.ssm.values() for t in pair] + [st.static_x]
             saved = [t.clone() for t in states]
             side = torch.cuda.Stream()
             side.wait_stream(torch.cuda.current_stream())
             with torch.cuda.stream(side), ac:
-                self.static_step(st, widths, L)  # warm-up outside the graph (kernel choice, Triton compilation)
+                self.static_segment(st, j0, j1, widths, active, gate, L)  # warm-up (kernel choice, Triton builds)
             torch.cuda.current_stream().wait_stream(side)
             for t, t0 in zip(states, saved):
-                t.copy_(t0)  # the warm-up stepped the Mamba states; its K/V writes are those the replay repeats
+                t.copy_(t0)  # the warm-up stepped the Mamba states and the residual; its K/V writes repeat
+            if st.graph_pool is None:  # one memory pool for all of a state's graphs: they replay one at a time
+                st.graph_pool = torch.cuda.graph_pool_handle()
             graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph), ac:
-                out = self.static_step(st, widths, L)
+            with torch.cuda.graph(graph, pool=st.graph_pool), ac:
+                out = self.static_segment(st, j0, j1, widths, active, gate, L)
             st.graphs[key] = (graph, out)
         graph, out = st.graphs[key]
         graph.replay()
-        return out.clone()  # the next replay overwrites out
+        return None if out is None else out.clone()  # the next replay overwrites out
 
-    def _step_static(self, st, tokens, path):
-        model, c = self.model, self.model.config
-        B, n, D = tokens.size(0), c.n_layer, c.n_embd
-        dev, pos = model.get_device(), st.pos
-        widths = st.plan[0].tolist()
-        L = min(st.cache.max_len, max(self.STATIC_MIN_KEYS, 1 << pos.bit_length()))  # a power of two > pos
-        for j in st.cache.layers:
-            if model.transformer.h[j].attn.heads_at(widths[j])[1] < st.cache.n_kv_head:
-                st.cache.ensure_xn(j)
-        if st.static_in is None:
-            st.static_in = (torch.zeros(B, dtype=torch.long, device=dev), torch.zeros(1, dtype=torch.long, device=dev))
-        st.static_in[0].copy_(tokens, non_blocking=True)
-        st.static_in[1].fill_(pos)
-        _log_once(f"Engine decode: {'CUDA graphs of the static step' if path == 'graph' else 'static step'}")
-        logits = self._replay(st, widths, L) if path == "graph" else self.static_step(st, widths, L)
-        flops, rows = [0.0] * B, range(B)  # what the eager step counts, in its order
-        for j, block in enumerate(model.transformer.h):
-            w = widths[j]
+    def _segment_flops(self, st, j0, j1, widths, active, flops):
+        """What the eager step counts for blocks j0..j1, in its order; and the cache's host-side summary."""
+        model, D, pos = self.model, self.model.config.n_embd, st.pos
+        rows = range(len(flops))
+        for j in range(j0, j1 + 1):
+            block, w = model.transformer.h[j], widths[j]
             if block.mixer_kind == "A":
                 st.cache.note_store(j, rows, pos, 1, block.attn.heads_at(w)[1])
                 cost = self.costs(j, w)
                 add_flops(flops, rows, cost["kv"])
-                add_flops(flops, rows, cost["qo"] + (pos + 1) * cost["score"])
+                if active:
+                    add_flops(flops, rows, cost["qo"] + (pos + 1) * cost["score"])
             else:
                 add_flops(flops, rows, self.costs(j, D)["mamba"])
-            if block.ffn_kind != "N":
+            if active and block.ffn_kind != "N":
                 add_flops(flops, rows, self.costs(j, w)["ffn"])
-        st.pos += 1
-        add_flops(flops, rows, 2 * D * c.vocab_size)
-        return (logits, torch.full((B,), n - 1, dtype=torch.long), torch.tensor([widths] * B, dtype=torch.long),
-                torch.zeros(B, dtype=torch.bool), torch.tensor(flops, dtype=torch.float64))
 
     # ---- generation ---------------------------------------------------------------------------
     @torch.inference_mode()
