@@ -20,7 +20,7 @@ the same function, and tests/test_engine.py compares the two):
   block computes only the K/V of the frozen residual at the token's plan width (no query, attention,
   output projection or FFN); a deeper Mamba block steps its conv/SSM state with the frozen residual.
   Mamba's step also computes its output projection, which is then discarded; it is counted.
-- MatryoshkaKVCache: every position has slots for all KV heads. A position's own width's heads are
+- MatryoshkaKVCache (nanochat/matryoshka_kv.py): every position has slots for all KV heads. A position's own width's heads are
   written when it is processed (at that width); the heads it lacks are computed from its stored
   normalised block input at full width the first time a wider query needs them, and kept. That input is
   stored only for positions written with fewer than all KV heads (none in mode think).
@@ -44,6 +44,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from nanochat.gpt import GPT, norm, apply_rotary_emb, attention, sample_next_token
 from nanochat.matryoshka import MODE_WIDTHS, mode_plan, expand_plan, check_plan
+from nanochat.matryoshka_kv import MatryoshkaKVCache, row_index, to_device
 
 MODES = tuple(MODE_WIDTHS) + ("auto",)
 DECODE_PATHS = ("auto", "eager", "static", "graph")
@@ -55,121 +56,6 @@ def _log_once(msg):
     if msg not in _logged:
         _logged.add(msg)
         logger.info(msg)
-
-
-class MatryoshkaKVCache:
-    """
-    Per attention block j:
-    - k[j], v[j] (B, H_kv, T_max, hd): slots for every KV head of every position.
-    - heads[j] (B, T_max) int16: how many KV heads of each position are valid (always a prefix: own heads
-      first, lacked heads filled in order; 0 = position not stored yet).
-    - xn[j] (B, T_max, D), the cache's dtype: the normalised block input, kept only for positions stored
-      with fewer than n_kv_head heads (the only ones fill() may read). Allocated (zeros) on block j's first
-      such store, so a cache that only sees full-KV-width stores (mode think) has no xn[j]: the dict holds
-      the allocated blocks only. Other positions' rows of xn[j] stay zero and are never read.
-    - On the host, per block and row: `stored` (positions 0.. stored written without a gap) and `fewest` (the
-      fewest heads any of them was written with). covers() answers from them whether fill() has anything to
-      do without reading the device (a read is a host-device sync, once per block and token).
-    Row arguments: `rows` a list (or 1-d tensor) of batch indices; `idx` what indexes them on the device
-    (row_index(rows, B, device): slice(None) for every row, so stores and views need no gather).
-    """
-
-    def __init__(self, model, batch_size, max_len, dtype=torch.float32):
-        c = model.config
-        dev = model.get_device()
-        self.head_dim, self.max_len, self.n_kv_head = c.head_dim, max_len, c.n_kv_head
-        self.layers = [j for j in range(c.n_layer) if c.mixer_kind(j) == "A"]
-        self.k = {j: torch.zeros(batch_size, c.n_kv_head, max_len, c.head_dim, device=dev, dtype=dtype) for j in self.layers}
-        self.v = {j: torch.zeros_like(self.k[j]) for j in self.layers}
-        self.heads = {j: torch.zeros(batch_size, max_len, device=dev, dtype=torch.int16) for j in self.layers}
-        self.xn = {}  # block -> (B, T_max, D), allocated by the first store with fewer than n_kv_head heads
-        self._xn_shape = (batch_size, max_len, c.n_embd)
-        self.stored = {j: [0] * batch_size for j in self.layers}
-        self.fewest = {j: [c.n_kv_head] * batch_size for j in self.layers}
-
-    def store(self, j, rows, idx, pos, k, v, xn):
-        """Own heads of positions pos.. of `rows`: k, v (R, hkv, T, hd); xn (R, T, D), kept if hkv < n_kv_head."""
-        hkv, T = k.size(1), k.size(2)
-        if pos + T > self.max_len:
-            raise RuntimeError(f"KV cache full: {pos + T} tokens > capacity {self.max_len}")
-        self.k[j][idx, :hkv, pos:pos + T] = k.to(self.k[j].dtype)
-        self.v[j][idx, :hkv, pos:pos + T] = v.to(self.v[j].dtype)
-        if hkv < self.n_kv_head:  # a wider query may need the lacked heads later
-            self.ensure_xn(j)
-            self.xn[j][idx, pos:pos + T] = xn.to(self.xn[j].dtype)
-        self.heads[j][idx, pos:pos + T] = self.heads[j].new_full((), hkv)  # a device scalar: a Python one is copied over, a sync
-        self.note_store(j, rows, pos, T, hkv)
-
-    def note_store(self, j, rows, pos, T, hkv):
-        """The host-side summary of a store of positions pos..pos+T-1 of `rows` with hkv heads."""
-        stored, fewest = self.stored[j], self.fewest[j]
-        for b in rows:
-            if stored[b] >= pos:  # no gap before pos
-                stored[b] = max(stored[b], pos + T)
-            fewest[b] = min(fewest[b], hkv)
-
-    def ensure_xn(self, j):
-        if j not in self.xn:
-            self.xn[j] = torch.zeros(self._xn_shape, device=self.k[j].device, dtype=self.k[j].dtype)
-
-    def covers(self, j, rows, need, end):
-        """True when positions < end of `rows` are stored with at least `need` KV heads each (fill() would do
-        nothing), from the host-side summary. False means fill() must look."""
-        stored, fewest = self.stored[j], self.fewest[j]
-        return all(stored[b] >= end and fewest[b] >= need for b in rows)
-
-    def fill(self, j, rows, need, end, attn, cos, sin):
-        """
-        Give positions < end of `rows` their KV heads < need, computing the missing ones at full width from
-        the stored normalised inputs (exactly the heads missing, grouped by how many a position has).
-        cos, sin: the model's full rotary tables. Returns the FLOPs spent per row (R,) float64 on the CPU.
-        This reads the head counts back to the host; the engine calls it only when covers() is False.
-        """
-        hd = self.head_dim
-        host_rows = rows.tolist() if torch.is_tensor(rows) else list(rows)
-        rows = torch.as_tensor(rows, dtype=torch.long, device=self.heads[j].device)
-        have = self.heads[j][rows, :end]  # (R, end)
-        flops = torch.zeros(len(rows), dtype=torch.float64)
-        counts = sorted(set(have[have < need].tolist()))
-        # a position lacking heads was stored with fewer than n_kv_head (its xn was kept), or never stored (0)
-        if counts and counts[0] == 0:
-            raise RuntimeError(f"block {j}: positions < {end} were never stored, so they have no K/V or input to fill from")
-        if counts and j not in self.xn:
-            raise RuntimeError(f"block {j}: positions lack KV heads but no normalised input was stored for them")
-        for a in counts:
-            r, s = (have == a).nonzero(as_tuple=True)  # (N,) row index into rows, position
-            xn = self.xn[j][rows[r], s].unsqueeze(0)  # (1, N, D): the N positions as one sequence
-            N, Din = s.numel(), xn.size(-1)
-            k = F.linear(xn, attn.c_k.weight[a * hd:need * hd]).view(1, N, need - a, hd)
-            v = F.linear(xn, attn.c_v.weight[a * hd:need * hd]).view(1, N, need - a, hd)
-            k = norm(apply_rotary_emb(k, cos[:, s], sin[:, s]))
-            self.k[j][rows[r], a:need, s] = k[0].to(self.k[j].dtype)  # (N, need - a, hd)
-            self.v[j][rows[r], a:need, s] = v[0].to(self.v[j].dtype)
-            self.heads[j][rows[r], s] = need
-            flops.index_add_(0, r.cpu(), torch.full((N,), 2.0 * 2 * Din * (need - a) * hd, dtype=torch.float64))
-        for b in host_rows:  # every stored position of the row now has >= need heads
-            if self.stored[j][b] <= end:
-                self.fewest[j][b] = max(self.fewest[j][b], need)
-        return flops
-
-    def view(self, j, idx, hkv, end):
-        return self.k[j][idx, :hkv, :end], self.v[j][idx, :hkv, :end]
-
-
-def row_index(rows, B, device):
-    """What indexes batch rows `rows` (a list) of a device tensor: slice(None) when they are all B rows in order
-    (a view: no gather, no copy), else a long tensor on the device, copied there without waiting for the device
-    (from pinned memory on CUDA)."""
-    if len(rows) == B and rows == list(range(B)):
-        return slice(None)
-    return to_device(torch.tensor(rows, dtype=torch.long), device)
-
-
-def to_device(t, device):
-    """A small CPU tensor on `device`, without waiting for the device (a plain copy to CUDA synchronises)."""
-    if torch.device(device).type == "cuda":
-        return t.pin_memory().to(device, non_blocking=True)
-    return t.to(device)
 
 
 def add_flops(flops, rows, amount):

@@ -19,7 +19,7 @@ decode) define one more thing, the keys/values a query sees. At width w head h's
 (K = norm(x)[:w] @ c_k[h rows, :w]^T), so position s's K/V are: for the KV heads its own width w_s has,
 computed at w_s; for the heads it lacks (needed only by a later, wider query), computed at full width
 from its normalised block input. This is a function of position s alone, so a cache can store it once
-(engine.MatryoshkaKVCache fills lacked heads lazily, the first time a wider query needs them). With one
+(matryoshka_kv.MatryoshkaKVCache fills lacked heads lazily, the first time a wider query needs them). With one
 width everywhere it is exactly the static-plan forward.
 """
 import math

@@ -135,7 +135,7 @@ def test_full_kv_width_keeps_no_block_inputs():
 
 
 def test_fill_refuses_positions_never_stored():
-    from nanochat.engine import MatryoshkaKVCache
+    from nanochat.matryoshka_kv import MatryoshkaKVCache
     model = build()
     cache = MatryoshkaKVCache(model, 1, 8)
     attn, rows = model.transformer.h[0].attn, torch.tensor([0])
@@ -369,7 +369,7 @@ def test_decode_step_reads_nothing_back_without_gates():
 
 
 def test_cache_covers_tracks_stores():
-    from nanochat.engine import MatryoshkaKVCache
+    from nanochat.matryoshka_kv import MatryoshkaKVCache
     model = build()
     cache = MatryoshkaKVCache(model, 2, 8)
     hd, hkv = model.config.head_dim, model.config.n_kv_head
