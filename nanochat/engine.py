@@ -72,7 +72,7 @@ class DecodeState:
     exit_threshold: float
     expand_threshold: float
     pos: int = 0
-    graphs: dict = field(default_factory=dict)  # (key length, plan) -> (CUDAGraph, static logits): graph decode
+    graphs: dict = field(default_factory=dict)  # segment key (blocks, bucket, widths, state, gate) -> (CUDAGraph, output)
     static_in: tuple = None                     # (token ids (B,), position (1,)) the static step reads
     static_x: torch.Tensor = None               # (B, 1, D) the residual between static segments
     graph_pool: tuple = None                    # the CUDA graphs' shared memory pool
