@@ -39,23 +39,15 @@ from contextlib import nullcontext
 from dataclasses import dataclass, field
 
 import torch
-import torch.nn.functional as F
-from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from nanochat.gpt import GPT, norm, apply_rotary_emb, attention, sample_next_token
+from nanochat.common import log_once
+from nanochat.gpt import GPT, norm, sample_next_token
 from nanochat.matryoshka import MODE_WIDTHS, mode_plan, expand_plan, check_plan
 from nanochat.matryoshka_kv import MatryoshkaKVCache, row_index, to_device
 
 MODES = tuple(MODE_WIDTHS) + ("auto",)
 DECODE_PATHS = ("auto", "eager", "static", "graph")
 logger = logging.getLogger(__name__)
-_logged = set()
-
-
-def _log_once(msg):
-    if msg not in _logged:
-        _logged.add(msg)
-        logger.info(msg)
 
 
 def add_flops(flops, rows, amount):
@@ -236,22 +228,14 @@ class Engine:
             st.cache.store(j, rows, idx, pos, k, v, xr)
             add_flops(flops, rows, T * self.costs(j, w)["kv"])
         y = None
-        hd, group = attn.head_dim, attn.n_head // attn.n_kv_head
         ctx_sum = T * pos + T * (T + 1) // 2  # positions attended, summed over the T tokens
         for w, rows, idx in self._groups(w_rows, active):
-            R = len(rows)
-            h, hkv = attn.heads_at(w)
+            _, hkv = attn.heads_at(w)
             if not st.cache.covers(j, rows, hkv, pos + T):
                 for b, f in zip(rows, st.cache.fill(j, rows, hkv, pos + T, attn, model.cos, model.sin).tolist()):
                     flops[b] += f
-            q = F.linear(xn[idx, :, :w], attn.c_q.weight[:h * hd, :w]).view(R, T, h, hd)
-            q = norm(apply_rotary_emb(q, *cos_sin)).transpose(1, 2)  # (R, h, T, hd)
             k, v = st.cache.view(j, idx, hkv, pos + T)
-            if h % hkv != 0:
-                k = k.repeat_interleave(group, dim=1)[:, :h]
-                v = v.repeat_interleave(group, dim=1)[:, :h]
-            o = attention(q, k.to(q.dtype), v.to(q.dtype), scale=attn.scale).transpose(1, 2).reshape(R, T, h * hd)
-            y = self._place(y, x, idx, w, F.linear(o, attn.c_proj.weight[:w, :h * hd]))
+            y = self._place(y, x, idx, w, attn.query_attend(xn[idx], w, cos_sin, k, v))
             cost = self.costs(j, w)
             add_flops(flops, rows, T * cost["qo"] + ctx_sum * cost["score"])
         return y
@@ -401,7 +385,7 @@ class Engine:
             logits = model.readout(x[:, 0])
         self.last_path = "+".join(sorted(ran))
         if "eager" in ran:
-            _log_once(f"Engine decode: eager per-block step ({why or 'a segment needs lazily filled KV heads'})")
+            log_once(logger, f"Engine decode: eager per-block step ({why or 'a segment needs lazily filled KV heads'})")
         st.pos += 1
         add_flops(flops, range(B), 2 * D * c.vocab_size)
         return (logits, torch.tensor(exit_block, dtype=torch.long), torch.tensor(widths, dtype=torch.long),
@@ -466,7 +450,6 @@ class Engine:
         """
         model, cache = self.model, st.cache
         tok, pos = st.static_in
-        B = tok.size(0)
         cos_sin = (model.cos.index_select(1, pos), model.sin.index_select(1, pos))
         keep = (torch.arange(L, device=pos.device) <= pos).view(1, 1, 1, L)
         x = norm(model.transformer.wte(tok[:, None])) if j0 == 0 else st.static_x  # (B, 1, D)
@@ -475,26 +458,10 @@ class Engine:
             xn = norm(x)
             if block.mixer_kind == "A":
                 attn = block.attn
-                h, hkv = attn.heads_at(w)
-                hd, group = attn.head_dim, attn.n_head // attn.n_kv_head
-                k, v = attn.project_kv(xn, w, cos_sin)  # (B, hkv, 1, hd)
-                cache.k[j][:, :hkv].index_copy_(2, pos, k.to(cache.k[j].dtype))
-                cache.v[j][:, :hkv].index_copy_(2, pos, v.to(cache.v[j].dtype))
-                if hkv < cache.n_kv_head:
-                    cache.xn[j].index_copy_(1, pos, xn.to(cache.xn[j].dtype))
-                cache.heads[j].index_fill_(1, pos, hkv)
+                cache.store_at(j, pos, *attn.project_kv(xn, w, cos_sin), xn)
                 if active:
-                    q = F.linear(xn[:, :, :w], attn.c_q.weight[:h * hd, :w]).view(B, 1, h, hd)
-                    q = norm(apply_rotary_emb(q, *cos_sin)).transpose(1, 2)  # (B, h, 1, hd)
-                    k, v = cache.k[j][:, :hkv, :L], cache.v[j][:, :hkv, :L]
-                    if h % hkv != 0:
-                        k = k.repeat_interleave(group, dim=1)[:, :h]
-                        v = v.repeat_interleave(group, dim=1)[:, :h]
-                    with sdpa_kernel([SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]) if pos.is_cuda else nullcontext():
-                        o = F.scaled_dot_product_attention(q, k.to(q.dtype), v.to(q.dtype), attn_mask=keep,
-                                                           enable_gqa=q.size(1) != k.size(1), scale=attn.scale)
-                    y = F.linear(o.transpose(1, 2).reshape(B, 1, h * hd), attn.c_proj.weight[:w, :h * hd])
-                    x = x + self._place(None, x, slice(None), w, y)
+                    k, v = cache.view(j, slice(None), attn.heads_at(w)[1], L)
+                    x = x + self._place(None, x, slice(None), w, attn.query_attend(xn, w, cos_sin, k, v, keep=keep))
             else:
                 conv_state, ssm_state = st.ssm[j]
                 y = block.mamba.step(xn, conv_state, ssm_state)[0]

@@ -77,19 +77,23 @@ def apply_rotary_emb(x, cos, sin):
 _NO_CUDNN = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
 
 
-def attention(q, k, v, scale=None):
+def attention(q, k, v, scale=None, keep=None):
     """
     Causal attention of q (B, Hq, Tq, D) over k, v (B, Hkv, Tk, D), GQA allowed; scale None = 1/sqrt(D).
     The first Tk - Tq keys are a cached prefix every query may see; within the new chunk it is causal.
+    keep: a bool mask broadcastable to (B, Hq, Tq, Tk), True = may see, replacing that rule (the engine's
+    static decode step: a key buffer of fixed size, valid up to a position held on the device).
     """
     Tq, Tk = q.size(2), k.size(2)
     gqa = q.size(1) != k.size(1)
-    if Tq == Tk:
+    if Tq == Tk and keep is None:
         return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa, scale=scale)
     # With a cached prefix the key length changes every call, and cuDNN's SDPA backend builds a new plan for
     # each new shape: 3.3 ms of host time per call at batch-1 decode (torch 2.11, H100; 20 layers made a d20
     # decode step 90 ms). The other backends have no per-shape setup. (CUDA only: the CPU's choice is kept.)
     with sdpa_kernel(_NO_CUDNN) if q.is_cuda else nullcontext():
+        if keep is not None:
+            return F.scaled_dot_product_attention(q, k, v, attn_mask=keep, enable_gqa=gqa, scale=scale)
         if Tq == 1:
             return F.scaled_dot_product_attention(q, k, v, is_causal=False, enable_gqa=gqa, scale=scale)
         prefix = Tk - Tq

@@ -189,24 +189,30 @@ class MatryoshkaAttention(nn.Module):
         k = norm(apply_rotary_emb(k, *cos_sin))
         return k.transpose(1, 2), v.transpose(1, 2)
 
-    def forward(self, xn, w, cos_sin, kv_cache=None):
-        """xn: (B, T, n_embd) normalised input; returns (B, T, w)."""
+    def query_attend(self, xn, w, cos_sin, k, v, keep=None):
+        """
+        The query side at width w: the queries of xn (B, T, >=w) over k, v (B, hkv_w, Tk, hd) (a cached prefix
+        allowed), then the output projection; returns (B, T, w). keep: gpt.attention's mask, if any.
+        """
         B, T, _ = xn.shape
-        h, hkv = self.heads_at(w)
+        h, _ = self.heads_at(w)
         hd = self.head_dim
         q = F.linear(xn[..., :w], self.c_q.weight[:h * hd, :w]).view(B, T, h, hd)
         q = norm(apply_rotary_emb(q, *cos_sin)).transpose(1, 2)  # (B, h, T, hd)
-        k, v = self.project_kv(xn, w, cos_sin)
-        if kv_cache is not None:
-            k, v = kv_cache.insert(self.layer_idx, k, v)
         if h % k.size(1) != 0:
             # a width whose query heads do not fill whole GQA groups: give each query head its KV head
             group = self.n_head // self.n_kv_head
             k = k.repeat_interleave(group, dim=1)[:, :h]
             v = v.repeat_interleave(group, dim=1)[:, :h]
-        y = attention(q, k, v, scale=self.scale)
-        y = y.transpose(1, 2).reshape(B, T, h * hd)
-        return F.linear(y, self.c_proj.weight[:w, :h * hd])
+        y = attention(q, k.to(q.dtype), v.to(q.dtype), scale=self.scale, keep=keep)  # a cache may hold fp32
+        return F.linear(y.transpose(1, 2).reshape(B, T, h * hd), self.c_proj.weight[:w, :h * hd])
+
+    def forward(self, xn, w, cos_sin, kv_cache=None):
+        """xn: (B, T, n_embd) normalised input; returns (B, T, w)."""
+        k, v = self.project_kv(xn, w, cos_sin)
+        if kv_cache is not None:
+            k, v = kv_cache.insert(self.layer_idx, k, v)
+        return self.query_attend(xn, w, cos_sin, k, v)
 
 
     def forward_per_token(self, xn, widths, cos_sin):
@@ -228,17 +234,9 @@ class MatryoshkaAttention(nn.Module):
             k = torch.cat([torch.where(own, kw, k[:, :hkv]), k[:, hkv:]], dim=1)
             v = torch.cat([torch.where(own, vw, v[:, :hkv]), v[:, hkv:]], dim=1)
         y = xn.new_zeros(B, T, D)
-        hd, group = self.head_dim, self.n_head // self.n_kv_head
         for w in levels:
-            h, hkv = self.heads_at(w)
-            q = F.linear(xn[..., :w], self.c_q.weight[:h * hd, :w]).view(B, T, h, hd)
-            q = norm(apply_rotary_emb(q, *cos_sin)).transpose(1, 2)  # (B, h, T, hd)
-            kh, vh = k[:, :hkv], v[:, :hkv]
-            if h % hkv != 0:
-                kh = kh.repeat_interleave(group, dim=1)[:, :h]
-                vh = vh.repeat_interleave(group, dim=1)[:, :h]
-            yw = attention(q, kh, vh, scale=self.scale).transpose(1, 2).reshape(B, T, h * hd)
-            yw = F.pad(F.linear(yw, self.c_proj.weight[:w, :h * hd]), (0, D - w))
+            _, hkv = self.heads_at(w)
+            yw = F.pad(self.query_attend(xn, w, cos_sin, k[:, :hkv], v[:, :hkv]), (0, D - w))
             y = torch.where((widths == w).unsqueeze(-1), yw, y)
         return y
 

@@ -52,6 +52,16 @@ class MatryoshkaKVCache:
         self.heads[j][idx, pos:pos + T] = self.heads[j].new_full((), hkv)  # a device scalar: a Python one is copied over, a sync
         self.note_store(j, rows, pos, T, hkv)
 
+    def store_at(self, j, pos, k, v, xn):
+        """store() of every row at one position held on the device, pos (1,) long, for the static decode step,
+        which reads nothing back: k, v (B, hkv, 1, hd), xn (B, 1, D). The caller owes note_store its host side."""
+        hkv = k.size(1)
+        self.k[j][:, :hkv].index_copy_(2, pos, k.to(self.k[j].dtype))
+        self.v[j][:, :hkv].index_copy_(2, pos, v.to(self.v[j].dtype))
+        if hkv < self.n_kv_head:
+            self.xn[j].index_copy_(1, pos, xn.to(self.xn[j].dtype))  # allocated (ensure_xn) before any capture
+        self.heads[j].index_fill_(1, pos, hkv)
+
     def note_store(self, j, rows, pos, T, hkv):
         """The host-side summary of a store of positions pos..pos+T-1 of `rows` with hkv heads."""
         stored, fewest = self.stored[j], self.fewest[j]
