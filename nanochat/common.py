@@ -30,6 +30,18 @@ def get_logger(name):
     return logging.getLogger(name)
 
 
+_logged = set()
+
+
+def log_once(logger, msg):
+    """logger.info(msg) the first time this process sees msg (which path runs, say). Silent while torch.compile
+    traces: a log call there would break the graph."""
+    if torch.compiler.is_compiling() or msg in _logged:
+        return
+    _logged.add(msg)
+    logger.info(msg)
+
+
 def get_base_dir():
     """Where data, tokenizers and checkpoints live: $NANOCHAT_BASE_DIR or ~/.cache/nanochat."""
     base = os.environ.get("NANOCHAT_BASE_DIR") or os.path.join(os.path.expanduser("~"), ".cache", "nanochat")

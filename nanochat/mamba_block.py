@@ -37,6 +37,7 @@ import torch.nn.functional as F
 from nanochat.mamba_scan import (_compute_dtype, _segment_ids, selective_scan, selective_scan_reference,
                                    ssd_chunk_scan, ssd_reference)  # noqa: F401 (re-exported)
 from nanochat import mamba_ops
+from nanochat.common import log_once
 
 logger = logging.getLogger(__name__)
 
@@ -57,14 +58,6 @@ except ImportError as e:  # the depthwise conv then runs in PyTorch (same functi
     CONV_IMPORT_ERROR = f"{type(e).__name__}: {e}"
 
 PATHS = ("auto", "kernel", "torch")
-_logged = set()
-
-
-def _log_once(msg):
-    if torch.compiler.is_compiling() or msg in _logged:
-        return
-    _logged.add(msg)
-    logger.info(msg)
 
 
 @dataclass
@@ -209,9 +202,9 @@ class _MambaMixer(nn.Module):
             raise RuntimeError(f"{type(self).__name__}.path='kernel' but {reason}; use path='auto' or 'torch'")
         if reason is None:
             conv = "" if CONV_IMPORT_ERROR is None else f", depthwise conv in PyTorch ({CONV_IMPORT_ERROR})"
-            _log_once(f"{type(self).__name__} {what}: mamba-ssm kernels{conv}")
+            log_once(logger, f"{type(self).__name__} {what}: mamba-ssm kernels{conv}")
         else:
-            _log_once(f"{type(self).__name__} {what}: PyTorch path ({reason})")
+            log_once(logger, f"{type(self).__name__} {what}: PyTorch path ({reason})")
         return reason is None
 
     def forward(self, hidden_states, inference_params=None, mask=None, seq_idx=None):
