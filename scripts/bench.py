@@ -698,6 +698,7 @@ def cmd_decode(args, device):
 # -----------------------------------------------------------------------------
 
 def get_args(argv=None):
+    from nanochat.engine import DECODE_PATHS
     p = argparse.ArgumentParser(description="Adamba benchmarks (see the module docstring)")
     p.add_argument("--device", type=str, default="", help="cuda|cpu (empty = autodetect)")
     p.add_argument("--warmup", type=int, default=3, help="untimed calls first (the first also reports its wall time)")
@@ -746,9 +747,9 @@ def get_args(argv=None):
             t.add_argument("--exit-stride", type=int, default=1, help="the hybrids' gated exits: after every Nth block "
                            "(1 = HybridConfig's default); in gated modes (auto) each gate costs a host-device sync")
             t.add_argument("--prefill-reps", type=int, default=2)
-            t.add_argument("--engine-decode", type=str, default="auto", choices=("auto", "eager", "static", "graph"),
+            t.add_argument("--engine-decode", type=str, default="auto", choices=DECODE_PATHS,
                            help="the hybrids' decode path (nanochat.engine.Engine): auto = CUDA graphs on CUDA where the "
-                           "step allows them (not with gates), else the eager per-block step")
+                           "step allows them (one plan for every row, and one row when gates are on), else the eager step")
             t.add_argument("--weights", type=str, default="fp32", choices=("fp32", "bf16"),
                            help="fp32 weights under bf16 autocast (scripts.generate's setting), or bf16 weights and caches")
             t.add_argument("--memory-only", action="store_true", help="only the cache formula per mode (checked against "

@@ -92,7 +92,6 @@ def test_train(capsys):
     assert rows[("hybrid", "2")]["exec_flops_per_tok_G"] > rows[("hybrid", "2")]["flops_per_tok_G"]
 
 
-
 def test_train_grad_accum_counts_every_micro_batch(capsys):
     res, out = run(capsys, ["train", "--depth", "2", "--seq-len", "16", "--batch", "2", "--vocab-size", "128",
                             "--models", "dense", "--grad-accum", "3", "--compile", "none"])
