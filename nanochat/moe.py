@@ -22,12 +22,8 @@ torch._grouped_mm with group ends offs = cumsum(kept per expert) (CUDA bf16 on s
 rows a multiple of 16 bytes; under torch.compile bf16 only), whose outputs for the rows past offs[-1]
 are undefined memory; or torch.bmm on an (E, capacity, w) zero-padded buffer otherwise (dropless: padded
 to the largest load, one host sync). The dropped rows' outputs are set to 0 with torch.where (0 * NaN
-would be NaN) and their gradients never reach x. `moe_reference` is the plain per-expert loop every path
-is tested against.
-dispatch="triton" (what "auto" picks on CUDA) runs the experts as two custom ops of nanochat/moe_triton.py:
-the same rows and groups, with the gathers, ReLU^2, gate, masks and return to token order in a few Triton
-kernels around grouped_mm's GEMMs (or inside Triton GEMMs where grouped_mm cannot run), instead of the ~60
-small ops of the grouped_mm path. CPU tests run it under TRITON_INTERPRET=1.
+would be NaN) and their gradients never reach x. `moe_reference` is the plain per-expert loop both paths
+are tested against.
 
 Also here: create_mamba_moe / MambaMoEModel, layers of Mamba mixer + MoE FFN.
 """
@@ -40,12 +36,6 @@ import torch.distributed as dist
 
 from nanochat.common import get_logger
 
-try:  # the fused expert kernels (dispatch="triton"); imported here, where torch.compile never traces the import
-    from nanochat import moe_triton
-    TRITON_IMPORT_ERROR = None
-except ImportError as e:  # Triton not installed
-    moe_triton, TRITON_IMPORT_ERROR = None, e
-
 logger = get_logger(__name__)
 _LOGGED_DISPATCH = set()
 
@@ -55,24 +45,6 @@ def _log_dispatch_once(path, why):
     if path not in _LOGGED_DISPATCH:
         _LOGGED_DISPATCH.add(path)
         logger.info(f"MoE expert dispatch: {path} ({why})")
-
-
-def triton_supported(dtype, device):
-    """
-    (ok, why): can nanochat.moe_triton's fused expert kernels run here? CUDA (bf16, fp16, or fp32 with exact
-    fp32 dots) with Triton installed; on a CPU only under TRITON_INTERPRET=1 (the kernels' test mode: slow).
-    """
-    if moe_triton is None:
-        return False, f"Triton kernels not importable: {TRITON_IMPORT_ERROR}"
-    device = torch.device(device)
-    interpret = moe_triton.INTERPRET
-    if device.type == "cuda" and not interpret:
-        if dtype not in (torch.bfloat16, torch.float16, torch.float32):
-            return False, f"the Triton expert kernels want bf16, fp16 or fp32 on CUDA, compute dtype is {dtype}"
-        return True, f"Triton fused expert kernels, {dtype} on CUDA"
-    if device.type == "cpu" and interpret:
-        return True, f"Triton fused expert kernels under TRITON_INTERPRET=1 (tests), {dtype} on CPU"
-    return False, f"no Triton expert kernels on {device.type}" + ("" if interpret else " without TRITON_INTERPRET=1")
 
 
 def grouped_mm_supported(dtype, device, row_sizes, compiled=None):
@@ -106,9 +78,6 @@ def grouped_mm_supported(dtype, device, row_sizes, compiled=None):
     if any(s * dtype.itemsize % 16 for s in row_sizes):
         return False, f"row sizes {tuple(row_sizes)} x {dtype.itemsize} bytes are not all multiples of 16 bytes"
     return True, f"torch._grouped_mm, {dtype} on {device.type}"
-
-
-DISPATCH_PATHS = ("auto", "triton", "grouped_mm", "bmm")
 
 
 class MoE(nn.Module):
@@ -149,15 +118,14 @@ class MoE(nn.Module):
             raise ValueError(f"top_k={top_k} must be in [1, num_experts={num_experts}]")
         if capacity_factor <= 0 or min_capacity < 0:
             raise ValueError(f"capacity_factor={capacity_factor} must be > 0 and min_capacity={min_capacity} >= 0")
-        if dispatch not in DISPATCH_PATHS:
-            raise ValueError(f"dispatch={dispatch!r}: use one of {DISPATCH_PATHS}")
+        if dispatch not in ("auto", "grouped_mm", "bmm"):
+            raise ValueError(f"dispatch={dispatch!r}: use 'auto', 'grouped_mm' or 'bmm'")
         self.dim, self.num_experts, self.expert_dim, self.top_k = dim, num_experts, expert_dim, top_k
         self.capacity_factor, self.min_capacity, self.drop_tokens = capacity_factor, min_capacity, drop_tokens
         self.router_z_loss_coef, self.aux_loss_coef = router_z_loss_coef, aux_loss_coef
         self.bias_balancing, self.bias_update_rate = bias_balancing, bias_update_rate
         self.straight_gate = straight_gate
         self.dispatch = dispatch  # may be changed on the instance, e.g. by tests and benchmarks
-        self.triton_gemm = "auto"  # dispatch="triton": "grouped_mm" (CUTLASS) or "triton" GEMMs; auto: grouped_mm where it runs
         factory = dict(device=device, dtype=dtype)
         self.router = nn.Linear(dim, num_experts, bias=False, **factory)
         self.w_in = nn.Parameter(torch.empty(num_experts, expert_dim, dim, **factory))   # (E, H, D)
@@ -270,14 +238,6 @@ class MoE(nn.Module):
     def _pick_path(self, dtype, device, w, h_w):
         if self.dispatch == "bmm":
             return "bmm", "forced by dispatch='bmm'"
-        # auto takes Triton on CUDA in 16-bit only: the interpreter (a CPU) is for tests that ask for it by name
-        if self.dispatch == "triton" or (self.dispatch == "auto" and torch.device(device).type == "cuda"
-                                         and dtype in (torch.bfloat16, torch.float16)):
-            ok, why = triton_supported(dtype, device)
-            if self.dispatch == "triton" and not ok:
-                raise RuntimeError(f"dispatch='triton' cannot run here: {why}; use dispatch='auto', 'grouped_mm' or 'bmm'")
-            if ok:
-                return "triton", why
         ok, why = grouped_mm_supported(dtype, device, (w, h_w, self.dim, self.expert_dim))
         if self.dispatch == "grouped_mm" and not ok:
             raise RuntimeError(f"dispatch='grouped_mm' cannot run here: {why}; use dispatch='auto' or 'bmm'")
@@ -321,23 +281,13 @@ class MoE(nn.Module):
             row = torch.where(pos < capacity, ks + pos, n_kept + ar - ks - capacity)
             order = torch.empty_like(by_expert).scatter_(0, row, by_expert)  # (nk,) a permutation
             keep_row = ar < n_kept  # (nk,) rows that belong to an expert's group
+        inv = torch.empty_like(order).scatter_(0, order, ar)  # (nk,) the inverse permutation
 
         path, why = self._pick_path(cdtype, dev, w, h_w)
         if not torch.compiler.is_compiling():  # a logging call would break the compiled graph
             _log_dispatch_once(path, why)
-        full = (w, h_w) == (self.dim, self.expert_dim)  # no slice op: its backward would write a zeroed copy
-        w_in = (self.w_in if full else self.w_in[:, :h_w, :w]).to(cdtype)  # (E, h_w, w)
-        w_out = (self.w_out if full else self.w_out[:, :w, :h_w]).to(cdtype)  # (E, w, h_w)
-        if path == "triton":
-            gemm = self.triton_gemm
-            if gemm == "auto":  # CUTLASS where grouped_mm runs (sm90 bf16; CPU), else the Triton GEMMs
-                # compiled=False: inside the custom op, grouped_mm runs eager even when the MoE is compiled
-                gemm = "grouped_mm" if grouped_mm_supported(cdtype, dev, (w, h_w, self.dim, self.expert_dim),
-                                                             compiled=False)[0] else "triton"
-            out_r = moe_triton.fused_experts(xr.to(cdtype).contiguous(), w_in, w_out, gate.reshape(-1).float(), order,
-                                             kept_counts, k, keep_row is not None, gemm=gemm)
-            return self._finish(out_r, logits, probs, counts, kept_counts, n, nk, real, B, T, w)
-        inv = torch.empty_like(order).scatter_(0, order, ar)  # (nk,) the inverse permutation
+        w_in = self.w_in[:, :h_w, :w].to(cdtype)  # (E, h_w, w)
+        w_out = self.w_out[:, :w, :h_w].to(cdtype)  # (E, w, h_w)
         xs = _TokensToRows.apply(xr.to(cdtype), order, inv, keep_row, k)  # (nk, w) tokens grouped by expert
         # autocast off: the operands are already in cdtype, and autocast would run square() in fp32
         with torch.autocast(device_type=dev.type, enabled=False):
@@ -365,11 +315,7 @@ class MoE(nn.Module):
         ys = _RowsToSlots.apply(ys, order, inv)  # (nk, w) in slot order
         gate = gate.to(cdtype)
         out_r = (ys.view(n, k, w) * gate[..., None]).sum(1) if k > 1 else ys * gate  # (n, w)
-        return self._finish(out_r, logits, probs, counts, kept_counts, n, nk, real, B, T, w)
 
-    def _finish(self, out_r, logits, probs, counts, kept_counts, n, nk, real, B, T, w):
-        # losses, balancing load and stats of this call; the real tokens' outputs back into (B, T, w)
-        dev = out_r.device
         self._set_losses(logits, probs, counts, n)
         if self.bias_balancing and self.training:
             self._load_accum += counts

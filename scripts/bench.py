@@ -3,7 +3,7 @@ Benchmarks on one device, each printing a table with its targets (pass/fail) and
 one JSON object with the environment (device, torch, date, kernel versions) and every number.
 
     python -m scripts.bench mamba   # Mamba/Mamba2 fwd+bwd: mamba-ssm itself, our kernel and PyTorch paths eager and compiled; step()
-    python -m scripts.bench moe     # MoE fwd+bwd: Triton fused vs torch._grouped_mm vs bmm vs the per-expert loop vs a dense FFN of equal active FLOPs
+    python -m scripts.bench moe     # MoE fwd+bwd: torch._grouped_mm vs bmm vs the per-expert loop vs a dense FFN of equal active FLOPs
     python -m scripts.bench train   # training tokens/s and MFU: dense GPT vs hybrids, phase-1 and phase-2 settings
     python -m scripts.bench decode  # prefill/decode tokens/s and KV + SSM cache memory: dense GPT vs hybrid modes
 
@@ -110,6 +110,21 @@ def measure(fn, device, warmup, iters):
         return {"error": msg}
     peak = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
     return {"ms": ms, "first_s": first_s, "peak_gib": peak}
+
+
+def cuda_graphed(fn, warmup=3):
+    """fn captured as one CUDA graph (after warmup calls on a side stream, as capture requires); returns its replay.
+    Host launch time drops out, so a timed replay measures the device. fn must not sync with the host."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(warmup):
+            fn()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        fn()
+    return graph.replay
 
 
 def progress(row):
@@ -304,13 +319,8 @@ def cmd_mamba(args, device):
 # -----------------------------------------------------------------------------
 # moe: grouped_mm vs bmm vs per-expert loop vs dense FFN of equal active FLOPs
 
-MOE_IMPLS = {"triton": "MoE triton, grouped_mm GEMMs", "triton-gemm": "MoE triton, Triton GEMMs",
-             "grouped_mm": "MoE grouped_mm", "bmm": "MoE bmm (padded)", "loop": "MoE per-expert loop",
-             "dense": "dense ReLU^2 FFN"}
-
-
 def cmd_moe(args, device):
-    from nanochat.moe import MoE, moe_reference, grouped_mm_supported, triton_supported
+    from nanochat.moe import MoE, moe_reference, grouped_mm_supported
     dt = torch.bfloat16 if device.type == "cuda" else torch.float32
     torch.manual_seed(0)
     D, H, E, k = args.d_model, args.expert_dim, args.experts, args.top_k
@@ -325,7 +335,7 @@ def cmd_moe(args, device):
 
     def dense(t):
         return F.linear(F.relu(F.linear(t, w1)).square(), w2)
-    # --compile: MoE (every dispatch, one graph each: dynamo guards on moe.dispatch) and the dense FFN through
+    # --compile: MoE (both dispatches, one graph each: dynamo guards on moe.dispatch) and the dense FFN through
     # torch.compile, fullgraph so that a graph break or a host sync fails loudly; the loop reference stays eager
     wrap = (lambda f: torch.compile(f, fullgraph=True, backend=args.compile_backend)) if args.compile else (lambda f: f)
     moe_fn, dense_fn = wrap(moe), wrap(dense)
@@ -335,41 +345,42 @@ def cmd_moe(args, device):
             return dense_fn(x)
         if kind == "loop":
             return moe_reference(moe, x)[0]
-        moe.dispatch = "triton" if kind.startswith("triton") else kind
-        moe.triton_gemm = "triton" if kind == "triton-gemm" else "auto"  # auto: grouped_mm where it runs
+        moe.dispatch = kind
         return moe_fn(x)
 
-    def available(kind):
-        if kind == "grouped_mm":
-            return grouped_mm_supported(dt, device, (D, H), compiled=args.compile)
-        return triton_supported(dt, device) if kind.startswith("triton") else (True, "")
-
-    kinds = list(MOE_IMPLS)
     rows, out, profiles = [], {}, {}
-    for kind in kinds:
+    names = {"grouped_mm": "MoE grouped_mm", "bmm": "MoE bmm (padded)", "loop": "MoE per-expert loop", "dense": "dense ReLU^2 FFN"}
+    graph = args.cuda_graph and device.type == "cuda"
+    for kind in ("grouped_mm", "bmm", "loop", "dense"):
         def fwd_bwd(kind=kind):
             run(kind).backward(g)
-        ok, why = available(kind)
-        r = measure(fwd_bwd, device, args.warmup, args.iters) if ok else {"error": f"unavailable: {why}"}
-        row = {"impl": MOE_IMPLS[kind], **r}
+        ok, why = grouped_mm_supported(dt, device, (D, H), compiled=args.compile) if kind == "grouped_mm" else (True, "")
+        fn = fwd_bwd
+        if ok and graph and kind != "loop":  # the loop syncs (nonzero per expert): it stays eager
+            try:
+                fn = cuda_graphed(fwd_bwd)
+            except Exception as e:  # noqa: BLE001 -- the row reports it
+                ok, why = False, f"CUDA graph capture failed: {error_text(e)}"
+        r = measure(fn, device, args.warmup, args.iters) if ok else {"error": f"unavailable: {why}"}
+        row = {"impl": names[kind], **r}
         if "ms" in r:
             row["tok_per_s"] = x.shape[0] * T / r["ms"] * 1e3
             with torch.no_grad():
                 out[kind] = run(kind).float()
-            if args.profile and kind in ("triton", "triton-gemm", "grouped_mm", "dense"):
-                profiles[MOE_IMPLS[kind]] = top_kernels(fwd_bwd, device)
+            if args.profile and kind in ("grouped_mm", "dense"):
+                profiles[names[kind]] = top_kernels(fwd_bwd, device)
         progress(row)
         rows.append(row)
-    for row, kind in zip(rows, kinds):
+    for row, kind in zip(rows, ("grouped_mm", "bmm", "loop", "dense")):
         if kind in out and "loop" in out and kind != "dense":
             row["max_diff_vs_loop"] = (out[kind] - out["loop"]).abs().max().item()
     stats = moe.last_stats
-    by = dict(zip(kinds, rows))
-    # the targets judge what MoE(dispatch="auto") runs on this device: triton on CUDA, else grouped_mm or bmm
-    best = next(kd for kd in ("triton", "grouped_mm", "bmm") if "ms" in by[kd] and (kd != "triton" or device.type == "cuda"))
-    targets = [target(f"loop / {best} time ({E} experts, top-{k})", ratio(by["loop"], by[best]), 3.0, ">="),
-               target(f"{best} / dense FFN of equal active FLOPs time", ratio(by[best], by["dense"]), 1.3, "<=")]
+    by = {k: r for k, r in zip(("grouped_mm", "bmm", "loop", "dense"), rows)}
+    targets = [target(f"loop / grouped_mm time ({E} experts, top-{k})", ratio(by["loop"], by["grouped_mm"]), 3.0, ">="),
+               target("grouped_mm / dense FFN of equal active FLOPs time", ratio(by["grouped_mm"], by["dense"]), 1.3, "<=")]
     how = f"torch.compile ({args.compile_backend}, fullgraph; the loop eager)" if args.compile else "eager"
+    if graph:
+        how += ", each fwd+bwd replayed as one CUDA graph (device time; the loop not)"
     print_table(f"MoE fwd+bwd: {x.shape[0] * T} tokens, d_model {D}, {E} experts x {H}, top-{k}, capacity factor "
                 f"{args.capacity_factor}, {str(dt).replace('torch.', '')} weights and activations, {how}", rows,
                 [("impl", "impl", ""), ("ms", "ms", ".3f"), ("tok_per_s", "tokens/s", ",.0f"), ("peak_gib", "peak GiB", ".2f"),
@@ -380,7 +391,8 @@ def cmd_moe(args, device):
         print_profile(name, p)
     return finish("moe", args, device, {"rows": rows, "targets": targets, "tokens_per_expert": load,
                                         "dropped": stats["dropped"] if stats else None, "profiles": profiles,
-                                        "compile": args.compile, "compile_backend": args.compile_backend if args.compile else None})
+                                        "compile": args.compile, "compile_backend": args.compile_backend if args.compile else None,
+                                        "cuda_graph": graph})
 
 
 # -----------------------------------------------------------------------------
@@ -733,8 +745,10 @@ def get_args(argv=None):
     e.add_argument("--experts", type=int, default=8)
     e.add_argument("--top-k", type=int, default=1)
     e.add_argument("--capacity-factor", type=float, default=1.25, help="HybridConfig's default")
-    e.add_argument("--compile", action="store_true", help="torch.compile (--compile-backend, fullgraph) every MoE "
-                   "dispatch and the dense FFN, to compare compiled with compiled; the loop reference stays eager")
+    e.add_argument("--compile", action="store_true", help="torch.compile (--compile-backend, fullgraph) the grouped_mm "
+                   "and bmm MoE and the dense FFN, to compare compiled with compiled; the loop reference stays eager")
+    e.add_argument("--cuda-graph", action="store_true", help="CUDA only: time each fwd+bwd (but the loop's) as a "
+                   "replayed CUDA graph, so host launch overhead drops out and the ratios are the device's")
     for name, helptext in (("train", "training step throughput and MFU"), ("decode", "prefill/decode speed and cache memory")):
         t = sub.add_parser(name, help=helptext)
         t.add_argument("--depth", type=int, default=20, help="nanochat depth dial: width 64*depth, heads of 128")

@@ -1,6 +1,5 @@
 """
-Shared test setup: few threads (the CI machine is small and shared), Triton's interpreter on a machine without
-CUDA, fixed seeds, and a
+Shared test setup: few threads (the CI machine is small and shared), fixed seeds, and a
 session-wide tiny corpus + tokenizer (`tiny_data`) that any test file can reuse.
 """
 import os
@@ -10,12 +9,6 @@ import pytest
 import torch
 
 torch.set_num_threads(2)
-
-# Without a GPU, Triton kernels (nanochat/moe_triton.py, MoE dispatch="triton") run in Triton's interpreter. It
-# must be chosen before any kernel is defined, so here, for the whole session; MoE(dispatch="auto") never picks
-# the interpreter, so only tests that ask for dispatch="triton" run it.
-if not torch.cuda.is_available():
-    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 TINY_VOCAB_SIZE = 512
 
