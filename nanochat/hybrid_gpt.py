@@ -204,7 +204,7 @@ class MatryoshkaAttention(nn.Module):
             group = self.n_head // self.n_kv_head
             k = k.repeat_interleave(group, dim=1)[:, :h]
             v = v.repeat_interleave(group, dim=1)[:, :h]
-        y = attention(q, k.to(q.dtype), v.to(q.dtype), scale=self.scale, keep=keep)  # a cache may hold fp32
+        y = attention(q, k, v, scale=self.scale, keep=keep)  # a cache may hold fp32: attention() casts
         return F.linear(y.transpose(1, 2).reshape(B, T, h * hd), self.c_proj.weight[:w, :h * hd])
 
     def forward(self, xn, w, cos_sin, kv_cache=None):

@@ -127,6 +127,30 @@ def test_gqa_equals_mha_with_repeated_kv_heads():
         assert (gqa(idx) - mha(idx)).abs().max().item() < 1e-5
 
 
+@pytest.mark.parametrize("hq,hkv", [(4, 4), (4, 2), (6, 1)])
+@pytest.mark.parametrize("per_head_mask", [False, True])
+def test_single_query_attention_equals_masked_sdpa(hq, hkv, per_head_mask):
+    # the static decode step's path (one query over a key buffer with a mask) against SDPA's masked math in
+    # float64; fp32 1e-5; bf16 queries over an fp32 cache (autocast's case) 2e-2, bf16's rounding of the output
+    from nanochat.gpt import attention, single_query_attention
+    torch.manual_seed(0)
+    B, L, D = 3, 37, 16
+    q = torch.randn(B, hq, 1, D)
+    k, v = torch.randn(B, hkv, L, D), torch.randn(B, hkv, L, D)
+    lengths = torch.tensor([1, 20, 37])
+    keep = (torch.arange(L) < lengths[:, None]).view(B, 1, 1, L)
+    if per_head_mask:  # each head sees a different prefix: checks the GQA grouping of the mask
+        keep = keep & (torch.arange(L) < (L - torch.arange(hq))[:, None]).view(1, hq, 1, L)
+        keep[..., 0] = True
+    ref = torch.nn.functional.scaled_dot_product_attention(q.double(), k.double(), v.double(), attn_mask=keep,
+                                                           enable_gqa=hq != hkv)
+    got = attention(q, k, v, keep=keep)
+    torch.testing.assert_close(got.double(), ref, rtol=1e-5, atol=1e-5)
+    got16 = single_query_attention(q.bfloat16(), k, v, None, keep)
+    assert got16.dtype == torch.bfloat16
+    torch.testing.assert_close(got16.double(), ref, rtol=2e-2, atol=2e-2)
+
+
 def test_gqa_bad_head_counts_are_errors():
     with pytest.raises(ValueError, match="multiple of n_kv_head"):
         GPT(tiny_config(n_head=4, n_kv_head=3))
