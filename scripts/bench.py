@@ -13,23 +13,18 @@ the work done does not depend on their values, except where routing or gating de
 loads, decode mode 'auto'), which the tables say. --profile adds the top kernels (torch.profiler,
 self device time) of the rows the targets compare, so a missed target comes with its cause.
 
-FLOP convention (MFU), as scripts.fractal_train: FLOPs/token = model.estimate_flops(plan) = 3 x forward
-(2 per multiply-accumulate of every weight matmul, attention at the mean causal context T/2, Mamba conv
-and scan, MoE router + top-k experts), summed over the plans a step runs; MFU = that x tokens/s / peak,
-peak = dense bf16 of H100 SXM and H200 (same chip): 989.4e12. The 'exec' MFU column adds what the
-convention leaves out or removes what does not run (exit readouts; frozen weights' gradients in phase 1).
+The mamba and moe subcommands and the shared helpers (timing, tables, targets, the JSON line) are here;
+train is in scripts/bench_train.py (with the FLOP convention of its MFU), decode in scripts/bench_decode.py.
 """
 import os
 os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
 import gc
 import sys
 import json
-import math
 import time
 import argparse
 import statistics
 import subprocess
-from contextlib import nullcontext
 from datetime import datetime, timezone
 from importlib import metadata
 
@@ -37,8 +32,6 @@ import torch
 import torch.nn.functional as F
 
 from nanochat.common import autodetect_device_type, autocast_context, synchronize as sync
-from nanochat.train_utils import peak_flops  # dense bf16 tensor-core FLOP/s per device kind
-
 
 
 # -----------------------------------------------------------------------------
@@ -115,6 +108,9 @@ def measure(fn, device, warmup, iters):
 def cuda_graphed(fn, warmup=3):
     """fn captured as one CUDA graph (after warmup calls on a side stream, as capture requires); returns its replay.
     Host launch time drops out, so a timed replay measures the device. fn must not sync with the host."""
+    # the warmup runs backward on the side stream while the leaves' gradient accumulators were made on the
+    # default one: autograd warns about the stream change, which is what capture needs here
+    torch.autograd.graph.set_warn_on_accumulate_grad_stream_mismatch(False)
     side = torch.cuda.Stream()
     side.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(side):
@@ -396,331 +392,6 @@ def cmd_moe(args, device):
 
 
 # -----------------------------------------------------------------------------
-# train: tokens/s and MFU of one training step (fwd+bwd of every plan, clip, Muon + AdamW step)
-
-def train_models(args):
-    """(name, kind, config) of the benchmarked models: the dense GPT, the hybrid scripts.surgery makes
-    from it (pattern AM: one Mamba block after each attention block), and a hybrid of depth blocks in
-    total (about the dense model's parameter count)."""
-    from nanochat.gpt import GPTConfig
-    from nanochat.hybrid_gpt import HybridConfig
-    from nanochat.surgery import hybrid_n_layer
-    D, nh = model_dims(args.depth)
-    common = dict(sequence_len=args.seq_len, vocab_size=args.vocab_size, n_head=nh, n_kv_head=nh, n_embd=D)
-    hyb = dict(layer_pattern="AM", ffn_pattern="DD", mamba_version=args.mamba, adaptive=False, **common)
-    models = {"dense": ("gpt", GPTConfig(n_layer=args.depth, **common)),
-              "hybrid": ("hybrid", HybridConfig(n_layer=hybrid_n_layer(args.depth, "AM"), **hyb)),
-              "hybrid-eq": ("hybrid", HybridConfig(n_layer=args.depth, **hyb))}
-    return [(n, *models[n]) for n in args.models.split(",")]
-
-
-def build_model(kind, config, device):
-    from nanochat.gpt import GPT
-    from nanochat.hybrid_gpt import HybridGPT
-    with torch.device(device):
-        model = GPT(config) if kind == "gpt" else HybridGPT(config)
-        model.init_weights()
-    return model
-
-
-def train_flops(model, kind, phase, plans, T, exits):
-    """(convention FLOPs per token, executed FLOPs per token) of one step; see the module docstring."""
-    if kind == "gpt":
-        f = model.estimate_flops()
-        return f, f
-    conv = sum(model.estimate_flops(p) for p in plans)
-    c = model.config
-    if phase == "1":  # frozen weights get no weight gradient: 2x forward, + 1x forward of the trainable matmuls
-        rows = model.flops_breakdown(T / 2)
-        trainable = sum(r.get("mamba_proj", 0) + r.get("mlp", 0) + r.get("moe", 0) for r in rows[:-1] if r["kind"][0] == "M")
-        return conv, 2 * model.forward_flops_per_token(T / 2) + trainable
-    if not exits:
-        return conv, conv
-    # HybridGPT.forward(return_exits=True): every exit but the last (which reuses the final logits) is read out in
-    # checkpointed chunks: forward, recomputed forward in backward, backward (2x) = 4 readouts' FLOPs each
-    n = len(c.exit_blocks())
-    return conv, conv + 4 * 2 * c.n_embd * c.vocab_size * (n - 1)
-
-
-def train_one(args, device, name, kind, config, phase, exit_stride):
-    """One row: build, freeze (phase 1), compile, then time whole optimizer steps; halve the batch on OOM."""
-    from nanochat.optim import setup_optimizers
-    from nanochat.matryoshka import sample_plans, plan_rng
-    actx = autocast_context(device.type)
-    T = args.seq_len
-    if exit_stride is not None:
-        config.exit_stride = exit_stride
-    free_memory(device)
-    torch.manual_seed(args.seed)
-    model = build_model(kind, config, device)
-    model.train()
-    if phase == "1":  # as fractal_train: the blocks surgery added (Mamba mixer + its FFN) train, the rest is frozen
-        for n, p in model.named_parameters():
-            p.requires_grad_(n.startswith("transformer.h.") and config.mixer_kind(int(n.split(".")[2])) == "M")
-    optimizers = setup_optimizers(model)  # Muon + AdamW over the trainable parameters
-    params = [p for p in model.parameters() if p.requires_grad]
-    if args.compile == "blocks":
-        for block in model.transformer.h:
-            block.compile(dynamic=False, backend=args.compile_backend)
-    run_model = torch.compile(model, dynamic=False, backend=args.compile_backend) if args.compile == "model" else model
-    if phase != "2":
-        plans = [None]
-    else:  # the sandwich: full, smallest, one random uniform level (fixed here, so compiled graphs are reused)
-        plans = sample_plans(config.width_levels, config.n_layer, plan_rng(args.seed), 1, per_block=False)
-    exits = phase == "2" and len(config.exit_blocks()) > 1
-    row = {"model": name, "params_M": sum(p.numel() for p in model.parameters()) / 1e6,
-           "trainable_M": sum(p.numel() for p in params) / 1e6, "phase": phase,
-           "plans": "full" if plans == [None] else "+".join(str(p[0]) for p in plans), "exit_stride": exit_stride}
-    B, oom = args.batch, []
-    while True:
-        x = torch.randint(0, config.vocab_size, (B, T), device=device)
-        y = torch.randint(0, config.vocab_size, (B, T), device=device)
-
-        def step():
-            for _ in range(args.grad_accum):  # the same rows each time: only the timing matters here
-                for i, plan in enumerate(plans):
-                    with actx:
-                        if exits and i == 0:  # fractal_train's full-width forward: exit readouts + their CE
-                            out = run_model(x, y, width=plan, return_exits=True)
-                            loss = out.loss + args.exit_loss_weight * out.exit_losses[:-1].mean()
-                        elif kind == "gpt":
-                            loss = run_model(x, y)
-                        else:
-                            loss = run_model(x, y, width=plan)
-                    (loss / (len(plans) * args.grad_accum)).backward()
-            torch.nn.utils.clip_grad_norm_(params, 1.0)
-            for opt in optimizers:
-                opt.step()
-            model.zero_grad(set_to_none=True)
-        r = measure(step, device, args.warmup, args.iters)
-        if r.get("error", "").startswith("OutOfMemoryError") and B > 1:
-            oom.append(B)
-            model.zero_grad(set_to_none=True)
-            B //= 2
-            continue
-        break
-    row.update(r, batch=B, grad_accum=args.grad_accum)
-    if oom:
-        row["note"] = f"OOM at batch {oom}"
-    if "ms" in r:
-        conv, execf = train_flops(model, kind, phase, plans, T, exits)
-        tps = args.grad_accum * B * T / r["ms"] * 1e3
-        row.update(tok_per_s=tps, flops_per_tok_G=conv / 1e9, exec_flops_per_tok_G=execf / 1e9)
-        peak = peak_flops(device)
-        if peak:
-            row.update(mfu=100 * conv * tps / peak, mfu_exec=100 * execf * tps / peak)
-        if args.profile:
-            row["profile"] = top_kernels(step, device, n=25, steps=1)
-    return row
-
-
-def cmd_train(args, device):
-    import torch._dynamo
-    torch._dynamo.config.cache_size_limit = 64  # one graph per (block kind, width, grad mode) is expected
-    rows = []
-    for name, kind, config in train_models(args):
-        for phase in (["all"] if kind == "gpt" else args.phases.split(",")):
-            for stride in ([int(s) for s in args.exit_strides.split(",")] if phase == "2" else [None]):
-                rows.append(train_one(args, device, name, kind, config, phase, stride))
-                progress(rows[-1])
-    D = model_dims(args.depth)[0]
-    print_table(f"training step (accum x fwd+bwd of every plan, clip, Muon + AdamW), T={args.seq_len}, vocab {args.vocab_size}, "
-                f"depth {args.depth} (width {D}), compile={args.compile}, Mamba-{args.mamba}", rows,
-                [("model", "model", ""), ("phase", "phase", ""), ("plans", "plans", ""), ("exit_stride", "exits every", "d"),
-                 ("params_M", "params M", ",.0f"), ("trainable_M", "trainable M", ",.0f"), ("batch", "B", "d"),
-                 ("grad_accum", "accum", "d"),
-                 ("ms", "ms/step", ".0f"), ("tok_per_s", "tokens/s", ",.0f"), ("flops_per_tok_G", "GFLOP/tok", ".2f"),
-                 ("mfu", "MFU %", ".1f"), ("exec_flops_per_tok_G", "exec GFLOP/tok", ".2f"), ("mfu_exec", "MFU exec %", ".1f"),
-                 ("peak_gib", "peak GiB", ".1f"), ("first_s", "first step s", ".0f"), ("note", "note", "")])
-    for r in rows:
-        if "profile" in r:
-            print_profile(f"{r['model']} phase {r['phase']} exits every {r['exit_stride']}", r["profile"])
-    return finish("train", args, device, {"rows": rows, "peak_flops": peak_flops(device)})
-
-
-# -----------------------------------------------------------------------------
-# decode: prefill and per-token decode, cache memory (measured, counted, analytic)
-
-def cache_bytes_analytic(config, B, L, nbytes, narrow):
-    """KV + SSM cache bytes of nanochat.engine's caches for a HybridGPT (GPTConfig: plain K/V).
-    narrow: whether positions are stored with fewer KV heads than n_kv_head in every attention block (the
-    engine then keeps each block's normalised inputs, to fill the lacked heads; see stores_narrow_kv).
-    Returns dict kv, xn (those stored block inputs, else 0), heads (int16 head counts), ssm."""
-    hd = config.n_embd // config.n_head
-    if not hasattr(config, "layer_pattern"):
-        return {"kv": config.n_layer * 2 * B * config.n_kv_head * L * hd * nbytes, "xn": 0, "heads": 0, "ssm": 0}
-    n_attn = sum(config.mixer_kind(j) == "A" for j in range(config.n_layer))
-    n_mamba = config.n_layer - n_attn
-    d_inner = config.expand * config.n_embd
-    if config.mamba_version == 1:
-        per = d_inner * (config.d_conv + config.d_state)
-    else:
-        conv_dim = d_inner + 2 * config.mamba_ngroups * config.d_state
-        per = conv_dim * config.d_conv + d_inner * config.d_state
-    return {"kv": n_attn * 2 * B * config.n_kv_head * L * hd * nbytes,
-            "xn": n_attn * B * L * config.n_embd * nbytes if narrow else 0,
-            "heads": n_attn * B * L * 2, "ssm": n_mamba * B * per * nbytes}
-
-
-def stores_narrow_kv(config, mode):
-    """Whether decoding in `mode` stores positions with fewer KV heads than n_kv_head (what makes the engine
-    keep block inputs). A fixed mode's plan has one width for every block: it does so in all attention
-    blocks or in none. 'auto' does where its predictor picks a narrow width (blocks from predictor_after
-    on, per row): True, so its formula is an upper bound."""
-    from nanochat.matryoshka import mode_plan
-    from nanochat.hybrid_gpt import heads_at
-    if not hasattr(config, "layer_pattern") or mode in ("-", "think"):
-        return False
-    if mode == "auto":
-        return True
-    return any(heads_at(w, config.head_dim, config.n_head, config.n_kv_head)[1] < config.n_kv_head
-               for j, w in enumerate(mode_plan(mode, config.width_levels, config.n_layer)) if config.mixer_kind(j) == "A")
-
-
-def tensor_bytes(ts):
-    return sum(t.numel() * t.element_size() for t in ts)
-
-
-def engine_cache_bytes(kind, state):
-    """Bytes of the cache tensors a prefill allocated: GPT KVCache, or the engine's K/V, head counts,
-    Mamba states and stored block inputs (c.xn holds only the blocks that allocated them)."""
-    if kind == "gpt":
-        return tensor_bytes(state.k + state.v)
-    c = state.cache
-    return tensor_bytes([*c.k.values(), *c.v.values(), *c.xn.values(), *c.heads.values()]
-                        + [t for pair in state.ssm.values() for t in pair])
-
-
-def decode_one(args, device, model, engine, kind, mode, L, actx):
-    """Prefill a (B, L) prompt (median of --prefill-reps after one warmup), then --decode-tokens greedy steps."""
-    B, max_len = args.batch, L + args.decode_tokens + 8  # + the profiled steps
-    prompt = torch.randint(0, model.config.vocab_size, (B, L), device=device)
-    row = {}
-    prefill_ms = []
-    for _ in range(args.prefill_reps + 1):  # the first is warmup
-        state = logits = None  # the previous rep's cache must be gone before `before` is read
-        free_memory(device)
-        before = torch.cuda.memory_allocated(device) if device.type == "cuda" else 0
-        sync(device)
-        t0 = time.perf_counter()
-        with torch.inference_mode(), actx:
-            if kind == "gpt":
-                state = model.new_kv_cache(B, max_len)
-                logits = model(prompt, kv_cache=state)[:, -1].clone()  # not a view that keeps (B, T, V) alive
-            else:
-                state, logits, _, _ = engine.prefill(prompt, plan=mode, max_len=max_len)
-        sync(device)
-        prefill_ms.append((time.perf_counter() - t0) * 1e3)
-        after = torch.cuda.memory_allocated(device) if device.type == "cuda" else 0
-    row["prefill_ms"] = statistics.median(prefill_ms[1:])
-    row["prefill_tok_per_s"] = B * L / row["prefill_ms"] * 1e3
-    if device.type == "cuda":  # what stays allocated after prefill: the caches and the (B, V) logits
-        row["cache_measured_MiB"] = (after - before - logits.numel() * logits.element_size()) / 2**20
-    row["cache_counted_MiB"] = engine_cache_bytes(kind, state) / 2**20
-
-    def one(tok):
-        with torch.inference_mode(), actx:
-            if kind == "gpt":
-                return model(tok[:, None], kv_cache=state)[:, -1], None
-            lg, _, _, _, flops = engine.step(state, tok)
-            paths.add(engine.last_path)
-            return lg, flops
-    tok = logits.argmax(-1)
-    times, fracs, paths = [], [], set()
-    for _ in range(args.decode_tokens):
-        t0 = time.perf_counter()
-        lg, flops = one(tok)
-        tok = lg.argmax(-1)
-        sync(device)  # per-token latency as a user sees it: the step, then the next token on the host side
-        times.append((time.perf_counter() - t0) * 1e3)
-        if flops is not None:  # FLOPs fraction, outside the timed region: the full model at this context
-            fracs.append((flops.double().mean() / model.forward_flops_per_token(state.pos)).item())
-    warm = min(2, len(times) - 1)
-    row["decode_ms"] = statistics.median(times[warm:])
-    row["decode_tok_per_s"] = B / row["decode_ms"] * 1e3
-    if kind != "gpt":
-        row["compute_frac"] = statistics.mean(fracs)
-        row["path"] = "+".join(sorted(paths))
-    if args.profile and mode in ("-", "think"):
-        row["profile"] = top_kernels(lambda: one(tok), device, steps=4)
-    return row
-
-
-def cmd_decode(args, device):
-    from nanochat.gpt import GPTConfig
-    from nanochat.hybrid_gpt import HybridConfig
-    from nanochat.surgery import hybrid_n_layer
-    from nanochat.engine import Engine
-    # default as scripts.generate: fp32 weights under bf16 autocast on CUDA; the caches take the weights' dtype
-    bf16 = args.weights == "bf16"
-    actx = nullcontext() if bf16 else autocast_context(device.type)  # autocast_context is a no-op on CPU
-    nbytes = 2 if bf16 else 4
-    contexts = [int(s) for s in args.contexts.split(",")]
-    D, nh = model_dims(args.depth)
-    # the rotary tables hold 10 x sequence_len positions: size them for the longest context
-    seq = max(args.seq_len, math.ceil((max(contexts) + args.decode_tokens + 8) / 10))
-    common = dict(sequence_len=seq, vocab_size=args.vocab_size, n_head=nh, n_kv_head=nh, n_embd=D)
-    hyb = dict(layer_pattern="AM", ffn_pattern="DD", mamba_version=args.mamba, exit_stride=args.exit_stride, **common)
-    specs = [("dense", "gpt", GPTConfig(n_layer=args.depth, **common), ["-"]),
-             ("hybrid", "hybrid", HybridConfig(n_layer=hybrid_n_layer(args.depth, "AM"), **hyb),
-              args.modes.split(",")),  # narrow modes add the stored block inputs (stores_narrow_kv)
-             ("hybrid-eq", "hybrid", HybridConfig(n_layer=args.depth, **hyb), ["think"])]
-    B = args.batch
-    rows, targets = [], []
-    for name, kind, config, modes in specs:
-        model = engine = None
-        if not args.memory_only:
-            torch.manual_seed(args.seed)
-            model = build_model(kind, config, device).eval()
-            if bf16:
-                model = model.to(torch.bfloat16)
-            engine = Engine(model, decode=args.engine_decode)
-        for L in contexts:
-            for mode in modes:
-                row = {"model": name, "mode": mode, "context": L, "batch": B}
-                analytic = cache_bytes_analytic(config, B, L + args.decode_tokens + 8, nbytes, stores_narrow_kv(config, mode))
-                row.update(cache_analytic_MiB=sum(analytic.values()) / 2**20,
-                           kv_ssm_analytic_MiB=(analytic["kv"] + analytic["ssm"]) / 2**20)
-                if not args.memory_only:
-                    try:
-                        row.update(decode_one(args, device, model, engine, kind, mode, L, actx))
-                    except Exception as e:  # noqa: BLE001 -- reported in the table and the JSON, the other rows still run
-                        row["error"] = error_text(e)
-                        del e
-                        free_memory(device)
-                progress(row)
-                rows.append(row)
-        del model, engine
-    L = max(contexts)
-    by = {(r["model"], r["mode"], r["context"]): r for r in rows}
-    d = by[("dense", "-", L)]
-    for name in ("hybrid", "hybrid-eq"):
-        h = by[(name, "think", L)]
-        for key, what in (("cache_measured_MiB", "allocated"), ("cache_counted_MiB", "cache tensors"),
-                          ("cache_analytic_MiB", "formula")):
-            if key in h and key in d:
-                targets.append(target(f"{name} cache / dense cache at context {L} ({what})", h[key] / d[key], 0.5, "<="))
-        targets.append(target(f"{name} K/V + SSM alone / dense (formula, without the head counts)",
-                              h["kv_ssm_analytic_MiB"] / d["cache_analytic_MiB"], 0.5, "<=", "(what the layer pattern allows)"))
-    wdesc = "bf16 weights and caches" if bf16 else "fp32 weights and caches" + (", bf16 autocast" if device.type == "cuda" else "")
-    print_table(f"decode, batch {B}, {wdesc}, depth {args.depth} (width {D}), Mamba-{args.mamba}, "
-                f"{args.decode_tokens} decode steps, exits every {args.exit_stride} blocks", rows,
-                [("model", "model", ""), ("mode", "mode", ""), ("path", "step", ""), ("context", "context", "d"), ("prefill_ms", "prefill ms", ".1f"),
-                 ("prefill_tok_per_s", "prefill tok/s", ",.0f"), ("decode_ms", "ms/token", ".2f"),
-                 ("decode_tok_per_s", "decode tok/s", ",.1f"), ("compute_frac", "FLOPs vs full", ".2f"),
-                 ("cache_measured_MiB", "cache MiB (alloc)", ",.1f"), ("cache_counted_MiB", "cache MiB (tensors)", ",.1f"),
-                 ("cache_analytic_MiB", "cache MiB (formula)", ",.1f"), ("kv_ssm_analytic_MiB", "K/V+SSM MiB", ",.1f")])
-    print("  'hybrid' = what scripts.surgery makes (one Mamba block after each attention block); 'hybrid-eq' = as many"
-          " blocks as the dense model. Fresh weights: 'auto' follows an untrained width predictor and gates.\n"
-          "  Cache: K/V, int16 head counts and Mamba states; modes whose plan stores fewer KV heads than the model"
-          " has add each attention block's normalised inputs (B x T x n_embd); 'auto' formula = that bound.")
-    for r in rows:
-        if "profile" in r:
-            print_profile(f"{r['model']} {r['mode']} decode step, context {r['context']}", r["profile"])
-    return finish("decode", args, device, {"rows": rows, "targets": targets})
-
-
-# -----------------------------------------------------------------------------
 
 def get_args(argv=None):
     from nanochat.engine import DECODE_PATHS
@@ -785,6 +456,9 @@ def get_args(argv=None):
 
 
 def main(argv=None):
+    # train and decode import the shared helpers from this module: imported here, not at its top
+    from scripts.bench_train import cmd_train
+    from scripts.bench_decode import cmd_decode
     args = get_args(argv)
     device = torch.device(args.device or autodetect_device_type())
     if device.type == "cuda":

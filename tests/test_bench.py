@@ -8,7 +8,7 @@ import json
 import pytest
 import torch
 
-from scripts import bench
+from scripts import bench, bench_train, bench_decode
 
 CPU = ["--device", "cpu", "--warmup", "1", "--iters", "1", "--compile-backend", "eager"]
 
@@ -78,8 +78,8 @@ def test_train(capsys):
     # FLOPs per token from the models themselves: the dense GPT's estimate, the sum over the sandwich's plans
     from nanochat.gpt import GPT
     from nanochat.hybrid_gpt import HybridGPT
-    (_, _, dcfg), (_, _, hcfg) = bench.train_models(bench.get_args(["train", "--depth", "2", "--seq-len", "16",
-                                                                    "--vocab-size", "128", "--models", "dense,hybrid"]))
+    (_, _, dcfg), (_, _, hcfg) = bench_train.train_models(bench.get_args(["train", "--depth", "2", "--seq-len", "16",
+                                                                          "--vocab-size", "128", "--models", "dense,hybrid"]))
     with torch.device("meta"):
         dense, hyb = GPT(dcfg), HybridGPT(hcfg)
     assert rows[("dense", "all")]["flops_per_tok_G"] * 1e9 == pytest.approx(dense.estimate_flops())
@@ -153,11 +153,11 @@ def test_cache_formula_narrow_condition():
     # 4 query heads sharing 2 KV heads of 64 dims: width 192 runs 3 query heads but still both KV heads
     cfg = HybridConfig(sequence_len=16, vocab_size=64, n_layer=2, n_head=4, n_kv_head=2, n_embd=256,
                        layer_pattern="AM", width_levels=[64, 192, 256])
-    assert not bench.stores_narrow_kv(cfg, "think")
-    assert bench.stores_narrow_kv(cfg, "ghost")  # 128 snaps to 64: one query head, one KV head
-    assert not bench.stores_narrow_kv(cfg, "whisper")  # 512 snaps to 256
-    assert bench.stores_narrow_kv(cfg, "auto")
+    assert not bench_decode.stores_narrow_kv(cfg, "think")
+    assert bench_decode.stores_narrow_kv(cfg, "ghost")  # 128 snaps to 64: one query head, one KV head
+    assert not bench_decode.stores_narrow_kv(cfg, "whisper")  # 512 snaps to 256
+    assert bench_decode.stores_narrow_kv(cfg, "auto")
     cfg.width_levels = [192, 256]  # ghost snaps to the smallest level, 192: narrower queries, every KV head
-    assert not bench.stores_narrow_kv(cfg, "ghost")
-    wide, narrow = (bench.cache_bytes_analytic(cfg, 3, 10, 2, n) for n in (False, True))
+    assert not bench_decode.stores_narrow_kv(cfg, "ghost")
+    wide, narrow = (bench_decode.cache_bytes_analytic(cfg, 3, 10, 2, n) for n in (False, True))
     assert wide["xn"] == 0 and narrow["xn"] == 1 * 3 * 10 * 256 * 2 and wide["heads"] == narrow["heads"] == 3 * 10 * 2

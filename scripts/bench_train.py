@@ -1,0 +1,159 @@
+"""
+Training benchmark: tokens/s and MFU of one training step, dense GPT vs hybrids, phase-1 and phase-2
+settings. Flags: python -m scripts.bench train --help (timing and output: scripts.bench's docstring).
+
+FLOP convention (MFU), as scripts.fractal_train: FLOPs/token = model.estimate_flops(plan) = 3 x forward
+(2 per multiply-accumulate of every weight matmul, attention at the mean causal context T/2, Mamba conv
+and scan, MoE router + top-k experts), summed over the plans a step runs; MFU = that x tokens/s / peak,
+peak = dense bf16 of H100 SXM and H200 (same chip): 989.4e12. The 'exec' MFU column adds what the
+convention leaves out or removes what does not run (exit readouts; frozen weights' gradients in phase 1).
+"""
+import torch
+
+from nanochat.common import autocast_context
+from nanochat.train_utils import peak_flops  # dense bf16 tensor-core FLOP/s per device kind
+from scripts.bench import (free_memory, measure, progress, top_kernels, print_profile, print_table, finish,
+                           model_dims)
+
+
+# -----------------------------------------------------------------------------
+# train: tokens/s and MFU of one training step (fwd+bwd of every plan, clip, Muon + AdamW step)
+
+def train_models(args):
+    """(name, kind, config) of the benchmarked models: the dense GPT, the hybrid scripts.surgery makes
+    from it (pattern AM: one Mamba block after each attention block), and a hybrid of depth blocks in
+    total (about the dense model's parameter count)."""
+    from nanochat.gpt import GPTConfig
+    from nanochat.hybrid_gpt import HybridConfig
+    from nanochat.surgery import hybrid_n_layer
+    D, nh = model_dims(args.depth)
+    common = dict(sequence_len=args.seq_len, vocab_size=args.vocab_size, n_head=nh, n_kv_head=nh, n_embd=D)
+    hyb = dict(layer_pattern="AM", ffn_pattern="DD", mamba_version=args.mamba, adaptive=False, **common)
+    models = {"dense": ("gpt", GPTConfig(n_layer=args.depth, **common)),
+              "hybrid": ("hybrid", HybridConfig(n_layer=hybrid_n_layer(args.depth, "AM"), **hyb)),
+              "hybrid-eq": ("hybrid", HybridConfig(n_layer=args.depth, **hyb))}
+    return [(n, *models[n]) for n in args.models.split(",")]
+
+
+def build_model(kind, config, device):
+    from nanochat.gpt import GPT
+    from nanochat.hybrid_gpt import HybridGPT
+    with torch.device(device):
+        model = GPT(config) if kind == "gpt" else HybridGPT(config)
+        model.init_weights()
+    return model
+
+
+def train_flops(model, kind, phase, plans, T, exits):
+    """(convention FLOPs per token, executed FLOPs per token) of one step; see the module docstring."""
+    if kind == "gpt":
+        f = model.estimate_flops()
+        return f, f
+    conv = sum(model.estimate_flops(p) for p in plans)
+    c = model.config
+    if phase == "1":  # frozen weights get no weight gradient: 2x forward, + 1x forward of the trainable matmuls
+        rows = model.flops_breakdown(T / 2)
+        trainable = sum(r.get("mamba_proj", 0) + r.get("mlp", 0) + r.get("moe", 0) for r in rows[:-1] if r["kind"][0] == "M")
+        return conv, 2 * model.forward_flops_per_token(T / 2) + trainable
+    if not exits:
+        return conv, conv
+    # HybridGPT.forward(return_exits=True): every exit but the last (which reuses the final logits) is read out in
+    # checkpointed chunks: forward, recomputed forward in backward, backward (2x) = 4 readouts' FLOPs each
+    n = len(c.exit_blocks())
+    return conv, conv + 4 * 2 * c.n_embd * c.vocab_size * (n - 1)
+
+
+def train_one(args, device, name, kind, config, phase, exit_stride):
+    """One row: build, freeze (phase 1), compile, then time whole optimizer steps; halve the batch on OOM."""
+    from nanochat.optim import setup_optimizers
+    from nanochat.matryoshka import sample_plans, plan_rng
+    actx = autocast_context(device.type)
+    T = args.seq_len
+    if exit_stride is not None:
+        config.exit_stride = exit_stride
+    free_memory(device)
+    torch.manual_seed(args.seed)
+    model = build_model(kind, config, device)
+    model.train()
+    if phase == "1":  # as fractal_train: the blocks surgery added (Mamba mixer + its FFN) train, the rest is frozen
+        for n, p in model.named_parameters():
+            p.requires_grad_(n.startswith("transformer.h.") and config.mixer_kind(int(n.split(".")[2])) == "M")
+    optimizers = setup_optimizers(model)  # Muon + AdamW over the trainable parameters
+    params = [p for p in model.parameters() if p.requires_grad]
+    if args.compile == "blocks":
+        for block in model.transformer.h:
+            block.compile(dynamic=False, backend=args.compile_backend)
+    run_model = torch.compile(model, dynamic=False, backend=args.compile_backend) if args.compile == "model" else model
+    if phase != "2":
+        plans = [None]
+    else:  # the sandwich: full, smallest, one random uniform level (fixed here, so compiled graphs are reused)
+        plans = sample_plans(config.width_levels, config.n_layer, plan_rng(args.seed), 1, per_block=False)
+    exits = phase == "2" and len(config.exit_blocks()) > 1
+    row = {"model": name, "params_M": sum(p.numel() for p in model.parameters()) / 1e6,
+           "trainable_M": sum(p.numel() for p in params) / 1e6, "phase": phase,
+           "plans": "full" if plans == [None] else "+".join(str(p[0]) for p in plans), "exit_stride": exit_stride}
+    B, oom = args.batch, []
+    while True:
+        x = torch.randint(0, config.vocab_size, (B, T), device=device)
+        y = torch.randint(0, config.vocab_size, (B, T), device=device)
+
+        def step():
+            for _ in range(args.grad_accum):  # the same rows each time: only the timing matters here
+                for i, plan in enumerate(plans):
+                    with actx:
+                        if exits and i == 0:  # fractal_train's full-width forward: exit readouts + their CE
+                            out = run_model(x, y, width=plan, return_exits=True)
+                            loss = out.loss + args.exit_loss_weight * out.exit_losses[:-1].mean()
+                        elif kind == "gpt":
+                            loss = run_model(x, y)
+                        else:
+                            loss = run_model(x, y, width=plan)
+                    (loss / (len(plans) * args.grad_accum)).backward()
+            torch.nn.utils.clip_grad_norm_(params, 1.0)
+            for opt in optimizers:
+                opt.step()
+            model.zero_grad(set_to_none=True)
+        r = measure(step, device, args.warmup, args.iters)
+        if r.get("error", "").startswith("OutOfMemoryError") and B > 1:
+            oom.append(B)
+            model.zero_grad(set_to_none=True)
+            B //= 2
+            continue
+        break
+    row.update(r, batch=B, grad_accum=args.grad_accum)
+    if oom:
+        row["note"] = f"OOM at batch {oom}"
+    if "ms" in r:
+        conv, execf = train_flops(model, kind, phase, plans, T, exits)
+        tps = args.grad_accum * B * T / r["ms"] * 1e3
+        row.update(tok_per_s=tps, flops_per_tok_G=conv / 1e9, exec_flops_per_tok_G=execf / 1e9)
+        peak = peak_flops(device)
+        if peak:
+            row.update(mfu=100 * conv * tps / peak, mfu_exec=100 * execf * tps / peak)
+        if args.profile:
+            row["profile"] = top_kernels(step, device, n=25, steps=1)
+    return row
+
+
+def cmd_train(args, device):
+    import torch._dynamo
+    torch._dynamo.config.cache_size_limit = 64  # one graph per (block kind, width, grad mode) is expected
+    rows = []
+    for name, kind, config in train_models(args):
+        for phase in (["all"] if kind == "gpt" else args.phases.split(",")):
+            for stride in ([int(s) for s in args.exit_strides.split(",")] if phase == "2" else [None]):
+                rows.append(train_one(args, device, name, kind, config, phase, stride))
+                progress(rows[-1])
+    D = model_dims(args.depth)[0]
+    print_table(f"training step (accum x fwd+bwd of every plan, clip, Muon + AdamW), T={args.seq_len}, vocab {args.vocab_size}, "
+                f"depth {args.depth} (width {D}), compile={args.compile}, Mamba-{args.mamba}", rows,
+                [("model", "model", ""), ("phase", "phase", ""), ("plans", "plans", ""), ("exit_stride", "exits every", "d"),
+                 ("params_M", "params M", ",.0f"), ("trainable_M", "trainable M", ",.0f"), ("batch", "B", "d"),
+                 ("grad_accum", "accum", "d"),
+                 ("ms", "ms/step", ".0f"), ("tok_per_s", "tokens/s", ",.0f"), ("flops_per_tok_G", "GFLOP/tok", ".2f"),
+                 ("mfu", "MFU %", ".1f"), ("exec_flops_per_tok_G", "exec GFLOP/tok", ".2f"), ("mfu_exec", "MFU exec %", ".1f"),
+                 ("peak_gib", "peak GiB", ".1f"), ("first_s", "first step s", ".0f"), ("note", "note", "")])
+    for r in rows:
+        if "profile" in r:
+            print_profile(f"{r['model']} phase {r['phase']} exits every {r['exit_stride']}", r["profile"])
+    return finish("train", args, device, {"rows": rows, "peak_flops": peak_flops(device)})
