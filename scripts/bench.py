@@ -108,8 +108,8 @@ def measure(fn, device, warmup, iters):
 def cuda_graphed(fn, warmup=3):
     """fn captured as one CUDA graph (after warmup calls on a side stream, as capture requires); returns its replay.
     Host launch time drops out, so a timed replay measures the device. fn must not sync with the host."""
-    # the warmup runs backward on the side stream while the leaves' gradient accumulators were made on the
-    # default one: autograd warns about the stream change, which is what capture needs here
+    # backward on the side stream (warmup) and then on the capture stream makes autograd warn that a leaf's
+    # gradient accumulator changed streams; the gradients are right, the warning is about a possible sync
     torch.autograd.graph.set_warn_on_accumulate_grad_stream_mismatch(False)
     side = torch.cuda.Stream()
     side.wait_stream(torch.cuda.current_stream())
