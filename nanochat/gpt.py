@@ -77,6 +77,11 @@ def apply_rotary_emb(x, cos, sin):
 _NO_CUDNN = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
 
 
+def softcap(logits):
+    """nanochat's logit soft-cap, in fp32: LOGIT_SOFTCAP * tanh(logits / LOGIT_SOFTCAP)."""
+    return LOGIT_SOFTCAP * torch.tanh(logits.float() / LOGIT_SOFTCAP)
+
+
 def attention(q, k, v, scale=None, keep=None):
     """
     Causal attention of q (B, Hq, Tq, D) over k, v (B, Hkv, Tk, D), GQA allowed; scale None = 1/sqrt(D).
@@ -271,7 +276,7 @@ class GPT(nn.Module):
             kv_cache.advance(T)
         x = norm(x)
         logits = self.lm_head(x.to(self.lm_head.weight.dtype))
-        logits = LOGIT_SOFTCAP * torch.tanh(logits.float() / LOGIT_SOFTCAP)
+        logits = softcap(logits)
         if targets is None:
             return logits
         return F.cross_entropy(logits.view(-1, logits.size(-1)), targets.reshape(-1),

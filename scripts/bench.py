@@ -438,6 +438,8 @@ def get_args(argv=None):
                            "step, as fractal_train's total batch / (device batch x seq len); 1 pays the update every batch")
             t.add_argument("--compile", type=str, default="blocks", choices=("blocks", "model", "none"),
                            help="torch.compile each block (identical blocks share graphs), the whole model, or nothing")
+            t.add_argument("--readouts", type=str, default="compiled", choices=("compiled", "eager"),
+                           help="phase 2's exit readouts after lm_head: HybridGPT.READOUT_COMPILE (CUDA) on or off")
         else:
             t.add_argument("--contexts", type=str, default="1024,8192,32768")
             t.add_argument("--modes", type=str, default="think,normal,whisper,ghost,auto")

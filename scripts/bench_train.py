@@ -138,6 +138,8 @@ def train_one(args, device, name, kind, config, phase, exit_stride):
 def cmd_train(args, device):
     import torch._dynamo
     torch._dynamo.config.cache_size_limit = 64  # one graph per (block kind, width, grad mode) is expected
+    from nanochat.hybrid_gpt import HybridGPT
+    HybridGPT.READOUT_COMPILE = args.readouts == "compiled"
     rows = []
     for name, kind, config in train_models(args):
         for phase in (["all"] if kind == "gpt" else args.phases.split(",")):

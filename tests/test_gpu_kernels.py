@@ -328,3 +328,33 @@ def test_moe_dispatch_matches_loop_cuda_bf16(top_k):
             check(f"{kind} d{name}", a, b, 1.6e-2, 1e-2, scale=True)
     if not ok:
         pytest.skip(f"bmm checked; grouped_mm cannot run here: {why}")
+
+
+# -----------------------------------------------------------------------------
+# HybridGPT's exit readouts: the compiled tail (soft-cap, loss, top-1) against the eager one
+
+def test_compiled_readout_matches_eager_cuda():
+    from nanochat.hybrid_gpt import HybridGPT, HybridConfig
+    torch.manual_seed(0)
+    model = HybridGPT(HybridConfig(n_embd=256, n_head=2, n_kv_head=2, vocab_size=4096, n_layer=2, sequence_len=64)).to(DEV)
+    with torch.no_grad():
+        model.lm_head.weight.normal_(0.0, 0.05)  # the init is zero: every logit would tie
+    model.READOUT_CHUNK_TOKENS = 96  # 2 x 64 = 128 tokens: a full chunk and a shorter last one
+    h = torch.randn(2, 64, 256, device=DEV)
+    targets = torch.randint(0, 4096, (2, 64), device=DEV)
+    targets[0, :5] = -1  # ignored positions give 0 loss
+
+    def run(compiled):
+        model.READOUT_COMPILE = compiled
+        hh = h.clone().requires_grad_()
+        with torch.autocast("cuda", dtype=BF16):
+            loss, top1 = model.readout_loss_top1(hh, targets)
+        loss.sum().backward()
+        return loss.detach(), top1, hh.grad, model.readout_loss_top1(h, None)[1]
+
+    got, ref = run(True), run(False)
+    # fp32 after the bf16 lm_head in both; fused reductions sum in another order: 1e-5 relative
+    check("loss", got[0], ref[0], 1e-5, 1e-5)
+    assert (got[0][0, :5] == 0).all()
+    assert torch.equal(got[1], ref[1]) and torch.equal(got[3], ref[3])
+    check("dh", got[2], ref[2], 1e-4, 1e-5, scale=True)
