@@ -125,7 +125,7 @@ def single_query_attention(q, k, v, scale, keep):
     scale = D ** -0.5 if scale is None else scale
     with torch.autocast(device_type=q.device.type, enabled=False):
         s = torch.matmul(q.reshape(B, Hkv, G, D).float(), k.float().transpose(-1, -2)) * scale  # (B, Hkv, G, L)
-        m = keep if keep.size(1) == 1 else keep.reshape(B, Hkv, G, L)
+        m = keep if keep.size(1) == 1 else keep.reshape(keep.size(0), Hkv, G, L)
         p = s.masked_fill(~m, float("-inf")).softmax(dim=-1)
         y = torch.matmul(p, v.float())  # (B, Hkv, G, D)
     return y.reshape(B, Hq, 1, D).to(q.dtype)

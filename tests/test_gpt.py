@@ -149,6 +149,11 @@ def test_single_query_attention_equals_masked_sdpa(hq, hkv, per_head_mask):
     got16 = single_query_attention(q.bfloat16(), k, v, None, keep)
     assert got16.dtype == torch.bfloat16
     torch.testing.assert_close(got16.double(), ref, rtol=2e-2, atol=2e-2)
+    if per_head_mask:  # a per-head mask shared by every row (batch dim 1)
+        keep1 = keep[2:3]
+        ref1 = torch.nn.functional.scaled_dot_product_attention(q.double(), k.double(), v.double(), attn_mask=keep1,
+                                                                enable_gqa=hq != hkv)
+        torch.testing.assert_close(attention(q, k, v, keep=keep1).double(), ref1, rtol=1e-5, atol=1e-5)
 
 
 def test_gqa_bad_head_counts_are_errors():
