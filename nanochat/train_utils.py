@@ -125,9 +125,18 @@ def clip_grad_norm(params, max_norm):
     return total
 
 
+def _is_fsdp(model):
+    # the root's class, not its parameters' type: with reshard_after_forward=False an eval forward (no backward
+    # to reshard) leaves every parameter gathered, a plain tensor, until the next sharding hook
+    if not dist.is_available():
+        return False
+    from torch.distributed.fsdp import FSDPModule
+    return isinstance(model, FSDPModule)
+
+
 def full_state_dict(model):
     """The whole model's state_dict on CPU on rank 0 (every rank must call it under FSDP2)."""
-    if any(hasattr(p, "device_mesh") for p in model.parameters()):
+    if _is_fsdp(model):
         from torch.distributed.checkpoint.state_dict import get_model_state_dict, StateDictOptions
         return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
     return {k: v.detach().cpu() for k, v in model.state_dict().items()}

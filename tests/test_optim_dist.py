@@ -1,8 +1,10 @@
 """
 Muon under FSDP2 (2 gloo processes on CPU): each matrix is orthogonalised by one owner rank, with two
 all_to_all per world-size matrices and no full_tensor, and the result is bitwise the single-process step.
+Also train_utils.full_state_dict under FSDP2 when an eval forward left the parameters gathered.
 """
 import copy
+import os
 
 import torch
 import torch.distributed as dist
@@ -10,6 +12,13 @@ import torch.multiprocessing as mp
 import torch.nn as nn
 
 WORLD = 2
+
+
+def exit_now():
+    """End a worker that passed: os._exit skips the interpreter's teardown, where a gloo thread still joinable
+    at exit aborted the process now and then ("terminate called without an active exception", SIGABRT, about 1
+    run in 30 on this project's CPU machine). A failing worker raises before this and spawn reports it."""
+    os._exit(0)
 STEPS = 3
 # rows over 2 ranks (torch.chunk): 7 -> 4+3, 5 -> 3+2, 1 -> 1+0, 3 -> 2+1 (and 3 experts -> 2+1)
 SHARDED = {"a": (7, 5), "b": (5, 9), "c": (1, 6), "d": (3, 4), "experts": (3, 4, 6)}
@@ -86,6 +95,7 @@ def _worker(rank, store_path):
             assert torch.equal(st["momentum_buffer"], full["state"][i]["momentum_buffer"]), (rank, i)
     finally:
         dist.destroy_process_group()
+    exit_now()
 
 
 def test_fsdp_muon_owner_ranks_equal_one_process(tmp_path):
@@ -99,3 +109,42 @@ def test_shard_rows_follow_torch_chunk():
         for n in range(1, 20):
             chunks = [len(c) for c in torch.arange(n).chunk(world)]
             assert _shard_rows(n, world) == chunks + [0] * (world - len(chunks)), (n, world)
+
+
+class Blocks(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.blocks = nn.ModuleList([nn.Linear(8, 8, bias=False) for _ in range(2)])
+        self.head = nn.Linear(8, 4, bias=False)
+
+    def forward(self, x):
+        for b in self.blocks:
+            x = b(x)
+        return self.head(x)
+
+
+def _save_worker(rank, store_path):
+    from nanochat.train_utils import apply_fsdp, full_state_dict
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", store=dist.FileStore(store_path, WORLD), rank=rank, world_size=WORLD)
+    try:
+        torch.manual_seed(0)
+        model = Blocks()
+        want = {k: v.clone() for k, v in model.state_dict().items()}
+        # fractal_train --fsdp-keep-params: an eval forward (no backward) leaves every parameter gathered
+        apply_fsdp(model, model.blocks, device_type="cpu", reshard_after_forward=False)
+        model.eval()
+        with torch.no_grad():
+            model(torch.randn(3, 8))
+        got = full_state_dict(model)  # a collective; the state arrives on rank 0 only
+        if rank == 0:
+            assert got.keys() == want.keys()
+            for k, v in got.items():  # full plain tensors, not this rank's shards
+                assert type(v) is torch.Tensor and torch.equal(v, want[k]), (k, type(v).__name__, tuple(v.shape))
+    finally:
+        dist.destroy_process_group()
+    exit_now()
+
+
+def test_full_state_dict_after_an_eval_with_gathered_parameters(tmp_path):
+    mp.spawn(_save_worker, args=(str(tmp_path / "store"),), nprocs=WORLD, join=True)
