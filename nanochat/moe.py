@@ -34,17 +34,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 import torch.distributed as dist
 
-from nanochat.common import get_logger
+from nanochat.common import get_logger, log_once
 
 logger = get_logger(__name__)
-_LOGGED_DISPATCH = set()
-
-
-def _log_dispatch_once(path, why):
-    # one line per process and path, so a run's log says which expert kernel it used
-    if path not in _LOGGED_DISPATCH:
-        _LOGGED_DISPATCH.add(path)
-        logger.info(f"MoE expert dispatch: {path} ({why})")
 
 
 def grouped_mm_supported(dtype, device, row_sizes, compiled=None):
@@ -284,8 +276,7 @@ class MoE(nn.Module):
         inv = torch.empty_like(order).scatter_(0, order, ar)  # (nk,) the inverse permutation
 
         path, why = self._pick_path(cdtype, dev, w, h_w)
-        if not torch.compiler.is_compiling():  # a logging call would break the compiled graph
-            _log_dispatch_once(path, why)
+        log_once(logger, f"MoE expert dispatch: {path} ({why})")  # so a run's log says which expert kernel it used
         w_in = self.w_in[:, :h_w, :w].to(cdtype)  # (E, h_w, w)
         w_out = self.w_out[:, :w, :h_w].to(cdtype)  # (E, w, h_w)
         xs = _TokensToRows.apply(xr.to(cdtype), order, inv, keep_row, k)  # (nk, w) tokens grouped by expert
