@@ -110,6 +110,12 @@ class Muon(torch.optim.Optimizer):
         return g.lerp(buf, group["momentum"]) if group["nesterov"] else buf
 
     @staticmethod
+    def _update(direction, ns_steps, dtype):
+        """The orthogonalised direction (a full matrix, or a batch of them) in `dtype`, scaled by
+        sqrt(max(1, rows/cols)); the one formula of the plain step and the sharded owners' step."""
+        return orthogonalize(direction, ns_steps).to(dtype) * max(1.0, direction.size(-2) / direction.size(-1)) ** 0.5
+
+    @staticmethod
     def _apply(p, update, group):
         """p (plain tensor or local shard) <- p * (1 - lr * wd) - lr * update, update already in p's dtype."""
         if group["weight_decay"] > 0:
@@ -135,9 +141,7 @@ class Muon(torch.optim.Optimizer):
                     sharded.setdefault((p.device_mesh, p.dtype), []).append((p, g, group))
                     continue
                 g = self._momentum(p.grad, buf, group)
-                update = orthogonalize(g, group["ns_steps"]).to(g.dtype)
-                update = update * max(1.0, g.size(-2) / g.size(-1)) ** 0.5
-                self._apply(p, update.to(p.dtype), group)
+                self._apply(p, self._update(g, group["ns_steps"], g.dtype).to(p.dtype), group)
         for (mesh, dtype), items in sharded.items():
             world = mesh.size()
             for i in range(0, len(items), world):
@@ -178,8 +182,7 @@ class Muon(torch.optim.Optimizer):
         if own:
             p, g, grp = batch[rank]
             full = recv.view(p.shape)
-            update = orthogonalize(full, grp["ns_steps"]).to(g.dtype)  # g.dtype: what the full direction has
-            update = update * max(1.0, full.size(-2) / full.size(-1)) ** 0.5
+            update = self._update(full, grp["ns_steps"], g.dtype)  # g.dtype: what the full direction has
             send = update.to(dtype).reshape(-1)  # rows in rank order: the dim-0 shards, back to their ranks
         else:
             send = torch.empty(0, dtype=dtype, device=device)
