@@ -9,7 +9,7 @@ from nanochat.gpt import GPT, GPTConfig
 from nanochat.hybrid_gpt import HybridGPT, HybridConfig
 from nanochat.engine import Engine, MODES
 from nanochat.checkpoint_manager import save_model
-from testutil import fill_zero_matrices
+from testutil import fill_zero_matrices, device_reads
 
 HAS_MAMBA = importlib.util.find_spec("nanochat.mamba_block") is not None
 HAS_MOE = importlib.util.find_spec("nanochat.moe") is not None
@@ -317,33 +317,6 @@ def test_auto_runs_one_static_plan():
     ref = model(idx, width=plan.tolist())[0, len(prompt[0]) - 1:]
     got = torch.stack([s.logits[0] for s in res.steps])
     torch.testing.assert_close(got, ref, rtol=0, atol=1e-4)
-
-
-# ops that read a CUDA tensor back to the host (a sync per call): the engine's control flow must not use them
-SYNC_OPS = {"aten.nonzero.default", "aten.nonzero_numpy.default", "aten._local_scalar_dense.default", "aten.is_nonzero.default", "aten.equal.default",
-            "aten._unique2.default", "aten.unique_dim.default", "aten.masked_select.default", "aten.item.default"}
-
-
-def device_reads(fn):
-    """(result of fn(), names of the sync ops fn dispatched). `.tolist()` bypasses dispatch, so this sees only
-    aten-level reads; the CUDA test below checks every kind with torch.cuda.set_sync_debug_mode."""
-    from torch.utils._python_dispatch import TorchDispatchMode
-
-    class Reads(TorchDispatchMode):
-        def __init__(self):
-            super().__init__()
-            self.seen = []
-
-        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            bool_index = str(func) in ("aten.index.Tensor", "aten.index_put_.default") and any(
-                i is not None and i.dtype == torch.bool for i in args[1])  # a mask index is a nonzero
-            if str(func) in SYNC_OPS or bool_index:
-                self.seen.append(str(func))
-            return func(*args, **(kwargs or {}))
-
-    with Reads() as r:
-        out = fn()
-    return out, r.seen
 
 
 def test_decode_step_reads_nothing_back_without_gates():

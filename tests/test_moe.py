@@ -10,9 +10,9 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-from torch.utils._python_dispatch import TorchDispatchMode
 
 from nanochat.moe import MoE, moe_reference, grouped_mm_supported, create_mamba_moe, apply_rotary
+from testutil import SyncOps
 
 
 def crafted_moe(E=4, D=4, H=8, **kw):
@@ -468,21 +468,6 @@ def test_capacity_of_all_tokens_drops_nothing(dispatch):
     y = moe(x)
     assert moe.last_stats["tokens_per_expert"].tolist() == [10, 0, 0, 0] and moe.last_stats["dropped"] == 0
     torch.testing.assert_close(y, moe_reference(moe, x)[0], rtol=1e-6, atol=1e-6)
-
-
-class SyncOps(TorchDispatchMode):
-    """Records the ops that make a CUDA host wait for the device (a value or a data-dependent shape)."""
-    SYNC = {"_local_scalar_dense", "item", "is_nonzero", "equal", "nonzero", "masked_select", "bincount", "_unique2",
-            "unique_dim", "unique_consecutive", "repeat_interleave"}
-
-    def __init__(self):
-        super().__init__()
-        self.seen = []
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        if func.overloadpacket.__name__ in self.SYNC:
-            self.seen.append(str(func))
-        return func(*args, **(kwargs or {}))
 
 
 @pytest.mark.parametrize("top_k,dispatch", [(1, "grouped_mm"), (2, "grouped_mm"), (1, "bmm")])
