@@ -13,204 +13,22 @@ the work done does not depend on their values, except where routing or gating de
 loads, decode mode 'auto'), which the tables say. --profile adds the top kernels (torch.profiler,
 self device time) of the rows the targets compare, so a missed target comes with its cause.
 
-The mamba and moe subcommands and the shared helpers (timing, tables, targets, the JSON line) are here;
-train is in scripts/bench_train.py (with the FLOP convention of its MFU), decode in scripts/bench_decode.py.
+The mamba and moe subcommands and the command line are here; train is in scripts/bench_train.py (with the FLOP
+convention of its MFU), decode in scripts/bench_decode.py, and what all of them share (timing, tables, targets,
+the JSON line, the benchmarked models) in scripts/bench_common.py.
 """
 import os
 os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
-import gc
-import sys
-import json
-import time
 import argparse
-import statistics
-import subprocess
-from datetime import datetime, timezone
-from importlib import metadata
 
 import torch
 import torch.nn.functional as F
 
-from nanochat.common import autodetect_device_type, autocast_context, synchronize as sync
-
-
-# -----------------------------------------------------------------------------
-# shared helpers
-
-def environment(device):
-    env = {"date": datetime.now(timezone.utc).isoformat(timespec="seconds"), "torch": torch.__version__,
-           "device": torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu ({os.cpu_count()} cores)",
-           "cuda": torch.version.cuda if device.type == "cuda" else None, "python": sys.version.split()[0]}
-    for pkg in ("mamba_ssm", "causal_conv1d", "triton"):
-        try:
-            env[pkg] = metadata.version(pkg)
-        except metadata.PackageNotFoundError:
-            env[pkg] = "not installed"
-    try:
-        r = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=os.path.dirname(__file__))
-        env["git"] = r.stdout.strip() if r.returncode == 0 else "not a git checkout"
-    except FileNotFoundError:
-        env["git"] = "git not installed"
-    return env
-
-
-def free_memory(device):
-    gc.collect()
-    if device.type == "cuda":
-        torch.cuda.empty_cache()
-        torch.cuda.reset_peak_memory_stats(device)
-
-
-def median_ms(fn, iters, device):
-    times = []
-    for _ in range(iters):
-        if device.type == "cuda":
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            fn()
-            end.record()
-            end.synchronize()
-            times.append(start.elapsed_time(end))
-        else:
-            t0 = time.perf_counter()
-            fn()
-            times.append((time.perf_counter() - t0) * 1e3)
-    return statistics.median(times)
-
-
-def error_text(e):
-    first = (str(e).strip().splitlines() or [""])[0]
-    return f"{type(e).__name__}: {first[:200]}"
-
-
-def measure(fn, device, warmup, iters):
-    """{"ms": median, "first_s": wall time of the first call, "peak_gib"} or {"error": why}.
-    Any exception of the measured call (out of memory, a kernel or the compiler refusing, a bug in the code
-    under test) becomes the row's 'error' and is printed in the table; the other rows still run."""
-    free_memory(device)
-    try:
-        t0 = time.perf_counter()
-        fn()
-        sync(device)
-        first_s = time.perf_counter() - t0
-        for _ in range(max(0, warmup - 1)):
-            fn()
-        ms = median_ms(fn, iters, device)
-    except Exception as e:  # noqa: BLE001 -- reported, not swallowed: the table and the JSON carry it
-        msg = error_text(e)
-        del e
-        free_memory(device)
-        return {"error": msg}
-    peak = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
-    return {"ms": ms, "first_s": first_s, "peak_gib": peak}
-
-
-def cuda_graphed(fn, warmup=3):
-    """fn captured as one CUDA graph (after warmup calls on a side stream, as capture requires); returns its replay.
-    Host launch time drops out, so a timed replay measures the device. fn must not sync with the host."""
-    # backward on the side stream (warmup) and then on the capture stream makes autograd warn that a leaf's
-    # gradient accumulator changed streams; the gradients are right, the warning is about a possible sync
-    torch.autograd.graph.set_warn_on_accumulate_grad_stream_mismatch(False)
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        for _ in range(warmup):
-            fn()
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        fn()
-    return graph.replay
-
-
-def progress(row):
-    """One line per finished row, flushed, so a later crash or timeout cannot lose it."""
-    print("row " + json.dumps({k: (round(v, 4) if isinstance(v, float) else v) for k, v in row.items() if k != "profile"},
-                              default=str), flush=True)
-
-
-def top_kernels(fn, device, n=12, steps=2):
-    """The n device kernels (CPU ops on a CPU) with the most self time over `steps` calls of fn, and their
-    share of the total. On CUDA only kernel events count: an op's own entry would count its kernels twice."""
-    from torch.profiler import profile, ProfilerActivity
-    cuda = device.type == "cuda"
-    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
-    with profile(activities=acts) as prof:
-        for _ in range(steps):
-            fn()
-        sync(device)
-    key = "self_device_time_total" if cuda else "self_cpu_time_total"
-    events = [e for e in prof.key_averages() if not cuda or e.device_type == torch.autograd.DeviceType.CUDA]
-    events.sort(key=lambda e: getattr(e, key), reverse=True)
-    total = sum(getattr(e, key) for e in events) or 1.0
-    rows = [{"name": e.key[:100], "ms_per_call": getattr(e, key) / 1e3 / steps, "pct": 100 * getattr(e, key) / total,
-             "count_per_call": e.count / steps} for e in events[:n] if getattr(e, key) > 0]
-    rows.append({"name": f"(total of all {len(events)} kinds)", "ms_per_call": total / 1e3 / steps, "pct": 100.0,
-                 "count_per_call": sum(e.count for e in events) / steps})
-    return rows
-
-
-def print_profile(title, rows):
-    print(f"  profile: {title} (top {'device kernels' if rows and 'aten::' not in rows[0]['name'] else 'ops'} by self time per call)")
-    for r in rows:
-        print(f"    {r['pct']:5.1f}%  {r['ms_per_call']:9.3f} ms  x{r['count_per_call']:<6g} {r['name']}")
-
-
-def fmt(v, spec):
-    if v is None:
-        return "-"
-    if isinstance(v, str):
-        return v
-    return format(v, spec)
-
-
-def print_table(title, rows, cols):
-    """cols: (key, header, format spec). A row with 'error' shows it after its first columns."""
-    print(f"\n== {title}")
-    lines = [[h for _, h, _ in cols]] + [[fmt(r.get(k), f) for k, _, f in cols] for r in rows if "error" not in r]
-    widths = [max(len(line[i]) for line in lines) for i in range(len(cols))]
-    print("  " + "  ".join(h.ljust(w) if i == 0 else h.rjust(w) for i, (h, w) in enumerate(zip(lines[0], widths))))
-    for r in rows:
-        cells = [fmt(r.get(k), f) for k, _, f in cols]
-        if "error" in r:  # the identifying columns (all but the numbers), then the reason
-            ident = [c for (k, _, f), c in zip(cols, cells) if f == "" and c != "-"]
-            print("  " + "  ".join(ident) + "  " + r["error"])
-        else:
-            print("  " + "  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(cells, widths))))
-
-
-def target(name, value, limit, op, note=""):
-    """A target row: value op limit, pass None when the value could not be measured."""
-    ok = None if value is None else (value <= limit if op == "<=" else value >= limit)
-    return {"target": name, "value": value, "limit": f"{op} {limit:g}", "pass": ok, "note": note}
-
-
-def print_targets(targets):
-    print("\n== targets")
-    for t in targets:
-        verdict = "n/a (not measured)" if t["pass"] is None else ("PASS" if t["pass"] else "FAIL")
-        value = "-" if t["value"] is None else f"{t['value']:.3f}"
-        print(f"  {verdict:<5} {t['target']:<58} {value:>9} (target {t['limit']}) {t['note']}")
-
-
-def finish(kind, args, device, result):
-    result.update(bench=kind, env=environment(device), args=vars(args))
-    if "targets" in result:
-        print_targets(result["targets"])
-    print(json.dumps(result, default=str))
-    return result
-
-
-def ratio(a, b):
-    """a / b of two measurements' ms, None if either failed."""
-    return a["ms"] / b["ms"] if "ms" in a and "ms" in b else None
-
-
-def model_dims(depth):
-    """(width, heads) of nanochat's depth dial (GPTConfig.from_depth)."""
-    from nanochat.gpt import GPTConfig
-    c = GPTConfig.from_depth(depth)
-    return c.n_embd, c.n_head
+from nanochat.common import autodetect_device_type, autocast_context
+from scripts.bench_common import (measure, cuda_graphed, error_text, progress, top_kernels, print_profile, print_table,
+                                  target, finish, ratio)
+from scripts.bench_train import cmd_train
+from scripts.bench_decode import cmd_decode
 
 
 # -----------------------------------------------------------------------------
@@ -458,9 +276,6 @@ def get_args(argv=None):
 
 
 def main(argv=None):
-    # train and decode import the shared helpers from this module: imported here, not at its top
-    from scripts.bench_train import cmd_train
-    from scripts.bench_decode import cmd_decode
     args = get_args(argv)
     device = torch.device(args.device or autodetect_device_type())
     if device.type == "cuda":

@@ -10,9 +10,8 @@ from contextlib import nullcontext
 import torch
 
 from nanochat.common import autocast_context, synchronize as sync
-from scripts.bench import (free_memory, error_text, progress, top_kernels, print_profile, print_table, target,
-                           finish, model_dims)
-from scripts.bench_train import build_model
+from scripts.bench_common import (free_memory, error_text, progress, top_kernels, print_profile, print_table, target,
+                                  finish, bench_configs, build_model)
 
 
 # -----------------------------------------------------------------------------
@@ -124,24 +123,19 @@ def decode_one(args, device, model, engine, kind, mode, L, actx):
 
 
 def cmd_decode(args, device):
-    from nanochat.gpt import GPTConfig
-    from nanochat.hybrid_gpt import HybridConfig
-    from nanochat.surgery import hybrid_n_layer
     from nanochat.engine import Engine
     # default as scripts.generate: fp32 weights under bf16 autocast on CUDA; the caches take the weights' dtype
     bf16 = args.weights == "bf16"
     actx = nullcontext() if bf16 else autocast_context(device.type)  # autocast_context is a no-op on CPU
     nbytes = 2 if bf16 else 4
     contexts = [int(s) for s in args.contexts.split(",")]
-    D, nh = model_dims(args.depth)
     # the rotary tables hold 10 x sequence_len positions: size them for the longest context
     seq = max(args.seq_len, math.ceil((max(contexts) + args.decode_tokens + 8) / 10))
-    common = dict(sequence_len=seq, vocab_size=args.vocab_size, n_head=nh, n_kv_head=nh, n_embd=D)
-    hyb = dict(layer_pattern="AM", ffn_pattern="DD", mamba_version=args.mamba, exit_stride=args.exit_stride, **common)
-    specs = [("dense", "gpt", GPTConfig(n_layer=args.depth, **common), ["-"]),
-             ("hybrid", "hybrid", HybridConfig(n_layer=hybrid_n_layer(args.depth, "AM"), **hyb),
-              args.modes.split(",")),  # narrow modes add the stored block inputs (stores_narrow_kv)
-             ("hybrid-eq", "hybrid", HybridConfig(n_layer=args.depth, **hyb), ["think"])]
+    configs = bench_configs(args, seq, exit_stride=args.exit_stride)
+    D = configs["dense"][1].n_embd
+    modes = {"dense": ["-"], "hybrid": args.modes.split(","),  # narrow modes add the stored block inputs (stores_narrow_kv)
+             "hybrid-eq": ["think"]}
+    specs = [(name, kind, config, modes[name]) for name, (kind, config) in configs.items()]
     B = args.batch
     rows, targets = [], []
     for name, kind, config, modes in specs:

@@ -12,36 +12,18 @@ import torch
 
 from nanochat.common import autocast_context
 from nanochat.train_utils import peak_flops  # dense bf16 tensor-core FLOP/s per device kind
-from scripts.bench import (free_memory, measure, progress, top_kernels, print_profile, print_table, finish,
-                           model_dims)
+from scripts.bench_common import (free_memory, measure, progress, top_kernels, print_profile, print_table, finish,
+                                  bench_configs, build_model)
 
 
 # -----------------------------------------------------------------------------
 # train: tokens/s and MFU of one training step (fwd+bwd of every plan, clip, Muon + AdamW step)
 
 def train_models(args):
-    """(name, kind, config) of the benchmarked models: the dense GPT, the hybrid scripts.surgery makes
-    from it (pattern AM: one Mamba block after each attention block), and a hybrid of depth blocks in
-    total (about the dense model's parameter count)."""
-    from nanochat.gpt import GPTConfig
-    from nanochat.hybrid_gpt import HybridConfig
-    from nanochat.surgery import hybrid_n_layer
-    D, nh = model_dims(args.depth)
-    common = dict(sequence_len=args.seq_len, vocab_size=args.vocab_size, n_head=nh, n_kv_head=nh, n_embd=D)
-    hyb = dict(layer_pattern="AM", ffn_pattern="DD", mamba_version=args.mamba, adaptive=False, **common)
-    models = {"dense": ("gpt", GPTConfig(n_layer=args.depth, **common)),
-              "hybrid": ("hybrid", HybridConfig(n_layer=hybrid_n_layer(args.depth, "AM"), **hyb)),
-              "hybrid-eq": ("hybrid", HybridConfig(n_layer=args.depth, **hyb))}
-    return [(n, *models[n]) for n in args.models.split(",")]
-
-
-def build_model(kind, config, device):
-    from nanochat.gpt import GPT
-    from nanochat.hybrid_gpt import HybridGPT
-    with torch.device(device):
-        model = GPT(config) if kind == "gpt" else HybridGPT(config)
-        model.init_weights()
-    return model
+    """(name, kind, config) of the models args.models names (scripts.bench_common.bench_configs), without the
+    adaptive controllers."""
+    configs = bench_configs(args, args.seq_len, adaptive=False)
+    return [(n, *configs[n]) for n in args.models.split(",")]
 
 
 def train_flops(model, kind, phase, plans, T, exits):
@@ -140,13 +122,13 @@ def cmd_train(args, device):
     torch._dynamo.config.cache_size_limit = 64  # one graph per (block kind, width, grad mode) is expected
     from nanochat.hybrid_gpt import HybridGPT
     HybridGPT.READOUT_COMPILE = args.readouts == "compiled"
-    rows = []
-    for name, kind, config in train_models(args):
+    rows, models = [], train_models(args)
+    for name, kind, config in models:
         for phase in (["all"] if kind == "gpt" else args.phases.split(",")):
             for stride in ([int(s) for s in args.exit_strides.split(",")] if phase == "2" else [None]):
                 rows.append(train_one(args, device, name, kind, config, phase, stride))
                 progress(rows[-1])
-    D = model_dims(args.depth)[0]
+    D = models[0][2].n_embd  # every benchmarked model has the dense model's width
     print_table(f"training step (accum x fwd+bwd of every plan, clip, Muon + AdamW), T={args.seq_len}, vocab {args.vocab_size}, "
                 f"depth {args.depth} (width {D}), compile={args.compile}, Mamba-{args.mamba}", rows,
                 [("model", "model", ""), ("phase", "phase", ""), ("plans", "plans", ""), ("exit_stride", "exits every", "d"),
