@@ -56,8 +56,9 @@ PEAK_FLOPS=${PEAK_FLOPS:-989.4e12}      # dense bf16 per GPU, H100 SXM / H200
 MFU_P1=${MFU_P1:-0.232}   # phase 1, 8 GPUs: 10.0k tok/s per GPU (10.9k on 1 GPU)
 # phase 2 sandwich (full + smallest + one random width), exits every 8, 8 GPUs, 18 timed steps: 2.51k tok/s per
 # GPU with --fsdp-keep-params (MFU 0.105); 1.75k (MFU 0.083) without, over 3 steps
-MFU_P2=${MFU_P2:-$([ "$KEEP_PARAMS" = 1 ] && echo 0.105 || echo 0.083)}
-MFU_P3=${MFU_P3:-0.083}   # phase 3 is the phase-2 step on the grown model, without --fsdp-keep-params (not measured separately)
+MFU_SANDWICH_NOKEEP=0.083  # the phase-2 step without --fsdp-keep-params
+MFU_P2=${MFU_P2:-$([ "$KEEP_PARAMS" = 1 ] && echo 0.105 || echo $MFU_SANDWICH_NOKEEP)}
+MFU_P3=${MFU_P3:-$MFU_SANDWICH_NOKEEP}   # phase 3 is the phase-2 step on the grown model, without --fsdp-keep-params (not measured separately)
 # Not measured: --compile at d32, the grown model, more than one node.
 
 export NANOCHAT_BASE_DIR=${NANOCHAT_BASE_DIR:-$HOME/.cache/nanochat}
