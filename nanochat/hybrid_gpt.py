@@ -22,6 +22,7 @@ from its normalised block input. This is a function of position s alone, so a ca
 (matryoshka_kv.MatryoshkaKVCache fills lacked heads lazily, the first time a wider query needs them). With one
 width everywhere it is exactly the static-plan forward.
 """
+import functools
 import math
 from dataclasses import dataclass, field, asdict
 
@@ -49,15 +50,11 @@ def softcap_loss_top1(logits, targets):
     return F.cross_entropy(lg, targets, ignore_index=-1, reduction="none"), top1
 
 
-_COMPILED = {}
-
-
-def softcap_loss_top1_compiled(logits, targets):
-    """softcap_loss_top1 through torch.compile (made on first use; one graph per chunk shape: the full chunk
-    and the last, shorter one), so the soft-cap, log-softmax and argmax read the logits in one fused pass."""
-    if "readout" not in _COMPILED:
-        _COMPILED["readout"] = torch.compile(softcap_loss_top1, dynamic=False)
-    return _COMPILED["readout"](logits, targets)
+@functools.cache
+def compiled_softcap_loss_top1():
+    """softcap_loss_top1 through torch.compile, made on first use (one graph per chunk shape: the full chunk and
+    the last, shorter one), so the soft-cap, log-softmax and argmax read the logits in a fused pass or two."""
+    return torch.compile(softcap_loss_top1, dynamic=False)
 
 
 @dataclass
@@ -460,9 +457,8 @@ class HybridGPT(nn.Module):
         flat_h = h.reshape(B * T, D)
         flat_t = None if targets is None else targets.reshape(B * T)
         fused = self.READOUT_COMPILE and h.is_cuda and not torch.compiler.is_compiling()
-        after_head = softcap_loss_top1_compiled if fused else softcap_loss_top1
-        log_once(logger, "exit readouts: soft-cap, loss and top-1 " + ("compiled (torch.compile)" if fused else
-                 "eager" + ("" if h.is_cuda or not self.READOUT_COMPILE else " (the compiled tail is for CUDA)")))
+        after_head = compiled_softcap_loss_top1() if fused else softcap_loss_top1
+        log_once(logger, f"exit readouts: soft-cap, loss and top-1 {'compiled' if fused else 'eager'}")
 
         def chunk_fn(hc, tc):
             return after_head(self.lm_head(norm(hc).to(self.lm_head.weight.dtype)), tc)
