@@ -6,7 +6,9 @@
 #   phase 2   torchrun -m scripts.fractal_train --phase=2       all weights, Matryoshka sandwich, gates, width predictor
 #   growth    python -m scripts.surgery --expand-from=NEW_DIM --new-dim=GROW_DIM
 #   phase 3   torchrun -m scripts.fractal_train --phase=3       the grown model
-#   eval      python -m scripts.generate, modes think and auto, --show-compute
+#   calibrate python -m scripts.calibrate_gates                  the exit gates' isotonic maps, on half of the val split
+#   eval      python -m scripts.generate, modes think and auto, --show-compute; python -m scripts.bench adaptive:
+#             held-out decode loss and tokens/s per mode on the other half of the val split
 #   report    $RUN_DIR/report.md: sizes, every phase's final val metrics, the eval outputs
 # Every stage is skipped when its output exists; a training phase with checkpoints but no final one resumes.
 #
@@ -24,7 +26,7 @@ DRY_RUN=0
 for a in "$@"; do
   case "$a" in
     --dry-run) DRY_RUN=1 ;;
-    -h|--help) sed -n '2,22p' "$0"; exit 0 ;;
+    -h|--help) sed -n '2,21p' "$0"; exit 0 ;;
     *) echo "unknown argument $a (use --dry-run or none)" >&2; exit 2 ;;
   esac
 done
@@ -69,6 +71,7 @@ P1=$RUN_DIR/phase1
 P2=$RUN_DIR/phase2
 GROWN=$RUN_DIR/grown_$GROW_DIM
 P3=$RUN_DIR/phase3
+FINAL=$RUN_DIR/final
 TOKENS=$(( (P1_STEPS + P2_STEPS + P3_STEPS) * TOTAL_BATCH ))
 SHARDS=$($PY -c "import math; print(math.ceil($TOKENS * $CHARS_PER_TOKEN / $CHARS_PER_SHARD) + 1)")  # + 1: the last is val
 
@@ -194,14 +197,25 @@ else echo "== growth"; run $PY -m scripts.surgery "${GROW_ARGS[@]}"; fi
 train_phase "phase 3" "$P3" "$P3_STEPS" --phase=3 --checkpoint="$GROWN" --expanded-dim="$GROW_DIM" \
   --device-batch-size "$DBS2" --data-dir "$DATA_DIR"
 
+if have_checkpoint "$FINAL"; then echo "== calibrate: $FINAL exists, skipped"
+else echo "== calibrate"; run $PY -m scripts.calibrate_gates --checkpoint "$P3" --out-dir "$FINAL" --data-dir "$DATA_DIR"; fi
+
 PROMPT="The chemical symbol of gold is"
 for mode in think auto; do
   out=$RUN_DIR/eval_$mode.txt
   if [ -s "$out" ]; then echo "== eval $mode: $out exists, skipped"; continue; fi
   echo "== eval $mode"
-  if [ "$DRY_RUN" = 1 ]; then echo "+ $PY -m scripts.generate --checkpoint $P3 --mode $mode --prompt \"$PROMPT\" --max-tokens 64 --show-compute > $out"
-  else $PY -m scripts.generate --checkpoint "$P3" --mode "$mode" --prompt "$PROMPT" --max-tokens 64 --show-compute > "$out.tmp" && mv "$out.tmp" "$out"; fi
+  if [ "$DRY_RUN" = 1 ]; then echo "+ $PY -m scripts.generate --checkpoint $FINAL --mode $mode --prompt \"$PROMPT\" --max-tokens 64 --show-compute > $out"
+  else $PY -m scripts.generate --checkpoint "$FINAL" --mode "$mode" --prompt "$PROMPT" --max-tokens 64 --show-compute > "$out.tmp" && mv "$out.tmp" "$out"; fi
 done
+out=$RUN_DIR/eval_adaptive.txt
+if [ -s "$out" ]; then echo "== eval adaptive: $out exists, skipped"
+else
+  echo "== eval adaptive"
+  BENCH=($PY -m scripts.bench adaptive --checkpoint "$FINAL" --data-dir "$DATA_DIR" --modes think,normal,auto --rows 16)
+  if [ "$DRY_RUN" = 1 ]; then echo "+ ${BENCH[*]} > $out"
+  else "${BENCH[@]}" > "$out.tmp" && mv "$out.tmp" "$out"; fi
+fi
 
 echo "== report -> $RUN_DIR/report.md"
 if [ "$DRY_RUN" = 0 ]; then
@@ -209,7 +223,7 @@ RUN_DIR="$RUN_DIR" $PY - <<'EOF' > "$RUN_DIR/report.md"
 import glob, json, os
 run = os.environ["RUN_DIR"]
 print("# Adamba speedrun report\n")
-for name in ("hybrid_*", "phase1", "phase2", "grown_*", "phase3"):
+for name in ("hybrid_*", "phase1", "phase2", "grown_*", "phase3", "final"):
     for d in sorted(glob.glob(os.path.join(run, name))):
         metas = sorted(glob.glob(os.path.join(d, "meta_*.json")))
         meta = json.load(open(metas[-1]))
@@ -221,7 +235,7 @@ for name in ("hybrid_*", "phase1", "phase2", "grown_*", "phase3"):
             for k, v in meta["val"].items():
                 print(f"| {k} | {v:.4f} |")
         print()
-for mode in ("think", "auto"):
+for mode in ("think", "auto", "adaptive"):
     p = os.path.join(run, f"eval_{mode}.txt")
     print(f"## eval, mode {mode}\n\n```\n{open(p).read().rstrip()}\n```\n")
 EOF

@@ -6,16 +6,18 @@ one JSON object with the environment (device, torch, date, kernel versions) and 
     python -m scripts.bench moe     # MoE fwd+bwd: torch._grouped_mm vs bmm vs the per-expert loop vs a dense FFN of equal active FLOPs
     python -m scripts.bench train   # training tokens/s and MFU: dense GPT vs hybrids, phase-1 and phase-2 settings
     python -m scripts.bench decode  # prefill/decode tokens/s and KV + SSM cache memory: dense GPT vs hybrid modes
+    python -m scripts.bench adaptive --checkpoint PATH  # a trained hybrid's modes: held-out decode loss and tokens/s
 
 Timing: CUDA events around each timed iteration after warmup, median over iterations (perf_counter on
 CPU); the first call's wall time (compilation, autotuning) is reported apart. Weights are fresh inits:
 the work done does not depend on their values, except where routing or gating decides it (MoE
-loads, decode mode 'auto'), which the tables say. --profile adds the top kernels (torch.profiler,
-self device time) of the rows the targets compare, so a missed target comes with its cause.
+loads, decode mode 'auto'), which the tables say; `adaptive` loads a trained checkpoint instead.
+--profile adds the top kernels (torch.profiler, self device time) of the rows the targets compare, so a
+missed target comes with its cause.
 
 The mamba and moe subcommands and the command line are here; train is in scripts/bench_train.py (with the FLOP
-convention of its MFU), decode in scripts/bench_decode.py, and what all of them share (timing, tables, targets,
-the JSON line, the benchmarked models) in scripts/bench_common.py.
+convention of its MFU), decode in scripts/bench_decode.py, adaptive in scripts/bench_adaptive.py, and what all
+of them share (timing, tables, targets, the JSON line, the benchmarked models) in scripts/bench_common.py.
 """
 import os
 os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
@@ -29,6 +31,7 @@ from scripts.bench_common import (measure, cuda_graphed, error_text, progress, t
                                   target, finish, ratio)
 from scripts.bench_train import cmd_train
 from scripts.bench_decode import cmd_decode
+from scripts import bench_adaptive
 
 
 # -----------------------------------------------------------------------------
@@ -272,6 +275,7 @@ def get_args(argv=None):
                            help="fp32 weights under bf16 autocast (scripts.generate's setting), or bf16 weights and caches")
             t.add_argument("--memory-only", action="store_true", help="only the cache formula per mode (checked against "
                            "the engine's tensors by tests/test_bench.py): no model is built, so any size runs on a CPU")
+    bench_adaptive.add_args(sub, DECODE_PATHS)
     return p.parse_args(argv)
 
 
@@ -281,7 +285,8 @@ def main(argv=None):
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
-    return {"mamba": cmd_mamba, "moe": cmd_moe, "train": cmd_train, "decode": cmd_decode}[args.cmd](args, device)
+    return {"mamba": cmd_mamba, "moe": cmd_moe, "train": cmd_train, "decode": cmd_decode,
+            "adaptive": bench_adaptive.cmd_adaptive}[args.cmd](args, device)
 
 
 if __name__ == "__main__":

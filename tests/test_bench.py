@@ -8,7 +8,8 @@ import json
 import pytest
 import torch
 
-from scripts import bench, bench_train, bench_decode
+from scripts import bench, bench_train, bench_decode, bench_adaptive
+from testutil import write_hybrid_checkpoint
 
 CPU = ["--device", "cpu", "--warmup", "1", "--iters", "1", "--compile-backend", "eager"]
 
@@ -161,3 +162,35 @@ def test_cache_formula_narrow_condition():
     assert not bench_decode.stores_narrow_kv(cfg, "ghost")
     wide, narrow = (bench_decode.cache_bytes_analytic(cfg, 3, 10, 2, n) for n in (False, True))
     assert wide["xn"] == 0 and narrow["xn"] == 1 * 3 * 10 * 256 * 2 and wide["heads"] == narrow["heads"] == 3 * 10 * 2
+
+
+def test_adaptive_scores_the_decode_steps_on_heldout_rows(capsys, tiny_data, tmp_path):
+    """Think's teacher-forced decode loss equals the full forward's loss on the same held-out tokens (so the
+    steps are aligned with their targets); with every gate saying 'exit', auto stops at the first gate."""
+    from nanochat.dataset import get_data_dir
+    from nanochat.tokenizer import Tokenizer
+    model = write_hybrid_checkpoint(tmp_path / "ckpt", tiny_data).eval()
+    P, K, R = 8, 5, 2
+    args = ["adaptive", "--checkpoint", str(tmp_path / "ckpt"), "--data-dir", str(tiny_data["data_dir"]),
+            "--rows", str(R), "--prompt-len", str(P), "--decode-tokens", str(K), "--modes", "ghost,auto,think"]
+    res, out = run(capsys, args + ["--exit-threshold", "0", "--expand-threshold", "0"])
+    by = {r["mode"]: r for r in res["rows"]}
+    assert [r["mode"] for r in res["rows"]] == ["think", "ghost", "auto"]  # the reference first
+    rows = bench_adaptive.heldout_rows(Tokenizer.from_directory(tiny_data["tokenizer_dir"]),
+                                       get_data_dir(str(tiny_data["data_dir"])), (0, 2), R, P + K + 1, "cpu")
+    with torch.no_grad():
+        logits = model(rows[:, :-1])[:, P:P + K]  # the predictions of tokens P+1 .. P+K
+    ref = torch.nn.functional.cross_entropy(logits.reshape(R * K, -1), rows[:, P + 1:].reshape(-1)).item()
+    assert by["think"]["loss"] == pytest.approx(ref, rel=1e-5)
+    assert by["think"]["steps"] == R * K and by["think"]["exit_rate"] == 0 and by["think"]["blocks_frac"] == 1
+    assert by["think"]["compute_frac"] == pytest.approx(1.0, rel=1e-9)
+    assert by["ghost"]["compute_frac"] < 1 and by["ghost"]["loss"] != by["think"]["loss"]
+    first_gate = min(model.controllers.gate_blocks)
+    assert by["auto"]["exit_rate"] == 1 and by["auto"]["blocks_frac"] == (first_gate + 1) / 4
+    assert 0 <= by["auto"]["agree_think"] <= 1 and "agree_think" not in by["think"]
+    speed, loss = res["targets"]
+    assert speed["value"] == pytest.approx(by["auto"]["tok_per_s"] / by["think"]["tok_per_s"])
+    assert loss["value"] == pytest.approx(by["auto"]["loss"] / by["think"]["loss"])
+    assert "teacher-forced" in out
+    with pytest.raises(SystemExit, match="sequence_len"):
+        bench.main(CPU + args[:-2] + ["--prompt-len", "30"])

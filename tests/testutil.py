@@ -44,3 +44,26 @@ def fill_zero_matrices(model, std, generator, skip_prefix="controllers."):
         for name, p in model.named_parameters():
             if not name.startswith(skip_prefix) and p.ndim >= 2 and p.abs().sum() == 0:
                 p.copy_(torch.randn(p.shape, generator=generator) * std)
+
+
+def write_hybrid_checkpoint(d, tiny_data, gate_std=None):
+    """A small adaptive hybrid (non-zero residual writers) saved with the tiny corpus's tokenizer. gate_std:
+    random gate weights of that scale, so that the gates' scores vary from token to token (fresh: all 0.5)."""
+    from nanochat.hybrid_gpt import HybridGPT, HybridConfig
+    from nanochat.checkpoint_manager import save_model, copy_tokenizer_files
+    config = HybridConfig(sequence_len=32, vocab_size=tiny_data["vocab_size"], n_layer=4, n_head=4, n_kv_head=2,
+                          n_embd=256, layer_pattern="AM", ffn_pattern="DD", d_state=8, mamba_headdim=16,
+                          width_levels=[64, 128, 256], gate_hidden=16, predictor_hidden=16)  # ghost: 128
+    model = HybridGPT(config)
+    model.init_weights()
+    g = torch.Generator().manual_seed(0)
+    fill_zero_matrices(model, 0.3, g)
+    if gate_std is not None:
+        gate = model.controllers.gate
+        with torch.no_grad():
+            for p in (gate.fc.weight, gate.gate_embed, gate.out.weight):
+                p.copy_(torch.randn(p.shape, generator=g) * gate_std)
+    save_model(str(d), 5, model)
+    copy_tokenizer_files(tiny_data["tokenizer_dir"], str(d))
+    return model
+

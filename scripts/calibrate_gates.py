@@ -1,0 +1,121 @@
+"""
+Calibrate a trained hybrid's exit gates on held-out text and save the calibrated checkpoint.
+
+    python -m scripts.calibrate_gates --checkpoint=<phase 3 out-dir> --out-dir=<final>
+
+A gate's raw score is not a probability: `--exit-threshold 0.95` means what it says only after each gate's
+isotonic map (nanochat.confidence_probe.calibrate_gates) has been fitted on tokens the model did not train on.
+This fits the maps on part of the val split (--val-part, default 1/2: the val row groups 1, 3, 5, ...), prints
+the exit rate and precision per threshold on the other part (0/2, which scripts.bench adaptive scores by
+default), and saves the model with the maps to --out-dir, with the tokenizer. The source checkpoint is not
+touched. Teacher forced at full width: a token's label is whether the gate's exit readout has the full
+model's top-1.
+"""
+import os
+import argparse
+
+import torch
+
+from nanochat.common import autodetect_device_type, autocast_context, expand_path
+from nanochat.checkpoint_manager import load_model, save_model, copy_tokenizer_files, list_steps
+from nanochat.confidence_probe import calibrate_gates, gate_scores, reliability_table
+from nanochat.dataloader import tokenizing_distributed_data_loader
+from nanochat.dataset import get_data_dir
+from nanochat.tokenizer import Tokenizer
+
+
+def parse_part(text):
+    """'r/n' -> (r, n): the val row groups r, r + n, r + 2n, ... (nanochat.dataloader's rank sharding)."""
+    try:
+        r, n = (int(s) for s in text.split("/"))
+    except ValueError:
+        raise ValueError(f"a val part is 'r/n' with integers (e.g. 1/2), got {text!r}") from None
+    if not 0 <= r < n:
+        raise ValueError(f"val part {text!r}: need 0 <= r < n")
+    return r, n
+
+
+def val_batches(tokenizer, data_dir, part, B, T, n_tokens, device):
+    """Up to n_tokens (whole (B, T) batches) of the val split's part; at least one batch."""
+    r, n = part
+    loader = tokenizing_distributed_data_loader(tokenizer, B, T, "val", data_dir=data_dir, device=device, rank=r, world_size=n)
+    out = []
+    for x, y, _ in loader:
+        out.append((x, y))
+        if len(out) * B * T >= n_tokens:
+            break
+    if not out:
+        raise ValueError(f"val part {r}/{n} of {data_dir} holds less than one batch of {B} x {T} tokens")
+    return out
+
+
+def get_args(argv=None):
+    p = argparse.ArgumentParser(description="Fit the exit gates' calibration on held-out text and save the checkpoint")
+    p.add_argument("--checkpoint", type=str, required=True, help="hybrid checkpoint directory (latest step) or model_<step>.pt")
+    p.add_argument("--out-dir", type=str, required=True, help="where the calibrated checkpoint goes (not the source)")
+    p.add_argument("--data-dir", type=str, default=None, help="parquet shards (default <base_dir>/base_data)")
+    p.add_argument("--tokenizer-dir", type=str, default=None, help="default: the checkpoint directory")
+    p.add_argument("--val-part", type=str, default="1/2", help="val row groups to fit on: r/n = groups r, r+n, ...")
+    p.add_argument("--eval-part", type=str, default="0/2", help="val row groups for the reliability table ('' = none)")
+    p.add_argument("--tokens", type=int, default=262144, help="tokens to fit on (and at most as many to report on)")
+    p.add_argument("--seq-len", type=int, default=None, help="default: the checkpoint's sequence_len")
+    p.add_argument("--batch", type=int, default=8, help="rows per forward")
+    p.add_argument("--min-count", type=int, default=20, help="tokens per isotonic step at least")
+    p.add_argument("--device", type=str, default=None, help="cuda|cpu (default: autodetect)")
+    p.add_argument("--overwrite", action="store_true", help="allow an --out-dir that already holds checkpoints")
+    args = p.parse_args(argv)
+    args.val_part = parse_part(args.val_part)
+    args.eval_part = parse_part(args.eval_part) if args.eval_part else None
+    if args.eval_part == args.val_part:
+        raise ValueError("--eval-part must differ from --val-part: the table would score the tokens it was fitted on")
+    if args.tokens < 1 or args.batch < 1 or args.min_count < 1:
+        raise ValueError("--tokens, --batch and --min-count must be >= 1")
+    return args
+
+
+def main(argv=None):
+    args = get_args(argv)
+    device = torch.device(args.device or autodetect_device_type())
+    model, meta = load_model(args.checkpoint, device)
+    src = meta["checkpoint_dir"]
+    out_dir = expand_path(args.out_dir)
+    if os.path.realpath(out_dir) == os.path.realpath(src):
+        raise ValueError(f"--out-dir is the source checkpoint {src}: write the calibrated model elsewhere")
+    if os.path.isdir(out_dir) and list_steps(out_dir) and not args.overwrite:
+        raise ValueError(f"{out_dir} already holds checkpoints (steps {list_steps(out_dir)}); pass --overwrite or another --out-dir")
+    if not hasattr(model, "controllers"):
+        raise ValueError(f"{src} has no exit gates (a dense GPT, or a hybrid with adaptive=False): nothing to calibrate")
+    tokenizer = Tokenizer.from_directory(args.tokenizer_dir or src)
+    if tokenizer.get_vocab_size() > model.config.vocab_size:
+        raise ValueError(f"the tokenizer has {tokenizer.get_vocab_size()} ids but the model {model.config.vocab_size}")
+    T = args.seq_len or model.config.sequence_len
+    data_dir = get_data_dir(args.data_dir)
+    fit = val_batches(tokenizer, data_dir, args.val_part, args.batch, T, args.tokens, device)
+    with autocast_context(device.type):  # bf16 on CUDA, as scripts.generate decodes; a no-op on CPU
+        info = calibrate_gates(model, fit, min_count=args.min_count)
+    print(f"calibrated {len(info['steps'])} gates (after blocks {list(model.controllers.gate_blocks)}) on "
+          f"{info['n_tokens']:,} tokens of val part {args.val_part[0]}/{args.val_part[1]} of {data_dir}; "
+          f"isotonic steps per gate {info['steps']}")
+    table = None
+    if args.eval_part:
+        held = val_batches(tokenizer, data_dir, args.eval_part, args.batch, T, args.tokens, device)
+        with autocast_context(device.type):
+            probs, agree = gate_scores(model, held, calibrated=True)
+        print(f"exit policy with the calibrated gates on val part {args.eval_part[0]}/{args.eval_part[1]} "
+              f"(precision: exit readout top-1 = full model's):")
+        table = reliability_table(probs, agree, print_fn=print)
+    step = meta["checkpoint_step"]
+    keep = {k: meta[k] for k in ("phase", "lineage", "surgery", "source") if k in meta}
+    calibration = {"data": f"{data_dir} val part {args.val_part[0]}/{args.val_part[1]}", "seq_len": T,
+                   "from_checkpoint": src, **info}
+    if table is not None:
+        calibration["reliability"] = {"part": f"{args.eval_part[0]}/{args.eval_part[1]}",
+                                      "rows": [{k: (None if v != v else v) for k, v in r.items()} for r in table]}
+    save_model(out_dir, step, model, extra_meta=dict(keep, calibration=calibration))
+    copy_tokenizer_files(args.tokenizer_dir or src, out_dir, overwrite=True)
+    print(f"saved the calibrated checkpoint to {out_dir} (step {step})")
+    return {"checkpoint_dir": out_dir, "step": step, "calibration": calibration}
+
+
+if __name__ == "__main__":
+    main()
