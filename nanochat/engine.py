@@ -21,12 +21,15 @@ the same function, and tests/test_engine.py compares the two):
   output projection or FFN); a deeper Mamba block steps its conv/SSM state with the frozen residual.
   Mamba's step also computes its output projection, which is then discarded; it is counted.
 - MatryoshkaKVCache (nanochat/matryoshka_kv.py): every position has slots for all KV heads. A position's own width's heads are
-  written when it is processed (at that width); the heads it lacks are computed from its stored
-  normalised block input at full width the first time a wider query needs them, and kept. That input is
-  stored only for positions written with fewer than all KV heads (none in mode think).
+  written when it is processed (at that width). The heads it lacks (computed at full width from its
+  normalised block input) are written with them when widening is on (expand_threshold > 0, as in auto):
+  then any later token may widen and read them, and a step that would have to fill heads first cannot run
+  as a static segment. Otherwise they are computed the first time a wider query needs them, from the input
+  stored for positions written with fewer than all KV heads (none in mode think), and kept.
 
 FLOPs are counted per token for what ran (hybrid_gpt.flops_breakdown's convention): the parts of each
-block that ran at the width they ran at, lazily filled K/V heads, gate checks, the predictor, one readout.
+block that ran at the width they ran at, lacked K/V heads (written with the own ones or filled lazily), gate
+checks, the predictor, one readout.
 The full model's count is forward_flops_per_token at the same context length.
 
 Speed: the control state (widths, active rows, FLOPs) lives on the host, so a step reads nothing back from
@@ -64,6 +67,7 @@ class DecodeState:
     exit_threshold: float
     expand_threshold: float
     pos: int = 0
+    all_heads: bool = False   # write every KV head of a position (its lacked ones at full width): widening is on
     graphs: dict = field(default_factory=dict)  # segment key (blocks, bucket, widths, state, gate) -> (CUDAGraph, output)
     static_in: tuple = None                     # (token ids (B,), position (1,)) the static step reads
     static_x: torch.Tensor = None               # (B, 1, D) the residual between static segments
@@ -186,6 +190,7 @@ class Engine:
         if "attn_proj" in row:
             h, hkv = self.model.transformer.h[j].attn.heads_at(w)
             out["kv"] = 2 * w * 2 * hkv * c.head_dim
+            out["kv_lacked"] = 2 * c.n_embd * 2 * (c.n_kv_head - hkv) * c.head_dim  # the other heads, at full width
             out["qo"] = row["attn_proj"] - out["kv"]
             out["score"] = 4 * h * c.head_dim  # per position attended
         return out
@@ -204,6 +209,20 @@ class Engine:
                 by.setdefault(w, []).append(b)
         dev = self.model.get_device()
         return [(w, rows, row_index(rows, len(w_rows), dev)) for w, rows in sorted(by.items())]
+
+    def _kv_cost(self, st, j, w):
+        c = self.costs(j, w)
+        return c["kv"] + (c["kv_lacked"] if st.all_heads else 0)
+
+    @staticmethod
+    def _project_kv(st, attn, xn, w, cos_sin):
+        """K, V (R, heads, T, hd) to store for xn (R, T, n_embd) at width w: its own heads, and with st.all_heads
+        the heads it lacks too (attn.lacked_kv), so that a wider query never waits for a fill."""
+        k, v = attn.project_kv(xn, w, cos_sin)
+        if st.all_heads and k.size(1) < attn.n_kv_head:
+            kl, vl = attn.lacked_kv(xn, k.size(1), attn.n_kv_head, cos_sin)
+            k, v = torch.cat([k, kl], 1), torch.cat([v, vl], 1)
+        return k, v
 
     @staticmethod
     def _place(y, x, idx, w, out):
@@ -224,9 +243,9 @@ class Engine:
         xn = norm(x)
         for w, rows, idx in self._groups(w_rows):
             xr = xn[idx]
-            k, v = attn.project_kv(xr, w, cos_sin)  # (R, hkv, T, hd)
+            k, v = self._project_kv(st, attn, xr, w, cos_sin)  # (R, heads, T, hd)
             st.cache.store(j, rows, idx, pos, k, v, xr)
-            add_flops(flops, rows, T * self.costs(j, w)["kv"])
+            add_flops(flops, rows, T * self._kv_cost(st, j, w))
         y = None
         ctx_sum = T * pos + T * (T + 1) // 2  # positions attended, summed over the T tokens
         for w, rows, idx in self._groups(w_rows, active):
@@ -300,7 +319,7 @@ class Engine:
         cache = MatryoshkaKVCache(model, B, max_len, dtype=model.lm_head.weight.dtype)
         ssm = {j: model.transformer.h[j].mamba.allocate_inference_cache(B, max_len)
                for j in range(c.n_layer) if c.mixer_kind(j) == "M"}
-        st = DecodeState(cache, ssm, base, base.clone(), exit_threshold, expand_threshold)
+        st = DecodeState(cache, ssm, base, base.clone(), exit_threshold, expand_threshold, all_heads=expand_threshold > 0.0)
         flops, active = [0.0] * B, [True] * B
         x = norm(model.transformer.wte(prompts))
         for j in range(c.n_layer):
@@ -429,7 +448,7 @@ class Engine:
         model, pos = self.model, st.pos
         B, dev = tokens.size(0), model.get_device()
         for j in st.cache.layers:  # a store with fewer KV heads keeps block inputs: allocate before any capture
-            if model.transformer.h[j].attn.heads_at(int(st.plan[:, j].min()))[1] < st.cache.n_kv_head:
+            if not st.all_heads and model.transformer.h[j].attn.heads_at(int(st.plan[:, j].min()))[1] < st.cache.n_kv_head:
                 st.cache.ensure_xn(j)
         if st.static_in is None:
             st.static_in = (torch.zeros(B, dtype=torch.long, device=dev), torch.zeros(1, dtype=torch.long, device=dev))
@@ -458,7 +477,7 @@ class Engine:
             xn = norm(x)
             if block.mixer_kind == "A":
                 attn = block.attn
-                cache.store_at(j, pos, *attn.project_kv(xn, w, cos_sin), xn)
+                cache.store_at(j, pos, *self._project_kv(st, attn, xn, w, cos_sin), xn)
                 if active:
                     k, v = cache.view(j, slice(None), attn.heads_at(w)[1], L)
                     x = x + self._place(None, x, slice(None), w, attn.query_attend(xn, w, cos_sin, k, v, keep=keep))
@@ -507,9 +526,9 @@ class Engine:
         for j in range(j0, j1 + 1):
             block, w = model.transformer.h[j], widths[j]
             if block.mixer_kind == "A":
-                st.cache.note_store(j, rows, pos, 1, block.attn.heads_at(w)[1])
+                st.cache.note_store(j, rows, pos, 1, st.cache.n_kv_head if st.all_heads else block.attn.heads_at(w)[1])
                 cost = self.costs(j, w)
-                add_flops(flops, rows, cost["kv"])
+                add_flops(flops, rows, self._kv_cost(st, j, w))
                 if active:
                     add_flops(flops, rows, cost["qo"] + (pos + 1) * cost["score"])
             else:

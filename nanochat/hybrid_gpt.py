@@ -18,9 +18,10 @@ Per-token widths (width as a (B, T, n_layer) tensor: what the engine does when a
 decode) define one more thing, the keys/values a query sees. At width w head h's key depends on w
 (K = norm(x)[:w] @ c_k[h rows, :w]^T), so position s's K/V are: for the KV heads its own width w_s has,
 computed at w_s; for the heads it lacks (needed only by a later, wider query), computed at full width
-from its normalised block input. This is a function of position s alone, so a cache can store it once
-(matryoshka_kv.MatryoshkaKVCache fills lacked heads lazily, the first time a wider query needs them). With one
-width everywhere it is exactly the static-plan forward.
+from its normalised block input (MatryoshkaAttention.lacked_kv). This is a function of position s alone, so
+a cache can store it once: the engine writes lacked heads along with the own ones when tokens may widen, and
+otherwise fills them lazily, the first time a wider query needs them. With one width everywhere it is exactly
+the static-plan forward.
 """
 import functools
 import math
@@ -207,6 +208,16 @@ class MatryoshkaAttention(nn.Module):
         x = xn[..., :w]
         k = F.linear(x, self.c_k.weight[:hkv * self.head_dim, :w]).view(B, T, hkv, self.head_dim)
         v = F.linear(x, self.c_v.weight[:hkv * self.head_dim, :w]).view(B, T, hkv, self.head_dim)
+        k = norm(apply_rotary_emb(k, *cos_sin))
+        return k.transpose(1, 2), v.transpose(1, 2)
+
+    def lacked_kv(self, xn, a, need, cos_sin):
+        """K, V heads a..need-1 (B, need - a, T, hd) of the normalised input xn (B, T, n_embd) at full width: what a
+        position stored at a narrower width lacks when a wider query reads it (the module docstring's rule)."""
+        B, T, _ = xn.shape
+        hd = self.head_dim
+        k = F.linear(xn, self.c_k.weight[a * hd:need * hd]).view(B, T, need - a, hd)
+        v = F.linear(xn, self.c_v.weight[a * hd:need * hd]).view(B, T, need - a, hd)
         k = norm(apply_rotary_emb(k, *cos_sin))
         return k.transpose(1, 2), v.transpose(1, 2)
 

@@ -1,12 +1,10 @@
 """
 The attention cache of nanochat.engine: K/V slots for every KV head of every position, filled at the width
-each position ran at, with lacked heads computed lazily from stored block inputs; plus the helpers that
-index batch rows of device tensors without reading anything back from the device.
+each position ran at, with lacked heads written by the engine along with them (when widening is on) or
+computed lazily from stored block inputs; plus the helpers that index batch rows of device tensors without
+reading anything back from the device.
 """
 import torch
-import torch.nn.functional as F
-
-from nanochat.gpt import norm, apply_rotary_emb
 
 
 class MatryoshkaKVCache:
@@ -102,11 +100,9 @@ class MatryoshkaKVCache:
             r, s = (have == a).nonzero(as_tuple=True)  # (N,) row index into rows, position
             xn = self.xn[j][rows[r], s].unsqueeze(0)  # (1, N, D): the N positions as one sequence
             N, Din = s.numel(), xn.size(-1)
-            k = F.linear(xn, attn.c_k.weight[a * hd:need * hd]).view(1, N, need - a, hd)
-            v = F.linear(xn, attn.c_v.weight[a * hd:need * hd]).view(1, N, need - a, hd)
-            k = norm(apply_rotary_emb(k, cos[:, s], sin[:, s]))
-            self.k[j][rows[r], a:need, s] = k[0].to(self.k[j].dtype)  # (N, need - a, hd)
-            self.v[j][rows[r], a:need, s] = v[0].to(self.v[j].dtype)
+            k, v = attn.lacked_kv(xn, a, need, (cos[:, s], sin[:, s]))  # (1, need - a, N, hd)
+            self.k[j][rows[r], a:need, s] = k[0].transpose(0, 1).to(self.k[j].dtype)  # (N, need - a, hd)
+            self.v[j][rows[r], a:need, s] = v[0].transpose(0, 1).to(self.v[j].dtype)
             self.heads[j][rows[r], s] = need
             flops.index_add_(0, r.cpu(), torch.full((N,), 2.0 * 2 * Din * (need - a) * hd, dtype=torch.float64))
         for b in host_rows:  # every stored position of the row now has >= need heads

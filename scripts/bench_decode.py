@@ -41,14 +41,12 @@ def cache_bytes_analytic(config, B, L, nbytes, narrow):
 def stores_narrow_kv(config, mode):
     """Whether decoding in `mode` stores positions with fewer KV heads than n_kv_head (what makes the engine
     keep block inputs). A fixed mode's plan has one width for every block: it does so in all attention
-    blocks or in none. 'auto' does where its predictor picks a narrow width (blocks from predictor_after
-    on, per row): True, so its formula is an upper bound."""
+    blocks or in none. 'auto' never does: widening is on (threshold 0.5), so the engine writes every
+    position's lacked heads along with its own ones (nanochat.engine's docstring)."""
     from nanochat.matryoshka import mode_plan
     from nanochat.hybrid_gpt import heads_at
-    if not hasattr(config, "layer_pattern") or mode in ("-", "think"):
+    if not hasattr(config, "layer_pattern") or mode in ("-", "think", "auto"):
         return False
-    if mode == "auto":
-        return True
     return any(heads_at(w, config.head_dim, config.n_head, config.n_kv_head)[1] < config.n_kv_head
                for j, w in enumerate(mode_plan(mode, config.width_levels, config.n_layer)) if config.mixer_kind(j) == "A")
 
@@ -183,8 +181,8 @@ def cmd_decode(args, device):
                  ("cache_analytic_MiB", "cache MiB (formula)", ",.1f"), ("kv_ssm_analytic_MiB", "K/V+SSM MiB", ",.1f")])
     print("  'hybrid' = what scripts.surgery makes (one Mamba block after each attention block); 'hybrid-eq' = as many"
           " blocks as the dense model. Fresh weights: 'auto' follows an untrained width predictor and gates.\n"
-          "  Cache: K/V, int16 head counts and Mamba states; modes whose plan stores fewer KV heads than the model"
-          " has add each attention block's normalised inputs (B x T x n_embd); 'auto' formula = that bound.")
+          "  Cache: K/V, int16 head counts and Mamba states; fixed modes whose plan stores fewer KV heads than the"
+          " model has add each attention block's normalised inputs (B x T x n_embd); 'auto' stores every head.")
     for r in rows:
         if "profile" in r:
             print_profile(f"{r['model']} {r['mode']} decode step, context {r['context']}", r["profile"])
