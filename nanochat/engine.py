@@ -59,19 +59,44 @@ def add_flops(flops, rows, amount):
 
 
 @dataclass
-class DecodeState:
+class Workspace:
+    """
+    The tensors a decode reads and writes, and the CUDA graphs captured on them. A graph replays on the tensors
+    it was captured with, so where decode steps may be graphs the Engine keeps its last workspace and the next
+    prefill of the same batch size and max_len reuses it (reset), graphs and all: a new prompt does not
+    capture again. One DecodeState at a time uses it; a superseded state's step() stops with an error.
+    """
+    key: tuple                # (B, max_len, cache dtype)
     cache: MatryoshkaKVCache
     ssm: dict                 # Mamba block index -> (conv_state, ssm_state), updated in place
+    graphs: dict = field(default_factory=dict)  # segment key (blocks, bucket, widths, state, gate, all_heads) -> (CUDAGraph, output)
+    static_in: tuple = None                     # (token ids (B,), position (1,)) the static step reads
+    static_x: torch.Tensor = None               # (B, 1, D) the residual between static segments
+    graph_pool: tuple = None                    # the CUDA graphs' shared memory pool
+    # prefills that took it; a DecodeState holds the count at its own prefill. A count, not a reference to the
+    # state: a reference cycle would free an old workspace's tensors whenever the garbage collector runs, which
+    # may be in the middle of a later CUDA graph capture (and invalidate it)
+    prefills: int = 0
+
+
+@dataclass
+class DecodeState:
+    ws: Workspace
     plan: torch.Tensor        # (B, n_layer) long, CPU: each row's base plan
     prompt_widths: torch.Tensor  # (B, n_layer) long, CPU: widths the prompt ran at
     exit_threshold: float
     expand_threshold: float
     pos: int = 0
     all_heads: bool = False   # write every KV head of a position (its lacked ones at full width): widening is on
-    graphs: dict = field(default_factory=dict)  # segment key (blocks, bucket, widths, state, gate) -> (CUDAGraph, output)
-    static_in: tuple = None                     # (token ids (B,), position (1,)) the static step reads
-    static_x: torch.Tensor = None               # (B, 1, D) the residual between static segments
-    graph_pool: tuple = None                    # the CUDA graphs' shared memory pool
+    prefill_id: int = 0       # ws.prefills after this state's prefill: while equal, the workspace is this state's
+
+    @property
+    def cache(self):
+        return self.ws.cache
+
+    @property
+    def ssm(self):
+        return self.ws.ssm
 
 
 @dataclass
@@ -142,6 +167,7 @@ class Engine:
         self._costs = {}
         self.decode = decode
         self.last_path = None  # the path step() took last ("eager", "static" or "graph")
+        self._workspace = None  # the last Workspace, kept where decode steps may be CUDA graphs
 
     # ---- plans and thresholds -----------------------------------------------------------------
     def resolve(self, plan, exit_threshold, expand_threshold):
@@ -316,10 +342,10 @@ class Engine:
         max_len = max_len or c.sequence_len
         if T > max_len:
             raise ValueError(f"prompt of {T} tokens exceeds max_len {max_len}")
-        cache = MatryoshkaKVCache(model, B, max_len, dtype=model.lm_head.weight.dtype)
-        ssm = {j: model.transformer.h[j].mamba.allocate_inference_cache(B, max_len)
-               for j in range(c.n_layer) if c.mixer_kind(j) == "M"}
-        st = DecodeState(cache, ssm, base, base.clone(), exit_threshold, expand_threshold, all_heads=expand_threshold > 0.0)
+        ws = self._take_workspace(B, max_len)
+        ws.prefills += 1
+        st = DecodeState(ws, base, base.clone(), exit_threshold, expand_threshold, all_heads=expand_threshold > 0.0,
+                         prefill_id=ws.prefills)
         flops, active = [0.0] * B, [True] * B
         x = norm(model.transformer.wte(prompts))
         for j in range(c.n_layer):
@@ -333,6 +359,29 @@ class Engine:
         add_flops(flops, range(B), 2 * c.n_embd * c.vocab_size)  # one readout: only the last position's logits are used
         return (st, logits, torch.tensor(flops, dtype=torch.float64),
                 torch.full((B,), float(prompt_full_flops(model, T)), dtype=torch.float64))
+
+    def release(self):
+        """Drop the kept Workspace (cache, Mamba states, CUDA graphs): the next prefill allocates new ones."""
+        self._workspace = None
+
+    def _take_workspace(self, B, max_len):
+        """A Workspace for a new DecodeState: the kept one, reset, when its shapes match, else a new one (kept
+        when decode steps may be static: decode 'static' or 'graph', or 'auto' on CUDA)."""
+        model, c = self.model, self.model.config
+        key = (B, max_len, model.lm_head.weight.dtype)
+        ws = self._workspace
+        if ws is not None and ws.key == key:
+            ws.cache.reset()
+            for conv_state, ssm_state in ws.ssm.values():
+                conv_state.zero_()
+                ssm_state.zero_()
+            return ws
+        ws = Workspace(key, MatryoshkaKVCache(model, B, max_len, dtype=key[2]),
+                       {j: model.transformer.h[j].mamba.allocate_inference_cache(B, max_len)
+                        for j in range(c.n_layer) if c.mixer_kind(j) == "M"})
+        if self.decode in ("static", "graph") or (self.decode == "auto" and model.get_device().type == "cuda"):
+            self._workspace = ws
+        return ws
 
     def _predict_plan(self, st, x, epsilon, flops):
         """Auto mode: the predictor's plan from the prompt's residual x after predictor_after blocks."""
@@ -355,6 +404,10 @@ class Engine:
         """
         model, c = self.model, self.model.config
         B = tokens.size(0)
+        if st.prefill_id != st.ws.prefills:
+            raise RuntimeError("this decode state's cache was reused by a later prefill on the same Engine (on the "
+                               "CUDA-graph path one state per Engine is live at a time): prefill again, or use "
+                               "another Engine for concurrent sequences")
         if plan is not None:
             st.plan = self.base_plan(plan, B)
         n, D = c.n_layer, c.n_embd
@@ -367,14 +420,14 @@ class Engine:
         gate = model.controllers.gate if gating else None
         if path != "eager":
             L = self._prepare_static(st, tokens)
-        x, logits, ran = None, None, set()  # x: the residual when the eager step holds it (else in st.static_x)
+        x, logits, ran = None, None, set()  # x: the residual when the eager step holds it (else in st.ws.static_x)
         j0 = 0
         for j1 in sorted(b for b in gates if b < n - 1) + [n - 1]:
             g = gates.get(j1)
             static = path != "eager" and self._segment_ok(st, j0, j1, widths[0], active[0], B)
             if static:
                 if x is not None:
-                    st.static_x.copy_(x)
+                    st.ws.static_x.copy_(x)
                     x = None
                 out = self._segment(st, path, j0, j1, widths[0], active[0], g if active[0] else None, L)
                 self._segment_flops(st, j0, j1, widths[0], active[0], flops)
@@ -382,7 +435,7 @@ class Engine:
                 p = out if g is not None and active[0] else None
             else:
                 if x is None:
-                    x = st.static_x.clone() if j0 > 0 and path != "eager" else norm(model.transformer.wte(tokens.to(model.get_device())[:, None]))
+                    x = st.ws.static_x.clone() if j0 > 0 and path != "eager" else norm(model.transformer.wte(tokens.to(model.get_device())[:, None]))
                 for j in range(j0, j1 + 1):
                     x = self._block(st, j, x, [w[j] for w in widths], active, flops)
                 p = None
@@ -450,28 +503,29 @@ class Engine:
         for j in st.cache.layers:  # a store with fewer KV heads keeps block inputs: allocate before any capture
             if not st.all_heads and model.transformer.h[j].attn.heads_at(int(st.plan[:, j].min()))[1] < st.cache.n_kv_head:
                 st.cache.ensure_xn(j)
-        if st.static_in is None:
-            st.static_in = (torch.zeros(B, dtype=torch.long, device=dev), torch.zeros(1, dtype=torch.long, device=dev))
-            st.static_x = torch.zeros(B, 1, model.config.n_embd, device=dev, dtype=model.transformer.wte.weight.dtype)
-        st.static_in[0].copy_(tokens, non_blocking=True)
-        st.static_in[1].fill_(pos)
+        ws = st.ws
+        if ws.static_in is None:
+            ws.static_in = (torch.zeros(B, dtype=torch.long, device=dev), torch.zeros(1, dtype=torch.long, device=dev))
+            ws.static_x = torch.zeros(B, 1, model.config.n_embd, device=dev, dtype=model.transformer.wte.weight.dtype)
+        ws.static_in[0].copy_(tokens, non_blocking=True)
+        ws.static_in[1].fill_(pos)
         return min(st.cache.max_len, max(self.STATIC_MIN_KEYS, 1 << pos.bit_length()))
 
     def static_segment(self, st, j0, j1, widths, active, gate, L):
         """
-        Blocks j0..j1 of the token in st.static_in[0] at the position in st.static_in[1], every row at plan
+        Blocks j0..j1 of the token in st.ws.static_in[0] at the position in st.ws.static_in[1], every row at plan
         `widths` (one width per block) and in one state: active (the whole block) or exited (K/V stores and
         Mamba state steps only, the residual frozen). Attention covers key slots 0..L-1 (L > position, later
-        slots masked out). The residual comes from the embedding (j0 = 0) or st.static_x, and goes back to
-        st.static_x. Returns the logits (B, V) after the last block, the gate's probabilities (B,) when `gate`
+        slots masked out). The residual comes from the embedding (j0 = 0) or st.ws.static_x, and goes back to
+        st.ws.static_x. Returns the logits (B, V) after the last block, the gate's probabilities (B,) when `gate`
         is given, else None. Reads and writes device tensors only, with shapes fixed by the arguments: a CUDA
         graph can capture it. Host-side bookkeeping is step()'s.
         """
         model, cache = self.model, st.cache
-        tok, pos = st.static_in
+        tok, pos = st.ws.static_in
         cos_sin = (model.cos.index_select(1, pos), model.sin.index_select(1, pos))
         keep = (torch.arange(L, device=pos.device) <= pos).view(1, 1, 1, L)
-        x = norm(model.transformer.wte(tok[:, None])) if j0 == 0 else st.static_x  # (B, 1, D)
+        x = norm(model.transformer.wte(tok[:, None])) if j0 == 0 else st.ws.static_x  # (B, 1, D)
         for j in range(j0, j1 + 1):
             block, w = model.transformer.h[j], widths[j]
             xn = norm(x)
@@ -490,17 +544,18 @@ class Engine:
                 x = x + self._place(None, x, slice(None), w, block.mlp(norm(x)[:, :, :w], w))
         if j1 == model.config.n_layer - 1:
             return model.readout(x[:, 0])
-        st.static_x.copy_(x)
+        st.ws.static_x.copy_(x)
         return model.controllers.gate.prob(x[:, 0], gate) if gate is not None else None
 
     def _segment(self, st, path, j0, j1, widths, active, gate, L):
         if path == "static":
             return self.static_segment(st, j0, j1, widths, active, gate, L)
-        key = (j0, j1, L, tuple(widths[j0:j1 + 1]), active, gate)
-        if key not in st.graphs:
+        ws = st.ws
+        key = (j0, j1, L, tuple(widths[j0:j1 + 1]), active, gate, st.all_heads)
+        if key not in ws.graphs:
             ac = (torch.autocast("cuda", dtype=torch.get_autocast_dtype("cuda"), cache_enabled=False)
                   if torch.is_autocast_enabled("cuda") else nullcontext())  # capture needs autocast's cache off
-            states = [t for pair in st.ssm.values() for t in pair] + [st.static_x]
+            states = [t for pair in st.ssm.values() for t in pair] + [ws.static_x]
             saved = [t.clone() for t in states]
             side = torch.cuda.Stream()
             side.wait_stream(torch.cuda.current_stream())
@@ -509,13 +564,13 @@ class Engine:
             torch.cuda.current_stream().wait_stream(side)
             for t, t0 in zip(states, saved):
                 t.copy_(t0)  # the warm-up stepped the Mamba states and the residual; its K/V writes repeat
-            if st.graph_pool is None:  # one memory pool for all of a state's graphs: they replay one at a time
-                st.graph_pool = torch.cuda.graph_pool_handle()
+            if ws.graph_pool is None:  # one memory pool for all of the workspace's graphs: they replay one at a time
+                ws.graph_pool = torch.cuda.graph_pool_handle()
             graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph, pool=st.graph_pool), ac:
+            with torch.cuda.graph(graph, pool=ws.graph_pool), ac:
                 out = self.static_segment(st, j0, j1, widths, active, gate, L)
-            st.graphs[key] = (graph, out)
-        graph, out = st.graphs[key]
+            ws.graphs[key] = (graph, out)
+        graph, out = ws.graphs[key]
         graph.replay()
         return None if out is None else out.clone()  # the next replay overwrites out
 
@@ -611,37 +666,3 @@ class Engine:
         if not self.dense:
             res.prompt_widths, res.plan = self.state.prompt_widths.cpu(), self.state.plan.cpu()
         return res
-
-
-# -----------------------------------------------------------------------------
-# --show-compute
-
-def compute_report(model, steps, row=0, decode=None):
-    """
-    Lines describing, for one row, the forward that produced each generated token (token 0: the prompt's;
-    token k: the forward of token k-1): its exit block, the mean width of the blocks it ran, whether the
-    gate widened it, its FLOPs and their share of the full model's; then the totals.
-    decode: the tokenizer's decode (ids -> str) to show the tokens' text.
-    """
-    n = model.config.n_layer
-    lines = ["each row: the forward that produced the token (row 0: the whole prompt)",
-             f"{'#':>4} {'token':<16} {'exit':>6} {'width':>6} {'widened':>7} {'FLOPs':>10} {'of full':>8}"]
-    used = full = 0.0
-    for k, s in enumerate(steps):
-        t = s.tokens[row]
-        text = repr(decode([t]))[:16] if decode else str(t)
-        f, ff = float(s.flops[row]), float(s.full_flops[row])
-        if s.source == "prompt":
-            lines.append(f"{k:4d} {text:<16} {'prompt':>6} {'':>6} {'':>7} {f:10.3g} {100 * f / ff:7.1f}%")
-            prompt_used, prompt_full = f, ff
-            continue
-        eb = int(s.exit_block[row])
-        w = s.widths[row, :eb + 1].float().mean().item()
-        lines.append(f"{k:4d} {text:<16} {eb + 1:>3}/{n:<2} {w:6.0f} {'yes' if s.widened[row] else '':>7} "
-                     f"{f:10.3g} {100 * f / ff:7.1f}%")
-        used, full = used + f, full + ff
-    if steps and steps[0].source == "prompt":
-        lines.append(f"prompt: {prompt_used:.4g} FLOPs vs full model {prompt_full:.4g} ({100 * prompt_used / prompt_full:.1f}%)")
-    if full > 0:
-        lines.append(f"decode: {used:.4g} FLOPs vs full model {full:.4g} ({100 * used / full:.1f}%) over {len(steps) - 1} tokens")
-    return lines

@@ -37,6 +37,14 @@ class MatryoshkaKVCache:
         self.stored = {j: [0] * batch_size for j in self.layers}
         self.fewest = {j: [c.n_kv_head] * batch_size for j in self.layers}
 
+    def reset(self):
+        """Empty again, keeping every tensor (the CUDA graphs of nanochat.engine were captured on them)."""
+        for t in [*self.k.values(), *self.v.values(), *self.heads.values(), *self.xn.values()]:
+            t.zero_()
+        for j in self.layers:
+            self.stored[j] = [0] * len(self.stored[j])
+            self.fewest[j] = [self.n_kv_head] * len(self.fewest[j])
+
     def store(self, j, rows, idx, pos, k, v, xn):
         """Own heads of positions pos.. of `rows`: k, v (R, hkv, T, hd); xn (R, T, D), kept if hkv < n_kv_head."""
         hkv, T = k.size(1), k.size(2)

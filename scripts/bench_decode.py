@@ -73,6 +73,8 @@ def decode_one(args, device, model, engine, kind, mode, L, actx):
     prefill_ms = []
     for _ in range(args.prefill_reps + 1):  # the first is warmup
         state = logits = None  # the previous rep's cache must be gone before `before` is read
+        if engine is not None:
+            engine.release()  # the engine keeps its last cache on CUDA (for its graphs): drop it too
         free_memory(device)
         before = torch.cuda.memory_allocated(device) if device.type == "cuda" else 0
         sync(device)

@@ -11,8 +11,7 @@ Type 'quit' or 'exit' to leave, 'clear' to start over.
 import argparse
 
 from nanochat.common import autocast_context
-from nanochat.engine import compute_report
-from scripts.generate import add_generation_args, load_model_and_tokenizer, check_mode
+from scripts.generate import add_generation_args, load_model_and_tokenizer, check_mode, compute_report
 
 
 def main(argv=None, input_fn=input):

@@ -15,9 +15,39 @@ import argparse
 
 from nanochat.common import autodetect_device_type, autocast_context
 from nanochat.checkpoint_manager import load_model
-from nanochat.engine import Engine, MODES, compute_report
+from nanochat.engine import Engine, MODES
 from nanochat.tokenizer import Tokenizer, TOKENIZER_FILENAME
 
+
+def compute_report(model, steps, row=0, decode=None):
+    """
+    Lines describing, for one row, the forward that produced each generated token (token 0: the prompt's;
+    token k: the forward of token k-1): its exit block, the mean width of the blocks it ran, whether the
+    gate widened it, its FLOPs and their share of the full model's; then the totals.
+    decode: the tokenizer's decode (ids -> str) to show the tokens' text.
+    """
+    n = model.config.n_layer
+    lines = ["each row: the forward that produced the token (row 0: the whole prompt)",
+             f"{'#':>4} {'token':<16} {'exit':>6} {'width':>6} {'widened':>7} {'FLOPs':>10} {'of full':>8}"]
+    used = full = 0.0
+    for k, s in enumerate(steps):
+        t = s.tokens[row]
+        text = repr(decode([t]))[:16] if decode else str(t)
+        f, ff = float(s.flops[row]), float(s.full_flops[row])
+        if s.source == "prompt":
+            lines.append(f"{k:4d} {text:<16} {'prompt':>6} {'':>6} {'':>7} {f:10.3g} {100 * f / ff:7.1f}%")
+            prompt_used, prompt_full = f, ff
+            continue
+        eb = int(s.exit_block[row])
+        w = s.widths[row, :eb + 1].float().mean().item()
+        lines.append(f"{k:4d} {text:<16} {eb + 1:>3}/{n:<2} {w:6.0f} {'yes' if s.widened[row] else '':>7} "
+                     f"{f:10.3g} {100 * f / ff:7.1f}%")
+        used, full = used + f, full + ff
+    if steps and steps[0].source == "prompt":
+        lines.append(f"prompt: {prompt_used:.4g} FLOPs vs full model {prompt_full:.4g} ({100 * prompt_used / prompt_full:.1f}%)")
+    if full > 0:
+        lines.append(f"decode: {used:.4g} FLOPs vs full model {full:.4g} ({100 * used / full:.1f}%) over {len(steps) - 1} tokens")
+    return lines
 
 def add_generation_args(parser):
     parser.add_argument("--checkpoint", type=str, required=True, help="checkpoint directory (latest step) or model_<step>.pt")

@@ -418,6 +418,38 @@ def test_static_step_equals_eager_step(kind, monkeypatch):
                 torch.testing.assert_close(b, a, rtol=0, atol=1e-5)
 
 
+def decode_steps(eng, prompt, n, **kw):
+    st, logits, _, _ = eng.prefill(prompt, max_len=16, **kw)
+    out = [logits]
+    for _ in range(n):
+        out.append(eng.step(st, out[-1].argmax(-1))[0])
+    return st, out
+
+
+def test_a_new_prompt_reuses_the_static_workspace():
+    """On the static path the engine keeps its cache, Mamba states (and on CUDA the graphs captured on them) for
+    the next prefill of the same shape: reset, they give what a fresh engine gives; the superseded state stops."""
+    model = build(layer_pattern="AM" if HAS_MAMBA else "A", exit_stride=1)
+    eng = Engine(model, decode="static")
+    kw = dict(plan=[16, 32, 16, 48], exit_threshold=0.8, expand_threshold=0.25)
+    st1, _ = decode_steps(eng, torch.tensor([[3, 1, 4]]), 6, **kw)
+    st2, got = decode_steps(eng, torch.tensor([[2, 7, 1]]), 6, **kw)
+    assert st2.ws is st1.ws
+    _, ref = decode_steps(Engine(model, decode="static"), torch.tensor([[2, 7, 1]]), 6, **kw)
+    for a, b in zip(got, ref):
+        assert torch.equal(a, b)
+    with pytest.raises(RuntimeError, match="reused by a later prefill"):
+        eng.step(st1, torch.tensor([5]))
+    st3, _ = decode_steps(eng, torch.tensor([[2, 7, 1, 8]]), 1, **kw)  # another prompt length: same (B, max_len)
+    assert st3.ws is st1.ws
+    st4, _ = decode_steps(eng, torch.tensor([[2, 7], [1, 8]]), 1)  # another batch size: a new workspace
+    assert st4.ws is not st1.ws
+    eng.release()
+    assert decode_steps(eng, torch.tensor([[2, 7], [1, 8]]), 1)[0].ws is not st4.ws
+    eager = Engine(model, decode="eager")  # nothing to reuse for: every prefill allocates
+    assert decode_steps(eager, torch.tensor([[3, 1, 4]]), 1)[0].ws is not decode_steps(eager, torch.tensor([[3, 1, 4]]), 1)[0].ws
+
+
 def test_static_step_falls_back_to_eager_where_it_cannot_run():
     model = build(layer_pattern="AM" if HAS_MAMBA else "A")
     prompts = torch.tensor([[1, 2, 3], [4, 5, 6]])
@@ -464,7 +496,7 @@ def test_graph_step_equals_eager_step_on_cuda(kind, monkeypatch):
                         assert eng.last_path == path
                         got.append(out[0])
                 logits_by[path] = got
-            assert len(st.graphs) == 3  # buckets 4, 8 and 16
+            assert len(st.ws.graphs) == 3  # buckets 4, 8 and 16
             for a, b in zip(logits_by["eager"], logits_by["graph"]):
                 torch.testing.assert_close(b, a, rtol=0, atol=atol)
     eng = Engine(model, decode="graph")
@@ -506,6 +538,19 @@ def test_static_segments_with_gates_equal_eager_step(kind, monkeypatch):
         assert any(int(s[1][0]) < model.config.n_layer - 1 for s in decode)  # some tokens exited
         assert any(bool(s[3][0]) for s in decode)  # some widened
         assert paths == {"static"}, paths
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_a_new_prompt_replays_the_captured_graphs_on_cuda():
+    model = build(layer_pattern="AM" if HAS_MAMBA else "A").cuda()
+    eng = Engine(model, decode="graph")
+    st1, _ = decode_steps(eng, torch.tensor([[3, 1, 4]], device="cuda"), 6)
+    n_graphs = len(st1.ws.graphs)
+    st2, got = decode_steps(eng, torch.tensor([[2, 7, 1]], device="cuda"), 6)
+    assert st2.ws is st1.ws and len(st2.ws.graphs) == n_graphs  # no new capture
+    _, ref = decode_steps(Engine(model, decode="eager"), torch.tensor([[2, 7, 1]], device="cuda"), 6)
+    for a, b in zip(got, ref):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-4)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
