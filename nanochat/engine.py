@@ -38,10 +38,11 @@ step, captured as CUDA graphs on CUDA (Engine's `decode` argument); batch-1 deco
 kernel-launch overhead.
 """
 import logging
-from contextlib import nullcontext
+from contextlib import nullcontext, contextmanager
 from dataclasses import dataclass, field
 
 import torch
+import torch.nn as nn
 
 from nanochat.common import log_once
 from nanochat.gpt import GPT, norm, sample_next_token
@@ -69,7 +70,9 @@ class Workspace:
     key: tuple                # (B, max_len, cache dtype)
     cache: MatryoshkaKVCache
     ssm: dict                 # Mamba block index -> (conv_state, ssm_state), updated in place
-    graphs: dict = field(default_factory=dict)  # segment key (blocks, bucket, widths, state, gate, all_heads) -> (CUDAGraph, output)
+    graphs: dict = field(default_factory=dict)  # segment key (blocks, bucket, widths, state, gate, ...) -> (CUDAGraph, output)
+    weight_copies: dict = field(default_factory=dict)  # autocast dtype -> {nn.Linear: its weight in that dtype}
+    weights_version: int = None                 # Engine._weights_version() when the graphs were captured
     static_in: tuple = None                     # (token ids (B,), position (1,)) the static step reads
     static_x: torch.Tensor = None               # (B, 1, D) the residual between static segments
     graph_pool: tuple = None                    # the CUDA graphs' shared memory pool
@@ -168,6 +171,7 @@ class Engine:
         self.decode = decode
         self.last_path = None  # the path step() took last ("eager", "static" or "graph")
         self._workspace = None  # the last Workspace, kept where decode steps may be CUDA graphs
+        self._linears = [m for m in model.modules() if isinstance(m, nn.Linear)]
 
     # ---- plans and thresholds -----------------------------------------------------------------
     def resolve(self, plan, exit_threshold, expand_threshold):
@@ -504,6 +508,9 @@ class Engine:
             if not st.all_heads and model.transformer.h[j].attn.heads_at(int(st.plan[:, j].min()))[1] < st.cache.n_kv_head:
                 st.cache.ensure_xn(j)
         ws = st.ws
+        if ws.graphs and ws.weights_version != self._weights_version():  # weights changed since the captures:
+            ws.graphs.clear()                                              # capture again (with new weight copies)
+            ws.weight_copies.clear()
         if ws.static_in is None:
             ws.static_in = (torch.zeros(B, dtype=torch.long, device=dev), torch.zeros(1, dtype=torch.long, device=dev))
             ws.static_x = torch.zeros(B, 1, model.config.n_embd, device=dev, dtype=model.transformer.wte.weight.dtype)
@@ -551,15 +558,21 @@ class Engine:
         if path == "static":
             return self.static_segment(st, j0, j1, widths, active, gate, L)
         ws = st.ws
-        key = (j0, j1, L, tuple(widths[j0:j1 + 1]), active, gate, st.all_heads)
+        cast = torch.get_autocast_dtype("cuda") if torch.is_autocast_enabled("cuda") else None
+        key = (j0, j1, L, tuple(widths[j0:j1 + 1]), active, gate, st.all_heads, cast)
         if key not in ws.graphs:
-            ac = (torch.autocast("cuda", dtype=torch.get_autocast_dtype("cuda"), cache_enabled=False)
-                  if torch.is_autocast_enabled("cuda") else nullcontext())  # capture needs autocast's cache off
+            if not ws.graphs:
+                ws.weights_version = self._weights_version()
+            # capture needs autocast's cache off; the weights are cast once instead (_cast_weights)
+            ac = torch.autocast("cuda", dtype=cast, cache_enabled=False) if cast else nullcontext()
+            if cast and cast not in ws.weight_copies:  # made here, on the current stream, before the side stream's warm-up
+                ws.weight_copies[cast] = {m: m.weight.detach().to(cast) for m in self._linears if m.weight.dtype != cast}
+            weights = (lambda: self._cast_weights(ws.weight_copies[cast])) if cast else nullcontext
             states = [t for pair in st.ssm.values() for t in pair] + [ws.static_x]
             saved = [t.clone() for t in states]
             side = torch.cuda.Stream()
             side.wait_stream(torch.cuda.current_stream())
-            with torch.cuda.stream(side), ac:
+            with torch.cuda.stream(side), ac, weights():
                 self.static_segment(st, j0, j1, widths, active, gate, L)  # warm-up (kernel choice, Triton builds)
             torch.cuda.current_stream().wait_stream(side)
             for t, t0 in zip(states, saved):
@@ -567,12 +580,35 @@ class Engine:
             if ws.graph_pool is None:  # one memory pool for all of the workspace's graphs: they replay one at a time
                 ws.graph_pool = torch.cuda.graph_pool_handle()
             graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph, pool=ws.graph_pool), ac:
+            with torch.cuda.graph(graph, pool=ws.graph_pool), ac, weights():
                 out = self.static_segment(st, j0, j1, widths, active, gate, L)
             ws.graphs[key] = (graph, out)
         graph, out = ws.graphs[key]
         graph.replay()
         return None if out is None else out.clone()  # the next replay overwrites out
+
+    def _weights_version(self):
+        """Changes when any nn.Linear weight is written in place (an optimizer step, load_state_dict)."""
+        return sum(m.weight._version for m in self._linears)
+
+    @staticmethod
+    @contextmanager
+    def _cast_weights(copies):
+        """
+        For a capture: nn.Linear weights replaced by their copies in autocast's dtype ({module: copy}, made once
+        per workspace). Every op that reads these weights is one autocast runs in that dtype (linear, matmul), so
+        it would cast them to exactly these values; a graph captured on the copies reads them instead of casting
+        every weight on every replay (with fp32 weights at d20 on an H100 the casts were a third of a decode
+        step). Costs the copies' memory (half the fp32 weights' for bf16).
+        """
+        saved = {m: m._parameters["weight"] for m in copies}
+        try:
+            for m, w in copies.items():
+                m._parameters["weight"] = w
+            yield
+        finally:
+            for m, w in saved.items():
+                m._parameters["weight"] = w
 
     def _segment_flops(self, st, j0, j1, widths, active, flops):
         """What the eager step counts for blocks j0..j1, in its order; and the cache's host-side summary."""

@@ -450,6 +450,21 @@ def test_a_new_prompt_reuses_the_static_workspace():
     assert decode_steps(eager, torch.tensor([[3, 1, 4]]), 1)[0].ws is not decode_steps(eager, torch.tensor([[3, 1, 4]]), 1)[0].ws
 
 
+def test_cast_weights_swaps_linear_weights_for_a_capture_and_restores_them():
+    model = build()
+    eng = Engine(model)
+    copies = {m: m.weight.detach().to(torch.bfloat16) for m in eng._linears}
+    before = {m: m.weight for m in eng._linears}
+    with Engine._cast_weights(copies):
+        assert all(m.weight is copies[m] for m in eng._linears)
+        assert model.transformer.wte.weight.dtype == torch.float32  # only nn.Linear weights (what autocast casts)
+    assert all(m.weight is before[m] and isinstance(m.weight, torch.nn.Parameter) for m in eng._linears)
+    v = eng._weights_version()
+    with torch.no_grad():
+        model.lm_head.weight.mul_(1.0)
+    assert eng._weights_version() != v  # an in-place write is seen: graphs on stale copies get recaptured
+
+
 def test_static_step_falls_back_to_eager_where_it_cannot_run():
     model = build(layer_pattern="AM" if HAS_MAMBA else "A")
     prompts = torch.tensor([[1, 2, 3], [4, 5, 6]])
@@ -538,6 +553,24 @@ def test_static_segments_with_gates_equal_eager_step(kind, monkeypatch):
         assert any(int(s[1][0]) < model.config.n_layer - 1 for s in decode)  # some tokens exited
         assert any(bool(s[3][0]) for s in decode)  # some widened
         assert paths == {"static"}, paths
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_graphs_under_autocast_follow_a_weight_change_on_cuda():
+    """Graphs captured under autocast read bf16 copies of the weights: after an in-place weight change the next
+    step captures again, so it still equals the eager step (which casts the weights as they are now)."""
+    model = build(layer_pattern="AM" if HAS_MAMBA else "A").cuda()
+    prompt = torch.tensor([[3, 1, 4]], device="cuda")
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        eng = Engine(model, decode="graph")
+        st, got = decode_steps(eng, prompt, 3)
+        assert torch.bfloat16 in st.ws.weight_copies and len(st.ws.graphs) > 0
+        with torch.no_grad():
+            model.lm_head.weight.mul_(-1.0)
+        st, got = decode_steps(eng, prompt, 3)
+        _, ref = decode_steps(Engine(model, decode="eager"), prompt, 3)
+    for a, b in zip(got[1:], ref[1:]):
+        torch.testing.assert_close(a, b, rtol=0, atol=0.15)  # stale copies would give the logits' negatives
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
