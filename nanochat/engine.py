@@ -654,15 +654,30 @@ class Engine:
         done = torch.zeros(B, dtype=torch.bool)
         stop = torch.tensor(sorted(stop_tokens), dtype=torch.long)
         info = (torch.full((B,), n - 1, dtype=torch.long), st.prompt_widths.clone(), torch.zeros(B, dtype=torch.bool), flops, full, "prompt")
+        cuda = dev.type == "cuda"
+        host_tok = torch.empty(B, dtype=torch.long, pin_memory=cuda)
         for k in range(max_tokens):
-            tok = sample_next_token(logits, rng, temperature, top_k)
-            yield TokenStep(tok.tolist(), logits.float(), *info)
-            done |= torch.isin(tok.cpu(), stop)
-            if k == max_tokens - 1 or bool(done.all()):
+            tok = sample_next_token(logits, rng, temperature, top_k)  # (B,) on the device
+            # Pipelined: the token's copy to the host is queued, then the next step (which takes the token on the
+            # device), and only then does the host wait, for the copy alone. A step without gates reads nothing
+            # back, so the device runs it while the host hands this token out. After the last token one step
+            # too many may run; its result is dropped.
+            host_tok.copy_(tok, non_blocking=cuda)
+            copied = torch.cuda.Event() if cuda else None
+            if cuda:
+                copied.record()
+            nxt = None
+            if k < max_tokens - 1:
+                full_next = torch.full((B,), float(model.forward_flops_per_token(st.pos + 1)), dtype=torch.float64)
+                nxt = self.step(st, tok)
+            if cuda:
+                copied.synchronize()
+            yield TokenStep(host_tok.tolist(), logits.float(), *info)
+            done |= torch.isin(host_tok, stop)
+            if nxt is None or bool(done.all()):
                 return
-            full = torch.full((B,), float(model.forward_flops_per_token(st.pos + 1)), dtype=torch.float64)
-            logits, exit_block, widths, widened, flops = self.step(st, tok)
-            info = (exit_block, widths, widened, flops, full, "decode")
+            logits, exit_block, widths, widened, flops = nxt
+            info = (exit_block, widths, widened, flops, full_next, "decode")
 
     def _generate_dense(self, ids, max_tokens, plan, exit_threshold, expand_threshold, temperature, top_k, rng, stop_tokens):
         model = self.model

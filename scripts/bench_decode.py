@@ -66,7 +66,9 @@ def engine_cache_bytes(kind, state):
 
 
 def decode_one(args, device, model, engine, kind, mode, L, actx):
-    """Prefill a (B, L) prompt (median of --prefill-reps after one warmup), then --decode-tokens greedy steps."""
+    """Prefill a (B, L) prompt (median of --prefill-reps after one warmup), then --decode-tokens greedy steps, each
+    timed with the sync that ends it; then Engine.generate (generate_ms: from its first token, the prefill's, to
+    its last, per token after the first)."""
     B, max_len = args.batch, L + args.decode_tokens + 8  # + the profiled steps
     prompt = torch.randint(0, model.config.vocab_size, (B, L), device=device)
     row = {}
@@ -117,6 +119,14 @@ def decode_one(args, device, model, engine, kind, mode, L, actx):
     if kind != "gpt":
         row["compute_frac"] = statistics.mean(fracs)
         row["path"] = "+".join(sorted(paths))
+    # Engine.generate, greedy: what scripts.generate runs, with the next step queued before each token is read
+    # back. The same max_len, so a hybrid reuses the workspace and graphs of the steps above.
+    ids, n_gen, t_first = prompt.tolist(), max_len - L, None
+    with torch.inference_mode(), actx:
+        for _ in engine.generate(ids, n_gen, plan="think" if kind == "gpt" else mode):
+            t_first = t_first or time.perf_counter()  # the first token is the prefill's: time from there on
+    sync(device)
+    row["generate_ms"] = (time.perf_counter() - t_first) * 1e3 / (n_gen - 1)
     if args.profile and mode in ("-", "think"):
         row["profile"] = top_kernels(lambda: one(tok), device, steps=4)
     return row
@@ -178,7 +188,8 @@ def cmd_decode(args, device):
                 f"{args.decode_tokens} decode steps, exits every {args.exit_stride} blocks", rows,
                 [("model", "model", ""), ("mode", "mode", ""), ("path", "step", ""), ("context", "context", "d"), ("prefill_ms", "prefill ms", ".1f"),
                  ("prefill_tok_per_s", "prefill tok/s", ",.0f"), ("decode_ms", "ms/token", ".2f"),
-                 ("decode_tok_per_s", "decode tok/s", ",.1f"), ("compute_frac", "FLOPs vs full", ".2f"),
+                 ("decode_tok_per_s", "decode tok/s", ",.1f"), ("generate_ms", "generate ms/token", ".2f"),
+                 ("compute_frac", "FLOPs vs full", ".2f"),
                  ("cache_measured_MiB", "cache MiB (alloc)", ",.1f"), ("cache_counted_MiB", "cache MiB (tensors)", ",.1f"),
                  ("cache_analytic_MiB", "cache MiB (formula)", ",.1f"), ("kv_ssm_analytic_MiB", "K/V+SSM MiB", ",.1f")])
     print("  'hybrid' = what scripts.surgery makes (one Mamba block after each attention block); 'hybrid-eq' = as many"

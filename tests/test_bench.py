@@ -110,7 +110,7 @@ def test_decode(capsys):
                                                        ("hybrid", "whisper"), ("hybrid", "auto"), ("hybrid-eq", "think")}
     for r in rows:
         assert "error" not in r, r
-        assert r["prefill_ms"] > 0 and r["decode_ms"] > 0
+        assert r["prefill_ms"] > 0 and r["decode_ms"] > 0 and "generate_ms" in r
         # the formula equals the bytes of the tensors the engine (or GPT.new_kv_cache) allocated
         assert r["cache_counted_MiB"] == pytest.approx(r["cache_analytic_MiB"], rel=1e-12)
     by = {(r["model"], r["mode"], r["context"]): r for r in rows}
