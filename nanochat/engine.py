@@ -33,9 +33,10 @@ checks, the predictor, one readout.
 The full model's count is forward_flops_per_token at the same context length.
 
 Speed: the control state (widths, active rows, FLOPs) lives on the host, so a step reads nothing back from
-the GPU except the gates' decisions. Tokens whose rows share one plan without gates take a static-shape
-step, captured as CUDA graphs on CUDA (Engine's `decode` argument); batch-1 decode is otherwise bound by
-kernel-launch overhead.
+the GPU except the gates' decisions. Steps run as static-shape segments, captured as CUDA graphs on CUDA
+(Engine's `decode` argument; batch-1 decode is otherwise bound by kernel-launch overhead), which later
+prompts of the same batch size and length replay (Workspace); graphs captured under autocast read weight
+copies in its dtype. generate() queues each next step before reading the token back.
 """
 import logging
 from contextlib import nullcontext, contextmanager

@@ -46,7 +46,8 @@ def build(seed=0, **kw):
 
 def check_against_forward(model, res, atol=ATOL):
     """Every step's logits equal the per-token-width forward given the same decisions."""
-    idx, widths, exit_after = res.reference_inputs()
+    dev = model.get_device()
+    idx, widths, exit_after = (t.to(dev) for t in res.reference_inputs())
     with torch.no_grad():
         ref = model(idx, width=widths, exit_after=exit_after)
     Tp = len(res.prompts[0])
@@ -553,6 +554,19 @@ def test_static_segments_with_gates_equal_eager_step(kind, monkeypatch):
         assert any(int(s[1][0]) < model.config.n_layer - 1 for s in decode)  # some tokens exited
         assert any(bool(s[3][0]) for s in decode)  # some widened
         assert paths == {"static"}, paths
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_pipelined_generate_on_cuda_equals_forward():
+    """generate() queues each next step before reading the token back: on CUDA graphs, every step's logits still
+    equal the per-token-width forward's at its position, and the last token's extra step changes nothing."""
+    model = build(layer_pattern="AM" if HAS_MAMBA else "A").cuda()
+    for plan, kw in (("think", {}), ([16, 32, 16, 48], dict(exit_threshold=0.8, expand_threshold=0.25))):
+        prompts = [[1, 2, 3, 4, 5]] if kw else [[1, 2, 3, 4, 5], [6, 7, 8, 9, 10]]
+        eng = Engine(model, decode="graph")
+        res = eng.generate_batch(prompts, 8, plan=plan, **kw)
+        assert eng.last_path == "graph" and all(len(t) == 8 for t in res.tokens)
+        check_against_forward(model, res)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
