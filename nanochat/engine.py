@@ -51,7 +51,7 @@ from nanochat.matryoshka import MODE_WIDTHS, mode_plan, expand_plan, check_plan
 from nanochat.matryoshka_kv import MatryoshkaKVCache, row_index, to_device
 
 MODES = tuple(MODE_WIDTHS) + ("auto",)
-DECODE_PATHS = ("auto", "eager", "static", "graph")
+DECODE_PATHS = ("auto", "eager", "static", "graph", "compiled")
 logger = logging.getLogger(__name__)
 
 
@@ -159,17 +159,30 @@ class Engine:
       "graph"  "static" with each segment captured once per (bucket, widths, state, gate) as a CUDA graph and
                replayed: a launch per segment instead of one per op (batch-1 decode is bound by launch
                overhead). Gates still read their decision back, once per gate.
+      "compiled" "graph" on CUDA ("static" elsewhere) with each segment's code compiled by torch.compile first
+               (compile_backend), so its elementwise ops fuse into fewer kernels. Compiles once per segment kind
+               (minutes for a large model; past COMPILE_LIMIT kinds a new one runs uncompiled).
       "auto"   "graph" on CUDA, "eager" elsewhere.
     What cannot run static runs eager; the reason is logged once, and last_path says what the last step ran.
     """
 
-    def __init__(self, model, decode="auto"):
+    def __init__(self, model, decode="auto", compile_backend="inductor"):
         if decode not in DECODE_PATHS:
             raise ValueError(f"decode must be one of {DECODE_PATHS}, got {decode!r}")
         self.model = model
         self.dense = isinstance(model, GPT)
         self._costs = {}
         self.decode = decode
+        # what a static segment runs: static_segment itself, or compiled (compile_backend: tests use aot_eager)
+        self._static_fn = self.static_segment
+        if decode == "compiled":
+            compiled = torch.compile(self.static_segment, dynamic=False, backend=compile_backend)
+
+            def static_fn(*args):  # one compile per segment kind: more kinds than dynamo's default limit of 8
+                with torch._dynamo.config.patch(recompile_limit=self.COMPILE_LIMIT):
+                    return compiled(*args)
+            self._static_fn = static_fn
+            log_once(logger, f"Engine decode: static segments compiled by torch.compile ({compile_backend})")
         self.last_path = None  # the path step() took last ("eager", "static" or "graph")
         self._workspace = None  # the last Workspace, kept where decode steps may be CUDA graphs
         self._linears = [m for m in model.modules() if isinstance(m, nn.Linear)]
@@ -384,7 +397,7 @@ class Engine:
         ws = Workspace(key, MatryoshkaKVCache(model, B, max_len, dtype=key[2]),
                        {j: model.transformer.h[j].mamba.allocate_inference_cache(B, max_len)
                         for j in range(c.n_layer) if c.mixer_kind(j) == "M"})
-        if self.decode in ("static", "graph") or (self.decode == "auto" and model.get_device().type == "cuda"):
+        if self.decode in ("static", "graph", "compiled") or (self.decode == "auto" and model.get_device().type == "cuda"):
             self._workspace = ws
         return ws
 
@@ -470,6 +483,8 @@ class Engine:
 
     # ---- static-shape decode (Engine.decode "static" / "graph") ------------------------------
     STATIC_MIN_KEYS = 256  # the smallest key bucket of the static step (tests lower it to cross buckets)
+    COMPILE_LIMIT = 256    # decode="compiled": segment kinds compiled (shared by all Engines of a process) before
+                           # dynamo runs new ones uncompiled
 
     def _static_path(self, st, B):
         """(path, reason): "graph" or "static" when st's next token may run static segments, else ("eager", why)."""
@@ -479,6 +494,8 @@ class Engine:
             if model.get_device().type != "cuda":
                 return "eager", "decode='auto' off CUDA"
             want = "graph"
+        if want == "compiled":  # static_fn is compiled; captured as graphs where graphs exist
+            want = "graph" if model.get_device().type == "cuda" else "static"
         if want == "eager":
             return "eager", "decode='eager'"
         if want == "graph" and model.get_device().type != "cuda":
@@ -557,7 +574,7 @@ class Engine:
 
     def _segment(self, st, path, j0, j1, widths, active, gate, L):
         if path == "static":
-            return self.static_segment(st, j0, j1, widths, active, gate, L)
+            return self._static_fn(st, j0, j1, widths, active, gate, L)
         ws = st.ws
         cast = torch.get_autocast_dtype("cuda") if torch.is_autocast_enabled("cuda") else None
         key = (j0, j1, L, tuple(widths[j0:j1 + 1]), active, gate, st.all_heads, cast)
@@ -574,7 +591,7 @@ class Engine:
             side = torch.cuda.Stream()
             side.wait_stream(torch.cuda.current_stream())
             with torch.cuda.stream(side), ac, weights():
-                self.static_segment(st, j0, j1, widths, active, gate, L)  # warm-up (kernel choice, Triton builds)
+                self._static_fn(st, j0, j1, widths, active, gate, L)  # warm-up (kernel choice, Triton builds, compile)
             torch.cuda.current_stream().wait_stream(side)
             for t, t0 in zip(states, saved):
                 t.copy_(t0)  # the warm-up stepped the Mamba states and the residual; its K/V writes repeat
@@ -582,7 +599,7 @@ class Engine:
                 ws.graph_pool = torch.cuda.graph_pool_handle()
             graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(graph, pool=ws.graph_pool), ac, weights():
-                out = self.static_segment(st, j0, j1, widths, active, gate, L)
+                out = self._static_fn(st, j0, j1, widths, active, gate, L)
             ws.graphs[key] = (graph, out)
         graph, out = ws.graphs[key]
         graph.replay()

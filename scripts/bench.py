@@ -270,7 +270,8 @@ def get_args(argv=None):
             t.add_argument("--prefill-reps", type=int, default=2)
             t.add_argument("--engine-decode", type=str, default="auto", choices=DECODE_PATHS,
                            help="the hybrids' decode path (nanochat.engine.Engine): auto = CUDA graphs on CUDA where the "
-                           "step allows them (one plan for every row, and one row when gates are on), else the eager step")
+                           "step allows them (one plan for every row, and one row when gates are on), else the eager step; "
+                           "compiled = the same with each segment compiled by torch.compile first")
             t.add_argument("--weights", type=str, default="fp32", choices=("fp32", "bf16"),
                            help="fp32 weights under bf16 autocast (scripts.generate's setting), or bf16 weights and caches")
             t.add_argument("--memory-only", action="store_true", help="only the cache formula per mode (checked against "

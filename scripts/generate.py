@@ -15,7 +15,7 @@ import argparse
 
 from nanochat.common import autodetect_device_type, autocast_context
 from nanochat.checkpoint_manager import load_model
-from nanochat.engine import Engine, MODES
+from nanochat.engine import Engine, MODES, DECODE_PATHS
 from nanochat.tokenizer import Tokenizer, TOKENIZER_FILENAME
 
 
@@ -62,6 +62,9 @@ def add_generation_args(parser):
     parser.add_argument("--show-compute", action="store_true", help="print each token's exit block, width and FLOPs")
     parser.add_argument("--tokenizer-dir", type=str, default=None, help="default: the checkpoint directory")
     parser.add_argument("--device", type=str, default=None, help="cuda|cpu|mps (default: autodetect)")
+    parser.add_argument("--decode", type=str, default="auto", choices=DECODE_PATHS,
+                        help="decode step (nanochat.engine.Engine): auto = CUDA graphs on CUDA, eager elsewhere; compiled "
+                        "= graphs of torch.compile'd segments (fewer kernels, but minutes of compiling first)")
 
 
 def load_model_and_tokenizer(args):
@@ -80,7 +83,7 @@ def load_model_and_tokenizer(args):
 
 def check_mode(model, args):
     """Fail before generating on flag combinations the model cannot run; warn on an uncalibrated gate."""
-    engine = Engine(model)
+    engine = Engine(model, decode=args.decode)
     plan = args.mode
     try:
         engine.resolve(plan, args.exit_threshold, args.expand_threshold)

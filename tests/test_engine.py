@@ -1,14 +1,17 @@
 """Engine: incremental decode with exits/widening == the per-token-width forward, dense equivalence, modes, scripts."""
 import importlib.util
+import os
 import shutil
 
 import pytest
 import torch
+from torch._dynamo.utils import counters
 
 from nanochat.gpt import GPT, GPTConfig
 from nanochat.hybrid_gpt import HybridGPT, HybridConfig
 from nanochat.engine import Engine, MODES
 from nanochat.checkpoint_manager import save_model
+
 from testutil import fill_zero_matrices, device_reads
 
 HAS_MAMBA = importlib.util.find_spec("nanochat.mamba_block") is not None
@@ -466,6 +469,34 @@ def test_cast_weights_swaps_linear_weights_for_a_capture_and_restores_them():
     assert eng._weights_version() != v  # an in-place write is seen: graphs on stale copies get recaptured
 
 
+COMPILE_BACKENDS = ["aot_eager"] + (["inductor"] if os.environ.get("ADAMBA_SLOW_TESTS") else [])
+
+
+@pytest.mark.parametrize("backend", COMPILE_BACKENDS)
+def test_compiled_static_segments_equal_eager_step(backend, monkeypatch):
+    """decode='compiled': the static segments through torch.compile (in-place cache and state writes included)
+    give the eager step's logits, decisions and FLOPs, with exits and widening, across two key buckets."""
+    monkeypatch.setattr(Engine, "STATIC_MIN_KEYS", 4)
+    model = build(layer_pattern="AM" if HAS_MAMBA else "A", exit_stride=1)
+    feed = torch.randint(0, V, (8, 1), generator=torch.Generator().manual_seed(1))
+    kw = dict(plan=[16, 32, 16, 48], max_len=16, exit_threshold=0.8, expand_threshold=0.25)
+    runs = {}
+    counters.clear()
+    for path in ("eager", "compiled"):
+        eng = Engine(model, decode=path, compile_backend=backend)
+        st, _, _, _ = eng.prefill(torch.tensor([[3, 1, 4]]), **kw)
+        runs[path] = [eng.step(st, tok) for tok in feed]
+        assert eng.last_path == ("eager" if path == "eager" else "static")
+    # every segment kind was compiled: none ran uncompiled past dynamo's recompile limit
+    assert counters["frames"]["ok"] == counters["frames"]["total"] > 8
+    for a, b in zip(runs["eager"], runs["compiled"]):
+        torch.testing.assert_close(b[0], a[0], rtol=0, atol=1e-5)
+        for x, y in zip(a[1:], b[1:]):
+            assert torch.equal(x, y)
+    assert any(int(s[1][0]) < model.config.n_layer - 1 for s in runs["eager"])  # some exits
+    assert any(bool(s[3][0]) for s in runs["eager"])  # some widening
+
+
 def test_static_step_falls_back_to_eager_where_it_cannot_run():
     model = build(layer_pattern="AM" if HAS_MAMBA else "A")
     prompts = torch.tensor([[1, 2, 3], [4, 5, 6]])
@@ -554,6 +585,25 @@ def test_static_segments_with_gates_equal_eager_step(kind, monkeypatch):
         assert any(int(s[1][0]) < model.config.n_layer - 1 for s in decode)  # some tokens exited
         assert any(bool(s[3][0]) for s in decode)  # some widened
         assert paths == {"static"}, paths
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_compiled_graph_step_equals_eager_step_on_cuda(monkeypatch):
+    """decode='compiled' on CUDA: inductor-compiled segments captured as graphs, against the eager step, fp32."""
+    monkeypatch.setattr(Engine, "STATIC_MIN_KEYS", 4)
+    model = build(layer_pattern="AM" if HAS_MAMBA else "A", exit_stride=1).cuda()
+    feed = torch.randint(0, V, (8, 1), generator=torch.Generator().manual_seed(1)).cuda()
+    kw = dict(plan=[16, 32, 16, 48], max_len=16, exit_threshold=0.8, expand_threshold=0.25)
+    runs = {}
+    for path in ("eager", "compiled"):
+        eng = Engine(model, decode=path)
+        st, _, _, _ = eng.prefill(torch.tensor([[3, 1, 4]], device="cuda"), **kw)
+        runs[path] = [eng.step(st, tok) for tok in feed]
+        assert eng.last_path == ("eager" if path == "eager" else "graph")
+    for a, b in zip(runs["eager"], runs["compiled"]):
+        torch.testing.assert_close(b[0], a[0], rtol=0, atol=1e-4)
+        for x, y in zip(a[1:], b[1:]):
+            assert torch.equal(x, y)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
