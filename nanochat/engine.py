@@ -39,7 +39,6 @@ prompts of the same batch size and length replay (Workspace); graphs captured un
 copies in its dtype. generate() queues each next step before reading the token back.
 """
 import logging
-from contextlib import nullcontext, contextmanager
 from dataclasses import dataclass, field
 
 import torch
@@ -49,6 +48,7 @@ from nanochat.common import log_once
 from nanochat.gpt import GPT, norm, sample_next_token
 from nanochat.matryoshka import MODE_WIDTHS, mode_plan, expand_plan, check_plan
 from nanochat.matryoshka_kv import MatryoshkaKVCache, row_index, to_device
+from nanochat.cuda_graphs import Workspace, replay, weights_version
 
 MODES = tuple(MODE_WIDTHS) + ("auto",)
 DECODE_PATHS = ("auto", "eager", "static", "graph", "compiled")
@@ -58,29 +58,6 @@ logger = logging.getLogger(__name__)
 def add_flops(flops, rows, amount):
     for b in rows:
         flops[b] += amount
-
-
-@dataclass
-class Workspace:
-    """
-    The tensors a decode reads and writes, and the CUDA graphs captured on them. A graph replays on the tensors
-    it was captured with, so where decode steps may be graphs the Engine keeps its last workspace and the next
-    prefill of the same batch size and max_len reuses it (reset), graphs and all: a new prompt does not
-    capture again. One DecodeState at a time uses it; a superseded state's step() stops with an error.
-    """
-    key: tuple                # (B, max_len, cache dtype)
-    cache: MatryoshkaKVCache
-    ssm: dict                 # Mamba block index -> (conv_state, ssm_state), updated in place
-    graphs: dict = field(default_factory=dict)  # segment key (blocks, bucket, widths, state, gate, ...) -> (CUDAGraph, output)
-    weight_copies: dict = field(default_factory=dict)  # autocast dtype -> {nn.Linear: its weight in that dtype}
-    weights_version: int = None                 # Engine._weights_version() when the graphs were captured
-    static_in: tuple = None                     # (token ids (B,), position (1,)) the static step reads
-    static_x: torch.Tensor = None               # (B, 1, D) the residual between static segments
-    graph_pool: tuple = None                    # the CUDA graphs' shared memory pool
-    # prefills that took it; a DecodeState holds the count at its own prefill. A count, not a reference to the
-    # state: a reference cycle would free an old workspace's tensors whenever the garbage collector runs, which
-    # may be in the middle of a later CUDA graph capture (and invalidate it)
-    prefills: int = 0
 
 
 @dataclass
@@ -526,8 +503,8 @@ class Engine:
             if not st.all_heads and model.transformer.h[j].attn.heads_at(int(st.plan[:, j].min()))[1] < st.cache.n_kv_head:
                 st.cache.ensure_xn(j)
         ws = st.ws
-        if ws.graphs and ws.weights_version != self._weights_version():  # weights changed since the captures:
-            ws.graphs.clear()                                              # capture again (with new weight copies)
+        if ws.graphs and ws.weights_version != weights_version(self._linears):  # weights changed since the captures:
+            ws.graphs.clear()                                                     # capture again (new weight copies)
             ws.weight_copies.clear()
         if ws.static_in is None:
             ws.static_in = (torch.zeros(B, dtype=torch.long, device=dev), torch.zeros(1, dtype=torch.long, device=dev))
@@ -573,60 +550,13 @@ class Engine:
         return model.controllers.gate.prob(x[:, 0], gate) if gate is not None else None
 
     def _segment(self, st, path, j0, j1, widths, active, gate, L):
+        args = (st, j0, j1, widths, active, gate, L)
         if path == "static":
-            return self._static_fn(st, j0, j1, widths, active, gate, L)
-        ws = st.ws
+            return self._static_fn(*args)
         cast = torch.get_autocast_dtype("cuda") if torch.is_autocast_enabled("cuda") else None
         key = (j0, j1, L, tuple(widths[j0:j1 + 1]), active, gate, st.all_heads, cast)
-        if key not in ws.graphs:
-            if not ws.graphs:
-                ws.weights_version = self._weights_version()
-            # capture needs autocast's cache off; the weights are cast once instead (_cast_weights)
-            ac = torch.autocast("cuda", dtype=cast, cache_enabled=False) if cast else nullcontext()
-            if cast and cast not in ws.weight_copies:  # made here, on the current stream, before the side stream's warm-up
-                ws.weight_copies[cast] = {m: m.weight.detach().to(cast) for m in self._linears if m.weight.dtype != cast}
-            weights = (lambda: self._cast_weights(ws.weight_copies[cast])) if cast else nullcontext
-            states = [t for pair in st.ssm.values() for t in pair] + [ws.static_x]
-            saved = [t.clone() for t in states]
-            side = torch.cuda.Stream()
-            side.wait_stream(torch.cuda.current_stream())
-            with torch.cuda.stream(side), ac, weights():
-                self._static_fn(st, j0, j1, widths, active, gate, L)  # warm-up (kernel choice, Triton builds, compile)
-            torch.cuda.current_stream().wait_stream(side)
-            for t, t0 in zip(states, saved):
-                t.copy_(t0)  # the warm-up stepped the Mamba states and the residual; its K/V writes repeat
-            if ws.graph_pool is None:  # one memory pool for all of the workspace's graphs: they replay one at a time
-                ws.graph_pool = torch.cuda.graph_pool_handle()
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph, pool=ws.graph_pool), ac, weights():
-                out = self._static_fn(st, j0, j1, widths, active, gate, L)
-            ws.graphs[key] = (graph, out)
-        graph, out = ws.graphs[key]
-        graph.replay()
-        return None if out is None else out.clone()  # the next replay overwrites out
-
-    def _weights_version(self):
-        """Changes when any nn.Linear weight is written in place (an optimizer step, load_state_dict)."""
-        return sum(m.weight._version for m in self._linears)
-
-    @staticmethod
-    @contextmanager
-    def _cast_weights(copies):
-        """
-        For a capture: nn.Linear weights replaced by their copies in autocast's dtype ({module: copy}, made once
-        per workspace). Every op that reads these weights is one autocast runs in that dtype (linear, matmul), so
-        it would cast them to exactly these values; a graph captured on the copies reads them instead of casting
-        every weight on every replay (with fp32 weights at d20 on an H100 the casts were a third of a decode
-        step). Costs the copies' memory (half the fp32 weights' for bf16).
-        """
-        saved = {m: m._parameters["weight"] for m in copies}
-        try:
-            for m, w in copies.items():
-                m._parameters["weight"] = w
-            yield
-        finally:
-            for m, w in saved.items():
-                m._parameters["weight"] = w
+        states = [t for pair in st.ssm.values() for t in pair] + [st.ws.static_x]  # what the warm-up steps
+        return replay(st.ws, key, lambda: self._static_fn(*args), states, cast, self._linears)
 
     def _segment_flops(self, st, j0, j1, widths, active, flops):
         """What the eager step counts for blocks j0..j1, in its order; and the cache's host-side summary."""

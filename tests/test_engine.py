@@ -10,6 +10,7 @@ from torch._dynamo.utils import counters
 from nanochat.gpt import GPT, GPTConfig
 from nanochat.hybrid_gpt import HybridGPT, HybridConfig
 from nanochat.engine import Engine, MODES
+from nanochat.cuda_graphs import cast_weights, weights_version
 from nanochat.checkpoint_manager import save_model
 
 from testutil import fill_zero_matrices, device_reads
@@ -459,14 +460,14 @@ def test_cast_weights_swaps_linear_weights_for_a_capture_and_restores_them():
     eng = Engine(model)
     copies = {m: m.weight.detach().to(torch.bfloat16) for m in eng._linears}
     before = {m: m.weight for m in eng._linears}
-    with Engine._cast_weights(copies):
+    with cast_weights(copies):
         assert all(m.weight is copies[m] for m in eng._linears)
         assert model.transformer.wte.weight.dtype == torch.float32  # only nn.Linear weights (what autocast casts)
     assert all(m.weight is before[m] and isinstance(m.weight, torch.nn.Parameter) for m in eng._linears)
-    v = eng._weights_version()
+    v = weights_version(eng._linears)
     with torch.no_grad():
         model.lm_head.weight.mul_(1.0)
-    assert eng._weights_version() != v  # an in-place write is seen: graphs on stale copies get recaptured
+    assert weights_version(eng._linears) != v  # an in-place write is seen: graphs on stale copies get recaptured
 
 
 COMPILE_BACKENDS = ["aot_eager"] + (["inductor"] if os.environ.get("ADAMBA_SLOW_TESTS") else [])
