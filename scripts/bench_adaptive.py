@@ -14,6 +14,7 @@ A first untimed pass over the rows captures the CUDA graphs their steps need; th
 time per step (step plus the sync that makes its logits readable), so tokens/s = 1000 / ms at batch 1. In both
 passes the modes take turns row by row, so a change in the machine's speed during the run reaches them alike.
 """
+import os
 import time
 import argparse
 from contextlib import nullcontext
@@ -67,7 +68,7 @@ def decode_modes(args, engine, rows, modes, actx, device):
     them alike), twice: the first pass untimed. Returns one result dict per mode; agree_think = the fraction of
     steps whose top-1 equals think's, when think ran."""
     n = engine.model.config.n_layer
-    for timed in (False, True):
+    for _pass in ("untimed", "timed"):  # what the last pass accumulates is reported
         acc = {m: {k: (set() if k == "path" else []) for k in ("ms", "path", "nll", "top1", "frac", "block", "widened")}
                for m in modes}
         for r in range(rows.size(0)):
@@ -94,7 +95,7 @@ def cmd_adaptive(args, device):
     from nanochat.engine import Engine
     from nanochat.dataset import get_data_dir
     from scripts.generate import load_model_and_tokenizer
-    from scripts.calibrate_gates import parse_part
+    from scripts.calibrate_gates import parse_part, parts_overlap
     part = parse_part(args.val_part)
     modes = args.modes.split(",")
     if "think" in modes:  # the reference the other modes are compared with comes first in the table
@@ -119,6 +120,9 @@ def cmd_adaptive(args, device):
     data_dir = get_data_dir(args.data_dir)
     rows_t = heldout_rows(tokenizer, data_dir, part, args.rows, P + K + 1, device)
     results = decode_modes(args, engine, rows_t, modes, actx, device)
+    cal = meta.get("calibration") or {}
+    overlap = ("val_part" in cal and os.path.realpath(cal.get("data_dir", "")) == os.path.realpath(data_dir)
+               and parts_overlap(tuple(cal["val_part"]), part))
     by = {r["mode"]: r for r in results}
     targets = []
     if "think" in by and "auto" in by:
@@ -131,13 +135,16 @@ def cmd_adaptive(args, device):
                 [("mode", "mode", ""), ("path", "step", ""), ("loss", "loss (nats)", ".4f"), ("agree_think", "top-1 = think", ".3f"),
                  ("ms", "ms/token", ".2f"), ("tok_per_s", "tokens/s", ",.1f"), ("compute_frac", "FLOPs vs full", ".3f"),
                  ("exit_rate", "exit rate", ".3f"), ("blocks_frac", "blocks run", ".3f"), ("widen_rate", "widened", ".3f")])
+    if overlap:
+        print(f"  NOTE: val part {args.val_part} shares row groups with the part the gates were calibrated on "
+              f"({cal['val_part'][0]}/{cal['val_part'][1]}): these rows are not held out from the calibration")
     print(f"  n_embd {c.n_embd}, {c.n_layer} blocks ({c.layer_pattern}/{c.ffn_pattern}), levels {c.width_levels}, "
           f"gates after blocks {list(model.controllers.gate_blocks) if hasattr(model, 'controllers') else '-'}; "
           f"auto thresholds exit {args.exit_threshold if args.exit_threshold is not None else 0.95} / "
           f"widen {args.expand_threshold if args.expand_threshold is not None else 0.5}")
     return finish("adaptive", args, device, {"rows": results, "targets": targets, "checkpoint": meta["checkpoint_dir"],
                                              "step": meta["checkpoint_step"], "data_dir": data_dir,
-                                             "calibrated": bool(meta.get("calibration"))})
+                                             "calibrated": bool(cal), "rows_overlap_calibration": overlap})
 
 
 def add_args(sub, decode_paths):

@@ -12,6 +12,7 @@ touched. Teacher forced at full width: a token's label is whether the gate's exi
 model's top-1.
 """
 import os
+import math
 import argparse
 
 import torch
@@ -33,6 +34,11 @@ def parse_part(text):
     if not 0 <= r < n:
         raise ValueError(f"val part {text!r}: need 0 <= r < n")
     return r, n
+
+
+def parts_overlap(a, b):
+    """Whether two val parts (r, n) share a row group: some i = r1 mod n1 = r2 mod n2 (Chinese remainders)."""
+    return (a[0] - b[0]) % math.gcd(a[1], b[1]) == 0
 
 
 def val_batches(tokenizer, data_dir, part, B, T, n_tokens, device):
@@ -66,8 +72,9 @@ def get_args(argv=None):
     args = p.parse_args(argv)
     args.val_part = parse_part(args.val_part)
     args.eval_part = parse_part(args.eval_part) if args.eval_part else None
-    if args.eval_part == args.val_part:
-        raise ValueError("--eval-part must differ from --val-part: the table would score the tokens it was fitted on")
+    if args.eval_part and parts_overlap(args.eval_part, args.val_part):
+        raise ValueError(f"--eval-part {args.eval_part} shares row groups with --val-part {args.val_part}: the table "
+                         "would score tokens the gates were fitted on")
     if args.tokens < 1 or args.batch < 1 or args.min_count < 1:
         raise ValueError("--tokens, --batch and --min-count must be >= 1")
     return args
@@ -106,8 +113,8 @@ def main(argv=None):
         table = reliability_table(probs, agree, print_fn=print)
     step = meta["checkpoint_step"]
     keep = {k: meta[k] for k in ("phase", "lineage", "surgery", "source") if k in meta}
-    calibration = {"data": f"{data_dir} val part {args.val_part[0]}/{args.val_part[1]}", "seq_len": T,
-                   "from_checkpoint": src, **info}
+    calibration = {"data": f"{data_dir} val part {args.val_part[0]}/{args.val_part[1]}", "data_dir": data_dir,
+                   "val_part": list(args.val_part), "seq_len": T, "from_checkpoint": src, **info}
     if table is not None:
         calibration["reliability"] = {"part": f"{args.eval_part[0]}/{args.eval_part[1]}",
                                       "rows": [{k: (None if v != v else v) for k, v in r.items()} for r in table]}

@@ -43,6 +43,15 @@ def test_calibrates_on_its_part_and_leaves_the_source_alone(tiny_data, tmp_path,
     # the other part (row groups 0, 2, ...) gives other tokens: the same statistic no longer holds exactly
     other = calibrate_gates.val_batches(tok, get_data_dir(str(tiny_data["data_dir"])), (0, 2), 4, 32, 2048, "cpu")
     assert not torch.equal(other[0][0], fit[0][0])
+    # bench adaptive says when its rows are not held out from the calibration
+    from scripts import bench
+    res = bench.main(["--device", "cpu", "adaptive", "--checkpoint", str(out), "--data-dir", str(tiny_data["data_dir"]),
+                      "--rows", "1", "--prompt-len", "4", "--decode-tokens", "2", "--modes", "think", "--val-part", "3/4"])
+    assert res["calibrated"] and res["rows_overlap_calibration"]  # 3/4 = groups 3, 7: inside 1/2
+    res = bench.main(["--device", "cpu", "adaptive", "--checkpoint", str(out), "--data-dir", str(tiny_data["data_dir"]),
+                      "--rows", "1", "--prompt-len", "4", "--decode-tokens", "2", "--modes", "think"])
+    assert not res["rows_overlap_calibration"]  # the default 0/2
+    capsys.readouterr()
     # a second run into the same directory needs --overwrite
     with pytest.raises(ValueError, match="already holds checkpoints"):
         calibrate_gates.main(argv)
@@ -55,8 +64,11 @@ def test_bad_inputs_stop_before_writing(tiny_data, tmp_path):
     base = [f"--checkpoint={src}", f"--data-dir={tiny_data['data_dir']}", "--device=cpu", "--tokens=256", "--batch=2"]
     with pytest.raises(ValueError, match="is the source checkpoint"):
         calibrate_gates.main(base + [f"--out-dir={src}"])
-    with pytest.raises(ValueError, match="must differ"):
+    with pytest.raises(ValueError, match="shares row groups"):
         calibrate_gates.main(base + [f"--out-dir={tmp_path / 'a'}", "--val-part=0/2"])
+    with pytest.raises(ValueError, match="shares row groups"):  # 0/2 = groups 0, 2, 4, ...; 2/4 = 2, 6, ...
+        calibrate_gates.main(base + [f"--out-dir={tmp_path / 'a'}", "--val-part=2/4"])
+    assert not calibrate_gates.parts_overlap((1, 2), (0, 4)) and calibrate_gates.parts_overlap((1, 2), (3, 4))
     with pytest.raises(ValueError, match="need 0 <= r < n"):
         calibrate_gates.main(base + [f"--out-dir={tmp_path / 'a'}", "--val-part=2/2"])
     with pytest.raises(ValueError, match="r/n"):
