@@ -121,8 +121,10 @@ def cmd_adaptive(args, device):
     rows_t = heldout_rows(tokenizer, data_dir, part, args.rows, P + K + 1, device)
     results = decode_modes(args, engine, rows_t, modes, actx, device)
     cal = meta.get("calibration") or {}
-    overlap = ("val_part" in cal and os.path.realpath(cal.get("data_dir", "")) == os.path.realpath(data_dir)
-               and parts_overlap(tuple(cal["val_part"]), part))
+    overlap = None  # unknown: the calibration (if any) did not record its data as scripts.calibrate_gates does
+    if "val_part" in cal:
+        overlap = (os.path.realpath(cal["data_dir"]) == os.path.realpath(data_dir)
+                   and parts_overlap(tuple(cal["val_part"]), part))
     by = {r["mode"]: r for r in results}
     targets = []
     if "think" in by and "auto" in by:
