@@ -131,8 +131,8 @@ class Engine:
       "static" the same function with static shapes (static_segment), in segments of blocks that end at the
                gates: attention over a power-of-two bucket of key slots with a length mask, position and cache
                writes indexed by a device tensor. Needs one plan for every row (and one row when gates are on),
-               dense or no FFNs, and, for an active token, every KV head its queries need already stored (a
-               segment that needs a lazy fill runs eager). Runs anywhere; tests compare it with "eager".
+               for graphs MoE blocks with a capacity (drop_tokens), and, for an active token, every KV head its
+               queries need already stored (a segment that needs a lazy fill runs eager). Runs anywhere; tests compare it with "eager".
       "graph"  "static" with each segment captured once per (bucket, widths, state, gate) as a CUDA graph and
                replayed: a launch per segment instead of one per op (batch-1 decode is bound by launch
                overhead). Gates still read their decision back, once per gate.
@@ -481,8 +481,10 @@ class Engine:
             return "eager", "gates on with more than one row (rows would take different paths)"
         if B > 1 and not bool((st.plan == st.plan[0]).all()):
             return "eager", "rows have different plans"
-        if any(block.ffn_kind not in ("D", "N") for block in model.transformer.h):
-            return "eager", "MoE blocks"
+        if want == "graph" and any(block.ffn_kind == "E" and not block.moe.drop_tokens for block in model.transformer.h):
+            # a capacity fixes every shape of the expert dispatch; dropless, its batched fallback pads to the
+            # largest expert load, which it reads back (a capture cannot)
+            return "eager", "dropless MoE blocks"
         if st.pos + 1 > min(st.cache.max_len, model.rotary_seq_len):
             return "eager", "no room left"  # the eager step raises the error
         return want, None
@@ -543,7 +545,8 @@ class Engine:
                 if active:
                     x = x + y
             if active and block.ffn_kind != "N":
-                x = x + self._place(None, x, slice(None), w, block.mlp(norm(x)[:, :, :w], w))
+                xw = norm(x)[:, :, :w]
+                x = x + self._place(None, x, slice(None), w, block.mlp(xw, w) if block.ffn_kind == "D" else block.moe(xw, width=w))
         if j1 == model.config.n_layer - 1:
             return model.readout(x[:, 0])
         st.ws.static_x.copy_(x)

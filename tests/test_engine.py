@@ -383,6 +383,7 @@ def test_decode_step_does_not_sync_on_cuda():
 
 
 STATIC_KINDS = [dict(layer_pattern="A")] + ([dict(layer_pattern="AM"), dict(layer_pattern="AM", mamba_version=2)] if HAS_MAMBA else [])
+STATIC_KINDS += [dict(layer_pattern="A", ffn_pattern="ED")] if HAS_MOE else []  # MoE with a capacity: static shapes
 
 
 @pytest.mark.parametrize("kind", STATIC_KINDS, ids=lambda k: "-".join(f"{v}" for v in k.values()))
@@ -586,6 +587,17 @@ def test_static_segments_with_gates_equal_eager_step(kind, monkeypatch):
         assert any(int(s[1][0]) < model.config.n_layer - 1 for s in decode)  # some tokens exited
         assert any(bool(s[3][0]) for s in decode)  # some widened
         assert paths == {"static"}, paths
+
+
+@pytest.mark.skipif(not torch.cuda.is_available() or not HAS_MOE, reason="needs CUDA")
+def test_dropless_moe_decodes_eager_on_cuda():
+    """A dropless MoE's batched fallback reads the largest expert load back: no graph can hold it, so it runs eager."""
+    model = build(layer_pattern="A", ffn_pattern="ED", moe_drop_tokens=False).cuda()
+    eng = Engine(model)
+    st, logits, _, _ = eng.prefill(torch.tensor([[3, 1, 4]], device="cuda"), max_len=16)
+    eng.step(st, logits.argmax(-1))
+    assert eng.last_path == "eager"
+    assert eng._static_path(st, 1) == ("eager", "dropless MoE blocks")
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
