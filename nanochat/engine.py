@@ -361,7 +361,7 @@ class Engine:
 
     def _take_workspace(self, B, max_len):
         """A Workspace for a new DecodeState: the kept one, reset, when its shapes match, else a new one (kept
-        when decode steps may be static: decode 'static' or 'graph', or 'auto' on CUDA)."""
+        when decode steps may be static: see _wanted_path)."""
         model, c = self.model, self.model.config
         key = (B, max_len, model.lm_head.weight.dtype)
         ws = self._workspace
@@ -374,7 +374,7 @@ class Engine:
         ws = Workspace(key, MatryoshkaKVCache(model, B, max_len, dtype=key[2]),
                        {j: model.transformer.h[j].mamba.allocate_inference_cache(B, max_len)
                         for j in range(c.n_layer) if c.mixer_kind(j) == "M"})
-        if self.decode in ("static", "graph", "compiled") or (self.decode == "auto" and model.get_device().type == "cuda"):
+        if self._wanted_path() != "eager":
             self._workspace = ws
         return ws
 
@@ -463,18 +463,21 @@ class Engine:
     COMPILE_LIMIT = 256    # decode="compiled": segment kinds compiled (shared by all Engines of a process) before
                            # dynamo runs new ones uncompiled
 
+    def _wanted_path(self):
+        """What `decode` asks for on this device, before any state's conditions: "graph", "static" or "eager"."""
+        cuda = self.model.get_device().type == "cuda"
+        if self.decode == "auto":
+            return "graph" if cuda else "eager"
+        if self.decode == "compiled":  # static_fn is compiled; captured as graphs where graphs exist
+            return "graph" if cuda else "static"
+        return self.decode
+
     def _static_path(self, st, B):
         """(path, reason): "graph" or "static" when st's next token may run static segments, else ("eager", why)."""
         model = self.model
-        want = self.decode
-        if want == "auto":
-            if model.get_device().type != "cuda":
-                return "eager", "decode='auto' off CUDA"
-            want = "graph"
-        if want == "compiled":  # static_fn is compiled; captured as graphs where graphs exist
-            want = "graph" if model.get_device().type == "cuda" else "static"
+        want = self._wanted_path()
         if want == "eager":
-            return "eager", "decode='eager'"
+            return "eager", "decode='auto' off CUDA" if self.decode == "auto" else "decode='eager'"
         if want == "graph" and model.get_device().type != "cuda":
             raise ValueError("Engine(decode='graph') needs the model on CUDA")
         if B > 1 and (st.exit_threshold < 1.0 or st.expand_threshold > 0.0):

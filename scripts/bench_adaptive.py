@@ -28,16 +28,12 @@ from scripts.bench_common import progress, print_table, target, finish
 
 def heldout_rows(tokenizer, data_dir, part, n_rows, length, device):
     """(n_rows, length) long: the first rows that the val split's part (r, n) packs at length - 1 inputs (+ 1 target)."""
-    from nanochat.dataloader import tokenizing_distributed_data_loader
-    loader = tokenizing_distributed_data_loader(tokenizer, 1, length - 1, "val", data_dir=data_dir, device=device,
-                                                rank=part[0], world_size=part[1])
-    rows = []
-    for x, y, _ in loader:
-        rows.append(torch.cat([x[:, :1], y], dim=1))
-        if len(rows) == n_rows:
-            return torch.cat(rows)
-    raise ValueError(f"val part {part[0]}/{part[1]} holds only {len(rows)} rows of {length} tokens; lower --rows, "
-                     f"--prompt-len or --decode-tokens")
+    from scripts.calibrate_gates import val_batches
+    batches = val_batches(tokenizer, data_dir, part, 1, length - 1, n_rows * (length - 1), device)
+    if len(batches) < n_rows:
+        raise ValueError(f"val part {part[0]}/{part[1]} holds only {len(batches)} rows of {length} tokens; lower "
+                         f"--rows, --prompt-len or --decode-tokens")
+    return torch.cat([torch.cat([x[:, :1], y], dim=1) for x, y in batches])
 
 
 def decode_row(args, engine, row, mode, actx, device, acc):
