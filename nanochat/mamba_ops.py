@@ -5,11 +5,13 @@ mamba-ssm calls its CUDA scan through pybind (`selective_scan_cuda.fwd`) and its
 functions that dynamo cannot trace, so a compiled Mamba block breaks its graph at every mixer and each piece
 between the breaks compiles on its own. Each op here has three parts:
   the kernel call (the real implementation),
-  a fake implementation (output shapes and dtypes, all contiguous) so dynamo and AOTAutograd can trace it,
+  a fake implementation (output shapes, dtypes and strides) so dynamo and AOTAutograd can trace it,
   an autograd formula that calls the kernel's own backward.
 The kernels are looked up when an op runs, so importing this module needs neither package.
 
-Ops (all outputs contiguous):
+Ops (an output shaped like an input has that input's layout, as torch.empty_like gives it and as the kernels
+allocate it: the mixers' (B, D, L) tensors are often transposed views, and a forced .contiguous() would copy
+each of them once per call; the other outputs are contiguous):
   adamba::conv1d_fwd / conv1d_bwd            depthwise causal conv (+ SiLU), causal-conv1d; optional seq_idx
   adamba::selective_scan_fwd / _bwd          Mamba-1 scan with the z gate, delta bias and softplus
   adamba::ssd_fwd / ssd_bwd                  Mamba-2 chunked SSD (dt already processed; no z, no initial state)
@@ -56,35 +58,45 @@ def _lastdim_contiguous(t):
     return t if t is None or t.stride(-1) == 1 else t.contiguous()
 
 
+def _significant_strides(t):
+    return tuple(st for n, st in zip(t.shape, t.stride()) if n > 1)
+
+
+def _in_layout_of(t, ref):
+    """t (shaped like ref) in the layout torch.empty_like(ref) would have, which the fakes promise. The kernels
+    allocate their outputs that way, so this is t itself; a copy only if a kernel ever chose another layout."""
+    if _significant_strides(t) == _significant_strides(torch.empty_like(ref, device="meta")):
+        return t
+    return torch.empty_like(ref, dtype=t.dtype).copy_(t)
+
+
 # -----------------------------------------------------------------------------
 # depthwise causal conv1d (+ SiLU): x (B, C, L), weight (C, W), bias (C,), seq_idx (B, L) int32 or None
 
 @torch.library.custom_op("adamba::conv1d_fwd", mutates_args=())
 def conv1d_fwd(x: Tensor, weight: Tensor, bias: Tensor, seq_idx: Optional[Tensor], silu: bool) -> Tensor:
-    if x.stride(2) != 1 and x.stride(1) != 1:
-        x = x.contiguous()
-    return KERNELS.load().conv_fwd(x, weight, bias, seq_idx, None, None, silu).contiguous()
+    xk = x.contiguous() if x.stride(2) != 1 and x.stride(1) != 1 else x
+    return _in_layout_of(KERNELS.load().conv_fwd(xk, weight, bias, seq_idx, None, None, silu), x)
 
 
 @conv1d_fwd.register_fake
 def _(x, weight, bias, seq_idx, silu):
-    return x.new_empty(x.shape)
+    return torch.empty_like(x)
 
 
 @torch.library.custom_op("adamba::conv1d_bwd", mutates_args=())
 def conv1d_bwd(x: Tensor, weight: Tensor, bias: Tensor, seq_idx: Optional[Tensor], dout: Tensor,
                silu: bool) -> tuple[Tensor, Tensor, Tensor]:
-    if x.stride(2) != 1 and x.stride(1) != 1:
-        x = x.contiguous()
+    xk = x.contiguous() if x.stride(2) != 1 and x.stride(1) != 1 else x
     if dout.stride(2) != 1 and dout.stride(1) != 1:
         dout = dout.contiguous()
-    dx, dw, db, _ = KERNELS.load().conv_bwd(x, weight, bias, dout, seq_idx, None, None, None, False, silu)
-    return dx.contiguous(), dw.to(weight.dtype).contiguous(), db.to(bias.dtype).contiguous()
+    dx, dw, db, _ = KERNELS.load().conv_bwd(xk, weight, bias, dout, seq_idx, None, None, None, False, silu)
+    return _in_layout_of(dx, x), dw.to(weight.dtype).contiguous(), db.to(bias.dtype).contiguous()
 
 
 @conv1d_bwd.register_fake
 def _(x, weight, bias, seq_idx, dout, silu):
-    return x.new_empty(x.shape), weight.new_empty(weight.shape), bias.new_empty(bias.shape)
+    return torch.empty_like(x), weight.new_empty(weight.shape), bias.new_empty(bias.shape)
 
 
 def _conv1d_setup(ctx, inputs, output):
@@ -117,32 +129,32 @@ def causal_conv1d(x, weight, bias, seq_idx=None, activation="silu"):
 @torch.library.custom_op("adamba::selective_scan_fwd", mutates_args=())
 def selective_scan_fwd(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Tensor, z: Tensor,
                        delta_bias: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-    u, delta, B, C, z = (_lastdim_contiguous(t) for t in (u, delta, B, C, z))
-    out, x, out_z = KERNELS.load().scan_fwd(u, delta, A, B, C, D.contiguous(), z, delta_bias.contiguous(), True)
-    return out.contiguous(), x.contiguous(), out_z.contiguous()
+    uk, dk, Bk, Ck, zk = (_lastdim_contiguous(t) for t in (u, delta, B, C, z))
+    out, x, out_z = KERNELS.load().scan_fwd(uk, dk, A, Bk, Ck, D.contiguous(), zk, delta_bias.contiguous(), True)
+    return _in_layout_of(out, delta), x.contiguous(), _in_layout_of(out_z, z)
 
 
 @selective_scan_fwd.register_fake
 def _(u, delta, A, B, C, D, z, delta_bias):
     batch, dim, L = u.shape
     x = u.new_empty(batch, dim, math.ceil(L / SCAN_CHUNK), 2 * A.shape[1], dtype=A.dtype)
-    return delta.new_empty(delta.shape), x, z.new_empty(z.shape)
+    return torch.empty_like(delta), x, torch.empty_like(z)
 
 
 @torch.library.custom_op("adamba::selective_scan_bwd", mutates_args=())
 def selective_scan_bwd(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Tensor, z: Tensor,
                        delta_bias: Tensor, dout: Tensor, x: Tensor, out: Tensor
                        ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    like = (u, delta, A, B, C, D, delta_bias, z)  # the kernel returns (du, ddelta, dA, dB, dC, dD, ddelta_bias, dz)
     u, delta, B, C, z, dout, out = (_lastdim_contiguous(t) for t in (u, delta, B, C, z, dout, out))
     grads = KERNELS.load().scan_bwd(u, delta, A, B, C, D.contiguous(), z, delta_bias.contiguous(), dout,
                                     x.contiguous(), out, None, True, False)
-    like = (u, delta, A, B, C, D, delta_bias, z)  # the kernel returns (du, ddelta, dA, dB, dC, dD, ddelta_bias, dz)
-    return tuple(g.to(t.dtype).contiguous() for g, t in zip(grads, like))
+    return tuple(_in_layout_of(g.to(t.dtype), t) for g, t in zip(grads, like))
 
 
 @selective_scan_bwd.register_fake
 def _(u, delta, A, B, C, D, z, delta_bias, dout, x, out):
-    return tuple(t.new_empty(t.shape) for t in (u, delta, A, B, C, D, delta_bias, z))
+    return tuple(torch.empty_like(t) for t in (u, delta, A, B, C, D, delta_bias, z))
 
 
 def _scan_setup(ctx, inputs, output):

@@ -248,6 +248,30 @@ def test_custom_ops_opcheck():
     torch.library.opcheck(mamba_ops.ssd_fwd, (*[t.requires_grad_() for t in ssd], None, 256), rtol=5e-2, atol=5e-2)
 
 
+@needs_kernels
+def test_custom_ops_keep_the_mixer_layout():
+    """The mixer's x, z and delta are (B, D, L) views of (D, B, L) buffers. The kernels allocate outputs like
+    their inputs, and the ops now return them as they are (no copy): the outputs keep those strides, and the
+    fakes agree (opcheck with such inputs)."""
+    from nanochat import mamba_ops
+    torch.manual_seed(0)
+    r = lambda *s, dt=BF16: torch.randn(*s, device=DEV, dtype=dt)  # noqa: E731
+    x, z = r(128, 2, 300).transpose(0, 1).chunk(2, dim=1)  # (2, 64, 300), strides (300, 600, 1)
+    delta = (r(64, 2, 300) * 0.5).transpose(0, 1)
+    w, b = r(64, 4, dt=F32), r(64, dt=F32)
+    assert mamba_ops.conv1d_fwd(x, w, b, None, True).stride() == x.stride()
+    assert mamba_ops.conv1d_bwd(x, w, b, None, z, True)[0].stride() == x.stride()
+    A = -torch.rand(64, 16, device=DEV) - 0.5
+    scan = [x, delta, A, r(2, 1, 16, 300), r(2, 1, 16, 300), r(64, dt=F32), z, r(64, dt=F32) * 0.1]
+    out, xs, out_z = mamba_ops.selective_scan_fwd(*scan)
+    assert out.stride() == delta.stride() and out_z.stride() == z.stride()
+    grads = mamba_ops.selective_scan_bwd(*scan, r(2, 64, 300), xs, out)
+    for g, t in zip(grads, scan[:6] + [scan[7], scan[6]]):
+        assert g.stride() == t.stride(), (tuple(g.shape), g.stride(), t.stride())
+    torch.library.opcheck(mamba_ops.conv1d_fwd, (x.clone().requires_grad_(), w.requires_grad_(), b.requires_grad_(), None, True))
+    torch.library.opcheck(mamba_ops.selective_scan_fwd, tuple(t.clone().requires_grad_() for t in scan), rtol=5e-2, atol=5e-2)
+
+
 # -----------------------------------------------------------------------------
 # decode: prefill into the cache, then step() with causal_conv1d_update / selective_state_update vs PyTorch
 

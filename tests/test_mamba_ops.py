@@ -108,6 +108,37 @@ def test_opcheck_every_op(stand_ins):
     torch.library.opcheck(mamba_ops.ssd_bwd, (torch.randn_like(y), *[t.detach() for t in ssd], y, None, 4))
 
 
+def _mixer_layout(batch, dim, L, seed=0):
+    """Two (batch, dim, L) halves of xz as the mixer makes it, W @ h^T viewed as (B, 2D, L): strides (L, B*L, 1)."""
+    xz = torch.randn(2 * dim, batch, L, generator=torch.Generator().manual_seed(seed)).transpose(0, 1)
+    return xz.chunk(2, dim=1)
+
+
+def test_outputs_keep_the_mixer_layout_of_their_inputs(stand_ins):
+    """The mixer's x, z and delta are transposed views. An op's output shaped like one of its inputs has that
+    input's layout (what the kernels allocate), in the real op and in its fake (opcheck), so compiled training
+    makes no copy of a (B, D, L) tensor around the ops. The helper is the identity on that layout."""
+    x, z = _mixer_layout(2, 6, 9)
+    assert not x.is_contiguous() and x.stride() == (9, 18, 1)
+    w, b = torch.randn(6, 4), torch.randn(6)
+    assert mamba_ops.conv1d_fwd(x, w, b, None, True).stride() == x.stride()
+    assert mamba_ops.conv1d_bwd(x, w, b, None, z, True)[0].stride() == x.stride()
+    torch.library.opcheck(mamba_ops.conv1d_fwd, (x.clone().requires_grad_(), w.requires_grad_(), b.requires_grad_(), None, True))
+    _, _, A, B, C, D, _, delta_bias = _scan_inputs()
+    delta = _mixer_layout(2, 6, 9, seed=1)[0] * 0.5
+    args = (x, delta, A, B, C, D, z, delta_bias)
+    out, xs, out_z = mamba_ops.selective_scan_fwd(*args)
+    assert out.stride() == delta.stride() and out_z.stride() == z.stride()
+    grads = mamba_ops.selective_scan_bwd(*args, torch.randn(2, 6, 9), xs, out)
+    for g, t in zip(grads, (x, delta, A, B, C, D, delta_bias, z)):
+        assert g.shape == t.shape and g.stride() == t.stride()
+    torch.library.opcheck(mamba_ops.selective_scan_fwd, tuple(t.clone().requires_grad_() for t in args))
+    torch.library.opcheck(mamba_ops.selective_scan_bwd, (*args, torch.randn(2, 6, 9), xs, out))
+    t = torch.empty_like(x)
+    assert mamba_ops._in_layout_of(t, x) is t
+    assert mamba_ops._in_layout_of(x.contiguous(), x).stride() == x.stride()
+
+
 def test_scan_op_gradients_are_the_kernels(stand_ins):
     """The op's backward returns the kernel backward's gradients in the inputs' order."""
     inputs = _scan_inputs()
