@@ -75,10 +75,13 @@ def orthogonalize(G, steps=5):
     if transposed:
         X = X.mT
     X = X / (X.norm(dim=(-2, -1), keepdim=True) + 1e-7)
+    shape = X.shape
+    X = X.reshape(-1, *shape[-2:])  # (batch, m, n): each iteration is three batched GEMMs, the scalings in their epilogues
     for _ in range(steps):
-        A = X @ X.mT
-        B = b * A + c * A @ A
-        X = a * X + B @ X
+        A = torch.bmm(X, X.mT)
+        B = torch.baddbmm(A, A, A, beta=b, alpha=c)  # b * A + c * A @ A
+        X = torch.baddbmm(X, B, X, beta=a)  # a * X + B @ X
+    X = X.view(shape)
     if transposed:
         X = X.mT
     return X
