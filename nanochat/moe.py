@@ -17,7 +17,8 @@ Parameter layout (the checkpoint contract):
 Dispatch: every one of the n*top_k assignments gets a row of the expert computation, so all shapes are
 static and the forward never waits on the device (no host sync without a mask). The rows are ordered
 as a stable sort on the key expert + E * dropped would order them: kept assignments first, grouped by
-expert in token order, then the dropped ones. All experts run in one batched computation:
+expert in token order, then the dropped ones. No sort runs: a running count per expert (a cumsum over
+one-hot choices) gives every assignment its row. All experts run in one batched computation:
 torch._grouped_mm with group ends offs = cumsum(kept per expert) (CUDA bf16 on sm90+, CPU fp32/bf16,
 rows a multiple of 16 bytes; under torch.compile bf16 only), whose outputs for the rows past offs[-1]
 are undefined memory; or torch.bmm on an (E, capacity, w) zero-padded buffer otherwise (dropless: padded
@@ -209,7 +210,8 @@ class MoE(nn.Module):
             logits = F.linear(xr.float(), self.router.weight[:, :w].float())  # (n, E)
         probs = logits.softmax(dim=-1)
         scores = probs + self.expert_bias if self.bias_balancing else probs  # bias: selection only
-        top_idx = scores.topk(self.top_k, dim=-1).indices  # (n, k), column 0 = first choice
+        # (n, k), column 0 = first choice; top-1 as argmax, which compiles into the softmax's reduction
+        top_idx = scores.argmax(dim=-1, keepdim=True) if self.top_k == 1 else scores.topk(self.top_k, dim=-1).indices
         gate = probs.gather(1, top_idx)  # (n, k)
         if self.top_k > 1:
             gate = gate / gate.sum(dim=-1, keepdim=True)
@@ -253,27 +255,30 @@ class MoE(nn.Module):
         # Assignment slots are token-major: slot = token * k + j for the token's j-th choice. Every slot gets a
         # row of the expert computation (static shapes, nothing for the host to wait on): kept rows first, grouped
         # by expert in token order, then the dropped rows; order[r] is the slot of row r, inv[slot] its row.
+        # Counting, not sorting: a running count per expert along the slots gives each slot its place among its
+        # expert's assignments in token order. The (E, n*k) int32 counts are transient (4 bytes * E per slot);
+        # (E, n*k) so that the scan runs along the contiguous dimension (along dim 0 of (n*k, E) CUDA's eager
+        # cumsum takes milliseconds).
         nk = n * k
         expert_flat = top_idx.reshape(-1)  # (nk,)
-        sorted_e, by_expert = torch.sort(expert_flat, stable=True)  # (nk,) stable: token order within an expert
-        # routing choices per expert before capacity: a bincount of static size (E,)
-        counts = expert_flat.new_zeros(E).scatter_add_(0, expert_flat, torch.ones_like(expert_flat))
-        starts = counts.cumsum(0) - counts  # (E,) first sorted position of each expert
+        # one-hot by comparison: F.one_hot would read the max index back to the host to check it
+        onehot = (torch.arange(E, device=dev)[:, None] == expert_flat).to(torch.int32)  # (E, nk)
+        running = onehot.cumsum(1, dtype=torch.int32)
+        place = (running * onehot).sum(0).long() - 1  # (nk,) how many earlier slots chose the same expert
+        counts = running[:, -1:].sum(1).long()  # (E,) routing choices per expert before capacity (zeros when nk = 0)
         ar = torch.arange(nk, device=dev)
-        if capacity is None or capacity >= n:  # nothing can be dropped: an expert gets at most n assignments
-            kept_counts, kept_starts, keep_row, order = counts, starts, None, by_expert
-        else:
-            kept_counts = counts.clamp(max=capacity)
-            kept_starts = kept_counts.cumsum(0) - kept_counts  # (E,) first row of each expert's kept group
+        capped = capacity is not None and capacity < n  # else nothing can be dropped: at most n slots per expert
+        kept_counts = counts.clamp(max=capacity) if capped else counts
+        kept_starts = kept_counts.cumsum(0) - kept_counts  # (E,) first row of each expert's kept group
+        inv = kept_starts.index_select(0, expert_flat) + place  # (nk,) row of each slot
+        keep_row = None
+        if capped:
             n_kept = kept_counts.sum()  # 0-d, stays on the device
-            ks = kept_starts.index_select(0, sorted_e)
-            pos = ar - starts.index_select(0, sorted_e)  # (nk,) place of each sorted position within its expert
-            # where a second stable sort on expert + E * (pos >= capacity) would put each sorted position:
-            # kept -> kept_starts[e] + pos; dropped -> after all kept rows, still by expert and token
-            row = torch.where(pos < capacity, ks + pos, n_kept + ar - ks - capacity)
-            order = torch.empty_like(by_expert).scatter_(0, row, by_expert)  # (nk,) a permutation
+            over = counts - kept_counts
+            over_starts = n_kept + over.cumsum(0) - over  # (E,) first row of each expert's dropped slots
+            inv = torch.where(place < capacity, inv, over_starts.index_select(0, expert_flat) + place - capacity)
             keep_row = ar < n_kept  # (nk,) rows that belong to an expert's group
-        inv = torch.empty_like(order).scatter_(0, order, ar)  # (nk,) the inverse permutation
+        order = torch.empty_like(inv).scatter_(0, inv, ar)  # (nk,) the inverse permutation
 
         path, why = self._pick_path(cdtype, dev, w, h_w)
         log_once(logger, f"MoE expert dispatch: {path} ({why})")  # so a run's log says which expert kernel it used
