@@ -3,7 +3,8 @@ Benchmarks on one device, each printing a table with its targets (pass/fail) and
 one JSON object with the environment (device, torch, date, kernel versions) and every number.
 
     python -m scripts.bench mamba   # Mamba/Mamba2 fwd+bwd: mamba-ssm itself, our kernel and PyTorch paths eager and compiled; step()
-    python -m scripts.bench moe     # MoE fwd+bwd: torch._grouped_mm vs bmm vs the per-expert loop vs a dense FFN of equal active FLOPs
+    python -m scripts.bench moe     # MoE fwd+bwd: torch._grouped_mm vs bmm vs the per-expert loop vs a dense FFN of equal active
+                                    # FLOPs, and the expert GEMMs alone on equal groups (the floor under the dispatch)
     python -m scripts.bench train   # training tokens/s and MFU: dense GPT vs hybrids, phase-1 and phase-2 settings
     python -m scripts.bench decode  # prefill/decode tokens/s and KV + SSM cache memory: dense GPT vs hybrid modes
     python -m scripts.bench adaptive --checkpoint PATH  # a trained hybrid's modes: held-out decode loss and tokens/s
@@ -19,6 +20,7 @@ The mamba and moe subcommands and the command line are here; train is in scripts
 convention of its MFU), decode in scripts/bench_decode.py, adaptive in scripts/bench_adaptive.py, and what all
 of them share (timing, tables, targets, the JSON line, the benchmarked models) in scripts/bench_common.py.
 """
+import contextlib
 import os
 os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
 import argparse
@@ -138,7 +140,13 @@ def cmd_mamba(args, device):
 
 def cmd_moe(args, device):
     from nanochat.moe import MoE, moe_reference, grouped_mm_supported
-    dt = torch.bfloat16 if device.type == "cuda" else torch.float32
+    # --weights bf16: bf16 weights and inputs on CUDA, fp32 on a CPU (no autocast); --weights fp32: fp32 weights
+    # and inputs under bf16 autocast on any device, as a fractal_train step (the residual stream and its rms_norm
+    # are fp32 there), so the MoE's and the dense FFN's weight casts and fp32 gradients are in the times
+    amp = args.weights == "fp32"
+    dt = torch.float32 if amp or device.type != "cuda" else torch.bfloat16  # weights and inputs
+    ct = torch.bfloat16 if amp else dt  # matmul inputs
+    actx = (lambda: torch.autocast(device.type, dtype=torch.bfloat16)) if amp else contextlib.nullcontext
     torch.manual_seed(0)
     D, H, E, k = args.d_model, args.expert_dim, args.experts, args.top_k
     moe = MoE(D, E, H, top_k=k, capacity_factor=args.capacity_factor, device=device, dtype=dt)
@@ -152,26 +160,46 @@ def cmd_moe(args, device):
 
     def dense(t):
         return F.linear(F.relu(F.linear(t, w1)).square(), w2)
+    # the floor under the dispatch: the same expert GEMMs on tokens already grouped into E equal groups (no router,
+    # no permutation, no uneven groups), so grouped_mm - experts is what routing and dispatch cost
+    n_tok = x.shape[0] * T
+    offs_eq = torch.tensor([(i + 1) * n_tok * k // E for i in range(E)], device=device, dtype=torch.int32)
+
+    def experts(t):  # top-k: each token's k rows, summed back (as the MoE's gather does), without the gates
+        xs = t.to(ct).reshape(n_tok, 1, D).expand(n_tok, k, D).reshape(n_tok * k, D)
+        with torch.autocast(device.type, enabled=False):  # casts as the MoE's forward makes them
+            hs = F.relu(torch._grouped_mm(xs, moe.w_in.to(ct).transpose(1, 2), offs=offs_eq)).square()
+            ys = torch._grouped_mm(hs, moe.w_out.to(ct).transpose(1, 2), offs=offs_eq)
+        return ys.view(*t.shape[:2], k, D).sum(2)
     # --compile: MoE (both dispatches, one graph each: dynamo guards on moe.dispatch) and the dense FFN through
     # torch.compile, fullgraph so that a graph break or a host sync fails loudly; the loop reference stays eager
     wrap = (lambda f: torch.compile(f, fullgraph=True, backend=args.compile_backend)) if args.compile else (lambda f: f)
-    moe_fn, dense_fn = wrap(moe), wrap(dense)
+    moe_fn, dense_fn, experts_fn = wrap(moe), wrap(dense), wrap(experts)
 
     def run(kind):
+        with actx():
+            return run_eager_or_compiled(kind)
+
+    def run_eager_or_compiled(kind):
         if kind == "dense":
             return dense_fn(x)
+        if kind == "experts":
+            return experts_fn(x)
         if kind == "loop":
             return moe_reference(moe, x)[0]
         moe.dispatch = kind
         return moe_fn(x)
 
     rows, out, profiles = [], {}, {}
-    names = {"grouped_mm": "MoE grouped_mm", "bmm": "MoE bmm (padded)", "loop": "MoE per-expert loop", "dense": "dense ReLU^2 FFN"}
+    kinds = ("grouped_mm", "bmm", "loop", "dense", "experts")
+    names = {"grouped_mm": "MoE grouped_mm", "bmm": "MoE bmm (padded)", "loop": "MoE per-expert loop", "dense": "dense ReLU^2 FFN",
+             "experts": "experts only (equal groups)"}
     graph = args.cuda_graph and device.type == "cuda"
-    for kind in ("grouped_mm", "bmm", "loop", "dense"):
+    for kind in kinds:
         def fwd_bwd(kind=kind):
             run(kind).backward(g)
-        ok, why = grouped_mm_supported(dt, device, (D, H), compiled=args.compile) if kind == "grouped_mm" else (True, "")
+        needs_gmm = kind in ("grouped_mm", "experts")
+        ok, why = grouped_mm_supported(ct, device, (D, H), compiled=args.compile) if needs_gmm else (True, "")
         fn = fwd_bwd
         if ok and graph and kind != "loop":  # the loop syncs (nonzero per expert): it stays eager
             try:
@@ -182,32 +210,42 @@ def cmd_moe(args, device):
         row = {"impl": names[kind], **r}
         if "ms" in r:
             row["tok_per_s"] = x.shape[0] * T / r["ms"] * 1e3
-            with torch.no_grad():
-                out[kind] = run(kind).float()
+            if kind != "experts":  # a different function (no router): nothing to compare
+                with torch.no_grad():
+                    out[kind] = run(kind).float()
             if args.profile and kind in ("grouped_mm", "dense"):
                 profiles[names[kind]] = top_kernels(fwd_bwd, device)
         progress(row)
         rows.append(row)
-    for row, kind in zip(rows, ("grouped_mm", "bmm", "loop", "dense")):
+    for row, kind in zip(rows, kinds):
         if kind in out and "loop" in out and kind != "dense":
             row["max_diff_vs_loop"] = (out[kind] - out["loop"]).abs().max().item()
     stats = moe.last_stats
-    by = {k: r for k, r in zip(("grouped_mm", "bmm", "loop", "dense"), rows)}
+    by = dict(zip(kinds, rows))
     targets = [target(f"loop / grouped_mm time ({E} experts, top-{k})", ratio(by["loop"], by["grouped_mm"]), 3.0, ">="),
                target("grouped_mm / dense FFN of equal active FLOPs time", ratio(by["grouped_mm"], by["dense"]), 1.3, "<=")]
+    precision = ("fp32 weights and inputs under bf16 autocast" if amp
+                 else f"{str(dt).replace('torch.', '')} weights and activations")
     how = f"torch.compile ({args.compile_backend}, fullgraph; the loop eager)" if args.compile else "eager"
     if graph:
         how += ", each fwd+bwd replayed as one CUDA graph (device time; the loop not)"
     print_table(f"MoE fwd+bwd: {x.shape[0] * T} tokens, d_model {D}, {E} experts x {H}, top-{k}, capacity factor "
-                f"{args.capacity_factor}, {str(dt).replace('torch.', '')} weights and activations, {how}", rows,
+                f"{args.capacity_factor}, {precision}, {how}", rows,
                 [("impl", "impl", ""), ("ms", "ms", ".3f"), ("tok_per_s", "tokens/s", ",.0f"), ("peak_gib", "peak GiB", ".2f"),
                  ("max_diff_vs_loop", "max|y - loop|", ".2e")])
     load = stats["tokens_per_expert"].tolist() if stats else None
     print(f"  tokens kept per expert {load}, dropped {stats['dropped'] if stats else '-'} (fresh router: near-uniform)")
+    floor = ratio(by["experts"], by["dense"])
+    dispatch_ms = by["grouped_mm"]["ms"] - by["experts"]["ms"] if "ms" in by["grouped_mm"] and "ms" in by["experts"] else None
+    if floor is not None:
+        extra = f"; router + dispatch + uneven groups add {dispatch_ms:.3f} ms" if dispatch_ms is not None else ""
+        print(f"  experts alone / dense {floor:.2f}x{extra}")
     for name, p in profiles.items():
         print_profile(name, p)
     return finish("moe", args, device, {"rows": rows, "targets": targets, "tokens_per_expert": load,
+                                        "experts_over_dense": floor, "dispatch_ms": dispatch_ms,
                                         "dropped": stats["dropped"] if stats else None, "profiles": profiles,
+                                        "weights": args.weights, "precision": precision,
                                         "compile": args.compile, "compile_backend": args.compile_backend if args.compile else None,
                                         "cuda_graph": graph})
 
@@ -239,6 +277,9 @@ def get_args(argv=None):
     e.add_argument("--capacity-factor", type=float, default=1.25, help="HybridConfig's default")
     e.add_argument("--compile", action="store_true", help="torch.compile (--compile-backend, fullgraph) the grouped_mm "
                    "and bmm MoE and the dense FFN, to compare compiled with compiled; the loop reference stays eager")
+    e.add_argument("--weights", type=str, default="bf16", choices=("bf16", "fp32"),
+                   help="bf16 weights and inputs (fp32 on a CPU), or fp32 weights and inputs under bf16 autocast "
+                   "(scripts.fractal_train's setting, on any device)")
     e.add_argument("--cuda-graph", action="store_true", help="CUDA only: time each fwd+bwd (but the loop's) as a "
                    "replayed CUDA graph, so host launch overhead drops out and the ratios are the device's")
     for name, helptext in (("train", "training step throughput and MFU"), ("decode", "prefill/decode speed and cache memory")):

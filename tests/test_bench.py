@@ -51,7 +51,24 @@ def test_moe(capsys):
     assert sum(res["tokens_per_expert"]) + res["dropped"] == 64  # top-1: every token kept once or dropped
     ratio = by["MoE per-expert loop"]["ms"] / by["MoE grouped_mm"]["ms"]
     assert res["targets"][0]["value"] == pytest.approx(ratio) and res["targets"][0]["pass"] == (ratio >= 3.0)
+    # the floor row: expert GEMMs alone on equal groups, and what the router and dispatch add on top
+    floor = by["experts only (equal groups)"]
+    assert res["experts_over_dense"] == pytest.approx(floor["ms"] / by["dense ReLU^2 FFN"]["ms"])
+    assert res["dispatch_ms"] == pytest.approx(by["MoE grouped_mm"]["ms"] - floor["ms"])
 
+
+
+def test_moe_fp32_weights_under_autocast(capsys):
+    """--weights fp32: fractal_train's precision (fp32 weights and inputs, bf16 autocast), here on a CPU."""
+    res, out = run(capsys, ["moe", "--tokens", "64", "--d-model", "16", "--expert-dim", "32", "--experts", "4",
+                            "--weights", "fp32"])
+    assert res["precision"] == "fp32 weights and inputs under bf16 autocast" and res["precision"] in out
+    by = {r["impl"]: r for r in res["rows"]}
+    assert all(r["ms"] > 0 for r in by.values())
+    # bf16 matmuls: the dispatches agree with the loop (which squares in fp32 under autocast, where the MoE squares
+    # its bf16 GEMM output) to bf16 rounding of outputs of size ~0.3, and not exactly, which they would in fp32
+    for name in ("MoE grouped_mm", "MoE bmm (padded)"):
+        assert 0 < by[name]["max_diff_vs_loop"] <= 2e-2
 
 
 def test_bench_moe_compile(capsys):
@@ -62,7 +79,9 @@ def test_bench_moe_compile(capsys):
     assert "torch.compile (eager, fullgraph" in out
     by = {r["impl"]: r for r in res["rows"]}
     # fp32 grouped_mm cannot be compiled (its meta function wants bf16): the row says so instead of a number
-    assert by["MoE grouped_mm"]["error"].startswith("unavailable") and "bf16" in by["MoE grouped_mm"]["error"]
+    for name in ("MoE grouped_mm", "experts only (equal groups)"):
+        assert by[name]["error"].startswith("unavailable") and "bf16" in by[name]["error"]
+    assert res["experts_over_dense"] is None and res["dispatch_ms"] is None
     for name in ("MoE bmm (padded)", "MoE per-expert loop", "dense ReLU^2 FFN"):
         assert by[name]["ms"] > 0
     assert by["MoE bmm (padded)"]["max_diff_vs_loop"] <= 1e-5
