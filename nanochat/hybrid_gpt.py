@@ -32,9 +32,9 @@ import torch.utils.checkpoint
 import torch.nn as nn
 import torch.nn.functional as F
 
-from nanochat.gpt import (norm, apply_rotary_emb, attention, rotary_inv_freq, rotary_cos_sin,
-                          linear_init_std, softcap)
-from nanochat.matryoshka import default_width_levels, validate_levels, expand_plan, check_plan
+from nanochat.gpt import norm, rotary_inv_freq, rotary_cos_sin, linear_init_std, softcap
+from nanochat.matryoshka import (default_width_levels, validate_levels, expand_plan, check_plan, MatryoshkaAttention,
+                                 MatryoshkaMLP)
 from nanochat.checkpoint_manager import register_model_kind
 from nanochat.common import get_logger, log_once
 
@@ -174,120 +174,6 @@ def rotary_inv_freq_grown(rotary_dims, device=None):
         parts.append(full[done:d // 2])
         done = d // 2
     return torch.cat(parts)
-
-
-def heads_at(w, head_dim, n_head, n_kv_head):
-    """(query heads, KV heads) an attention block of n_head / n_kv_head heads of head_dim uses at width w:
-    the first w // head_dim query heads and the KV heads their groups read."""
-    h = w // head_dim
-    return h, -(-h // (n_head // n_kv_head))
-
-
-class MatryoshkaAttention(nn.Module):
-    """nanochat attention (rotary, QK norm, GQA) whose heads can be sliced to a width prefix."""
-
-    def __init__(self, config, layer_idx):
-        super().__init__()
-        self.layer_idx = layer_idx
-        self.n_head, self.n_kv_head, self.head_dim = config.n_head, config.n_kv_head, config.head_dim
-        self.scale = config.softmax_scale
-        D = config.n_embd
-        self.c_q = nn.Linear(D, self.n_head * self.head_dim, bias=False)
-        self.c_k = nn.Linear(D, self.n_kv_head * self.head_dim, bias=False)
-        self.c_v = nn.Linear(D, self.n_kv_head * self.head_dim, bias=False)
-        self.c_proj = nn.Linear(self.n_head * self.head_dim, D, bias=False)
-
-    def heads_at(self, w):
-        """(query heads, kv heads) used at width w."""
-        return heads_at(w, self.head_dim, self.n_head, self.n_kv_head)
-
-    def project_kv(self, xn, w, cos_sin):
-        """K, V (B, Hkv_w, T, hd) of the normalised input xn (B, T, >=w) at width w."""
-        B, T, _ = xn.shape
-        _, hkv = self.heads_at(w)
-        x = xn[..., :w]
-        k = F.linear(x, self.c_k.weight[:hkv * self.head_dim, :w]).view(B, T, hkv, self.head_dim)
-        v = F.linear(x, self.c_v.weight[:hkv * self.head_dim, :w]).view(B, T, hkv, self.head_dim)
-        k = norm(apply_rotary_emb(k, *cos_sin))
-        return k.transpose(1, 2), v.transpose(1, 2)
-
-    def lacked_kv(self, xn, a, need, cos_sin):
-        """K, V heads a..need-1 (B, need - a, T, hd) of the normalised input xn (B, T, n_embd) at full width: what a
-        position stored at a narrower width lacks when a wider query reads it (the module docstring's rule)."""
-        B, T, _ = xn.shape
-        hd = self.head_dim
-        k = F.linear(xn, self.c_k.weight[a * hd:need * hd]).view(B, T, need - a, hd)
-        v = F.linear(xn, self.c_v.weight[a * hd:need * hd]).view(B, T, need - a, hd)
-        k = norm(apply_rotary_emb(k, *cos_sin))
-        return k.transpose(1, 2), v.transpose(1, 2)
-
-    def query_attend(self, xn, w, cos_sin, k, v, keep=None):
-        """
-        The query side at width w: the queries of xn (B, T, >=w) over k, v (B, hkv_w, Tk, hd) (a cached prefix
-        allowed), then the output projection; returns (B, T, w). keep: gpt.attention's mask, if any.
-        """
-        B, T, _ = xn.shape
-        h, _ = self.heads_at(w)
-        hd = self.head_dim
-        q = F.linear(xn[..., :w], self.c_q.weight[:h * hd, :w]).view(B, T, h, hd)
-        q = norm(apply_rotary_emb(q, *cos_sin)).transpose(1, 2)  # (B, h, T, hd)
-        if h % k.size(1) != 0:
-            # a width whose query heads do not fill whole GQA groups: give each query head its KV head
-            group = self.n_head // self.n_kv_head
-            k = k.repeat_interleave(group, dim=1)[:, :h]
-            v = v.repeat_interleave(group, dim=1)[:, :h]
-        y = attention(q, k, v, scale=self.scale, keep=keep)  # a cache may hold fp32: attention() casts
-        return F.linear(y.transpose(1, 2).reshape(B, T, h * hd), self.c_proj.weight[:w, :h * hd])
-
-    def forward(self, xn, w, cos_sin, kv_cache=None):
-        """xn: (B, T, n_embd) normalised input; returns (B, T, w)."""
-        k, v = self.project_kv(xn, w, cos_sin)
-        if kv_cache is not None:
-            k, v = kv_cache.insert(self.layer_idx, k, v)
-        return self.query_attend(xn, w, cos_sin, k, v)
-
-
-    def forward_per_token(self, xn, widths, cos_sin):
-        """
-        xn: (B, T, n_embd) normalised input; widths: (B, T) long, each token's width. Returns (B, T, n_embd)
-        (zero beyond each token's width). K/V of a position: its own width's heads at that width, the
-        heads it lacks at full width (the module docstring's rule). A reference path: every level
-        present runs over every token and the results are selected, so it costs levels x the static one.
-        """
-        B, T, D = xn.shape
-        levels = sorted(widths.unique().tolist())
-        k, v = self.project_kv(xn, D, cos_sin)  # (B, Hkv, T, hd): every head at full width
-        for w in levels:
-            if w == D:
-                continue
-            _, hkv = self.heads_at(w)
-            kw, vw = self.project_kv(xn, w, cos_sin)  # (B, hkv, T, hd)
-            own = (widths == w)[:, None, :, None]  # (B, 1, T, 1) positions whose own width is w
-            k = torch.cat([torch.where(own, kw, k[:, :hkv]), k[:, hkv:]], dim=1)
-            v = torch.cat([torch.where(own, vw, v[:, :hkv]), v[:, hkv:]], dim=1)
-        y = xn.new_zeros(B, T, D)
-        for w in levels:
-            _, hkv = self.heads_at(w)
-            yw = F.pad(self.query_attend(xn, w, cos_sin, k[:, :hkv], v[:, :hkv]), (0, D - w))
-            y = torch.where((widths == w).unsqueeze(-1), yw, y)
-        return y
-
-
-class MatryoshkaMLP(nn.Module):
-    """nanochat's ReLU^2 MLP whose hidden units and channels can be sliced to a prefix."""
-
-    def __init__(self, config):
-        super().__init__()
-        self.hidden = config.mlp_hidden
-        self.n_embd = config.n_embd
-        self.c_fc = nn.Linear(config.n_embd, self.hidden, bias=False)
-        self.c_proj = nn.Linear(self.hidden, config.n_embd, bias=False)
-
-    def forward(self, x, w):
-        """x: (B, T, w) -> (B, T, w)."""
-        hw = self.hidden * w // self.n_embd
-        h = F.relu(F.linear(x, self.c_fc.weight[:hw, :w])).square()
-        return F.linear(h, self.c_proj.weight[:w, :hw])
 
 
 def make_mamba(config, layer_idx):
