@@ -276,7 +276,8 @@ def get_args(argv=None):
     e.add_argument("--top-k", type=int, default=1)
     e.add_argument("--capacity-factor", type=float, default=1.25, help="HybridConfig's default")
     e.add_argument("--compile", action="store_true", help="torch.compile (--compile-backend, fullgraph) the grouped_mm "
-                   "and bmm MoE and the dense FFN, to compare compiled with compiled; the loop reference stays eager")
+                   "and bmm MoE, the dense FFN and the experts-only row, to compare compiled with compiled; the loop "
+                   "reference stays eager")
     e.add_argument("--weights", type=str, default="bf16", choices=("bf16", "fp32"),
                    help="bf16 weights and inputs (fp32 on a CPU), or fp32 weights and inputs under bf16 autocast "
                    "(scripts.fractal_train's setting, on any device)")
