@@ -146,7 +146,7 @@ def cmd_moe(args, device):
     amp = args.weights == "fp32"
     dt = torch.float32 if amp or device.type != "cuda" else torch.bfloat16  # weights and inputs
     ct = torch.bfloat16 if amp else dt  # matmul inputs
-    actx = (lambda: torch.autocast(device.type, dtype=torch.bfloat16)) if amp else contextlib.nullcontext
+    actx = (lambda: autocast_context(device.type, torch.bfloat16)) if amp else contextlib.nullcontext
     torch.manual_seed(0)
     D, H, E, k = args.d_model, args.expert_dim, args.experts, args.top_k
     moe = MoE(D, E, H, top_k=k, capacity_factor=args.capacity_factor, device=device, dtype=dt)
@@ -178,17 +178,12 @@ def cmd_moe(args, device):
 
     def run(kind):
         with actx():
-            return run_eager_or_compiled(kind)
-
-    def run_eager_or_compiled(kind):
-        if kind == "dense":
-            return dense_fn(x)
-        if kind == "experts":
-            return experts_fn(x)
-        if kind == "loop":
-            return moe_reference(moe, x)[0]
-        moe.dispatch = kind
-        return moe_fn(x)
+            if kind in ("dense", "experts"):
+                return (dense_fn if kind == "dense" else experts_fn)(x)
+            if kind == "loop":
+                return moe_reference(moe, x)[0]
+            moe.dispatch = kind
+            return moe_fn(x)
 
     rows, out, profiles = [], {}, {}
     kinds = ("grouped_mm", "bmm", "loop", "dense", "experts")

@@ -43,8 +43,7 @@ def stores_narrow_kv(config, mode):
     keep block inputs). A fixed mode's plan has one width for every block: it does so in all attention
     blocks or in none. 'auto' never does: widening is on (threshold 0.5), so the engine writes every
     position's lacked heads along with its own ones (nanochat.engine's docstring)."""
-    from nanochat.matryoshka import mode_plan
-    from nanochat.matryoshka import heads_at
+    from nanochat.matryoshka import mode_plan, heads_at
     if not hasattr(config, "layer_pattern") or mode in ("-", "think", "auto"):
         return False
     return any(heads_at(w, config.head_dim, config.n_head, config.n_kv_head)[1] < config.n_kv_head
