@@ -14,8 +14,8 @@ from testutil import write_hybrid_checkpoint
 CPU = ["--device", "cpu", "--warmup", "1", "--iters", "1", "--compile-backend", "eager"]
 
 
-def run(capsys, argv):
-    res = bench.main(CPU + argv)
+def run(capsys, argv, pre=()):
+    res = bench.main(CPU + list(pre) + argv)
     lines = capsys.readouterr().out.strip().splitlines()
     last = json.loads(lines[-1])  # machine-readable line last
     assert last["bench"] == argv[0] and last["env"]["torch"] == torch.__version__ and last["env"]["date"]
@@ -42,8 +42,12 @@ def test_mamba(capsys):
 
 
 def test_moe(capsys):
-    res, _ = run(capsys, ["moe", "--tokens", "64", "--d-model", "16", "--expert-dim", "32", "--experts", "4", "--cuda-graph"])
+    res, out = run(capsys, ["moe", "--tokens", "64", "--d-model", "16", "--expert-dim", "32", "--experts", "4", "--cuda-graph"],
+                   pre=["--profile"])
     assert res["cuda_graph"] is False  # CUDA only: on a CPU the flag changes nothing
+    # --profile: the compared pair, profiled once every row is timed (so after the table's rows in the log)
+    assert set(res["profiles"]) == {"MoE grouped_mm", "dense ReLU^2 FFN"}
+    assert out.index("profile: MoE grouped_mm") > out.index("experts only (equal groups)")
     by = {r["impl"]: r for r in res["rows"]}
     assert all(r["ms"] > 0 for r in by.values())
     for name in ("MoE grouped_mm", "MoE bmm (padded)"):
