@@ -1,7 +1,7 @@
 """
 Switch-style Mixture-of-Experts FFN, and the Mamba + MoE model built from it.
 
-MoE in one paragraph: a router (one bias-free Linear, run in fp32) scores every real token
+MoE in one paragraph: a router (one bias-free Linear, fp32 logits) scores every real token
 against E experts; each token goes to its top-k experts; each expert is a nanochat-style
 ReLU^2 MLP with no biases, h = relu(x W1^T)^2, y = h W2^T; the token's output is the gate-weighted
 sum of its experts' outputs. An expert takes at most `capacity` tokens per call (earlier tokens
@@ -24,7 +24,8 @@ rows a multiple of 16 bytes; under torch.compile bf16 only), whose outputs for t
 are undefined memory; or torch.bmm on an (E, capacity, w) zero-padded buffer otherwise (dropless: padded
 to the largest load, one host sync). The dropped rows' outputs are set to 0 with torch.where (0 * NaN
 would be NaN) and their gradients never reach x. `moe_reference` is the plain per-expert loop both paths
-are tested against.
+are tested against. Router: F.linear in fp32; for CUDA bf16 tokens _RouterLogitsSplit, which skips the fp32
+copy of x (weight split into two bf16 halves, fp32 accumulation; more accurate than TF32).
 
 Also here: create_mamba_moe / MambaMoEModel, layers of Mamba mixer + MoE FFN.
 """
@@ -207,7 +208,10 @@ class MoE(nn.Module):
     def route(self, xr, w):
         """xr (n, w) real tokens -> logits (n, E) fp32, probs (n, E), top_idx (n, k), gate (n, k) fp32."""
         with torch.autocast(device_type=xr.device.type, enabled=False):
-            logits = F.linear(xr.float(), self.router.weight[:, :w].float())  # (n, E)
+            if split_router_ok(xr):  # bf16 tokens: no fp32 copy of them (see _RouterLogitsSplit)
+                logits = _RouterLogitsSplit.apply(xr, self.router.weight[:, :w])
+            else:
+                logits = F.linear(xr.float(), self.router.weight[:, :w].float())  # (n, E)
         probs = logits.softmax(dim=-1)
         scores = probs + self.expert_bias if self.bias_balancing else probs  # bias: selection only
         # (n, k), column 0 = first choice; top-1 as argmax, which compiles into the softmax's reduction
@@ -371,6 +375,63 @@ class _RowsToSlots(torch.autograd.Function):
     def backward(ctx, grad):
         order, = ctx.saved_tensors
         return grad.index_select(0, order), None, None
+
+
+def split_router_ok(x):
+    """Router by _RouterLogitsSplit? For CUDA bf16 tokens when fp32 matmuls may run as TF32 (compute_init sets
+    allow_tf32): the split is more accurate than TF32. With TF32 off, the exact fp32 path runs."""
+    return x.is_cuda and x.dtype == torch.bfloat16 and torch.backends.cuda.matmul.allow_tf32
+
+
+def _mm_f32(a, b):
+    """a @ b for bf16 a, b accumulated and returned in fp32: one cuBLAS call on CUDA (out_dtype); elsewhere the
+    same products in fp32 math (a bf16 x bf16 product is exact in fp32), so the CPU tests check the algorithm."""
+    if a.is_cuda:
+        return torch.mm(a, b, out_dtype=torch.float32)
+    return a.float() @ b.float()
+
+
+def _split_bf16(t):
+    """t (fp32) as hi + lo, both bf16: hi = t with its low 16 bits cleared (exact in bf16), lo = bf16(t - hi).
+    hi + lo keeps 16 significand bits (relative error <= 2^-15), against TF32's 11. A bit mask, not a round trip
+    through bf16: inductor folds t.to(bf16).float() back into t, which would make lo zero under torch.compile."""
+    hi = (t.view(torch.int32) & -65536).view(torch.float32)
+    return hi.to(torch.bfloat16), (t - hi).to(torch.bfloat16)
+
+
+class _RouterLogitsSplit(torch.autograd.Function):
+    """
+    Router logits x @ W^T for bf16 tokens x (n, w), fp32 (or bf16) weight W (E, w), with fp32 accumulation and
+    fp32 output, without the fp32 copy of x that F.linear(x.float(), W.float()) writes (and keeps for backward).
+    x is exact in bf16, so only W needs more than bf16: W = hi + lo (two bf16 halves), and one GEMM with 2E
+    output columns gives x @ hi^T and x @ lo^T, summed in fp32. Backward: dW = g^T x by the same split of the fp32
+    g; dx = g W, rounded to bf16 once (autograd's fp32 path rounds it to x's bf16 as well), from one bf16 GEMM
+    over [g_hi, g_lo, g_hi] and [W_hi; W_hi; W_lo]. Tested against fp64 in tests/test_moe.py (the algorithm,
+    on a CPU) and tests/test_gpu_kernels.py (cuBLAS).
+    """
+
+    @staticmethod
+    def forward(ctx, x, weight):
+        ctx.save_for_backward(x, weight)
+        E = weight.shape[0]
+        hi, lo = _split_bf16(weight.float())
+        both = _mm_f32(x, torch.cat([hi, lo]).t())  # (n, 2E)
+        return both[:, :E] + both[:, E:]
+
+    @staticmethod
+    def backward(ctx, g):
+        x, weight = ctx.saved_tensors
+        E = weight.shape[0]
+        g_hi, g_lo = _split_bf16(g.float())
+        dx = dw = None
+        if ctx.needs_input_grad[0]:
+            w_hi, w_lo = _split_bf16(weight.float())
+            a, b = torch.cat([g_hi, g_lo, g_hi], 1), torch.cat([w_hi, w_hi, w_lo])  # (n, 3E), (3E, w)
+            dx = (a @ b) if a.is_cuda else (a.float() @ b.float()).to(x.dtype)  # bf16 GEMM: fp32 accumulate, bf16 out
+        if ctx.needs_input_grad[1]:
+            both = _mm_f32(torch.cat([g_hi, g_lo], 1).t(), x)  # (2E, w)
+            dw = (both[:E] + both[E:]).to(weight.dtype)
+        return dx, dw
 
 
 def moe_reference(moe, x, mask=None, width=None):

@@ -354,6 +354,33 @@ def test_moe_dispatch_matches_loop_cuda_bf16(top_k):
         pytest.skip(f"bmm checked; grouped_mm cannot run here: {why}")
 
 
+@pytest.mark.parametrize("compiled", [False, True])
+def test_moe_split_router_cuda(compiled):
+    # the router's bf16 path (torch.mm with fp32 output, and a bf16 GEMM for dx) against fp64, at the bounds of
+    # the CPU test of the same algorithm; taken only with TF32 allowed, the exact fp32 path otherwise
+    from nanochat.moe import split_router_ok
+    from test_moe import assert_router_near_fp64
+    prev = torch.backends.cuda.matmul.allow_tf32
+    try:
+        torch.backends.cuda.matmul.allow_tf32 = False
+        assert not split_router_ok(torch.zeros(2, 2, device=DEV, dtype=BF16))
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.manual_seed(0)
+        n, w = 4096, 512
+        moe = MoE(w, 8, 1024, device=DEV)  # fp32 weights, as under autocast
+        with torch.no_grad():
+            moe.router.weight.normal_(0.0, w ** -0.5)
+        x = torch.randn(n, w, device=DEV, dtype=BF16, requires_grad=True)
+        g = torch.randn(n, 8, device=DEV)
+        assert split_router_ok(x)
+        route = torch.compile(moe.route, fullgraph=True) if compiled else moe.route
+        logits = route(x, w)[0]
+        logits.backward(g)
+        assert_router_near_fp64(x, moe.router.weight, g, logits)
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = prev
+
+
 # -----------------------------------------------------------------------------
 # HybridGPT's exit readouts: the compiled tail (soft-cap, loss, top-1) against the eager one
 

@@ -167,6 +167,41 @@ def test_autocast_router_fp32():
     torch.testing.assert_close(y16.float(), y32, rtol=0.05, atol=0.05)
 
 
+def assert_router_near_fp64(x, W, g, logits):
+    """logits = x @ W^T (x bf16, W fp32 leaves, backward(g) already run) against fp64: logits and W.grad within
+    2^-14 of sum |x| |W| (|g| |x| for W.grad), where TF32 (11 bits) or a plain bf16 weight is off by about 2^-10;
+    x.grad (bf16) within one bf16 rounding (unit roundoff 2^-8) of a sum good to 2^-14. Also used by the CUDA test."""
+    x64, W64, g64 = x.detach().double(), W.detach().double(), g.double()
+    assert logits.dtype == torch.float32
+    ref, scale = x64 @ W64.T, x64.abs() @ W64.abs().T
+    assert ((logits.detach().double() - ref).abs() / scale).max() < 2 ** -14
+    plain_bf16 = x64 @ W.detach().bfloat16().double().T  # the bound can fail: dropping the lo half breaks it
+    assert ((plain_bf16 - ref).abs() / scale).max() > 2 ** -12
+    dW_ref, dW_scale = g64.T @ x64, g64.abs().T @ x64.abs()
+    assert W.grad.dtype == torch.float32 and ((W.grad.double() - dW_ref).abs() / dW_scale).max() < 2 ** -14
+    dx_ref, dx_scale = g64 @ W64, g64.abs() @ W64.abs()
+    assert x.grad.dtype == torch.bfloat16
+    assert ((x.grad.double() - dx_ref).abs() <= dx_ref.abs() * 2 ** -8 + dx_scale * 2 ** -14).all()
+
+
+def test_split_router_against_fp64():
+    # the algorithm of the CUDA bf16 router; on a CPU _mm_f32 runs the same bf16 products in fp32 math
+    from nanochat.moe import _RouterLogitsSplit, _split_bf16
+    torch.manual_seed(0)
+    n, E, w = 512, 8, 256
+    x = torch.randn(n, w).bfloat16().requires_grad_()
+    W = (torch.randn(E, w) * w ** -0.5).requires_grad_()
+    g = torch.randn(n, E)
+    logits = _RouterLogitsSplit.apply(x, W)
+    logits.backward(g)
+    assert_router_near_fp64(x, W, g, logits)
+    for split in (_split_bf16, torch.compile(_split_bf16)):  # compiled: inductor must not fold the split away
+        hi, lo = split(W.detach())
+        assert hi.dtype == lo.dtype == torch.bfloat16
+        assert ((hi.double() + lo.double() - W.detach().double()).abs() <= W.detach().double().abs() * 2 ** -15).all()
+        assert (lo != 0).float().mean() > 0.9
+
+
 # -----------------------------------------------------------------------------
 # losses by hand
 
