@@ -383,12 +383,13 @@ def split_router_ok(x):
     return x.is_cuda and x.dtype == torch.bfloat16 and torch.backends.cuda.matmul.allow_tf32
 
 
-def _mm_f32(a, b):
-    """a @ b for bf16 a, b accumulated and returned in fp32: one cuBLAS call on CUDA (out_dtype); elsewhere the
-    same products in fp32 math (a bf16 x bf16 product is exact in fp32), so the CPU tests check the algorithm."""
-    if a.is_cuda:
-        return torch.mm(a, b, out_dtype=torch.float32)
-    return a.float() @ b.float()
+def _bf16_mm(a, b, out_dtype=torch.float32):
+    """a @ b for bf16 a, b, accumulated in fp32 and returned in out_dtype (fp32 or bf16): one cuBLAS call on CUDA;
+    elsewhere the same products in fp32 math (a bf16 x bf16 product is exact in fp32), so the CPU tests check the
+    algorithm."""
+    if not a.is_cuda:
+        return (a.float() @ b.float()).to(out_dtype)
+    return a @ b if out_dtype == torch.bfloat16 else torch.mm(a, b, out_dtype=out_dtype)
 
 
 def _split_bf16(t):
@@ -415,7 +416,7 @@ class _RouterLogitsSplit(torch.autograd.Function):
         ctx.save_for_backward(x, weight)
         E = weight.shape[0]
         hi, lo = _split_bf16(weight.float())
-        both = _mm_f32(x, torch.cat([hi, lo]).t())  # (n, 2E)
+        both = _bf16_mm(x, torch.cat([hi, lo]).t())  # (n, 2E)
         return both[:, :E] + both[:, E:]
 
     @staticmethod
@@ -427,9 +428,9 @@ class _RouterLogitsSplit(torch.autograd.Function):
         if ctx.needs_input_grad[0]:
             w_hi, w_lo = _split_bf16(weight.float())
             a, b = torch.cat([g_hi, g_lo, g_hi], 1), torch.cat([w_hi, w_hi, w_lo])  # (n, 3E), (3E, w)
-            dx = (a @ b) if a.is_cuda else (a.float() @ b.float()).to(x.dtype)  # bf16 GEMM: fp32 accumulate, bf16 out
+            dx = _bf16_mm(a, b, x.dtype)
         if ctx.needs_input_grad[1]:
-            both = _mm_f32(torch.cat([g_hi, g_lo], 1).t(), x)  # (2E, w)
+            both = _bf16_mm(torch.cat([g_hi, g_lo], 1).t(), x)  # (2E, w)
             dw = (both[:E] + both[E:]).to(weight.dtype)
         return dx, dw
 

@@ -185,7 +185,7 @@ def assert_router_near_fp64(x, W, g, logits):
 
 
 def test_split_router_against_fp64():
-    # the algorithm of the CUDA bf16 router; on a CPU _mm_f32 runs the same bf16 products in fp32 math
+    # the algorithm of the CUDA bf16 router; on a CPU _bf16_mm runs the same bf16 products in fp32 math
     from nanochat.moe import _RouterLogitsSplit, _split_bf16
     torch.manual_seed(0)
     n, E, w = 512, 8, 256
