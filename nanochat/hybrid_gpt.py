@@ -236,7 +236,11 @@ class HybridBlock(nn.Module):
         one width per call (mask), so its capacity counts those tokens."""
         xn = norm(x)
         y = torch.zeros_like(x)
-        for w in sorted(widths.unique().tolist()):
+        levels = widths.unique().tolist()
+        if self.ffn_kind == "E":  # expert parallel: every rank calls the union of the ranks' levels (moe_ep)
+            from nanochat.moe_ep import levels_for_call
+            levels = levels_for_call(self.moe, levels)
+        for w in sorted(levels):
             sel = widths == w  # (B, T)
             if self.ffn_kind == "D":
                 yw = self.mlp(xn[..., :w], w)

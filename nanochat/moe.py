@@ -27,7 +27,9 @@ would be NaN) and their gradients never reach x. `moe_reference` is the plain pe
 are tested against. Router: F.linear in fp32; for CUDA bf16 tokens _RouterLogitsSplit, which skips the fp32
 copy of x (weight split into two bf16 halves, fp32 accumulation; more accurate than TF32).
 
-Also here: create_mamba_moe / MambaMoEModel, layers of Mamba mixer + MoE FFN.
+Expert parallelism (experts sharded over ranks, rows exchanged by all_to_all) is applied from outside:
+nanochat.moe_ep. create_mamba_moe / MambaMoEModel (layers of Mamba mixer + MoE FFN) are defined in
+nanochat.mamba_moe and importable from here.
 """
 import math
 
@@ -129,6 +131,7 @@ class MoE(nn.Module):
             self.register_buffer("_load_accum", torch.zeros(num_experts, device=device, dtype=torch.long), persistent=False)
         self.aux_loss = self.z_loss = None
         self._stats = None  # (kept per expert (E,), dropped ()) of the last forward, device tensors
+        self.ep_group = None  # a process group once nanochat.moe_ep.shard_experts shards the experts over it
         if torch.device(device if device is not None else "cpu").type != "meta":
             self.init_weights()
 
@@ -286,30 +289,16 @@ class MoE(nn.Module):
 
         path, why = self._pick_path(cdtype, dev, w, h_w)
         log_once(logger, f"MoE expert dispatch: {path} ({why})")  # so a run's log says which expert kernel it used
-        w_in = self.w_in[:, :h_w, :w].to(cdtype)  # (E, h_w, w)
-        w_out = self.w_out[:, :w, :h_w].to(cdtype)  # (E, w, h_w)
         xs = _TokensToRows.apply(xr.to(cdtype), order, inv, keep_row, k)  # (nk, w) tokens grouped by expert
-        # autocast off: the operands are already in cdtype, and autocast would run square() in fp32
-        with torch.autocast(device_type=dev.type, enabled=False):
-            if path == "grouped_mm":
-                # rows from offs[-1] on (the dropped ones) are in no group: their outputs, and the gradients
-                # grouped_mm's backward gives their inputs, are undefined memory; weight gradients sum over
-                # group rows only
-                offs = kept_counts.cumsum(0).to(torch.int32)  # (E,) end row of each expert's group
-                hs = F.relu(torch._grouped_mm(xs, w_in.transpose(1, 2), offs=offs)).square()  # (nk, h_w)
-                ys = torch._grouped_mm(hs, w_out.transpose(1, 2), offs=offs)  # (nk, w)
-            else:
-                # pad to (E, cap, w) (+1 scratch row that every dropped row is written to and nothing reads);
-                # dropless pads to the largest load, which costs a host sync
-                cap = min(capacity, n) if capacity is not None else (int(kept_counts.max()) if n > 0 else 0)
-                row_e = expert_flat.index_select(0, order)  # (nk,) expert of each row
-                flat = row_e * cap + ar - kept_starts.index_select(0, row_e)  # (nk,) e * cap + place in the group
-                if keep_row is not None:
-                    flat = torch.where(keep_row, flat, E * cap)
-                buf = xs.new_zeros(E * cap + 1, w).index_copy(0, flat, xs)
-                hb = F.relu(torch.bmm(buf[:E * cap].view(E, cap, w), w_in.transpose(1, 2))).square()  # (E, cap, h_w)
-                yb = torch.bmm(hb, w_out.transpose(1, 2)).view(E * cap, w)
-                ys = yb.index_select(0, flat.clamp(max=max(E * cap - 1, 0)))  # (nk, w); dropped rows masked below
+        if self.ep_group is not None:  # experts sharded over ranks (nanochat.moe_ep.shard_experts)
+            from nanochat.moe_ep import expert_parallel_rows
+            ys = expert_parallel_rows(self, xs, kept_counts, cdtype)
+        else:
+            # bmm: (E, cap, w) buffers; dropless pads to the largest load, which costs a host sync
+            cap = None if path == "grouped_mm" else (
+                min(capacity, n) if capacity is not None else (int(kept_counts.max()) if n > 0 else 0))
+            ys = self._run_experts(xs, kept_counts, self.w_in[:, :h_w, :w].to(cdtype),
+                                   self.w_out[:, :w, :h_w].to(cdtype), path, cap)
         if keep_row is not None:
             ys = torch.where(keep_row[:, None], ys, 0.0)  # dropped rows: exactly 0, also when ys there is NaN
         ys = _RowsToSlots.apply(ys, order, inv)  # (nk, w) in slot order
@@ -324,6 +313,30 @@ class MoE(nn.Module):
             return out_r.view(B, T, w)
         out = torch.zeros(B * T, w, device=dev, dtype=out_r.dtype).index_copy(0, real, out_r)
         return out.view(B, T, w)
+
+    def _run_experts(self, xs, sizes, w_in, w_out, path, cap):
+        """
+        xs (m, w) rows grouped by expert, sizes (E',) rows per group in order; rows past sizes.sum() are in no
+        group. w_in (E', h, w) and w_out (E', w, h) in xs's dtype. Returns (m, w); a row in no group gets
+        undefined memory (grouped_mm: rows past offs[-1]; the gradients it gives their inputs too) or garbage
+        (bmm), which the caller masks. cap: bmm's rows per expert, >= every size (unused by grouped_mm).
+        """
+        with torch.autocast(device_type=xs.device.type, enabled=False):  # operands already in xs's dtype
+            if path == "grouped_mm":
+                offs = sizes.cumsum(0).to(torch.int32)  # (E',) end row of each group
+                hs = F.relu(torch._grouped_mm(xs, w_in.transpose(1, 2), offs=offs)).square()  # (m, h)
+                return torch._grouped_mm(hs, w_out.transpose(1, 2), offs=offs)
+            # pad to (E', cap, w) (+1 scratch row that every row in no group is written to and nothing reads)
+            Ep, (m, w) = sizes.shape[0], xs.shape
+            ends = sizes.cumsum(0)
+            ar = torch.arange(m, device=xs.device)
+            row_e = torch.searchsorted(ends, ar, right=True)  # (m,) group of each row, E' past the last
+            row_ec = row_e.clamp(max=Ep - 1)
+            flat = torch.where(row_e < Ep, row_ec * cap + ar - (ends - sizes).index_select(0, row_ec), Ep * cap)
+            buf = xs.new_zeros(Ep * cap + 1, w).index_copy(0, flat, xs)
+            hb = F.relu(torch.bmm(buf[:Ep * cap].view(Ep, cap, w), w_in.transpose(1, 2))).square()  # (E', cap, h)
+            yb = torch.bmm(hb, w_out.transpose(1, 2)).view(Ep * cap, w)
+            return yb.index_select(0, flat.clamp(max=max(Ep * cap - 1, 0)))
 
     @torch.no_grad()
     def update_bias(self):
@@ -465,142 +478,10 @@ def moe_reference(moe, x, mask=None, width=None):
     return out.view(B, T, w), torch.tensor(kept, dtype=torch.long), dropped
 
 
-# -----------------------------------------------------------------------------
-# The Mamba + MoE model ("Mamba R1" seed API)
-
-def norm(x):
-    # parameter-free RMSNorm, as in nanochat
-    return F.rms_norm(x, (x.size(-1),))
-
-
-def apply_rotary(x, pos, base=10000.0):
-    """
-    Rotate channel pairs (i, i + D/2) of x (B, L, D) by the angle pos * base^(-2i/D) (nanochat's
-    rotary convention, here applied to the input embeddings). pos (B, L) long. Odd D: the last channel
-    is left as is. The frequencies are computed on the fly, so nothing needs restoring after a load.
-    """
-    D = x.shape[-1]
-    half = D // 2
-    inv_freq = base ** (-torch.arange(half, device=x.device, dtype=torch.float32) * 2 / D)  # (D/2,)
-    ang = pos.to(torch.float32)[..., None] * inv_freq  # (B, L, D/2)
-    cos, sin = ang.cos(), ang.sin()
-    x1, x2 = x[..., :half].float(), x[..., half:2 * half].float()
-    y = torch.cat([x1 * cos + x2 * sin, x2 * cos - x1 * sin], dim=-1).to(x.dtype)
-    return torch.cat([y, x[..., 2 * half:]], dim=-1)
-
-
-class MambaMoELayer(nn.Module):
-    def __init__(self, mixer, moe):
-        super().__init__()
-        self.mixer, self.moe = mixer, moe
-
-    def forward(self, x, mask=None):
-        x = x + self.mixer(norm(x), mask=mask)
-        x = x + self.moe(norm(x), mask=mask)
-        return x
-
-
-class MambaMoEModel(nn.Module):
-    """
-    depth layers of [x = x + Mamba(norm(x)); x = x + MoE(norm(x))], norm = parameter-free RMSNorm,
-    and a final norm. Position: the input embeddings are rotated by apply_rotary and get a learnable
-    pos_emb (max_seq_len, dim) added; positions count real tokens only (pos = cumsum(mask) - 1), so
-    left padding does not shift them. Padding: masked inputs are zeroed, the Mamba mixers skip them,
-    the MoE does not route them, and the output there is 0; real positions are the same as without
-    the padding (MoE capacity counts real tokens only).
-    model(x (B, L, dim) float, mask=None) -> (B, L, dim) when vocab_size is None;
-    model(idx (B, L) long, targets=None, mask=None) -> fp32 logits (B, L, V), or with targets the mean
-    loss lm_loss + mean over layers of moe.router_loss (aux_loss_coef * aux + router_z_loss_coef * z,
-    defaults 1e-2 and 1e-3). After each forward: self.lm_loss (with targets), self.aux_loss and
-    self.z_loss (means over layers), self.router_loss.
-    """
-
-    def __init__(self, dim, depth, d_state=64, d_conv=4, expand=2, num_experts=8, expert_dim=2048, max_seq_len=2048,
-                 vocab_size=None, mamba_version=1, moe_kwargs=None, mamba_kwargs=None, device=None):
-        super().__init__()
-        from nanochat.mamba_block import Mamba, Mamba2  # the mixers' own module, imported when a model is built
-        if mamba_version not in (1, 2):
-            raise ValueError(f"mamba_version={mamba_version}: use 1 (Mamba) or 2 (Mamba2)")
-        self.config = dict(dim=dim, depth=depth, d_state=d_state, d_conv=d_conv, expand=expand, num_experts=num_experts,
-                           expert_dim=expert_dim, max_seq_len=max_seq_len, vocab_size=vocab_size,
-                           mamba_version=mamba_version, moe_kwargs=dict(moe_kwargs or {}), mamba_kwargs=dict(mamba_kwargs or {}))
-        self.dim, self.max_seq_len, self.vocab_size = dim, max_seq_len, vocab_size
-        mixer_cls = Mamba if mamba_version == 1 else Mamba2
-        self.pos_emb = nn.Parameter(torch.empty(max_seq_len, dim, device=device))
-        self.layers = nn.ModuleList([
-            MambaMoELayer(mixer_cls(dim, d_state=d_state, d_conv=d_conv, expand=expand, layer_idx=i, device=device,
-                                    **(mamba_kwargs or {})),
-                          MoE(dim, num_experts, expert_dim, device=device, **(moe_kwargs or {})))
-            for i in range(depth)])
-        if vocab_size is not None:
-            self.wte = nn.Embedding(vocab_size, dim, device=device)
-            self.lm_head = nn.Linear(dim, vocab_size, bias=False, device=device)
-        self.lm_loss = self.aux_loss = self.z_loss = self.router_loss = None
-        self.init_weights()
-
-    @torch.no_grad()
-    def init_weights(self):
-        # the Mamba mixers keep mamba-ssm's own init (their constructors); the rest as in nanochat
-        nn.init.normal_(self.pos_emb, mean=0.0, std=0.02)
-        for layer in self.layers:
-            layer.moe.init_weights()
-        if self.vocab_size is not None:
-            nn.init.normal_(self.wte.weight, mean=0.0, std=1.0)
-            nn.init.zeros_(self.lm_head.weight)
-
-    def forward(self, inputs, targets=None, mask=None):
-        if self.vocab_size is None:
-            if not (inputs.ndim == 3 and inputs.shape[-1] == self.dim and inputs.is_floating_point()):
-                raise ValueError(f"expected float embeddings (B, L, {self.dim}), got {tuple(inputs.shape)} {inputs.dtype}"
-                                 " (build with vocab_size=... to feed token ids)")
-            if targets is not None:
-                raise ValueError("targets need a model built with vocab_size=...")
-        elif inputs.ndim != 2 or inputs.is_floating_point():
-            raise ValueError(f"expected token ids (B, L), got {tuple(inputs.shape)} {inputs.dtype}")
-        B, L = inputs.shape[:2]
-        if L > self.max_seq_len:
-            raise ValueError(f"sequence length {L} > max_seq_len={self.max_seq_len}; build the model with a larger max_seq_len")
-        if mask is not None and (mask.shape != (B, L) or mask.dtype != torch.bool):
-            raise ValueError(f"mask must be a (B, L) = {(B, L)} bool tensor, got {tuple(mask.shape)} {mask.dtype}")
-
-        if mask is None:
-            pos = torch.arange(L, device=inputs.device).expand(B, L)
-        else:
-            pos = (mask.long().cumsum(dim=1) - 1).clamp(min=0)  # (B, L) index among the row's real tokens
-        x = self.wte(inputs) if self.vocab_size is not None else inputs  # (B, L, D)
-        x = apply_rotary(x, pos) + self.pos_emb[pos].to(x.dtype)
-        if mask is not None:
-            x = x.masked_fill(~mask[..., None], 0.0)  # whatever sits in the padding never enters
-        for layer in self.layers:
-            x = layer(x, mask=mask)
-        x = norm(x)
-        if mask is not None:
-            x = x.masked_fill(~mask[..., None], 0.0)
-
-        moes = [layer.moe for layer in self.layers]
-        self.aux_loss = torch.stack([m.aux_loss for m in moes]).mean()
-        self.z_loss = torch.stack([m.z_loss for m in moes]).mean()
-        self.router_loss = torch.stack([m.router_loss for m in moes]).mean()
-        if self.vocab_size is None:
-            return x
-        logits = self.lm_head(x).float()  # (B, L, V)
-        if targets is None:
-            return logits
-        if mask is not None:
-            targets = targets.masked_fill(~mask, -1)  # padding is never a target
-        self.lm_loss = F.cross_entropy(logits.view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-1)
-        return self.lm_loss + self.router_loss
-
-
-def create_mamba_moe(dim, depth, d_state=64, d_conv=4, expand=2, num_experts=8, expert_dim=2048, max_seq_len=2048,
-                     vocab_size=None, mamba_version=1, device=None, moe_kwargs=None, mamba_kwargs=None):
-    """
-    The Mamba + MoE model (see MambaMoEModel), built on `device` (default: CUDA if available, else CPU).
-    moe_kwargs go to every MoE (top_k, capacity_factor, drop_tokens, ...), mamba_kwargs to every mixer
-    (e.g. headdim for mamba_version=2).
-    """
-    if device is None:
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    return MambaMoEModel(dim, depth, d_state=d_state, d_conv=d_conv, expand=expand, num_experts=num_experts,
-                         expert_dim=expert_dim, max_seq_len=max_seq_len, vocab_size=vocab_size,
-                         mamba_version=mamba_version, moe_kwargs=moe_kwargs, mamba_kwargs=mamba_kwargs, device=device)
+def __getattr__(name):
+    """The Mamba + MoE model lives in nanochat.mamba_moe (which imports this module); `from nanochat.moe import
+    create_mamba_moe` (the seed API) still works, resolved on first use."""
+    if name in ("MambaMoELayer", "MambaMoEModel", "create_mamba_moe", "apply_rotary"):
+        from nanochat import mamba_moe
+        return getattr(mamba_moe, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -135,11 +135,12 @@ def _is_fsdp(model):
 
 
 def full_state_dict(model):
-    """The whole model's state_dict on CPU on rank 0 (every rank must call it under FSDP2)."""
+    """The whole model's state_dict on CPU on rank 0 (every rank must call it under FSDP2, or when some parameters
+    are DTensors, as nanochat.moe_ep's expert shards: those are gathered)."""
     if _is_fsdp(model):
         from torch.distributed.checkpoint.state_dict import get_model_state_dict, StateDictOptions
         return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-    return {k: v.detach().cpu() for k, v in model.state_dict().items()}
+    return {k: (v.full_tensor() if hasattr(v, "full_tensor") else v).detach().cpu() for k, v in model.state_dict().items()}
 
 
 def optimizer_state_full(state_dicts):

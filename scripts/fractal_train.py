@@ -31,6 +31,9 @@ some of them, and controllers called outside the model's forward are why this is
 --parallel=fsdp shards with FSDP2 (fully_shard per block, then the root; the small controllers stay
 replicated, their gradients all-reduced); --fsdp-keep-params keeps the gathered parameters for the whole
 step (one all-gather per block and step; phase 2's three passes otherwise gather every block six times).
+--expert-parallel (with ddp) shards every MoE's experts over the ranks instead of replicating them
+(nanochat.moe_ep: rows travel by all_to_all, one host sync per MoE call, that part runs eager); the
+expert gradients are complete without an all-reduce, and checkpoints hold the full experts.
 The training stream is cut into --data-ranks interleaved shards (default: the world size); each rank
 reads data-ranks / world_size of them, one per micro-batch in turn. A fixed --data-ranks makes the
 tokens of every step independent of the number of processes (resume on fewer GPUs, or check that
@@ -59,6 +62,7 @@ from nanochat.tokenizer import Tokenizer, compute_token_bytes, save_token_bytes,
 from nanochat.dataset import get_data_dir, split_parquet_files
 from nanochat.dataloader import tokenizing_distributed_data_loader
 from nanochat.loss_eval import all_reduce_sums, evaluate_bpb
+from nanochat.moe_ep import shard_experts, is_expert_shard
 from nanochat.matryoshka import sample_plans
 from nanochat.optim import (setup_optimizers, lr_multiplier, set_lr_multiplier, muon_momentum, set_muon_momentum,
                             optimizer_state_dicts, load_optimizer_state_dicts)
@@ -102,6 +106,9 @@ def get_args(argv=None):
                    help="fsdp: keep the gathered parameters for the whole step (no reshard after a forward, nor between "
                         "the step's backward passes): one all-gather per block and step instead of two per pass; costs "
                         "the memory of the unsharded model")
+    p.add_argument("--expert-parallel", action="store_true",
+                   help="ddp: shard every MoE's experts over the ranks (num_experts / world size each, rows sent by "
+                        "all_to_all; nanochat.moe_ep); the rest stays replicated")
     # data and batch
     p.add_argument("--data-dir", type=str, default=None, help="parquet shards (default <base_dir>/base_data)")
     p.add_argument("--data-ranks", type=int, default=0, help="interleaved shards of the train stream (0 = world size)")
@@ -223,6 +230,9 @@ def main(argv=None):
     wandb_run = init_wandb(args.run, "adamba", user_args, rank)
     if args.parallel == "fsdp" and not ddp:
         raise ValueError("--parallel=fsdp shards over ranks: start with torchrun --nproc_per_node=N (N >= 2)")
+    if args.expert_parallel and (args.parallel != "ddp" or world_size < 2):
+        raise ValueError("--expert-parallel shards the experts over the ranks of --parallel=ddp: start with torchrun "
+                         "--nproc_per_node=N (N >= 2), without --parallel=fsdp")
 
     # -------------------------------------------------------------------------
     # Checkpoint, tokenizer and data: every missing piece stops here with what to do
@@ -253,6 +263,9 @@ def main(argv=None):
     if args.phase >= 2 and not config.adaptive:
         raise ValueError(f"phase {args.phase} trains the confidence gates and width predictor, but this checkpoint has "
                          f"none (config.adaptive=False): create the hybrid with scripts.surgery --adaptive")
+    if args.expert_parallel and ("E" not in config.ffn_pattern or config.num_experts % world_size):
+        raise ValueError(f"--expert-parallel needs MoE blocks whose experts divide over {world_size} ranks; this model has "
+                         f"ffn_pattern {config.ffn_pattern!r} and {config.num_experts} experts")
     tok_dir = cm.resolve_checkpoint(load_path)[0]
     if not os.path.isfile(os.path.join(tok_dir, TOKENIZER_FILENAME)):
         raise FileNotFoundError(f"no {TOKENIZER_FILENAME} in {tok_dir}: the tokenizer travels with the checkpoint; "
@@ -310,9 +323,16 @@ def main(argv=None):
         # the controllers stay replicated; wte (bf16 on CUDA, as nanochat) is a shard group of its own
         apply_fsdp(model, model.transformer.h, ctrl_params, device.type, separate=[model.transformer.wte],
                    reshard_after_forward=not args.fsdp_keep_params)
-        from torch.distributed.tensor import distribute_tensor
+    if args.expert_parallel:  # the experts become DTensors sharded on the expert dim; the rest stays replicated
+        from torch.distributed.device_mesh import init_device_mesh
+        n_moe = shard_experts(model, init_device_mesh(device.type, (world_size,)))
+        print0(f"expert parallel: the experts of {n_moe} MoE blocks over {world_size} ranks, "
+               f"{config.num_experts // world_size} per rank")
+    if args.parallel == "fsdp" or args.expert_parallel:  # masks sharded like their parameters (DTensors)
+        from torch.distributed.tensor import DTensor, distribute_tensor
         params = dict(model.named_parameters())
-        masks = {n: distribute_tensor(m, params[n].device_mesh, params[n].placements) for n, m in masks.items()}
+        masks = {n: distribute_tensor(m, params[n].device_mesh, params[n].placements)
+                 if isinstance(params[n], DTensor) else m for n, m in masks.items()}
     train_model = torch.compile(model, dynamic=False) if args.compile else model
     mask_params = [(p, masks[n]) for n, p in model.named_parameters() if n in masks]
     has_moe = "E" in config.ffn_pattern
@@ -324,6 +344,8 @@ def main(argv=None):
                                   unembedding_lr=args.unembedding_lr, scalar_lr=args.scalar_lr,
                                   weight_decay=args.weight_decay, controller_lr=args.controller_lr)
     train_params = [p for p in model.parameters() if p.requires_grad]
+    # expert shards: every rank's tokens already reached them (summed by all_to_all), so no all-reduce
+    replicated_params = [p for p in train_params if not is_expert_shard(p)]
 
     # -------------------------------------------------------------------------
     # Resume state
@@ -342,7 +364,7 @@ def main(argv=None):
         # one file of full (unsharded) optimizer state, whatever the world size and --parallel that saved it
         saved_opt = cm.load_optimizer_state(out_dir, start_step, 0, "cpu")  # load_state_dict moves it to the params
         load_optimizer_state_dicts(optimizers, saved_opt["optimizers"])
-        if args.parallel == "fsdp":
+        if args.parallel == "fsdp" or args.expert_parallel:
             optimizer_state_to_dtensor(optimizers)
         torch.set_rng_state(saved_opt["rng_cpu"])
         print0(f"resumed {out_dir} at step {start_step}")
@@ -479,7 +501,7 @@ def main(argv=None):
                         model.set_reshard_after_backward(last)
                 (objective * scale).backward()
         if args.parallel == "ddp":
-            allreduce_gradients(train_params)
+            allreduce_gradients(replicated_params)
         elif ctrl_params:  # fsdp: the replicated controllers; the loss was not scaled by the world size
             allreduce_gradients(ctrl_params, divide_by=world_size)
         if ddp:

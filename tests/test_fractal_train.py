@@ -213,6 +213,43 @@ def test_two_gloo_processes_equal_one_process(pipeline, tiny_data, tmp_path, par
         assert max((b[k].float() - d[k].float()).abs().max().item() for k in b) < 1e-4
 
 
+def test_expert_parallel_two_processes_equal_one_process(pipeline, tiny_data, tmp_path):
+    """
+    A MoE hybrid (4 experts), phase 2, --expert-parallel on 2 gloo ranks (2 experts each) against 1 process
+    on the same 2 data shards: the same losses, val metrics (the per-row-plan eval calls the MoE at
+    per-token widths, and the predictor's probes run other widths on each rank) and weights; then the
+    2-rank run resumes from its step-2 checkpoint with the optimizer state sharded back.
+    """
+    root = pipeline["root"]
+    surgery_cli.main([f"--src={root / 'gpt'}", f"--dst={tmp_path / 'moe'}", "--new-dim=64", "--width-levels=32,64",
+                      "--adaptive", "--d-state=8", "--mamba-ffn=moe", "--num-experts=4"])
+    args = ["--sample-dim", "--eval-every=3", "--data-ranks=2", f"--total-batch-size={2 * B * T}"]
+    one = fractal_train.main(run_args(tiny_data, 2, tmp_path / "moe", tmp_path / "one", 3, *args))
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+    launch = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "scripts.fractal_train"]
+    two_args = run_args(tiny_data, 2, tmp_path / "moe", tmp_path / "two", 3, *args, "--expert-parallel", "--save-every=2")
+    proc = subprocess.run(launch + two_args, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "expert parallel: the experts of 2 MoE blocks over 2 ranks, 2 per rank" in proc.stdout
+    two = parse_losses(proc.stdout)
+    assert len(two) == 3 and max(abs(a - b) for a, b in zip(one["loss"], two)) < 1e-5, (one["loss"], two)
+    val_two = dict(re.findall(r"^step 00003 \| val .*?(bpb_pred) (\d+\.\d+)", proc.stdout, re.M))
+    assert abs(float(val_two["bpb_pred"]) - one["val"][3]["bpb_pred"]) < 1e-4, (val_two, one["val"][3])  # printed to 4 places
+    a, _ = state_of(tmp_path / "one")
+    b, _ = state_of(tmp_path / "two")
+    assert a.keys() == b.keys() and b["transformer.h.1.moe.w_in"].shape[0] == 4  # the full experts were saved
+    assert max((a[k].float() - b[k].float()).abs().max().item() for k in a) < 1e-4
+
+    again = tmp_path / "again"
+    shutil.copytree(tmp_path / "two", again, ignore=shutil.ignore_patterns("*_000003*"))
+    again_args = run_args(tiny_data, 2, tmp_path / "moe", again, 3, *args, "--expert-parallel", "--resume")
+    proc = subprocess.run(launch + again_args, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert abs(parse_losses(proc.stdout)[0] - two[2]) < 1e-5, (proc.stdout[-2000:], two)
+    c, _ = state_of(again)
+    assert max((b[k].float() - c[k].float()).abs().max().item() for k in b) < 1e-4
+
+
 def test_bad_inputs_stop_before_training(pipeline, tiny_data, tmp_path):
     root = pipeline["root"]
     with pytest.raises(ValueError, match="phase 3 needs a grown checkpoint: run scripts.surgery --expand-from"):
@@ -227,6 +264,8 @@ def test_bad_inputs_stop_before_training(pipeline, tiny_data, tmp_path):
         fractal_train.main(run_args(tiny_data, 3, root / "grown", tmp_path / "e", 1, "--expanded-dim=256"))
     with pytest.raises(ValueError, match="make one with python -m scripts.surgery"):  # a dense GPT
         fractal_train.main(run_args(tiny_data, 1, root / "gpt", tmp_path / "f", 1))
+    with pytest.raises(ValueError, match="--expert-parallel shards the experts over the ranks of --parallel=ddp"):
+        fractal_train.main(run_args(tiny_data, 2, root / "p1", tmp_path / "i", 1, "--expert-parallel"))
     with pytest.raises(ValueError, match="already holds checkpoints"):
         fractal_train.main(run_args(tiny_data, 2, root / "p1", root / "p2", 1))
     # the tokenizer comes from the checkpoint directory: missing or of another vocabulary is an error
