@@ -1,6 +1,6 @@
 """
-Benchmarks on one device, each printing a table with its targets (pass/fail) and, as its LAST line,
-one JSON object with the environment (device, torch, date, kernel versions) and every number.
+Benchmarks on one device (moe-ep: on the ranks of torchrun), each printing a table with its targets (pass/fail)
+and, as its LAST line, one JSON object with the environment (device, torch, date, kernel versions) and every number.
 
     python -m scripts.bench mamba   # Mamba/Mamba2 fwd+bwd: mamba-ssm itself, our kernel and PyTorch paths eager and compiled; step()
     python -m scripts.bench moe     # MoE fwd+bwd: torch._grouped_mm vs bmm vs the per-expert loop vs a dense FFN of equal active
@@ -8,6 +8,7 @@ one JSON object with the environment (device, torch, date, kernel versions) and 
     python -m scripts.bench train   # training tokens/s and MFU: dense GPT vs hybrids, phase-1 and phase-2 settings
     python -m scripts.bench decode  # prefill/decode tokens/s and KV + SSM cache memory: dense GPT vs hybrid modes
     python -m scripts.bench adaptive --checkpoint PATH  # a trained hybrid's modes: held-out decode loss and tokens/s
+    torchrun --standalone --nproc_per_node=2 -m scripts.bench moe-ep  # MoE fwd+bwd, experts replicated vs sharded
 
 Timing: CUDA events around each timed iteration after warmup, median over iterations (perf_counter on
 CPU); the first call's wall time (compilation, autotuning) is reported apart. Weights are fresh inits:
@@ -17,7 +18,7 @@ loads, decode mode 'auto'), which the tables say; `adaptive` loads a trained che
 missed target comes with its cause.
 
 The mamba and moe subcommands and the command line are here; train is in scripts/bench_train.py (with the FLOP
-convention of its MFU), decode in scripts/bench_decode.py, adaptive in scripts/bench_adaptive.py, and what all
+convention of its MFU), decode in scripts/bench_decode.py, adaptive in scripts/bench_adaptive.py, moe-ep in scripts/bench_ep.py, and what all
 of them share (timing, tables, targets, the JSON line, the benchmarked models) in scripts/bench_common.py.
 """
 import contextlib
@@ -33,7 +34,7 @@ from scripts.bench_common import (measure, cuda_graphed, error_text, progress, t
                                   target, finish, ratio)
 from scripts.bench_train import cmd_train
 from scripts.bench_decode import cmd_decode
-from scripts import bench_adaptive
+from scripts import bench_adaptive, bench_ep
 
 
 # -----------------------------------------------------------------------------
@@ -317,6 +318,7 @@ def get_args(argv=None):
             t.add_argument("--memory-only", action="store_true", help="only the cache formula per mode (checked against "
                            "the engine's tensors by tests/test_bench.py): no model is built, so any size runs on a CPU")
     bench_adaptive.add_args(sub, DECODE_PATHS)
+    bench_ep.add_args(sub)
     return p.parse_args(argv)
 
 
@@ -327,7 +329,7 @@ def main(argv=None):
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
     return {"mamba": cmd_mamba, "moe": cmd_moe, "train": cmd_train, "decode": cmd_decode,
-            "adaptive": bench_adaptive.cmd_adaptive}[args.cmd](args, device)
+            "adaptive": bench_adaptive.cmd_adaptive, "moe-ep": bench_ep.cmd_moe_ep}[args.cmd](args, device)
 
 
 if __name__ == "__main__":

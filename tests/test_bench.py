@@ -62,6 +62,28 @@ def test_moe(capsys):
 
 
 
+def test_moe_ep_under_torchrun():
+    """moe-ep on 2 gloo ranks: both placements timed, the shard holds half the experts, rank 0 prints the JSON."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "scripts.bench",
+           *CPU, "moe-ep", "--tokens", "128", "--d-model", "16", "--expert-dim", "32", "--experts", "4"]
+    proc = subprocess.run(cmd, cwd=Path(__file__).resolve().parents[1], env=dict(os.environ, OMP_NUM_THREADS="1"),
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    lines = proc.stdout.strip().splitlines()
+    res = json.loads(lines[-1])
+    assert res["bench"] == "moe-ep" and res["world_size"] == 2 and sum(line.startswith("{") for line in lines) == 1
+    rep, ep = res["rows"]
+    assert (rep["experts_per_rank"], ep["experts_per_rank"]) == (4, 2) and ep["expert_gib"] == rep["expert_gib"] / 2
+    assert rep["ms"] > 0 and ep["ms"] > 0 and res["ep_over_replicated"] == pytest.approx(ep["ms"] / rep["ms"])
+    fail = subprocess.run([sys.executable, "-m", "scripts.bench", *CPU, "moe-ep"], cwd=Path(__file__).resolve().parents[1],
+                          capture_output=True, text=True, timeout=120)
+    assert fail.returncode != 0 and "start it with torchrun" in fail.stderr
+
+
 def test_moe_fp32_weights_under_autocast(capsys):
     """--weights fp32: fractal_train's precision (fp32 weights and inputs, bf16 autocast), here on a CPU."""
     res, out = run(capsys, ["moe", "--tokens", "64", "--d-model", "16", "--expert-dim", "32", "--experts", "4",
