@@ -18,7 +18,9 @@ the same update. Parameters that are DTensors (FSDP2, sharded on dim 0) keep mom
 and the update on their local shards; each matrix is orthogonalised once, on its full tensor, by one
 owner rank: matrices go in batches of world-size, slot j of a batch owned by rank j, and one
 all_to_all sends every shard of a batch to its owner, a second one sends each rank its rows of the
-updates. The result is bitwise the single-process step on the full tensors.
+updates. A 3-D stack of expert matrices sharded on dim 0 holds whole matrices on every rank, so each rank
+orthogonalises its own (also the expert shards of nanochat.moe_ep). The result is bitwise the single-process
+step on the full tensors (tests/test_optim_dist.py, on a CPU).
 """
 import math
 
@@ -93,14 +95,22 @@ def _shard_rows(n, world):
     return [max(0, min(per, n - r * per)) for r in range(world)]
 
 
+def _check_dim0_shard(p):
+    from torch.distributed.tensor import Shard
+    if p.device_mesh.ndim != 1 or tuple(p.placements) != (Shard(0),) or tuple(p.grad.placements) != (Shard(0),):
+        raise ValueError(f"Muon: DTensor parameter {tuple(p.shape)} has placements {p.placements} (gradient "
+                         f"{p.grad.placements}) on a {p.device_mesh.ndim}-D mesh; only Shard(0) on a 1-D mesh is supported")
+
+
 class Muon(torch.optim.Optimizer):
     """
     Momentum (Nesterov by default) whose update is orthogonalised by Newton-Schulz before it is
     applied, scaled by sqrt(max(1, rows/cols)) so tall and wide matrices move alike.
     3-D parameters are treated as a batch of matrices (one per expert).
-    DTensor parameters (FSDP2, dim-0 shards on a 1-D mesh) are stepped on their local shards, each
-    matrix orthogonalised by one owner rank (two all_to_all per world-size matrices, see _step_sharded);
-    their momentum buffers are DTensors sharded like them, so state_dict() holds the same layout.
+    DTensor parameters (FSDP2 or nanochat.moe_ep, dim-0 shards on a 1-D mesh) are stepped on their local
+    shards: a 2-D matrix is orthogonalised by one owner rank (two all_to_all per world-size matrices, see
+    _step_sharded); a 3-D stack (experts) where its shards are, since each holds whole matrices (no
+    communication). Their momentum buffers are DTensors sharded like them, so state_dict() holds the same layout.
     """
 
     def __init__(self, params, lr=0.02, momentum=0.95, nesterov=True, ns_steps=5, weight_decay=0.0):
@@ -140,7 +150,11 @@ class Muon(torch.optim.Optimizer):
                     if not hasattr(buf, "to_local"):
                         raise ValueError(f"Muon: momentum buffer of a DTensor parameter {tuple(p.shape)} is a plain tensor; "
                                          f"after loading a full optimizer state, shard it (train_utils.optimizer_state_to_dtensor)")
+                    _check_dim0_shard(p)
                     g = self._momentum(p.grad.to_local(), buf.to_local(), group)
+                    if p.ndim == 3:  # a stack of matrices cut along the stack: each shard holds whole matrices
+                        self._apply(p.to_local(), self._update(g, group["ns_steps"], g.dtype).to(p.dtype), group)
+                        continue
                     sharded.setdefault((p.device_mesh, p.dtype), []).append((p, g, group))
                     continue
                 g = self._momentum(p.grad, buf, group)
@@ -157,11 +171,6 @@ class Muon(torch.optim.Optimizer):
         (in rank order: the dim-0 shards) into the full direction and computes its update exactly as
         the single-process step does. all_to_all #2: rank j sends every rank its rows of update j.
         """
-        from torch.distributed.tensor import Shard
-        for p, _, _ in batch:
-            if mesh.ndim != 1 or tuple(p.placements) != (Shard(0),) or tuple(p.grad.placements) != (Shard(0),):
-                raise ValueError(f"Muon: DTensor parameter {tuple(p.shape)} has placements {p.placements} (gradient "
-                                 f"{p.grad.placements}) on a {mesh.ndim}-D mesh; only FSDP2's Shard(0) on a 1-D mesh is supported")
         rank, world, group = mesh.get_local_rank(), mesh.size(), mesh.get_group()
         rows, inner = [], []  # per slot: rows of each rank; elements per row
         for p, g, _ in batch:

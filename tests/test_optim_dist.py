@@ -1,6 +1,7 @@
 """
 Muon under FSDP2 (2 gloo processes on CPU): each matrix is orthogonalised by one owner rank, with two
-all_to_all per world-size matrices and no full_tensor, and the result is bitwise the single-process step.
+all_to_all per world-size matrices and no full_tensor (a 3-D expert stack by each rank, its own experts, with
+none), and the result is bitwise the single-process step.
 Also train_utils.full_state_dict under FSDP2 when an eval forward left the parameters gathered.
 """
 import copy
@@ -20,8 +21,8 @@ def exit_now():
     run in 30 on this project's CPU machine). A failing worker raises before this and spawn reports it."""
     os._exit(0)
 STEPS = 3
-# rows over 2 ranks (torch.chunk): 7 -> 4+3, 5 -> 3+2, 1 -> 1+0, 3 -> 2+1 (and 3 experts -> 2+1)
-SHARDED = {"a": (7, 5), "b": (5, 9), "c": (1, 6), "d": (3, 4), "experts": (3, 4, 6)}
+# rows over 2 ranks (torch.chunk): 7 -> 4+3, 5 -> 3+2, 1 -> 1+0, 3 -> 2+1, 2 -> 1+1 (and 3 experts -> 2+1)
+SHARDED = {"a": (7, 5), "b": (5, 9), "c": (1, 6), "d": (3, 4), "experts": (3, 4, 6), "e": (2, 3)}
 
 
 class Matrices(nn.Module):
@@ -35,9 +36,10 @@ class Matrices(nn.Module):
 
 def make_muon(m):
     from nanochat.optim import Muon
-    # two groups of other settings; batches of 2 DTensors span them (c, d) and the last is partial (experts)
+    # two groups of other settings; batches of 2 DTensor matrices span them (c, d) and the last is partial (e);
+    # the experts (a 3-D stack: whole matrices on each rank) are orthogonalised where they are
     return Muon([dict(params=[m.a, m.b, m.c], lr=0.03, weight_decay=0.1),
-                 dict(params=[m.d, m.experts, m.plain], lr=0.05, nesterov=False, momentum=0.9)])
+                 dict(params=[m.d, m.experts, m.e, m.plain], lr=0.05, nesterov=False, momentum=0.9)])
 
 
 def _worker(rank, store_path):
@@ -80,7 +82,7 @@ def _worker(rank, store_path):
                 opt.step()
             finally:
                 dist.all_to_all_single, DTensor.full_tensor = all_to_all, full_tensor
-            # 5 DTensors in batches of 2: 3 batches, 2 all_to_all each
+            # 5 DTensor matrices in batches of 2: 3 batches, 2 all_to_all each; none for the experts
             assert len(calls) == 2 * 3, len(calls)
 
         for name, p in ref.named_parameters():
