@@ -5,6 +5,9 @@
 #   bash runs/multigpu.sh agree   # phase 2 on a small hybrid, 50 steps at one global batch: 1 GPU, 2-GPU DDP,
 #                                 # 2-GPU FSDP2, a repeat of the 1-GPU run (the bf16 noise floor), and the
 #                                 # 2-GPU checkpoints of step 25 resumed on 1 GPU
+#   bash runs/multigpu.sh agree-moe  # the same on a hybrid whose Mamba blocks have MoE FFNs: 1 GPU, its repeat,
+#                                 # 2-GPU DDP (experts replicated), 2-GPU --expert-parallel, and the expert-parallel
+#                                 # checkpoint of step 25 resumed on 1 GPU
 #   bash runs/multigpu.sh scale   # speedrun stages 1 and 2 at nanochat-d32 shapes for a few steps on 1, 2, 4, 8
 #                                 # GPUs (up to NGPU; one micro-batch per GPU): tok/s per GPU, MFU, peak memory,
 #                                 # scaling efficiency = per-GPU tok/s at N GPUs / at 1 GPU
@@ -16,7 +19,7 @@
 #                  one of 65,536 ids, nanochat's, to get nanochat-d32's exact shapes in `scale`)
 #   WORK           scratch directory (default /tmp/adamba_multigpu); checkpoints of `scale` take about 30 GB
 #   NGPU           GPUs to use (default: all that torch sees)
-#   STEPS_AGREE=50 SEQ_AGREE=1024 DBS_AGREE=8 DEPTH_AGREE=12
+#   STEPS_AGREE=50 SEQ_AGREE=1024 DBS_AGREE=8 DEPTH_AGREE=12 EXPERTS_AGREE=8 (agree-moe)
 #   STEPS_SCALE=6 DEPTH_SCALE=32 SEQ_SCALE=2048 DBS1=4 DBS2=2 PARALLEL_SCALE=fsdp (runs on more than one GPU; 1 GPU is plain)
 #   SIZES_SCALE=1,2,4,8 (those up to NGPU)  PHASES_SCALE=1,2  EXTRA_SCALE="" (more fractal_train flags for the runs
 #                  on more than one GPU, e.g. --fsdp-keep-params)  SCALE_DIR=scale (the output directory under WORK)
@@ -27,9 +30,9 @@ cd "$(dirname "$0")/.."
 
 MODE=${1:-}
 case "$MODE" in
-  agree|scale) ;;
-  -h|--help) sed -n '2,22p' "$0"; exit 0 ;;
-  *) echo "usage: bash runs/multigpu.sh agree|scale (see --help)" >&2; exit 2 ;;
+  agree|agree-moe|scale) ;;
+  -h|--help) sed -n '2,27p' "$0"; exit 0 ;;
+  *) echo "usage: bash runs/multigpu.sh agree|agree-moe|scale (see --help)" >&2; exit 2 ;;
 esac
 PY=${PYTHON:-python3}
 TOKENIZER_DIR=${TOKENIZER_DIR:-}
@@ -129,6 +132,27 @@ if [ "$MODE" = agree ]; then
   copy_step "$A/fsdp" "$HALF" "$A/fsdp_resumed_1gpu"
   launch 0 "$A/fsdp_resumed_1gpu.log" "${COMMON[@]}" --out-dir="$A/fsdp_resumed_1gpu" --resume
   wait_all "$A/fsdp_resumed_1gpu.log"
+  $PY runs/multigpu_report.py agree "$A"
+elif [ "$MODE" = agree-moe ]; then
+  D=${DEPTH_AGREE:-12} STEPS=${STEPS_AGREE:-50} T=${SEQ_AGREE:-1024} DBS=${DBS_AGREE:-8}
+  A=$WORK/agree_moe
+  rm -rf "$A"; mkdir -p "$A"
+  HYB=$WORK/hybrid_moe_d${D}
+  make_hybrid "$D" "$HYB" --exit-stride 4 --mamba-ffn=moe --num-experts="${EXPERTS_AGREE:-8}"
+  COMMON=(--phase=2 --checkpoint="$HYB" --data-dir="$DATA" --max-seq-len="$T" --device-batch-size="$DBS" --data-ranks=2
+          --total-batch-size=$((2 * DBS * T)) --num-iterations="$STEPS" --eval-every=-1 --save-every=$((STEPS / 2)))
+  HALF=$((STEPS / 2))
+  for run in one one_repeat ddp ep; do
+    case $run in
+      one|one_repeat) launch 0 "$A/$run.log" "${COMMON[@]}" --out-dir="$A/$run" ;;
+      ddp) launch 0,1 "$A/$run.log" "${COMMON[@]}" --out-dir="$A/$run" --parallel=ddp ;;
+      ep) launch 0,1 "$A/$run.log" "${COMMON[@]}" --out-dir="$A/$run" --parallel=ddp --expert-parallel ;;
+    esac
+    wait_all "$A/$run.log"
+  done
+  copy_step "$A/ep" "$HALF" "$A/ep_resumed_1gpu"
+  launch 0 "$A/ep_resumed_1gpu.log" "${COMMON[@]}" --out-dir="$A/ep_resumed_1gpu" --resume
+  wait_all "$A/ep_resumed_1gpu.log"
   $PY runs/multigpu_report.py agree "$A"
 else
   D=${DEPTH_SCALE:-32} STEPS=${STEPS_SCALE:-6} T=${SEQ_SCALE:-2048} PAR=${PARALLEL_SCALE:-fsdp}

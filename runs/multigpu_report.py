@@ -1,6 +1,6 @@
 """
 Tables for runs/multigpu.sh, read from the scripts.fractal_train logs it wrote:
-    python runs/multigpu_report.py agree <dir>   # losses of 1 GPU vs 2-GPU DDP / FSDP2, repeats and resumes
+    python runs/multigpu_report.py agree <dir>   # losses of 1 GPU vs 2-GPU DDP / FSDP2 / expert parallel, repeats, resumes
     python runs/multigpu_report.py scale <dir>   # throughput, MFU, peak memory and scaling efficiency per stage
 Each prints a markdown table and writes <dir>/summary.json.
 """
@@ -37,11 +37,12 @@ def diffs(a, b):
 
 def agree(d):
     runs = {name: parse_log(os.path.join(d, f"{name}.log"))
-            for name in ("one", "one_repeat", "ddp", "fsdp", "ddp_resumed_1gpu", "fsdp_resumed_1gpu")
+            for name in ("one", "one_repeat", "ddp", "fsdp", "ep", "ddp_resumed_1gpu", "fsdp_resumed_1gpu", "ep_resumed_1gpu")
             if os.path.exists(os.path.join(d, f"{name}.log"))}
     rows = []
-    for name, ref in (("one_repeat", "one"), ("ddp", "one"), ("fsdp", "one"), ("ddp_resumed_1gpu", "ddp"),
-                      ("ddp_resumed_1gpu", "one"), ("fsdp_resumed_1gpu", "fsdp"), ("fsdp_resumed_1gpu", "one")):
+    for name, ref in (("one_repeat", "one"), ("ddp", "one"), ("fsdp", "one"), ("ep", "one"), ("ep", "ddp"),
+                      ("ddp_resumed_1gpu", "ddp"), ("ddp_resumed_1gpu", "one"), ("fsdp_resumed_1gpu", "fsdp"),
+                      ("fsdp_resumed_1gpu", "one"), ("ep_resumed_1gpu", "ep"), ("ep_resumed_1gpu", "one")):
         if name not in runs or ref not in runs:
             continue
         dd, common = diffs(runs[name], runs[ref])
