@@ -34,7 +34,7 @@ class CheckpointError(RuntimeError):
 # kind -> (config class, model class); filled by the modules that define the models
 _MODEL_KINDS = {}
 # modules that register a kind when imported, so load_model can find kinds it has not seen yet
-_KIND_MODULES = {"gpt": "nanochat.gpt", "hybrid": "nanochat.hybrid_gpt", "mamba_moe": "nanochat.mamba_moe"}
+_KIND_MODULES = {"gpt": "nanochat.gpt", "hybrid": "nanochat.hybrid_gpt"}
 
 
 def register_model_kind(kind, config_cls, model_cls):
