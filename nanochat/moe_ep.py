@@ -130,7 +130,8 @@ def expert_parallel_rows(moe, xs, kept_counts, cdtype):
     chunks = [c.view(recv_rows[s], recv[s][El]) for s, c in enumerate(chunks)]
     outs = list(chunks)  # replaced per source below; a source that sent nothing gets its empty chunk back
     w_in_l, w_out_l = moe.w_in.to_local(), moe.w_out.to_local()  # (El, H, D), (El, D, H)
-    for v in sorted({recv[s][El] for s in range(W) if recv_rows[s] > 0}):
+    widths = sorted({recv[s][El] for s in range(W) if recv_rows[s] > 0})
+    for v in widths:
         srcs = [s for s in range(W) if recv[s][El] == v and recv_rows[s] > 0]
         rows = torch.cat([chunks[s] for s in srcs]) if len(srcs) > 1 else chunks[srcs[0]]
         sizes = torch.stack([got[s, :El] for s in srcs])  # (len(srcs), El) on the device
@@ -144,7 +145,11 @@ def expert_parallel_rows(moe, xs, kept_counts, cdtype):
         ys = _RowsToSlots.apply(ys, perm, pos)  # back to source-major
         for s, y in zip(srcs, ys.split([recv_rows[s] for s in srcs])):
             outs[s] = y
-    back = _AllToAll.apply(torch.cat([o.reshape(-1) for o in outs]), [c * w for c in send_rows],
+    # no row for this rank's experts: their weights still join the graph (an empty slice of a sum), so they get the
+    # zero gradient that the unsharded MoE gives experts without tokens, and the optimizer steps them alike
+    # (Muon's momentum moves a weight whose gradient is 0, and skips one whose gradient is None)
+    idle = [] if widths else [(w_in_l.sum() + w_out_l.sum()).reshape(1)[:0].to(xs.dtype)]
+    back = _AllToAll.apply(torch.cat([o.reshape(-1) for o in outs] + idle), [c * w for c in send_rows],
                            [recv_rows[s] * recv[s][El] for s in range(W)], group)
     ys = back.view(n_kept, w)
     if n_kept < nk:

@@ -249,6 +249,17 @@ def test_expert_parallel_two_processes_equal_one_process(pipeline, tiny_data, tm
     c, _ = state_of(again)
     assert max((b[k].float() - c[k].float()).abs().max().item() for k in b) < 1e-4
 
+    # phase 1 (no plans, no controllers, the attention side frozen) agrees as well; experts that no token chose,
+    # which an untrained router makes likely at larger sizes, are tests/test_moe_ep.py's "idle-experts" case
+    p1 = ["--eval-every=-1", "--data-ranks=2", f"--total-batch-size={2 * B * T}"]
+    fractal_train.main(run_args(tiny_data, 1, tmp_path / "moe", tmp_path / "p1_one", 3, *p1))
+    proc = subprocess.run(launch + run_args(tiny_data, 1, tmp_path / "moe", tmp_path / "p1_two", 3, *p1, "--expert-parallel"),
+                          cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    a, _ = state_of(tmp_path / "p1_one")
+    b, _ = state_of(tmp_path / "p1_two")
+    assert max((a[k].float() - b[k].float()).abs().max().item() for k in a) < 1e-4
+
 
 def test_bad_inputs_stop_before_training(pipeline, tiny_data, tmp_path):
     root = pipeline["root"]

@@ -41,12 +41,16 @@ CASES = [
     (dict(capacity_factor=1.0), "grouped_mm", D, D, "rank1-empty"),
     (dict(capacity_factor=1.0), "grouped_mm", 8, D, None),  # Matryoshka: another width per rank, one call
     (dict(top_k=2, capacity_factor=1.0), "bmm", D, 8, "pad"),
+    # rank 1's experts (2, 3) chosen by no token of either rank: their gradients are 0, not None (as unsharded)
+    (dict(bias_balancing=True), "grouped_mm", D, D, "idle-experts"),
 ]
 
 
 def _check(rank, device, kw, dispatch, widths, mask_kind, mesh, dtype=torch.float32):
     from nanochat.moe_ep import shard_experts
     ref = make_moe(device, dtype, dispatch=dispatch, **kw)
+    if mask_kind == "idle-experts":
+        ref.expert_bias[E // WORLD:] = -10.0  # selection scores are probs + bias: never picked
     ep = copy.deepcopy(ref)
     assert shard_experts(ep, mesh) == 1
     assert ep.w_in.to_local().shape == (E // WORLD, H, D)
@@ -74,6 +78,8 @@ def _check(rank, device, kw, dispatch, widths, mask_kind, mesh, dtype=torch.floa
     else:
         assert y_ref.abs().max() > 0
     assert torch.equal(st_ref["tokens_per_expert"], st_ep["tokens_per_expert"]) and st_ref["dropped"] == st_ep["dropped"]
+    if mask_kind == "idle-experts":
+        assert st_ep["tokens_per_expert"][E // WORLD:].sum() == 0
     if kw.get("capacity_factor") == 1.0 and mask_kind is None:
         assert st_ep["dropped"] > 0  # the case tests drops
     # fp32: the same sums up to order; bf16 (CUDA grouped_mm): the weight gradients are summed in another order
