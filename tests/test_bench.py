@@ -4,12 +4,15 @@ stdout line is the JSON the function returns, every row has a number or a reason
 bench derives (FLOPs per step, cache bytes) agree with independent computations.
 """
 import json
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
 
 from scripts import bench, bench_train, bench_decode, bench_adaptive
-from testutil import write_hybrid_checkpoint
+from testutil import write_hybrid_checkpoint, torchrun2
 
 CPU = ["--device", "cpu", "--warmup", "1", "--iters", "1", "--compile-backend", "eager"]
 
@@ -64,16 +67,8 @@ def test_moe(capsys):
 
 def test_moe_ep_under_torchrun():
     """moe-ep on 2 gloo ranks: both placements timed, the shard holds half the experts, rank 0 prints the JSON."""
-    import os
-    import subprocess
-    import sys
-    from pathlib import Path
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "scripts.bench",
-           *CPU, "moe-ep", "--tokens", "128", "--d-model", "16", "--expert-dim", "32", "--experts", "4"]
-    proc = subprocess.run(cmd, cwd=Path(__file__).resolve().parents[1], env=dict(os.environ, OMP_NUM_THREADS="1"),
-                          capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    lines = proc.stdout.strip().splitlines()
+    lines = torchrun2("scripts.bench", *CPU, "moe-ep", "--tokens", "128", "--d-model", "16", "--expert-dim", "32",
+                      "--experts", "4").strip().splitlines()
     res = json.loads(lines[-1])
     assert res["bench"] == "moe-ep" and res["world_size"] == 2 and sum(line.startswith("{") for line in lines) == 1
     rep, ep = res["rows"]

@@ -6,9 +6,6 @@ FSDP2) against 1 process on the same global batch; the errors that must stop a r
 import os
 import re
 import shutil
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import torch
@@ -21,8 +18,8 @@ from nanochat.tokenizer import Tokenizer
 from nanochat.train_utils import clip_grad_norm, allreduce_gradients
 from scripts import fractal_train
 from scripts import surgery as surgery_cli
+from testutil import torchrun2
 
-REPO = Path(__file__).resolve().parents[1]
 T, B = 32, 2
 
 
@@ -76,6 +73,11 @@ def pipeline(tiny_data, tmp_path_factory):
 def state_of(path):
     model, meta = load_model(path)
     return model.state_dict(), meta
+
+
+def max_diff(a, b):
+    """Largest |difference| over the entries of two state_dicts with the same keys."""
+    return max((a[k].float() - b[k].float()).abs().max().item() for k in a)
 
 
 def test_every_phase_writes_a_hybrid_checkpoint_that_records_the_run(pipeline):
@@ -176,17 +178,14 @@ def test_two_gloo_processes_equal_one_process(pipeline, tiny_data, tmp_path, par
     root = pipeline["root"]
     args = ["--sample-dim", "--eval-every=-1", "--data-ranks=2", f"--total-batch-size={2 * B * T}"]
     one = fractal_train.main(run_args(tiny_data, 2, root / "p1", tmp_path / "one", 3, *args))
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "scripts.fractal_train",
-           *run_args(tiny_data, 2, root / "p1", tmp_path / "two", 3, *args, *flags, "--save-every=2")]
-    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    two = parse_losses(proc.stdout)
+    out = torchrun2("scripts.fractal_train", *run_args(tiny_data, 2, root / "p1", tmp_path / "two", 3, *args, *flags,
+                                                       "--save-every=2"))
+    two = parse_losses(out)
     assert len(two) == 3 and two[0] != two[1]
     assert max(abs(a - b) for a, b in zip(one["loss"], two)) < 1e-5, (one["loss"], two)
     a, _ = state_of(tmp_path / "one")
     b, _ = state_of(tmp_path / "two")
-    assert max((a[k].float() - b[k].float()).abs().max().item() for k in a) < 1e-4
+    assert max_diff(a, b) < 1e-4
     if parallel == "fsdp-keep":  # resuming is the same as for fsdp
         return
 
@@ -200,17 +199,15 @@ def test_two_gloo_processes_equal_one_process(pipeline, tiny_data, tmp_path, par
     assert r["steps"] == [2]
     assert abs(r["loss"][0] - two[2]) < 1e-5, (r["loss"], two)
     c, _ = state_of(resumed)
-    assert max((b[k].float() - c[k].float()).abs().max().item() for k in b) < 1e-4
+    assert max_diff(b, c) < 1e-4
     if parallel == "fsdp":  # and on 2 ranks again: the full optimizer state is sharded back (distribute_tensor)
         again = tmp_path / "again"
         shutil.copytree(resumed, again, ignore=shutil.ignore_patterns("*_000003*"))
-        cmd = [*cmd[:cmd.index("scripts.fractal_train") + 1],
-               *run_args(tiny_data, 2, root / "p1", again, 3, *args, "--parallel=fsdp", "--resume")]
-        proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
-        assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-        assert abs(parse_losses(proc.stdout)[0] - two[2]) < 1e-5, (proc.stdout[-2000:], two)
+        out = torchrun2("scripts.fractal_train", *run_args(tiny_data, 2, root / "p1", again, 3, *args, "--parallel=fsdp",
+                                                           "--resume"))
+        assert abs(parse_losses(out)[0] - two[2]) < 1e-5, (out[-2000:], two)
         d, _ = state_of(again)  # after step 2's update: the optimizer state came back right
-        assert max((b[k].float() - d[k].float()).abs().max().item() for k in b) < 1e-4
+        assert max_diff(b, d) < 1e-4
 
 
 def test_expert_parallel_two_processes_equal_one_process(pipeline, tiny_data, tmp_path):
@@ -225,40 +222,34 @@ def test_expert_parallel_two_processes_equal_one_process(pipeline, tiny_data, tm
                       "--adaptive", "--d-state=8", "--mamba-ffn=moe", "--num-experts=4"])
     args = ["--sample-dim", "--eval-every=3", "--data-ranks=2", f"--total-batch-size={2 * B * T}"]
     one = fractal_train.main(run_args(tiny_data, 2, tmp_path / "moe", tmp_path / "one", 3, *args))
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
-    launch = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "scripts.fractal_train"]
-    two_args = run_args(tiny_data, 2, tmp_path / "moe", tmp_path / "two", 3, *args, "--expert-parallel", "--save-every=2")
-    proc = subprocess.run(launch + two_args, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    assert "expert parallel: the experts of 2 MoE blocks over 2 ranks, 2 per rank" in proc.stdout
-    two = parse_losses(proc.stdout)
+    out = torchrun2("scripts.fractal_train", *run_args(tiny_data, 2, tmp_path / "moe", tmp_path / "two", 3, *args,
+                                                       "--expert-parallel", "--save-every=2"))
+    assert "expert parallel: the experts of 2 MoE blocks over 2 ranks, 2 per rank" in out
+    two = parse_losses(out)
     assert len(two) == 3 and max(abs(a - b) for a, b in zip(one["loss"], two)) < 1e-5, (one["loss"], two)
-    val_two = dict(re.findall(r"^step 00003 \| val .*?(bpb_pred) (\d+\.\d+)", proc.stdout, re.M))
+    val_two = dict(re.findall(r"^step 00003 \| val .*?(bpb_pred) (\d+\.\d+)", out, re.M))
     assert abs(float(val_two["bpb_pred"]) - one["val"][3]["bpb_pred"]) < 1e-4, (val_two, one["val"][3])  # printed to 4 places
     a, _ = state_of(tmp_path / "one")
     b, _ = state_of(tmp_path / "two")
     assert a.keys() == b.keys() and b["transformer.h.1.moe.w_in"].shape[0] == 4  # the full experts were saved
-    assert max((a[k].float() - b[k].float()).abs().max().item() for k in a) < 1e-4
+    assert max_diff(a, b) < 1e-4
 
     again = tmp_path / "again"
     shutil.copytree(tmp_path / "two", again, ignore=shutil.ignore_patterns("*_000003*"))
-    again_args = run_args(tiny_data, 2, tmp_path / "moe", again, 3, *args, "--expert-parallel", "--resume")
-    proc = subprocess.run(launch + again_args, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    assert abs(parse_losses(proc.stdout)[0] - two[2]) < 1e-5, (proc.stdout[-2000:], two)
+    out = torchrun2("scripts.fractal_train", *run_args(tiny_data, 2, tmp_path / "moe", again, 3, *args, "--expert-parallel",
+                                                       "--resume"))
+    assert abs(parse_losses(out)[0] - two[2]) < 1e-5, (out[-2000:], two)
     c, _ = state_of(again)
-    assert max((b[k].float() - c[k].float()).abs().max().item() for k in b) < 1e-4
+    assert max_diff(b, c) < 1e-4
 
     # phase 1 (no plans, no controllers, the attention side frozen) agrees as well; experts that no token chose,
     # which an untrained router makes likely at larger sizes, are tests/test_moe_ep.py's "idle-experts" case
     p1 = ["--eval-every=-1", "--data-ranks=2", f"--total-batch-size={2 * B * T}"]
     fractal_train.main(run_args(tiny_data, 1, tmp_path / "moe", tmp_path / "p1_one", 3, *p1))
-    proc = subprocess.run(launch + run_args(tiny_data, 1, tmp_path / "moe", tmp_path / "p1_two", 3, *p1, "--expert-parallel"),
-                          cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    torchrun2("scripts.fractal_train", *run_args(tiny_data, 1, tmp_path / "moe", tmp_path / "p1_two", 3, *p1, "--expert-parallel"))
     a, _ = state_of(tmp_path / "p1_one")
     b, _ = state_of(tmp_path / "p1_two")
-    assert max((a[k].float() - b[k].float()).abs().max().item() for k in a) < 1e-4
+    assert max_diff(a, b) < 1e-4
 
 
 def test_bad_inputs_stop_before_training(pipeline, tiny_data, tmp_path):

@@ -1,4 +1,9 @@
 """Helpers shared by the model tests."""
+import os
+import subprocess
+import sys
+from pathlib import Path
+
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
@@ -67,3 +72,13 @@ def write_hybrid_checkpoint(d, tiny_data, gate_std=None):
     copy_tokenizer_files(tiny_data["tokenizer_dir"], str(d))
     return model
 
+
+
+def torchrun2(module, *args, timeout=300):
+    """`python -m module args` as 2 torchrun processes (single-threaded) from the repository root; asserts that it
+    succeeded (else shows the output's tails) and returns its stdout."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", module, *args]
+    proc = subprocess.run(cmd, cwd=Path(__file__).resolve().parents[1], capture_output=True, text=True, timeout=timeout,
+                          env=dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1"))
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return proc.stdout
