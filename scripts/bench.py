@@ -4,7 +4,8 @@ and, as its LAST line, one JSON object with the environment (device, torch, date
 
     python -m scripts.bench mamba   # Mamba/Mamba2 fwd+bwd: mamba-ssm itself, our kernel and PyTorch paths eager and compiled; step()
     python -m scripts.bench moe     # MoE fwd+bwd: torch._grouped_mm vs bmm vs the per-expert loop vs a dense FFN of equal active
-                                    # FLOPs, and the expert GEMMs alone on equal groups (the floor under the dispatch)
+                                    # FLOPs, and the expert GEMMs alone on equal and on the routed groups (the floor under
+                                    # the dispatch, and what the 1.3x target leaves routing beside it)
     python -m scripts.bench train   # training tokens/s and MFU: dense GPT vs hybrids, phase-1 and phase-2 settings
     python -m scripts.bench decode  # prefill/decode tokens/s and KV + SSM cache memory: dense GPT vs hybrid modes
     python -m scripts.bench adaptive --checkpoint PATH  # a trained hybrid's modes: held-out decode loss and tokens/s
@@ -162,15 +163,24 @@ def cmd_moe(args, device):
     def dense(t):
         return F.linear(F.relu(F.linear(t, w1)).square(), w2)
     # the floor under the dispatch: the same expert GEMMs on tokens already grouped into E equal groups (no router,
-    # no permutation, no uneven groups), so grouped_mm - experts is what routing and dispatch cost
+    # no permutation, no uneven groups), so grouped_mm - experts is what routing, dispatch and uneven groups cost;
+    # and on the group sizes this MoE's router gives x ("routed groups"): grouped_mm - that row is what routing and
+    # dispatch alone cost, and 1.3 * dense - that row is all that the target leaves them
     n_tok = x.shape[0] * T
     offs_eq = torch.tensor([(i + 1) * n_tok * k // E for i in range(E)], device=device, dtype=torch.int32)
+    with torch.no_grad(), actx():
+        moe(x)
+    offs_routed = moe.last_stats["tokens_per_expert"].cumsum(0).to(torch.int32)
+    n_kept = int(offs_routed[-1])  # rows past it (dropped assignments) are in no group: not computed
 
-    def experts(t):  # top-k: each token's k rows, summed back (as the MoE's gather does), without the gates
-        xs = t.to(ct).reshape(n_tok, 1, D).expand(n_tok, k, D).reshape(n_tok * k, D)
+    def experts(t, offs, rows):  # top-k: each token's k rows, summed back (as the MoE's gather does), without the
+        # gates; only the first `rows` (= offs[-1], an int so that the shapes stay static) are in a group
+        xs = t.to(ct).reshape(n_tok, 1, D).expand(n_tok, k, D).reshape(n_tok * k, D)[:rows]
         with torch.autocast(device.type, enabled=False):  # casts as the MoE's forward makes them
-            hs = F.relu(torch._grouped_mm(xs, moe.w_in.to(ct).transpose(1, 2), offs=offs_eq)).square()
-            ys = torch._grouped_mm(hs, moe.w_out.to(ct).transpose(1, 2), offs=offs_eq)
+            hs = F.relu(torch._grouped_mm(xs, moe.w_in.to(ct).transpose(1, 2), offs=offs)).square()
+            ys = torch._grouped_mm(hs, moe.w_out.to(ct).transpose(1, 2), offs=offs)
+        if ys.shape[0] < n_tok * k:
+            ys = F.pad(ys, (0, 0, 0, n_tok * k - ys.shape[0]))
         return ys.view(*t.shape[:2], k, D).sum(2)
     # --compile: MoE (both dispatches, one graph each: dynamo guards on moe.dispatch) and the dense FFN through
     # torch.compile, fullgraph so that a graph break or a host sync fails loudly; the loop reference stays eager
@@ -179,22 +189,24 @@ def cmd_moe(args, device):
 
     def run(kind):
         with actx():
-            if kind in ("dense", "experts"):
-                return (dense_fn if kind == "dense" else experts_fn)(x)
+            if kind == "dense":
+                return dense_fn(x)
+            if kind in ("experts", "experts_routed"):
+                return experts_fn(x, offs_eq, n_tok * k) if kind == "experts" else experts_fn(x, offs_routed, n_kept)
             if kind == "loop":
                 return moe_reference(moe, x)[0]
             moe.dispatch = kind
             return moe_fn(x)
 
     rows, out, profiles, to_profile = [], {}, {}, {}
-    kinds = ("grouped_mm", "bmm", "loop", "dense", "experts")
+    kinds = ("grouped_mm", "bmm", "loop", "dense", "experts", "experts_routed")
     names = {"grouped_mm": "MoE grouped_mm", "bmm": "MoE bmm (padded)", "loop": "MoE per-expert loop", "dense": "dense ReLU^2 FFN",
-             "experts": "experts only (equal groups)"}
+             "experts": "experts only (equal groups)", "experts_routed": "experts only (routed groups)"}
     graph = args.cuda_graph and device.type == "cuda"
     for kind in kinds:
         def fwd_bwd(kind=kind):
             run(kind).backward(g)
-        needs_gmm = kind in ("grouped_mm", "experts")
+        needs_gmm = kind in ("grouped_mm", "experts", "experts_routed")
         ok, why = grouped_mm_supported(ct, device, (D, H), compiled=args.compile) if needs_gmm else (True, "")
         fn = fwd_bwd
         if ok and graph and kind != "loop":  # the loop syncs (nonzero per expert): it stays eager
@@ -206,7 +218,7 @@ def cmd_moe(args, device):
         row = {"impl": names[kind], **r}
         if "ms" in r:
             row["tok_per_s"] = x.shape[0] * T / r["ms"] * 1e3
-            if kind != "experts":  # a different function (no router): nothing to compare
+            if not kind.startswith("experts"):  # a different function (no router): nothing to compare
                 with torch.no_grad():
                     out[kind] = run(kind).float()
             if args.profile and kind in ("grouped_mm", "dense"):
@@ -239,10 +251,23 @@ def cmd_moe(args, device):
     if floor is not None:
         extra = f"; router + dispatch + uneven groups add {dispatch_ms:.3f} ms" if dispatch_ms is not None else ""
         print(f"  experts alone / dense {floor:.2f}x{extra}")
+    # what the 1.3x target leaves routing and dispatch (router fwd+bwd, the token permutations and their gradients)
+    # once the expert GEMMs on the groups the router made are paid for, against what they take
+    budget = None
+    if all("ms" in by[kd] for kd in ("grouped_mm", "dense", "experts_routed")):
+        routed_ms = by["experts_routed"]["ms"]
+        budget = {"experts_routed_over_dense": routed_ms / by["dense"]["ms"],
+                  "routing_budget_ms": 1.3 * by["dense"]["ms"] - routed_ms,
+                  "routing_ms": by["grouped_mm"]["ms"] - routed_ms,
+                  # x gathered into rows, the rows back to tokens, and both gradients: each reads and writes n*k*D
+                  "permutation_mb": 4 * 2 * n_tok * k * D * ct.itemsize / 1e6}
+        print(f"  experts on the routed groups / dense {budget['experts_routed_over_dense']:.2f}x; at 1.3x dense, routing "
+              f"+ dispatch may take {budget['routing_budget_ms']:.3f} ms, they take {budget['routing_ms']:.3f} ms; the token "
+              f"permutations alone (fwd + bwd) move {budget['permutation_mb']:.0f} MB")
     for name, p in profiles.items():
         print_profile(name, p)
     return finish("moe", args, device, {"rows": rows, "targets": targets, "tokens_per_expert": load,
-                                        "experts_over_dense": floor, "dispatch_ms": dispatch_ms,
+                                        "experts_over_dense": floor, "dispatch_ms": dispatch_ms, "routing_budget": budget,
                                         "dropped": stats["dropped"] if stats else None, "profiles": profiles,
                                         "weights": args.weights, "precision": precision,
                                         "compile": args.compile, "compile_backend": args.compile_backend if args.compile else None,

@@ -62,7 +62,12 @@ def test_moe(capsys):
     floor = by["experts only (equal groups)"]
     assert res["experts_over_dense"] == pytest.approx(floor["ms"] / by["dense ReLU^2 FFN"]["ms"])
     assert res["dispatch_ms"] == pytest.approx(by["MoE grouped_mm"]["ms"] - floor["ms"])
-
+    # the same GEMMs on the router's group sizes, and what the 1.3x target leaves routing + dispatch beside them
+    routed, dense, b = by["experts only (routed groups)"], by["dense ReLU^2 FFN"], res["routing_budget"]
+    assert b["routing_budget_ms"] == pytest.approx(1.3 * dense["ms"] - routed["ms"])
+    assert b["routing_ms"] == pytest.approx(by["MoE grouped_mm"]["ms"] - routed["ms"])
+    assert b["permutation_mb"] == pytest.approx(8 * 64 * 16 * 4 / 1e6)  # 4 passes, read + write, fp32 rows
+    assert "experts on the routed groups / dense" in out
 
 
 def test_moe_ep_under_torchrun():
@@ -82,7 +87,8 @@ def test_moe_ep_under_torchrun():
 def test_moe_fp32_weights_under_autocast(capsys):
     """--weights fp32: fractal_train's precision (fp32 weights and inputs, bf16 autocast), here on a CPU."""
     res, out = run(capsys, ["moe", "--tokens", "64", "--d-model", "16", "--expert-dim", "32", "--experts", "4",
-                            "--weights", "fp32"])
+                            "--weights", "fp32", "--capacity-factor", "0.75"])
+    assert res["dropped"] >= 64 - 4 * 12  # capacity 12 per expert: the routed-groups row runs on the kept rows only
     assert res["precision"] == "fp32 weights and inputs under bf16 autocast" and res["precision"] in out
     by = {r["impl"]: r for r in res["rows"]}
     assert all(r["ms"] > 0 for r in by.values())
@@ -100,9 +106,9 @@ def test_bench_moe_compile(capsys):
     assert "torch.compile (eager, fullgraph" in out
     by = {r["impl"]: r for r in res["rows"]}
     # fp32 grouped_mm cannot be compiled (its meta function wants bf16): the row says so instead of a number
-    for name in ("MoE grouped_mm", "experts only (equal groups)"):
+    for name in ("MoE grouped_mm", "experts only (equal groups)", "experts only (routed groups)"):
         assert by[name]["error"].startswith("unavailable") and "bf16" in by[name]["error"]
-    assert res["experts_over_dense"] is None and res["dispatch_ms"] is None
+    assert res["experts_over_dense"] is None and res["dispatch_ms"] is None and res["routing_budget"] is None
     for name in ("MoE bmm (padded)", "MoE per-expert loop", "dense ReLU^2 FFN"):
         assert by[name]["ms"] > 0
     assert by["MoE bmm (padded)"]["max_diff_vs_loop"] <= 1e-5
