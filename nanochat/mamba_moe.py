@@ -7,12 +7,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from nanochat.gpt import norm
 from nanochat.moe import MoE
-
-
-def norm(x):
-    # parameter-free RMSNorm, as in nanochat
-    return F.rms_norm(x, (x.size(-1),))
 
 
 def apply_rotary(x, pos, base=10000.0):

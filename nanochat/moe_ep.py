@@ -123,11 +123,11 @@ def expert_parallel_rows(moe, xs, kept_counts, cdtype):
     recv = [host[E + s * (El + 1): E + (s + 1) * (El + 1)] for s in range(W)]  # [counts per local expert..., width]
     recv_rows = [sum(r[:El]) for r in recv]
     n_kept = sum(send_rows)
+    send_numel = [c * w for c in send_rows]
+    recv_numel = [recv_rows[s] * recv[s][El] for s in range(W)]  # each source's rows at its own width
 
-    flat = _AllToAll.apply(xs[:n_kept].reshape(-1), [recv_rows[s] * recv[s][El] for s in range(W)],
-                           [c * w for c in send_rows], group)
-    chunks = list(flat.split([recv_rows[s] * recv[s][El] for s in range(W)]))
-    chunks = [c.view(recv_rows[s], recv[s][El]) for s, c in enumerate(chunks)]
+    flat = _AllToAll.apply(xs[:n_kept].reshape(-1), recv_numel, send_numel, group)
+    chunks = [c.view(recv_rows[s], recv[s][El]) for s, c in enumerate(flat.split(recv_numel))]
     outs = list(chunks)  # replaced per source below; a source that sent nothing gets its empty chunk back
     w_in_l, w_out_l = moe.w_in.to_local(), moe.w_out.to_local()  # (El, H, D), (El, D, H)
     widths = sorted({recv[s][El] for s in range(W) if recv_rows[s] > 0})
@@ -149,8 +149,7 @@ def expert_parallel_rows(moe, xs, kept_counts, cdtype):
     # zero gradient that the unsharded MoE gives experts without tokens, and the optimizer steps them alike
     # (Muon's momentum moves a weight whose gradient is 0, and skips one whose gradient is None)
     idle = [] if widths else [(w_in_l.sum() + w_out_l.sum()).reshape(1)[:0].to(xs.dtype)]
-    back = _AllToAll.apply(torch.cat([o.reshape(-1) for o in outs] + idle), [c * w for c in send_rows],
-                           [recv_rows[s] * recv[s][El] for s in range(W)], group)
+    back = _AllToAll.apply(torch.cat([o.reshape(-1) for o in outs] + idle), send_numel, recv_numel, group)
     ys = back.view(n_kept, w)
     if n_kept < nk:
         ys = torch.cat([ys, ys.new_zeros(nk - n_kept, w)])

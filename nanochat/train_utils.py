@@ -163,9 +163,10 @@ def optimizer_state_full(state_dicts):
 
 def optimizer_state_to_dtensor(optimizers):
     """
-    After load_state_dict of a full state (optimizer_state_full) into optimizers of FSDP2 parameters: shard
-    each per-parameter state tensor of the parameter's full shape like the parameter (a collective:
-    distribute_tensor, in the same order on every rank). Scalars (step counts) stay plain tensors.
+    After load_state_dict of a full state (optimizer_state_full): shard each per-parameter state tensor of a
+    DTensor parameter (FSDP2, nanochat.moe_ep's expert shards) like the parameter (a collective:
+    distribute_tensor, in the same order on every rank); plain parameters keep theirs, so without DTensors
+    this does nothing. Scalars (step counts) stay plain tensors.
     """
     from torch.distributed.tensor import DTensor, distribute_tensor
     for opt in optimizers:

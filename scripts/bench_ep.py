@@ -30,7 +30,7 @@ def add_args(sub):
 def cmd_moe_ep(args, device):
     from torch.distributed.device_mesh import init_device_mesh
     from nanochat.moe import MoE
-    from nanochat.moe_ep import shard_experts
+    from nanochat.moe_ep import shard_experts, is_expert_shard
     ddp, rank, _, world, device = compute_init(device.type)
     if not ddp or world < 2:
         raise SystemExit("bench moe-ep compares expert placements over ranks: start it with torchrun --nproc_per_node=N (N >= 2)")
@@ -59,7 +59,7 @@ def cmd_moe_ep(args, device):
         ms = torch.tensor([r.get("ms", float("nan")), r.get("peak_gib") or 0.0], device=device, dtype=torch.float64)
         dist.all_reduce(ms, op=dist.ReduceOp.MAX)
         local = [moe.w_in, moe.w_out]
-        held = sum((p.to_local() if hasattr(p, "to_local") else p).numel() * p.element_size() for p in local) / 2**30
+        held = sum((p.to_local() if is_expert_shard(p) else p).numel() * p.element_size() for p in local) / 2**30
         row = {"impl": name, "experts_per_rank": E // world if moe is sharded else E, "expert_gib": held}
         if "ms" in r:
             row.update(ms=ms[0].item(), tok_per_s=n_tok / ms[0].item() * 1e3, peak_gib=ms[1].item() if r.get("peak_gib") is not None else None)

@@ -328,11 +328,10 @@ def main(argv=None):
         n_moe = shard_experts(model, init_device_mesh(device.type, (world_size,)))
         print0(f"expert parallel: the experts of {n_moe} MoE blocks over {world_size} ranks, "
                f"{config.num_experts // world_size} per rank")
-    if args.parallel == "fsdp" or args.expert_parallel:  # masks sharded like their parameters (DTensors)
-        from torch.distributed.tensor import DTensor, distribute_tensor
-        params = dict(model.named_parameters())
-        masks = {n: distribute_tensor(m, params[n].device_mesh, params[n].placements)
-                 if isinstance(params[n], DTensor) else m for n, m in masks.items()}
+    from torch.distributed.tensor import DTensor, distribute_tensor
+    params = dict(model.named_parameters())  # masks of DTensor parameters (fsdp, expert shards) sharded like them
+    masks = {n: distribute_tensor(m, params[n].device_mesh, params[n].placements)
+             if isinstance(params[n], DTensor) else m for n, m in masks.items()}
     train_model = torch.compile(model, dynamic=False) if args.compile else model
     mask_params = [(p, masks[n]) for n, p in model.named_parameters() if n in masks]
     has_moe = "E" in config.ffn_pattern
@@ -364,8 +363,7 @@ def main(argv=None):
         # one file of full (unsharded) optimizer state, whatever the world size and --parallel that saved it
         saved_opt = cm.load_optimizer_state(out_dir, start_step, 0, "cpu")  # load_state_dict moves it to the params
         load_optimizer_state_dicts(optimizers, saved_opt["optimizers"])
-        if args.parallel == "fsdp" or args.expert_parallel:
-            optimizer_state_to_dtensor(optimizers)
+        optimizer_state_to_dtensor(optimizers)  # the state of DTensor parameters (fsdp, expert shards) sharded like them
         torch.set_rng_state(saved_opt["rng_cpu"])
         print0(f"resumed {out_dir} at step {start_step}")
     elif args.continue_data:

@@ -6,20 +6,16 @@ token, and a different Matryoshka width on each rank in the same call.
 """
 import copy
 import datetime
-import os
 
 import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
+from testutil import exit_now
+
 WORLD = 2
 D, H, E = 16, 32, 4
-
-
-def exit_now():
-    """A passing worker skips the interpreter's teardown (see tests/test_optim_dist.py: gloo threads at exit)."""
-    os._exit(0)
 
 
 def make_moe(device, dtype=torch.float32, **kw):

@@ -5,21 +5,15 @@ none), and the result is bitwise the single-process step.
 Also train_utils.full_state_dict under FSDP2 when an eval forward left the parameters gathered.
 """
 import copy
-import os
 
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 import torch.nn as nn
 
+from testutil import exit_now
+
 WORLD = 2
-
-
-def exit_now():
-    """End a worker that passed: os._exit skips the interpreter's teardown, where a gloo thread still joinable
-    at exit aborted the process now and then ("terminate called without an active exception", SIGABRT, about 1
-    run in 30 on this project's CPU machine). A failing worker raises before this and spawn reports it."""
-    os._exit(0)
 STEPS = 3
 # rows over 2 ranks (torch.chunk): 7 -> 4+3, 5 -> 3+2, 1 -> 1+0, 3 -> 2+1, 2 -> 1+1 (and 3 experts -> 2+1)
 SHARDED = {"a": (7, 5), "b": (5, 9), "c": (1, 6), "d": (3, 4), "experts": (3, 4, 6), "e": (2, 3)}
