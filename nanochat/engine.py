@@ -45,7 +45,8 @@ import torch
 import torch.nn as nn
 
 from nanochat.common import log_once
-from nanochat.gpt import GPT, norm, sample_next_token
+from nanochat.gpt import GPT
+from nanochat.layers import norm, sample_next_token
 from nanochat.matryoshka import MODE_WIDTHS, mode_plan, expand_plan, check_plan
 from nanochat.matryoshka_kv import MatryoshkaKVCache, row_index, to_device
 from nanochat.cuda_graphs import Workspace

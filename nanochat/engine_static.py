@@ -8,7 +8,7 @@ kind with the eager step.
 """
 import torch
 
-from nanochat.gpt import norm
+from nanochat.layers import norm
 from nanochat.cuda_graphs import replay, weights_version
 
 

@@ -11,17 +11,14 @@ same state_dict names, so its checkpoints load strictly and give the same logits
 Newer nanochat checkpoints (value embeddings, residual/x0 lambdas, smear, backout, sliding
 windows) are recognised from their keys and refused with a message naming what is unsupported.
 """
-import math
-from contextlib import nullcontext
 from dataclasses import dataclass, asdict
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from torch.nn.attention import sdpa_kernel, SDPBackend
 
-LOGIT_SOFTCAP = 15.0
-ROTARY_BASE = 10000.0
+from nanochat.layers import (norm, rotary_inv_freq, rotary_cos_sin, apply_rotary_emb, attention, softcap,
+                             linear_init_std, sample_next_token)
 
 
 @dataclass
@@ -43,92 +40,6 @@ class GPTConfig:
         n_head = max(1, (n_embd + 127) // 128)
         return cls(sequence_len=sequence_len, vocab_size=vocab_size, n_layer=depth, n_head=n_head, n_kv_head=n_head,
                    n_embd=n_embd)
-
-
-def norm(x):
-    # parameter-free RMSNorm over the last dimension (nanochat's only norm)
-    return F.rms_norm(x, (x.size(-1),))
-
-
-def rotary_inv_freq(head_dim, base=ROTARY_BASE, device=None):
-    """Inverse frequencies for the head_dim/2 rotary pairs, fp32."""
-    channel = torch.arange(0, head_dim, 2, dtype=torch.float32, device=device)
-    return 1.0 / (base ** (channel / head_dim))
-
-
-def rotary_cos_sin(seq_len, inv_freq):
-    """cos/sin tables of shape (1, T, 1, head_dim/2), rounded to bf16 like nanochat."""
-    t = torch.arange(seq_len, dtype=torch.float32, device=inv_freq.device)
-    freqs = torch.outer(t, inv_freq)
-    cos, sin = freqs.cos().bfloat16(), freqs.sin().bfloat16()
-    return cos[None, :, None, :], sin[None, :, None, :]
-
-
-def apply_rotary_emb(x, cos, sin):
-    # x: (B, T, H, D); dim i is rotated together with dim i + D/2 (half-split layout)
-    assert x.ndim == 4
-    d = x.shape[3] // 2
-    x1, x2 = x[..., :d], x[..., d:]
-    y1 = x1 * cos + x2 * sin
-    y2 = x1 * (-sin) + x2 * cos
-    return torch.cat([y1, y2], 3).to(x.dtype)
-
-
-_NO_CUDNN = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
-
-
-def softcap(logits):
-    """nanochat's logit soft-cap, in fp32: LOGIT_SOFTCAP * tanh(logits / LOGIT_SOFTCAP)."""
-    return LOGIT_SOFTCAP * torch.tanh(logits.float() / LOGIT_SOFTCAP)
-
-
-def attention(q, k, v, scale=None, keep=None):
-    """
-    Causal attention of q (B, Hq, Tq, D) over k, v (B, Hkv, Tk, D), GQA allowed; scale None = 1/sqrt(D).
-    The first Tk - Tq keys are a cached prefix every query may see; within the new chunk it is causal.
-    keep: a bool mask broadcastable to (B, Hq, Tq, Tk), True = may see, replacing that rule (the engine's
-    static decode step: a key buffer of fixed size, valid up to a position held on the device).
-    k and v may be in another dtype than q (an fp32 cache under bf16 autocast); the output is in q's.
-    """
-    Tq, Tk = q.size(2), k.size(2)
-    if keep is not None and Tq == 1:
-        return single_query_attention(q, k, v, scale, keep)
-    k, v = k.to(q.dtype), v.to(q.dtype)
-    gqa = q.size(1) != k.size(1)
-    if Tq == Tk and keep is None:
-        return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa, scale=scale)
-    # With a cached prefix the key length changes every call, and cuDNN's SDPA backend builds a new plan for
-    # each new shape: 3.3 ms of host time per call at batch-1 decode (torch 2.11, H100; 20 layers made a d20
-    # decode step 90 ms). The other backends have no per-shape setup. (CUDA only: the CPU's choice is kept.)
-    with sdpa_kernel(_NO_CUDNN) if q.is_cuda else nullcontext():
-        if keep is not None:
-            return F.scaled_dot_product_attention(q, k, v, attn_mask=keep, enable_gqa=gqa, scale=scale)
-        if Tq == 1:
-            return F.scaled_dot_product_attention(q, k, v, is_causal=False, enable_gqa=gqa, scale=scale)
-        prefix = Tk - Tq
-        mask = torch.ones(Tq, Tk, dtype=torch.bool, device=q.device).tril(diagonal=prefix)
-        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=gqa, scale=scale)
-
-
-def single_query_attention(q, k, v, scale, keep):
-    """
-    One query per row, q (B, Hq, 1, D), over a key buffer k, v (B, Hkv, L, D) where keep (broadcastable to
-    (B, Hq, 1, L), at least one True per row) says which slots count: two batched matrix-vector products with
-    an fp32 softmax between them, computed in fp32 (the cache's own values when it is fp32).
-    Why not SDPA: with a mask, only the memory-efficient kernel runs, and at batch 1 it streams the whole
-    buffer through one block per head (10 blocks on 132 SMs at d20). It took 1.28 ms per call at 32K keys
-    on the H100, while these matrix-vector products run at memory bandwidth.
-    """
-    B, Hq, _, D = q.shape
-    Hkv, L = k.size(1), k.size(2)
-    G = Hq // Hkv  # query head i reads KV head i // G, as enable_gqa does
-    scale = D ** -0.5 if scale is None else scale
-    with torch.autocast(device_type=q.device.type, enabled=False):
-        s = torch.matmul(q.reshape(B, Hkv, G, D).float(), k.float().transpose(-1, -2)) * scale  # (B, Hkv, G, L)
-        m = keep if keep.size(1) == 1 else keep.reshape(keep.size(0), Hkv, G, L)
-        p = s.masked_fill(~m, float("-inf")).softmax(dim=-1)
-        y = torch.matmul(p, v.float())  # (B, Hkv, G, D)
-    return y.reshape(B, Hq, 1, D).to(q.dtype)
 
 
 class KVCache:
@@ -209,11 +120,6 @@ class Block(nn.Module):
         x = x + self.attn(norm(x), cos_sin, kv_cache)
         x = x + self.mlp(norm(x))
         return x
-
-
-def linear_init_std(fan_out, fan_in):
-    # nanochat's rule (arXiv 2310.17813): 1/sqrt(fan_in), shrunk for matrices wider than tall
-    return 1.0 / math.sqrt(fan_in) * min(1.0, math.sqrt(fan_out / fan_in))
 
 
 class GPT(nn.Module):
@@ -321,17 +227,6 @@ class GPT(nn.Module):
             nxt = sample_next_token(logits, rng, temperature, top_k)
             yield nxt.item()
             logits = self.forward(nxt.view(1, 1), kv_cache=cache)[:, -1]
-
-
-def sample_next_token(logits, rng, temperature=1.0, top_k=None):
-    """logits (B, V) -> (B,) token ids; temperature 0 is argmax."""
-    if temperature == 0.0:
-        return logits.argmax(dim=-1)
-    if top_k is not None:
-        v, _ = torch.topk(logits, min(top_k, logits.size(-1)))
-        logits = logits.masked_fill(logits < v[:, [-1]], -float("inf"))
-    probs = F.softmax(logits / temperature, dim=-1)
-    return torch.multinomial(probs, num_samples=1, generator=rng).squeeze(-1)
 
 
 # -----------------------------------------------------------------------------

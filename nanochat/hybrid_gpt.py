@@ -32,7 +32,7 @@ import torch.utils.checkpoint
 import torch.nn as nn
 import torch.nn.functional as F
 
-from nanochat.gpt import norm, rotary_inv_freq, rotary_cos_sin, linear_init_std, softcap
+from nanochat.layers import norm, rotary_inv_freq, rotary_cos_sin, linear_init_std, softcap
 from nanochat.matryoshka import (default_width_levels, validate_levels, expand_plan, check_plan, MatryoshkaAttention,
                                  MatryoshkaMLP)
 from nanochat.checkpoint_manager import register_model_kind

@@ -7,7 +7,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from nanochat.gpt import norm
+from nanochat.layers import norm
 from nanochat.moe import MoE
 
 

@@ -16,7 +16,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from nanochat.gpt import norm, apply_rotary_emb, attention
+from nanochat.layers import norm, apply_rotary_emb, attention
 
 # compute modes: a fixed width for every block ("think" = full); "auto" uses the predictor + gates
 MODE_WIDTHS = {"ghost": 128, "whisper": 512, "normal": 1024, "think": None}
@@ -154,7 +154,7 @@ class MatryoshkaAttention(nn.Module):
     def query_attend(self, xn, w, cos_sin, k, v, keep=None):
         """
         The query side at width w: the queries of xn (B, T, >=w) over k, v (B, hkv_w, Tk, hd) (a cached prefix
-        allowed), then the output projection; returns (B, T, w). keep: gpt.attention's mask, if any.
+        allowed), then the output projection; returns (B, T, w). keep: layers.attention's mask, if any.
         """
         B, T, _ = xn.shape
         h, _ = self.heads_at(w)

@@ -49,7 +49,8 @@ from dataclasses import dataclass, fields
 
 import torch
 
-from nanochat.gpt import GPT, GPTConfig, linear_init_std, check_nanochat_state_dict
+from nanochat.gpt import GPT, GPTConfig, check_nanochat_state_dict
+from nanochat.layers import linear_init_std
 from nanochat.hybrid_gpt import HybridGPT, HybridConfig, make_mamba, make_moe
 from nanochat.moe import MoE
 from nanochat.checkpoint_manager import load_state_dict_strict, check_state_dict

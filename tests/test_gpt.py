@@ -132,7 +132,7 @@ def test_gqa_equals_mha_with_repeated_kv_heads():
 def test_single_query_attention_equals_masked_sdpa(hq, hkv, per_head_mask):
     # the static decode step's path (one query over a key buffer with a mask) against SDPA's masked math in
     # float64; fp32 1e-5; bf16 queries over an fp32 cache (autocast's case) 2e-2, bf16's rounding of the output
-    from nanochat.gpt import attention, single_query_attention
+    from nanochat.layers import attention, single_query_attention
     torch.manual_seed(0)
     B, L, D = 3, 37, 16
     q = torch.randn(B, hq, 1, D)

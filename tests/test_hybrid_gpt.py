@@ -6,7 +6,8 @@ import torch
 import torch.nn.functional as F
 from torch.utils.flop_counter import FlopCounterMode
 
-from nanochat.gpt import GPT, GPTConfig, CausalSelfAttention, MLP, norm, LOGIT_SOFTCAP
+from nanochat.gpt import GPT, GPTConfig, CausalSelfAttention, MLP
+from nanochat.layers import norm, LOGIT_SOFTCAP
 from nanochat.hybrid_gpt import HybridGPT, HybridConfig
 from nanochat.checkpoint_manager import save_model, load_model
 from testutil import fill_zero_matrices
