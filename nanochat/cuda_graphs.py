@@ -1,7 +1,7 @@
 """
 The CUDA-graph side of nanochat.engine's static decode step: the Workspace a decode runs on (its tensors and the
 graphs captured on them), capture-or-replay of one segment, and the weight copies a capture under autocast
-reads. The engine decides what a segment computes (Engine.static_segment); this module only captures it once
+reads. engine_static.StaticDecode.segment decides what a segment computes; this module only captures it once
 per key and replays it.
 """
 from contextlib import contextmanager, nullcontext

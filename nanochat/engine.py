@@ -27,10 +27,13 @@ the same function, and tests/test_engine.py compares the two):
   as a static segment. Otherwise they are computed the first time a wider query needs them, from the input
   stored for positions written with fewer than all KV heads (none in mode think), and kept.
 
-FLOPs are counted per token for what ran (hybrid_gpt.flops_breakdown's convention): the parts of each
-block that ran at the width they ran at, lacked K/V heads (written with the own ones or filled lazily), gate
-checks, the predictor, one readout.
-The full model's count is forward_flops_per_token at the same context length.
+Where the code is: a block's sublayers are composed once, in HybridBlock.decode (nanochat/hybrid_gpt.py), which
+both decode paths call with a view of the caches (EagerCache below, engine_static.StaticCache); the engine groups
+rows by width, asks the gates, keeps plans and host-side state, and counts FLOPs.
+
+FLOPs are counted per token for what ran, from the one table (nanochat/flops.py, FlopTable.block_tokens): the
+parts of each block that ran at the width they ran at, lacked K/V heads (written with the own ones or filled
+lazily), gate checks, the predictor, one readout. The full model's count is FlopTable.forward at the same context.
 
 Speed: the control state (widths, active rows, FLOPs) lives on the host, so a step reads nothing back from
 the GPU except the gates' decisions. Steps run as static-shape segments, captured as CUDA graphs on CUDA
@@ -42,17 +45,16 @@ import logging
 from dataclasses import dataclass, field
 
 import torch
-import torch.nn as nn
 
 from nanochat.common import log_once
+from nanochat.flops import flop_table
 from nanochat.gpt import GPT
 from nanochat.layers import norm, sample_next_token
-from nanochat.matryoshka import MODE_WIDTHS, mode_plan, expand_plan, check_plan
-from nanochat.matryoshka_kv import MatryoshkaKVCache, row_index, to_device
+from nanochat.matryoshka import MODES, mode_plan, expand_plan, check_plan
+from nanochat.matryoshka_kv import MatryoshkaKVCache, row_index
 from nanochat.cuda_graphs import Workspace
-from nanochat.engine_static import StaticDecode, add_flops
+from nanochat.engine_static import StaticDecode
 
-MODES = tuple(MODE_WIDTHS) + ("auto",)
 DECODE_PATHS = ("auto", "eager", "static", "graph", "compiled")
 logger = logging.getLogger(__name__)
 
@@ -112,30 +114,71 @@ class GenerationResult:
         return idx, widths, exit_after
 
 
-def prompt_full_flops(model, T):
-    """The full model's forward FLOPs on a T-token prompt with logits at its last position only. Per-token FLOPs
-    are affine in the context (attention scores), so the sum over contexts 1..T is closed-form (a Python loop
-    over T took seconds at 32K tokens)."""
-    c = model.config
-    f0 = model.forward_flops_per_token(0)
-    return T * f0 + (model.forward_flops_per_token(1) - f0) * T * (T + 1) // 2 - (T - 1) * 2 * c.n_embd * c.vocab_size
+class EagerCache:
+    """
+    Block j's view of a DecodeState's caches for T new positions at st.pos (T = the prompt's length at prefill),
+    for rows indexed on the host: K/V stored per row group, a wider query's lacked KV heads filled first where
+    the cache lacks them (their FLOPs added to `flops`, per row), Mamba states stepped (one token) or advanced
+    over the T positions (prefill).
+    """
+
+    def __init__(self, model, st, T, flops):
+        self.model, self.st, self.T, self.flops, self.j = model, st, T, flops, None
+        self.cos_sin = model.rotary(st.pos, T)
+
+    def at(self, j):
+        self.j = j
+        return self
+
+    def write_kv(self, attn, rows, idx, xn, w):
+        k, v = attn.kv_to_store(xn, w, self.cos_sin, self.st.all_heads)  # (R, heads, T, hd)
+        self.st.cache.store(self.j, rows, idx, self.st.pos, k, v, xn)
+
+    def read_kv(self, attn, rows, idx, w):
+        cache, end, hkv = self.st.cache, self.st.pos + self.T, attn.heads_at(w)[1]
+        if not cache.covers(self.j, rows, hkv, end):
+            for b, f in zip(rows, cache.fill(self.j, rows, hkv, end, attn, self.model.cos, self.model.sin).tolist()):
+                self.flops[b] += f
+        k, v = cache.view(self.j, idx, hkv, end)
+        return k, v, None
+
+    def step_mamba(self, mamba, xn):
+        conv_state, ssm_state = self.st.ssm[self.j]
+        if self.T == 1 and self.st.pos > 0:
+            return mamba.step(xn, conv_state, ssm_state)[0]
+        from nanochat.mamba_block import InferenceParams
+        B, T, _ = xn.shape
+        params = InferenceParams(max_seqlen=self.st.pos + T, max_batch_size=B, seqlen_offset=self.st.pos)
+        params.key_value_memory_dict[mamba.layer_idx] = (conv_state, ssm_state)
+        return mamba(xn, inference_params=params)  # writes the states after the T tokens in place
 
 
-class Engine(StaticDecode):
+def width_groups(w_rows, active, device):
+    """[(w, rows, idx)] in increasing w: the rows (among the active ones, if given) that run at width w, and their
+    device index (row_index: a slice for a group of every row)."""
+    by = {}
+    for b, w in enumerate(w_rows):
+        if active is None or active[b]:
+            by.setdefault(w, []).append(b)
+    return [(w, rows, row_index(rows, len(w_rows), device)) for w, rows in sorted(by.items())]
+
+
+class Engine:
     """
     decode: how step() runs a token.
-      "eager"  the per-block step below: any plan, per-row plans, gates, MoE, lazy KV-head fills.
-      "static" the same function with static shapes (static_segment), in segments of blocks that end at the
-               gates: attention over a power-of-two bucket of key slots with a length mask, position and cache
-               writes indexed by a device tensor. Needs one plan for every row (and one row when gates are on),
-               for graphs MoE blocks with a capacity (drop_tokens), and, for an active token, every KV head its
-               queries need already stored (a segment that needs a lazy fill runs eager). Runs anywhere; tests compare it with "eager".
+      "eager"  the per-block step: any plan, per-row plans, gates, MoE, lazy KV-head fills.
+      "static" the same function with static shapes (engine_static.StaticDecode.segment), in segments of blocks that
+               end at the gates: attention over a power-of-two bucket of key slots with a length mask, position and
+               cache writes indexed by a device tensor. Needs one plan for every row (and one row when gates are
+               on), for graphs MoE blocks with a capacity (drop_tokens), and, for an active token, every KV head its
+               queries need already stored (a segment that needs a lazy fill runs eager). Runs anywhere; tests
+               compare it with "eager".
       "graph"  "static" with each segment captured once per (bucket, widths, state, gate) as a CUDA graph and
                replayed: a launch per segment instead of one per op (batch-1 decode is bound by launch
                overhead). Gates still read their decision back, once per gate.
       "compiled" "graph" on CUDA ("static" elsewhere) with each segment's code compiled by torch.compile first
                (compile_backend), so its elementwise ops fuse into fewer kernels. Compiles once per segment kind
-               (minutes for a large model; past COMPILE_LIMIT kinds a new one runs uncompiled).
+               (minutes for a large model; past StaticDecode.COMPILE_LIMIT kinds a new one runs uncompiled).
       "auto"   "graph" on CUDA, "eager" elsewhere.
     What cannot run static runs eager; the reason is logged once, and last_path says what the last step ran.
     """
@@ -145,40 +188,31 @@ class Engine(StaticDecode):
             raise ValueError(f"decode must be one of {DECODE_PATHS}, got {decode!r}")
         self.model = model
         self.dense = isinstance(model, GPT)
-        self._costs = {}
+        self.flops = flop_table(model)
         self.decode = decode
-        # what a static segment runs: static_segment itself, or compiled (compile_backend: tests use aot_eager)
-        self._static_fn = self.static_segment
-        if decode == "compiled":
-            compiled = torch.compile(self.static_segment, dynamic=False, backend=compile_backend)
-
-            def static_fn(*args):  # one compile per segment kind: more kinds than dynamo's default limit of 8
-                with torch._dynamo.config.patch(recompile_limit=self.COMPILE_LIMIT):
-                    return compiled(*args)
-            self._static_fn = static_fn
-            log_once(logger, f"Engine decode: static segments compiled by torch.compile ({compile_backend})")
+        self.static = StaticDecode(model, decode, compile_backend)
         self.last_path = None  # the path step() took last ("eager", "static" or "graph")
         self._workspace = None  # the last Workspace, kept where decode steps may be CUDA graphs
-        self._linears = [m for m in model.modules() if isinstance(m, nn.Linear)]
+        self.state = None       # the DecodeState of the last generate()
 
     # ---- plans and thresholds -----------------------------------------------------------------
     def resolve(self, plan, exit_threshold, expand_threshold):
-        """plan: a mode name, a plan (list, one width per block) or a (B, n_layer) tensor. Thresholds None
-        -> auto: 0.95 / 0.5, anything else: off (1.0 / 0.0)."""
+        """plan: a mode name (matryoshka.MODES), a plan (list, one width per block) or a (B, n_layer) tensor.
+        Thresholds None -> the mode's (auto: 0.95 / 0.5); for an explicit plan, off (1.0 / 0.0)."""
         if self.dense:
             if not (plan is None or (isinstance(plan, str) and plan == "think")) or exit_threshold not in (None, 1.0) or expand_threshold not in (None, 0.0):
                 raise ValueError("a dense GPT checkpoint has no width levels or exit gates: only mode 'think' "
                                  "(full width) without exit/expand thresholds runs on it")
             return None, 1.0, 0.0
         if isinstance(plan, str) and plan not in MODES:
-            raise ValueError(f"unknown mode {plan!r}; choose from {MODES}")
-        auto = isinstance(plan, str) and plan == "auto"
-        exit_threshold = (0.95 if auto else 1.0) if exit_threshold is None else float(exit_threshold)
-        expand_threshold = (0.5 if auto else 0.0) if expand_threshold is None else float(expand_threshold)
+            raise ValueError(f"unknown mode {plan!r}; choose from {tuple(MODES)}")
+        mode = MODES[plan] if isinstance(plan, str) else MODES["think"]
+        exit_threshold = mode.exit_threshold if exit_threshold is None else float(exit_threshold)
+        expand_threshold = mode.expand_threshold if expand_threshold is None else float(expand_threshold)
         if not 0.0 <= expand_threshold <= exit_threshold <= 1.0:
             raise ValueError(f"need 0 <= expand_threshold ({expand_threshold}) <= exit_threshold ({exit_threshold}) <= 1")
         gating = exit_threshold < 1.0 or expand_threshold > 0.0
-        if (auto or gating) and not hasattr(self.model, "controllers"):
+        if (mode.predicted or gating) and not hasattr(self.model, "controllers"):
             raise ValueError("this model has no controllers (HybridConfig.adaptive=False): mode 'auto' and exit/expand "
                              "thresholds need the trained width predictor and gates")
         return plan, exit_threshold, expand_threshold
@@ -198,126 +232,27 @@ class Engine(StaticDecode):
         check_plan(plan, c.n_embd, c.head_dim)
         return torch.tensor(plan, dtype=torch.long).expand(B, -1).clone()
 
-    # ---- FLOPs --------------------------------------------------------------------------------
-    def costs(self, j, w):
-        """Per-token FLOPs of block j's parts at width w (context-free; scores are per context position)."""
-        if w not in self._costs:
-            self._costs[w] = self.model.flops_breakdown(0, w)
-        row, c = self._costs[w][j], self.model.config
-        out = {"ffn": row.get("mlp", 0) + row.get("moe", 0), "mamba": sum(row.get(k, 0) for k in ("mamba_proj", "mamba_conv", "mamba_scan"))}
-        if "attn_proj" in row:
-            h, hkv = self.model.transformer.h[j].attn.heads_at(w)
-            out["kv"] = 2 * w * 2 * hkv * c.head_dim
-            out["kv_lacked"] = 2 * c.n_embd * 2 * (c.n_kv_head - hkv) * c.head_dim  # the other heads, at full width
-            out["qo"] = row["attn_proj"] - out["kv"]
-            out["score"] = 4 * h * c.head_dim  # per position attended
-        return out
-
     # ---- the blocks ---------------------------------------------------------------------------
     # Control state lives on the host: widths (one int per row), active (one bool per row), flops (one float
-    # per row). Rows are grouped by width in Python; a group of every row indexes device tensors with a slice.
-    # So a token reads nothing back from the device except the gate's decisions (modes with exits/widening)
-    # and, when some positions lack KV heads a query needs, the cache's head counts.
-    def _groups(self, w_rows, active=None):
-        """[(w, rows, idx)] in increasing w: the rows (among the active ones) that run at width w, and their
-        device index (row_index)."""
-        by = {}
-        for b, w in enumerate(w_rows):
-            if active is None or active[b]:
-                by.setdefault(w, []).append(b)
-        dev = self.model.get_device()
-        return [(w, rows, row_index(rows, len(w_rows), dev)) for w, rows in sorted(by.items())]
-
-    def _kv_cost(self, st, j, w):
-        c = self.costs(j, w)
-        return c["kv"] + (c["kv_lacked"] if st.all_heads else 0)
-
-    @staticmethod
-    def _project_kv(st, attn, xn, w, cos_sin):
-        """K, V (R, heads, T, hd) to store for xn (R, T, n_embd) at width w: its own heads, and with st.all_heads
-        the heads it lacks too (attn.lacked_kv), so that a wider query never waits for a fill."""
-        k, v = attn.project_kv(xn, w, cos_sin)
-        if st.all_heads and k.size(1) < attn.n_kv_head:
-            kl, vl = attn.lacked_kv(xn, k.size(1), attn.n_kv_head, cos_sin)
-            k, v = torch.cat([k, kl], 1), torch.cat([v, vl], 1)
-        return k, v
-
-    @staticmethod
-    def _place(y, x, idx, w, out):
-        """Put a group's output (R, T, w) into the block's update for x (B, T, D); a group of every row at full
-        width is the update itself."""
-        if y is None and isinstance(idx, slice) and w == x.size(-1):
-            return out.to(x.dtype)
-        if y is None:
-            y = torch.zeros_like(x)
-        y[idx, :, :w] = out.to(y.dtype)  # bf16 under autocast
-        return y
-
-    def _attend(self, st, j, attn, x, w_rows, active, flops):
-        """Attention block j for x (B, T, D) at positions st.pos..; K/V for all rows, the rest for active rows.
-        Returns the update (None when no row is active)."""
-        model, pos, T = self.model, st.pos, x.size(1)
-        cos_sin = model.rotary(pos, T)
-        xn = norm(x)
-        for w, rows, idx in self._groups(w_rows):
-            xr = xn[idx]
-            k, v = self._project_kv(st, attn, xr, w, cos_sin)  # (R, heads, T, hd)
-            st.cache.store(j, rows, idx, pos, k, v, xr)
-            add_flops(flops, rows, T * self._kv_cost(st, j, w))
-        y = None
-        ctx_sum = T * pos + T * (T + 1) // 2  # positions attended, summed over the T tokens
-        for w, rows, idx in self._groups(w_rows, active):
-            _, hkv = attn.heads_at(w)
-            if not st.cache.covers(j, rows, hkv, pos + T):
-                for b, f in zip(rows, st.cache.fill(j, rows, hkv, pos + T, attn, model.cos, model.sin).tolist()):
-                    flops[b] += f
-            k, v = st.cache.view(j, idx, hkv, pos + T)
-            y = self._place(y, x, idx, w, attn.query_attend(xn[idx], w, cos_sin, k, v))
-            cost = self.costs(j, w)
-            add_flops(flops, rows, T * cost["qo"] + ctx_sum * cost["score"])
-        return y
-
-    def _ffn(self, j, block, x, w_rows, active, flops):
-        xn = norm(x)
-        y = None
-        T = x.size(1)
-        for w, rows, idx in self._groups(w_rows, active):
-            xw = xn[idx, :, :w]
-            y = self._place(y, x, idx, w, block.mlp(xw, w) if block.ffn_kind == "D" else block.moe(xw, width=w))
-            add_flops(flops, rows, T * self.costs(j, w)["ffn"])
-        return y
-
-    def _block(self, st, j, x, w_rows, active, flops):
-        """Block j on x (B, T, D): mixer, then FFN; exited rows only update the mixer's cache/state.
-        w_rows: B widths, active: B bools, flops: B floats (added to), all host lists."""
-        block = self.model.transformer.h[j]
-        if block.mixer_kind == "A":
-            y = self._attend(st, j, block.attn, x, w_rows, active, flops)
-        else:
-            xn = norm(x)
-            conv_state, ssm_state = st.ssm[j]
-            if x.size(1) == 1 and st.pos > 0:
-                y, _, _ = block.mamba.step(xn, conv_state, ssm_state)
-            else:
-                y = self._mamba_prefill(block.mamba, xn, conv_state, ssm_state, st.pos)
-            if not all(active):  # exited rows stepped the state; their residual stays frozen
-                y = torch.where(to_device(torch.tensor(active), x.device)[:, None, None], y, torch.zeros_like(y))
-            add_flops(flops, range(x.size(0)), x.size(1) * self.costs(j, self.model.config.n_embd)["mamba"])
-        if y is not None:
-            x = x + y
-        if block.ffn_kind != "N":
-            y = self._ffn(j, block, x, w_rows, active, flops)
-            if y is not None:
-                x = x + y
+    # per row). So a token reads nothing back from the device except the gate's decisions (modes with
+    # exits/widening) and, when some positions lack KV heads a query needs, the cache's head counts.
+    def _blocks(self, st, j0, j1, x, widths, active, flops):
+        """Blocks j0..j1 on x (B, T, D) at positions st.pos.., eager: each block's own decode step (HybridBlock.decode)
+        over the rows grouped by width; exited rows only update the mixers' caches and states. widths: per row, one
+        width per block; active: B bools; flops: B floats, added to. All host lists."""
+        view, dev = EagerCache(self.model, st, x.size(1), flops), x.device
+        for j in range(j0, j1 + 1):
+            w_rows = [w[j] for w in widths]
+            groups = width_groups(w_rows, None, dev)
+            live = groups if all(active) else width_groups(w_rows, active, dev)
+            x = self.model.transformer.h[j].decode(x, view.at(j), groups, live)
         return x
 
-    @staticmethod
-    def _mamba_prefill(mamba, xn, conv_state, ssm_state, pos):
-        from nanochat.mamba_block import InferenceParams
-        B, T, _ = xn.shape
-        params = InferenceParams(max_seqlen=pos + T, max_batch_size=B, seqlen_offset=pos)
-        params.key_value_memory_dict[mamba.layer_idx] = (conv_state, ssm_state)
-        return mamba(xn, inference_params=params)  # writes the states after the T tokens in place
+    def _count(self, st, j0, j1, T, widths, active, flops):
+        """Add blocks j0..j1's FLOPs for T tokens at st.pos to each row's count, from the FLOP table."""
+        for b in range(len(flops)):
+            flops[b] += sum(self.flops.block_tokens(j, widths[b][j], T, st.pos, active[b], st.all_heads)
+                            for j in range(j0, j1 + 1))
 
     # ---- prefill and one decode step ----------------------------------------------------------
     @torch.inference_mode()
@@ -327,10 +262,9 @@ class Engine(StaticDecode):
         model, c = self.model, self.model.config
         plan, exit_threshold, expand_threshold = self.resolve(plan, exit_threshold, expand_threshold)
         B, T = prompts.shape
-        dev = model.get_device()
-        prompts = prompts.to(dev)
-        auto = isinstance(plan, str) and plan == "auto"
-        base = self.base_plan("think" if auto else plan, B)
+        prompts = prompts.to(model.get_device())
+        predicted = isinstance(plan, str) and MODES[plan].predicted
+        base = self.base_plan("think" if predicted else plan, B)
         max_len = max_len or c.sequence_len
         if T > max_len:
             raise ValueError(f"prompt of {T} tokens exceeds max_len {max_len}")
@@ -340,17 +274,21 @@ class Engine(StaticDecode):
                          prefill_id=ws.prefills)
         flops, active = [0.0] * B, [True] * B
         x = norm(model.transformer.wte(prompts))
-        for j in range(c.n_layer):
-            if auto and j == c.predictor_after:
+        # the predictor reads the residual after predictor_after blocks: run those, plan, then the rest
+        cut = c.predictor_after if predicted else c.n_layer
+        for j0, j1 in ((0, cut - 1), (cut, c.n_layer - 1)):
+            if j0 <= j1:
+                widths = st.prompt_widths.tolist()
+                x = self._blocks(st, j0, j1, x, widths, active, flops)
+                self._count(st, j0, j1, T, widths, active, flops)
+            if predicted and j1 == cut - 1:
                 self._predict_plan(st, x, plan_epsilon, flops)
-            x = self._block(st, j, x, st.prompt_widths[:, j].tolist(), active, flops)
-        if auto and c.predictor_after == c.n_layer:
-            self._predict_plan(st, x, plan_epsilon, flops)
         st.pos = T
         logits = model.readout(x[:, -1])  # (B, V)
-        add_flops(flops, range(B), 2 * c.n_embd * c.vocab_size)  # one readout: only the last position's logits are used
+        for b in range(B):
+            flops[b] += self.flops.head  # one readout: only the last position's logits are used
         return (st, logits, torch.tensor(flops, dtype=torch.float64),
-                torch.full((B,), float(prompt_full_flops(model, T)), dtype=torch.float64))
+                torch.full((B,), float(self.flops.prefill(T)), dtype=torch.float64))
 
     def release(self):
         """Drop the kept Workspace (cache, Mamba states, CUDA graphs): the next prefill allocates new ones."""
@@ -358,7 +296,7 @@ class Engine(StaticDecode):
 
     def _take_workspace(self, B, max_len):
         """A Workspace for a new DecodeState: the kept one, reset, when its shapes match, else a new one (kept
-        when decode steps may be static: see _wanted_path)."""
+        when decode steps may be static)."""
         model, c = self.model, self.model.config
         key = (B, max_len, model.lm_head.weight.dtype)
         ws = self._workspace
@@ -371,7 +309,7 @@ class Engine(StaticDecode):
         ws = Workspace(key, MatryoshkaKVCache(model, B, max_len, dtype=key[2]),
                        {j: model.transformer.h[j].mamba.allocate_inference_cache(B, max_len)
                         for j in range(c.n_layer) if c.mixer_kind(j) == "M"})
-        if self._wanted_path() != "eager":
+        if self.static.wanted_path() != "eager":
             self._workspace = ws
         return ws
 
@@ -382,7 +320,8 @@ class Engine(StaticDecode):
         st.plan = ctrl.predictor.plan(delta, epsilon, ctrl.matters).cpu()
         st.plan[:, :c.predictor_after] = c.n_embd  # the blocks the prompt already ran at full width
         st.prompt_widths[:, c.predictor_after:] = st.plan[:, c.predictor_after:]
-        add_flops(flops, range(len(flops)), ctrl.predictor.flops())
+        for b in range(len(flops)):
+            flops[b] += self.flops.predictor
 
     @torch.inference_mode()
     def step(self, st, tokens, plan=None):
@@ -403,7 +342,7 @@ class Engine(StaticDecode):
         if plan is not None:
             st.plan = self.base_plan(plan, B)
         n, D = c.n_layer, c.n_embd
-        path, why = self._static_path(st, B)
+        path, why = self.static.path(st, B)
         widths = st.plan.tolist()  # per row, one width per block; widening rewrites a row's tail
         exit_block, widened = [n - 1] * B, [False] * B
         active, flops = [True] * B, [0.0] * B
@@ -411,26 +350,26 @@ class Engine(StaticDecode):
         gates = {b: g for g, b in enumerate(model.controllers.gate_blocks)} if gating else {}
         gate = model.controllers.gate if gating else None
         if path != "eager":
-            L = self._prepare_static(st, tokens)
+            L = self.static.prepare(st, tokens)
         x, logits, ran = None, None, set()  # x: the residual when the eager step holds it (else in st.ws.static_x)
         j0 = 0
         for j1 in sorted(b for b in gates if b < n - 1) + [n - 1]:
             g = gates.get(j1)
-            static = path != "eager" and self._segment_ok(st, j0, j1, widths[0], active[0], B)
+            static = path != "eager" and self.static.segment_ok(st, j0, j1, widths[0], active[0], B)
+            p = None
             if static:
                 if x is not None:
                     st.ws.static_x.copy_(x)
                     x = None
-                out = self._segment(st, path, j0, j1, widths[0], active[0], g if active[0] else None, L)
-                self._segment_flops(st, j0, j1, widths[0], active[0], flops)
+                out = self.static.run(st, path, j0, j1, widths[0], active[0], g if active[0] else None, L)
+                self.static.note_stores(st, j0, j1, widths[0], B)
                 logits = out if j1 == n - 1 else None
                 p = out if g is not None and active[0] else None
             else:
                 if x is None:
                     x = st.ws.static_x.clone() if j0 > 0 and path != "eager" else norm(model.transformer.wte(tokens.to(model.get_device())[:, None]))
-                for j in range(j0, j1 + 1):
-                    x = self._block(st, j, x, [w[j] for w in widths], active, flops)
-                p = None
+                x = self._blocks(st, j0, j1, x, widths, active, flops)
+            self._count(st, j0, j1, 1, widths, active, flops)
             ran.add(path if static else "eager")
             if g is not None and any(active):
                 rows = [b for b in range(B) if active[b]]
@@ -438,7 +377,7 @@ class Engine(StaticDecode):
                     p = gate.prob(x[row_index(rows, B, x.device), 0], g)  # (R,) calibrated
                 leave, wide = torch.stack([p > st.exit_threshold, p < st.expand_threshold]).tolist()  # the one read
                 for b, out_, wid in zip(rows, leave, wide):
-                    flops[b] += gate.flops_per_check()
+                    flops[b] += self.flops.gate_check
                     if out_:
                         exit_block[b], active[b] = j1, False
                     elif wid:
@@ -451,7 +390,8 @@ class Engine(StaticDecode):
         if "eager" in ran:
             log_once(logger, f"Engine decode: eager per-block step ({why or 'a segment needs lazily filled KV heads'})")
         st.pos += 1
-        add_flops(flops, range(B), 2 * D * c.vocab_size)
+        for b in range(B):
+            flops[b] += self.flops.head
         return (logits, torch.tensor(exit_block, dtype=torch.long), torch.tensor(widths, dtype=torch.long),
                 torch.tensor(widened), torch.tensor(flops, dtype=torch.float64))
 
@@ -496,7 +436,7 @@ class Engine(StaticDecode):
                 copied.record()
             nxt = None
             if k < max_tokens - 1:
-                full_next = torch.full((B,), float(model.forward_flops_per_token(st.pos + 1)), dtype=torch.float64)
+                full_next = torch.full((B,), float(self.flops.forward(st.pos + 1)), dtype=torch.float64)
                 nxt = self.step(st, tok)
             if cuda:
                 copied.synchronize()
@@ -515,7 +455,7 @@ class Engine(StaticDecode):
         cache = model.new_kv_cache(B, T + max_tokens, dtype=model.lm_head.weight.dtype)
         logits = model(ids, kv_cache=cache)[:, -1]
         D = model.config.n_embd
-        full = float(prompt_full_flops(model, T))
+        full = float(self.flops.prefill(T))
         source, done = "prompt", torch.zeros(B, dtype=torch.bool)
         stop = torch.tensor(sorted(stop_tokens), dtype=torch.long)
         widths = torch.full((B, n), D, dtype=torch.long)
@@ -527,7 +467,7 @@ class Engine(StaticDecode):
             done |= torch.isin(tok.cpu(), stop)
             if k == max_tokens - 1 or bool(done.all()):
                 return
-            full, source = float(model.forward_flops_per_token(cache.pos + 1)), "decode"
+            full, source = float(self.flops.forward(cache.pos + 1)), "decode"
             logits = model(tok[:, None], kv_cache=cache)[:, -1]
 
     def generate_batch(self, prompts, max_tokens, stop_tokens=(), **kwargs):

@@ -1,41 +1,85 @@
 """
 The engine's static-shape decode step: a token's blocks in segments that end at the exit gates, with shapes
 fixed by (key bucket, widths, state, gate), so that a CUDA graph can capture each segment and replay it
-(batch-1 decode is otherwise bound by kernel-launch overhead). Engine (nanochat/engine.py) inherits these
-methods; they read its model, decode setting, weight list (_linears), compiled segment function (_static_fn)
-and its per-block helpers (_project_kv, _place, costs, _kv_cost). tests/test_engine.py compares every segment
-kind with the eager step.
+(batch-1 decode is otherwise bound by kernel-launch overhead). The Engine (nanochat/engine.py) holds one
+StaticDecode and asks it whether a segment can run static, and to run it. A segment calls each block's own
+decode step (HybridBlock.decode) with a StaticCache, the device-indexed view of the caches; the eager step calls
+the same block step with the host-indexed EagerCache, so the two paths compute one function.
+tests/test_engine_static.py compares every segment kind with the eager step.
 """
 import torch
+import torch.nn as nn
 
+from nanochat.common import log_once, get_logger
 from nanochat.layers import norm
 from nanochat.cuda_graphs import replay, weights_version
 
+logger = get_logger(__name__)
 
-def add_flops(flops, rows, amount):
-    for b in rows:
-        flops[b] += amount
+
+class StaticCache:
+    """
+    Block j's view of a Workspace for the token in ws.static_in[0] at the position held on the device in
+    ws.static_in[1], every row at once: K/V written at that position (index_copy), attention over key slots
+    0..L-1 with the later slots masked out, Mamba states stepped in place. Reads nothing back from the device.
+    """
+
+    def __init__(self, model, st, L):
+        self.st, self.j = st, None
+        tok, self.pos = st.ws.static_in
+        self.cos_sin = (model.cos.index_select(1, self.pos), model.sin.index_select(1, self.pos))
+        self.L = L
+        self.keep = (torch.arange(L, device=self.pos.device) <= self.pos).view(1, 1, 1, L)
+
+    def at(self, j):
+        self.j = j
+        return self
+
+    def write_kv(self, attn, rows, idx, xn, w):
+        self.st.cache.store_at(self.j, self.pos, *attn.kv_to_store(xn, w, self.cos_sin, self.st.all_heads), xn)
+
+    def read_kv(self, attn, rows, idx, w):
+        k, v = self.st.cache.view(self.j, idx, attn.heads_at(w)[1], self.L)
+        return k, v, self.keep
+
+    def step_mamba(self, mamba, xn):
+        conv_state, ssm_state = self.st.ssm[self.j]
+        return mamba.step(xn, conv_state, ssm_state)[0]
 
 
 class StaticDecode:
-    """Engine's decode paths "static", "graph" and "compiled" (see Engine's docstring)."""
+    """The Engine's decode paths "static", "graph" and "compiled" (see Engine's docstring)."""
     STATIC_MIN_KEYS = 256  # the smallest key bucket of the static step (tests lower it to cross buckets)
     COMPILE_LIMIT = 256    # decode="compiled": segment kinds compiled (shared by all Engines of a process) before
                            # dynamo runs new ones uncompiled
 
-    def _wanted_path(self):
+    def __init__(self, model, decode, compile_backend="inductor"):
+        self.model, self.decode = model, decode
+        self.linears = [m for m in model.modules() if isinstance(m, nn.Linear)]  # weights a graph captures
+        # what a static segment runs: segment itself, or compiled (compile_backend: tests use aot_eager)
+        self.fn = self.segment
+        if decode == "compiled":
+            compiled = torch.compile(self.segment, dynamic=False, backend=compile_backend)
+
+            def fn(*args):  # one compile per segment kind: more kinds than dynamo's default limit of 8
+                with torch._dynamo.config.patch(recompile_limit=self.COMPILE_LIMIT):
+                    return compiled(*args)
+            self.fn = fn
+            log_once(logger, f"Engine decode: static segments compiled by torch.compile ({compile_backend})")
+
+    def wanted_path(self):
         """What `decode` asks for on this device, before any state's conditions: "graph", "static" or "eager"."""
         cuda = self.model.get_device().type == "cuda"
         if self.decode == "auto":
             return "graph" if cuda else "eager"
-        if self.decode == "compiled":  # static_fn is compiled; captured as graphs where graphs exist
+        if self.decode == "compiled":  # fn is compiled; captured as graphs where graphs exist
             return "graph" if cuda else "static"
         return self.decode
 
-    def _static_path(self, st, B):
+    def path(self, st, B):
         """(path, reason): "graph" or "static" when st's next token may run static segments, else ("eager", why)."""
         model = self.model
-        want = self._wanted_path()
+        want = self.wanted_path()
         if want == "eager":
             return "eager", "decode='auto' off CUDA" if self.decode == "auto" else "decode='eager'"
         if want == "graph" and model.get_device().type != "cuda":
@@ -52,7 +96,7 @@ class StaticDecode:
             return "eager", "no room left"  # the eager step raises the error
         return want, None
 
-    def _segment_ok(self, st, j0, j1, widths, active, B):
+    def segment_ok(self, st, j0, j1, widths, active, B):
         """Whether blocks j0..j1 can run static: an active token's queries need every KV head already stored."""
         if not active:
             return True  # an exited token only stores K/V and steps Mamba states
@@ -60,7 +104,7 @@ class StaticDecode:
         return all(st.cache.covers(j, range(B), h[j].attn.heads_at(widths[j])[1], st.pos)
                    for j in range(j0, j1 + 1) if j in st.cache.k)
 
-    def _prepare_static(self, st, tokens):
+    def prepare(self, st, tokens):
         """The static inputs for this token; returns the key bucket L (a power of two > position, capped)."""
         model, pos = self.model, st.pos
         B, dev = tokens.size(0), model.get_device()
@@ -68,8 +112,8 @@ class StaticDecode:
             if not st.all_heads and model.transformer.h[j].attn.heads_at(int(st.plan[:, j].min()))[1] < st.cache.n_kv_head:
                 st.cache.ensure_xn(j)
         ws = st.ws
-        if ws.graphs and ws.weights_version != weights_version(self._linears):  # weights changed since the captures:
-            ws.graphs.clear()                                                     # capture again (new weight copies)
+        if ws.graphs and ws.weights_version != weights_version(self.linears):  # weights changed since the captures:
+            ws.graphs.clear()                                                    # capture again (new weight copies)
             ws.weight_copies.clear()
         if ws.static_in is None:
             ws.static_in = (torch.zeros(B, dtype=torch.long, device=dev), torch.zeros(1, dtype=torch.long, device=dev))
@@ -78,65 +122,40 @@ class StaticDecode:
         ws.static_in[1].fill_(pos)
         return min(st.cache.max_len, max(self.STATIC_MIN_KEYS, 1 << pos.bit_length()))
 
-    def static_segment(self, st, j0, j1, widths, active, gate, L):
+    def segment(self, st, j0, j1, widths, active, gate, L):
         """
         Blocks j0..j1 of the token in st.ws.static_in[0] at the position in st.ws.static_in[1], every row at plan
         `widths` (one width per block) and in one state: active (the whole block) or exited (K/V stores and
-        Mamba state steps only, the residual frozen). Attention covers key slots 0..L-1 (L > position, later
-        slots masked out). The residual comes from the embedding (j0 = 0) or st.ws.static_x, and goes back to
-        st.ws.static_x. Returns the logits (B, V) after the last block, the gate's probabilities (B,) when `gate`
-        is given, else None. Reads and writes device tensors only, with shapes fixed by the arguments: a CUDA
-        graph can capture it. Host-side bookkeeping is step()'s.
+        Mamba state steps only, the residual frozen). The residual comes from the embedding (j0 = 0) or
+        st.ws.static_x, and goes back to st.ws.static_x. Returns the logits (B, V) after the last block, the gate's
+        probabilities (B,) when `gate` is given, else None. Device tensors only, with shapes fixed by the
+        arguments: a CUDA graph can capture it. Host-side bookkeeping is the engine's (and note_stores').
         """
-        model, cache = self.model, st.cache
-        tok, pos = st.ws.static_in
-        cos_sin = (model.cos.index_select(1, pos), model.sin.index_select(1, pos))
-        keep = (torch.arange(L, device=pos.device) <= pos).view(1, 1, 1, L)
-        x = norm(model.transformer.wte(tok[:, None])) if j0 == 0 else st.ws.static_x  # (B, 1, D)
+        model = self.model
+        view = StaticCache(model, st, L)
+        x = norm(model.transformer.wte(st.ws.static_in[0][:, None])) if j0 == 0 else st.ws.static_x  # (B, 1, D)
+        rows = range(x.size(0))
         for j in range(j0, j1 + 1):
-            block, w = model.transformer.h[j], widths[j]
-            xn = norm(x)
-            if block.mixer_kind == "A":
-                attn = block.attn
-                cache.store_at(j, pos, *self._project_kv(st, attn, xn, w, cos_sin), xn)
-                if active:
-                    k, v = cache.view(j, slice(None), attn.heads_at(w)[1], L)
-                    x = x + self._place(None, x, slice(None), w, attn.query_attend(xn, w, cos_sin, k, v, keep=keep))
-            else:
-                conv_state, ssm_state = st.ssm[j]
-                y = block.mamba.step(xn, conv_state, ssm_state)[0]
-                if active:
-                    x = x + y
-            if active and block.ffn_kind != "N":
-                xw = norm(x)[:, :, :w]
-                x = x + self._place(None, x, slice(None), w, block.mlp(xw, w) if block.ffn_kind == "D" else block.moe(xw, width=w))
+            group = [(widths[j], rows, slice(None))]
+            x = model.transformer.h[j].decode(x, view.at(j), group, group if active else [])
         if j1 == model.config.n_layer - 1:
             return model.readout(x[:, 0])
         st.ws.static_x.copy_(x)
         return model.controllers.gate.prob(x[:, 0], gate) if gate is not None else None
 
-    def _segment(self, st, path, j0, j1, widths, active, gate, L):
+    def run(self, st, path, j0, j1, widths, active, gate, L):
+        """segment() on the static path, or replayed as a CUDA graph (captured on first use) on the graph path."""
         args = (st, j0, j1, widths, active, gate, L)
         if path == "static":
-            return self._static_fn(*args)
+            return self.fn(*args)
         cast = torch.get_autocast_dtype("cuda") if torch.is_autocast_enabled("cuda") else None
         key = (j0, j1, L, tuple(widths[j0:j1 + 1]), active, gate, st.all_heads, cast)
         states = [t for pair in st.ssm.values() for t in pair] + [st.ws.static_x]  # what the warm-up steps
-        return replay(st.ws, key, lambda: self._static_fn(*args), states, cast, self._linears)
+        return replay(st.ws, key, lambda: self.fn(*args), states, cast, self.linears)
 
-    def _segment_flops(self, st, j0, j1, widths, active, flops):
-        """What the eager step counts for blocks j0..j1, in its order; and the cache's host-side summary."""
-        model, D, pos = self.model, self.model.config.n_embd, st.pos
-        rows = range(len(flops))
+    def note_stores(self, st, j0, j1, widths, B):
+        """The cache's host-side summary of what a static segment stored (the eager store writes its own)."""
         for j in range(j0, j1 + 1):
-            block, w = model.transformer.h[j], widths[j]
-            if block.mixer_kind == "A":
-                st.cache.note_store(j, rows, pos, 1, st.cache.n_kv_head if st.all_heads else block.attn.heads_at(w)[1])
-                cost = self.costs(j, w)
-                add_flops(flops, rows, self._kv_cost(st, j, w))
-                if active:
-                    add_flops(flops, rows, cost["qo"] + (pos + 1) * cost["score"])
-            else:
-                add_flops(flops, rows, self.costs(j, D)["mamba"])
-            if active and block.ffn_kind != "N":
-                add_flops(flops, rows, self.costs(j, w)["ffn"])
+            if j in st.cache.k:
+                hkv = st.cache.n_kv_head if st.all_heads else self.model.transformer.h[j].attn.heads_at(widths[j])[1]
+                st.cache.note_store(j, range(B), st.pos, 1, hkv)

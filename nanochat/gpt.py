@@ -17,6 +17,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from nanochat.flops import flop_table
 from nanochat.layers import (norm, rotary_inv_freq, rotary_cos_sin, apply_rotary_emb, attention, softcap,
                              linear_init_std, sample_next_token)
 
@@ -196,24 +197,12 @@ class GPT(nn.Module):
     def num_params(self):
         return sum(p.numel() for p in self.parameters())
 
+    # FLOPs: nanochat/flops.py holds the one table and its convention (this GPT is its all-attention case)
     def forward_flops_per_token(self, context_len):
-        """
-        Forward FLOPs for one token that attends over `context_len` positions.
-        Convention: 2 FLOPs per multiply-accumulate; every matmul with a weight matrix counts
-        (embedding lookup does not); attention scores and the weighted sum of values count
-        2 * 2 * n_head * head_dim * context_len per layer; norms, softmax and rotary are ignored.
-        """
-        c = self.config
-        hd = self.head_dim
-        per_layer = 2 * (c.n_embd * c.n_head * hd + 2 * c.n_embd * c.n_kv_head * hd + c.n_embd * c.n_embd)
-        per_layer += 2 * (2 * c.n_embd * 4 * c.n_embd)
-        per_layer += 4 * c.n_head * hd * context_len
-        return c.n_layer * per_layer + 2 * c.n_embd * c.vocab_size
+        return flop_table(self).forward(context_len)
 
     def estimate_flops(self):
-        """Training FLOPs per token at full sequence length (forward + backward = 3x forward), for MFU.
-        Uses the mean causal context (T/2 + 1/2 ~ T/2) for attention."""
-        return 3 * self.forward_flops_per_token(self.config.sequence_len / 2)
+        return flop_table(self).training()
 
     @torch.inference_mode()
     def generate(self, tokens, max_tokens, temperature=1.0, top_k=None, seed=42):

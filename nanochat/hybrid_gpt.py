@@ -37,6 +37,7 @@ from nanochat.matryoshka import (default_width_levels, validate_levels, expand_p
                                  MatryoshkaMLP)
 from nanochat.checkpoint_manager import register_model_kind
 from nanochat.common import get_logger, log_once
+from nanochat.flops import flop_table
 
 logger = get_logger(__name__)
 
@@ -189,6 +190,17 @@ def make_moe(config):
                drop_tokens=config.moe_drop_tokens, straight_gate=config.moe_straight_gate)
 
 
+def place_update(y, x, idx, w, out):
+    """Put a row group's sublayer output out (R, T, w) into y, the block's update (B, T, D) for x (None: nothing
+    placed yet). A group of every row at full width is the update itself."""
+    if y is None and isinstance(idx, slice) and w == x.size(-1):
+        return out.to(x.dtype)
+    if y is None:
+        y = torch.zeros_like(x)
+    y[idx, :, :w] = out.to(y.dtype)  # bf16 under autocast
+    return y
+
+
 class HybridBlock(nn.Module):
     def __init__(self, config, layer_idx):
         super().__init__()
@@ -248,6 +260,44 @@ class HybridBlock(nn.Module):
                 yw = self.moe(xn[..., :w], mask=sel if mask is None else sel & mask, width=w)
             y = torch.where(sel.unsqueeze(-1), F.pad(yw, (0, self.n_embd - w)), y)
         return y
+
+    def decode(self, x, cache, groups, live):
+        """
+        The block on new positions with caches: the engine's prefill and decode step, eager or static (this
+        module's docstring gives the function; HybridGPT.forward with per-token widths and exits is its reference).
+        x (B, T, D): the residual at the cache's next positions. groups: [(w, rows, idx)], every row under the
+        width it runs at, idx indexing those rows on the device; live: the groups whose residual still changes.
+        An exited row only feeds the mixer's cache: its K/V written, or its Mamba state stepped. cache: this
+        block's view of the caches (engine.EagerCache or engine_static.StaticCache): write_kv, read_kv,
+        step_mamba and cos_sin. Returns the new residual.
+        """
+        xn = norm(x)
+        if self.mixer_kind == "A":
+            for w, rows, idx in groups:  # every row's K/V before any query reads them
+                cache.write_kv(self.attn, rows, idx, xn[idx], w)
+            y = None
+            for w, rows, idx in live:
+                k, v, keep = cache.read_kv(self.attn, rows, idx, w)
+                y = place_update(y, x, idx, w, self.attn.query_attend(xn[idx], w, cache.cos_sin, k, v, keep=keep))
+        else:
+            y = cache.step_mamba(self.mamba, xn)  # every row steps its state; exited rows' output is dropped
+            n_live = sum(len(rows) for _, rows, _ in live)
+            if n_live == 0:
+                y = None
+            elif n_live < x.size(0):
+                keep = torch.zeros(x.size(0), 1, 1, dtype=torch.bool, device=x.device)
+                for _, _, idx in live:
+                    keep[idx] = True
+                y = torch.where(keep, y, torch.zeros_like(y))
+        if y is not None:
+            x = x + y
+        if self.ffn_kind != "N" and live:
+            xn, y = norm(x), None
+            for w, rows, idx in live:
+                xw = xn[idx, :, :w]
+                y = place_update(y, x, idx, w, self.mlp(xw, w) if self.ffn_kind == "D" else self.moe(xw, width=w))
+            x = x + y
+        return x
 
     def forward(self, x, w, cos_sin, cache=None, mask=None):
         x = x + self.mix(x, w, cos_sin, cache, mask)
@@ -482,55 +532,15 @@ class HybridGPT(nn.Module):
                  if b.ffn_kind == "E" and getattr(b.moe, "aux_loss", None) is not None]
         return torch.stack(terms).sum() if terms else torch.zeros((), device=self.get_device())
 
-    # ---- FLOPs --------------------------------------------------------------------------------
+    # ---- FLOPs (nanochat/flops.py holds the one table and its convention) -----------------------
     def flops_breakdown(self, context_len, width=None):
-        """
-        Forward FLOPs for one token per block and component, for a plan (None = full width).
-        Convention: 2 FLOPs per multiply-accumulate of every weight matmul (embedding lookup free);
-        attention scores + weighted values: 4 * heads_used * head_dim * context_len; Mamba conv:
-        2 * channels * d_conv; selective scan: 6 * d_inner * d_state (state decay and input
-        multiply-adds plus the C readout, the recurrent view; Mamba-2's chunked algorithm is counted
-        the same); MoE: the router plus top_k experts' matmuls; norms, softmax, rotary,
-        activations and gating are ignored. Returns a list of dicts, one per block, plus the head.
-        """
-        c = self.config
-        plan = expand_plan(width, c.n_layer, c.n_embd)
-        check_plan(plan, c.n_embd, c.head_dim)
-        D, hd = c.n_embd, c.head_dim
-        rows = []
-        for j, block in enumerate(self.transformer.h):
-            w = plan[j]
-            row = {"block": j, "kind": block.mixer_kind + block.ffn_kind, "width": w}
-            if block.mixer_kind == "A":
-                h, hkv = block.attn.heads_at(w)
-                row["attn_proj"] = 2 * w * (h * hd + 2 * hkv * hd) + 2 * h * hd * w
-                row["attn_scores"] = 4 * h * hd * context_len
-            else:
-                m = block.mamba
-                row["mamba_proj"] = 2 * (m.in_proj.weight.numel() + m.out_proj.weight.numel())
-                if hasattr(m, "x_proj"):
-                    row["mamba_proj"] += 2 * (m.x_proj.weight.numel() + m.dt_proj.weight.numel())
-                conv_channels = m.conv1d.weight.shape[0]
-                row["mamba_conv"] = 2 * conv_channels * c.d_conv
-                d_inner = c.expand * D
-                row["mamba_scan"] = 6 * d_inner * c.d_state
-            if block.ffn_kind == "D":
-                hw = c.mlp_hidden * w // D
-                row["mlp"] = 2 * 2 * w * hw
-            elif block.ffn_kind == "E":
-                hw = c.expert_dim * w // D
-                row["moe"] = 2 * w * c.num_experts + c.moe_top_k * 2 * 2 * w * hw
-            row["total"] = sum(v for k, v in row.items() if k not in ("block", "kind", "width"))
-            rows.append(row)
-        rows.append({"block": "head", "kind": "head", "width": D, "head": 2 * D * c.vocab_size, "total": 2 * D * c.vocab_size})
-        return rows
+        return flop_table(self).breakdown(context_len, width)
 
     def forward_flops_per_token(self, context_len, width=None):
-        return sum(r["total"] for r in self.flops_breakdown(context_len, width))
+        return flop_table(self).forward(context_len, width)
 
     def estimate_flops(self, width=None):
-        """Training FLOPs per token (3x forward) at the mean causal context of a full sequence, for MFU."""
-        return 3 * self.forward_flops_per_token(self.config.sequence_len / 2, width)
+        return flop_table(self).training(width)
 
 
 register_model_kind("hybrid", HybridConfig, HybridGPT)

@@ -11,6 +11,7 @@ MatryoshkaAttention and MatryoshkaMLP (at the end) are the sliceable sublayers H
 """
 import math
 import random
+from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
@@ -18,8 +19,28 @@ import torch.nn.functional as F
 
 from nanochat.layers import norm, apply_rotary_emb, attention
 
-# compute modes: a fixed width for every block ("think" = full); "auto" uses the predictor + gates
-MODE_WIDTHS = {"ghost": 128, "whisper": 512, "normal": 1024, "think": None}
+
+
+@dataclass(frozen=True)
+class Mode:
+    """A named compute mode: one width for every block (snapped down to the model's levels; None = full width) or
+    the width predictor's plan (`predicted`), and the exit gates' thresholds on the calibrated probability that
+    exiting is safe: exit above exit_threshold, widen the rest of the token below expand_threshold (1.0 / 0.0 =
+    off). Explicit thresholds given to the engine replace these defaults."""
+    width: int = None
+    predicted: bool = False
+    exit_threshold: float = 1.0
+    expand_threshold: float = 0.0
+
+
+# the compute modes, cheapest first; every script and the engine read them from here
+MODES = {
+    "ghost": Mode(width=128),
+    "whisper": Mode(width=512),
+    "normal": Mode(width=1024),
+    "think": Mode(width=None),
+    "auto": Mode(predicted=True, exit_threshold=0.95, expand_threshold=0.5),
+}
 
 
 def default_width_levels(n_embd, head_dim, smallest=128):
@@ -76,10 +97,12 @@ def snap_to_level(width, levels):
 
 
 def mode_plan(mode, levels, n_blocks):
-    """A fixed plan for a named compute mode, snapped to the model's levels."""
-    if mode not in MODE_WIDTHS:
-        raise ValueError(f"unknown mode {mode!r}; choose from {sorted(MODE_WIDTHS)} or 'auto'")
-    return [snap_to_level(MODE_WIDTHS[mode], levels)] * n_blocks
+    """The fixed plan of a named compute mode, snapped to the model's levels (a predicted mode has none)."""
+    if mode not in MODES:
+        raise ValueError(f"unknown mode {mode!r}; choose from {tuple(MODES)}")
+    if MODES[mode].predicted:
+        raise ValueError(f"mode {mode!r} takes its plan from the width predictor, not a fixed width")
+    return [snap_to_level(MODES[mode].width, levels)] * n_blocks
 
 
 def sample_plans(levels, n_blocks, rng, n_random=1, per_block=True):
@@ -150,6 +173,15 @@ class MatryoshkaAttention(nn.Module):
         v = F.linear(xn, self.c_v.weight[a * hd:need * hd]).view(B, T, need - a, hd)
         k = norm(apply_rotary_emb(k, *cos_sin))
         return k.transpose(1, 2), v.transpose(1, 2)
+
+    def kv_to_store(self, xn, w, cos_sin, all_heads):
+        """K, V (B, heads, T, hd) a cache stores for xn (B, T, n_embd) run at width w: its own heads, and with
+        all_heads the heads it lacks too (lacked_kv), so that a wider query never waits for a fill."""
+        k, v = self.project_kv(xn, w, cos_sin)
+        if all_heads and k.size(1) < self.n_kv_head:
+            kl, vl = self.lacked_kv(xn, k.size(1), self.n_kv_head, cos_sin)
+            k, v = torch.cat([k, kl], 1), torch.cat([v, vl], 1)
+        return k, v
 
     def query_attend(self, xn, w, cos_sin, k, v, keep=None):
         """

@@ -12,7 +12,7 @@ One dial: --depth sets the width (depth * 64) and the heads (head_dim 128, as na
 Checkpoints go to --out-dir (default <base_dir>/base_checkpoints/d<depth>) with the tokenizer
 copied beside them; --resume continues from the latest one exactly where it stopped.
 
-FLOP convention for MFU (gpt.forward_flops_per_token): 2 FLOPs per multiply-accumulate of every
+FLOP convention for MFU (nanochat/flops.py, the one FLOP table): 2 FLOPs per multiply-accumulate of every
 matmul, attention over the mean causal context (T/2), training = 3x forward; peak dense bf16
 FLOP/s per GPU from train_utils.peak_flops (H100/H200 989.4e12); n/a on CPU and unknown GPUs.
 """

@@ -17,12 +17,12 @@ import copy
 import torch
 
 from nanochat.engine import Engine
-from nanochat.matryoshka import MODE_WIDTHS, mode_plan
+from nanochat.matryoshka import MODES, mode_plan
 from nanochat.confidence_probe import gate_scores, reliability_table
 from tiny_experiment.tasks import DIFFICULTIES, encode_problem, exact_match
 
 MAX_TOKENS = 6  # the longest completion is '=', two digits, newline: 4 tokens
-NAMED_MODES = tuple(MODE_WIDTHS)  # ghost, whisper, normal, think
+NAMED_MODES = tuple(m for m, mode in MODES.items() if not mode.predicted)  # ghost, whisper, normal, think
 
 
 def prompts_of(tokenizer, problems):

@@ -1,0 +1,59 @@
+"""The tiny models and checks the engine tests share (tests/test_engine.py, tests/test_engine_static.py)."""
+import importlib.util
+
+import torch
+
+from nanochat.hybrid_gpt import HybridGPT, HybridConfig
+
+from testutil import fill_zero_matrices
+
+HAS_MAMBA = importlib.util.find_spec("nanochat.mamba_block") is not None
+HAS_MOE = importlib.util.find_spec("nanochat.moe") is not None
+V = 96
+ATOL = 1e-4
+
+
+def tiny_config(**kw):
+    base = dict(sequence_len=32, vocab_size=V, n_layer=4, n_head=4, n_kv_head=2, n_embd=64, layer_pattern="A",
+                ffn_pattern="D", d_state=8, d_conv=4, expand=2, mamba_headdim=16, num_experts=4, expert_dim=64,
+                capacity_factor=4.0, width_levels=[16, 32, 48, 64], gate_hidden=16, predictor_hidden=16)
+    base.update(kw)
+    return HybridConfig(**base)
+
+
+def build(seed=0, **kw):
+    """A tiny model whose residual writers are non-zero and whose gates give varied decisions
+    (random gate weights, each gate's bias centring its logits on random text)."""
+    torch.manual_seed(seed)
+    model = HybridGPT(tiny_config(**kw))
+    model.init_weights()
+    g = torch.Generator().manual_seed(seed)
+    fill_zero_matrices(model, 0.3, g)
+    with torch.no_grad():
+        gate = model.controllers.gate
+        for p, std in ((gate.fc.weight, 0.15), (gate.gate_embed, 0.3), (gate.out.weight, 1.0)):
+            p.copy_(torch.randn(p.shape, generator=g) * std)
+        model.eval()
+        out = model(torch.randint(0, model.config.vocab_size, (4, 16), generator=g), return_exits=True)
+        for i in range(gate.n_gates):
+            gate.out_bias[i] -= gate.logits(out.exit_hidden[i], i).median()
+    return model
+
+
+def check_against_forward(model, res, atol=ATOL):
+    """Every step's logits equal the per-token-width forward given the same decisions."""
+    dev = model.get_device()
+    idx, widths, exit_after = (t.to(dev) for t in res.reference_inputs())
+    with torch.no_grad():
+        ref = model(idx, width=widths, exit_after=exit_after)
+    Tp = len(res.prompts[0])
+    for k, s in enumerate(res.steps):
+        torch.testing.assert_close(s.logits, ref[:, Tp - 1 + k], rtol=0, atol=atol)
+
+
+def decode_steps(eng, prompt, n, **kw):
+    st, logits, _, _ = eng.prefill(prompt, max_len=16, **kw)
+    out = [logits]
+    for _ in range(n):
+        out.append(eng.step(st, out[-1].argmax(-1))[0])
+    return st, out
