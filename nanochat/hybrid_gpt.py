@@ -237,9 +237,8 @@ class HybridBlock(nn.Module):
         xn = norm(x)
         y = torch.zeros_like(x)
         levels = widths.unique().tolist()
-        if self.ffn_kind == "E":  # expert parallel: every rank calls the union of the ranks' levels (moe_ep)
-            from nanochat.moe_ep import levels_for_call
-            levels = levels_for_call(self.moe, levels)
+        if self.ffn_kind == "E":  # the MoE says which levels to call (expert parallel: the same on every rank)
+            levels = self.moe.levels_for_call(levels)
         for w in sorted(levels):
             sel = widths == w  # (B, T)
             if self.ffn_kind == "D":

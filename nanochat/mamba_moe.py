@@ -1,7 +1,7 @@
 """
 The Mamba + MoE model (the "Mamba R1" seed API): alternating Mamba mixers and MoE FFNs over float embeddings
 (or tokens, with vocab_size), with rotary position information plus learnable positional parameters.
-`from nanochat.moe import create_mamba_moe` is the public entry point; the model is here to keep moe.py the FFN.
+`from nanochat.mamba_moe import create_mamba_moe` is the public entry point; nanochat/moe.py is the MoE FFN alone.
 """
 import torch
 import torch.nn as nn
