@@ -177,7 +177,8 @@ def rotary_inv_freq_grown(rotary_dims, device=None):
 
 
 def make_mamba(config, layer_idx):
-    from nanochat.mamba_block import Mamba, Mamba2
+    from nanochat.mamba_block import Mamba
+    from nanochat.mamba2_block import Mamba2
     cls = Mamba if config.mamba_version == 1 else Mamba2
     return cls(layer_idx=layer_idx, **config.mamba_kwargs())
 
