@@ -315,7 +315,7 @@ class MoE(nn.Module):
             cap = None if path == "grouped_mm" else (
                 min(capacity, n) if capacity is not None else (int(kept_counts.max()) if n > 0 else 0))
             ys = self.run_experts(xs, kept_counts, self.w_in[:, :h_w, :w].to(cdtype),
-                                   self.w_out[:, :w, :h_w].to(cdtype), path, cap)
+                                  self.w_out[:, :w, :h_w].to(cdtype), path, cap)
         if keep_row is not None:
             ys = torch.where(keep_row[:, None], ys, 0.0)  # dropped rows: exactly 0, also when ys there is NaN
         ys = permute_rows(ys, inv, order)  # (nk, w) in slot order

@@ -146,7 +146,7 @@ class ExpertParallel:
             h_v = moe.expert_dim * v // moe.dim
             path, _ = moe.pick_path(cdtype, dev, v, h_v)
             ys = moe.run_experts(grouped, sizes.sum(0), w_in_l[:, :h_v, :v].to(cdtype),
-                                  w_out_l[:, :v, :h_v].to(cdtype), path, cap)
+                                 w_out_l[:, :v, :h_v].to(cdtype), path, cap)
             ys = permute_rows(ys, pos, perm)  # back to source-major
             for s, y in zip(srcs, ys.split([recv_rows[s] for s in srcs])):
                 outs[s] = y
