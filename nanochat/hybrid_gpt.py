@@ -178,7 +178,8 @@ def rotary_inv_freq_grown(rotary_dims, device=None):
 
 
 def make_mamba(config, layer_idx):
-    from nanochat.mamba_block import Mamba, Mamba2
+    from nanochat.mamba_block import Mamba
+    from nanochat.mamba2_block import Mamba2
     cls = Mamba if config.mamba_version == 1 else Mamba2
     return cls(layer_idx=layer_idx, **config.mamba_kwargs())
 
@@ -249,9 +250,8 @@ class HybridBlock(nn.Module):
         xn = norm(x)
         y = torch.zeros_like(x)
         levels = widths.unique().tolist()
-        if self.ffn_kind == "E":  # expert parallel: every rank calls the union of the ranks' levels (moe_ep)
-            from nanochat.moe_ep import levels_for_call
-            levels = levels_for_call(self.moe, levels)
+        if self.ffn_kind == "E":  # the MoE says which levels to call (expert parallel: the same on every rank)
+            levels = self.moe.levels_for_call(levels)
         for w in sorted(levels):
             sel = widths == w  # (B, T)
             if self.ffn_kind == "D":

@@ -1,7 +1,7 @@
 """
 The Mamba + MoE model (the "Mamba R1" seed API): alternating Mamba mixers and MoE FFNs over float embeddings
 (or tokens, with vocab_size), with rotary position information plus learnable positional parameters.
-`from nanochat.moe import create_mamba_moe` is the public entry point; the model is here to keep moe.py the FFN.
+`from nanochat.mamba_moe import create_mamba_moe` is the public entry point; nanochat/moe.py is the MoE FFN alone.
 """
 import torch
 import torch.nn as nn
@@ -56,7 +56,8 @@ class MambaMoEModel(nn.Module):
     def __init__(self, dim, depth, d_state=64, d_conv=4, expand=2, num_experts=8, expert_dim=2048, max_seq_len=2048,
                  vocab_size=None, mamba_version=1, moe_kwargs=None, mamba_kwargs=None, device=None):
         super().__init__()
-        from nanochat.mamba_block import Mamba, Mamba2  # the mixers' own module, imported when a model is built
+        from nanochat.mamba_block import Mamba  # the mixers' modules, imported when a model is built
+        from nanochat.mamba2_block import Mamba2
         if mamba_version not in (1, 2):
             raise ValueError(f"mamba_version={mamba_version}: use 1 (Mamba) or 2 (Mamba2)")
         self.config = dict(dim=dim, depth=depth, d_state=d_state, d_conv=d_conv, expand=expand, num_experts=num_experts,

@@ -27,9 +27,9 @@ would be NaN) and their gradients never reach x. `moe_reference` is the plain pe
 are tested against. Router: F.linear in fp32; for CUDA bf16 tokens _RouterLogitsSplit, which skips the fp32
 copy of x (weight split into two bf16 halves, fp32 accumulation; more accurate than TF32).
 
-Expert parallelism (experts sharded over ranks, rows exchanged by all_to_all) is applied from outside:
-nanochat.moe_ep. create_mamba_moe / MambaMoEModel (layers of Mamba mixer + MoE FFN) are defined in
-nanochat.mamba_moe and importable from here.
+Where the experts run is decided from outside the model: MoE.expert_dispatch (None: here, on the full w_in and
+w_out) is the hook that expert parallelism (nanochat.moe_ep, experts sharded over ranks, rows exchanged by
+all_to_all) installs; this file never imports it. The Mamba + MoE model (create_mamba_moe) is nanochat.mamba_moe.
 """
 import math
 
@@ -104,6 +104,15 @@ class MoE(nn.Module):
     expert's first h_w = expert_dim * w // dim hidden units (w_in[:, :h_w, :w], w_out[:, :w, :h_w]).
     update_bias(): aux-loss-free balancing (DeepSeek-V3): expert_bias += rate * sign(mean load - load),
     load = routing choices counted over the training forwards since the last update (summed over ranks).
+
+    expert_dispatch: None, or an object installed from outside (nanochat.moe_ep.shard_experts) that runs the
+    expert computation elsewhere. It has two methods:
+      run(moe, xs, kept_counts, cdtype) -> ys   xs (n*k, w) rows in cdtype, grouped by expert with the kept rows
+          first (kept_counts (E,) of them per expert, in expert order); ys (n*k, w): the experts' outputs for
+          the kept rows (what the other rows hold is masked to 0 afterwards). It may use the public helpers
+          run_experts, pick_path and permute_rows.
+      levels_for_call(moe, levels) -> sorted levels   the widths a per-token-width forward must call this MoE
+          at (see MoE.levels_for_call), e.g. the same on every rank when each call is a collective.
     """
 
     def __init__(self, dim, num_experts, expert_dim, top_k=1, capacity_factor=1.0, min_capacity=4,
@@ -131,7 +140,7 @@ class MoE(nn.Module):
             self.register_buffer("_load_accum", torch.zeros(num_experts, device=device, dtype=torch.long), persistent=False)
         self.aux_loss = self.z_loss = None
         self._stats = None  # (kept per expert (E,), dropped ()) of the last forward, device tensors
-        self.ep_group = None  # a process group once nanochat.moe_ep.shard_experts shards the experts over it
+        self.expert_dispatch = None  # runs the experts elsewhere once installed from outside (see the docstring)
         if torch.device(device if device is not None else "cpu").type != "meta":
             self.init_weights()
 
@@ -236,7 +245,16 @@ class MoE(nn.Module):
         self.aux_loss = self.num_experts * (f * P).sum()
         self.z_loss = torch.logsumexp(logits, dim=-1).square().mean()
 
-    def _pick_path(self, dtype, device, w, h_w):
+    def levels_for_call(self, levels):
+        """The width levels, sorted, that a per-token-width forward (one call per level, each with the tokens of
+        that level) calls this MoE at: its own, or those expert_dispatch decides (e.g. the union over the ranks
+        of an expert-parallel group, where a rank with no token at a level calls it with none)."""
+        levels = sorted(levels)
+        return levels if self.expert_dispatch is None else self.expert_dispatch.levels_for_call(self, levels)
+
+    def pick_path(self, dtype, device, w, h_w):
+        """(path, why): the expert kernel for compute dtype and device at input width w, hidden width h_w:
+        "grouped_mm" or "bmm", as self.dispatch asks and grouped_mm_supported allows."""
         if self.dispatch == "bmm":
             return "bmm", "forced by dispatch='bmm'"
         ok, why = grouped_mm_supported(dtype, device, (w, h_w, self.dim, self.expert_dim))
@@ -287,21 +305,20 @@ class MoE(nn.Module):
             keep_row = ar < n_kept  # (nk,) rows that belong to an expert's group
         order = torch.empty_like(inv).scatter_(0, inv, ar)  # (nk,) the inverse permutation
 
-        path, why = self._pick_path(cdtype, dev, w, h_w)
+        path, why = self.pick_path(cdtype, dev, w, h_w)
         log_once(logger, f"MoE expert dispatch: {path} ({why})")  # so a run's log says which expert kernel it used
         xs = _TokensToRows.apply(xr.to(cdtype), order, inv, keep_row, k)  # (nk, w) tokens grouped by expert
-        if self.ep_group is not None:  # experts sharded over ranks (nanochat.moe_ep.shard_experts)
-            from nanochat.moe_ep import expert_parallel_rows
-            ys = expert_parallel_rows(self, xs, kept_counts, cdtype)
+        if self.expert_dispatch is not None:  # the experts run elsewhere, e.g. sharded over ranks
+            ys = self.expert_dispatch.run(self, xs, kept_counts, cdtype)
         else:
             # bmm: (E, cap, w) buffers; dropless pads to the largest load, which costs a host sync
             cap = None if path == "grouped_mm" else (
                 min(capacity, n) if capacity is not None else (int(kept_counts.max()) if n > 0 else 0))
-            ys = self._run_experts(xs, kept_counts, self.w_in[:, :h_w, :w].to(cdtype),
-                                   self.w_out[:, :w, :h_w].to(cdtype), path, cap)
+            ys = self.run_experts(xs, kept_counts, self.w_in[:, :h_w, :w].to(cdtype),
+                                  self.w_out[:, :w, :h_w].to(cdtype), path, cap)
         if keep_row is not None:
             ys = torch.where(keep_row[:, None], ys, 0.0)  # dropped rows: exactly 0, also when ys there is NaN
-        ys = _RowsToSlots.apply(ys, order, inv)  # (nk, w) in slot order
+        ys = permute_rows(ys, inv, order)  # (nk, w) in slot order
         gate = gate.to(cdtype)
         out_r = (ys.view(n, k, w) * gate[..., None]).sum(1) if k > 1 else ys * gate  # (n, w)
 
@@ -314,7 +331,7 @@ class MoE(nn.Module):
         out = torch.zeros(B * T, w, device=dev, dtype=out_r.dtype).index_copy(0, real, out_r)
         return out.view(B, T, w)
 
-    def _run_experts(self, xs, sizes, w_in, w_out, path, cap):
+    def run_experts(self, xs, sizes, w_in, w_out, path, cap):
         """
         xs (m, w) rows grouped by expert, sizes (E',) rows per group in order; rows past sizes.sum() are in no
         group. w_in (E', h, w) and w_out (E', w, h) in xs's dtype. Returns (m, w); a row in no group gets
@@ -376,18 +393,24 @@ class _TokensToRows(torch.autograd.Function):
         return (grad.view(-1, k, grad.shape[1]).sum(1) if k > 1 else grad), None, None, None, None
 
 
-class _RowsToSlots(torch.autograd.Function):
-    """ys[inv]: rows back to slot order (a permutation); backward: the gradient gathered by order."""
+class _PermuteRows(torch.autograd.Function):
+    """x[index] for a permutation index of x's rows; backward: the gradient gathered by the inverse permutation."""
 
     @staticmethod
-    def forward(ctx, ys, order, inv):
-        ctx.save_for_backward(order)
-        return ys.index_select(0, inv)
+    def forward(ctx, x, index, inverse):
+        ctx.save_for_backward(inverse)
+        return x.index_select(0, index)
 
     @staticmethod
     def backward(ctx, grad):
-        order, = ctx.saved_tensors
-        return grad.index_select(0, order), None, None
+        inverse, = ctx.saved_tensors
+        return grad.index_select(0, inverse), None, None
+
+
+def permute_rows(x, index, inverse):
+    """x[index], where index permutes x's rows and inverse is its inverse (inverse[index[i]] = i). The backward
+    gathers the gradient by inverse; index_select's own backward would scatter-add it (atomics on CUDA)."""
+    return _PermuteRows.apply(x, index, inverse)
 
 
 def split_router_ok(x):
@@ -477,11 +500,3 @@ def moe_reference(moe, x, mask=None, width=None):
     out = torch.zeros_like(xf).index_copy(0, real, out_r)
     return out.view(B, T, w), torch.tensor(kept, dtype=torch.long), dropped
 
-
-def __getattr__(name):
-    """The Mamba + MoE model lives in nanochat.mamba_moe (which imports this module); `from nanochat.moe import
-    create_mamba_moe` (the seed API) still works, resolved on first use."""
-    if name in ("MambaMoELayer", "MambaMoEModel", "create_mamba_moe", "apply_rotary"):
-        from nanochat import mamba_moe
-        return getattr(mamba_moe, name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

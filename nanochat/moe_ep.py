@@ -5,9 +5,11 @@ forward, two per backward).
 
 Applied from outside the model, like FSDP2: `shard_experts(model, mesh)` turns every MoE's w_in and w_out
 into DTensors sharded on dim 0 (the expert dim) over a 1-D mesh, so rank r holds experts
-[r * E/W, (r + 1) * E/W). The router stays a plain, replicated parameter. What each rank computes is the
-MoE's function on its own tokens: routing, capacity and drops are decided per rank and call, exactly as
-without expert parallelism, so a run on W ranks equals a run on one rank that sees the same micro-batches.
+[r * E/W, (r + 1) * E/W), and installs an ExpertParallel as the MoE's expert_dispatch (MoE's public hook;
+nanochat.moe never imports this module). The router stays a plain, replicated parameter. What each rank
+computes is the MoE's function on its own tokens: routing, capacity and drops are decided per rank and call,
+exactly as without expert parallelism, so a run on W ranks equals a run on one rank that sees the same
+micro-batches.
 
 Gradients: an expert's local gradient already sums the contributions of every rank's tokens. With the
 trainer's DDP convention (loss scaled by 1 / world size, gradients summed) it is the global mean, so the
@@ -17,15 +19,16 @@ DTensors), so an expert-parallel checkpoint loads anywhere.
 
 Every rank must make the same MoE calls in the same order (each call is a collective), with any Matryoshka
 width per rank and call: rows are exchanged as flat buffers with their width, and a rank runs its experts
-once per distinct width it received. `levels_for_call` makes per-token-width forwards (one MoE call per
-width level present) call the same levels on every rank. The exchange reads the row counts on the host
-(one sync per call), so this path is eager only (torch.compiler.disable).
+once per distinct width it received. MoE.levels_for_call (answered here by ExpertParallel.levels_for_call)
+makes per-token-width forwards (one MoE call per width level present) call the same levels on every rank.
+The exchange reads the row counts on the host (one sync per call), so this path is eager only
+(torch.compiler.disable).
 """
 import torch
 import torch.distributed as dist
 import torch.nn as nn
 
-from nanochat.moe import MoE, _RowsToSlots
+from nanochat.moe import MoE, permute_rows
 
 
 def shard_experts(model, mesh):
@@ -47,25 +50,13 @@ def shard_experts(model, mesh):
                 raise ValueError(f"shard_experts: {name} is already a DTensor (sharded twice, or under FSDP2)")
             local = distribute_tensor(p.detach(), mesh, [Shard(0)], src_data_rank=None)
             setattr(m, name, nn.Parameter(local, requires_grad=p.requires_grad))
-        m.ep_group = mesh.get_group()
+        m.expert_dispatch = ExpertParallel(mesh.get_group())
     return len(moes)
 
 
 def is_expert_shard(p):
     """Is p a parameter that shard_experts made (a DTensor), whose gradient must not be all-reduced?"""
     return hasattr(p, "to_local") and hasattr(p, "device_mesh")
-
-
-def levels_for_call(moe, levels):
-    """The width levels a per-token-width forward calls this MoE at: its own (sorted) without expert parallelism,
-    the union over the group's ranks with it (a rank with no token at a level calls it with none)."""
-    levels = sorted(levels)
-    if getattr(moe, "ep_group", None) is None:
-        return levels
-    present = torch.zeros(moe.dim + 1, dtype=torch.int32, device=moe.router.weight.device)
-    present[levels] = 1
-    dist.all_reduce(present, op=dist.ReduceOp.MAX, group=moe.ep_group)
-    return present.nonzero().squeeze(1).tolist()
 
 
 class _AllToAll(torch.autograd.Function):
@@ -102,55 +93,69 @@ def _regroup(sizes, n):
     return perm, pos
 
 
-@torch.compiler.disable
-def expert_parallel_rows(moe, xs, kept_counts, cdtype):
-    """
-    The expert computation of MoE.forward under expert parallelism. xs (nk, w): rows grouped by global expert,
-    the kept ones first (kept_counts (E,) of them per expert, in expert order, so destination rank by rank).
-    Returns ys (nk, w): the experts' outputs for the kept rows, 0 for the others.
-    """
-    group = moe.ep_group
-    W = dist.get_world_size(group)
-    E, El = moe.num_experts, moe.num_experts // W
-    nk, w = xs.shape
-    dev = xs.device
-    # counts per (destination, local expert) plus this rank's width; what every source sends this rank
-    msg = torch.cat([kept_counts.view(W, El), kept_counts.new_full((W, 1), w)], 1)  # (W, El + 1)
-    got = torch.empty_like(msg)
-    dist.all_to_all_single(got, msg.contiguous(), group=group)
-    host = torch.cat([kept_counts, got.reshape(-1)]).tolist()  # the one host sync of the call
-    send_rows = [sum(host[d * El:(d + 1) * El]) for d in range(W)]
-    recv = [host[E + s * (El + 1): E + (s + 1) * (El + 1)] for s in range(W)]  # [counts per local expert..., width]
-    recv_rows = [sum(r[:El]) for r in recv]
-    n_kept = sum(send_rows)
-    send_numel = [c * w for c in send_rows]
-    recv_numel = [recv_rows[s] * recv[s][El] for s in range(W)]  # each source's rows at its own width
+class ExpertParallel:
+    """MoE.expert_dispatch for experts sharded over the ranks of group (what shard_experts installs)."""
 
-    flat = _AllToAll.apply(xs[:n_kept].reshape(-1), recv_numel, send_numel, group)
-    chunks = [c.view(recv_rows[s], recv[s][El]) for s, c in enumerate(flat.split(recv_numel))]
-    outs = list(chunks)  # replaced per source below; a source that sent nothing gets its empty chunk back
-    w_in_l, w_out_l = moe.w_in.to_local(), moe.w_out.to_local()  # (El, H, D), (El, D, H)
-    widths = sorted({recv[s][El] for s in range(W) if recv_rows[s] > 0})
-    for v in widths:
-        srcs = [s for s in range(W) if recv[s][El] == v and recv_rows[s] > 0]
-        rows = torch.cat([chunks[s] for s in srcs]) if len(srcs) > 1 else chunks[srcs[0]]
-        sizes = torch.stack([got[s, :El] for s in srcs])  # (len(srcs), El) on the device
-        perm, pos = _regroup(sizes, rows.shape[0])
-        grouped = _RowsToSlots.apply(rows, pos, perm)  # rows[perm]: expert-major
-        cap = max(sum(recv[s][j] for s in srcs) for j in range(El))  # bmm's rows per expert, from the host copy
-        h_v = moe.expert_dim * v // moe.dim
-        path, _ = moe._pick_path(cdtype, dev, v, h_v)
-        ys = moe._run_experts(grouped, sizes.sum(0), w_in_l[:, :h_v, :v].to(cdtype),
-                              w_out_l[:, :v, :h_v].to(cdtype), path, cap)
-        ys = _RowsToSlots.apply(ys, perm, pos)  # back to source-major
-        for s, y in zip(srcs, ys.split([recv_rows[s] for s in srcs])):
-            outs[s] = y
-    # no row for this rank's experts: their weights still join the graph (an empty slice of a sum), so they get the
-    # zero gradient that the unsharded MoE gives experts without tokens, and the optimizer steps them alike
-    # (Muon's momentum moves a weight whose gradient is 0, and skips one whose gradient is None)
-    idle = [] if widths else [(w_in_l.sum() + w_out_l.sum()).reshape(1)[:0].to(xs.dtype)]
-    back = _AllToAll.apply(torch.cat([o.reshape(-1) for o in outs] + idle), send_numel, recv_numel, group)
-    ys = back.view(n_kept, w)
-    if n_kept < nk:
-        ys = torch.cat([ys, ys.new_zeros(nk - n_kept, w)])
-    return ys
+    def __init__(self, group):
+        self.group = group
+
+    def levels_for_call(self, moe, levels):
+        """The union over the group's ranks of the (sorted) width levels each rank's per-token-width forward
+        needs: every rank calls them all, a rank with no token at a level calls it with none."""
+        present = torch.zeros(moe.dim + 1, dtype=torch.int32, device=moe.router.weight.device)
+        present[levels] = 1
+        dist.all_reduce(present, op=dist.ReduceOp.MAX, group=self.group)
+        return present.nonzero().squeeze(1).tolist()
+
+    @torch.compiler.disable
+    def run(self, moe, xs, kept_counts, cdtype):
+        """
+        The expert computation of MoE.forward under expert parallelism. xs (nk, w): rows grouped by global expert,
+        the kept ones first (kept_counts (E,) of them per expert, in expert order, so destination rank by rank).
+        Returns ys (nk, w): the experts' outputs for the kept rows, 0 for the others.
+        """
+        group = self.group
+        W = dist.get_world_size(group)
+        E, El = moe.num_experts, moe.num_experts // W
+        nk, w = xs.shape
+        dev = xs.device
+        # counts per (destination, local expert) plus this rank's width; what every source sends this rank
+        msg = torch.cat([kept_counts.view(W, El), kept_counts.new_full((W, 1), w)], 1)  # (W, El + 1)
+        got = torch.empty_like(msg)
+        dist.all_to_all_single(got, msg.contiguous(), group=group)
+        host = torch.cat([kept_counts, got.reshape(-1)]).tolist()  # the one host sync of the call
+        send_rows = [sum(host[d * El:(d + 1) * El]) for d in range(W)]
+        recv = [host[E + s * (El + 1): E + (s + 1) * (El + 1)] for s in range(W)]  # [counts per local expert..., width]
+        recv_rows = [sum(r[:El]) for r in recv]
+        n_kept = sum(send_rows)
+        send_numel = [c * w for c in send_rows]
+        recv_numel = [recv_rows[s] * recv[s][El] for s in range(W)]  # each source's rows at its own width
+
+        flat = _AllToAll.apply(xs[:n_kept].reshape(-1), recv_numel, send_numel, group)
+        chunks = [c.view(recv_rows[s], recv[s][El]) for s, c in enumerate(flat.split(recv_numel))]
+        outs = list(chunks)  # replaced per source below; a source that sent nothing gets its empty chunk back
+        w_in_l, w_out_l = moe.w_in.to_local(), moe.w_out.to_local()  # (El, H, D), (El, D, H)
+        widths = sorted({recv[s][El] for s in range(W) if recv_rows[s] > 0})
+        for v in widths:
+            srcs = [s for s in range(W) if recv[s][El] == v and recv_rows[s] > 0]
+            rows = torch.cat([chunks[s] for s in srcs]) if len(srcs) > 1 else chunks[srcs[0]]
+            sizes = torch.stack([got[s, :El] for s in srcs])  # (len(srcs), El) on the device
+            perm, pos = _regroup(sizes, rows.shape[0])
+            grouped = permute_rows(rows, perm, pos)  # rows[perm]: expert-major
+            cap = max(sum(recv[s][j] for s in srcs) for j in range(El))  # bmm's rows per expert, from the host copy
+            h_v = moe.expert_dim * v // moe.dim
+            path, _ = moe.pick_path(cdtype, dev, v, h_v)
+            ys = moe.run_experts(grouped, sizes.sum(0), w_in_l[:, :h_v, :v].to(cdtype),
+                                 w_out_l[:, :v, :h_v].to(cdtype), path, cap)
+            ys = permute_rows(ys, pos, perm)  # back to source-major
+            for s, y in zip(srcs, ys.split([recv_rows[s] for s in srcs])):
+                outs[s] = y
+        # no row for this rank's experts: their weights still join the graph (an empty slice of a sum), so they get the
+        # zero gradient that the unsharded MoE gives experts without tokens, and the optimizer steps them alike
+        # (Muon's momentum moves a weight whose gradient is 0, and skips one whose gradient is None)
+        idle = [] if widths else [(w_in_l.sum() + w_out_l.sum()).reshape(1)[:0].to(xs.dtype)]
+        back = _AllToAll.apply(torch.cat([o.reshape(-1) for o in outs] + idle), send_numel, recv_numel, group)
+        ys = back.view(n_kept, w)
+        if n_kept < nk:
+            ys = torch.cat([ys, ys.new_zeros(nk - n_kept, w)])
+        return ys

@@ -54,6 +54,7 @@ def mamba_ssm_classes():
 def cmd_mamba(args, device):
     import copy
     from nanochat import mamba_block as mb
+    from nanochat.mamba2_block import Mamba2
     ms_classes, ms_why = mamba_ssm_classes()
     kernel_why = mb.KERNEL_IMPORT_ERROR or (None if device.type == "cuda" else "needs CUDA")
     actx = autocast_context(device.type)
@@ -62,7 +63,7 @@ def cmd_mamba(args, device):
     for v in [int(s) for s in args.versions.split(",")]:
         mixer = "Mamba" if v == 1 else "Mamba2"
         torch.manual_seed(0)
-        ours = (mb.Mamba if v == 1 else mb.Mamba2)(args.d_model, layer_idx=0, device=device)
+        ours = (mb.Mamba if v == 1 else Mamba2)(args.d_model, layer_idx=0, device=device)
         impls = {}  # name -> module, or the reason it cannot run here
         if ms_classes is None or kernel_why:
             impls["mamba-ssm"] = f"unavailable: {ms_why or kernel_why}"

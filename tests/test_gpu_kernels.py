@@ -25,6 +25,7 @@ import pytest
 import torch
 
 from nanochat import mamba_block as mb
+from nanochat.mamba2_block import Mamba2
 from nanochat.mamba_scan import selective_scan, ssd_chunk_scan, ssd_reference
 from nanochat.moe import MoE, moe_reference, grouped_mm_supported
 
@@ -147,7 +148,7 @@ MODULE_TOL = {(1, F32): (SCAN_TOL[F32], (1e-3, 2e-3)), (1, BF16): (SCAN_TOL[BF16
 def build(v, d_model=256, seed=0, dtype=None):
     """A mixer as mamba-ssm builds it (dtype=bf16 keeps A_log/D in fp32, as there), moved off its init."""
     torch.manual_seed(seed)
-    cls = mb.Mamba if v == 1 else mb.Mamba2
+    cls = mb.Mamba if v == 1 else Mamba2
     m = cls(d_model, layer_idx=0, device=DEV, dtype=dtype)
     with torch.no_grad():  # off the init point (out_proj, D, norm weight), so every parameter matters
         for q in m.parameters():

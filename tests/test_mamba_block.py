@@ -1,19 +1,22 @@
 """
-Tests for nanochat/mamba_block.py (CPU, PyTorch path).
+Tests for the Mamba mixers, nanochat/mamba_block.py (Mamba, the shared MambaMixer) and nanochat/mamba2_block.py
+(Mamba2) (CPU, PyTorch path).
 
-References: the sequential float64 recurrences in the module (selective_scan_reference, ssd_reference),
+References: the sequential float64 recurrences of nanochat/mamba_scan.py (selective_scan_reference, ssd_reference),
 and a module-level reference forward written here from mamba-ssm's non-fused forward (nn.Conv1d, the
 sequential scan, mamba-ssm's rms_norm_ref math). Expected state_dict shapes are derived by hand from
 mamba-ssm 2.3.2's source, not from the module under test.
 """
 import os
+import sys
 
 import pytest
 import torch
 import torch.nn.functional as F
 
-from nanochat.mamba_block import (InferenceParams, Mamba, Mamba2, selective_scan, selective_scan_reference,
-                                  ssd_chunk_scan, ssd_reference)
+from nanochat.mamba_block import InferenceParams, Mamba
+from nanochat.mamba2_block import Mamba2
+from nanochat.mamba_scan import selective_scan, selective_scan_reference, ssd_chunk_scan, ssd_reference
 
 F64 = torch.float64
 
@@ -492,13 +495,14 @@ def test_kernel_step_contract(monkeypatch, cls, cfg):
     """step() on the kernel path calls the kernels as their contract demands (fp32 and bf16 autocast)
     and computes the torch path's function."""
     import nanochat.mamba_block as mb
+    mixer_module = sys.modules[cls.__module__]  # where the class looks up selective_state_update
     torch.manual_seed(0)
     m = cls(**cfg)
     xs = torch.randn(2, 5, cfg["d_model"])
 
     def run(kernels, autocast):
-        monkeypatch.setattr(mb._MambaMixer, "_use_kernels", lambda self, x, what, unsupported=None: kernels)
-        monkeypatch.setattr(mb, "selective_state_update", _ssu_double)
+        monkeypatch.setattr(mb.MambaMixer, "_use_kernels", lambda self, x, what, unsupported=None: kernels)
+        monkeypatch.setattr(mixer_module, "selective_state_update", _ssu_double)
         monkeypatch.setattr(mb, "causal_conv1d_update", _conv_update_double)
         conv, ssm = m.allocate_inference_cache(2, 5)
         outs = []

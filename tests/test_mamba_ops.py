@@ -157,7 +157,7 @@ def test_mamba1_kernel_path_through_the_ops_equals_the_pytorch_path_and_compiles
     def not_this(*args, **kwargs):
         raise AssertionError("the ops path called causal_conv1d_fn")
     monkeypatch.setattr(mb, "causal_conv1d_fn", not_this)
-    monkeypatch.setattr(mb._MambaMixer, "_kernel_ops", staticmethod(lambda conv_state: conv_state is None))
+    monkeypatch.setattr(mb.MambaMixer, "_kernel_ops", staticmethod(lambda conv_state: conv_state is None))
     torch.manual_seed(0)
     mixer = Mamba(16, d_state=4, d_conv=4, expand=2)
     mixer.path = "torch"

@@ -1,17 +1,18 @@
 """
 Tests for nanochat/moe.py: routing, capacity, losses, dispatch paths vs the per-expert loop,
 masking, Matryoshka width slicing, bias balancing, upcycling, the static-shape dispatch (no host sync, garbage
-past grouped_mm's groups never leaks), and the Mamba + MoE model.
+past grouped_mm's groups never leaks). The Mamba + MoE model is tests/test_mamba_moe.py.
 All on CPU and small. Tolerances: fp64 paths 1e-10, fp32 paths 1e-5 (relative to O(1) values), 1e-6 where the
 fast path does the loop's arithmetic in the loop's order; compiled vs eager 1e-6 fp32, 1e-2 bf16 (observed exact).
 """
+import copy
 import math
 
 import pytest
 import torch
 import torch.nn.functional as F
 
-from nanochat.moe import MoE, moe_reference, grouped_mm_supported, create_mamba_moe, apply_rotary
+from nanochat.moe import MoE, moe_reference, grouped_mm_supported, permute_rows
 from testutil import SyncOps
 
 
@@ -385,86 +386,61 @@ def test_upcycling_is_exact(dtype, tol, top_k):
 
 
 # -----------------------------------------------------------------------------
-# the Mamba + MoE model
+# the expert_dispatch hook (what nanochat.moe_ep installs; its own tests are tests/test_moe_ep.py)
 
-def perturb_zero_inits(model):
-    # fresh MoE w_out and lm_head are zero; give them values so every path carries signal and gradient
-    with torch.no_grad():
-        for layer in model.layers:
-            layer.moe.w_out.normal_(0.0, 0.05)
-            layer.moe.router.weight.normal_(0.0, 0.3)
-        if model.vocab_size is not None:
-            model.lm_head.weight.normal_(0.0, 0.05)
+class ReversedDispatch:
+    """An expert_dispatch that runs the experts in this process with MoE's public helpers, the expert groups in
+    reverse order (rows moved by permute_rows and back), and NaN in the rows past the kept ones."""
 
+    def __init__(self):
+        self.runs, self.level_calls = 0, []
 
-def test_seed_example():
-    torch.manual_seed(0)
-    model = create_mamba_moe(dim=256, depth=6, d_state=16, d_conv=2, expand=1, num_experts=4, expert_dim=512,
-                             device="cpu")
-    x = torch.randn(4, 512, 256)
-    mask = torch.ones(4, 512, dtype=torch.bool)
-    model.eval()
-    with torch.no_grad():
-        y = model(x, mask=mask)
-    assert y.shape == (4, 512, 256) and torch.isfinite(y).all()
-    assert torch.isfinite(model.aux_loss) and torch.isfinite(model.z_loss)
-    with pytest.raises(ValueError, match="max_seq_len"):
-        model(torch.randn(1, 2049, 256))
+    def run(self, moe, xs, kept_counts, cdtype):
+        self.runs += 1
+        (nk, w), n_kept = xs.shape, int(kept_counts.sum())
+        h_w = moe.expert_dim * w // moe.dim
+        ends = kept_counts.cumsum(0).tolist()
+        order = torch.cat([torch.arange(e - c, e) for e, c in zip(ends[::-1], kept_counts.flip(0).tolist())])
+        inverse = torch.empty_like(order).scatter_(0, order, torch.arange(n_kept))
+        path, _ = moe.pick_path(cdtype, xs.device, w, h_w)
+        ys = moe.run_experts(permute_rows(xs[:n_kept], order, inverse), kept_counts.flip(0),
+                             moe.w_in[:, :h_w, :w].flip(0).to(cdtype), moe.w_out[:, :w, :h_w].flip(0).to(cdtype),
+                             path, int(kept_counts.max()))
+        return torch.cat([permute_rows(ys, inverse, order), ys.new_full((nk - n_kept, w), float("nan"))])
 
-
-@pytest.mark.parametrize("mamba_version", [1, 2])
-def test_model_padding_does_not_leak(mamba_version):
-    torch.manual_seed(0)
-    kw = dict(mamba_kwargs=dict(headdim=16)) if mamba_version == 2 else {}
-    model = create_mamba_moe(dim=32, depth=2, d_state=8, d_conv=4, expand=1, num_experts=4, expert_dim=64,
-                             max_seq_len=32, mamba_version=mamba_version, device="cpu", **kw)
-    perturb_zero_inits(model)
-    x = torch.randn(2, 10, 32)
-    y = model(x)
-    aux = model.aux_loss.item()
-    assert sum(layer.moe.last_stats["dropped"] for layer in model.layers) > 0  # capacity binds
-    # row 0: 3 left + 2 right padding; row 1: 5 right padding; garbage in the padding
-    xp = 50 * torch.randn(2, 15, 32)
-    mask = torch.zeros(2, 15, dtype=torch.bool)
-    xp[0, 3:13], mask[0, 3:13] = x[0], True
-    xp[1, :10], mask[1, :10] = x[1], True
-    yp = model(xp, mask=mask)
-    torch.testing.assert_close(yp[0, 3:13], y[0], rtol=0, atol=1e-5)
-    torch.testing.assert_close(yp[1, :10], y[1], rtol=0, atol=1e-5)
-    assert torch.equal(yp[~mask], torch.zeros(int((~mask).sum()), 32))
-    assert abs(model.aux_loss.item() - aux) < 1e-6
-    assert y.abs().mean() > 0.1  # the comparison is not between zeros
+    def levels_for_call(self, moe, levels):
+        self.level_calls.append(levels)
+        return levels + [moe.dim]
 
 
-def test_rotary_is_a_rotation():
-    x = torch.randn(2, 5, 9)
-    pos = torch.arange(5).expand(2, 5)
-    y = apply_rotary(x, pos)
-    torch.testing.assert_close(y.norm(dim=-1), x.norm(dim=-1))
-    assert torch.equal(y[:, 0], x[:, 0]) and torch.equal(y[..., 8], x[..., 8])  # position 0, odd channel
-    assert not torch.allclose(y[:, 1:], x[:, 1:])
+@pytest.mark.parametrize("dispatch", ["grouped_mm", "bmm"])
+def test_expert_dispatch_hook_runs_the_experts(dispatch):
+    """An installed expert_dispatch computes the expert rows: the MoE's outputs and gradients are those without it
+    (NaN in the dropped rows never leaks), and levels_for_call is the dispatch's answer for the sorted levels."""
+    ref = random_moe(top_k=2, capacity_factor=1.0, min_capacity=1, dispatch=dispatch)
+    hooked = copy.deepcopy(ref)
+    hooked.expert_dispatch = ReversedDispatch()
+    x, g = torch.randn(2, 8, 16), torch.randn(2, 8, 16)
+    y_ref, gr_ref = run_with_grad(ref, ref, x, g)
+    y, gr = run_with_grad(hooked, hooked, x, g)
+    assert hooked.expert_dispatch.runs == 1 and ref.last_stats["dropped"] > 0
+    assert torch.equal(hooked.last_stats["tokens_per_expert"], ref.last_stats["tokens_per_expert"])
+    torch.testing.assert_close(y, y_ref, rtol=1e-6, atol=1e-6)
+    for a, b in zip(gr, gr_ref):  # x, w_in, w_out, router
+        assert a.abs().sum() > 0
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6)
+    assert ref.levels_for_call([16, 4, 8]) == [4, 8, 16]
+    assert hooked.levels_for_call([8, 4]) == [4, 8, 16] and hooked.expert_dispatch.level_calls == [[4, 8]]
 
 
-def test_vocab_mode_loss_backprops_everywhere():
-    torch.manual_seed(0)
-    model = create_mamba_moe(dim=32, depth=2, d_state=8, d_conv=4, expand=1, num_experts=4, expert_dim=64,
-                             max_seq_len=16, vocab_size=50, device="cpu", moe_kwargs=dict(top_k=2))
-    perturb_zero_inits(model)
-    idx = torch.randint(0, 50, (2, 12))
-    logits = model(idx)
-    assert logits.shape == (2, 12, 50) and logits.dtype == torch.float32
-    targets = torch.randint(0, 50, (2, 12))
-    targets[0, -3:] = -1
-    loss = model(idx, targets)
-    assert loss.ndim == 0
-    expected = F.cross_entropy(logits.view(-1, 50), targets.view(-1), ignore_index=-1) + model.router_loss
-    torch.testing.assert_close(loss, expected)
-    torch.testing.assert_close(model.router_loss, 1e-2 * model.aux_loss + 1e-3 * model.z_loss)
-    loss.backward()
-    for name, p in model.named_parameters():
-        assert p.grad is not None and torch.isfinite(p.grad).all() and p.grad.abs().sum() > 0, name
-    with pytest.raises(ValueError, match="token ids"):
-        model(torch.randn(2, 12, 32))
+def test_permute_rows_gathers_both_ways():
+    x = torch.randn(6, 3, requires_grad=True)
+    index = torch.randperm(6)
+    y = permute_rows(x, index, torch.argsort(index))
+    assert torch.equal(y, x[index])
+    g = torch.randn(6, 3)
+    y.backward(g)
+    assert torch.equal(x.grad, torch.zeros(6, 3).index_add(0, index, g))
 
 
 # -----------------------------------------------------------------------------

@@ -93,7 +93,7 @@ def _check(rank, device, kw, dispatch, widths, mask_kind, mesh, dtype=torch.floa
 
 def _check_hybrid(rank, device, mesh):
     """HybridGPT with MoE FFNs at per-row width plans: rank 0's rows use level 16 only, rank 1's 32 and 16 in other
-    blocks, so a block's per-token calls differ by rank unless levels_for_call makes them the same."""
+    blocks, so a block's per-token calls differ by rank unless MoE.levels_for_call makes them the same."""
     from nanochat.hybrid_gpt import HybridConfig, HybridGPT
     from nanochat.moe_ep import shard_experts
     torch.manual_seed(0)
@@ -120,7 +120,7 @@ def _check_hybrid(rank, device, mesh):
 
 def _worker(rank, store_path, backend):
     from torch.distributed.device_mesh import init_device_mesh
-    from nanochat.moe_ep import levels_for_call, is_expert_shard, shard_experts
+    from nanochat.moe_ep import is_expert_shard, shard_experts
     torch.set_num_threads(1)
     if backend == "nccl":
         torch.cuda.set_device(rank)
@@ -140,7 +140,7 @@ def _worker(rank, store_path, backend):
         _check_hybrid(rank, device, mesh)
         ep = make_moe(device)
         shard_experts(ep, mesh)
-        assert levels_for_call(ep, [8] if rank == 0 else [16, 4]) == [4, 8, 16]
+        assert ep.levels_for_call([8] if rank == 0 else [16, 4]) == [4, 8, 16]
         assert is_expert_shard(ep.w_in) and not is_expert_shard(ep.router.weight)
         with pytest.raises(ValueError, match="already a DTensor"):
             shard_experts(ep, mesh)
