@@ -42,7 +42,6 @@ prompts of the same batch size and length replay (Workspace); graphs captured un
 copies in its dtype. generate() queues each next step before reading the token back.
 """
 import logging
-from dataclasses import dataclass, field
 
 import torch
 
@@ -53,114 +52,11 @@ from nanochat.layers import norm, sample_next_token
 from nanochat.matryoshka import MODES, mode_plan, expand_plan, check_plan
 from nanochat.matryoshka_kv import MatryoshkaKVCache, row_index
 from nanochat.cuda_graphs import Workspace
+from nanochat.engine_state import DecodeState, TokenStep, GenerationResult, EagerCache, width_groups
 from nanochat.engine_static import StaticDecode
 
 DECODE_PATHS = ("auto", "eager", "static", "graph", "compiled")
 logger = logging.getLogger(__name__)
-
-
-@dataclass
-class DecodeState:
-    ws: Workspace
-    plan: torch.Tensor        # (B, n_layer) long, CPU: each row's base plan
-    prompt_widths: torch.Tensor  # (B, n_layer) long, CPU: widths the prompt ran at
-    exit_threshold: float
-    expand_threshold: float
-    pos: int = 0
-    all_heads: bool = False   # write every KV head of a position (its lacked ones at full width): widening is on
-    prefill_id: int = 0       # ws.prefills after this state's prefill: while equal, the workspace is this state's
-
-    @property
-    def cache(self):
-        return self.ws.cache
-
-    @property
-    def ssm(self):
-        return self.ws.ssm
-
-
-@dataclass
-class TokenStep:
-    """One position of generation for all B rows; step 0 is the prompt (flops = the whole prompt's)."""
-    tokens: list                      # B sampled token ids
-    logits: torch.Tensor              # (B, V) fp32 the tokens were sampled from
-    exit_block: torch.Tensor          # (B,) block after which the input token's residual froze
-    widths: torch.Tensor              # (B, n_layer) widths the input token ran at
-    widened: torch.Tensor             # (B,) bool: the gate widened this token
-    flops: torch.Tensor               # (B,) float64 FLOPs that ran
-    full_flops: torch.Tensor          # (B,) float64 the full model's FLOPs for the same tokens
-    source: str = "decode"            # "prompt" for step 0
-
-
-@dataclass
-class GenerationResult:
-    prompts: list
-    tokens: list                      # per row: generated ids (stopped rows end before their stop token)
-    steps: list = field(default_factory=list)
-    prompt_widths: torch.Tensor = None
-    plan: torch.Tensor = None
-
-    def reference_inputs(self):
-        """(idx, widths, exit_after) for HybridGPT.forward reproducing every step's logits: step 0's at
-        position T_prompt - 1, step k's at T_prompt + k - 1."""
-        B, Tp = len(self.prompts), len(self.prompts[0])
-        gen = torch.tensor([s.tokens for s in self.steps[:-1]], dtype=torch.long).T.reshape(B, -1)  # (B, K-1)
-        idx = torch.cat([torch.tensor(self.prompts, dtype=torch.long), gen], 1)
-        n = self.prompt_widths.size(1)
-        widths = torch.cat([self.prompt_widths.cpu()[:, None].expand(B, Tp, n)] +
-                           [s.widths.cpu()[:, None] for s in self.steps[1:]], 1)
-        exit_after = torch.cat([torch.full((B, Tp), n - 1, dtype=torch.long)] +
-                               [s.exit_block.cpu()[:, None] for s in self.steps[1:]], 1)
-        return idx, widths, exit_after
-
-
-class EagerCache:
-    """
-    Block j's view of a DecodeState's caches for T new positions at st.pos (T = the prompt's length at prefill),
-    for rows indexed on the host: K/V stored per row group, a wider query's lacked KV heads filled first where
-    the cache lacks them (their FLOPs added to `flops`, per row), Mamba states stepped (one token) or advanced
-    over the T positions (prefill).
-    """
-
-    def __init__(self, model, st, T, flops):
-        self.model, self.st, self.T, self.flops, self.j = model, st, T, flops, None
-        self.cos_sin = model.rotary(st.pos, T)
-
-    def at(self, j):
-        self.j = j
-        return self
-
-    def write_kv(self, attn, rows, idx, xn, w):
-        k, v = attn.kv_to_store(xn, w, self.cos_sin, self.st.all_heads)  # (R, heads, T, hd)
-        self.st.cache.store(self.j, rows, idx, self.st.pos, k, v, xn)
-
-    def read_kv(self, attn, rows, idx, w):
-        cache, end, hkv = self.st.cache, self.st.pos + self.T, attn.heads_at(w)[1]
-        if not cache.covers(self.j, rows, hkv, end):
-            for b, f in zip(rows, cache.fill(self.j, rows, hkv, end, attn, self.model.cos, self.model.sin).tolist()):
-                self.flops[b] += f
-        k, v = cache.view(self.j, idx, hkv, end)
-        return k, v, None
-
-    def step_mamba(self, mamba, xn):
-        conv_state, ssm_state = self.st.ssm[self.j]
-        if self.T == 1 and self.st.pos > 0:
-            return mamba.step(xn, conv_state, ssm_state)[0]
-        from nanochat.mamba_block import InferenceParams
-        B, T, _ = xn.shape
-        params = InferenceParams(max_seqlen=self.st.pos + T, max_batch_size=B, seqlen_offset=self.st.pos)
-        params.key_value_memory_dict[mamba.layer_idx] = (conv_state, ssm_state)
-        return mamba(xn, inference_params=params)  # writes the states after the T tokens in place
-
-
-def width_groups(w_rows, active, device):
-    """[(w, rows, idx)] in increasing w: the rows (among the active ones, if given) that run at width w, and their
-    device index (row_index: a slice for a group of every row)."""
-    by = {}
-    for b, w in enumerate(w_rows):
-        if active is None or active[b]:
-            by.setdefault(w, []).append(b)
-    return [(w, rows, row_index(rows, len(w_rows), device)) for w, rows in sorted(by.items())]
 
 
 class Engine:
@@ -236,11 +132,12 @@ class Engine:
     # Control state lives on the host: widths (one int per row), active (one bool per row), flops (one float
     # per row). So a token reads nothing back from the device except the gate's decisions (modes with
     # exits/widening) and, when some positions lack KV heads a query needs, the cache's head counts.
-    def _blocks(self, st, j0, j1, x, widths, active, flops):
+    def _blocks(self, st, j0, j1, x, widths, active, flops, view=None):
         """Blocks j0..j1 on x (B, T, D) at positions st.pos.., eager: each block's own decode step (HybridBlock.decode)
         over the rows grouped by width; exited rows only update the mixers' caches and states. widths: per row, one
-        width per block; active: B bools; flops: B floats, added to. All host lists."""
-        view, dev = EagerCache(self.model, st, x.size(1), flops), x.device
+        width per block; active: B bools; flops: B floats, added to. All host lists. view: the cache view (default an
+        EagerCache of x's T positions at st.pos)."""
+        view, dev = view or EagerCache(self.model, st, x.size(1), flops), x.device
         for j in range(j0, j1 + 1):
             w_rows = [w[j] for w in widths]
             groups = width_groups(w_rows, None, dev)
@@ -248,17 +145,20 @@ class Engine:
             x = self.model.transformer.h[j].decode(x, view.at(j), groups, live)
         return x
 
-    def _count(self, st, j0, j1, T, widths, active, flops):
-        """Add blocks j0..j1's FLOPs for T tokens at st.pos to each row's count, from the FLOP table."""
+    def _count(self, st, j0, j1, T, widths, active, flops, pos=None):
+        """Add blocks j0..j1's FLOPs for T tokens at pos (default st.pos) to each row's count, from the FLOP table."""
+        pos = st.pos if pos is None else pos
         for b in range(len(flops)):
-            flops[b] += sum(self.flops.block_tokens(j, widths[b][j], T, st.pos, active[b], st.all_heads)
+            flops[b] += sum(self.flops.block_tokens(j, widths[b][j], T, pos, active[b], st.all_heads)
                             for j in range(j0, j1 + 1))
 
     # ---- prefill and one decode step ----------------------------------------------------------
     @torch.inference_mode()
-    def prefill(self, prompts, plan="think", exit_threshold=None, expand_threshold=None, plan_epsilon=0.02, max_len=None):
+    def prefill(self, prompts, plan="think", exit_threshold=None, expand_threshold=None, plan_epsilon=0.02, max_len=None,
+                own_workspace=False):
         """prompts (B, T) long (one length). Returns (state, logits (B, V) of the last position, FLOPs (B,) that
-        ran, the full model's FLOPs (B,)); the FLOPs are float64 on the CPU."""
+        ran, the full model's FLOPs (B,)); the FLOPs are float64 on the CPU. own_workspace: the state gets caches of
+        its own that the engine does not keep (a speculative draft beside the verifier's state)."""
         model, c = self.model, self.model.config
         plan, exit_threshold, expand_threshold = self.resolve(plan, exit_threshold, expand_threshold)
         B, T = prompts.shape
@@ -268,7 +168,7 @@ class Engine:
         max_len = max_len or c.sequence_len
         if T > max_len:
             raise ValueError(f"prompt of {T} tokens exceeds max_len {max_len}")
-        ws = self._take_workspace(B, max_len)
+        ws = self._take_workspace(B, max_len, keep=not own_workspace)
         ws.prefills += 1
         st = DecodeState(ws, base, base.clone(), exit_threshold, expand_threshold, all_heads=expand_threshold > 0.0,
                          prefill_id=ws.prefills)
@@ -294,13 +194,13 @@ class Engine:
         """Drop the kept Workspace (cache, Mamba states, CUDA graphs): the next prefill allocates new ones."""
         self._workspace = None
 
-    def _take_workspace(self, B, max_len):
+    def _take_workspace(self, B, max_len, keep=True):
         """A Workspace for a new DecodeState: the kept one, reset, when its shapes match, else a new one (kept
-        when decode steps may be static)."""
+        when decode steps may be static and `keep`)."""
         model, c = self.model, self.model.config
         key = (B, max_len, model.lm_head.weight.dtype)
         ws = self._workspace
-        if ws is not None and ws.key == key:
+        if keep and ws is not None and ws.key == key:
             ws.cache.reset()
             for conv_state, ssm_state in ws.ssm.values():
                 conv_state.zero_()
@@ -309,7 +209,7 @@ class Engine:
         ws = Workspace(key, MatryoshkaKVCache(model, B, max_len, dtype=key[2]),
                        {j: model.transformer.h[j].mamba.allocate_inference_cache(B, max_len)
                         for j in range(c.n_layer) if c.mixer_kind(j) == "M"})
-        if self.static.wanted_path() != "eager":
+        if keep and self.static.wanted_path() != "eager":
             self._workspace = ws
         return ws
 
@@ -398,15 +298,27 @@ class Engine:
     # ---- generation ---------------------------------------------------------------------------
     @torch.inference_mode()
     def generate(self, prompts, max_tokens, plan="think", exit_threshold=None, expand_threshold=None,
-                 temperature=0.0, top_k=None, seed=42, plan_epsilon=0.02, stop_tokens=()):
+                 temperature=0.0, top_k=None, seed=42, plan_epsilon=0.02, stop_tokens=(), speculate=0, draft="plan:ghost",
+                 fallback=True):
         """
         prompts: B token lists of one length. Yields TokenStep per generated position (step 0 from the
         prompt), until max_tokens or every row has produced a stop token.
+        speculate=k > 0: self-speculative decoding (nanochat/speculative.py) with k drafted tokens per round from
+        `draft` ("plan:<mode or widths>" or "exit:<block>"); the output is mode think's (plan must be think),
+        self.spec_stats says what speculation did; fallback: plain decoding once speculation measures slower.
         """
         if not prompts or len({len(p) for p in prompts}) != 1 or not prompts[0]:
             raise ValueError("prompts must be a non-empty list of non-empty token lists of one length "
                              "(batch prompts of equal length; padding is not supported)")
         if max_tokens < 1:
+            return
+        if speculate:
+            if plan not in (None, "think") or exit_threshold not in (None, 1.0) or expand_threshold not in (None, 0.0):
+                raise ValueError("speculative decoding gives mode think's output: plan must be 'think', without "
+                                 "exit/expand thresholds")
+            from nanochat.speculative import generate as speculative_generate
+            yield from speculative_generate(self, prompts, max_tokens, speculate, draft, temperature, top_k, seed,
+                                            stop_tokens, fallback)
             return
         model = self.model
         dev = model.get_device()

@@ -24,6 +24,8 @@ class StaticCache:
     0..L-1 with the later slots masked out, Mamba states stepped in place. Reads nothing back from the device.
     """
 
+    moe_per_position = False  # one position per call anyway
+
     def __init__(self, model, st, L):
         self.st, self.j = st, None
         tok, self.pos = st.ws.static_in

@@ -269,7 +269,8 @@ class HybridBlock(nn.Module):
         width it runs at, idx indexing those rows on the device; live: the groups whose residual still changes.
         An exited row only feeds the mixer's cache: its K/V written, or its Mamba state stepped. cache: this
         block's view of the caches (engine.EagerCache or engine_static.StaticCache): write_kv, read_kv,
-        step_mamba and cos_sin. Returns the new residual.
+        step_mamba, cos_sin and moe_per_position (route each position in its own MoE call, as a decode step of one token
+        does, so that a speculative verify pass meets the same expert capacities). Returns the new residual.
         """
         xn = norm(x)
         if self.mixer_kind == "A":
@@ -295,7 +296,13 @@ class HybridBlock(nn.Module):
             xn, y = norm(x), None
             for w, rows, idx in live:
                 xw = xn[idx, :, :w]
-                y = place_update(y, x, idx, w, self.mlp(xw, w) if self.ffn_kind == "D" else self.moe(xw, width=w))
+                if self.ffn_kind == "D":
+                    out = self.mlp(xw, w)
+                elif cache.moe_per_position:  # one call per position: each gets the capacity of a one-token step
+                    out = torch.cat([self.moe(xw[:, t:t + 1], width=w) for t in range(xw.size(1))], 1)
+                else:
+                    out = self.moe(xw, width=w)
+                y = place_update(y, x, idx, w, out)
             x = x + y
         return x
 

@@ -106,12 +106,17 @@ def linear_init_std(fan_out, fan_in):
     return 1.0 / math.sqrt(fan_in) * min(1.0, math.sqrt(fan_out / fan_in))
 
 
+def token_probs(logits, temperature=1.0, top_k=None):
+    """logits (B, V) -> the sampling distribution (B, V) fp32 at temperature > 0, restricted to the top_k logits."""
+    logits = logits.float()
+    if top_k is not None:
+        v, _ = torch.topk(logits, min(top_k, logits.size(-1)))
+        logits = logits.masked_fill(logits < v[:, [-1]], -float("inf"))
+    return F.softmax(logits / temperature, dim=-1)
+
+
 def sample_next_token(logits, rng, temperature=1.0, top_k=None):
     """logits (B, V) -> (B,) token ids; temperature 0 is argmax."""
     if temperature == 0.0:
         return logits.argmax(dim=-1)
-    if top_k is not None:
-        v, _ = torch.topk(logits, min(top_k, logits.size(-1)))
-        logits = logits.masked_fill(logits < v[:, [-1]], -float("inf"))
-    probs = F.softmax(logits / temperature, dim=-1)
-    return torch.multinomial(probs, num_samples=1, generator=rng).squeeze(-1)
+    return torch.multinomial(token_probs(logits, temperature, top_k), num_samples=1, generator=rng).squeeze(-1)

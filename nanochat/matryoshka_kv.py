@@ -68,6 +68,13 @@ class MatryoshkaKVCache:
             self.xn[j].index_copy_(1, pos, xn.to(self.xn[j].dtype))  # allocated (ensure_xn) before any capture
         self.heads[j].index_fill_(1, pos, hkv)
 
+    def truncate(self, end):
+        """Forget positions >= end of every row (speculative decoding's rollback): the host summary stops there, and
+        later stores overwrite their slots before any query reads them. `fewest` stays as it was, which can only
+        make covers() answer False too often (fill() then looks at the device), never True wrongly."""
+        for j in self.layers:
+            self.stored[j] = [min(s, end) for s in self.stored[j]]
+
     def note_store(self, j, rows, pos, T, hkv):
         """The host-side summary of a store of positions pos..pos+T-1 of `rows` with hkv heads."""
         stored, fewest = self.stored[j], self.fewest[j]

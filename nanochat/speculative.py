@@ -1,0 +1,332 @@
+"""
+Self-speculative decoding: the model's own cheap sub-models draft k tokens, the full model (mode think) checks
+them in one pass over the k+1 positions, and the longest agreeing prefix is kept, so the output is the full
+model's: token for token at temperature 0, and the same distribution when sampling (the speculative
+rejection rule: accept a drafted token d with probability min(1, p(d) / q(d)), on rejection draw from
+max(0, p - q) normalised; p the full model's distribution, q the draft's).
+
+Drafts (Draft.parse):
+- a width plan ("plan:ghost", any mode name or comma-separated widths): a DecodeState of its own (narrow KV,
+  its own Mamba states), stepped by Engine.step;
+- an early exit ("exit:N"): blocks 0..N at full width and the shared readout. They are the verifier's own first
+  N+1 blocks, so the draft writes the verifier's cache for them (LayerSkip's shared cache) and the verify pass
+  runs only blocks N+1.. for the drafted positions, from the residuals the draft left.
+
+A round, from the input token t0 (emitted, not yet consumed): the draft consumes t0, d1 .. d(k-1) and proposes
+d1 .. dk; the verifier consumes t0, d1 .. dk (k+1 positions) giving its distributions v0 .. vk; m drafts are
+accepted and one more token comes from v_m (the correction, or a bonus when all k agree); then every cache
+rolls back to the m+1 positions consumed: KV positions past them are forgotten (MatryoshkaKVCache.truncate),
+and each Mamba block's conv and SSM states return to the ones kept after position m. The verify pass steps
+Mamba blocks once per position (the decode step plain decoding runs, which also yields those per-position
+states) and routes MoE FFNs per position (the capacities of one-token steps), so it computes what plain
+decoding computes, up to the order of floating-point sums in attention and matmuls over k+1 rows.
+Rows of a batch accept the same m (the smallest): tokens a row accepted past it are recomputed next round.
+"""
+import time
+from dataclasses import dataclass, field
+
+import torch
+
+from nanochat.engine_state import EagerCache, TokenStep
+from nanochat.layers import norm, token_probs, sample_next_token
+from nanochat.matryoshka import MODES
+
+
+@dataclass(frozen=True)
+class Draft:
+    kind: str          # "plan" or "exit"
+    plan: object = None  # a mode name or a list of widths (kind "plan")
+    exit_block: int = -1  # the last block the draft runs (kind "exit")
+
+    @staticmethod
+    def parse(spec, n_layer):
+        """'plan:ghost', 'ghost' (any mode name), 'plan:64,64,128,...' or 'exit:N' -> Draft."""
+        kind, _, arg = spec.partition(":") if ":" in spec else ("plan", "", spec)
+        if kind == "exit":
+            if not arg.isdigit() or not 0 <= int(arg) < n_layer - 1:
+                raise ValueError(f"draft {spec!r}: exit:N needs a block N in [0, {n_layer - 2}]")
+            return Draft("exit", exit_block=int(arg))
+        if kind != "plan":
+            raise ValueError(f"draft {spec!r}: use plan:<mode or widths> or exit:<block>")
+        if arg in MODES:
+            if MODES[arg].predicted or arg == "think":
+                raise ValueError(f"draft {spec!r}: a draft plan must be a fixed narrower mode or widths, not {arg!r}")
+            return Draft("plan", plan=arg)
+        try:
+            widths = [int(w) for w in arg.split(",")]
+            return Draft("plan", plan=widths[0] if len(widths) == 1 else widths)  # one width: every block
+        except ValueError:
+            raise ValueError(f"draft {spec!r}: {arg!r} is neither a mode ({', '.join(MODES)}) nor widths") from None
+
+
+@dataclass
+class SpecStats:
+    """What speculation did in one generate(): rounds, drafted and accepted tokens, time in draft and verify."""
+    k: int
+    draft: str
+    rounds: int = 0
+    drafted: int = 0
+    accepted: int = 0
+    emitted: int = 0
+    draft_s: float = 0.0
+    verify_s: float = 0.0
+    think_step_s: float = None   # one plain decode step, timed at the start (the fallback's yardstick)
+    fell_back_at: int = None     # tokens emitted when speculation stopped paying and plain decoding took over
+    accepted_hist: list = field(default_factory=list)
+
+    @property
+    def acceptance(self):
+        return self.accepted / max(1, self.drafted)
+
+    def summary(self):
+        s = (f"speculative k={self.k} draft={self.draft}: {self.rounds} rounds, acceptance {self.acceptance:.3f} "
+             f"({self.accepted}/{self.drafted}), {self.emitted / max(1, self.rounds):.2f} tokens/round")
+        if self.rounds:
+            s += f", draft {1e3 * self.draft_s / self.rounds:.2f} ms + verify {1e3 * self.verify_s / self.rounds:.2f} ms per round"
+        if self.fell_back_at is not None:
+            s += f"; fell back to plain decoding after {self.fell_back_at} tokens (slower than think)"
+        return s
+
+
+class VerifyCache(EagerCache):
+    """An EagerCache that steps Mamba blocks once per position, keeping the states after each (rollback), and
+    routes MoE FFNs per position: the verify pass computes what one-token decode steps compute."""
+    moe_per_position = True
+
+    def __init__(self, model, st, T, flops, pos, saved):
+        super().__init__(model, st, T, flops, pos)
+        self.saved = saved  # block -> [(conv, ssm) after each position], appended to
+
+    def step_mamba(self, mamba, xn):
+        conv_state, ssm_state = self.st.ssm[self.j]
+        ys, kept = [], self.saved.setdefault(self.j, [])
+        for t in range(xn.size(1)):
+            ys.append(mamba.step(xn[:, t:t + 1], conv_state, ssm_state)[0])
+            kept.append((conv_state.clone(), ssm_state.clone()))
+        return torch.cat(ys, 1)
+
+
+def snapshot_ssm(st):
+    return {j: (c.clone(), s.clone()) for j, (c, s) in st.ssm.items()}
+
+
+def rollback(st, pos, saved, n):
+    """Return st to n positions consumed from pos: KV past pos + n forgotten, Mamba states to those kept after the
+    n-th position (saved: block -> per-position states from pos on; a block absent consumed nothing past n)."""
+    st.cache.truncate(pos + n)
+    for j, kept in saved.items():
+        conv_state, ssm_state = st.ssm[j]
+        conv_state.copy_(kept[n - 1][0])
+        ssm_state.copy_(kept[n - 1][1])
+    st.pos = pos + n
+
+
+def accept(v_logits, d_tokens, q_probs, temperature, top_k, rng):
+    """
+    The acceptance rule for B rows. v_logits (B, k+1, V): the verifier's logits at the k+1 positions; d_tokens
+    (B, k): the drafts; q_probs (B, k, V) the draft's distributions (None when greedy). Returns (m, nxt): the number
+    of drafts every row accepts (the smallest over rows) and each row's token after them (B,).
+    """
+    B, k = d_tokens.shape
+    if temperature == 0.0:
+        ok = v_logits[:, :k].argmax(-1) == d_tokens  # (B, k)
+        m = int(torch.cumprod(ok.int(), 1).sum(1).min())  # the drafts every row agrees on
+        # a row that agreed past m has argmax v_m == its draft there: argmax v_m is every row's next token
+        return m, v_logits[:, m].argmax(-1)
+    p = token_probs(v_logits.reshape(B * (k + 1), -1), temperature, top_k).view(B, k + 1, -1)
+    pd = p[:, :k].gather(-1, d_tokens[..., None]).squeeze(-1)  # (B, k)
+    qd = q_probs.gather(-1, d_tokens[..., None]).squeeze(-1)
+    u = torch.rand(B, k, generator=rng, device=p.device)
+    ok = u < accept_prob(pd, qd)
+    m_rows = torch.cumprod(ok.int(), 1).sum(1)
+    m = int(m_rows.min())
+    if m == k:
+        return m, torch.multinomial(p[:, k], 1, generator=rng).squeeze(-1)
+    # rows rejected at position m draw from the residual there; rows that accepted past m keep their draft
+    drawn = torch.multinomial(residual(p[:, m], q_probs[:, m]), 1, generator=rng).squeeze(-1)
+    return m, torch.where(m_rows > m, d_tokens[:, m], drawn)
+
+
+def accept_prob(p_d, q_d):
+    """The probability of accepting a drafted token: min(1, p(d) / q(d)) (q(d) > 0: the draft drew d from q)."""
+    return torch.clamp(p_d / q_d, max=1.0)
+
+
+def residual(p, q):
+    """What a rejection draws from: max(0, p - q) normalised (..., V); p itself where p == q (never rejected)."""
+    r = (p - q).clamp(min=0)
+    total = r.sum(-1, keepdim=True)
+    return torch.where(total > 0, r / total.clamp(min=torch.finfo(r.dtype).tiny), p)
+
+
+class Speculator:
+    """Drafts and verifies rounds for one generation (see the module docstring). Owns the draft's state."""
+
+    def __init__(self, engine, st, prompts, draft, k, temperature, top_k, rng, max_len):
+        self.engine, self.model, self.st, self.draft, self.k = engine, engine.model, st, draft, k
+        self.temperature, self.top_k, self.rng = temperature, top_k, rng
+        self.n = self.model.config.n_layer
+        self.D = self.model.config.n_embd
+        self.dst = None
+        self.dflops = 0.0
+        if draft.kind == "plan":  # its own caches, on a workspace of its own (the engine keeps the verifier's)
+            self.dst, _, fl, _ = engine.prefill(prompts, draft.plan, max_len=max_len, own_workspace=True)
+            self.dflops = fl
+
+    def _draft_logits_plan(self, tok):
+        logits, _, _, _, fl = self.engine.step(self.dst, tok)
+        return logits, fl
+
+    def _exit_blocks(self, tok, pos, saved, flops):
+        """Blocks 0..N at full width for one token at pos, on the verifier's state; returns the residual (B, 1, D)."""
+        eng, st, N = self.engine, self.st, self.draft.exit_block
+        B = tok.size(0)
+        x = norm(self.model.transformer.wte(tok[:, None]))
+        widths, active = [[self.D] * self.n for _ in range(B)], [True] * B
+        x = eng._blocks(st, 0, N, x, widths, active, flops, view=VerifyCache(self.model, st, 1, flops, pos, saved))
+        eng._count(st, 0, N, 1, widths, active, flops, pos=pos)
+        return x
+
+    @torch.inference_mode()
+    def round(self, t0, k):
+        """One round of k drafts from the input token t0 (B,). Returns (tokens (B, m+1), logits (B, m+1, V) they
+        are read from, FLOPs (B,) float64 of the round, m)."""
+        eng, st, model = self.engine, self.st, self.model
+        B, pos = t0.size(0), st.pos
+        flops = [0.0] * B
+        saved = {}
+        greedy = self.temperature == 0.0
+        drafts, qs, hidden = [], [], []
+        t_start = time.perf_counter()
+        snaps = []
+        tok = t0
+        for i in range(k):
+            if self.draft.kind == "plan":
+                logits, fl = self._draft_logits_plan(tok)
+                for b in range(B):
+                    flops[b] += float(fl[b])
+                snaps.append(snapshot_ssm(self.dst))
+            else:
+                x = self._exit_blocks(tok, pos + i, saved, flops)
+                hidden.append(x)
+                logits = model.readout(x[:, 0])
+                for b in range(B):
+                    flops[b] += eng.flops.head
+            if not greedy:
+                qs.append(token_probs(logits, self.temperature, self.top_k))
+            tok = sample_next_token(logits, self.rng, self.temperature, self.top_k)
+            drafts.append(tok)
+        d = torch.stack(drafts, 1)  # (B, k)
+        t1 = time.perf_counter()
+        # verify t0, d1 .. dk: k+1 positions at full width
+        widths, active = [[self.D] * self.n for _ in range(B)], [True] * B
+        seq = torch.cat([t0[:, None], d], 1)  # (B, k+1)
+        if self.draft.kind == "plan":
+            x = norm(model.transformer.wte(seq))
+            x = eng._blocks(st, 0, self.n - 1, x, widths, active, flops, view=VerifyCache(model, st, k + 1, flops, pos, saved))
+            eng._count(st, 0, self.n - 1, k + 1, widths, active, flops, pos=pos)
+        else:
+            N = self.draft.exit_block
+            hidden.append(self._exit_blocks(d[:, -1], pos + k, saved, flops))
+            x = torch.cat(hidden, 1)  # (B, k+1, D): the residuals after block N
+            x = eng._blocks(st, N + 1, self.n - 1, x, widths, active, flops,
+                            view=VerifyCache(model, st, k + 1, flops, pos, saved))
+            eng._count(st, N + 1, self.n - 1, k + 1, widths, active, flops, pos=pos)
+        v = model.readout(x)  # (B, k+1, V)
+        for b in range(B):
+            flops[b] += (k + 1) * eng.flops.head
+        m, nxt = accept(v, d, torch.stack(qs, 1) if qs else None, self.temperature, self.top_k, self.rng)
+        # roll back to t0, d1 .. dm consumed
+        rollback(st, pos, saved, m + 1)
+        if self.draft.kind == "plan":
+            if m < k:  # the draft consumed t0, d1 .. d(k-1): back to m+1 of them
+                rollback(self.dst, pos, {j: [s[j] for s in snaps] for j in self.dst.ssm}, m + 1)
+            else:  # it consumed k; it still owes dk
+                _, fl = self._draft_logits_plan(d[:, -1])
+                for b in range(B):
+                    flops[b] += float(fl[b])
+        t2 = time.perf_counter()
+        stats = self.engine.spec_stats
+        stats.rounds += 1
+        stats.drafted += k
+        stats.accepted += m
+        stats.accepted_hist.append(m)
+        stats.draft_s += t1 - t_start
+        stats.verify_s += t2 - t1
+        tokens = torch.cat([d[:, :m], nxt[:, None]], 1)
+        return tokens, v[:, :m + 1], torch.tensor(flops, dtype=torch.float64), m
+
+    def plain_step(self, tok):
+        """One plain decode step of the verifier (think), keeping the plan draft in step with it. Returns the step's
+        (logits, FLOPs) and the seconds the verifier's step took (the device waited for)."""
+        t = time.perf_counter()
+        logits, _, _, _, fl = self.engine.step(self.st, tok)
+        if logits.is_cuda:
+            torch.cuda.synchronize()
+        dt = time.perf_counter() - t
+        if self.dst is not None:
+            fl = fl + self.engine.step(self.dst, tok)[4]
+        return logits, fl, dt
+
+
+def generate(engine, prompts, max_tokens, speculate, draft, temperature=0.0, top_k=None, seed=42, stop_tokens=(),
+             fallback=True):
+    """Engine.generate(..., speculate=k, draft=...) for a hybrid model: yields TokenStep per generated position,
+    the tokens and logits mode think gives. engine.spec_stats holds what speculation did. With fallback, the first
+    decode token is a timed plain step, and once four rounds have run, speculation stops for the rest of the
+    generation if its tokens came slower than plain steps do."""
+    model = engine.model
+    c = model.config
+    if engine.dense:
+        raise ValueError("speculative decoding drafts with the model's own narrow widths or early exits: a dense GPT "
+                         "checkpoint has neither")
+    if speculate < 1:
+        raise ValueError(f"speculate must be >= 1 drafted tokens per round, got {speculate}")
+    if not isinstance(draft, Draft):
+        draft = Draft.parse(draft, c.n_layer)
+    dev = model.get_device()
+    ids = torch.tensor(prompts, dtype=torch.long, device=dev)
+    B, T = ids.shape
+    rng = torch.Generator(device=dev).manual_seed(seed) if temperature > 0 else None
+    max_len = T + max_tokens + speculate + 1
+    st, logits, flops, full = engine.prefill(ids, "think", max_len=max_len)
+    engine.state = st
+    spec = Speculator(engine, st, ids, draft, speculate, temperature, top_k, rng, max_len)
+    name = f"plan:{draft.plan}" if draft.kind == "plan" else f"exit:{draft.exit_block}"
+    engine.spec_stats = stats = SpecStats(k=speculate, draft=name)
+    n, stop = c.n_layer, torch.tensor(sorted(stop_tokens), dtype=torch.long)
+    widths = torch.full((B, n), c.n_embd, dtype=torch.long)
+    no_exit, no_wide = torch.full((B,), n - 1, dtype=torch.long), torch.zeros(B, dtype=torch.bool)
+
+    def step(tok, lg, fl, pos, source):
+        """The TokenStep of a token read from the logits at input position pos (its context: pos + 1 positions)."""
+        full = torch.full((B,), float(engine.flops.forward(pos + 1)), dtype=torch.float64)
+        return TokenStep(tok.tolist(), lg.float(), no_exit, widths, no_wide, fl, full, source)
+
+    tok = sample_next_token(logits, rng, temperature, top_k)
+    yield TokenStep(tok.tolist(), logits.float(), no_exit, st.prompt_widths.clone(), no_wide, flops + spec.dflops, full,
+                    "prompt")
+    emitted, done = 1, torch.isin(tok.cpu(), stop)
+    speculating = True
+    while emitted < max_tokens and not bool(done.all()):
+        k = min(speculate, max_tokens - emitted - 1)
+        if not speculating or k < 1 or (fallback and stats.think_step_s is None):
+            pos = st.pos
+            lg, fl, dt = spec.plain_step(tok)
+            if stats.think_step_s is None:
+                stats.think_step_s = dt
+            tok = sample_next_token(lg, rng, temperature, top_k)
+            yield step(tok, lg, fl, pos, "decode")
+            emitted, done = emitted + 1, done | torch.isin(tok.cpu(), stop)
+            continue
+        pos = st.pos
+        tokens, lg, fl, m = spec.round(tok, k)
+        for i in range(m + 1):
+            if emitted >= max_tokens or bool(done.all()):
+                break
+            yield step(tokens[:, i], lg[:, i], fl / (m + 1), pos + i, "speculative")
+            emitted, done = emitted + 1, done | torch.isin(tokens[:, i].cpu(), stop)
+            stats.emitted += 1
+        tok = tokens[:, -1]
+        if fallback and stats.rounds >= 4 and stats.emitted * stats.think_step_s < stats.draft_s + stats.verify_s:
+            stats.fell_back_at, speculating = emitted, False  # its tokens came slower than plain steps

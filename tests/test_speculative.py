@@ -1,0 +1,162 @@
+"""Self-speculative decoding (nanochat/speculative.py): greedy output is mode think's token for token, the sampling
+rule gives think's distribution exactly, and rollback returns KV and Mamba states to those of plain decoding."""
+import pytest
+import torch
+
+from nanochat.engine import Engine
+from nanochat.layers import token_probs
+from nanochat.speculative import Draft, accept, accept_prob, residual, rollback, Speculator
+
+from engine_testutil import HAS_MAMBA, HAS_MOE, build
+
+KINDS = [dict(layer_pattern="A")]
+if HAS_MAMBA:
+    KINDS += [dict(layer_pattern="AM"), dict(layer_pattern="MA", mamba_version=2)]
+if HAS_MOE:
+    KINDS += [dict(layer_pattern="AM" if HAS_MAMBA else "A", ffn_pattern="ED", capacity_factor=1.0)]
+# a draft plan that agrees with the full model part of the time (only the last block narrow), and early exits
+DRAFTS = [(d, k) for d in ("plan:64,64,64,32", "exit:1") for k in (1, 3, 6)] + [("plan:48", 3), ("exit:2", 3)]
+PROMPTS = [[[3, 1, 4, 1, 5, 9]], [[2, 7, 1, 8, 2, 8], [9, 9, 8, 7, 1, 4], [5, 5, 5, 5, 5, 5]]]
+
+
+def kind_id(k):
+    return "-".join(f"{v}" for v in k.values())
+
+
+@pytest.mark.parametrize("kind", KINDS, ids=kind_id)
+def test_greedy_speculation_is_think_token_for_token(kind):
+    model = build(**kind).eval()
+    eng = Engine(model, decode="eager")
+    seen_partial = False
+    for prompts in PROMPTS:
+        ref = eng.generate_batch(prompts, 12)
+        for draft, k in DRAFTS:
+            res = eng.generate_batch(prompts, 12, speculate=k, draft=draft, fallback=False)
+            assert res.tokens == ref.tokens, (draft, k)
+            for a, b in zip(res.steps, ref.steps):  # each token read from think's logits
+                torch.testing.assert_close(a.logits, b.logits, rtol=0, atol=1e-4)
+            stats = eng.spec_stats
+            assert stats.rounds > 0 and stats.emitted >= 10  # of 11 decode tokens (the last may be a plain step)
+            seen_partial |= any(0 < m < k for m in stats.accepted_hist)
+    assert seen_partial  # rollback to the middle of a round was exercised, not only all-or-nothing
+
+
+@pytest.mark.parametrize("kind", KINDS, ids=kind_id)
+@pytest.mark.parametrize("draft", ["plan:64,64,64,32", "exit:1"])
+def test_rollback_gives_plain_decodings_states(kind, draft):
+    """After a round that accepted m of k drafts, the verifier's cache and Mamba states are those of decoding the m+1
+    tokens it consumed plainly (and so is a plain draft's own state). Tolerance 1e-5: the verify pass multiplies k+1
+    rows where plain decoding multiplies one, so fp32 sums are taken in another order; the first block's Mamba
+    states, whose inputs are the embeddings in both, must match exactly."""
+    torch.manual_seed(0)
+    model = build(**kind).eval()
+    prompts = torch.tensor([[2, 7, 1, 8, 2, 8], [9, 9, 8, 7, 1, 4]])
+    k = 5
+    for trial in range(6):
+        eng = Engine(model, decode="eager")
+        st, logits, _, _ = eng.prefill(prompts, "think", max_len=32)
+        spec = Speculator(eng, st, prompts, Draft.parse(draft, model.config.n_layer), k, 0.0, None, None, 32)
+        eng.spec_stats = type("S", (), {"rounds": 0, "drafted": 0, "accepted": 0, "accepted_hist": [],
+                                        "draft_s": 0.0, "verify_s": 0.0})()
+        t0 = torch.randint(0, model.config.vocab_size, (2,), generator=torch.Generator().manual_seed(trial))
+        pos = st.pos
+        tokens, _, _, m = spec.round(t0, k)
+        consumed = torch.cat([t0[:, None], tokens[:, :m]], 1)  # t0, d1 .. dm
+        plain = Engine(model, decode="eager")
+        ps, _, _, _ = plain.prefill(prompts, "think", max_len=32)
+        for i in range(m + 1):
+            plain.step(ps, consumed[:, i])
+        assert st.pos == ps.pos == pos + m + 1
+        for j in st.cache.layers:
+            for a, b in ((st.cache.k[j], ps.cache.k[j]), (st.cache.v[j], ps.cache.v[j])):
+                torch.testing.assert_close(a[:, :, :st.pos], b[:, :, :ps.pos], rtol=1e-5, atol=1e-5)
+            assert st.cache.stored[j] == ps.cache.stored[j]
+        for j in st.ssm:
+            for a, b in zip(st.ssm[j], ps.ssm[j]):
+                tol = 0 if j == 0 else 1e-5
+                torch.testing.assert_close(a, b, rtol=tol, atol=tol)
+        if spec.dst is not None:  # the plan draft's own state: its plan's plain decoding of the same tokens
+            ds, _, _, _ = plain.prefill(prompts, spec.draft.plan, max_len=32, own_workspace=True)
+            for i in range(m + 1):
+                plain.step(ds, consumed[:, i])
+            assert spec.dst.pos == ds.pos
+            for j in ds.ssm:
+                for a, b in zip(spec.dst.ssm[j], ds.ssm[j]):
+                    torch.testing.assert_close(a, b, rtol=0, atol=0)  # the draft's own steps: the same calls
+
+
+def test_rollback_restores_the_kept_states():
+    model = build(layer_pattern="AM" if HAS_MAMBA else "A").eval()
+    eng = Engine(model, decode="eager")
+    st, _, _, _ = eng.prefill(torch.tensor([[1, 2, 3]]), "think", max_len=16)
+    saved = {j: [(torch.full_like(c, float(i)), torch.full_like(s, -float(i))) for i in range(4)]
+             for j, (c, s) in st.ssm.items()}
+    st.pos = 7
+    with torch.inference_mode():
+        rollback(st, 3, saved, 2)
+    assert st.pos == 5 and all(s == min(old, 5) for j in st.cache.layers for s, old in zip(st.cache.stored[j], [3]))
+    for j, (c, s) in st.ssm.items():
+        assert bool((c == 1).all()) and bool((s == -1).all())
+
+
+def test_the_sampling_rule_gives_thinks_distribution_exactly():
+    """P(first token = x) under speculation = q(x) a(x) + (1 - sum_y q(y) a(y)) r(x) with a = accept_prob and
+    r = residual: computed, it equals p, for drafts that over- and under-shoot p, overlap it partly or not at all."""
+    g = torch.Generator().manual_seed(0)
+    V = 11
+    cases = [(torch.randn(V, generator=g) * s, torch.randn(V, generator=g) * s) for s in (0.5, 2.0, 6.0)]
+    cases.append((torch.randn(V, generator=g), None))  # q == p: nothing is ever rejected
+    for lp, lq in cases:
+        p = token_probs(lp[None], 0.8, None)[0].double()
+        q = p.clone() if lq is None else token_probs(lq[None], 1.3, 5)[0].double()  # top-5 draft: zeros in q
+        p, q = p / p.sum(), q / q.sum()  # sums of exactly 1 in float64
+        a = torch.where(q > 0, accept_prob(p, q.clamp(min=1e-300)), torch.zeros_like(p))
+        out = q * a + (1 - (q * a).sum()) * residual(p, q)
+        torch.testing.assert_close(out, p, rtol=0, atol=1e-12)
+
+
+def test_accept_counts_leading_agreement_per_batch():
+    V = 7
+    d = torch.tensor([[1, 2, 3], [1, 2, 4]])
+    v = torch.full((2, 4, V), -5.0)
+    for b, seq in enumerate([[1, 2, 3, 6], [1, 5, 0, 0]]):  # row 0 agrees on all 3, row 1 on the first only
+        for i, t in enumerate(seq):
+            v[b, i, t] = 5.0
+    m, nxt = accept(v, d, None, 0.0, None, None)
+    assert m == 1 and nxt.tolist() == [2, 5]  # the batch keeps the shortest agreement; row 0's next is its draft
+    m, nxt = accept(v[:1], d[:1], None, 0.0, None, None)
+    assert m == 3 and nxt.tolist() == [6]  # all accepted: the bonus token
+
+
+def test_sampled_speculation_runs_and_stays_in_vocab():
+    model = build(layer_pattern="AM" if HAS_MAMBA else "A").eval()
+    eng = Engine(model, decode="eager")
+    res = eng.generate_batch([[3, 1, 4], [1, 5, 9]], 12, speculate=3, draft="exit:1", temperature=1.0, top_k=20,
+                             fallback=False)
+    assert all(len(t) == 12 and all(0 <= x < model.config.vocab_size for x in t) for t in res.tokens)
+    assert eng.spec_stats.rounds > 0
+
+
+def test_draft_specs_and_refusals():
+    assert Draft.parse("ghost", 4) == Draft("plan", plan="ghost")
+    assert Draft.parse("plan:32", 4) == Draft("plan", plan=32)
+    assert Draft.parse("plan:16,32,64,64", 4).plan == [16, 32, 64, 64]
+    assert Draft.parse("exit:2", 4) == Draft("exit", exit_block=2)
+    for bad in ("exit:3", "exit:x", "plan:auto", "think", "plan:wide", "layer:1"):
+        with pytest.raises(ValueError):
+            Draft.parse(bad, 4)
+    model = build().eval()
+    with pytest.raises(ValueError, match="mode think"):
+        list(Engine(model).generate([[1, 2]], 4, plan="ghost", speculate=2))
+
+
+def test_fallback_switches_to_plain_steps_when_slower():
+    model = build(layer_pattern="A").eval()
+    eng = Engine(model, decode="eager")
+    ref = eng.generate_batch([[3, 1, 4]], 24)
+    res = eng.generate_batch([[3, 1, 4]], 24, speculate=6, draft="plan:64,64,64,32", fallback=True)
+    stats = eng.spec_stats
+    assert res.tokens == ref.tokens and stats.think_step_s is not None
+    # with 6 drafts of a near-full model per round and few accepted, a round costs more than its tokens are worth
+    if stats.acceptance < 0.3:
+        assert stats.fell_back_at is not None and stats.rounds == 4
