@@ -114,15 +114,24 @@ class StaticDecode:
             if not st.all_heads and model.transformer.h[j].attn.heads_at(int(st.plan[:, j].min()))[1] < st.cache.n_kv_head:
                 st.cache.ensure_xn(j)
         ws = st.ws
-        if ws.graphs and ws.weights_version != weights_version(self.linears):  # weights changed since the captures:
-            ws.graphs.clear()                                                    # capture again (new weight copies)
-            ws.weight_copies.clear()
+        self.refresh(ws)
         if ws.static_in is None:
             ws.static_in = (torch.zeros(B, dtype=torch.long, device=dev), torch.zeros(1, dtype=torch.long, device=dev))
             ws.static_x = torch.zeros(B, 1, model.config.n_embd, device=dev, dtype=model.transformer.wte.weight.dtype)
         ws.static_in[0].copy_(tokens, non_blocking=True)
         ws.static_in[1].fill_(pos)
-        return min(st.cache.max_len, max(self.STATIC_MIN_KEYS, 1 << pos.bit_length()))
+        return self.bucket(pos + 1, st.cache.max_len)
+
+    def refresh(self, ws):
+        """Drop the workspace's graphs when the weights changed since their capture (they read stale copies)."""
+        if ws.graphs and ws.weights_version != weights_version(self.linears):
+            ws.graphs.clear()
+            ws.weight_copies.clear()
+
+    def bucket(self, end, max_len):
+        """The key bucket for attention over positions < end: a power of two >= end, at least STATIC_MIN_KEYS,
+        at most max_len."""
+        return min(max_len, max(self.STATIC_MIN_KEYS, 1 << (end - 1).bit_length()))
 
     def segment(self, st, j0, j1, widths, active, gate, L):
         """

@@ -27,7 +27,9 @@ from dataclasses import dataclass, field
 
 import torch
 
+from nanochat.cuda_graphs import replay
 from nanochat.engine_state import EagerCache, TokenStep
+from nanochat.engine_static import StaticCache
 from nanochat.layers import norm, token_probs, sample_next_token
 from nanochat.matryoshka import MODES
 
@@ -106,6 +108,29 @@ class VerifyCache(EagerCache):
         return torch.cat(ys, 1)
 
 
+class StaticVerifyCache(StaticCache):
+    """The verify pass on the static path: T positions held on the device (pos (T,)), attention over key slots
+    0..L-1 with each query's later slots masked out, Mamba stepped per position with each position's states copied
+    into fixed buffers (saved: block -> (conv (T, ...), ssm (T, ...))). Device tensors only: a CUDA graph captures
+    it once per (T, L)."""
+    moe_per_position = True
+
+    def __init__(self, model, st, L, pos, saved):
+        self.st, self.j, self.pos, self.L, self.saved = st, None, pos, L, saved
+        self.cos_sin = (model.cos.index_select(1, pos), model.sin.index_select(1, pos))
+        self.keep = (torch.arange(L, device=pos.device)[None, :] <= pos[:, None]).view(1, 1, pos.numel(), L)
+
+    def step_mamba(self, mamba, xn):
+        conv_state, ssm_state = self.st.ssm[self.j]
+        conv_buf, ssm_buf = self.saved[self.j]
+        ys = []
+        for t in range(xn.size(1)):
+            ys.append(mamba.step(xn[:, t:t + 1], conv_state, ssm_state)[0])
+            conv_buf[t].copy_(conv_state)
+            ssm_buf[t].copy_(ssm_state)
+        return torch.cat(ys, 1)
+
+
 def snapshot_ssm(st):
     return {j: (c.clone(), s.clone()) for j, (c, s) in st.ssm.items()}
 
@@ -169,6 +194,8 @@ class Speculator:
         self.D = self.model.config.n_embd
         self.dst = None
         self.dflops = 0.0
+        self.sync = False   # benches: wait for the device after the drafts, so draft and verify times are apart
+        self.vbuf = None    # the static verify pass's device inputs and per-position state buffers
         if draft.kind == "plan":  # its own caches, on a workspace of its own (the engine keeps the verifier's)
             self.dst, _, fl, _ = engine.prefill(prompts, draft.plan, max_len=max_len, own_workspace=True)
             self.dflops = fl
@@ -217,13 +244,20 @@ class Speculator:
             tok = sample_next_token(logits, self.rng, self.temperature, self.top_k)
             drafts.append(tok)
         d = torch.stack(drafts, 1)  # (B, k)
+        if self.sync and d.is_cuda:
+            torch.cuda.synchronize()  # time the drafts apart from the verify (benches)
         t1 = time.perf_counter()
         # verify t0, d1 .. dk: k+1 positions at full width
         widths, active = [[self.D] * self.n for _ in range(B)], [True] * B
         seq = torch.cat([t0[:, None], d], 1)  # (B, k+1)
+        v = None
         if self.draft.kind == "plan":
-            x = norm(model.transformer.wte(seq))
-            x = eng._blocks(st, 0, self.n - 1, x, widths, active, flops, view=VerifyCache(model, st, k + 1, flops, pos, saved))
+            if self.static_verify(B, k + 1):
+                v = self._verify_static(seq, pos, saved)
+            else:
+                x = norm(model.transformer.wte(seq))
+                x = eng._blocks(st, 0, self.n - 1, x, widths, active, flops,
+                                view=VerifyCache(model, st, k + 1, flops, pos, saved))
             eng._count(st, 0, self.n - 1, k + 1, widths, active, flops, pos=pos)
         else:
             N = self.draft.exit_block
@@ -232,7 +266,8 @@ class Speculator:
             x = eng._blocks(st, N + 1, self.n - 1, x, widths, active, flops,
                             view=VerifyCache(model, st, k + 1, flops, pos, saved))
             eng._count(st, N + 1, self.n - 1, k + 1, widths, active, flops, pos=pos)
-        v = model.readout(x)  # (B, k+1, V)
+        if v is None:
+            v = model.readout(x)  # (B, k+1, V)
         for b in range(B):
             flops[b] += (k + 1) * eng.flops.head
         m, nxt = accept(v, d, torch.stack(qs, 1) if qs else None, self.temperature, self.top_k, self.rng)
@@ -255,6 +290,51 @@ class Speculator:
         stats.verify_s += t2 - t1
         tokens = torch.cat([d[:, :m], nxt[:, None]], 1)
         return tokens, v[:, :m + 1], torch.tensor(flops, dtype=torch.float64), m
+
+    def static_verify(self, B, T):
+        """Whether the verify pass of T positions runs static (a CUDA graph on CUDA): when the engine's decode path
+        is static or graph for this state, and the T positions fit the cache."""
+        path, _ = self.engine.static.path(self.st, B)
+        return path != "eager" and self.st.pos + T <= self.st.cache.max_len
+
+    def _verify_static(self, seq, pos, saved):
+        """The verify pass over seq (B, T) at positions pos.. on the static path; returns the logits (B, T, V) and
+        fills `saved` with views of the per-position Mamba states."""
+        eng, st, model = self.engine, self.st, self.model
+        B, T = seq.shape
+        dev = seq.device
+        if self.vbuf is None or self.vbuf["seq"].shape != seq.shape:
+            self.vbuf = {"seq": torch.zeros_like(seq), "pos": torch.zeros(T, dtype=torch.long, device=dev),
+                         "base": torch.arange(T, device=dev),
+                         "saved": {j: (torch.zeros(T, *c.shape, dtype=c.dtype, device=dev),
+                                       torch.zeros(T, *s_.shape, dtype=s_.dtype, device=dev))
+                                   for j, (c, s_) in st.ssm.items()}}
+        vb = self.vbuf
+        vb["seq"].copy_(seq)
+        torch.add(vb["base"], pos, out=vb["pos"])
+        L = eng.static.bucket(pos + T, st.cache.max_len)
+        rows, D = range(B), self.D
+
+        def verify():
+            view = StaticVerifyCache(model, st, L, vb["pos"], vb["saved"])
+            x = norm(model.transformer.wte(vb["seq"]))
+            group = [(D, rows, slice(None))]
+            for j in range(self.n):
+                x = model.transformer.h[j].decode(x, view.at(j), group, group)
+            return model.readout(x)
+
+        if eng.static.wanted_path() == "graph":
+            eng.static.refresh(st.ws)
+            cast = torch.get_autocast_dtype("cuda") if torch.is_autocast_enabled("cuda") else None
+            states = [t for pair in st.ssm.values() for t in pair]
+            v = replay(st.ws, ("verify", B, T, L, cast), verify, states, cast, eng.static.linears)
+        else:
+            v = verify()
+        for j in st.cache.layers:
+            st.cache.note_store(j, rows, pos, T, st.cache.n_kv_head)
+        for j, (conv_buf, ssm_buf) in vb["saved"].items():
+            saved[j] = [(conv_buf[t], ssm_buf[t]) for t in range(T)]
+        return v
 
     def plain_step(self, tok):
         """One plain decode step of the verifier (think), keeping the plan draft in step with it. Returns the step's

@@ -4,6 +4,7 @@ import pytest
 import torch
 
 from nanochat.engine import Engine
+from nanochat.engine_static import StaticDecode
 from nanochat.layers import token_probs
 from nanochat.speculative import Draft, accept, accept_prob, residual, rollback, Speculator
 
@@ -39,6 +40,43 @@ def test_greedy_speculation_is_think_token_for_token(kind):
             assert stats.rounds > 0 and stats.emitted >= 10  # of 11 decode tokens (the last may be a plain step)
             seen_partial |= any(0 < m < k for m in stats.accepted_hist)
     assert seen_partial  # rollback to the middle of a round was exercised, not only all-or-nothing
+
+
+@pytest.mark.parametrize("kind", KINDS, ids=kind_id)
+def test_static_verify_pass_equals_eager(kind, monkeypatch):
+    """decode='static': the plan draft steps static and the verify pass runs StaticVerifyCache (the function a CUDA
+    graph captures); tokens and logits are think's, and the verify pass took the static path."""
+    monkeypatch.setattr(StaticDecode, "STATIC_MIN_KEYS", 8)  # cross key buckets within 20 tokens
+    model = build(**kind).eval()
+    ref = Engine(model, decode="eager").generate_batch([[2, 7, 1, 8]], 20)
+    eng = Engine(model, decode="static")
+    calls = []
+    real = Speculator._verify_static
+    monkeypatch.setattr(Speculator, "_verify_static", lambda self, *a: calls.append(1) or real(self, *a))
+    for k in (1, 4):
+        res = eng.generate_batch([[2, 7, 1, 8]], 20, speculate=k, draft="plan:64,64,64,32", fallback=False)
+        assert res.tokens == ref.tokens
+        for a, b in zip(res.steps, ref.steps):
+            torch.testing.assert_close(a.logits, b.logits, rtol=0, atol=1e-4)
+    assert calls  # the verify passes ran static
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("kind", KINDS, ids=kind_id)
+def test_graph_speculation_equals_eager_on_cuda(kind, monkeypatch):
+    """On CUDA (decode='graph'): the plan draft's steps and the verify pass replay CUDA graphs; tokens and logits are
+    the eager think's."""
+    monkeypatch.setattr(StaticDecode, "STATIC_MIN_KEYS", 8)
+    model = build(**kind).cuda().eval()
+    ref = Engine(model, decode="eager").generate_batch([[2, 7, 1, 8], [3, 3, 1, 2]], 20)
+    eng = Engine(model, decode="graph")
+    for k in (1, 4):
+        res = eng.generate_batch([[2, 7, 1, 8], [3, 3, 1, 2]], 20, speculate=k, draft="plan:64,64,64,32",
+                                 fallback=False)
+        assert res.tokens == ref.tokens
+        for a, b in zip(res.steps, ref.steps):
+            torch.testing.assert_close(a.logits, b.logits, rtol=0, atol=1e-4)
+    assert any(key[0] == "verify" for key in eng.state.ws.graphs)
 
 
 @pytest.mark.parametrize("kind", KINDS, ids=kind_id)
