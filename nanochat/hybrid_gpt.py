@@ -35,7 +35,6 @@ import torch.nn.functional as F
 from nanochat.layers import norm, rotary_inv_freq, rotary_cos_sin, linear_init_std, softcap
 from nanochat.matryoshka import (default_width_levels, validate_levels, expand_plan, check_plan, MatryoshkaAttention,
                                  MatryoshkaMLP)
-from nanochat.checkpoint_manager import register_model_kind
 from nanochat.common import get_logger, log_once
 
 logger = get_logger(__name__)
@@ -531,6 +530,3 @@ class HybridGPT(nn.Module):
     def estimate_flops(self, width=None):
         """Training FLOPs per token (3x forward) at the mean causal context of a full sequence, for MFU."""
         return 3 * self.forward_flops_per_token(self.config.sequence_len / 2, width)
-
-
-register_model_kind("hybrid", HybridConfig, HybridGPT)

@@ -3,14 +3,17 @@ Checkpoint manager: bitwise round trips, loud failures on every kind of bad chec
 atomic saves, latest-step resolution and per-rank optimizer files.
 """
 import os
+import sys
 import json
+import subprocess
 
 import pytest
 import torch
 
+import nanochat
 from nanochat.gpt import GPT, GPTConfig
-from nanochat.checkpoint_manager import (CheckpointError, save_model, save_checkpoint, load_model,
-                                         load_optimizer_state, find_last_step)
+from nanochat.checkpoint_manager import (CheckpointError, MODEL_KINDS, get_model_kind, save_model, save_checkpoint,
+                                         load_model, load_optimizer_state, find_last_step)
 from nanochat.optim import setup_optimizers, optimizer_state_dicts, load_optimizer_state_dicts
 
 CFG = GPTConfig(sequence_len=32, vocab_size=64, n_layer=2, n_head=2, n_kv_head=1, n_embd=32)
@@ -213,3 +216,25 @@ def test_copy_tokenizer_files(tmp_path):
     copy_tokenizer_files(other, dst, overwrite=True)
     assert (dst / "tokenizer.pkl").read_bytes() == b"B"
     assert sorted(p.name for p in dst.iterdir()) == ["token_bytes.pt", "tokenizer.pkl"]  # no temp files left
+
+
+def test_model_kinds_table():
+    for kind, (module, config_name, model_name) in MODEL_KINDS.items():
+        config_cls, model_cls = get_model_kind(kind)
+        assert (model_cls.kind, model_cls.__module__, config_cls.__name__, model_cls.__name__) == \
+            (kind, module, config_name, model_name)
+    with pytest.raises(CheckpointError, match=r"unknown model kind 'mamba_moe'.*known kinds: \['gpt', 'hybrid'\]"):
+        get_model_kind("mamba_moe")
+
+
+@pytest.mark.parametrize("first, absent", [
+    ("nanochat.checkpoint_manager", ("nanochat.gpt", "nanochat.hybrid_gpt")),  # the table imports on first use
+    ("nanochat.hybrid_gpt", ("nanochat.checkpoint_manager",)),  # models know nothing of checkpoints
+    ("nanochat.gpt", ("nanochat.checkpoint_manager",)),
+])
+def test_no_import_cycle_between_models_and_checkpoint_manager(first, absent):
+    root = os.path.dirname(os.path.dirname(nanochat.__file__))
+    code = f"import sys, {first}; print(sorted(m for m in {absent!r} if m in sys.modules))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                         env=dict(os.environ, PYTHONPATH=root)).stdout
+    assert out.strip() == "[]"
