@@ -23,7 +23,8 @@ import zipfile
 
 import torch
 
-from nanochat.common import expand_path, get_logger, TOKENIZER_FILES
+from nanochat.common import expand_path, get_logger, TOKENIZER_FILES, TOKENIZER_FILENAME
+from nanochat.tokenizer import Tokenizer
 
 log = get_logger(__name__)
 
@@ -274,6 +275,31 @@ def load_model(path, device="cpu", step=None):
     model.eval()
     meta = dict(meta, checkpoint_dir=checkpoint_dir, checkpoint_step=step)
     return model, meta
+
+
+def load_model_and_tokenizer(path, device="cpu", step=None, tokenizer_dir=None):
+    """
+    (model, tokenizer, meta): load_model's pair and the tokenizer from tokenizer_dir, by default the checkpoint's
+    own directory (the tokenizer travels with the checkpoint); meta["tokenizer_dir"] says which was read.
+    The vocabulary rule: every id of the tokenizer must have a row in the model's embedding, so the tokenizer may
+    have fewer ids than config.vocab_size (a vocab padded to a round size, as nanochat's 50304 for GPT-2's 50257
+    ids), never more. Both are checked before the weights are read.
+    """
+    checkpoint_dir, step = resolve_checkpoint(path, step)
+    meta = load_meta(checkpoint_dir, step)
+    vocab_size = config_from_dict(get_model_kind(model_kind_of(meta))[0], meta["model_config"]).vocab_size
+    tokenizer_dir = expand_path(tokenizer_dir) or checkpoint_dir
+    if not os.path.isfile(os.path.join(tokenizer_dir, TOKENIZER_FILENAME)):
+        raise CheckpointError(f"no {TOKENIZER_FILENAME} in {tokenizer_dir}: the tokenizer travels with the checkpoint; "
+                              f"copy the one the model was trained with there (scripts.tok_train writes it to "
+                              f"<base_dir>/tokenizer), or point --tokenizer-dir at it where the script has one")
+    tokenizer = Tokenizer.from_directory(tokenizer_dir)
+    if tokenizer.get_vocab_size() > vocab_size:
+        raise CheckpointError(f"the tokenizer in {tokenizer_dir} has {tokenizer.get_vocab_size()} ids but the model's "
+                              f"vocab_size is {vocab_size}: ids past the embedding have no row, so it is not this "
+                              f"model's tokenizer; use the one the model was trained with")
+    model, meta = load_model(checkpoint_dir, device, step)
+    return model, tokenizer, dict(meta, tokenizer_dir=tokenizer_dir)
 
 
 def load_optimizer_state(checkpoint_dir, step, rank, device="cpu"):

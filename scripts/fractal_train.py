@@ -58,7 +58,7 @@ import torch.distributed as dist
 
 from nanochat.common import (compute_init, compute_cleanup, print0, autodetect_device_type, autocast_context,
                              get_base_dir, expand_path, init_wandb, synchronize, peak_memory_gib)
-from nanochat.tokenizer import Tokenizer, compute_token_bytes, save_token_bytes, TOKENIZER_FILENAME, TOKEN_BYTES_FILENAME
+from nanochat.tokenizer import compute_token_bytes, save_token_bytes, TOKEN_BYTES_FILENAME
 from nanochat.dataset import get_data_dir, split_parquet_files
 from nanochat.dataloader import tokenizing_distributed_data_loader
 from nanochat.loss_eval import all_reduce_sums, evaluate_bpb
@@ -249,7 +249,7 @@ def main(argv=None):
             raise ValueError(f"{out_dir} already holds checkpoints (steps {cm.list_steps(out_dir)}): pass --resume to "
                              f"continue that run, or use another --out-dir")
         load_path, start_step = cm.model_path(source_dir, source_step), 0
-    model, meta = cm.load_model(load_path, device=device)
+    model, tokenizer, meta = cm.load_model_and_tokenizer(load_path, device=device)
     if cm.model_kind_of(meta) != "hybrid":
         raise ValueError(f"{load_path} holds a {cm.model_kind_of(meta)!r} model; fractal_train trains hybrid checkpoints: "
                          f"make one with python -m scripts.surgery --new-dim=D")
@@ -266,14 +266,6 @@ def main(argv=None):
     if args.expert_parallel and ("E" not in config.ffn_pattern or config.num_experts % world_size):
         raise ValueError(f"--expert-parallel needs MoE blocks whose experts divide over {world_size} ranks; this model has "
                          f"ffn_pattern {config.ffn_pattern!r} and {config.num_experts} experts")
-    tok_dir = cm.resolve_checkpoint(load_path)[0]
-    if not os.path.isfile(os.path.join(tok_dir, TOKENIZER_FILENAME)):
-        raise FileNotFoundError(f"no {TOKENIZER_FILENAME} in {tok_dir}: the tokenizer travels with the checkpoint; "
-                                f"copy the one the model was trained with there")
-    tokenizer = Tokenizer.from_directory(tok_dir)
-    if tokenizer.get_vocab_size() != config.vocab_size:
-        raise ValueError(f"the tokenizer in {tok_dir} has {tokenizer.get_vocab_size()} ids but the model's vocab_size is "
-                         f"{config.vocab_size}; they must be the pair the model was trained with")
     token_bytes = compute_token_bytes(tokenizer).to(device)
     print0(f"phase {args.phase} | model {load_path} (step {meta['checkpoint_step']}) | n_embd {config.n_embd} | "
            f"layers {config.n_layer} ({config.layer_pattern}/{config.ffn_pattern}) | levels {config.width_levels} | data {data_dir}")
@@ -379,7 +371,7 @@ def main(argv=None):
     # -------------------------------------------------------------------------
     # Data: one train stream per data shard of this rank; the val batches are read once and kept
     if master:  # the tokenizer travels with the checkpoints (the next phase and surgery read it there)
-        cm.copy_tokenizer_files(tok_dir, out_dir)
+        cm.copy_tokenizer_files(meta["tokenizer_dir"], out_dir)
         if not os.path.exists(os.path.join(out_dir, TOKEN_BYTES_FILENAME)):
             save_token_bytes(tokenizer, out_dir)
     loaders = {j: tokenizing_distributed_data_loader(tokenizer, B, T, "train", data_dir=data_dir, device=device,

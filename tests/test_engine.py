@@ -11,7 +11,7 @@ from nanochat.gpt import GPT, GPTConfig
 from nanochat.hybrid_gpt import HybridGPT, HybridConfig
 from nanochat.engine import Engine, MODES
 from nanochat.cuda_graphs import cast_weights, weights_version
-from nanochat.checkpoint_manager import save_model
+from nanochat.checkpoint_manager import save_model, CheckpointError
 
 from testutil import fill_zero_matrices, device_reads
 
@@ -284,7 +284,7 @@ def test_scripts_on_dense_gpt_checkpoint(tmp_path, tiny_data, capsys):
         generate.main(args + ["--prompt", "hello", "--mode", "auto"])
     replies = chat_cli.main(args + ["--prompt", "hi there"])
     assert len(replies) == 1
-    with pytest.raises(SystemExit, match="tokenizer"):
+    with pytest.raises(CheckpointError, match="tokenizer"):
         generate.main(["--checkpoint", str(ckpt), "--prompt", "x", "--device", "cpu"])  # no tokenizer there
 
 

@@ -5,6 +5,7 @@ FSDP2) against 1 process on the same global batch; the errors that must stop a r
 """
 import os
 import re
+import random
 import shutil
 
 import pytest
@@ -270,15 +271,18 @@ def test_bad_inputs_stop_before_training(pipeline, tiny_data, tmp_path):
         fractal_train.main(run_args(tiny_data, 2, root / "p1", tmp_path / "i", 1, "--expert-parallel"))
     with pytest.raises(ValueError, match="already holds checkpoints"):
         fractal_train.main(run_args(tiny_data, 2, root / "p1", root / "p2", 1))
-    # the tokenizer comes from the checkpoint directory: missing or of another vocabulary is an error
+    # the tokenizer comes from the checkpoint directory (checkpoint_manager.load_model_and_tokenizer): missing, or
+    # with ids past the model's embedding, is an error
     bare = tmp_path / "bare"
     bare.mkdir()
     for f in (model_path(str(root / "p1"), 3), meta_path(str(root / "p1"), 3)):
         shutil.copy(f, bare)
-    with pytest.raises(FileNotFoundError, match="tokenizer.pkl"):
+    with pytest.raises(CheckpointError, match="tokenizer.pkl"):
         fractal_train.main(run_args(tiny_data, 2, bare, tmp_path / "g", 1))
-    Tokenizer.train_from_iterator(iter(["a small text for another tokenizer"] * 20), 280).save(bare)
-    with pytest.raises(ValueError, match="has 280 ids but the model's vocab_size is 512"):
+    rng = random.Random(0)
+    words = ["".join(rng.choice("abcdefghij") for _ in range(rng.randint(2, 6))) for _ in range(3000)]
+    Tokenizer.train_from_iterator(iter([" ".join(words)]), 600).save(bare)
+    with pytest.raises(CheckpointError, match="has 600 ids but the model's vocab_size is 512"):
         fractal_train.main(run_args(tiny_data, 2, bare, tmp_path / "h", 1))
     assert not any(os.path.exists(tmp_path / d / "model_000001.pt") for d in "abcdefgh")
 
