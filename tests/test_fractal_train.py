@@ -7,6 +7,7 @@ import os
 import re
 import random
 import shutil
+import dataclasses
 
 import pytest
 import torch
@@ -324,3 +325,21 @@ def test_moe_and_mamba2_hybrid_trains_with_router_losses(pipeline, tiny_data, tm
     assert all(r > 0 for r in result["router_loss"]) and all(torch.isfinite(torch.tensor(result["loss"])))
     model, meta = load_model(tmp_path / "out")
     assert meta["model_config"]["ffn_pattern"] == "DE" and any(".moe.router." in k for k in model.state_dict())
+
+
+
+def test_phase_table_is_what_check_args_reads(monkeypatch):
+    """--matryoshka's default and the flags a phase refuses come from PHASES (change the table, the behaviour follows)."""
+    def checked(*argv):
+        args = fractal_train.get_args(["--checkpoint=unused", *argv])
+        return args, fractal_train.check_args(args)
+    for n, phase in fractal_train.PHASES.items():
+        args, got = checked(f"--phase={n}")
+        assert got is phase and args.matryoshka == phase.matryoshka
+    with pytest.raises(ValueError, match="grown width of phase 3; drop it for phases 1 and 2"):
+        checked("--phase=2", "--expanded-dim=8")
+    monkeypatch.setitem(fractal_train.PHASES, 1, dataclasses.replace(fractal_train.PHASES[1], matryoshka=True))
+    monkeypatch.setitem(fractal_train.PHASES, 3, dataclasses.replace(fractal_train.PHASES[3], matryoshka=False))
+    assert checked("--phase=1")[0].matryoshka and not checked("--phase=3")[0].matryoshka
+    with pytest.raises(ValueError, match="--matryoshka is for phases 1 and 2: phase 3 trains at full width only"):
+        checked("--phase=3", "--matryoshka")
