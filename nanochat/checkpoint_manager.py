@@ -10,7 +10,8 @@ mid-save never leaves a truncated checkpoint under a real name. Loading is stric
 unexpected or mis-shaped key stops with a list of them.
 
 A nanochat directory (meta has `model_config` and no `model_kind`) loads as a GPT; ours records
-`model_kind` and the full config. Modules register their model kinds with `register_model_kind`.
+`model_kind` and the full config. MODEL_KINDS says which module defines each kind; it is imported
+when a checkpoint of that kind is loaded, so the model files never import this one (no import cycle).
 """
 import os
 import re
@@ -22,7 +23,8 @@ import zipfile
 
 import torch
 
-from nanochat.common import expand_path, get_logger, TOKENIZER_FILES
+from nanochat.common import expand_path, get_logger, TOKENIZER_FILES, TOKENIZER_FILENAME
+from nanochat.tokenizer import Tokenizer
 
 log = get_logger(__name__)
 
@@ -31,22 +33,21 @@ class CheckpointError(RuntimeError):
     """A checkpoint that cannot be used as asked; the message says why and what to do."""
 
 
-# kind -> (config class, model class); filled by the modules that define the models
-_MODEL_KINDS = {}
-# modules that register a kind when imported, so load_model can find kinds it has not seen yet
-_KIND_MODULES = {"gpt": "nanochat.gpt", "hybrid": "nanochat.hybrid_gpt"}
-
-
-def register_model_kind(kind, config_cls, model_cls):
-    _MODEL_KINDS[kind] = (config_cls, model_cls)
+# kind -> (module, config class, model class): what `model_kind` in a checkpoint's meta names. The module is
+# imported on first use, so importing checkpoint_manager imports no model (and no model imports this file).
+MODEL_KINDS = {
+    "gpt": ("nanochat.gpt", "GPTConfig", "GPT"),
+    "hybrid": ("nanochat.hybrid_gpt", "HybridConfig", "HybridGPT"),
+}
 
 
 def get_model_kind(kind):
-    if kind not in _MODEL_KINDS and kind in _KIND_MODULES:
-        importlib.import_module(_KIND_MODULES[kind])
-    if kind not in _MODEL_KINDS:
-        raise CheckpointError(f"unknown model kind {kind!r} in checkpoint meta; known kinds: {sorted(set(_MODEL_KINDS) | set(_KIND_MODULES))}")
-    return _MODEL_KINDS[kind]
+    """(config class, model class) of a model kind."""
+    if kind not in MODEL_KINDS:
+        raise CheckpointError(f"unknown model kind {kind!r} in checkpoint meta; known kinds: {sorted(MODEL_KINDS)}")
+    module_name, config_name, model_name = MODEL_KINDS[kind]
+    module = importlib.import_module(module_name)
+    return getattr(module, config_name), getattr(module, model_name)
 
 
 def config_to_dict(config):
@@ -115,7 +116,7 @@ def save_checkpoint(checkpoint_dir, step, model_state, meta, optim_state=None, r
 
 
 def save_model(checkpoint_dir, step, model, extra_meta=None, optim_state=None, rank=0):
-    """Save a registered model with its kind and config recorded in meta."""
+    """Save a model of a MODEL_KINDS kind with its kind and config recorded in meta."""
     meta = {"model_kind": model.kind, "model_config": config_to_dict(model.config), "step": step}
     meta.update(extra_meta or {})
     save_checkpoint(checkpoint_dir, step, model.state_dict(), meta, optim_state=optim_state, rank=rank)
@@ -276,10 +277,31 @@ def load_model(path, device="cpu", step=None):
     return model, meta
 
 
+def load_model_and_tokenizer(path, device="cpu", step=None, tokenizer_dir=None):
+    """
+    (model, tokenizer, meta): load_model's pair and the tokenizer from tokenizer_dir, by default the checkpoint's
+    own directory (the tokenizer travels with the checkpoint); meta["tokenizer_dir"] says which was read.
+    The vocabulary rule: every id of the tokenizer must have a row in the model's embedding, so the tokenizer may
+    have fewer ids than config.vocab_size (a vocab padded to a round size, as nanochat's 50304 for GPT-2's 50257
+    ids), never more. Both are checked before the weights are read.
+    """
+    checkpoint_dir, step = resolve_checkpoint(path, step)
+    meta = load_meta(checkpoint_dir, step)
+    vocab_size = config_from_dict(get_model_kind(model_kind_of(meta))[0], meta["model_config"]).vocab_size
+    tokenizer_dir = expand_path(tokenizer_dir) or checkpoint_dir
+    if not os.path.isfile(os.path.join(tokenizer_dir, TOKENIZER_FILENAME)):
+        raise CheckpointError(f"no {TOKENIZER_FILENAME} in {tokenizer_dir}: the tokenizer travels with the checkpoint; "
+                              f"copy the one the model was trained with there (scripts.tok_train writes it to "
+                              f"<base_dir>/tokenizer), or point --tokenizer-dir at it where the script has one")
+    tokenizer = Tokenizer.from_directory(tokenizer_dir)
+    if tokenizer.get_vocab_size() > vocab_size:
+        raise CheckpointError(f"the tokenizer in {tokenizer_dir} has {tokenizer.get_vocab_size()} ids but the model's "
+                              f"vocab_size is {vocab_size}: ids past the embedding have no row, so it is not this "
+                              f"model's tokenizer; use the one the model was trained with")
+    model, meta = load_model(checkpoint_dir, device, step)
+    return model, tokenizer, dict(meta, tokenizer_dir=tokenizer_dir)
+
+
 def load_optimizer_state(checkpoint_dir, step, rank, device="cpu"):
     return load_torch_file(optim_path(expand_path(checkpoint_dir), step, rank), device)
 
-
-# the dense GPT is always available
-from nanochat.gpt import GPT, GPTConfig  # noqa: E402
-register_model_kind("gpt", GPTConfig, GPT)

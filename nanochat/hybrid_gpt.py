@@ -35,7 +35,6 @@ import torch.nn.functional as F
 from nanochat.layers import norm, rotary_inv_freq, rotary_cos_sin, linear_init_std, softcap
 from nanochat.matryoshka import (default_width_levels, validate_levels, expand_plan, check_plan, MatryoshkaAttention,
                                  MatryoshkaMLP)
-from nanochat.checkpoint_manager import register_model_kind
 from nanochat.common import get_logger, log_once
 from nanochat.flops import flop_table
 
@@ -548,6 +547,3 @@ class HybridGPT(nn.Module):
 
     def estimate_flops(self, width=None):
         return flop_table(self).training(width)
-
-
-register_model_kind("hybrid", HybridConfig, HybridGPT)

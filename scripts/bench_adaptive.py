@@ -16,7 +16,6 @@ passes the modes take turns row by row, so a change in the machine's speed durin
 """
 import os
 import time
-import argparse
 from contextlib import nullcontext
 
 import torch
@@ -90,14 +89,13 @@ def decode_modes(args, engine, rows, modes, actx, device):
 def cmd_adaptive(args, device):
     from nanochat.engine import Engine
     from nanochat.dataset import get_data_dir
-    from scripts.generate import load_model_and_tokenizer
+    from nanochat.checkpoint_manager import load_model_and_tokenizer
     from scripts.calibrate_gates import parse_part, parts_overlap
     part = parse_part(args.val_part)
     modes = args.modes.split(",")
     if "think" in modes:  # the reference the other modes are compared with comes first in the table
         modes = ["think"] + [m for m in modes if m != "think"]
-    model, tokenizer, meta = load_model_and_tokenizer(argparse.Namespace(
-        checkpoint=args.checkpoint, tokenizer_dir=args.tokenizer_dir, device=str(device)))
+    model, tokenizer, meta = load_model_and_tokenizer(args.checkpoint, device, tokenizer_dir=args.tokenizer_dir)
     c = model.config
     if not hasattr(c, "layer_pattern"):
         raise SystemExit(f"{args.checkpoint} holds a dense GPT: bench adaptive compares a hybrid's compute modes")

@@ -18,11 +18,10 @@ import argparse
 import torch
 
 from nanochat.common import autodetect_device_type, autocast_context, expand_path
-from nanochat.checkpoint_manager import load_model, save_model, copy_tokenizer_files, list_steps
+from nanochat.checkpoint_manager import load_model_and_tokenizer, save_model, copy_tokenizer_files, list_steps
 from nanochat.confidence_probe import calibrate_gates, gate_scores, reliability_table
 from nanochat.dataloader import tokenizing_distributed_data_loader
 from nanochat.dataset import get_data_dir
-from nanochat.tokenizer import Tokenizer
 
 
 def parse_part(text):
@@ -83,7 +82,7 @@ def get_args(argv=None):
 def main(argv=None):
     args = get_args(argv)
     device = torch.device(args.device or autodetect_device_type())
-    model, meta = load_model(args.checkpoint, device)
+    model, tokenizer, meta = load_model_and_tokenizer(args.checkpoint, device, tokenizer_dir=args.tokenizer_dir)
     src = meta["checkpoint_dir"]
     out_dir = expand_path(args.out_dir)
     if os.path.realpath(out_dir) == os.path.realpath(src):
@@ -92,9 +91,6 @@ def main(argv=None):
         raise ValueError(f"{out_dir} already holds checkpoints (steps {list_steps(out_dir)}); pass --overwrite or another --out-dir")
     if not hasattr(model, "controllers"):
         raise ValueError(f"{src} has no exit gates (a dense GPT, or a hybrid with adaptive=False): nothing to calibrate")
-    tokenizer = Tokenizer.from_directory(args.tokenizer_dir or src)
-    if tokenizer.get_vocab_size() > model.config.vocab_size:
-        raise ValueError(f"the tokenizer has {tokenizer.get_vocab_size()} ids but the model {model.config.vocab_size}")
     T = args.seq_len or model.config.sequence_len
     data_dir = get_data_dir(args.data_dir)
     fit = val_batches(tokenizer, data_dir, args.val_part, args.batch, T, args.tokens, device)
@@ -119,7 +115,7 @@ def main(argv=None):
         calibration["reliability"] = {"part": f"{args.eval_part[0]}/{args.eval_part[1]}",
                                       "rows": [{k: (None if v != v else v) for k, v in r.items()} for r in table]}
     save_model(out_dir, step, model, extra_meta=dict(keep, calibration=calibration))
-    copy_tokenizer_files(args.tokenizer_dir or src, out_dir, overwrite=True)
+    copy_tokenizer_files(meta["tokenizer_dir"], out_dir, overwrite=True)
     print(f"saved the calibrated checkpoint to {out_dir} (step {step})")
     return {"checkpoint_dir": out_dir, "step": step, "calibration": calibration}
 

@@ -11,7 +11,7 @@ Type 'quit' or 'exit' to leave, 'clear' to start over.
 import argparse
 
 from nanochat.common import autocast_context
-from scripts.generate import add_generation_args, load_model_and_tokenizer, check_mode, compute_report
+from scripts.generate import add_generation_args, load_from_args, check_mode, compute_report
 
 
 def main(argv=None, input_fn=input):
@@ -20,7 +20,7 @@ def main(argv=None, input_fn=input):
     parser.add_argument("--prompt", type=str, default="", help="ask this one question, print the reply and exit")
     args = parser.parse_args(argv)
 
-    model, tokenizer, meta = load_model_and_tokenizer(args)
+    model, tokenizer, meta = load_from_args(args)
     engine = check_mode(model, args)
     bos = tokenizer.get_bos_token_id()
     user_start, user_end = tokenizer.encode_special("<|user_start|>"), tokenizer.encode_special("<|user_end|>")

@@ -1,5 +1,5 @@
 """
-Train a hybrid (attention + Mamba) checkpoint in three phases.
+Train a hybrid (attention + Mamba) checkpoint in three phases (what --phase decides: the table PHASES).
 
     torchrun --standalone --nproc_per_node=8 -m scripts.fractal_train --phase=1 --checkpoint=~/ckpt/hybrid
     torchrun --standalone --nproc_per_node=8 -m scripts.fractal_train --phase=2 --checkpoint=<phase 1 out-dir>
@@ -52,24 +52,51 @@ import math
 import time
 import random
 import argparse
+from collections import namedtuple
+from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
+from torch.distributed.tensor import DTensor, distribute_tensor
 
 from nanochat.common import (compute_init, compute_cleanup, print0, autodetect_device_type, autocast_context,
                              get_base_dir, expand_path, init_wandb, synchronize, peak_memory_gib)
-from nanochat.tokenizer import Tokenizer, compute_token_bytes, save_token_bytes, TOKENIZER_FILENAME, TOKEN_BYTES_FILENAME
+from nanochat.tokenizer import compute_token_bytes, save_token_bytes, TOKEN_BYTES_FILENAME
 from nanochat.dataset import get_data_dir, split_parquet_files
 from nanochat.dataloader import tokenizing_distributed_data_loader
 from nanochat.loss_eval import all_reduce_sums, evaluate_bpb
 from nanochat.moe_ep import shard_experts, is_expert_shard
 from nanochat.matryoshka import sample_plans
+from nanochat.confidence_probe import controller_losses, gate_scores
+from nanochat.surgery import new_entry_mask
 from nanochat.optim import (setup_optimizers, lr_multiplier, set_lr_multiplier, muon_momentum, set_muon_momentum,
                             optimizer_state_dicts, load_optimizer_state_dicts)
 from nanochat.train_utils import (peak_flops, apply_activation_checkpointing, apply_fsdp, allreduce_gradients,
                                   clip_grad_norm, full_state_dict, optimizer_state_full, optimizer_state_to_dtensor,
                                   format_eta)
 from nanochat import checkpoint_manager as cm
+
+
+@dataclass(frozen=True)
+class Phase:
+    """What --phase decides (the module docstring says why)."""
+    new_only: bool     # only the Mamba mixers and surgery's new parameters train (phase1_trainable); the rest is frozen
+    matryoshka: bool   # --matryoshka's default: sample width plans; where False, --matryoshka is an error
+    controllers: bool  # the gates and width predictor train, their losses on the full-width forward (config.adaptive)
+    exit_loss: bool    # the full-width forward adds --exit-loss-weight x the exit readouts' CE
+    grown: bool        # needs a grown checkpoint; --expanded-dim checks it, --new-channel-lr-mult masks the grown entries
+
+
+PHASES = {
+    1: Phase(new_only=True, matryoshka=False, controllers=False, exit_loss=False, grown=False),
+    2: Phase(new_only=False, matryoshka=True, controllers=True, exit_loss=True, grown=False),
+    3: Phase(new_only=False, matryoshka=True, controllers=True, exit_loss=True, grown=True),
+}
+
+
+def phases_where(field, value=True):  # '2 and 3': the phases whose entry has field == value, for error messages
+    return " and ".join(str(n) for n, phase in PHASES.items() if getattr(phase, field) == value)
+
 
 EPILOG = """
 FLOPs and MFU: a step's FLOPs are tokens_per_step * sum over the plans it ran of
@@ -85,7 +112,7 @@ def get_args(argv=None):
     p = argparse.ArgumentParser(description="Fractal training of a hybrid checkpoint: phase 1 (Mamba only), "
                                 "2 (all + Matryoshka + controllers), 3 (grown model)", epilog=EPILOG,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--phase", type=int, required=True, choices=(1, 2, 3))
+    p.add_argument("--phase", type=int, required=True, choices=tuple(PHASES))
     p.add_argument("--checkpoint", type=str, required=True, help="hybrid checkpoint dir or model_<step>.pt (tokenizer.pkl beside it)")
     p.add_argument("--matryoshka", action=argparse.BooleanOptionalAction, default=None,
                    help="sample width plans (default on for phases 2/3; an error in phase 1)")
@@ -140,16 +167,20 @@ def get_args(argv=None):
 
 
 def check_args(args):
+    """The phase's table entry, after --matryoshka's default is filled in and flags it cannot use are refused."""
+    phase = PHASES[args.phase]
     if args.matryoshka is None:
-        args.matryoshka = args.phase >= 2
-    if args.phase == 1 and args.matryoshka:
-        raise ValueError("--matryoshka is for phases 2 and 3: phase 1 trains the new Mamba blocks at full width only")
+        args.matryoshka = phase.matryoshka
+    if args.matryoshka and not phase.matryoshka:
+        raise ValueError(f"--matryoshka is for phases {phases_where('matryoshka')}: phase {args.phase} trains at full width only")
     if args.sample_dim and not args.matryoshka:
         raise ValueError("--sample-dim samples per-block widths of Matryoshka plans; it needs --matryoshka")
-    if args.expanded_dim is not None and args.phase != 3:
-        raise ValueError("--expanded-dim records the grown width of phase 3; drop it for phases 1 and 2")
+    if args.expanded_dim is not None and not phase.grown:
+        raise ValueError(f"--expanded-dim records the grown width of phase {phases_where('grown')}; "
+                         f"drop it for phases {phases_where('grown', False)}")
     if args.n_random_plans < 0 or args.exit_loss_weight < 0 or args.new_channel_lr_mult < 0:
         raise ValueError("--n-random-plans, --exit-loss-weight and --new-channel-lr-mult must be >= 0")
+    return phase
 
 
 def plan_label(plan):
@@ -162,12 +193,9 @@ def phase1_trainable(name, new_prefixes):
 
 
 def grown_masks(model, meta):
-    """
-    {parameter name: bool mask, True on the entries the last growth added}, from where surgery.grow
-    put the old entries (meta["surgery"]["grow"]["old_index"], per parameter the runs per dim).
-    Parameters it does not list (the re-initialised controllers) are not masked.
-    """
-    from nanochat.surgery import new_entry_mask
+    """{parameter name: bool mask, True on the entries the last growth added}, from where surgery.grow put the old
+    entries (meta["surgery"]["grow"]["old_index"], per parameter the runs per dim). Parameters it does not list (the
+    re-initialised controllers) are not masked."""
     old_index = ((meta.get("surgery") or {}).get("grow") or {}).get("old_index")
     if old_index is None:
         raise ValueError("phase 3: the checkpoint's meta has no surgery.grow.old_index, so the grown entries are "
@@ -179,392 +207,390 @@ def grown_masks(model, meta):
     return {n: new_entry_mask(tuple(params[n].shape), runs).to(params[n].device) for n, runs in old_index.items()}
 
 
-def controller_eval(model, batches, token_bytes, T, exit_threshold, plan_epsilon):
-    """
-    Held-out metrics of the controllers (this rank's batches, summed over ranks):
-    bpb_pred: bits per byte with each row at the width predictor's plan (read from its first T/2 tokens);
-    compute_pred: that plan's forward FLOPs per token over the full width's (mean over rows);
-    exit_rate / exit_precision: teacher forced, at full width, a token exits at the first gate whose
-    (raw, uncalibrated) probability is > exit_threshold; precision = its exit readout's top-1 agrees
-    with the final top-1 (confidence_probe.gate_scores).
-    """
-    from nanochat.confidence_probe import gate_scores
-    c, ctrl = model.config, model.controllers
-    full_flops = model.forward_flops_per_token(T / 2)
-    dev = token_bytes.device
-    frac = torch.zeros(2, dtype=torch.float64, device=dev)  # sum of compute fractions, rows
+# -----------------------------------------------------------------------------
+# Setup: process, checkpoint + tokenizer (every missing or mismatched piece stops here), batch geometry
 
-    def at_predicted_plan(x, y, loss_reduction="none"):
-        pooled = ctrl.predictor.pool(model.prefix_hidden(x, c.predictor_after)[:, :T // 2])
-        plan = ctrl.predictor.plan(ctrl.predictor(pooled), plan_epsilon, ctrl.matters)  # (B, n_layer)
-        for row in plan.tolist():
-            frac[0] += model.forward_flops_per_token(T / 2, row) / full_flops
-            frac[1] += 1
-        return model(x, y, width=plan, loss_reduction=loss_reduction)
-
-    res = {"bpb_pred": evaluate_bpb(at_predicted_plan, batches, len(batches), token_bytes)}
-    probs, agree = gate_scores(model, batches, calibrated=False)  # (G, N) each
-    fire = probs > exit_threshold
-    exited = fire.any(0)
-    first = fire.float().argmax(0)
-    good = agree[first, torch.arange(agree.size(1))] & exited
-    counts = torch.tensor([exited.numel(), exited.sum().item(), good.sum().item()], dtype=torch.float64, device=dev)
-    all_reduce_sums(frac, counts)
-    res["compute_pred"] = (frac[0] / frac[1]).item()
-    res["exit_rate"] = (counts[1] / counts[0]).item()
-    res["exit_precision"] = (counts[2] / counts[1]).item() if counts[1] > 0 else float("nan")
-    return res
+# This process and its batches: B rows of T tokens per forward; the train stream in data_ranks interleaved shards,
+# my_shards of them on this rank (one per micro-batch in turn); grad_accum micro-batches, total_batch tokens a step
+Geometry = namedtuple("Geometry", "ddp rank world_size device T B data_ranks my_shards total_batch grad_accum")
 
 
-def main(argv=None):
-    args = get_args(argv)
-    check_args(args)
-    user_args = vars(args).copy()
-
-    # -------------------------------------------------------------------------
-    # Process and device
-    device_type = args.device or autodetect_device_type()
-    ddp, rank, local_rank, world_size, device = compute_init(device_type)
-    master = rank == 0
-    autocast_ctx = autocast_context(device_type)  # bf16 on CUDA, fp32 elsewhere
+def setup_process(args, user_args):
+    """(ddp, rank, world_size, device, wandb run); the flags that need several ranks stop here on one."""
+    ddp, rank, _, world_size, device = compute_init(args.device or autodetect_device_type())
     wandb_run = init_wandb(args.run, "adamba", user_args, rank)
     if args.parallel == "fsdp" and not ddp:
         raise ValueError("--parallel=fsdp shards over ranks: start with torchrun --nproc_per_node=N (N >= 2)")
     if args.expert_parallel and (args.parallel != "ddp" or world_size < 2):
         raise ValueError("--expert-parallel shards the experts over the ranks of --parallel=ddp: start with torchrun "
                          "--nproc_per_node=N (N >= 2), without --parallel=fsdp")
+    return ddp, rank, world_size, device, wandb_run
 
-    # -------------------------------------------------------------------------
-    # Checkpoint, tokenizer and data: every missing piece stops here with what to do
+
+# Where the run reads and writes, and what its checkpoints' meta records of the run and its sources (provenance)
+Paths = namedtuple("Paths", "data_dir out_dir load_path start_step provenance")
+
+
+def load_checkpoint(args, phase, user_args, world_size, device):
+    """(model, tokenizer, meta, Paths) of the --checkpoint, or with --resume the latest step in --out-dir. Missing data,
+    a checkpoint this phase cannot train, a tokenizer that does not fit: each stops here with what to do."""
     data_dir = get_data_dir(args.data_dir)
     for split in ("train", "val"):
         split_parquet_files(split, data_dir)  # raises, saying how to get data, if there is none
     out_dir = expand_path(args.out_dir) or os.path.join(get_base_dir(), "fractal_checkpoints", f"phase{args.phase}")
     source_dir, source_step = cm.resolve_checkpoint(args.checkpoint)
-    if args.resume:
-        load_path = out_dir
-        start_step = cm.find_last_step(out_dir)
-    else:
-        if os.path.isdir(out_dir) and cm.list_steps(out_dir):
-            raise ValueError(f"{out_dir} already holds checkpoints (steps {cm.list_steps(out_dir)}): pass --resume to "
-                             f"continue that run, or use another --out-dir")
-        load_path, start_step = cm.model_path(source_dir, source_step), 0
-    model, meta = cm.load_model(load_path, device=device)
+    if not args.resume and os.path.isdir(out_dir) and cm.list_steps(out_dir):
+        raise ValueError(f"{out_dir} already holds checkpoints (steps {cm.list_steps(out_dir)}): pass --resume to "
+                         f"continue that run, or use another --out-dir")
+    load_path, start_step = (out_dir, cm.find_last_step(out_dir)) if args.resume else (cm.model_path(source_dir, source_step), 0)
+    model, tokenizer, meta = cm.load_model_and_tokenizer(load_path, device=device)
     if cm.model_kind_of(meta) != "hybrid":
         raise ValueError(f"{load_path} holds a {cm.model_kind_of(meta)!r} model; fractal_train trains hybrid checkpoints: "
                          f"make one with python -m scripts.surgery --new-dim=D")
     config = model.config
     if args.resume and meta.get("phase") != args.phase:
         raise ValueError(f"--resume: {out_dir} holds a phase {meta.get('phase')} run, not phase {args.phase}")
-    if args.phase == 3 and not config.grown_from:
-        raise ValueError("phase 3 needs a grown checkpoint: run scripts.surgery --expand-from ...")
+    if phase.grown and not config.grown_from:
+        raise ValueError(f"phase {args.phase} needs a grown checkpoint: run scripts.surgery --expand-from ...")
     if args.expanded_dim is not None and args.expanded_dim != config.n_embd:
         raise ValueError(f"--expanded-dim={args.expanded_dim} but the checkpoint's n_embd is {config.n_embd}")
-    if args.phase >= 2 and not config.adaptive:
+    if phase.controllers and not config.adaptive:
         raise ValueError(f"phase {args.phase} trains the confidence gates and width predictor, but this checkpoint has "
                          f"none (config.adaptive=False): create the hybrid with scripts.surgery --adaptive")
     if args.expert_parallel and ("E" not in config.ffn_pattern or config.num_experts % world_size):
         raise ValueError(f"--expert-parallel needs MoE blocks whose experts divide over {world_size} ranks; this model has "
                          f"ffn_pattern {config.ffn_pattern!r} and {config.num_experts} experts")
-    tok_dir = cm.resolve_checkpoint(load_path)[0]
-    if not os.path.isfile(os.path.join(tok_dir, TOKENIZER_FILENAME)):
-        raise FileNotFoundError(f"no {TOKENIZER_FILENAME} in {tok_dir}: the tokenizer travels with the checkpoint; "
-                                f"copy the one the model was trained with there")
-    tokenizer = Tokenizer.from_directory(tok_dir)
-    if tokenizer.get_vocab_size() != config.vocab_size:
-        raise ValueError(f"the tokenizer in {tok_dir} has {tokenizer.get_vocab_size()} ids but the model's vocab_size is "
-                         f"{config.vocab_size}; they must be the pair the model was trained with")
-    token_bytes = compute_token_bytes(tokenizer).to(device)
-    print0(f"phase {args.phase} | model {load_path} (step {meta['checkpoint_step']}) | n_embd {config.n_embd} | "
-           f"layers {config.n_layer} ({config.layer_pattern}/{config.ffn_pattern}) | levels {config.width_levels} | data {data_dir}")
+    source = meta.get("source") if args.resume else {"checkpoint": source_dir, "step": source_step,
+                                                      "phase": meta.get("phase"), "model_kind": meta.get("model_kind")}
+    provenance = {"user_args": user_args, "source": source, "surgery": meta.get("surgery"),
+                  "lineage": meta.get("lineage", []) if args.resume else meta.get("lineage", []) + [source]}
+    return model, tokenizer, meta, Paths(data_dir, out_dir, load_path, start_step, provenance)
 
-    # -------------------------------------------------------------------------
-    # What trains. Phase 1: Mamba + surgery's new parameters; phases 2/3: everything
-    model.train()
-    new_prefixes = (meta.get("surgery") or {}).get("new_param_prefixes") or []
-    for name, p in model.named_parameters():
-        p.requires_grad_(args.phase >= 2 or phase1_trainable(name, new_prefixes))
-    trainable = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
-    if not trainable:
-        raise ValueError(f"phase {args.phase}: no parameter to train (no Mamba blocks, no surgery.new_param_prefixes)")
-    n_frozen = sum(p.numel() for p in model.parameters() if not p.requires_grad)
-    print0(f"trainable {sum(p.numel() for _, p in trainable):,} | frozen {n_frozen:,} parameters")
-    controllers = model.controllers if args.phase >= 2 else None
-    if controllers is not None:
-        from nanochat.confidence_probe import controller_losses
-    ctrl_params = list(controllers.parameters()) if controllers is not None else []
-    masks = grown_masks(model, meta) if args.phase == 3 and args.new_channel_lr_mult != 1.0 else {}
 
-    # -------------------------------------------------------------------------
-    # Batch geometry
-    T = args.max_seq_len or config.sequence_len
-    B = args.device_batch_size
+def batch_geometry(args, config, ddp, rank, world_size, device):
+    B, T = args.device_batch_size, args.max_seq_len or config.sequence_len
     data_ranks = args.data_ranks or world_size
     if data_ranks % world_size != 0:
         raise ValueError(f"--data-ranks={data_ranks} must be a multiple of the world size {world_size}")
     shards_per_rank = data_ranks // world_size
-    my_shards = list(range(rank * shards_per_rank, (rank + 1) * shards_per_rank))
     total_batch = args.total_batch_size or B * T * data_ranks
     world_tokens = B * T * world_size
     if total_batch % world_tokens != 0 or (total_batch // world_tokens) % shards_per_rank != 0:
         raise ValueError(f"--total-batch-size={total_batch} must be a multiple of B*T*world_size*(data_ranks/world_size) "
                          f"= {B}*{T}*{world_size}*{shards_per_rank}")
-    grad_accum = total_batch // world_tokens
-    num_iterations = args.num_iterations
-    print0(f"tokens per step {total_batch:,} = {B} x {T} x {world_size} ranks x {grad_accum} micro-batches | "
-           f"data ranks {data_ranks} | steps {num_iterations}")
+    my_shards = list(range(rank * shards_per_rank, (rank + 1) * shards_per_rank))
+    geo = Geometry(ddp, rank, world_size, device, T, B, data_ranks, my_shards, total_batch, total_batch // world_tokens)
+    print0(f"tokens per step {total_batch:,} = {B} x {T} x {world_size} ranks x {geo.grad_accum} micro-batches | "
+           f"data ranks {data_ranks} | steps {args.num_iterations}")
+    return geo
 
-    # -------------------------------------------------------------------------
-    # Wrap for training from outside the model: activation checkpointing, FSDP2, compile
+
+# -----------------------------------------------------------------------------
+# Model and optimizers: what trains, wrapped for training from outside the model; resume state
+
+# The model and what updates it: train_model is what the step calls (compiled or not); the step clips train_params
+# and scales the grown entries of mask_params ([(parameter, mask)])
+Trainables = namedtuple("Trainables", "model train_model controllers optimizers train_params mask_params")
+
+
+def prepare_training(args, phase, model, meta, geo):
+    """What trains, as the phase says (the rest: requires_grad=False, in no optimizer); activation checkpointing, FSDP2,
+    expert parallel, compile; then Muon + AdamW by kind (optim.setup_optimizers), the controllers a group of their own."""
+    model.train()
+    new_prefixes = (meta.get("surgery") or {}).get("new_param_prefixes") or []
+    for name, p in model.named_parameters():
+        p.requires_grad_(not phase.new_only or phase1_trainable(name, new_prefixes))
+    n_train = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    if not n_train:
+        raise ValueError(f"phase {args.phase}: no parameter to train (no Mamba blocks, no surgery.new_param_prefixes)")
+    print0(f"trainable {n_train:,} | frozen {sum(p.numel() for p in model.parameters()) - n_train:,} parameters")
+    controllers = model.controllers if phase.controllers else None
+    ctrl_params = list(controllers.parameters()) if controllers is not None else []
+    masks = grown_masks(model, meta) if phase.grown and args.new_channel_lr_mult != 1.0 else {}
     if args.activation_checkpointing:
         apply_activation_checkpointing(model.transformer.h)
     if args.parallel == "fsdp":
         # NOTE: fully_shard replaces the parameters by DTensors: the optimizers must be built after it
         # the controllers stay replicated; wte (bf16 on CUDA, as nanochat) is a shard group of its own
-        apply_fsdp(model, model.transformer.h, ctrl_params, device.type, separate=[model.transformer.wte],
+        apply_fsdp(model, model.transformer.h, ctrl_params, geo.device.type, separate=[model.transformer.wte],
                    reshard_after_forward=not args.fsdp_keep_params)
     if args.expert_parallel:  # the experts become DTensors sharded on the expert dim; the rest stays replicated
         from torch.distributed.device_mesh import init_device_mesh
-        n_moe = shard_experts(model, init_device_mesh(device.type, (world_size,)))
-        print0(f"expert parallel: the experts of {n_moe} MoE blocks over {world_size} ranks, "
-               f"{config.num_experts // world_size} per rank")
-    from torch.distributed.tensor import DTensor, distribute_tensor
+        n_moe = shard_experts(model, init_device_mesh(geo.device.type, (geo.world_size,)))
+        print0(f"expert parallel: the experts of {n_moe} MoE blocks over {geo.world_size} ranks, "
+               f"{model.config.num_experts // geo.world_size} per rank")
     params = dict(model.named_parameters())  # masks of DTensor parameters (fsdp, expert shards) sharded like them
     masks = {n: distribute_tensor(m, params[n].device_mesh, params[n].placements)
              if isinstance(params[n], DTensor) else m for n, m in masks.items()}
     train_model = torch.compile(model, dynamic=False) if args.compile else model
     mask_params = [(p, masks[n]) for n, p in model.named_parameters() if n in masks]
-    has_moe = "E" in config.ffn_pattern
-    peak = peak_flops(device)
-
-    # -------------------------------------------------------------------------
-    # Optimizers: Muon + AdamW by kind (optim.setup_optimizers), controllers as an AdamW group of their own
     optimizers = setup_optimizers(model, matrix_lr=args.matrix_lr, embedding_lr=args.embedding_lr,
                                   unembedding_lr=args.unembedding_lr, scalar_lr=args.scalar_lr,
                                   weight_decay=args.weight_decay, controller_lr=args.controller_lr)
     train_params = [p for p in model.parameters() if p.requires_grad]
-    # expert shards: every rank's tokens already reached them (summed by all_to_all), so no all-reduce
-    replicated_params = [p for p in train_params if not is_expert_shard(p)]
+    return Trainables(model, train_model, controllers, optimizers, train_params, mask_params)
 
-    # -------------------------------------------------------------------------
-    # Resume state
-    loader_states = [None] * data_ranks
+
+def restore_state(args, meta, paths, optimizers, data_ranks):
+    """The data shards' loader states to start from: fresh (None), the resumed run's, or (--continue-data) those of
+    the --checkpoint's run; with --resume also the optimizer states and the CPU RNG, once the flags agree."""
     if args.resume:
         saved = meta.get("user_args", {})
         for key in ("device_batch_size", "max_seq_len", "total_batch_size", "matryoshka", "sample_dim",
                     "n_random_plans", "seed", "data_dir"):
             if saved.get(key) != getattr(args, key):
-                raise ValueError(f"--resume: the run in {out_dir} used --{key.replace('_', '-')}={saved.get(key)!r}, "
+                raise ValueError(f"--resume: the run in {paths.out_dir} used --{key.replace('_', '-')}={saved.get(key)!r}, "
                                  f"now {getattr(args, key)!r}; exact resume needs the same value")
         if meta.get("data_ranks") != data_ranks:
             raise ValueError(f"--resume: the run used {meta.get('data_ranks')} data ranks, now {data_ranks}: "
                              f"pass --data-ranks={meta.get('data_ranks')}")
-        loader_states = meta["dataloader_state"]
         # one file of full (unsharded) optimizer state, whatever the world size and --parallel that saved it
-        saved_opt = cm.load_optimizer_state(out_dir, start_step, 0, "cpu")  # load_state_dict moves it to the params
+        saved_opt = cm.load_optimizer_state(paths.out_dir, paths.start_step, 0, "cpu")  # load_state_dict moves it to the params
         load_optimizer_state_dicts(optimizers, saved_opt["optimizers"])
         optimizer_state_to_dtensor(optimizers)  # the state of DTensor parameters (fsdp, expert shards) sharded like them
         torch.set_rng_state(saved_opt["rng_cpu"])
-        print0(f"resumed {out_dir} at step {start_step}")
+        print0(f"resumed {paths.out_dir} at step {paths.start_step}")
     elif args.continue_data:
         prev = meta.get("user_args") or {}
         if meta.get("data_ranks") != data_ranks or expand_path(prev.get("data_dir")) != expand_path(args.data_dir):
-            raise ValueError(f"--continue-data: {load_path} was trained with data ranks {meta.get('data_ranks')} on "
+            raise ValueError(f"--continue-data: {paths.load_path} was trained with data ranks {meta.get('data_ranks')} on "
                              f"{prev.get('data_dir')!r}; continuing its stream needs the same --data-ranks and --data-dir")
-        loader_states = meta["dataloader_state"]
-    source = meta.get("source") if args.resume else {"checkpoint": source_dir, "step": source_step,
-                                                      "phase": meta.get("phase"), "model_kind": meta.get("model_kind")}
-    lineage = meta.get("lineage", []) if args.resume else meta.get("lineage", []) + [source]
+    else:
+        return [None] * data_ranks
+    return meta["dataloader_state"]
 
-    # -------------------------------------------------------------------------
-    # Data: one train stream per data shard of this rank; the val batches are read once and kept
-    if master:  # the tokenizer travels with the checkpoints (the next phase and surgery read it there)
-        cm.copy_tokenizer_files(tok_dir, out_dir)
-        if not os.path.exists(os.path.join(out_dir, TOKEN_BYTES_FILENAME)):
-            save_token_bytes(tokenizer, out_dir)
+
+# -----------------------------------------------------------------------------
+# Data: one train stream per data shard of this rank; the val batches are read once and kept
+
+def make_data(args, tokenizer, meta, paths, loader_states, geo):
+    if geo.rank == 0:  # the tokenizer travels with the checkpoints (the next phase and surgery read it there)
+        cm.copy_tokenizer_files(meta["tokenizer_dir"], paths.out_dir)
+        if not os.path.exists(os.path.join(paths.out_dir, TOKEN_BYTES_FILENAME)):
+            save_token_bytes(tokenizer, paths.out_dir)
+    B, T, data_dir, device = geo.B, geo.T, paths.data_dir, geo.device
     loaders = {j: tokenizing_distributed_data_loader(tokenizer, B, T, "train", data_dir=data_dir, device=device,
-                                                     resume_state=loader_states[j], rank=j, world_size=data_ranks)
-               for j in my_shards}
-    eval_steps = args.eval_tokens // world_tokens
+                                                     resume_state=loader_states[j], rank=j, world_size=geo.data_ranks)
+               for j in geo.my_shards}
+    world_tokens = B * T * geo.world_size
     val_batches = []
     if args.eval_every > 0:
-        if eval_steps < 1:
+        if args.eval_tokens < world_tokens:
             raise ValueError(f"--eval-tokens={args.eval_tokens} is less than one batch of {world_tokens} tokens")
         val_loader = tokenizing_distributed_data_loader(tokenizer, B, T, "val", data_dir=data_dir, device=device)
-        val_batches = [next(val_loader)[:2] for _ in range(eval_steps)]
+        val_batches = [next(val_loader)[:2] for _ in range(args.eval_tokens // world_tokens)]
+    return loaders, val_batches
 
-    def evaluate():
-        """Val bits per byte at every width level; (controllers) at the predictor's plan, exit statistics."""
-        model.eval()
-        results = {}
-        with autocast_ctx:
-            for w in config.width_levels:
-                results[f"bpb_w{w}"] = evaluate_bpb(model, val_batches, eval_steps, token_bytes,
-                                                    forward_kwargs={"width": w})
-            if controllers is not None:
-                results.update(controller_eval(model, val_batches, token_bytes, T, args.exit_threshold, args.plan_epsilon))
-        model.train()
-        return results
 
-    def save(step, val):
-        """Optimizer state (full, from rank 0), then the model and, last, the meta."""
-        states = [None] * world_size
-        mine = {j: loader_states[j] for j in my_shards}
-        if ddp:
-            dist.all_gather_object(states, mine)
-        else:
-            states = [mine]
-        all_states = [None] * data_ranks
-        for d in states:
-            for j, s in d.items():
-                all_states[int(j)] = s
-        # full optimizer state (gathered under fsdp: a collective), one file from rank 0, so a run saved on N ranks
-        # resumes on any number, with either --parallel
-        opt_state = {"optimizers": optimizer_state_full(optimizer_state_dicts(optimizers)), "rng_cpu": torch.get_rng_state()}
-        if master:
-            cm.atomic_torch_save(opt_state, cm.optim_path(out_dir, step, 0))
-        model_state = full_state_dict(model)  # collective under fsdp
-        if ddp:
-            dist.barrier()
-        extra = {"model_kind": model.kind, "model_config": config.to_dict(), "step": step, "phase": args.phase,
-                 "dataloader_state": all_states, "data_ranks": data_ranks, "world_size": world_size,
-                 "user_args": user_args, "num_iterations": num_iterations, "val": val, "source": source,
-                 "lineage": lineage, "surgery": meta.get("surgery")}
-        if master:
-            cm.save_checkpoint(out_dir, step, model_state, extra, rank=0)
-        if ddp:
-            dist.barrier()
+# -----------------------------------------------------------------------------
+# One training step: at its start the model has had `step` updates
+
+def step_plans(args, config, step):
+    """The plans of this step: a function of (seed, step) alone, so a resumed run draws the same."""
+    if args.matryoshka:
+        rng = random.Random(args.seed * 1_000_003 + step)
+        return sample_plans(config.width_levels, config.n_layer, rng, args.n_random_plans, args.sample_dim)
+    return [[config.n_embd] * config.n_layer]
+
+
+def train_step(args, phase, t, loaders, loader_states, geo, step, plans):
+    """Forward + backward of every plan (full width first) on each micro-batch, gradient reductions, update. Returns
+    [CE per plan..., MoE router, gate, predictor loss] (means over micro-batches and ranks), lrm, grad norm, dt, dt update."""
+    model, controllers, grad_accum, world_size = t.model, t.controllers, geo.grad_accum, geo.world_size
+    has_moe, shards_per_rank = "E" in model.config.ffn_pattern, len(geo.my_shards)
+    # mean over plans and micro-batches, and over ranks: our all-reduce sums, FSDP2's reduce-scatter averages
+    scale = 1.0 / (len(plans) * grad_accum * (world_size if args.parallel == "ddp" else 1))
+    synchronize(geo.device)
+    t0 = time.time()
+    sums = torch.zeros(len(plans) + 3, device=geo.device)  # per-plan CE, MoE router, gate, predictor losses
+    for micro in range(grad_accum):
+        j = geo.my_shards[micro % shards_per_rank]
+        x, y, loader_states[j] = next(loaders[j])
+        # the controllers' probe choice: a function of (seed, step, which micro-batch of the global batch)
+        probe_rng = random.Random(f"{args.seed}:{step}:{j}:{micro // shards_per_rank}")
+        for i, plan in enumerate(plans):
+            full = i == 0
+            with autocast_context(geo.device.type):  # bf16 on CUDA, fp32 elsewhere
+                if full and (phase.exit_loss or controllers is not None):  # the controllers read the exit readouts
+                    out = t.train_model(x, y, width=plan, return_exits=True)
+                    ce = objective = out.loss
+                    if phase.exit_loss and args.exit_loss_weight > 0 and out.exit_losses.size(0) > 1:
+                        objective = objective + args.exit_loss_weight * out.exit_losses[:-1].mean()
+                else:
+                    ce = objective = t.train_model(x, y, width=plan)
+                if has_moe:  # read now: the controllers' probe forwards overwrite each MoE's losses
+                    router = model.moe_aux_loss()  # balancing + z losses with the MoE's coefficients
+                    objective = objective + router
+                    sums[-3] += router.detach().float() / len(plans)
+                if full and controllers is not None:
+                    cl = controller_losses(model, x, y, out, rng=probe_rng)
+                    objective = objective + cl["loss"]
+                    sums[-2] += cl["gate_loss"].detach().float()
+                    sums[-1] += cl["predictor_loss"].detach().float()
+            sums[i] += ce.detach().float()
+            if args.parallel == "fsdp":  # reduce-scatter once, after the step's last backward
+                last = micro == grad_accum - 1 and i == len(plans) - 1
+                model.set_requires_gradient_sync(last)
+                if args.fsdp_keep_params:  # the step's passes share the weights: gather them once per step
+                    model.set_reshard_after_backward(last)
+            (objective * scale).backward()
+    if args.parallel == "ddp":  # expert shards: every rank's tokens already reached them (all_to_all): no all-reduce
+        allreduce_gradients([p for p in t.train_params if not is_expert_shard(p)])
+    elif controllers is not None:  # fsdp: the replicated controllers; the loss was not scaled by the world size
+        allreduce_gradients(list(controllers.parameters()), divide_by=world_size)
+    if geo.ddp:
+        dist.all_reduce(sums, op=dist.ReduceOp.SUM)
+    sums = (sums / (grad_accum * world_size)).tolist()  # a device sync: what follows is the update
+    t_update = time.time()
+    grad_norm = clip_grad_norm(t.train_params, args.grad_clip) if args.grad_clip > 0 else None
+    lrm = lr_multiplier(step, args.num_iterations, args.warmup_ratio, args.warmdown_ratio)
+    set_lr_multiplier(t.optimizers, lrm)
+    set_muon_momentum(t.optimizers, muon_momentum(step))
+    before = [p.detach().clone() for p, _ in t.mask_params]
+    for opt in t.optimizers:
+        opt.step()
+    with torch.no_grad():
+        for (p, m), old in zip(t.mask_params, before):  # grown entries: old + mult * (their update)
+            p.copy_(torch.where(m, old + args.new_channel_lr_mult * (p - old), p))
+    model.zero_grad(set_to_none=True)
+    for block in model.transformer.h:
+        if block.ffn_kind == "E" and block.moe.bias_balancing:
+            block.moe.update_bias()
+    synchronize(geo.device)
+    t1 = time.time()
+    if not math.isfinite(sums[0]):
+        raise FloatingPointError(f"step {step}: full-width loss is {sums[0]}; lower the learning rates or check the data")
+    return sums, lrm, None if grad_norm is None else grad_norm.item(), t1 - t0, t1 - t_update
+
+
+# -----------------------------------------------------------------------------
+# Evaluating and saving
+
+def evaluate(args, model, controllers, batches, token_bytes, T):
+    """Val metrics of this rank's batches, summed over ranks. bpb_w<w>: bits per byte at each width level. With
+    controllers, bpb_pred: each row at the width predictor's plan (read from its first T/2 tokens); compute_pred: that
+    plan's forward FLOPs per token over the full width's (mean over rows); exit_rate / exit_precision: teacher forced, at
+    full width, a token exits at the first gate whose (raw, uncalibrated) probability is > --exit-threshold; precision =
+    its exit readout's top-1 agrees with the final top-1 (confidence_probe.gate_scores)."""
+    model.eval()
+    dev, full_flops = token_bytes.device, model.forward_flops_per_token(T / 2)
+    frac = torch.zeros(2, dtype=torch.float64, device=dev)  # sum of compute fractions, rows
+
+    def at_predicted_plan(x, y, loss_reduction="none"):
+        pooled = controllers.predictor.pool(model.prefix_hidden(x, model.config.predictor_after)[:, :T // 2])
+        plan = controllers.predictor.plan(controllers.predictor(pooled), args.plan_epsilon, controllers.matters)  # (B, n_layer)
+        for row in plan.tolist():
+            frac[0] += model.forward_flops_per_token(T / 2, row) / full_flops
+            frac[1] += 1
+        return model(x, y, width=plan, loss_reduction=loss_reduction)
+
+    with autocast_context(dev.type):
+        res = {f"bpb_w{w}": evaluate_bpb(model, batches, len(batches), token_bytes, forward_kwargs={"width": w})
+               for w in model.config.width_levels}
+        if controllers is not None:
+            res["bpb_pred"] = evaluate_bpb(at_predicted_plan, batches, len(batches), token_bytes)
+            probs, agree = gate_scores(model, batches, calibrated=False)  # (G, N) each
+            fire = probs > args.exit_threshold
+            exited = fire.any(0)
+            first = fire.float().argmax(0)
+            good = agree[first, torch.arange(agree.size(1))] & exited
+            counts = torch.tensor([exited.numel(), exited.sum().item(), good.sum().item()], dtype=torch.float64, device=dev)
+            all_reduce_sums(frac, counts)
+            res["compute_pred"] = (frac[0] / frac[1]).item()
+            res["exit_rate"] = (counts[1] / counts[0]).item()
+            res["exit_precision"] = (counts[2] / counts[1]).item() if counts[1] > 0 else float("nan")
+    model.train()
+    return res
+
+
+def save(args, step, val, t, loader_states, paths, geo):
+    """Optimizer state (full, from rank 0), then the model and, last, the meta with every data shard's position."""
+    states = [{j: loader_states[j] for j in geo.my_shards}]  # this rank's shards, then (ddp) every rank's
+    if geo.ddp:
+        states = [None] * geo.world_size
+        dist.all_gather_object(states, {j: loader_states[j] for j in geo.my_shards})
+    by_shard = {int(j): state for d in states for j, state in d.items()}
+    all_states = [by_shard[j] for j in range(geo.data_ranks)]
+    # full optimizer state (gathered under fsdp: a collective), one file from rank 0, so a run saved on N ranks
+    # resumes on any number, with either --parallel
+    opt_state = {"optimizers": optimizer_state_full(optimizer_state_dicts(t.optimizers)), "rng_cpu": torch.get_rng_state()}
+    model_state = full_state_dict(t.model)  # collective under fsdp
+    if geo.ddp:
+        dist.barrier()
+    meta = {"model_kind": t.model.kind, "model_config": t.model.config.to_dict(), "step": step, "phase": args.phase,
+            "dataloader_state": all_states, "data_ranks": geo.data_ranks, "world_size": geo.world_size,
+            "num_iterations": args.num_iterations, "val": val, **paths.provenance}
+    if geo.rank == 0:
+        cm.save_checkpoint(paths.out_dir, step, model_state, meta, optim_state=opt_state, rank=0)
+    if geo.ddp:
+        dist.barrier()
+
+
+def main(argv=None):
+    args = get_args(argv)
+    phase = check_args(args)
+    user_args = vars(args).copy()
+    ddp, rank, world_size, device, wandb_run = setup_process(args, user_args)
+    model, tokenizer, meta, paths = load_checkpoint(args, phase, user_args, world_size, device)
+    config = model.config
+    token_bytes = compute_token_bytes(tokenizer).to(device)
+    print0(f"phase {args.phase} | model {paths.load_path} (step {meta['checkpoint_step']}) | n_embd {config.n_embd} | layers "
+           f"{config.n_layer} ({config.layer_pattern}/{config.ffn_pattern}) | levels {config.width_levels} | data {paths.data_dir}")
+    geo = batch_geometry(args, config, ddp, rank, world_size, device)
+    t = prepare_training(args, phase, model, meta, geo)
+    loader_states = restore_state(args, meta, paths, t.optimizers, geo.data_ranks)
+    loaders, val_batches = make_data(args, tokenizer, meta, paths, loader_states, geo)
+    num_iterations, has_moe, peak = args.num_iterations, "E" in config.ffn_pattern, peak_flops(device)
 
     # -------------------------------------------------------------------------
     # Training loop: at the top of step s the model has had s updates
-    history = {"steps": [], "loss": [], "plan_losses": [], "plan_labels": [], "gate_loss": [], "predictor_loss": [],
-               "router_loss": [], "val": {}}
+    history = {k: [] for k in ("steps", "loss", "plan_losses", "plan_labels", "gate_loss", "predictor_loss", "router_loss")}
+    history["val"] = {}
     step_times, val = [], None
-    step = start_step
+    step = paths.start_step
     while True:
         last_step = step >= num_iterations
         if args.eval_every > 0 and (last_step or step % args.eval_every == 0):
-            val = evaluate()
+            val = evaluate(args, model, t.controllers, val_batches, token_bytes, geo.T)
             history["val"][step] = val
             print0(f"step {step:05d} | val " + " | ".join(f"{k} {v:.4f}" for k, v in val.items()))
             wandb_run.log({"step": step, **{f"val/{k}": v for k, v in val.items()}})
-        if not args.no_save and step > start_step and (last_step or (args.save_every > 0 and step % args.save_every == 0)):
-            save(step, val)
+        if not args.no_save and step > paths.start_step and (last_step or (args.save_every > 0 and step % args.save_every == 0)):
+            save(args, step, val, t, loader_states, paths, geo)
         if last_step:
             break
-
-        # ---- the plans of this step: a function of (seed, step) alone, so a resumed run draws the same
-        if args.matryoshka:
-            rng = random.Random(args.seed * 1_000_003 + step)
-            plans = sample_plans(config.width_levels, config.n_layer, rng, args.n_random_plans, args.sample_dim)
-        else:
-            plans = [[config.n_embd] * config.n_layer]
-        # mean over plans and micro-batches, and over ranks: our all-reduce sums, FSDP2's reduce-scatter averages
-        n_backward = len(plans) * grad_accum
-        scale = 1.0 / (n_backward * (world_size if args.parallel == "ddp" else 1))
-        synchronize(device)
-        t0 = time.time()
-        sums = torch.zeros(len(plans) + 3, device=device)  # per-plan CE, MoE router, gate, predictor losses
-        for micro in range(grad_accum):
-            j = my_shards[micro % shards_per_rank]
-            x, y, loader_states[j] = next(loaders[j])
-            # the controllers' probe choice: a function of (seed, step, which micro-batch of the global batch)
-            probe_rng = random.Random(f"{args.seed}:{step}:{j}:{micro // shards_per_rank}")
-            for i, plan in enumerate(plans):
-                full = i == 0
-                with autocast_ctx:
-                    if full and args.phase >= 2:
-                        out = train_model(x, y, width=plan, return_exits=True)
-                        ce = out.loss
-                        objective = ce
-                        if args.exit_loss_weight > 0 and out.exit_losses.size(0) > 1:
-                            objective = objective + args.exit_loss_weight * out.exit_losses[:-1].mean()
-                    else:
-                        ce = train_model(x, y, width=plan)
-                        objective = ce
-                    if has_moe:  # read now: the controllers' probe forwards overwrite each MoE's losses
-                        router = model.moe_aux_loss()  # balancing + z losses with the MoE's coefficients
-                        objective = objective + router
-                        sums[-3] += router.detach().float() / len(plans)
-                    if full and controllers is not None:
-                        cl = controller_losses(model, x, y, out, rng=probe_rng)
-                        objective = objective + cl["loss"]
-                        sums[-2] += cl["gate_loss"].detach().float()
-                        sums[-1] += cl["predictor_loss"].detach().float()
-                sums[i] += ce.detach().float()
-                if args.parallel == "fsdp":  # reduce-scatter once, after the step's last backward
-                    last = micro == grad_accum - 1 and i == len(plans) - 1
-                    model.set_requires_gradient_sync(last)
-                    if args.fsdp_keep_params:  # the step's passes share the weights: gather them once per step
-                        model.set_reshard_after_backward(last)
-                (objective * scale).backward()
-        if args.parallel == "ddp":
-            allreduce_gradients(replicated_params)
-        elif ctrl_params:  # fsdp: the replicated controllers; the loss was not scaled by the world size
-            allreduce_gradients(ctrl_params, divide_by=world_size)
-        if ddp:
-            dist.all_reduce(sums, op=dist.ReduceOp.SUM)
-        sums = (sums / (grad_accum * world_size)).tolist()  # a device sync: what follows is the update
-        t_update = time.time()
-        grad_norm = clip_grad_norm(train_params, args.grad_clip) if args.grad_clip > 0 else None
-        lrm = lr_multiplier(step, num_iterations, args.warmup_ratio, args.warmdown_ratio)
-        set_lr_multiplier(optimizers, lrm)
-        set_muon_momentum(optimizers, muon_momentum(step))
-        before = [p.detach().clone() for p, _ in mask_params]
-        for opt in optimizers:
-            opt.step()
-        with torch.no_grad():
-            for (p, m), old in zip(mask_params, before):  # grown entries: old + mult * (their update)
-                p.copy_(torch.where(m, old + args.new_channel_lr_mult * (p - old), p))
-        model.zero_grad(set_to_none=True)
-        for block in model.transformer.h:
-            if block.ffn_kind == "E" and block.moe.bias_balancing:
-                block.moe.update_bias()
-        synchronize(device)
-        t1 = time.time()
-        dt, dt_update = t1 - t0, t1 - t_update
-        loss = sums[0]
-        if not math.isfinite(loss):
-            raise FloatingPointError(f"step {step}: full-width loss is {loss}; lower the learning rates or check the data")
+        plans = step_plans(args, config, step)
+        sums, lrm, grad_norm, dt, dt_update = train_step(args, phase, t, loaders, loader_states, geo, step, plans)
 
         # ---- one line per step
         step_times.append(dt)
         recent = step_times[1:] or step_times  # the first step includes compilation and warmup
         eta = (num_iterations - step - 1) * sum(recent) / len(recent)
-        tok_per_sec = total_batch / dt
-        step_flops = total_batch * sum(3 * model.forward_flops_per_token(T / 2, plan) for plan in plans)
+        tok_per_sec = geo.total_batch / dt
+        step_flops = geo.total_batch * sum(3 * model.forward_flops_per_token(geo.T / 2, plan) for plan in plans)
         mfu = 100 * step_flops / dt / (peak * world_size) if peak else None
         widths = " ".join(f"{plan_label(plan)} {l:.3f}" for plan, l in zip(plans[1:], sums[1:len(plans)]))
-        ctrl = f" | gate {sums[-2]:.4f} pred {sums[-1]:.4f}" if controllers is not None else ""
+        ctrl = f" | gate {sums[-2]:.4f} pred {sums[-1]:.4f}" if t.controllers is not None else ""
         ctrl += f" | router {sums[-3]:.4f}" if has_moe else ""
-        print0(f"step {step:05d}/{num_iterations:05d} ({100 * step / num_iterations:.1f}%) | loss {loss:.6f}"
+        print0(f"step {step:05d}/{num_iterations:05d} ({100 * step / num_iterations:.1f}%) | loss {sums[0]:.6f}"
                + (f" [{widths}]" if widths else "") + ctrl +
                f" | lrm {lrm:.2f} | dt {dt * 1000:.0f}ms | tok/s {int(tok_per_sec):,} | "
                f"mfu {f'{mfu:.2f}' if mfu is not None else 'n/a'} | update {dt_update * 1000:.0f}ms | eta {format_eta(eta)}")
-        history["steps"].append(step)
-        history["loss"].append(loss)
-        history["plan_losses"].append(sums[:len(plans)])
-        history["plan_labels"].append([plan_label(plan) for plan in plans])
-        history["gate_loss"].append(sums[-2])
-        history["predictor_loss"].append(sums[-1])
-        history["router_loss"].append(sums[-3])
-        log = {"step": step, "train/loss": loss, "train/lrm": lrm, "train/dt": dt, "train/tok_per_sec": tok_per_sec,
+        for k, v in zip(("steps", "loss", "plan_losses", "plan_labels", "gate_loss", "predictor_loss", "router_loss"),
+                        (step, sums[0], sums[:len(plans)], [plan_label(plan) for plan in plans], sums[-2], sums[-1], sums[-3])):
+            history[k].append(v)
+        log = {"step": step, "train/loss": sums[0], "train/lrm": lrm, "train/dt": dt, "train/tok_per_sec": tok_per_sec,
                **{f"train/loss_{plan_label(plan)}": l for plan, l in zip(plans[1:], sums[1:len(plans)])}}
-        if controllers is not None:
+        if t.controllers is not None:
             log.update({"train/gate_loss": sums[-2], "train/predictor_loss": sums[-1]})
-        if has_moe:
-            log["train/router_loss"] = sums[-3]
-        if grad_norm is not None:
-            log["train/grad_norm"] = grad_norm.item()
-        if mfu is not None:
-            log["train/mfu"] = mfu
-        wandb_run.log(log)
+        optional = {"router_loss": sums[-3] if has_moe else None, "mfu": mfu, "grad_norm": grad_norm}
+        wandb_run.log({**log, **{f"train/{k}": v for k, v in optional.items() if v is not None}})
         step += 1
 
     print0(f"peak memory {peak_memory_gib(device):.2f} GiB | training time {sum(step_times) / 60:.2f}m")
     wandb_run.finish()
     compute_cleanup()
-    return dict(history, checkpoint_dir=out_dir, checkpoint=cm.model_path(out_dir, step), last_step=step,
+    return dict(history, checkpoint_dir=paths.out_dir, checkpoint=cm.model_path(paths.out_dir, step), last_step=step,
                 num_iterations=num_iterations, model_config=config.to_dict())
 
 

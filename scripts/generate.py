@@ -8,15 +8,14 @@ Modes: ghost / whisper / normal (every block at 128 / 512 / 1024 channels, snapp
 width levels), think (full width), auto (the width predictor's plan from the prompt, per-token exit and
 widening by the gates). Exit/expand thresholds default to 0.95 / 0.5 in auto and off elsewhere.
 A dense nanochat GPT checkpoint runs in mode think only.
-The tokenizer comes from --tokenizer-dir, else the checkpoint directory's tokenizer.pkl.
+The tokenizer comes from --tokenizer-dir, else the checkpoint directory's tokenizer.pkl
+(checkpoint_manager.load_model_and_tokenizer, which also checks that it fits the model's vocabulary).
 """
-import os
 import argparse
 
 from nanochat.common import autodetect_device_type, autocast_context
-from nanochat.checkpoint_manager import load_model
+from nanochat.checkpoint_manager import load_model_and_tokenizer
 from nanochat.engine import Engine, MODES, DECODE_PATHS
-from nanochat.tokenizer import Tokenizer, TOKENIZER_FILENAME
 
 
 def compute_report(model, steps, row=0, decode=None):
@@ -67,18 +66,10 @@ def add_generation_args(parser):
                         "= graphs of torch.compile'd segments (fewer kernels, but minutes of compiling first)")
 
 
-def load_model_and_tokenizer(args):
-    device = args.device or autodetect_device_type()
-    model, meta = load_model(args.checkpoint, device)
-    tokenizer_dir = args.tokenizer_dir or meta["checkpoint_dir"]
-    if not os.path.isfile(os.path.join(tokenizer_dir, TOKENIZER_FILENAME)):
-        raise SystemExit(f"no {TOKENIZER_FILENAME} in {tokenizer_dir}: pass --tokenizer-dir (e.g. <base_dir>/tokenizer, "
-                         f"where scripts.tok_train writes it)")
-    tokenizer = Tokenizer.from_directory(tokenizer_dir)
-    if tokenizer.get_vocab_size() > model.config.vocab_size:
-        raise SystemExit(f"the tokenizer in {tokenizer_dir} has {tokenizer.get_vocab_size()} ids but the model only "
-                         f"{model.config.vocab_size}: it is not this model's tokenizer")
-    return model, tokenizer, meta
+def load_from_args(args):
+    """(model, tokenizer, meta) of add_generation_args' --checkpoint, --tokenizer-dir and --device."""
+    return load_model_and_tokenizer(args.checkpoint, args.device or autodetect_device_type(),
+                                    tokenizer_dir=args.tokenizer_dir)
 
 
 def check_mode(model, args):
@@ -104,7 +95,7 @@ def main(argv=None):
     parser.add_argument("--num-samples", type=int, default=1, help="rows generated together from the prompt")
     args = parser.parse_args(argv)
 
-    model, tokenizer, meta = load_model_and_tokenizer(args)
+    model, tokenizer, meta = load_from_args(args)
     engine = check_mode(model, args)
     print(f"{meta.get('model_kind', 'gpt')} model from {meta['checkpoint_dir']} step {meta['checkpoint_step']} | mode {args.mode}")
     prompt = tokenizer.encode(args.prompt, prepend="<|bos|>")

@@ -3,14 +3,19 @@ Checkpoint manager: bitwise round trips, loud failures on every kind of bad chec
 atomic saves, latest-step resolution and per-rank optimizer files.
 """
 import os
+import sys
 import json
+import dataclasses
+import subprocess
 
 import pytest
 import torch
 
+import nanochat
 from nanochat.gpt import GPT, GPTConfig
-from nanochat.checkpoint_manager import (CheckpointError, save_model, save_checkpoint, load_model,
-                                         load_optimizer_state, find_last_step)
+from nanochat.checkpoint_manager import (CheckpointError, MODEL_KINDS, get_model_kind, save_model, save_checkpoint,
+                                         load_model, load_model_and_tokenizer, load_optimizer_state, find_last_step,
+                                         copy_tokenizer_files, model_path)
 from nanochat.optim import setup_optimizers, optimizer_state_dicts, load_optimizer_state_dicts
 
 CFG = GPTConfig(sequence_len=32, vocab_size=64, n_layer=2, n_head=2, n_kv_head=1, n_embd=32)
@@ -198,7 +203,6 @@ def test_optimizer_files_per_rank_and_exact_resume(tmp_path):
 
 
 def test_copy_tokenizer_files(tmp_path):
-    from nanochat.checkpoint_manager import copy_tokenizer_files
     src, other, dst = tmp_path / "src", tmp_path / "other", tmp_path / "dst"
     for d, body in ((src, b"A"), (other, b"B")):
         d.mkdir()
@@ -213,3 +217,64 @@ def test_copy_tokenizer_files(tmp_path):
     copy_tokenizer_files(other, dst, overwrite=True)
     assert (dst / "tokenizer.pkl").read_bytes() == b"B"
     assert sorted(p.name for p in dst.iterdir()) == ["token_bytes.pt", "tokenizer.pkl"]  # no temp files left
+
+
+def save_gpt(d, vocab_size, tokenizer_dir=None):
+    """A tiny GPT of this vocab_size at step 1 in d, with the tokenizer files of tokenizer_dir beside it."""
+    torch.manual_seed(0)
+    model = GPT(dataclasses.replace(CFG, vocab_size=vocab_size))
+    model.init_weights()
+    save_model(d, 1, model)
+    if tokenizer_dir is not None:
+        copy_tokenizer_files(tokenizer_dir, d)
+    return model
+
+
+def test_load_model_and_tokenizer_vocabulary_rule(tmp_path, tiny_data):
+    """Every tokenizer id needs a row in the embedding: a padded (larger) vocab loads, a smaller one stops, before
+    the weights are read; the tokenizer comes from the checkpoint directory unless tokenizer_dir says otherwise."""
+    tok_dir, n = tiny_data["tokenizer_dir"], tiny_data["vocab_size"]
+    for vocab_size in (n, n + 64):  # exact, and padded to a round size as nanochat pads
+        d = tmp_path / f"v{vocab_size}"
+        saved = save_gpt(d, vocab_size, tok_dir)
+        model, tokenizer, meta = load_model_and_tokenizer(d)
+        assert tokenizer.get_vocab_size() == n and model.config.vocab_size == vocab_size
+        assert meta["tokenizer_dir"] == str(d) and meta["checkpoint_step"] == 1
+        idx = torch.tensor([tokenizer.encode("hello world", prepend="<|bos|>")])
+        assert torch.equal(model(idx), saved.eval()(idx))
+    small = tmp_path / "small"
+    save_gpt(small, n - 1, tok_dir)
+    with open(model_path(str(small), 1), "r+b") as f:
+        f.truncate(100)  # unreadable weights: the vocabulary check comes first
+    with pytest.raises(CheckpointError, match=f"has {n} ids but the model's vocab_size is {n - 1}"):
+        load_model_and_tokenizer(small)
+    bare = tmp_path / "bare"
+    save_gpt(bare, n)
+    with pytest.raises(CheckpointError, match=f"no tokenizer.pkl in {bare}"):
+        load_model_and_tokenizer(bare)
+    model, tokenizer, meta = load_model_and_tokenizer(bare, tokenizer_dir=tok_dir)
+    assert meta["tokenizer_dir"] == str(tok_dir) and tokenizer.get_vocab_size() == n
+    with pytest.raises(CheckpointError, match=f"in {tok_dir} has {n} ids"):
+        load_model_and_tokenizer(small, tokenizer_dir=tok_dir)
+
+
+def test_model_kinds_table():
+    for kind, (module, config_name, model_name) in MODEL_KINDS.items():
+        config_cls, model_cls = get_model_kind(kind)
+        assert (model_cls.kind, model_cls.__module__, config_cls.__name__, model_cls.__name__) == \
+            (kind, module, config_name, model_name)
+    with pytest.raises(CheckpointError, match=r"unknown model kind 'mamba_moe'.*known kinds: \['gpt', 'hybrid'\]"):
+        get_model_kind("mamba_moe")
+
+
+@pytest.mark.parametrize("first, absent", [
+    ("nanochat.checkpoint_manager", ("nanochat.gpt", "nanochat.hybrid_gpt")),  # the table imports on first use
+    ("nanochat.hybrid_gpt", ("nanochat.checkpoint_manager",)),  # models know nothing of checkpoints
+    ("nanochat.gpt", ("nanochat.checkpoint_manager",)),
+])
+def test_no_import_cycle_between_models_and_checkpoint_manager(first, absent):
+    root = os.path.dirname(os.path.dirname(nanochat.__file__))
+    code = f"import sys, {first}; print(sorted(m for m in {absent!r} if m in sys.modules))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                         env=dict(os.environ, PYTHONPATH=root)).stdout
+    assert out.strip() == "[]"

@@ -7,7 +7,7 @@ import torch
 from nanochat.gpt import GPT, GPTConfig
 from nanochat.hybrid_gpt import HybridGPT
 from nanochat.engine import Engine, MODES
-from nanochat.checkpoint_manager import save_model
+from nanochat.checkpoint_manager import save_model, CheckpointError
 
 from testutil import device_reads
 from engine_testutil import HAS_MAMBA, HAS_MOE, V, ATOL, tiny_config, build, check_against_forward
@@ -237,7 +237,7 @@ def test_scripts_on_dense_gpt_checkpoint(tmp_path, tiny_data, capsys):
         generate.main(args + ["--prompt", "hello", "--mode", "auto"])
     replies = chat_cli.main(args + ["--prompt", "hi there"])
     assert len(replies) == 1
-    with pytest.raises(SystemExit, match="tokenizer"):
+    with pytest.raises(CheckpointError, match="tokenizer"):
         generate.main(["--checkpoint", str(ckpt), "--prompt", "x", "--device", "cpu"])  # no tokenizer there
 
 

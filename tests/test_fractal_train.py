@@ -5,7 +5,9 @@ FSDP2) against 1 process on the same global batch; the errors that must stop a r
 """
 import os
 import re
+import random
 import shutil
+import dataclasses
 
 import pytest
 import torch
@@ -270,15 +272,18 @@ def test_bad_inputs_stop_before_training(pipeline, tiny_data, tmp_path):
         fractal_train.main(run_args(tiny_data, 2, root / "p1", tmp_path / "i", 1, "--expert-parallel"))
     with pytest.raises(ValueError, match="already holds checkpoints"):
         fractal_train.main(run_args(tiny_data, 2, root / "p1", root / "p2", 1))
-    # the tokenizer comes from the checkpoint directory: missing or of another vocabulary is an error
+    # the tokenizer comes from the checkpoint directory (checkpoint_manager.load_model_and_tokenizer): missing, or
+    # with ids past the model's embedding, is an error
     bare = tmp_path / "bare"
     bare.mkdir()
     for f in (model_path(str(root / "p1"), 3), meta_path(str(root / "p1"), 3)):
         shutil.copy(f, bare)
-    with pytest.raises(FileNotFoundError, match="tokenizer.pkl"):
+    with pytest.raises(CheckpointError, match="tokenizer.pkl"):
         fractal_train.main(run_args(tiny_data, 2, bare, tmp_path / "g", 1))
-    Tokenizer.train_from_iterator(iter(["a small text for another tokenizer"] * 20), 280).save(bare)
-    with pytest.raises(ValueError, match="has 280 ids but the model's vocab_size is 512"):
+    rng = random.Random(0)
+    words = ["".join(rng.choice("abcdefghij") for _ in range(rng.randint(2, 6))) for _ in range(3000)]
+    Tokenizer.train_from_iterator(iter([" ".join(words)]), 600).save(bare)
+    with pytest.raises(CheckpointError, match="has 600 ids but the model's vocab_size is 512"):
         fractal_train.main(run_args(tiny_data, 2, bare, tmp_path / "h", 1))
     assert not any(os.path.exists(tmp_path / d / "model_000001.pt") for d in "abcdefgh")
 
@@ -320,3 +325,21 @@ def test_moe_and_mamba2_hybrid_trains_with_router_losses(pipeline, tiny_data, tm
     assert all(r > 0 for r in result["router_loss"]) and all(torch.isfinite(torch.tensor(result["loss"])))
     model, meta = load_model(tmp_path / "out")
     assert meta["model_config"]["ffn_pattern"] == "DE" and any(".moe.router." in k for k in model.state_dict())
+
+
+
+def test_phase_table_is_what_check_args_reads(monkeypatch):
+    """--matryoshka's default and the flags a phase refuses come from PHASES (change the table, the behaviour follows)."""
+    def checked(*argv):
+        args = fractal_train.get_args(["--checkpoint=unused", *argv])
+        return args, fractal_train.check_args(args)
+    for n, phase in fractal_train.PHASES.items():
+        args, got = checked(f"--phase={n}")
+        assert got is phase and args.matryoshka == phase.matryoshka
+    with pytest.raises(ValueError, match="grown width of phase 3; drop it for phases 1 and 2"):
+        checked("--phase=2", "--expanded-dim=8")
+    monkeypatch.setitem(fractal_train.PHASES, 1, dataclasses.replace(fractal_train.PHASES[1], matryoshka=True))
+    monkeypatch.setitem(fractal_train.PHASES, 3, dataclasses.replace(fractal_train.PHASES[3], matryoshka=False))
+    assert checked("--phase=1")[0].matryoshka and not checked("--phase=3")[0].matryoshka
+    with pytest.raises(ValueError, match="--matryoshka is for phases 1 and 2: phase 3 trains at full width only"):
+        checked("--phase=3", "--matryoshka")

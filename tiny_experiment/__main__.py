@@ -113,8 +113,8 @@ def run(args, out, settings):
     final = timer("calibrate", pipeline.calibrate_and_save, p3["checkpoint"], paths["final"], tokenizer,
                   calib_pages, settings)
 
-    # ---- evaluation on the test split with the engine
-    model, meta = cm.load_model(final["checkpoint_dir"])
+    # ---- evaluation on the test split with the engine, the final checkpoint loaded as scripts.generate loads it
+    model, tokenizer, meta = cm.load_model_and_tokenizer(final["checkpoint_dir"])
     dense, _ = cm.load_model(paths["base"])
     ev = timer("evaluate", evaluate.evaluate_model, model, tokenizer, test, dense)
     reliability = evaluate.teacher_forced_reliability(model, tokenizer, test)
