@@ -90,6 +90,8 @@ class Engine:
         self.last_path = None  # the path step() took last ("eager", "static" or "graph")
         self._workspace = None  # the last Workspace, kept where decode steps may be CUDA graphs
         self.state = None       # the DecodeState of the last generate()
+        self.spec_stats = None  # what speculation did in the last generate(speculate=k) (speculative.SpecStats)
+        self.spec_sync = False  # speculative rounds wait for the device after the drafts (benches time them apart)
 
     # ---- plans and thresholds -----------------------------------------------------------------
     def resolve(self, plan, exit_threshold, expand_threshold):

@@ -194,7 +194,7 @@ class Speculator:
         self.D = self.model.config.n_embd
         self.dst = None
         self.dflops = 0.0
-        self.sync = False   # benches: wait for the device after the drafts, so draft and verify times are apart
+        self.sync = engine.spec_sync  # wait for the device after the drafts, so draft and verify times are apart
         self.vbuf = None    # the static verify pass's device inputs and per-position state buffers
         if draft.kind == "plan":  # its own caches, on a workspace of its own (the engine keeps the verifier's)
             self.dst, _, fl, _ = engine.prefill(prompts, draft.plan, max_len=max_len, own_workspace=True)

@@ -343,6 +343,10 @@ def get_args(argv=None):
                            help="fp32 weights under bf16 autocast (scripts.generate's setting), or bf16 weights and caches")
             t.add_argument("--memory-only", action="store_true", help="only the cache formula per mode (checked against "
                            "the engine's tensors by tests/test_bench.py): no model is built, so any size runs on a CPU")
+            t.add_argument("--speculate", type=int, default=0, help="also self-speculative decoding of the 'hybrid' "
+                           "model with k = 1..K drafted tokens per round, against think (scripts/bench_speculate.py)")
+            t.add_argument("--draft", type=str, default="plan:ghost", help="with --speculate: plan:<mode or widths> or "
+                           "exit:<block> (nanochat.speculative.Draft)")
     bench_adaptive.add_args(sub, DECODE_PATHS)
     bench_ep.add_args(sub)
     return p.parse_args(argv)

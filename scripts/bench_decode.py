@@ -146,7 +146,7 @@ def cmd_decode(args, device):
              "hybrid-eq": ["think"]}
     specs = [(name, kind, config, modes[name]) for name, (kind, config) in configs.items()]
     B = args.batch
-    rows, targets = [], []
+    rows, targets, spec_rows = [], [], []
     for name, kind, config, modes in specs:
         model = engine = None
         if not args.memory_only:
@@ -170,6 +170,11 @@ def cmd_decode(args, device):
                         free_memory(device)
                 progress(row)
                 rows.append(row)
+            if args.speculate and name == "hybrid" and not args.memory_only:
+                from scripts.bench_speculate import speculate_rows
+                for row in speculate_rows(args, device, model, engine, name, L, actx):
+                    progress(row)
+                    spec_rows.append(row)
         del model, engine
     L = max(contexts)
     by = {(r["model"], r["mode"], r["context"]): r for r in rows}
@@ -198,4 +203,10 @@ def cmd_decode(args, device):
     for r in rows:
         if "profile" in r:
             print_profile(f"{r['model']} {r['mode']} decode step, context {r['context']}", r["profile"])
-    return finish("decode", args, device, {"rows": rows, "targets": targets})
+    if spec_rows:
+        from scripts.bench_speculate import COLUMNS, speculate_targets
+        print_table(f"self-speculative decoding vs think, batch {B}, {wdesc}, greedy, {args.decode_tokens} tokens "
+                    f"(fresh weights: acceptance is chance's; the 'at a' columns model a draft accepted at rate a)",
+                    spec_rows, COLUMNS)
+        targets += speculate_targets(spec_rows)
+    return finish("decode", args, device, {"rows": rows, "targets": targets, "speculative": spec_rows})

@@ -173,6 +173,30 @@ def test_decode(capsys):
     assert [t["pass"] for t in res["targets"]][0] is False
 
 
+def test_decode_speculate(capsys):
+    """--speculate K: think, k = 1..K and the fallback row per context, with the modelled tok/s from the measured
+    draft-step and verify times; the targets' arithmetic."""
+    from scripts.bench_speculate import expected_tokens_per_round
+    res, out = run(capsys, ["decode", "--depth", "2", "--seq-len", "16", "--vocab-size", "128", "--contexts", "24",
+                            "--decode-tokens", "6", "--prefill-reps", "1", "--modes", "think", "--speculate", "2",
+                            "--draft", "exit:0"])
+    spec = res["speculative"]
+    assert [(r["what"], r["k"]) for r in spec] == [("think", 0), ("speculate exit:0", 1), ("speculate exit:0", 2),
+                                                   ("speculate exit:0, fallback", 2)]
+    think = spec[0]
+    assert think["GB_per_step"] > 0 and think["mbu"] is None  # no peak bandwidth on a CPU
+    for r in spec[1:3]:
+        assert 0 <= r["acceptance"] <= 1 and r["draft_ms"] > 0 and r["verify_ms"] > 0
+        assert r["vs_think"] == pytest.approx(r["tok_per_s"] / think["tok_per_s"])
+        round_ms = r["k"] * r["draft_ms"] + r["verify_ms"]
+        assert r["tok_s_at_0.7"] == pytest.approx(expected_tokens_per_round(0.7, r["k"]) / round_ms * 1e3)
+    assert expected_tokens_per_round(0.5, 1) == 1.5 and expected_tokens_per_round(0.9, 2) == pytest.approx(2.71)
+    names = [t["target"] for t in res["targets"]]
+    assert any(n.startswith("speculative / think tok/s at context 24") for n in names)
+    assert any(n.startswith("speculative with fallback") for n in names)
+    assert "self-speculative decoding vs think" in out
+
+
 def test_decode_memory_only(capsys):
     """--memory-only builds no model: the formula rows and their targets, for sizes a CPU cannot run."""
     res, _ = run(capsys, ["decode", "--depth", "32", "--contexts", "1024,32768", "--modes", "think,ghost", "--memory-only"])
