@@ -138,7 +138,18 @@ def cmd_adaptive(args, device):
           f"gates after blocks {list(model.controllers.gate_blocks) if hasattr(model, 'controllers') else '-'}; "
           f"auto thresholds exit {args.exit_threshold if args.exit_threshold is not None else 0.95} / "
           f"widen {args.expand_threshold if args.expand_threshold is not None else 0.5}")
+    spec_rows = []
+    if args.speculate:
+        from scripts.bench_speculate import checkpoint_rows, CHECKPOINT_COLUMNS
+        spec_rows = checkpoint_rows(args, engine, rows_t[:, :P], actx, device, args.draft.split(";"))
+        print_table(f"self-speculative decoding on {meta['checkpoint_dir']}: greedy, batch 1, {args.rows} held-out "
+                    f"prompts of {P} tokens, {K + 1} tokens each", spec_rows, CHECKPOINT_COLUMNS)
+        for r in spec_rows:
+            if r["k"]:
+                targets.append(target(f"{r['what']} k={r['k']} / think tokens/s", r["vs_think"],
+                                      0.95 if "fallback" in r["what"] else 1.5, ">="))
     return finish("adaptive", args, device, {"rows": results, "targets": targets, "checkpoint": meta["checkpoint_dir"],
+                                             "speculative": spec_rows,
                                              "step": meta["checkpoint_step"], "data_dir": data_dir,
                                              "calibrated": bool(cal), "rows_overlap_calibration": overlap})
 
@@ -160,5 +171,9 @@ def add_args(sub, decode_paths):
     a.add_argument("--engine-decode", type=str, default="auto", choices=decode_paths, help="as bench decode")
     a.add_argument("--weights", type=str, default="fp32", choices=("fp32", "bf16"),
                    help="fp32 weights under bf16 autocast (scripts.generate's setting), or bf16 weights and caches")
+    a.add_argument("--speculate", type=int, default=0, help="also greedy generation from the held-out prompts with "
+                   "self-speculative decoding, k = 1..K, against think (scripts/bench_speculate.py)")
+    a.add_argument("--draft", type=str, default="plan:ghost", help="with --speculate: drafts separated by ';' "
+                   "(plan:<mode or widths>, exit:<block>)")
     return a
 

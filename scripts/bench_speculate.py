@@ -94,6 +94,47 @@ def speculate_rows(args, device, model, engine, name, L, actx):
     return rows
 
 
+def checkpoint_rows(args, engine, prompts, actx, device, drafts):
+    """A trained checkpoint (bench adaptive --speculate K): greedy generation of --decode-tokens tokens from each
+    held-out prompt (batch 1), think against speculation for every draft in `drafts` and k = 1..K; tokens/s over all
+    prompts, acceptance, and whether the tokens were think's."""
+    n = args.decode_tokens + 1
+    ids = [p.tolist() for p in prompts]  # (P,) each
+
+    def run(**kw):
+        total, outs, acc = 0.0, [], [0, 0]
+        for p in ids:
+            with torch.inference_mode(), actx:
+                res = engine.generate_batch([p], 2, **kw)  # warm-up of this prompt's shapes (graphs)
+                sync(device)
+                t0 = time.perf_counter()
+                res = engine.generate_batch([p], n, **kw)
+                sync(device)
+            total += time.perf_counter() - t0
+            outs.append(res.tokens[0])
+            if kw.get("speculate"):
+                acc[0] += engine.spec_stats.accepted
+                acc[1] += engine.spec_stats.drafted
+        return total, outs, acc
+
+    think_s, think_out, _ = run()
+    rows = [{"what": "think", "k": 0, "tok_per_s": len(ids) * n / think_s}]
+    for draft in drafts:
+        for k in range(1, args.speculate + 1):
+            spec_s, out, acc = run(speculate=k, draft=draft, fallback=False)
+            rows.append({"what": f"speculate {draft}", "k": k, "tok_per_s": len(ids) * n / spec_s,
+                         "vs_think": think_s / spec_s, "acceptance": acc[0] / max(1, acc[1]),
+                         "same_tokens": out == think_out})
+        spec_s, out, acc = run(speculate=args.speculate, draft=draft, fallback=True)
+        rows.append({"what": f"speculate {draft}, fallback", "k": args.speculate, "tok_per_s": len(ids) * n / spec_s,
+                     "vs_think": think_s / spec_s, "acceptance": acc[0] / max(1, acc[1]), "same_tokens": out == think_out})
+    return rows
+
+
+CHECKPOINT_COLUMNS = [("what", "decode", ""), ("k", "k", "d"), ("tok_per_s", "tok/s", ",.1f"), ("vs_think", "x think", ".2f"),
+                      ("acceptance", "acceptance", ".3f"), ("same_tokens", "tokens = think", "")]
+
+
 def speculate_targets(rows):
     """The speculative decoding issue's targets, per context: >= 1.5x think where acceptance allows (the best k),
     never below 0.95x think with the fallback on; think's memory-bandwidth utilisation >= 50% at context 1024."""

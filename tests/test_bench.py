@@ -260,3 +260,19 @@ def test_adaptive_scores_the_decode_steps_on_heldout_rows(capsys, tiny_data, tmp
     assert "teacher-forced" in out
     with pytest.raises(SystemExit, match="sequence_len"):
         bench.main(CPU + args[:-2] + ["--prompt-len", "30"])
+
+
+def test_adaptive_speculate_on_a_checkpoint(capsys, tiny_data, tmp_path):
+    """bench adaptive --speculate K: greedy generation from held-out prompts, think against each draft and k, with
+    the tokens checked equal to think's."""
+    write_hybrid_checkpoint(tmp_path / "ckpt", tiny_data)
+    res, out = run(capsys, ["adaptive", "--checkpoint", str(tmp_path / "ckpt"), "--data-dir", str(tiny_data["data_dir"]),
+                            "--rows", "2", "--prompt-len", "6", "--decode-tokens", "5", "--modes", "think",
+                            "--speculate", "2", "--draft", "ghost;exit:0"])
+    spec = res["speculative"]
+    assert [(r["what"], r["k"]) for r in spec] == [("think", 0), ("speculate ghost", 1), ("speculate ghost", 2),
+                                                   ("speculate ghost, fallback", 2), ("speculate exit:0", 1),
+                                                   ("speculate exit:0", 2), ("speculate exit:0, fallback", 2)]
+    assert all(r["same_tokens"] for r in spec[1:]) and all(0 <= r["acceptance"] <= 1 for r in spec[1:])
+    assert sum(t["target"].endswith("/ think tokens/s") for t in res["targets"]) == 6
+    assert "self-speculative decoding on" in out
