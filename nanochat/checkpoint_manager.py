@@ -23,12 +23,13 @@ import zipfile
 import torch
 
 from nanochat.common import expand_path, get_logger, TOKENIZER_FILES
+from nanochat.common import UserError
 
 log = get_logger(__name__)
 
 
-class CheckpointError(RuntimeError):
-    """A checkpoint that cannot be used as asked; the message says why and what to do."""
+class CheckpointError(UserError, RuntimeError):
+    """A checkpoint that cannot be used as asked; the message says why and what to do (scripts print it as one line)."""
 
 
 # kind -> (config class, model class); filled by the modules that define the models

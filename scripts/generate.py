@@ -9,11 +9,13 @@ width levels), think (full width), auto (the width predictor's plan from the pro
 widening by the gates). Exit/expand thresholds default to 0.95 / 0.5 in auto and off elsewhere.
 A dense nanochat GPT checkpoint runs in mode think only.
 The tokenizer comes from --tokenizer-dir, else the checkpoint directory's tokenizer.pkl.
+--stop TEXT (repeatable; backslash escapes such as \\n work) ends the text before TEXT's first occurrence;
+a TEXT that is one token also stops the generation there.
 """
 import os
 import argparse
 
-from nanochat.common import autodetect_device_type, autocast_context
+from nanochat.common import autodetect_device_type, autocast_context, add_runtime_args, run_script
 from nanochat.checkpoint_manager import load_model
 from nanochat.engine import Engine, MODES, DECODE_PATHS
 from nanochat.tokenizer import Tokenizer, TOKENIZER_FILENAME
@@ -65,6 +67,37 @@ def add_generation_args(parser):
     parser.add_argument("--decode", type=str, default="auto", choices=DECODE_PATHS,
                         help="decode step (nanochat.engine.Engine): auto = CUDA graphs on CUDA, eager elsewhere; compiled "
                         "= graphs of torch.compile'd segments (fewer kernels, but minutes of compiling first)")
+    parser.add_argument("--stop", type=str, action="append", default=[],
+                        help="end the text before this string (repeatable; backslash escapes: --stop '\\n')")
+    add_runtime_args(parser)  # --debug, --threads, --require-kernels (read by run_script)
+
+
+def check_generation_args(args):
+    """Stop on values that would generate nothing or loop on nothing; turn --stop's escapes into characters."""
+    if args.max_tokens < 1:
+        raise SystemExit(f"--max-tokens={args.max_tokens}: generate at least 1 token")
+    args.stop = [s.encode("latin-1", "backslashreplace").decode("unicode_escape") for s in args.stop]
+    if any(not s for s in args.stop):
+        raise SystemExit("--stop '' would stop before the first token: give a non-empty string")
+
+
+def stop_token_ids(tokenizer, stops):
+    """The --stop strings that are one token each: the engine stops a row there (longer ones are cut afterwards)."""
+    return tuple(ids[0] for ids in (tokenizer.encode(s) for s in stops) if len(ids) == 1)
+
+
+def cut_at_stop(tokenizer, tokens, stops):
+    """
+    (text, n): the decoded text before the first occurrence of any stop string, and the number of tokens before
+    the one that completed it (as a stop token, that one is dropped); with no stop string in the text, the whole
+    text and len(tokens).
+    """
+    text = tokenizer.decode(tokens)
+    cuts = [text.find(s) for s in stops if s in text]
+    if not cuts:
+        return text, len(tokens)
+    n = next(k for k in range(1, len(tokens) + 1) if any(s in tokenizer.decode(tokens[:k]) for s in stops)) - 1
+    return text[:min(cuts)], n
 
 
 def load_model_and_tokenizer(args):
@@ -103,6 +136,11 @@ def main(argv=None):
     parser.add_argument("--prompt", type=str, required=True)
     parser.add_argument("--num-samples", type=int, default=1, help="rows generated together from the prompt")
     args = parser.parse_args(argv)
+    check_generation_args(args)
+    if not args.prompt:
+        raise SystemExit("--prompt is empty: give the text to continue")
+    if args.num_samples < 1:
+        raise SystemExit(f"--num-samples={args.num_samples}: generate at least 1 row")
 
     model, tokenizer, meta = load_model_and_tokenizer(args)
     engine = check_mode(model, args)
@@ -112,16 +150,18 @@ def main(argv=None):
         res = engine.generate_batch([prompt] * args.num_samples, args.max_tokens, plan=args.mode,
                                     exit_threshold=args.exit_threshold, expand_threshold=args.expand_threshold,
                                     temperature=args.temperature, top_k=args.top_k, seed=args.seed,
-                                    plan_epsilon=args.plan_epsilon, stop_tokens=(tokenizer.get_bos_token_id(),))
+                                    plan_epsilon=args.plan_epsilon,
+                                    stop_tokens=(tokenizer.get_bos_token_id(), *stop_token_ids(tokenizer, args.stop)))
     for b, toks in enumerate(res.tokens):
-        print(("" if args.num_samples == 1 else f"--- sample {b}\n") + args.prompt + tokenizer.decode(toks))
+        text, n = cut_at_stop(tokenizer, toks, args.stop)
+        print(("" if args.num_samples == 1 else f"--- sample {b}\n") + args.prompt + text)
         if args.show_compute:
             if res.plan is not None:
                 print("width plan: " + " ".join(str(w) for w in res.plan[b].tolist()))
-            for line in compute_report(model, res.steps[:max(1, len(toks))], row=b, decode=tokenizer.decode):
+            for line in compute_report(model, res.steps[:max(1, n)], row=b, decode=tokenizer.decode):
                 print(line)
     return res
 
 
 if __name__ == "__main__":
-    main()
+    run_script(main)
