@@ -44,10 +44,12 @@ shard's position, and the random choices, which are functions of (seed, step) fo
 (seed, step, data shard, micro-batch round) for the controllers' probes, so there is no RNG state to
 lose. A checkpoint holds the full model and the full optimizer state (one file each, written by rank 0), so
 a run saved on N ranks, with either --parallel, resumes on any number of ranks (same --data-ranks).
+Ctrl-C or SIGTERM finishes the current step, saves it and prints the command that resumes (exit 130 / 143).
 --compile compiles the training forward for each distinct plan it meets (recompiles on new
 plans; --sample-dim makes many), so it pays off for long runs with uniform plans.
 """
 import os
+import sys
 import math
 import time
 import random
@@ -57,7 +59,8 @@ import torch
 import torch.distributed as dist
 
 from nanochat.common import (compute_init, compute_cleanup, print0, autodetect_device_type, autocast_context,
-                             get_base_dir, expand_path, init_wandb, synchronize, peak_memory_gib)
+                             get_base_dir, expand_path, init_wandb, synchronize, peak_memory_note, add_runtime_args,
+                             run_script)
 from nanochat.tokenizer import Tokenizer, compute_token_bytes, save_token_bytes, TOKENIZER_FILENAME, TOKEN_BYTES_FILENAME
 from nanochat.dataset import get_data_dir, split_parquet_files
 from nanochat.dataloader import tokenizing_distributed_data_loader
@@ -68,7 +71,7 @@ from nanochat.optim import (setup_optimizers, lr_multiplier, set_lr_multiplier, 
                             optimizer_state_dicts, load_optimizer_state_dicts)
 from nanochat.train_utils import (peak_flops, apply_activation_checkpointing, apply_fsdp, allreduce_gradients,
                                   clip_grad_norm, full_state_dict, optimizer_state_full, optimizer_state_to_dtensor,
-                                  format_eta)
+                                  format_eta, GracefulStop, resume_command)
 from nanochat import checkpoint_manager as cm
 
 EPILOG = """
@@ -136,6 +139,8 @@ def get_args(argv=None):
     p.add_argument("--resume", action="store_true", help="continue exactly from the latest checkpoint in --out-dir")
     p.add_argument("--continue-data", action="store_true",
                    help="start the train stream where the --checkpoint's run stopped (e.g. phase 2 after phase 1)")
+    p.add_argument("--log-every", type=int, default=1, help="print the step line every N steps (and the last)")
+    add_runtime_args(p)  # --debug, --threads, --require-kernels (read by run_script)
     return p.parse_args(argv)
 
 
@@ -150,6 +155,8 @@ def check_args(args):
         raise ValueError("--expanded-dim records the grown width of phase 3; drop it for phases 1 and 2")
     if args.n_random_plans < 0 or args.exit_loss_weight < 0 or args.new_channel_lr_mult < 0:
         raise ValueError("--n-random-plans, --exit-loss-weight and --new-channel-lr-mult must be >= 0")
+    if args.log_every < 1:
+        raise ValueError(f"--log-every={args.log_every}: print every N >= 1 steps")
 
 
 def plan_label(plan):
@@ -441,9 +448,11 @@ def main(argv=None):
                "router_loss": [], "val": {}}
     step_times, val = [], None
     step = start_step
+    stop = GracefulStop()  # SIGINT / SIGTERM: finish the step, save it, print the --resume command
     while True:
-        last_step = step >= num_iterations
-        if args.eval_every > 0 and (last_step or step % args.eval_every == 0):
+        stopping = stop.requested(device)
+        last_step = step >= num_iterations or stopping
+        if args.eval_every > 0 and not stopping and (last_step or step % args.eval_every == 0):
             val = evaluate()
             history["val"][step] = val
             print0(f"step {step:05d} | val " + " | ".join(f"{k} {v:.4f}" for k, v in val.items()))
@@ -537,10 +546,11 @@ def main(argv=None):
         widths = " ".join(f"{plan_label(plan)} {l:.3f}" for plan, l in zip(plans[1:], sums[1:len(plans)]))
         ctrl = f" | gate {sums[-2]:.4f} pred {sums[-1]:.4f}" if controllers is not None else ""
         ctrl += f" | router {sums[-3]:.4f}" if has_moe else ""
-        print0(f"step {step:05d}/{num_iterations:05d} ({100 * step / num_iterations:.1f}%) | loss {loss:.6f}"
-               + (f" [{widths}]" if widths else "") + ctrl +
-               f" | lrm {lrm:.2f} | dt {dt * 1000:.0f}ms | tok/s {int(tok_per_sec):,} | "
-               f"mfu {f'{mfu:.2f}' if mfu is not None else 'n/a'} | update {dt_update * 1000:.0f}ms | eta {format_eta(eta)}")
+        if step % args.log_every == 0 or step == num_iterations - 1:
+            print0(f"step {step:05d}/{num_iterations:05d} ({100 * step / num_iterations:.1f}%) | loss {loss:.6f}"
+                   + (f" [{widths}]" if widths else "") + ctrl +
+                   f" | lrm {lrm:.2f} | dt {dt * 1000:.0f}ms | tok/s {int(tok_per_sec):,} | "
+                   f"mfu {f'{mfu:.2f}' if mfu is not None else 'n/a'} | update {dt_update * 1000:.0f}ms | eta {format_eta(eta)}")
         history["steps"].append(step)
         history["loss"].append(loss)
         history["plan_losses"].append(sums[:len(plans)])
@@ -561,12 +571,17 @@ def main(argv=None):
         wandb_run.log(log)
         step += 1
 
-    print0(f"peak memory {peak_memory_gib(device):.2f} GiB | training time {sum(step_times) / 60:.2f}m")
+    print0(f"{peak_memory_note(device)}training time {sum(step_times) / 60:.2f}m")
     wandb_run.finish()
     compute_cleanup()
+    if stop.signum is not None:  # saved above (unless --no-save); say how to go on, exit 128 + signal
+        stop.finish(step, saved=not args.no_save and step > start_step,
+                    resume=resume_command("scripts.fractal_train", sys.argv[1:] if argv is None else argv, out_dir)
+                    if os.path.isdir(out_dir) and cm.list_steps(out_dir) else None)
+    stop.close()
     return dict(history, checkpoint_dir=out_dir, checkpoint=cm.model_path(out_dir, step), last_step=step,
                 num_iterations=num_iterations, model_config=config.to_dict())
 
 
 if __name__ == "__main__":
-    main()
+    run_script(main)
