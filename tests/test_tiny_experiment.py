@@ -128,6 +128,15 @@ def test_plots_written(quick_run):
             assert f.read(8) == b"\x89PNG\r\n\x1a\n"
 
 
+def test_wilson_interval_of_the_plots():
+    from tiny_experiment.report import wilson_interval
+    lo, hi = wilson_interval(0.5, 100)
+    assert abs(lo - 0.4038) < 1e-3 and abs(hi - 0.5962) < 1e-3  # the textbook value
+    lo, hi = wilson_interval(1.0, 200)  # all right: still an interval below 1, where p(1-p)/n would give none
+    assert 0.97 < lo < 0.99 and hi == 1.0
+    assert wilson_interval(0.0, 200)[0] == 0.0
+
+
 def test_heldout_problems_are_not_in_the_corpus(quick_run):
     """Read the parquet shards the phases trained on and check no test question is in them."""
     out, _, r = quick_run
