@@ -474,6 +474,7 @@ def test_cast_weights_swaps_linear_weights_for_a_capture_and_restores_them():
 COMPILE_BACKENDS = ["aot_eager"] + (["inductor"] if os.environ.get("ADAMBA_SLOW_TESTS") else [])
 
 
+@pytest.mark.slow  # torch.compile
 @pytest.mark.parametrize("backend", COMPILE_BACKENDS)
 def test_compiled_static_segments_equal_eager_step(backend, monkeypatch):
     """decode='compiled': the static segments through torch.compile (in-place cache and state writes included)
