@@ -15,7 +15,10 @@
 # machine's Python (--python-version, default this python's; x86-64 Linux), of adamba's own dependencies that
 # CUDA images usually lack (rustbpe) and of setuptools + wheel for `pip install -e .` without an index. Give
 # --wheel SPEC for any other package pip there says is missing. Then, there:
-#   bash scripts/build_kernels.sh && python3 -m pip install --no-index --find-links .whl -e ".[gpu]"
+#   bash scripts/build_kernels.sh --install && python3 -m pip install --no-index --find-links .whl -e .
+# (--install installs the kernel wheels without their dependencies: mamba-ssm 2.3.2 also asks for tilelang,
+# apache-tvm-ffi and quack-kernels, which only its Mamba-3 uses and imports optionally; pip's resolver,
+# e.g. `pip install .[gpu]`, would want them too.)
 set -euo pipefail
 
 SDIST_DIR=.sdist
@@ -70,7 +73,7 @@ if [ $FETCH -eq 1 ]; then
     --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
     -d "$OUT_DIR" "${FETCH_WHEELS[@]}" ${EXTRA_WHEELS[@]+"${EXTRA_WHEELS[@]}"}
   ls -la "$SDIST_DIR" "$OUT_DIR"
-  echo "carry $SDIST_DIR and $OUT_DIR to the GPU machine, then there: bash scripts/build_kernels.sh && python3 -m pip install --no-index --find-links $OUT_DIR -e \".[gpu]\""
+  echo "carry $SDIST_DIR and $OUT_DIR to the GPU machine, then there: bash scripts/build_kernels.sh --install && python3 -m pip install --no-index --find-links $OUT_DIR -e ."
   exit 0
 fi
 
