@@ -23,14 +23,14 @@ import zipfile
 
 import torch
 
-from nanochat.common import expand_path, get_logger, TOKENIZER_FILES, TOKENIZER_FILENAME
+from nanochat.common import expand_path, get_logger, TOKENIZER_FILES, TOKENIZER_FILENAME, UserError
 from nanochat.tokenizer import Tokenizer
 
 log = get_logger(__name__)
 
 
-class CheckpointError(RuntimeError):
-    """A checkpoint that cannot be used as asked; the message says why and what to do."""
+class CheckpointError(UserError, RuntimeError):
+    """A checkpoint that cannot be used as asked; the message says why and what to do (scripts print it as one line)."""
 
 
 # kind -> (module, config class, model class): what `model_kind` in a checkpoint's meta names. The module is

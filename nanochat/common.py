@@ -1,10 +1,15 @@
 """
 Process-level plumbing shared by every script: device and dtype choice, torchrun
-initialisation, the base directory, rank-0 printing and logging.
+initialisation, the base directory, rank-0 printing and logging (each path choice said once per
+process), CPU threads, and the entry point `run_script` that turns a user's mistake into one line.
 Knows nothing about models.
 """
 import os
+import sys
+import dis
+import signal
 import logging
+import argparse
 from contextlib import nullcontext
 
 import torch
@@ -18,11 +23,19 @@ TOKEN_BYTES_FILENAME = "token_bytes.pt"
 TOKENIZER_FILES = (TOKENIZER_FILENAME, TOKEN_BYTES_FILENAME)
 
 
+# this project's packages log at INFO; everything else (rustbpe's per-merge progress, matplotlib's font cache)
+# only from WARNING up, so a tiny run's output is the project's own lines
+PROJECT_PACKAGES = ("nanochat", "scripts", "tiny_experiment")
+
+
 def setup_logging(level=logging.INFO):
-    """Configure the root logger once; later calls are no-ops."""
+    """Configure logging once (later calls are no-ops): the project's loggers at `level`, the rest at WARNING."""
     root = logging.getLogger()
     if not root.handlers:
-        logging.basicConfig(level=level, format=_LOG_FORMAT)
+        logging.basicConfig(level=logging.WARNING, format=_LOG_FORMAT)
+    for name in PROJECT_PACKAGES:
+        if logging.getLogger(name).level == logging.NOTSET:
+            logging.getLogger(name).setLevel(level)
 
 
 def get_logger(name):
@@ -33,13 +46,14 @@ def get_logger(name):
 _logged = set()
 
 
-def log_once(logger, msg):
-    """logger.info(msg) the first time this process sees msg (which path runs, say). Silent while torch.compile
-    traces: a log call there would break the graph."""
+def log_once(logger, msg, level=logging.INFO):
+    """logger.log(level, msg) the first time this process sees msg (which path runs, say). Silent while
+    torch.compile traces: a log call there would break the graph."""
     if torch.compiler.is_compiling() or msg in _logged:
         return
     _logged.add(msg)
-    logger.info(msg)
+    setup_logging()  # a module that logs through logging.getLogger(__name__) gets the project's format and levels
+    logger.log(level, msg)
 
 
 def get_base_dir():
@@ -103,9 +117,9 @@ def compute_init(device_type=None):
     if device_type not in ("cuda", "mps", "cpu"):
         raise ValueError(f"unknown device type {device_type!r}: use cuda, mps or cpu")
     if device_type == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError("--device=cuda was asked for but this PyTorch build sees no CUDA GPU")
+        raise UserError("--device=cuda was asked for but this PyTorch build sees no CUDA GPU")
     if device_type == "mps" and not torch.backends.mps.is_available():
-        raise RuntimeError("--device=mps was asked for but MPS is not available")
+        raise UserError("--device=mps was asked for but MPS is not available")
     ddp, rank, local_rank, world_size = get_dist_info()
     if ddp:
         if device_type == "cuda":
@@ -120,6 +134,8 @@ def compute_init(device_type=None):
         dist.barrier()
     else:
         device = torch.device(device_type)
+    if device_type == "cpu" and _threads_note and _threads_note[0] == torch.get_num_threads():
+        print0(_threads_note[1])
     if device_type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
@@ -144,6 +160,11 @@ def peak_memory_gib(device):
     return 0.0
 
 
+def peak_memory_note(device):
+    """'peak memory X GiB | ' where it is measured (CUDA), '' elsewhere (a CPU run would print a meaningless 0.00)."""
+    return f"peak memory {peak_memory_gib(device):.2f} GiB | " if device.type == "cuda" else ""
+
+
 class DummyWandb:
     """Stands in for a wandb run when logging is off (the default)."""
 
@@ -158,5 +179,159 @@ def init_wandb(run_name, project, config, rank):
     """wandb only when a run name other than 'dummy' is given, and only on rank 0."""
     if run_name in (None, "", "dummy") or rank != 0:
         return DummyWandb()
-    import wandb
+    try:
+        import wandb  # an optional extra: pip install -e '.[wandb]'
+    except ImportError as e:
+        raise UserError(f"--run={run_name} logs to wandb, which is not installed ({e}): pip install -e '.[wandb]', "
+                        f"or leave --run out (no logging)") from e
     return wandb.init(project=project, name=run_name, config=config)
+
+
+# -----------------------------------------------------------------------------
+# CPU threads
+
+def choose_cpu_threads(requested=0):
+    """
+    (threads, why) for torch's intra-op pool. `requested` > 0 (--threads) wins, then OMP_NUM_THREADS (which
+    torch already read). Otherwise the cores this process may use, less the load average (what other processes
+    keep busy), split over the ranks torchrun started on this node, at most torch's own default. Why not
+    torch's default alone: it takes every core, and on a 2-core machine busy with other work fractal_train ran
+    at 9-27 s per step with 2 threads and 0.2 s with 1 (the threads spin-wait on each other), same losses.
+    """
+    if requested and requested > 0:
+        return requested, "--threads"
+    if os.environ.get("OMP_NUM_THREADS"):
+        return torch.get_num_threads(), "OMP_NUM_THREADS"
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else 0.0
+    ranks = max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
+    free = max(1, int(cores - load + 0.5))
+    threads = max(1, min(torch.get_num_threads(), free // ranks, cores // ranks))
+    return threads, f"{cores} cores, load average {load:.1f}, {ranks} rank(s) on this node"
+
+
+_threads_note = None  # (threads, why) when run_script chose fewer threads than torch would; compute_init prints it
+
+
+def set_cpu_threads(requested=0):
+    """Set torch's threads by choose_cpu_threads; returns (threads, why)."""
+    threads, why = choose_cpu_threads(requested)
+    torch.set_num_threads(threads)
+    return threads, why
+
+
+# -----------------------------------------------------------------------------
+# Entry point: user errors as one line, tracebacks for bugs, interrupts as exit codes
+
+DEBUG_ENV = "ADAMBA_DEBUG"
+REQUIRE_KERNELS_ENV = "ADAMBA_REQUIRE_KERNELS"
+
+
+class UserError(Exception):
+    """A mistake the user can fix (a path, flag, shape, missing data or tokenizer); the message says what to do.
+    run_script prints it as one line, `error: <message>`, and exits 1."""
+
+
+class Interrupted(Exception):
+    """A run stopped by a signal after it saved what it had (train_utils.GracefulStop); run_script exits with
+    128 + the signal's number, as a shell reports a process killed by it, without a traceback."""
+
+    def __init__(self, signum, message):
+        super().__init__(message)
+        self.signum = signum
+
+
+def env_flag(name):
+    return os.environ.get(name, "").strip().lower() not in ("", "0", "false", "no")
+
+
+def kernels_required():
+    """--require-kernels / ADAMBA_REQUIRE_KERNELS=1: on CUDA, the Mamba mixers must run mamba-ssm's kernels."""
+    return env_flag(REQUIRE_KERNELS_ENV)
+
+
+def add_runtime_args(parser, threads=True):
+    """The flags every script takes (run_script reads them before main; the script's parser lists them in --help)."""
+    g = parser.add_argument_group("runtime")
+    g.add_argument("--debug", action="store_true", help=f"full Python tracebacks for user errors too (or {DEBUG_ENV}=1)")
+    if threads:
+        g.add_argument("--threads", type=int, default=0,
+                       help="CPU threads (0: OMP_NUM_THREADS if set, else the cores not busy with other work)")
+    g.add_argument("--require-kernels", action="store_true",
+                   help=f"stop if a Mamba mixer on CUDA cannot run mamba-ssm's kernels (or {REQUIRE_KERNELS_ENV}=1)")
+    return parser
+
+
+_PROJECT_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+_PROJECT_DIRS = tuple(os.path.join(_PROJECT_ROOT, name) + os.sep for name in PROJECT_PACKAGES)
+# raised on purpose by this project's own `raise` statements, these carry a message written for the user
+_MESSAGE_TYPES = (ValueError, FloatingPointError)
+
+
+def is_user_error(exc):
+    """
+    True for a mistake the user can fix, whose message is enough: a UserError (CheckpointError is one), an
+    OSError (a path, a permission, a full disk), or a ValueError / FloatingPointError that a `raise` statement of
+    this project raised (the checks of flags, shapes and data). False for everything else, a bug: a TypeError,
+    an assert, a ValueError from inside torch or from an `int()` or an unpacking in our code.
+    """
+    if isinstance(exc, (UserError, OSError)):
+        return True
+    if not isinstance(exc, _MESSAGE_TYPES) or exc.__traceback__ is None:
+        return False
+    tb = exc.__traceback__
+    while tb.tb_next is not None:
+        tb = tb.tb_next
+    code = tb.tb_frame.f_code
+    ours = os.path.abspath(code.co_filename).startswith(_PROJECT_DIRS)
+    return ours and dis.opname[code.co_code[tb.tb_lasti]] == "RAISE_VARARGS"
+
+
+def one_line(exc):
+    return " ".join(str(exc).split()) or type(exc).__name__
+
+
+def run_script(main, argv=None):
+    """
+    Run a script's main(argv) as a command: `if __name__ == "__main__": run_script(main)`.
+    Before main: --debug and --require-kernels (see add_runtime_args) become ADAMBA_DEBUG / ADAMBA_REQUIRE_KERNELS
+    (torchrun's other ranks and the model code read them there), and torch's CPU threads are chosen
+    (choose_cpu_threads; --threads overrides). Then a user error (is_user_error, or a SystemExit with a message)
+    prints `error: <message>` on one line and exits 1; Ctrl-C outside a training loop's graceful stop exits 130
+    with one line; a run that stopped on a signal after saving (Interrupted) exits 128 + the signal number. Any
+    other exception is a bug and keeps its traceback, as does everything under --debug / ADAMBA_DEBUG=1.
+    """
+    argv = sys.argv[1:] if argv is None else [str(a) for a in argv]
+    runtime = add_runtime_args(argparse.ArgumentParser(add_help=False, allow_abbrev=False))
+    opts, _ = runtime.parse_known_args(argv)
+    if opts.debug:
+        os.environ[DEBUG_ENV] = "1"
+    if opts.require_kernels:
+        os.environ[REQUIRE_KERNELS_ENV] = "1"
+    global _threads_note
+    torch_default = torch.get_num_threads()
+    threads, why = set_cpu_threads(opts.threads)
+    if threads < torch_default and why not in ("--threads", "OMP_NUM_THREADS"):  # compute_init says it on a CPU run
+        _threads_note = (threads, f"cpu threads: {threads} of torch's default {torch_default} ({why}); --threads N or "
+                                  f"OMP_NUM_THREADS=N to choose")
+    debug = env_flag(DEBUG_ENV)
+    try:
+        return main(argv)
+    except Interrupted as e:
+        sys.exit(128 + e.signum)
+    except KeyboardInterrupt:
+        if debug:
+            raise
+        print("interrupted (Ctrl-C)", file=sys.stderr)
+        sys.exit(128 + signal.SIGINT)
+    except SystemExit as e:
+        if isinstance(e.code, str) and not debug:  # a script's own `raise SystemExit("what went wrong")`
+            msg = one_line(e.code)
+            print(msg if msg.startswith("error:") else f"error: {msg}", file=sys.stderr)
+            sys.exit(1)
+        raise
+    except Exception as e:
+        if debug or not is_user_error(e):
+            raise
+        print(f"error: {one_line(e)}", file=sys.stderr)
+        sys.exit(1)

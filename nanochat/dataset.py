@@ -20,7 +20,7 @@ import argparse
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from nanochat.common import get_base_dir, expand_path
+from nanochat.common import get_base_dir, expand_path, add_runtime_args, run_script
 
 DEFAULT_REPO = "karpathy/fineweb-edu-100b-shuffle"  # nanochat's pretraining data: shard_00000 .. shard_01822
 DEFAULT_NUM_SHARDS_IN_REPO = 1823
@@ -221,7 +221,7 @@ def write_synthetic_shard(path, texts, row_group_size):
     os.replace(path + ".tmp", path)
 
 
-if __name__ == "__main__":
+def main(argv=None):
     parser = argparse.ArgumentParser(description="Get pretraining shards: download from the hub, or write a synthetic corpus")
     parser.add_argument("--download", type=int, default=None, metavar="N", help="download the first N shards")
     parser.add_argument("--repo", type=str, default=DEFAULT_REPO, help="hub dataset repo to download from")
@@ -231,7 +231,8 @@ if __name__ == "__main__":
     parser.add_argument("--docs-per-shard", type=int, default=512, help="--synthetic: documents per shard")
     parser.add_argument("--seed", type=int, default=0, help="--synthetic: seed")
     parser.add_argument("--data-dir", type=str, default=None, help="default: <base_dir>/base_data")
-    args = parser.parse_args()
+    add_runtime_args(parser)  # --debug, --threads, --require-kernels (read by run_script)
+    args = parser.parse_args(argv)
     if (args.download is None) == (not args.synthetic):
         parser.error("give exactly one of --download N or --synthetic")
     data_dir = get_data_dir(args.data_dir)
@@ -244,3 +245,7 @@ if __name__ == "__main__":
             print(f"Done: {len(paths)} shards in {data_dir}")
     except (RuntimeError, ValueError, FileExistsError) as e:
         raise SystemExit(f"error: {e}")
+
+
+if __name__ == "__main__":
+    run_script(main)

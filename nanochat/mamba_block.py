@@ -47,14 +47,14 @@ try:
     from mamba_ssm.ops.triton.selective_state_update import selective_state_update
     from mamba_ssm.ops.triton.ssd_combined import mamba_chunk_scan_combined, mamba_split_conv1d_scan_combined
     KERNEL_IMPORT_ERROR = None
-except ImportError as e:  # no GPU build here: the PyTorch path runs (path='kernel' raises with this reason)
+except Exception as e:  # not installed, or a build that does not load: the PyTorch path runs, on CUDA with a warning
     selective_scan_fn = mamba_inner_fn = selective_state_update = None
     mamba_chunk_scan_combined = mamba_split_conv1d_scan_combined = None
     KERNEL_IMPORT_ERROR = f"{type(e).__name__}: {e}"
 try:
     from causal_conv1d import causal_conv1d_fn, causal_conv1d_update
     CONV_IMPORT_ERROR = None
-except ImportError as e:  # the depthwise conv then runs in PyTorch (same function; mamba-ssm does the same)
+except Exception as e:  # the depthwise conv then runs in PyTorch (same function; mamba-ssm does the same)
     causal_conv1d_fn = causal_conv1d_update = None
     CONV_IMPORT_ERROR = f"{type(e).__name__}: {e}"
 
@@ -177,8 +177,12 @@ class MambaMixer(nn.Module):
         if reason is None:
             conv = "" if CONV_IMPORT_ERROR is None else f", depthwise conv in PyTorch ({CONV_IMPORT_ERROR})"
             log_once(logger, f"{type(self).__name__} {what}: mamba-ssm kernels{conv}")
-        else:
-            log_once(logger, f"{type(self).__name__} {what}: PyTorch path ({reason})")
+        if x.is_cuda and self.path == "auto" and KERNEL_IMPORT_ERROR is not None:  # a WARNING, or an error
+            mamba_ops.kernels_missing_on_cuda(reason)
+        elif reason is None and CONV_IMPORT_ERROR is not None:
+            mamba_ops.kernels_missing_on_cuda(f"causal_conv1d not importable ({CONV_IMPORT_ERROR})")
+        elif reason is not None:  # once per reason, whichever mixer and call meets it
+            log_once(logger, f"Mamba mixers: PyTorch path ({reason})")
         return reason is None
 
     def forward(self, hidden_states, inference_params=None, mask=None, seq_idx=None):

@@ -24,10 +24,15 @@ a compiled mixer with the eager kernel path (outputs and gradients); tests/test_
 on CPU with the PyTorch scans standing in for the kernels.
 """
 import math
+import logging
 from typing import Optional
 
 import torch
 from torch import Tensor
+
+from nanochat.common import UserError, log_once, kernels_required, REQUIRE_KERNELS_ENV
+
+logger = logging.getLogger(__name__)
 
 SCAN_CHUNK = 2048  # the CUDA scan saves one state per 2048 positions: x is (B, D, ceil(L / 2048), 2 * N)
 
@@ -52,6 +57,24 @@ class _Kernels:
 
 
 KERNELS = _Kernels()
+
+KERNEL_BUILD_COMMAND = "bash scripts/build_kernels.sh --install"
+
+
+class KernelsMissing(UserError, RuntimeError):
+    """--require-kernels / ADAMBA_REQUIRE_KERNELS=1, and a Mamba mixer on CUDA cannot run the kernels."""
+
+
+def kernels_missing_on_cuda(reason):
+    """
+    A Mamba mixer runs on CUDA without mamba-ssm's or causal-conv1d's kernels (`reason`: which, and why). The
+    PyTorch path computes the same function 5-30x slower, so this is a WARNING once per process with the
+    reason and the build command, and an error (KernelsMissing) under --require-kernels / ADAMBA_REQUIRE_KERNELS=1.
+    """
+    msg = f"Mamba mixers on CUDA without the kernels, 5-30x slower: {reason}. Build them: {KERNEL_BUILD_COMMAND} (README: GPU set-up)"
+    if kernels_required():
+        raise KernelsMissing(msg)
+    log_once(logger, f"{msg}; {REQUIRE_KERNELS_ENV}=1 or --require-kernels makes this an error", logging.WARNING)
 
 
 def _lastdim_contiguous(t):

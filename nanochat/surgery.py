@@ -491,3 +491,18 @@ def max_abs_logit_diff(src_model, dst_model, idx):
     a = src_model(idx)
     b = dst_model(idx)
     return (a - b).abs().max().item()
+
+
+def grown_masks(model, meta):
+    """For phase 3 (scripts.fractal_train): {parameter name: bool mask, True on the entries the last growth added},
+    from where surgery.grow put the old entries (meta["surgery"]["grow"]["old_index"], per parameter the runs per
+    dim). Parameters it does not list (the re-initialised controllers) are not masked."""
+    old_index = ((meta.get("surgery") or {}).get("grow") or {}).get("old_index")
+    if old_index is None:
+        raise ValueError("phase 3: the checkpoint's meta has no surgery.grow.old_index, so the grown entries are "
+                         "unknown; grow it with scripts.surgery --expand-from, or pass --new-channel-lr-mult=1")
+    params = dict(model.named_parameters())
+    unknown = sorted(set(old_index) - set(params))
+    if unknown:
+        raise ValueError(f"surgery.grow.old_index names parameters the model does not have: {unknown[:5]}")
+    return {n: new_entry_mask(tuple(params[n].shape), runs).to(params[n].device) for n, runs in old_index.items()}

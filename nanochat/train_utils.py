@@ -1,17 +1,24 @@
 """
 Training-loop plumbing that the training scripts share and that is not about any one model:
 peak FLOPs for MFU, activation checkpointing and FSDP2 applied from outside the model,
-a data-parallel gradient all-reduce, full state dicts from sharded models, and optimizer
-state that survives a save/load under FSDP2.
+a data-parallel gradient all-reduce, full state dicts from sharded models, optimizer
+state that survives a save/load under FSDP2, and the graceful stop on SIGINT / SIGTERM.
 
 The model files know nothing about any of this (torchtitan's habit): every function here takes a
 built model and changes how it runs, never what it computes.
 """
+import os
+import time
+import shlex
+import signal
 import functools
+import threading
 
 import torch
 import torch.distributed as dist
 from torch.utils.checkpoint import checkpoint
+
+from nanochat.common import Interrupted, get_dist_info, print0
 
 # bf16 dense tensor-core peak (no sparsity), FLOP/s; matched against torch.cuda.get_device_name
 PEAK_FLOPS_BF16 = [("H200", 989.4e12), ("H100", 989.4e12), ("A100", 312e12), ("L40S", 362e12),
@@ -187,3 +194,88 @@ def format_eta(seconds):
     if seconds < 5400:
         return f"{seconds / 60:.1f}m"
     return f"{seconds / 3600:.1f}h"
+
+
+# -----------------------------------------------------------------------------
+# Graceful stop: Ctrl-C or SIGTERM finishes the step, saves, and says how to resume
+
+class GracefulStop:
+    """
+    SIGINT (Ctrl-C) and SIGTERM (a scheduler's stop; torchrun forwards it to its workers) during a training loop:
+    the first one asks the loop to finish its current step, save it and leave (finish()); a second Ctrl-C stops at
+    once with KeyboardInterrupt, keeping what the last save holds, as SIGKILL does (checkpoint files are written
+    atomically, so no save is ever half there). A repeat within REPEAT_GRACE_S is the same request: a terminal's
+    Ctrl-C reaches torchrun's workers directly and again through torchrun, which forwards the signal it gets
+    (then kills the workers 30 s later). The loop calls requested() once per step; under torchrun every
+    rank must call it, at the same step, since it is a collective: the ranks agree to stop at the same step, or
+    the save's collectives would wait forever. close() (finish() calls it) puts the previous handlers back.
+    """
+
+    SIGNALS = (signal.SIGINT, signal.SIGTERM)
+    REPEAT_GRACE_S = 2.0
+
+    def __init__(self):
+        self.signum = None
+        self._first_at = None
+        self._previous = {}
+        if threading.current_thread() is threading.main_thread():  # signal handlers can only be set there
+            for sig in self.SIGNALS:
+                self._previous[sig] = signal.signal(sig, self._handle)
+
+    def _handle(self, signum, frame):
+        if self._first_at is not None:
+            if signum == signal.SIGINT and time.monotonic() - self._first_at > self.REPEAT_GRACE_S:
+                raise KeyboardInterrupt  # asked twice: stop now
+            return
+        self.signum, self._first_at = signum, time.monotonic()
+        # os.write to fd 2, not print: a handler that prints while the loop prints can break the stream's buffer
+        if get_dist_info()[1] == 0:
+            os.write(2, f"\n{signal.Signals(signum).name}: finishing this step, then saving "
+                     f"(Ctrl-C again to stop at once without saving)\n".encode())
+
+    def requested(self, device=None):
+        """True once a stop was asked for on any rank (a collective under torch.distributed)."""
+        if dist.is_available() and dist.is_initialized():
+            flag = torch.tensor([self.signum or 0], dtype=torch.int64, device=device)
+            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+            self.signum = int(flag.item()) or None
+        return self.signum is not None
+
+    def close(self):
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+        self._previous = {}
+
+    def finish(self, step, saved, resume):
+        """After the loop left on a stop: say what was kept and how to go on, then raise common.Interrupted
+        (run_script exits with 128 + the signal's number). saved: whether step `step` was just saved;
+        resume: the command that continues the run (resume_command), or None where none can."""
+        self.close()
+        name = signal.Signals(self.signum).name
+        kept = f"saved step {step}" if saved else "nothing new was saved (no step finished since the start or the last save)"
+        msg = f"stopped by {name} at step {step}: {kept}"
+        if resume:
+            msg += f"\nresume with:\n  {resume}"
+        print0(msg)
+        raise Interrupted(self.signum, f"stopped by {name} at step {step}")
+
+
+def resume_command(module, argv, out_dir):
+    """
+    The command that continues this run from its latest checkpoint: the same module and arguments, plus
+    --resume and (when not given) the --out-dir it saved to; under torchrun, with the same number of processes.
+    """
+    args = [str(a) for a in argv]
+    if "--resume" not in args:
+        args.append("--resume")
+    if not any(a == "--out-dir" or a.startswith("--out-dir=") for a in args):
+        args.append(f"--out-dir={out_dir}")
+    distributed, _, _, world_size = get_dist_info()
+    local = int(os.environ.get("LOCAL_WORLD_SIZE", world_size))
+    if not distributed:
+        launcher = "python"
+    elif local == world_size:
+        launcher = f"torchrun --standalone --nproc_per_node={world_size}"
+    else:
+        launcher = f"torchrun <this run's torchrun options: {world_size} processes, {local} per node>"
+    return f"{launcher} -m {module} {shlex.join(args)}"

@@ -10,7 +10,8 @@ One dial: --depth sets the width (depth * 64) and the heads (head_dim 128, as na
 --n-embd/--n-head/--n-kv-head override them for tiny models. Needs a tokenizer
 (`python -m scripts.tok_train`) and shards (`python -m nanochat.dataset`).
 Checkpoints go to --out-dir (default <base_dir>/base_checkpoints/d<depth>) with the tokenizer
-copied beside them; --resume continues from the latest one exactly where it stopped.
+copied beside them; --resume continues from the latest one exactly where it stopped. Ctrl-C or SIGTERM
+finishes the current step, saves it and prints the command that resumes (exit 130 / 143).
 
 FLOP convention for MFU (nanochat/flops.py, the one FLOP table): 2 FLOPs per multiply-accumulate of every
 matmul, attention over the mean causal context (T/2), training = 3x forward; peak dense bf16
@@ -18,6 +19,7 @@ FLOP/s per GPU from train_utils.peak_flops (H100/H200 989.4e12); n/a on CPU and 
 """
 import os
 os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
+import sys
 import math
 import time
 import argparse
@@ -28,7 +30,8 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from nanochat.common import (compute_init, compute_cleanup, print0, autodetect_device_type, autocast_context,
-                             get_base_dir, expand_path, init_wandb, synchronize, peak_memory_gib)
+                             get_base_dir, expand_path, init_wandb, synchronize, peak_memory_note, add_runtime_args,
+                             run_script)
 from nanochat.gpt import GPT, GPTConfig
 from nanochat.tokenizer import Tokenizer, get_token_bytes, default_tokenizer_dir, TOKEN_BYTES_FILENAME
 from nanochat.dataset import get_data_dir, split_parquet_files
@@ -36,7 +39,7 @@ from nanochat.dataloader import tokenizing_distributed_data_loader
 from nanochat.loss_eval import evaluate_bpb
 from nanochat.optim import (setup_optimizers, lr_multiplier, set_lr_multiplier, muon_momentum, set_muon_momentum,
                             optimizer_state_dicts, load_optimizer_state_dicts)
-from nanochat.train_utils import peak_flops
+from nanochat.train_utils import peak_flops, GracefulStop, resume_command
 from nanochat import checkpoint_manager as cm
 
 def get_args(argv=None):
@@ -75,7 +78,12 @@ def get_args(argv=None):
     parser.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in --out-dir")
     parser.add_argument("--data-dir", type=str, default=None, help="parquet shards (default <base_dir>/base_data)")
     parser.add_argument("--tokenizer-dir", type=str, default=None, help="tokenizer.pkl + token_bytes.pt (default <base_dir>/tokenizer)")
-    return parser.parse_args(argv)
+    parser.add_argument("--log-every", type=int, default=1, help="print the step line every N steps (and the last)")
+    add_runtime_args(parser)  # --debug, --threads, --require-kernels (read by run_script)
+    args = parser.parse_args(argv)
+    if args.log_every < 1:
+        raise ValueError(f"--log-every={args.log_every}: print every N >= 1 steps")
+    return args
 
 
 def main(argv=None):
@@ -226,10 +234,12 @@ def main(argv=None):
     val_bpb, min_val_bpb = None, float("inf")
     step_times = []
     step = start_step
+    stop = GracefulStop()  # SIGINT / SIGTERM: finish the step, save it, print the --resume command
     while True:
-        last_step = step >= num_iterations
+        stopping = stop.requested(device)
+        last_step = step >= num_iterations or stopping
 
-        if args.eval_every > 0 and (last_step or step % args.eval_every == 0):
+        if args.eval_every > 0 and not stopping and (last_step or step % args.eval_every == 0):
             orig_model.eval()
             val_loader = tokenizing_distributed_data_loader(tokenizer, B, T, "val", data_dir=data_dir, device=device)
             with autocast_ctx:
@@ -283,8 +293,9 @@ def main(argv=None):
         tok_per_sec = args.total_batch_size / dt
         mfu = 100 * num_flops_per_token * tok_per_sec / (peak * world_size) if peak else None
         mfu_str = f"{mfu:.2f}" if mfu is not None else "n/a"
-        print0(f"step {step:05d}/{num_iterations:05d} ({100 * step / num_iterations:.2f}%) | loss {train_loss:.6f} | "
-               f"lrm {lrm:.2f} | dt {dt * 1000:.2f}ms | tok/sec {int(tok_per_sec):,} | mfu {mfu_str} | eta {eta_min:.1f}m")
+        if step % args.log_every == 0 or step == num_iterations - 1:
+            print0(f"step {step:05d}/{num_iterations:05d} ({100 * step / num_iterations:.2f}%) | loss {train_loss:.6f} | "
+                   f"lrm {lrm:.2f} | dt {dt * 1000:.2f}ms | tok/sec {int(tok_per_sec):,} | mfu {mfu_str} | eta {eta_min:.1f}m")
         history["steps"].append(step)
         history["losses"].append(train_loss)
         log = {"step": step, "train/loss": train_loss, "train/lrm": lrm, "train/dt": dt, "train/tok_per_sec": tok_per_sec}
@@ -296,14 +307,18 @@ def main(argv=None):
         step += 1
 
     min_bpb_str = f"{min_val_bpb:.6f}" if history["val_bpb"] else "n/a"
-    print0(f"peak memory: {peak_memory_gib(device):.2f} GiB | training time: {sum(step_times) / 60:.2f}m | "
-           f"min val bpb: {min_bpb_str}")
+    print0(f"{peak_memory_note(device)}training time: {sum(step_times) / 60:.2f}m | min val bpb: {min_bpb_str}")
     wandb_run.finish()
     compute_cleanup()
+    if stop.signum is not None:  # saved above; say how to go on, exit 128 + signal
+        stop.finish(step, saved=step > start_step,
+                    resume=resume_command("scripts.base_train", sys.argv[1:] if argv is None else argv, out_dir)
+                    if os.path.isdir(out_dir) and cm.list_steps(out_dir) else None)
+    stop.close()
     return dict(history, checkpoint_dir=out_dir, last_step=step, num_iterations=num_iterations,
                 num_params=num_params, num_flops_per_token=num_flops_per_token, min_val_bpb=min_val_bpb,
                 model_config=model_config.to_dict())
 
 
 if __name__ == "__main__":
-    main()
+    run_script(main)

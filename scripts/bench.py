@@ -30,7 +30,7 @@ import argparse
 import torch
 import torch.nn.functional as F
 
-from nanochat.common import autodetect_device_type, autocast_context
+from nanochat.common import autodetect_device_type, autocast_context, add_runtime_args, run_script
 from scripts.bench_common import (measure, cuda_graphed, error_text, progress, top_kernels, print_profile, print_table,
                                   target, finish, ratio)
 from scripts.bench_train import cmd_train
@@ -285,6 +285,7 @@ def get_args(argv=None):
     p.add_argument("--iters", type=int, default=10, help="timed calls; the median is reported")
     p.add_argument("--profile", action="store_true", help="top kernels of the rows the targets compare")
     p.add_argument("--compile-backend", type=str, default="inductor", help="torch.compile backend ('eager' for smoke tests)")
+    add_runtime_args(p)  # --debug, --threads, --require-kernels (before the command; read by run_script)
     sub = p.add_subparsers(dest="cmd", required=True)
     m = sub.add_parser("mamba", help="Mamba/Mamba2 mixers: fwd+bwd and decode step")
     m.add_argument("--batch", type=int, default=8, help="batch at the first length; longer lengths keep batch*length")
@@ -363,4 +364,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    run_script(main)

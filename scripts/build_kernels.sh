@@ -6,9 +6,19 @@
 #
 # Usage:
 #   bash scripts/build_kernels.sh [--sdist-dir DIR] [--out DIR] [--arch 90] [--jobs N] [--install]
+#   bash scripts/build_kernels.sh --fetch [--python-version 3.12] [--wheel SPEC ...]   (where there is internet)
 # Offline: put mamba_ssm-*.tar.gz and causal_conv1d-*.tar.gz into --sdist-dir (default .sdist/).
 # Online, missing sdists are downloaded first (pip download --no-binary). Needs torch with CUDA, nvcc,
 # ninja, packaging and einops in the current python; the wheels match that torch.
+# --fetch (no GPU needed; the current python needs torch and setuptools, as the project's .venv has) downloads
+# what an offline GPU machine lacks: the two sdists into --sdist-dir, and into --out the wheels, for that
+# machine's Python (--python-version, default this python's; x86-64 Linux), of adamba's own dependencies that
+# CUDA images usually lack (rustbpe) and of setuptools + wheel for `pip install -e .` without an index. Give
+# --wheel SPEC for any other package pip there says is missing. Then, there:
+#   bash scripts/build_kernels.sh --install && python3 -m pip install --no-index --find-links .whl -e .
+# (--install installs the kernel wheels without their dependencies: mamba-ssm 2.3.2 also asks for tilelang,
+# apache-tvm-ffi and quack-kernels, which only its Mamba-3 uses and imports optionally; pip's resolver,
+# e.g. `pip install .[gpu]`, would want them too.)
 set -euo pipefail
 
 SDIST_DIR=.sdist
@@ -16,6 +26,12 @@ OUT_DIR=.whl
 ARCH=""
 JOBS=$(nproc)
 INSTALL=0
+FETCH=0
+PY_VERSION=""
+EXTRA_WHEELS=()
+# what an offline GPU machine needs beyond a CUDA PyTorch image: adamba's dependencies such images lack, and the
+# build backend for the editable install (pip's isolated build installs setuptools>=64 from --find-links)
+FETCH_WHEELS=("rustbpe>=0.1" "setuptools>=64" "wheel")
 PY=${PYTHON:-python3}
 MAMBA_VERSION=2.3.2.post1
 CONV_VERSION=1.7.0
@@ -26,10 +42,40 @@ while [ $# -gt 0 ]; do
     --arch) ARCH=$2; shift 2 ;;
     --jobs) JOBS=$2; shift 2 ;;
     --install) INSTALL=1; shift ;;
-    -h|--help) sed -n '2,13p' "$0"; exit 0 ;;
+    --fetch) FETCH=1; shift ;;
+    --python-version) PY_VERSION=$2; shift 2 ;;
+    --wheel) EXTRA_WHEELS+=("$2"); shift 2 ;;
+    -h|--help) sed -n '2,/^set /{/^#/p}' "$0"; exit 0 ;;
     *) echo "unknown argument $1 (see --help)" >&2; exit 2 ;;
   esac
 done
+
+download_sdists() {
+  for spec in "mamba_ssm-${MAMBA_VERSION}:mamba-ssm==${MAMBA_VERSION}" "causal_conv1d-${CONV_VERSION}:causal-conv1d==${CONV_VERSION}"; do
+    name=${spec%%:*}; req=${spec#*:}
+    if [ ! -f "$SDIST_DIR/$name.tar.gz" ]; then
+      echo "no $SDIST_DIR/$name.tar.gz; downloading $req"
+      # metadata is prepared without build isolation (the isolated build would download torch): MAMBA_SKIP_CUDA_BUILD
+      # and CAUSAL_CONV1D_SKIP_CUDA_BUILD keep it to metadata
+      MAMBA_SKIP_CUDA_BUILD=TRUE CAUSAL_CONV1D_SKIP_CUDA_BUILD=TRUE \
+        $PY -m pip download --no-deps --no-build-isolation --no-binary=:all: "$req" -d "$SDIST_DIR" \
+        || { echo "download failed: place $name.tar.gz in $SDIST_DIR (offline machines: see --fetch)" >&2; exit 1; }
+    fi
+  done
+}
+
+if [ $FETCH -eq 1 ]; then
+  mkdir -p "$SDIST_DIR" "$OUT_DIR"
+  download_sdists
+  [ -n "$PY_VERSION" ] || PY_VERSION=$($PY -c 'import sys; print(f"{sys.version_info[0]}.{sys.version_info[1]}")')
+  echo "wheels for CPython $PY_VERSION on x86-64 Linux into $OUT_DIR: ${FETCH_WHEELS[*]} ${EXTRA_WHEELS[*]:-}"
+  $PY -m pip download --no-deps --only-binary=:all: --python-version "$PY_VERSION" --implementation cp \
+    --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
+    -d "$OUT_DIR" "${FETCH_WHEELS[@]}" ${EXTRA_WHEELS[@]+"${EXTRA_WHEELS[@]}"}
+  ls -la "$SDIST_DIR" "$OUT_DIR"
+  echo "carry $SDIST_DIR and $OUT_DIR to the GPU machine, then there: bash scripts/build_kernels.sh --install && python3 -m pip install --no-index --find-links $OUT_DIR -e ."
+  exit 0
+fi
 
 if [ -z "$ARCH" ]; then
   ARCH=$($PY -c 'import torch; assert torch.cuda.is_available(), "no CUDA GPU visible to torch"; a, b = torch.cuda.get_device_capability(); print(f"{a}{b}")') \
@@ -37,17 +83,10 @@ if [ -z "$ARCH" ]; then
 fi
 echo "building for sm_${ARCH} with ${JOBS} jobs"
 
-export MAMBA_SKIP_CUDA_BUILD=TRUE CAUSAL_CONV1D_SKIP_CUDA_BUILD=TRUE MAMBA_FORCE_BUILD=TRUE CAUSAL_CONV1D_FORCE_BUILD=TRUE
+export MAMBA_FORCE_BUILD=TRUE CAUSAL_CONV1D_FORCE_BUILD=TRUE
 mkdir -p "$SDIST_DIR" "$OUT_DIR"
 OUT_DIR=$(cd "$OUT_DIR" && pwd)
-for spec in "mamba_ssm-${MAMBA_VERSION}:mamba-ssm==${MAMBA_VERSION}" "causal_conv1d-${CONV_VERSION}:causal-conv1d==${CONV_VERSION}"; do
-  name=${spec%%:*}; req=${spec#*:}
-  if [ ! -f "$SDIST_DIR/$name.tar.gz" ]; then
-    echo "no $SDIST_DIR/$name.tar.gz; downloading $req"
-    $PY -m pip download --no-deps --no-build-isolation --no-binary=:all: "$req" -d "$SDIST_DIR" \
-      || { echo "download failed: place $name.tar.gz in $SDIST_DIR (offline machines)" >&2; exit 1; }
-  fi
-done
+download_sdists
 export MAMBA_SKIP_CUDA_BUILD=FALSE CAUSAL_CONV1D_SKIP_CUDA_BUILD=FALSE
 
 WORK=$(mktemp -d)

@@ -17,7 +17,7 @@ import argparse
 
 import torch
 
-from nanochat.common import autodetect_device_type, autocast_context, expand_path
+from nanochat.common import autodetect_device_type, autocast_context, expand_path, add_runtime_args, run_script
 from nanochat.checkpoint_manager import load_model_and_tokenizer, save_model, copy_tokenizer_files, list_steps
 from nanochat.confidence_probe import calibrate_gates, gate_scores, reliability_table
 from nanochat.dataloader import tokenizing_distributed_data_loader
@@ -68,6 +68,7 @@ def get_args(argv=None):
     p.add_argument("--min-count", type=int, default=20, help="tokens per isotonic step at least")
     p.add_argument("--device", type=str, default=None, help="cuda|cpu (default: autodetect)")
     p.add_argument("--overwrite", action="store_true", help="allow an --out-dir that already holds checkpoints")
+    add_runtime_args(p)  # --debug, --threads, --require-kernels (read by run_script)
     args = p.parse_args(argv)
     args.val_part = parse_part(args.val_part)
     args.eval_part = parse_part(args.eval_part) if args.eval_part else None
@@ -121,4 +122,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    run_script(main)

@@ -10,15 +10,19 @@ Type 'quit' or 'exit' to leave, 'clear' to start over.
 """
 import argparse
 
-from nanochat.common import autocast_context
-from scripts.generate import add_generation_args, load_from_args, check_mode, compute_report
+from nanochat.common import autocast_context, run_script
+from scripts.generate import (add_generation_args, check_generation_args, load_from_args, check_mode, compute_report,
+                              stop_token_ids, cut_at_stop)
 
 
 def main(argv=None, input_fn=input):
     parser = argparse.ArgumentParser(description="Chat with a checkpoint in a compute mode")
     add_generation_args(parser)
-    parser.add_argument("--prompt", type=str, default="", help="ask this one question, print the reply and exit")
+    parser.add_argument("--prompt", type=str, default=None, help="ask this one question, print the reply and exit")
     args = parser.parse_args(argv)
+    check_generation_args(args)
+    if args.prompt is not None and not args.prompt.strip():
+        raise SystemExit("--prompt is empty: give a question, or leave --prompt out to chat interactively")
 
     model, tokenizer, meta = load_from_args(args)
     engine = check_mode(model, args)
@@ -31,7 +35,7 @@ def main(argv=None, input_fn=input):
     conversation = [bos]
     replies = []
     while True:
-        if args.prompt:
+        if args.prompt is not None:
             user_input = args.prompt
         else:
             try:
@@ -53,18 +57,22 @@ def main(argv=None, input_fn=input):
             res = engine.generate_batch([conversation], args.max_tokens, plan=args.mode,
                                         exit_threshold=args.exit_threshold, expand_threshold=args.expand_threshold,
                                         temperature=args.temperature, top_k=args.top_k, seed=args.seed,
-                                        plan_epsilon=args.plan_epsilon, stop_tokens=(assistant_end, bos))
-        reply = res.tokens[0]
-        print(f"\nAssistant: {tokenizer.decode(reply)}")
+                                        plan_epsilon=args.plan_epsilon, speculate=args.speculate, draft=args.draft,
+                                        stop_tokens=(assistant_end, bos, *stop_token_ids(tokenizer, args.stop)))
+        text, n = cut_at_stop(tokenizer, res.tokens[0], args.stop)
+        reply = res.tokens[0][:n]
+        print(f"\nAssistant: {text}")
         if args.show_compute:
-            for line in compute_report(model, res.steps[:max(1, len(reply))], row=0, decode=tokenizer.decode):
+            for line in compute_report(model, res.steps[:max(1, n)], row=0, decode=tokenizer.decode):
                 print(line)
+            if args.speculate:
+                print(engine.spec_stats.summary())
         conversation += reply + [assistant_end]
         replies.append(reply)
-        if args.prompt:
+        if args.prompt is not None:
             break
     return replies
 
 
 if __name__ == "__main__":
-    main()
+    run_script(main)

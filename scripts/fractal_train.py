@@ -46,8 +46,10 @@ lose. A checkpoint holds the full model and the full optimizer state (one file e
 a run saved on N ranks, with either --parallel, resumes on any number of ranks (same --data-ranks).
 --compile compiles the training forward for each distinct plan it meets (recompiles on new
 plans; --sample-dim makes many), so it pays off for long runs with uniform plans.
+Ctrl-C or SIGTERM finishes the current step, saves it and prints the command that resumes (exit 130 / 143).
 """
 import os
+import sys
 import math
 import time
 import random
@@ -60,7 +62,8 @@ import torch.distributed as dist
 from torch.distributed.tensor import DTensor, distribute_tensor
 
 from nanochat.common import (compute_init, compute_cleanup, print0, autodetect_device_type, autocast_context,
-                             get_base_dir, expand_path, init_wandb, synchronize, peak_memory_gib)
+                             get_base_dir, expand_path, init_wandb, synchronize, peak_memory_note, add_runtime_args,
+                             run_script)
 from nanochat.tokenizer import compute_token_bytes, save_token_bytes, TOKEN_BYTES_FILENAME
 from nanochat.dataset import get_data_dir, split_parquet_files
 from nanochat.dataloader import tokenizing_distributed_data_loader
@@ -68,12 +71,12 @@ from nanochat.loss_eval import all_reduce_sums, evaluate_bpb
 from nanochat.moe_ep import shard_experts, is_expert_shard
 from nanochat.matryoshka import sample_plans
 from nanochat.confidence_probe import controller_losses, gate_scores
-from nanochat.surgery import new_entry_mask
+from nanochat.surgery import grown_masks
 from nanochat.optim import (setup_optimizers, lr_multiplier, set_lr_multiplier, muon_momentum, set_muon_momentum,
                             optimizer_state_dicts, load_optimizer_state_dicts)
 from nanochat.train_utils import (peak_flops, apply_activation_checkpointing, apply_fsdp, allreduce_gradients,
                                   clip_grad_norm, full_state_dict, optimizer_state_full, optimizer_state_to_dtensor,
-                                  format_eta)
+                                  format_eta, GracefulStop, resume_command)
 from nanochat import checkpoint_manager as cm
 
 
@@ -163,6 +166,8 @@ def get_args(argv=None):
     p.add_argument("--resume", action="store_true", help="continue exactly from the latest checkpoint in --out-dir")
     p.add_argument("--continue-data", action="store_true",
                    help="start the train stream where the --checkpoint's run stopped (e.g. phase 2 after phase 1)")
+    p.add_argument("--log-every", type=int, default=1, help="print the step line every N steps (and the last)")
+    add_runtime_args(p)  # --debug, --threads, --require-kernels (read by run_script)
     return p.parse_args(argv)
 
 
@@ -180,6 +185,8 @@ def check_args(args):
                          f"drop it for phases {phases_where('grown', False)}")
     if args.n_random_plans < 0 or args.exit_loss_weight < 0 or args.new_channel_lr_mult < 0:
         raise ValueError("--n-random-plans, --exit-loss-weight and --new-channel-lr-mult must be >= 0")
+    if args.log_every < 1:
+        raise ValueError(f"--log-every={args.log_every}: print every N >= 1 steps")
     return phase
 
 
@@ -190,21 +197,6 @@ def plan_label(plan):
 
 def phase1_trainable(name, new_prefixes):
     return ".mamba." in name or any(name.startswith(prefix) for prefix in new_prefixes)
-
-
-def grown_masks(model, meta):
-    """{parameter name: bool mask, True on the entries the last growth added}, from where surgery.grow put the old
-    entries (meta["surgery"]["grow"]["old_index"], per parameter the runs per dim). Parameters it does not list (the
-    re-initialised controllers) are not masked."""
-    old_index = ((meta.get("surgery") or {}).get("grow") or {}).get("old_index")
-    if old_index is None:
-        raise ValueError("phase 3: the checkpoint's meta has no surgery.grow.old_index, so the grown entries are "
-                         "unknown; grow it with scripts.surgery --expand-from, or pass --new-channel-lr-mult=1")
-    params = dict(model.named_parameters())
-    unknown = sorted(set(old_index) - set(params))
-    if unknown:
-        raise ValueError(f"surgery.grow.old_index names parameters the model does not have: {unknown[:5]}")
-    return {n: new_entry_mask(tuple(params[n].shape), runs).to(params[n].device) for n, runs in old_index.items()}
 
 
 # -----------------------------------------------------------------------------
@@ -548,9 +540,11 @@ def main(argv=None):
     history["val"] = {}
     step_times, val = [], None
     step = paths.start_step
+    stop = GracefulStop()  # SIGINT / SIGTERM: finish the step, save it, print the --resume command
     while True:
-        last_step = step >= num_iterations
-        if args.eval_every > 0 and (last_step or step % args.eval_every == 0):
+        stopping = stop.requested(device)
+        last_step = step >= num_iterations or stopping
+        if args.eval_every > 0 and not stopping and (last_step or step % args.eval_every == 0):
             val = evaluate(args, model, t.controllers, val_batches, token_bytes, geo.T)
             history["val"][step] = val
             print0(f"step {step:05d} | val " + " | ".join(f"{k} {v:.4f}" for k, v in val.items()))
@@ -572,10 +566,11 @@ def main(argv=None):
         widths = " ".join(f"{plan_label(plan)} {l:.3f}" for plan, l in zip(plans[1:], sums[1:len(plans)]))
         ctrl = f" | gate {sums[-2]:.4f} pred {sums[-1]:.4f}" if t.controllers is not None else ""
         ctrl += f" | router {sums[-3]:.4f}" if has_moe else ""
-        print0(f"step {step:05d}/{num_iterations:05d} ({100 * step / num_iterations:.1f}%) | loss {sums[0]:.6f}"
-               + (f" [{widths}]" if widths else "") + ctrl +
-               f" | lrm {lrm:.2f} | dt {dt * 1000:.0f}ms | tok/s {int(tok_per_sec):,} | "
-               f"mfu {f'{mfu:.2f}' if mfu is not None else 'n/a'} | update {dt_update * 1000:.0f}ms | eta {format_eta(eta)}")
+        if step % args.log_every == 0 or step == num_iterations - 1:
+            print0(f"step {step:05d}/{num_iterations:05d} ({100 * step / num_iterations:.1f}%) | loss {sums[0]:.6f}"
+                   + (f" [{widths}]" if widths else "") + ctrl +
+                   f" | lrm {lrm:.2f} | dt {dt * 1000:.0f}ms | tok/s {int(tok_per_sec):,} | "
+                   f"mfu {f'{mfu:.2f}' if mfu is not None else 'n/a'} | update {dt_update * 1000:.0f}ms | eta {format_eta(eta)}")
         for k, v in zip(("steps", "loss", "plan_losses", "plan_labels", "gate_loss", "predictor_loss", "router_loss"),
                         (step, sums[0], sums[:len(plans)], [plan_label(plan) for plan in plans], sums[-2], sums[-1], sums[-3])):
             history[k].append(v)
@@ -587,12 +582,17 @@ def main(argv=None):
         wandb_run.log({**log, **{f"train/{k}": v for k, v in optional.items() if v is not None}})
         step += 1
 
-    print0(f"peak memory {peak_memory_gib(device):.2f} GiB | training time {sum(step_times) / 60:.2f}m")
+    print0(f"{peak_memory_note(device)}training time {sum(step_times) / 60:.2f}m")
     wandb_run.finish()
     compute_cleanup()
+    if stop.signum is not None:  # saved above (unless --no-save); say how to go on, exit 128 + signal
+        stop.finish(step, saved=not args.no_save and step > paths.start_step,
+                    resume=resume_command("scripts.fractal_train", sys.argv[1:] if argv is None else argv, paths.out_dir)
+                    if os.path.isdir(paths.out_dir) and cm.list_steps(paths.out_dir) else None)
+    stop.close()
     return dict(history, checkpoint_dir=paths.out_dir, checkpoint=cm.model_path(paths.out_dir, step), last_step=step,
                 num_iterations=num_iterations, model_config=config.to_dict())
 
 
 if __name__ == "__main__":
-    main()
+    run_script(main)

@@ -10,10 +10,14 @@ widening by the gates). Exit/expand thresholds default to 0.95 / 0.5 in auto and
 A dense nanochat GPT checkpoint runs in mode think only.
 The tokenizer comes from --tokenizer-dir, else the checkpoint directory's tokenizer.pkl
 (checkpoint_manager.load_model_and_tokenizer, which also checks that it fits the model's vocabulary).
+--speculate K (mode think): self-speculative decoding with K drafted tokens per round from --draft (a narrow plan
+such as plan:ghost, or an early exit exit:N); the text is mode think's, --show-compute adds the acceptance.
+--stop TEXT (repeatable; backslash escapes such as \\n work) ends the text before TEXT's first occurrence;
+a TEXT that is one token also stops the generation there.
 """
 import argparse
 
-from nanochat.common import autodetect_device_type, autocast_context
+from nanochat.common import autodetect_device_type, autocast_context, add_runtime_args, run_script
 from nanochat.checkpoint_manager import load_model_and_tokenizer
 from nanochat.engine import Engine, MODES, DECODE_PATHS
 
@@ -64,6 +68,45 @@ def add_generation_args(parser):
     parser.add_argument("--decode", type=str, default="auto", choices=DECODE_PATHS,
                         help="decode step (nanochat.engine.Engine): auto = CUDA graphs on CUDA, eager elsewhere; compiled "
                         "= graphs of torch.compile'd segments (fewer kernels, but minutes of compiling first)")
+    parser.add_argument("--speculate", type=int, default=0, help="self-speculative decoding: K drafted tokens per round, "
+                        "verified by the full model (mode think only; the output is think's)")
+    parser.add_argument("--draft", type=str, default="plan:ghost", help="with --speculate: plan:<mode or widths> (a "
+                        "narrow plan with its own caches) or exit:<block> (an early exit sharing the first blocks)")
+    parser.add_argument("--stop", type=str, action="append", default=[],
+                        help="end the text before this string (repeatable; backslash escapes: --stop '\\n')")
+    add_runtime_args(parser)  # --debug, --threads, --require-kernels (read by run_script)
+
+
+def check_generation_args(args):
+    """Stop on values that would generate nothing or loop on nothing; turn --stop's escapes into characters."""
+    if args.max_tokens < 1:
+        raise SystemExit(f"--max-tokens={args.max_tokens}: generate at least 1 token")
+    args.stop = [s.encode("latin-1", "backslashreplace").decode("unicode_escape") for s in args.stop]
+    if any(not s for s in args.stop):
+        raise SystemExit("--stop '' would stop before the first token: give a non-empty string")
+    if args.speculate < 0:
+        raise SystemExit(f"--speculate={args.speculate}: draft K >= 1 tokens per round (0: off)")
+    if args.speculate and (args.mode != "think" or args.exit_threshold is not None or args.expand_threshold is not None):
+        raise SystemExit("--speculate gives mode think's output: use --mode think without exit/expand thresholds")
+
+
+def stop_token_ids(tokenizer, stops):
+    """The --stop strings that are one token each: the engine stops a row there (longer ones are cut afterwards)."""
+    return tuple(ids[0] for ids in (tokenizer.encode(s) for s in stops) if len(ids) == 1)
+
+
+def cut_at_stop(tokenizer, tokens, stops):
+    """
+    (text, n): the decoded text before the first occurrence of any stop string, and the number of tokens before
+    the one that completed it (as a stop token, that one is dropped); with no stop string in the text, the whole
+    text and len(tokens).
+    """
+    text = tokenizer.decode(tokens)
+    cuts = [text.find(s) for s in stops if s in text]
+    if not cuts:
+        return text, len(tokens)
+    n = next(k for k in range(1, len(tokens) + 1) if any(s in tokenizer.decode(tokens[:k]) for s in stops)) - 1
+    return text[:min(cuts)], n
 
 
 def load_from_args(args):
@@ -78,8 +121,13 @@ def check_mode(model, args):
     plan = args.mode
     try:
         engine.resolve(plan, args.exit_threshold, args.expand_threshold)
+        if getattr(args, "speculate", 0):
+            from nanochat.speculative import Draft
+            if engine.dense:
+                raise ValueError("a dense GPT has no narrow widths or exits to draft with")
+            Draft.parse(args.draft, model.config.n_layer)
     except ValueError as e:
-        raise SystemExit(f"--mode {args.mode}: {e}")
+        raise SystemExit(f"--mode {args.mode}{' --speculate' if getattr(args, 'speculate', 0) else ''}: {e}")
     ctrl = getattr(model, "controllers", None)
     gating = (args.mode == "auto" or (args.exit_threshold is not None and args.exit_threshold < 1.0)
               or (args.expand_threshold is not None and args.expand_threshold > 0.0))
@@ -94,25 +142,35 @@ def main(argv=None):
     parser.add_argument("--prompt", type=str, required=True)
     parser.add_argument("--num-samples", type=int, default=1, help="rows generated together from the prompt")
     args = parser.parse_args(argv)
+    check_generation_args(args)
+    if not args.prompt:
+        raise SystemExit("--prompt is empty: give the text to continue")
+    if args.num_samples < 1:
+        raise SystemExit(f"--num-samples={args.num_samples}: generate at least 1 row")
 
     model, tokenizer, meta = load_from_args(args)
     engine = check_mode(model, args)
-    print(f"{meta.get('model_kind', 'gpt')} model from {meta['checkpoint_dir']} step {meta['checkpoint_step']} | mode {args.mode}")
+    spec = f" | speculate {args.speculate} draft {args.draft}" if args.speculate else ""
+    print(f"{meta.get('model_kind', 'gpt')} model from {meta['checkpoint_dir']} step {meta['checkpoint_step']} | mode {args.mode}{spec}")
     prompt = tokenizer.encode(args.prompt, prepend="<|bos|>")
     with autocast_context(model.get_device().type):  # bf16 on CUDA, as nanochat; fp32 elsewhere
         res = engine.generate_batch([prompt] * args.num_samples, args.max_tokens, plan=args.mode,
                                     exit_threshold=args.exit_threshold, expand_threshold=args.expand_threshold,
                                     temperature=args.temperature, top_k=args.top_k, seed=args.seed,
-                                    plan_epsilon=args.plan_epsilon, stop_tokens=(tokenizer.get_bos_token_id(),))
+                                    plan_epsilon=args.plan_epsilon, speculate=args.speculate, draft=args.draft,
+                                    stop_tokens=(tokenizer.get_bos_token_id(), *stop_token_ids(tokenizer, args.stop)))
     for b, toks in enumerate(res.tokens):
-        print(("" if args.num_samples == 1 else f"--- sample {b}\n") + args.prompt + tokenizer.decode(toks))
+        text, n = cut_at_stop(tokenizer, toks, args.stop)
+        print(("" if args.num_samples == 1 else f"--- sample {b}\n") + args.prompt + text)
         if args.show_compute:
             if res.plan is not None:
                 print("width plan: " + " ".join(str(w) for w in res.plan[b].tolist()))
-            for line in compute_report(model, res.steps[:max(1, len(toks))], row=b, decode=tokenizer.decode):
+            for line in compute_report(model, res.steps[:max(1, n)], row=b, decode=tokenizer.decode):
                 print(line)
+    if args.show_compute and args.speculate:
+        print(engine.spec_stats.summary())
     return res
 
 
 if __name__ == "__main__":
-    main()
+    run_script(main)

@@ -44,7 +44,7 @@ import resource
 
 import torch
 
-from nanochat.common import get_base_dir, expand_path, print0, TOKENIZER_FILES
+from nanochat.common import get_base_dir, expand_path, print0, TOKENIZER_FILES, add_runtime_args, run_script
 from nanochat.checkpoint_manager import (CheckpointError, resolve_checkpoint, load_meta, model_kind_of, get_model_kind,
                                          model_path, clean_state_dict, save_checkpoint, list_steps, load_torch_file, copy_tokenizer_files)
 from nanochat.gpt import GPTConfig
@@ -93,6 +93,7 @@ def parse_args(argv=None):
     p.add_argument("--benchmark-synthetic", type=str, default=None, metavar="dN",
                    help="write a synthetic nanochat checkpoint of depth N (d32: 1.9B params) and time surgery on it")
     p.add_argument("--bench-dir", type=str, default=None, help="where the benchmark writes (default: a temp dir, removed after)")
+    add_runtime_args(p)  # --debug, --threads, --require-kernels (read by run_script)
     return p.parse_args(argv)
 
 
@@ -328,4 +329,4 @@ def benchmark_synthetic(tag, argv, bench_dir=None):
 
 
 if __name__ == "__main__":
-    main()
+    run_script(main)

@@ -8,11 +8,12 @@ Writes <out-dir>/tokenizer.pkl (nanochat's format) and <out-dir>/token_bytes.pt.
 """
 import os
 import time
+import logging
 import argparse
 
 import torch
 
-from nanochat.common import get_base_dir
+from nanochat.common import get_base_dir, add_runtime_args, run_script, setup_logging
 from nanochat.dataset import parquets_iter_batched, split_parquet_files, is_synthetic, get_data_dir
 from nanochat.tokenizer import Tokenizer, save_token_bytes
 
@@ -25,6 +26,7 @@ def main(argv=None):
     parser.add_argument("--data-dir", type=str, default=None, help="folder of parquet shards (default <base_dir>/base_data)")
     parser.add_argument("--out-dir", "--tokenizer-dir", dest="out_dir", type=str, default=None,
                         help="where to save (default <base_dir>/tokenizer)")
+    add_runtime_args(parser)  # --debug, --threads, --require-kernels (read by run_script)
     args = parser.parse_args(argv)
     data_dir = get_data_dir(args.data_dir)
     out_dir = args.out_dir or os.path.join(get_base_dir(), "tokenizer")
@@ -51,6 +53,9 @@ def main(argv=None):
     # -------------------------------------------------------------------------
     # Train and save
     t0 = time.time()
+    if args.vocab_size >= 4096:  # rustbpe's progress lines (INFO, one per percent) only where training takes a while
+        setup_logging()
+        logging.getLogger("rustbpe").setLevel(logging.INFO)
     tokenizer = Tokenizer.train_from_iterator(text_iterator(), args.vocab_size)
     train_time = time.time() - t0
     tokenizer_path = tokenizer.save(out_dir)
@@ -80,4 +85,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    run_script(main)

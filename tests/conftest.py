@@ -8,7 +8,11 @@ import random
 import pytest
 import torch
 
-torch.set_num_threads(2)
+from nanochat.common import choose_cpu_threads
+
+# at most 2 (tiny matmuls), and 1 when other work keeps the cores busy (or OMP_NUM_THREADS says so): on a loaded
+# 2-core machine two threads spin-waiting on each other made the suite several times slower
+torch.set_num_threads(min(2, choose_cpu_threads()[0]))
 
 TINY_VOCAB_SIZE = 512
 

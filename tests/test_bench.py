@@ -70,6 +70,7 @@ def test_moe(capsys):
     assert "experts on the routed groups / dense" in out
 
 
+@pytest.mark.slow  # torchrun, 2 processes
 def test_moe_ep_under_torchrun():
     """moe-ep on 2 gloo ranks: both placements timed, the shard holds half the experts, rank 0 prints the JSON."""
     lines = torchrun2("scripts.bench", *CPU, "moe-ep", "--tokens", "128", "--d-model", "16", "--expert-dim", "32",
@@ -148,6 +149,7 @@ def test_train_grad_accum_counts_every_micro_batch(capsys):
     assert "accum" in out
 
 
+@pytest.mark.slow
 def test_decode(capsys):
     res, _ = run(capsys, ["decode", "--depth", "4", "--seq-len", "16", "--vocab-size", "128", "--contexts", "24",
                           "--decode-tokens", "2", "--prefill-reps", "1", "--modes", "think,ghost,whisper,auto"])

@@ -16,6 +16,7 @@ def snapshot(d):
     return {name: open(os.path.join(d, name), "rb").read() for name in sorted(os.listdir(d))}
 
 
+@pytest.mark.slow
 def test_calibrates_on_its_part_and_leaves_the_source_alone(tiny_data, tmp_path, capsys):
     src, out = tmp_path / "src", tmp_path / "out"
     write_hybrid_checkpoint(src, tiny_data, gate_std=1.0)

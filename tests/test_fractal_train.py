@@ -168,6 +168,7 @@ def parse_losses(text):
     return [float(x) for x in re.findall(r"^step \d+/\d+ \([\d.]+%\) \| loss (\d+\.\d+)", text, re.M)]
 
 
+@pytest.mark.slow  # 2 gloo processes
 @pytest.mark.parametrize("parallel", ["ddp", "fsdp", "fsdp-keep"])
 def test_two_gloo_processes_equal_one_process(pipeline, tiny_data, tmp_path, parallel):
     """
@@ -212,6 +213,7 @@ def test_two_gloo_processes_equal_one_process(pipeline, tiny_data, tmp_path, par
         assert max_diff(b, d) < 1e-4
 
 
+@pytest.mark.slow  # 2 gloo processes
 def test_expert_parallel_two_processes_equal_one_process(pipeline, tiny_data, tmp_path):
     """
     A MoE hybrid (4 experts), phase 2, --expert-parallel on 2 gloo ranks (2 experts each) against 1 process

@@ -185,6 +185,7 @@ def assert_router_near_fp64(x, W, g, logits):
     assert ((x.grad.double() - dx_ref).abs() <= dx_ref.abs() * 2 ** -8 + dx_scale * 2 ** -14).all()
 
 
+@pytest.mark.slow
 def test_split_router_against_fp64():
     # the algorithm of the CUDA bf16 router; on a CPU _bf16_mm runs the same bf16 products in fp32 math
     from nanochat.moe import _RouterLogitsSplit, _split_bf16

@@ -89,6 +89,7 @@ def is_num(x):
     return isinstance(x, (int, float)) and not isinstance(x, bool)
 
 
+@pytest.mark.slow  # the --quick run, ~5 s, shared by these tests
 def test_results_schema_and_ranges(quick_run):
     out, results, r = quick_run
     assert set(r) >= {"difficulties", "gate_loss", "surgery_max_abs_dlogit", "final_checkpoint", "seconds", "targets"}
@@ -119,6 +120,7 @@ def test_results_schema_and_ranges(quick_run):
     assert r["model"]["grown_from"] == [quick_settings().n_embd]
 
 
+@pytest.mark.slow  # the --quick run
 def test_plots_written(quick_run):
     out, _, r = quick_run
     for name in ("compute_vs_accuracy", "width_by_block"):
@@ -128,6 +130,16 @@ def test_plots_written(quick_run):
             assert f.read(8) == b"\x89PNG\r\n\x1a\n"
 
 
+def test_wilson_interval_of_the_plots():
+    from tiny_experiment.report import wilson_interval
+    lo, hi = wilson_interval(0.5, 100)
+    assert abs(lo - 0.4038) < 1e-3 and abs(hi - 0.5962) < 1e-3  # the textbook value
+    lo, hi = wilson_interval(1.0, 200)  # all right: still an interval below 1, where p(1-p)/n would give none
+    assert 0.97 < lo < 0.99 and hi == 1.0
+    assert wilson_interval(0.0, 200)[0] == 0.0
+
+
+@pytest.mark.slow  # the --quick run
 def test_heldout_problems_are_not_in_the_corpus(quick_run):
     """Read the parquet shards the phases trained on and check no test question is in them."""
     out, _, r = quick_run
@@ -143,6 +155,7 @@ def test_heldout_problems_are_not_in_the_corpus(quick_run):
     assert r["data"]["heldout"]["overlap"] == 0
 
 
+@pytest.mark.slow  # the --quick run
 def test_final_checkpoint_loads(quick_run):
     _, _, r = quick_run
     model, meta = load_model(r["final_checkpoint"])

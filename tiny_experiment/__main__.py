@@ -20,7 +20,7 @@ import time
 
 import torch
 
-from nanochat.common import get_base_dir, expand_path
+from nanochat.common import get_base_dir, expand_path, add_runtime_args, run_script
 from nanochat import checkpoint_manager as cm
 from tiny_experiment import pipeline, evaluate, report
 from tiny_experiment.tasks import DIFFICULTIES, split_problems, check_disjoint, sample_eval
@@ -36,6 +36,7 @@ def parse_args(argv=None):
     p.add_argument("--threads", type=int, default=1,
                    help="torch threads (1: these matmuls are tiny, and on shared cores 2 threads ran ~10x slower)")
     p.add_argument("--overwrite", action="store_true", help="delete a previous tiny_experiment run in --out first")
+    add_runtime_args(p, threads=False)  # --debug, --require-kernels (read by run_script); --threads is above
     return p.parse_args(argv)
 
 
@@ -162,4 +163,4 @@ def run(args, out, settings):
 
 
 if __name__ == "__main__":
-    main()
+    run_script(main)

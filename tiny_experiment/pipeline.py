@@ -224,7 +224,8 @@ def fractal_phase(phase, checkpoint, out_dir, data_dir, steps, settings, seed):
     B, T = (settings.phase3_batch if phase == 3 else settings.phase_batch), settings.seq_len
     argv = [f"--phase={phase}", f"--checkpoint={checkpoint}", f"--out-dir={out_dir}", f"--data-dir={data_dir}",
             "--device=cpu", f"--num-iterations={steps}", f"--device-batch-size={B}", f"--max-seq-len={T}",
-            f"--total-batch-size={B * T}", "--eval-every=-1", f"--seed={seed}", f"--controller-lr={settings.controller_lr}"]
+            f"--total-batch-size={B * T}", "--eval-every=-1", f"--seed={seed}", f"--controller-lr={settings.controller_lr}",
+            f"--log-every={max(1, steps // 10)}"]  # about ten step lines per phase, not hundreds
     defaults = fractal_train.get_args(["--phase=1", "--checkpoint=unused"])  # fractal_train's own default rates
     argv += [f"--{name.replace('_', '-')}={settings.phase_lr_scale * getattr(defaults, name)}"
              for name in ("matrix_lr", "embedding_lr", "unembedding_lr", "scalar_lr")]
@@ -242,6 +243,9 @@ def calibrate_and_save(checkpoint, out_dir, tokenizer, calib_pages, settings):
     idx, targets = gate_rows(tokenizer, calib_pages[:settings.calib_gate_pages], settings.seq_len, {})
     batches = [(idx[i:i + 32], targets[i:i + 32]) for i in range(0, idx.size(0), 32)]
     info = calibrate_gates(model, batches)
+    print(f"calibrated {len(info['steps'])} gates (after blocks {list(model.controllers.gate_blocks)}) on "
+          f"{info['n_tokens']:,} answer positions of {idx.size(0)} calib-split rows; "
+          f"isotonic steps per gate {info['steps']}", flush=True)
     step = meta["checkpoint_step"]
     keep = {k: meta[k] for k in ("phase", "lineage", "surgery", "source") if k in meta}
     cm.save_model(out_dir, step, model, extra_meta=dict(keep, calibration={

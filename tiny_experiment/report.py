@@ -124,42 +124,84 @@ def print_table(results):
         print(f"  [{'PASS' if v['pass'] else 'FAIL'}] {v['target']}: {shown}" + ("" if v["pass"] else f"  -- {v['reason']}"))
 
 
+def wilson_interval(p, n, z=1.96):
+    """The 95% Wilson score interval (lo, hi) of a proportion p measured on n trials (right at 0 and 1 too)."""
+    denom = 1 + z * z / n
+    center = (p + z * z / (2 * n)) / denom
+    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / denom
+    return max(0.0, center - half), min(1.0, center + half)
+
+
+MIXER_NAMES = {"A": "attention", "M": "Mamba"}
+FFN_NAMES = {"D": "MLP", "E": "MoE"}
+
+
 def make_plots(results, out_dir):
-    """compute_vs_accuracy.png (one panel per difficulty) and width_by_block.png; returns their paths."""
+    """
+    compute_vs_accuracy.png: per difficulty, accuracy against compute for every fixed width (the named modes
+    are the width they run at), mode auto and the dense GPT before surgery, with 95% intervals over the test
+    problems; width_by_block.png: the width the predictor plans for each block in mode auto. Returns their paths.
+    """
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     D = results["difficulties"]
+    n = results["data"]["eval_problems_per_difficulty"]
+    modes_at = {}  # width level -> the named modes that run at it
+    for mode, level in results["mode_levels"].items():
+        modes_at.setdefault(f"w{level}", []).append(mode)
     paths = {}
-    fig, axes = plt.subplots(1, len(DIFFICULTIES), figsize=(4 * len(DIFFICULTIES), 3.6), sharey=True)
+
+    def with_interval(ax, x, acc, **kw):
+        lo, hi = wilson_interval(acc, n)
+        ax.errorbar([x], [acc], yerr=[[acc - lo], [hi - acc]], capsize=3, linestyle="none", **kw)
+
+    fig, axes = plt.subplots(1, len(DIFFICULTIES), figsize=(4.6 * len(DIFFICULTIES), 4.5), sharey=True)
     for ax, d in zip(axes, DIFFICULTIES):
-        lv = D[d]["level_accuracy"]
-        xs = [D[d]["level_compute_fraction"][k] for k in lv]
-        ax.plot(xs, list(lv.values()), "o-", color="gray", label="fixed width")
-        for k, x, y in zip(lv, xs, lv.values()):
-            ax.annotate(k, (x, y), textcoords="offset points", xytext=(4, -10), fontsize=7)
-        ax.plot([D[d]["compute_fraction"]], [D[d]["adaptive_accuracy"]], "r*", markersize=12, label="auto")
-        ax.set_title(d)
-        ax.set_xlabel("compute fraction (FLOPs / full)")
-        ax.set_xlim(0, 1.1)
-        ax.set_ylim(-0.02, 1.02)
+        levels = sorted(D[d]["level_accuracy"], key=lambda k: D[d]["level_compute_fraction"][k])
+        for i, k in enumerate(levels):  # separate points: a width is not a point between its neighbours
+            x, acc = D[d]["level_compute_fraction"][k], D[d]["level_accuracy"][k]
+            with_interval(ax, x, acc, marker="o", color="gray", label="fixed width" if i == 0 else None)
+            label = k + (f"\n{', '.join(modes_at[k])}" if k in modes_at else "")  # the named modes that run at it
+            # labels alternate above and below the points, so neighbours at close compute do not overprint; right of
+            # the middle they go above and to the left of their point, inside the panel
+            right = x > 0.6
+            above = right or i % 2 == 0
+            ax.annotate(label, (x, acc), textcoords="offset points", xytext=(-4 if right else 4, 6 if above else -6),
+                        ha="right" if right else "left", va="bottom" if above else "top", fontsize=7)
+        with_interval(ax, D[d]["compute_fraction"], D[d]["adaptive_accuracy"], marker="*", markersize=12, color="red",
+                      label="auto (predictor plan + exit gates)")
+        if "dense_gpt_accuracy" in D[d]:
+            ax.axhline(D[d]["dense_gpt_accuracy"], color="tab:blue", linestyle="--", linewidth=1,
+                       label="dense GPT before surgery (accuracy only)")
+        ax.set_title(f"{d} ({n} test problems)")
+        ax.set_xlabel("compute: FLOPs / full-width FLOPs")
+        ax.set_xlim(0, 1.15)
+        ax.set_ylim(-0.05, 1.2)
         ax.grid(alpha=0.3)
-    axes[0].set_ylabel("exact-match accuracy (test)")
-    axes[0].legend(loc="lower right", fontsize=8)
-    fig.tight_layout()
+    axes[0].set_ylabel("exact-match accuracy")
+    handles, labels = axes[0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="lower center", ncol=len(labels), fontsize=8, frameon=False)  # under the panels
+    fig.suptitle("Held-out accuracy against compute: each fixed width (under it, the named modes that run at it), "
+                 "mode auto, the dense GPT; bars: 95% Wilson intervals", fontsize=10)
+    fig.tight_layout(rect=(0, 0.06, 1, 1))
     paths["compute_vs_accuracy"] = os.path.join(out_dir, "compute_vs_accuracy.png")
     fig.savefig(paths["compute_vs_accuracy"], dpi=110)
     plt.close(fig)
 
-    fig, ax = plt.subplots(figsize=(7, 3.6))
-    n = len(D["easy"]["plan_by_block"])
+    fig, ax = plt.subplots(figsize=(8, 4.2))
+    kinds = results["layer_kinds"]  # per block: mixer letter + FFN letter, e.g. "MD"
     width = 0.8 / len(DIFFICULTIES)
     for i, d in enumerate(DIFFICULTIES):
-        ax.bar([j + (i - 1) * width for j in range(n)], D[d]["plan_by_block"], width=width, label=d)
-    ax.set_xticks(range(n))
-    ax.set_xticklabels([f"{j}\n{k}" for j, k in enumerate(results["layer_kinds"])])
-    ax.set_xlabel("block (mixer+FFN kind)")
-    ax.set_ylabel("mean planned width (auto)")
+        ax.bar([j + (i - 1) * width for j in range(len(kinds))], D[d]["plan_by_block"], width=width, label=d)
+    ax.set_xticks(range(len(kinds)))
+    ax.set_xticklabels([f"{j}\n{MIXER_NAMES.get(k[0], k[0])}\n{FFN_NAMES.get(k[1], k[1])}" for j, k in enumerate(kinds)],
+                       fontsize=8)
+    ax.set_xlabel("block: index, mixer, feed-forward")
+    levels = results["model"]["width_levels"]
+    ax.set_yticks(levels)  # the widths a plan can take
+    ax.set_ylabel("planned width (mean over problems)")
+    ax.set_title("Width the predictor plans for each block in mode auto, by difficulty", fontsize=10)
     ax.legend(fontsize=8)
     ax.grid(axis="y", alpha=0.3)
     fig.tight_layout()
