@@ -88,7 +88,7 @@ class Engine:
         self.decode = decode
         self.static = StaticDecode(model, decode, compile_backend)
         self.last_path = None  # the path step() took last ("eager", "static" or "graph")
-        self._workspace = None  # the last Workspace, kept where decode steps may be CUDA graphs
+        self._workspaces = {}   # slot -> the last Workspace of that slot, kept where decode steps may be CUDA graphs
         self.state = None       # the DecodeState of the last generate()
         self.spec_stats = None  # what speculation did in the last generate(speculate=k) (speculative.SpecStats)
         self.spec_sync = False  # speculative rounds wait for the device after the drafts (benches time them apart)
@@ -157,10 +157,11 @@ class Engine:
     # ---- prefill and one decode step ----------------------------------------------------------
     @torch.inference_mode()
     def prefill(self, prompts, plan="think", exit_threshold=None, expand_threshold=None, plan_epsilon=0.02, max_len=None,
-                own_workspace=False):
+                slot="main"):
         """prompts (B, T) long (one length). Returns (state, logits (B, V) of the last position, FLOPs (B,) that
-        ran, the full model's FLOPs (B,)); the FLOPs are float64 on the CPU. own_workspace: the state gets caches of
-        its own that the engine does not keep (a speculative draft beside the verifier's state)."""
+        ran, the full model's FLOPs (B,)); the FLOPs are float64 on the CPU. slot: which kept workspace the state
+        takes; a speculative draft ("draft") decodes beside the verifier's state ("main"), each on caches (and CUDA
+        graphs) of its own."""
         model, c = self.model, self.model.config
         plan, exit_threshold, expand_threshold = self.resolve(plan, exit_threshold, expand_threshold)
         B, T = prompts.shape
@@ -170,7 +171,7 @@ class Engine:
         max_len = max_len or c.sequence_len
         if T > max_len:
             raise ValueError(f"prompt of {T} tokens exceeds max_len {max_len}")
-        ws = self._take_workspace(B, max_len, keep=not own_workspace)
+        ws = self._take_workspace(B, max_len, slot)
         ws.prefills += 1
         st = DecodeState(ws, base, base.clone(), exit_threshold, expand_threshold, all_heads=expand_threshold > 0.0,
                          prefill_id=ws.prefills)
@@ -193,16 +194,16 @@ class Engine:
                 torch.full((B,), float(self.flops.prefill(T)), dtype=torch.float64))
 
     def release(self):
-        """Drop the kept Workspace (cache, Mamba states, CUDA graphs): the next prefill allocates new ones."""
-        self._workspace = None
+        """Drop the kept Workspaces (caches, Mamba states, CUDA graphs): the next prefill allocates new ones."""
+        self._workspaces.clear()
 
-    def _take_workspace(self, B, max_len, keep=True):
-        """A Workspace for a new DecodeState: the kept one, reset, when its shapes match, else a new one (kept
-        when decode steps may be static and `keep`)."""
+    def _take_workspace(self, B, max_len, slot="main"):
+        """A Workspace for a new DecodeState: the slot's kept one, reset, when its shapes match, else a new one
+        (kept in the slot when decode steps may be static)."""
         model, c = self.model, self.model.config
         key = (B, max_len, model.lm_head.weight.dtype)
-        ws = self._workspace
-        if keep and ws is not None and ws.key == key:
+        ws = self._workspaces.get(slot)
+        if ws is not None and ws.key == key:
             ws.cache.reset()
             for conv_state, ssm_state in ws.ssm.values():
                 conv_state.zero_()
@@ -211,8 +212,8 @@ class Engine:
         ws = Workspace(key, MatryoshkaKVCache(model, B, max_len, dtype=key[2]),
                        {j: model.transformer.h[j].mamba.allocate_inference_cache(B, max_len)
                         for j in range(c.n_layer) if c.mixer_kind(j) == "M"})
-        if keep and self.static.wanted_path() != "eager":
-            self._workspace = ws
+        if self.static.wanted_path() != "eager":
+            self._workspaces[slot] = ws
         return ws
 
     def _predict_plan(self, st, x, epsilon, flops):

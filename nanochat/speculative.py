@@ -195,9 +195,8 @@ class Speculator:
         self.dst = None
         self.dflops = 0.0
         self.sync = engine.spec_sync  # wait for the device after the drafts, so draft and verify times are apart
-        self.vbuf = None    # the static verify pass's device inputs and per-position state buffers
         if draft.kind == "plan":  # its own caches, on a workspace of its own (the engine keeps the verifier's)
-            self.dst, _, fl, _ = engine.prefill(prompts, draft.plan, max_len=max_len, own_workspace=True)
+            self.dst, _, fl, _ = engine.prefill(prompts, draft.plan, max_len=max_len, slot="draft")
             self.dflops = fl
 
     def _draft_logits_plan(self, tok):
@@ -303,13 +302,15 @@ class Speculator:
         eng, st, model = self.engine, self.st, self.model
         B, T = seq.shape
         dev = seq.device
-        if self.vbuf is None or self.vbuf["seq"].shape != seq.shape:
-            self.vbuf = {"seq": torch.zeros_like(seq), "pos": torch.zeros(T, dtype=torch.long, device=dev),
-                         "base": torch.arange(T, device=dev),
-                         "saved": {j: (torch.zeros(T, *c.shape, dtype=c.dtype, device=dev),
-                                       torch.zeros(T, *s_.shape, dtype=s_.dtype, device=dev))
-                                   for j, (c, s_) in st.ssm.items()}}
-        vb = self.vbuf
+        # the buffers live on the workspace, beside the graphs captured on them: a later generate() on the same
+        # workspace replays those graphs, which read these very tensors
+        vb = st.ws.spec_buffers.get((B, T))
+        if vb is None:
+            vb = st.ws.spec_buffers[(B, T)] = {
+                "seq": torch.zeros_like(seq), "pos": torch.zeros(T, dtype=torch.long, device=dev),
+                "base": torch.arange(T, device=dev),
+                "saved": {j: (torch.zeros(T, *c.shape, dtype=c.dtype, device=dev),
+                              torch.zeros(T, *s_.shape, dtype=s_.dtype, device=dev)) for j, (c, s_) in st.ssm.items()}}
         vb["seq"].copy_(seq)
         torch.add(vb["base"], pos, out=vb["pos"])
         L = eng.static.bucket(pos + T, st.cache.max_len)
