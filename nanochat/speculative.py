@@ -72,9 +72,10 @@ class SpecStats:
     emitted: int = 0
     draft_s: float = 0.0
     verify_s: float = 0.0
-    think_step_s: float = None   # one plain decode step, timed at the start (the fallback's yardstick)
+    think_step_s: float = None   # the fastest plain decode step timed (the fallback's yardstick)
     fell_back_at: int = None     # tokens emitted when speculation stopped paying and plain decoding took over
     accepted_hist: list = field(default_factory=list)
+    round_log: list = field(default_factory=list)  # (tokens emitted, seconds) per round
 
     @property
     def acceptance(self):
@@ -88,6 +89,9 @@ class SpecStats:
         if self.fell_back_at is not None:
             s += f"; fell back to plain decoding after {self.fell_back_at} tokens (slower than think)"
         return s
+
+
+PROBE_STEPS = 2  # plain decode steps timed before speculating (with the fallback on)
 
 
 class VerifyCache(EagerCache):
@@ -353,9 +357,11 @@ class Speculator:
 def generate(engine, prompts, max_tokens, speculate, draft, temperature=0.0, top_k=None, seed=42, stop_tokens=(),
              fallback=True):
     """Engine.generate(..., speculate=k, draft=...) for a hybrid model: yields TokenStep per generated position,
-    the tokens and logits mode think gives. engine.spec_stats holds what speculation did. With fallback, the first
-    decode token is a timed plain step, and once four rounds have run, speculation stops for the rest of the
-    generation if its tokens came slower than plain steps do."""
+    the tokens and logits mode think gives. engine.spec_stats holds what speculation did. Every round drafts k
+    (one shape for the CUDA graphs; tokens past max_tokens are dropped); a last single token is a plain step.
+    With fallback, the first two decode tokens are timed plain steps (the first may capture graphs: the faster one
+    is the yardstick), and from the fourth round on, speculation stops for the rest of the generation when the last
+    three rounds gave tokens slower than plain steps do."""
     model = engine.model
     c = model.config
     if engine.dense:
@@ -388,20 +394,22 @@ def generate(engine, prompts, max_tokens, speculate, draft, temperature=0.0, top
     yield TokenStep(tok.tolist(), logits.float(), no_exit, st.prompt_widths.clone(), no_wide, flops + spec.dflops, full,
                     "prompt")
     emitted, done = 1, torch.isin(tok.cpu(), stop)
-    speculating = True
+    speculating, plain_steps = True, 0
     while emitted < max_tokens and not bool(done.all()):
-        k = min(speculate, max_tokens - emitted - 1)
-        if not speculating or k < 1 or (fallback and stats.think_step_s is None):
+        probing = fallback and speculating and plain_steps < PROBE_STEPS
+        if not speculating or max_tokens - emitted < 2 or probing:
             pos = st.pos
             lg, fl, dt = spec.plain_step(tok)
-            if stats.think_step_s is None:
-                stats.think_step_s = dt
+            plain_steps += 1
+            if probing:
+                stats.think_step_s = min(dt, stats.think_step_s or dt)
             tok = sample_next_token(lg, rng, temperature, top_k)
             yield step(tok, lg, fl, pos, "decode")
             emitted, done = emitted + 1, done | torch.isin(tok.cpu(), stop)
             continue
-        pos = st.pos
-        tokens, lg, fl, m = spec.round(tok, k)
+        pos, t0 = st.pos, time.perf_counter()
+        tokens, lg, fl, m = spec.round(tok, speculate)
+        stats.round_log.append((m + 1, time.perf_counter() - t0))
         for i in range(m + 1):
             if emitted >= max_tokens or bool(done.all()):
                 break
@@ -409,5 +417,6 @@ def generate(engine, prompts, max_tokens, speculate, draft, temperature=0.0, top
             emitted, done = emitted + 1, done | torch.isin(tokens[:, i].cpu(), stop)
             stats.emitted += 1
         tok = tokens[:, -1]
-        if fallback and stats.rounds >= 4 and stats.emitted * stats.think_step_s < stats.draft_s + stats.verify_s:
+        recent = stats.round_log[-3:]
+        if fallback and stats.rounds >= 4 and sum(n for n, _ in recent) * stats.think_step_s < sum(t for _, t in recent):
             stats.fell_back_at, speculating = emitted, False  # its tokens came slower than plain steps

@@ -86,6 +86,7 @@ def speculate_rows(args, device, model, engine, name, L, actx):
         rows.append(row)
     # the setting scripts.generate uses: k = K with the fallback on (plain steps once speculation measures slower)
     kw = dict(speculate=args.speculate, draft=args.draft, fallback=True)
+    timed_generate(engine, prompt, n, actx, device, **kw)  # warm-up: the plain steps' and rounds' shapes
     spec_s = timed_generate(engine, prompt, n, actx, device, **kw)
     st = engine.spec_stats
     rows.append({"model": name, "context": L, "what": f"speculate {args.draft}, fallback", "k": args.speculate,
