@@ -341,15 +341,16 @@ class Speculator:
             saved[j] = [(conv_buf[t], ssm_buf[t]) for t in range(T)]
         return v
 
-    def plain_step(self, tok):
-        """One plain decode step of the verifier (think), keeping the plan draft in step with it. Returns the step's
-        (logits, FLOPs) and the seconds the verifier's step took (the device waited for)."""
+    def plain_step(self, tok, draft_too=True):
+        """One plain decode step of the verifier (think), and of the plan draft if draft_too (while speculation may
+        still follow, the draft must have consumed the same tokens). Returns the step's (logits, FLOPs) and the
+        seconds the verifier's step took (the device waited for)."""
         t = time.perf_counter()
         logits, _, _, _, fl = self.engine.step(self.st, tok)
         if logits.is_cuda:
             torch.cuda.synchronize()
         dt = time.perf_counter() - t
-        if self.dst is not None:
+        if self.dst is not None and draft_too:
             fl = fl + self.engine.step(self.dst, tok)[4]
         return logits, fl, dt
 
@@ -361,7 +362,7 @@ def generate(engine, prompts, max_tokens, speculate, draft, temperature=0.0, top
     (one shape for the CUDA graphs; tokens past max_tokens are dropped); a last single token is a plain step.
     With fallback, the first two decode tokens are timed plain steps (the first may capture graphs: the faster one
     is the yardstick), and from the fourth round on, speculation stops for the rest of the generation when the last
-    three rounds gave tokens slower than plain steps do."""
+    three rounds gave tokens slower than plain steps do (from then on the draft is not stepped)."""
     model = engine.model
     c = model.config
     if engine.dense:
@@ -399,7 +400,7 @@ def generate(engine, prompts, max_tokens, speculate, draft, temperature=0.0, top
         probing = fallback and speculating and plain_steps < PROBE_STEPS
         if not speculating or max_tokens - emitted < 2 or probing:
             pos = st.pos
-            lg, fl, dt = spec.plain_step(tok)
+            lg, fl, dt = spec.plain_step(tok, draft_too=speculating)
             plain_steps += 1
             if probing:
                 stats.think_step_s = min(dt, stats.think_step_s or dt)

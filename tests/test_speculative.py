@@ -198,3 +198,42 @@ def test_fallback_switches_to_plain_steps_when_slower():
     # with 6 drafts of a near-full model per round and few accepted, a round costs more than its tokens are worth
     if stats.acceptance < 0.3:
         assert stats.fell_back_at is not None and stats.rounds == 4
+
+
+def test_fallback_decides_on_timed_steps_and_stops_stepping_the_draft(monkeypatch):
+    """A clock on which plain steps take 1 s and rounds 100 s: two probe steps, four rounds, then plain steps only,
+    with the draft no longer stepped; the tokens stay think's."""
+    import nanochat.speculative as spec_mod
+    model = build(layer_pattern="A").eval()
+    eng = Engine(model, decode="eager")
+    ref = eng.generate_batch([[3, 1, 4]], 24)
+    clock = {"t": 0.0}
+    monkeypatch.setattr(spec_mod.time, "perf_counter", lambda: clock["t"])
+    real_round, real_step = spec_mod.Speculator.round, Engine.step
+    draft_steps = []
+
+    def slow_round(self, t0, k):
+        clock["t"] += 100.0
+        return real_round(self, t0, k)
+
+    def step(self, st, tokens, plan=None):
+        clock["t"] += 1.0
+        if self.spec_stats is not None and getattr(self, "_draft_state", None) is st:
+            draft_steps.append(self.spec_stats.fell_back_at)  # None until the fallback
+        return real_step(self, st, tokens, plan)
+    monkeypatch.setattr(spec_mod.Speculator, "round", slow_round)
+    monkeypatch.setattr(Engine, "step", step)
+    real_init = spec_mod.Speculator.__init__
+
+    def init(self, *a, **kw):
+        real_init(self, *a, **kw)
+        self.engine._draft_state = self.dst
+    monkeypatch.setattr(spec_mod.Speculator, "__init__", init)
+    res = eng.generate_batch([[3, 1, 4]], 24, speculate=3, draft="plan:64,64,64,32", fallback=True)
+    stats = eng.spec_stats
+    assert res.tokens == ref.tokens
+    assert stats.think_step_s == 1.0 and stats.rounds == 4 and stats.fell_back_at is not None
+    n_in_rounds = sum(stats.accepted_hist) + 4
+    assert stats.fell_back_at == 1 + 2 + n_in_rounds  # the prompt's token, two probes, the rounds' tokens
+    # the draft stepped during the probes and the rounds, never after the fallback
+    assert len(draft_steps) >= 2 + 4 * 3 and all(f is None for f in draft_steps)
