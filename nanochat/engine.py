@@ -397,6 +397,6 @@ class Engine:
                         done[b] = True
                     else:
                         res.tokens[b].append(t)
-        if not self.dense:
+        if not self.dense and res.steps:  # max_tokens < 1 generates nothing and leaves no state
             res.prompt_widths, res.plan = self.state.prompt_widths.cpu(), self.state.plan.cpu()
         return res

@@ -185,6 +185,11 @@ def test_flops_accounting():
     assert seen_exit
 
 
+def test_generate_batch_of_no_tokens_is_empty():
+    res = Engine(build()).generate_batch([[1, 2, 3]], 0)
+    assert res.tokens == [[]] and res.steps == [] and res.plan is None
+
+
 def test_every_mode_runs():
     # n_embd 256 so the named modes map to different levels: ghost 128, whisper/normal/think 256
     model = build(n_layer=2, n_head=4, n_kv_head=4, n_embd=256, width_levels=[64, 128, 192, 256], mlp_hidden=256)
