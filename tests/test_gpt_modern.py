@@ -9,7 +9,8 @@ import torch
 import torch.nn.functional as F
 
 from nanochat.checkpoint_manager import load_model, save_nanochat_layout, save_model, CheckpointError
-from nanochat.gpt_modern import ModernConfig, ModernGPT, layer_windows, has_value_embeds
+from nanochat.gpt_modern import ModernConfig, ModernGPT
+from nanochat.modern_layers import layer_windows, has_value_embeds, window_keep
 from nanochat.layers import attention
 
 CFG = dict(sequence_len=64, vocab_size=100, n_layer=4, n_head=4, n_kv_head=2, n_embd=64, window_pattern="SL")
@@ -118,7 +119,6 @@ def test_sliding_window_equals_full_attention_with_the_band_mask():
     i, j = torch.arange(T)[:, None], torch.arange(T)[None]
     band = (j <= i) & (i - j <= 128)
     full_masked = F.scaled_dot_product_attention(q, k.repeat_interleave(2, 1), v.repeat_interleave(2, 1), attn_mask=band)
-    from nanochat.gpt_modern import window_keep
     windowed = attention(q, k, v, keep=window_keep(torch.arange(T), T, 128))
     assert (windowed - full_masked).abs().max().item() < 1e-5
     unmasked = F.scaled_dot_product_attention(q, k.repeat_interleave(2, 1), v.repeat_interleave(2, 1), is_causal=True)
