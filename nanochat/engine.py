@@ -48,7 +48,7 @@ import torch
 from nanochat.common import log_once
 from nanochat.flops import flop_table
 from nanochat.gpt import GPT
-from nanochat.layers import norm, sample_next_token
+from nanochat.layers import sample_next_token
 from nanochat.matryoshka import MODES, mode_plan, expand_plan, check_plan
 from nanochat.matryoshka_kv import MatryoshkaKVCache, row_index
 from nanochat.cuda_graphs import Workspace
@@ -82,6 +82,9 @@ class Engine:
     def __init__(self, model, decode="auto", compile_backend="inductor"):
         if decode not in DECODE_PATHS:
             raise ValueError(f"decode must be one of {DECODE_PATHS}, got {decode!r}")
+        if getattr(model, "kind", None) == "modern":
+            raise ValueError("the engine decodes HybridGPTs and the Oct-2025 GPT: run scripts.surgery on today's "
+                             "nanochat checkpoint (kind 'modern') first; the hybrid it writes decodes here")
         self.model = model
         self.dense = isinstance(model, GPT)
         self.flops = flop_table(model)
@@ -175,7 +178,7 @@ class Engine:
         st = DecodeState(ws, base, base.clone(), exit_threshold, expand_threshold, all_heads=expand_threshold > 0.0,
                          prefill_id=ws.prefills)
         flops, active = [0.0] * B, [True] * B
-        x = norm(model.transformer.wte(prompts))
+        x = model.embed_decode(ws, prompts, first=True)
         # the predictor reads the residual after predictor_after blocks: run those, plan, then the rest
         cut = c.predictor_after if predicted else c.n_layer
         for j0, j1 in ((0, cut - 1), (cut, c.n_layer - 1)):
@@ -269,7 +272,7 @@ class Engine:
                 p = out if g is not None and active[0] else None
             else:
                 if x is None:
-                    x = st.ws.static_x.clone() if j0 > 0 and path != "eager" else norm(model.transformer.wte(tokens.to(model.get_device())[:, None]))
+                    x = st.ws.static_x.clone() if j0 > 0 and path != "eager" else model.embed_decode(st.ws, tokens.to(model.get_device())[:, None], first=False)
                 x = self._blocks(st, j0, j1, x, widths, active, flops)
             self._count(st, j0, j1, 1, widths, active, flops)
             ran.add(path if static else "eager")
@@ -315,6 +318,9 @@ class Engine:
         if max_tokens < 1:
             return
         if speculate:
+            if any(getattr(block, "uses_side", False) for block in self.model.transformer.h):
+                raise ValueError("speculative decoding does not carry today's nanochat features (hybrid_modern: smear, "
+                                 "x0, value embeddings, backout) yet: decode this model with speculate=0")
             if plan not in (None, "think") or exit_threshold not in (None, 1.0) or expand_threshold not in (None, 0.0):
                 raise ValueError("speculative decoding gives mode think's output: plan must be 'think', without "
                                  "exit/expand thresholds")
