@@ -52,6 +52,7 @@ from nanochat.layers import sample_next_token
 from nanochat.matryoshka import MODES, mode_plan, expand_plan, check_plan
 from nanochat.matryoshka_kv import MatryoshkaKVCache, row_index
 from nanochat.cuda_graphs import Workspace
+from nanochat.hybrid_modern import window_slots
 from nanochat.engine_state import DecodeState, TokenStep, GenerationResult, EagerCache, width_groups
 from nanochat.engine_static import StaticDecode
 
@@ -173,7 +174,7 @@ class Engine:
         max_len = max_len or c.sequence_len
         if T > max_len:
             raise ValueError(f"prompt of {T} tokens exceeds max_len {max_len}")
-        ws = self._take_workspace(B, max_len, keep=not own_workspace)
+        ws = self._take_workspace(B, max_len, keep=not own_workspace, prompt_len=T)
         ws.prefills += 1
         st = DecodeState(ws, base, base.clone(), exit_threshold, expand_threshold, all_heads=expand_threshold > 0.0,
                          prefill_id=ws.prefills)
@@ -199,11 +200,13 @@ class Engine:
         """Drop the kept Workspace (cache, Mamba states, CUDA graphs): the next prefill allocates new ones."""
         self._workspace = None
 
-    def _take_workspace(self, B, max_len, keep=True):
+    def _take_workspace(self, B, max_len, keep=True, prompt_len=1):
         """A Workspace for a new DecodeState: the kept one, reset, when its shapes match, else a new one (kept
-        when decode steps may be static and `keep`)."""
+        when decode steps may be static and `keep`). Sliding-window blocks keep a ring of key slots, sized for
+        the prompt (hybrid_modern.window_slots), which then is part of the shapes."""
         model, c = self.model, self.model.config
-        key = (B, max_len, model.lm_head.weight.dtype)
+        slots = window_slots(c, max_len, prompt_len)
+        key = (B, max_len, model.lm_head.weight.dtype) + ((tuple(sorted(slots.items())),) if slots else ())
         ws = self._workspace
         if keep and ws is not None and ws.key == key:
             ws.cache.reset()
@@ -211,7 +214,7 @@ class Engine:
                 conv_state.zero_()
                 ssm_state.zero_()
             return ws
-        ws = Workspace(key, MatryoshkaKVCache(model, B, max_len, dtype=key[2]),
+        ws = Workspace(key, MatryoshkaKVCache(model, B, max_len, dtype=key[2], slots=slots),
                        {j: model.transformer.h[j].mamba.allocate_inference_cache(B, max_len)
                         for j in range(c.n_layer) if c.mixer_kind(j) == "M"})
         if keep and self.static.wanted_path() != "eager":

@@ -140,13 +140,32 @@ def forward_keep(block, T, device):
 
 
 def decode_keep(block, cache, T, n_keys, keep):
-    """keep (a decode view's mask, or None: causal over a cached prefix) narrowed to the block's window, for T
-    queries at the view's positions (cache.pos: an int, or a (1,) device tensor on the static path)."""
+    """
+    The mask of a windowed block's T queries at the view's positions (cache.pos: an int, or a (1,) device tensor
+    on the static path) over the view's n_keys key slots; it replaces the view's keep (which says only which
+    slots were written). Slot s of a ring of S slots (S = max_len: no ring) holds the newest position p <= last
+    written with p % S == s, i.e. last - ((last - s) mod S); negative means not written yet.
+    """
     if not block.window:
         return keep
+    S = cache.st.cache.slots[cache.j]
     start = torch.as_tensor(cache.pos, device=cache.cos_sin[0].device).reshape(-1)[:1]
-    band = window_keep(start + torch.arange(T, device=start.device), n_keys, block.window)[None, None]
-    return band if keep is None else keep & band
+    q = start + torch.arange(T, device=start.device)  # (T,) query positions
+    last = start + T - 1
+    held = last - (last - torch.arange(n_keys, device=start.device)) % S  # (n_keys,) the position in each slot
+    d = q[:, None] - held[None, :]
+    return ((held >= 0)[None, :] & (d >= 0) & (d <= block.window))[None, None]
+
+
+def window_slots(config, max_len, prompt_len):
+    """{block: key slots} of the sliding-window blocks whose ring is smaller than max_len: max(prompt_len,
+    window + 1). The prefill (from position 0) writes the prompt's keys without wrapping, and a step at p needs
+    the keys p - window .. p."""
+    slots = {}
+    for j, w in enumerate(getattr(config, "windows", None) or []):
+        if w and max(prompt_len, w + 1) < max_len:
+            slots[j] = max(prompt_len, w + 1)
+    return slots
 
 
 # ---- the engine's side state ----------------------------------------------------------------------

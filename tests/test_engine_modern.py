@@ -63,3 +63,24 @@ def test_speculation_and_dense_modern_are_refused():
         Engine(random_modern())
     with pytest.raises(ValueError, match="speculate=0"):
         list(Engine(modern_hybrid()).generate(prompts(1), 2, speculate=2))
+
+
+@pytest.mark.parametrize("decode", ["eager", "static"])
+def test_windowed_blocks_keep_a_ring_of_their_window(decode):
+    # a short prompt and a long generation: the window blocks (128) keep 129 slots of the 170 positions
+    from scripts.bench_decode import engine_cache_bytes
+    model = modern_hybrid()
+    eng = Engine(model, decode=decode)
+    res = eng.generate_batch([p[:20] for p in prompts(2)], max_tokens=150)
+    check_against_forward(model, res)
+    cache, c = eng.state.cache, model.config
+    windowed = [j for j in cache.layers if c.windows[j] == 128]  # the others' windows (512) exceed the 170 positions
+    assert len(windowed) == 2 and all(cache.k[j].size(2) == 129 for j in windowed)
+    assert all(cache.k[j].size(2) == 170 for j in cache.layers if j not in windowed)
+    # the memory report counts the rings: less than the same cache with full-length windowed blocks
+    from nanochat.matryoshka_kv import MatryoshkaKVCache
+    full = MatryoshkaKVCache(model, 2, 170)
+    ring_bytes = engine_cache_bytes("hybrid", eng.state)
+    full_bytes = ring_bytes - sum(t.numel() * t.element_size() for j in windowed for t in (cache.k[j], cache.v[j], cache.heads[j])) \
+        + sum(t.numel() * t.element_size() for j in windowed for t in (full.k[j], full.v[j], full.heads[j]))
+    assert ring_bytes < full_bytes
