@@ -128,3 +128,18 @@ def test_surgery_script_takes_a_nanochat_layout_checkpoint(tmp_path):
     assert out["op"] == "create+grow" and out["max_abs_dlogit"] < 1e-4
     model, meta = load_model(tmp_path / "dst")
     assert meta["model_kind"] == "hybrid" and model.config.n_embd == 128 and model.config.smear
+
+
+def test_flop_table_counts_the_windows():
+    from nanochat.flops import flop_table
+    _, state, config, _ = make_hybrid("AM", 1)
+    table = flop_table(model_from_state("hybrid", config, state))
+    j = config.windows.index(128)
+    score = table.parts(j, config.n_embd)["score"]
+    row = lambda c: table.breakdown(c)[j]["attn_scores"]  # noqa: E731
+    assert row(100) == 100 * score and row(400) == 129 * score  # capped at the window's 129 positions
+    # the prompt's count is the sum of its tokens' forwards (the last one's logits only)
+    for T in (50, 129, 300):
+        assert table.prefill(T) == sum(table.forward(c) for c in range(1, T + 1)) - (T - 1) * table.head
+    # a step at position pos counts what its query attends
+    assert table.attended(j, 400, 1) == 129 and table.attended(j, 10, 1) == 11
