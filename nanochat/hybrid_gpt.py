@@ -290,8 +290,7 @@ class HybridBlock(nn.Module):
         side = cache.st.side if self.uses_side else None
         if side is not None:  # the block's input: resid/x0 scalars for live rows (exited rows keep x, feed the mixer)
             xs = hybrid_modern.block_input(self, x, side)
-            n_live = sum(len(rows) for _, rows, _ in live)
-            x, xn = (xs if n_live == x.size(0) else torch.where(hybrid_modern.live_rows(live, x), xs, x)), norm(xs)
+            x, xn = hybrid_modern.for_live(live, xs, x), norm(xs)
         else:
             xn = norm(x)
         if self.mixer_kind == "A":
@@ -328,9 +327,7 @@ class HybridBlock(nn.Module):
                 y = place_update(y, x, idx, w, out)
             x = x + y
         if side is not None and (self.keeps_mid or self.backout_from >= 0):
-            x_out = hybrid_modern.block_output(self, x, side)
-            n_live = sum(len(rows) for _, rows, _ in live)
-            x = x_out if n_live == x.size(0) else torch.where(hybrid_modern.live_rows(live, x), x_out, x)
+            x = hybrid_modern.for_live(live, hybrid_modern.block_output(self, x, side), x)
         return x
 
     def forward(self, x, w, cos_sin, cache=None, mask=None, side=None):

@@ -124,12 +124,15 @@ def block_output(block, x, side):
     return x
 
 
-def live_rows(live, x):
-    """(B, 1, 1) bool: the rows of the live groups (HybridBlock.decode's groups)."""
-    keep = torch.zeros(x.size(0), 1, 1, dtype=torch.bool, device=x.device)
+def for_live(live, new, old):
+    """new (B, T, D) in the rows of the live groups (HybridBlock.decode's), old in the others: an exited row's
+    residual stays as it was."""
+    if sum(len(rows) for _, rows, _ in live) == old.size(0):
+        return new
+    keep = torch.zeros(old.size(0), 1, 1, dtype=torch.bool, device=old.device)
     for _, _, idx in live:
         keep[idx] = True
-    return keep
+    return torch.where(keep, new, old)
 
 
 def forward_keep(block, T, device):
