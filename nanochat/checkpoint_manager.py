@@ -9,7 +9,8 @@ Every file is written atomically (temporary file in the same directory, fsync, r
 mid-save never leaves a truncated checkpoint under a real name. Loading is strict: any missing,
 unexpected or mis-shaped key stops with a list of them.
 
-A nanochat directory (meta has `model_config` and no `model_kind`) loads as a GPT; ours records
+A nanochat directory (meta has `model_config` and no `model_kind`) loads as a GPT (the Oct-2025 layout) or, when
+its model_config has `window_pattern` (today's nanochat writes it), as a ModernGPT; ours records
 `model_kind` and the full config. MODEL_KINDS says which module defines each kind; it is imported
 when a checkpoint of that kind is loaded, so the model files never import this one (no import cycle).
 """
@@ -38,6 +39,7 @@ class CheckpointError(UserError, RuntimeError):
 MODEL_KINDS = {
     "gpt": ("nanochat.gpt", "GPTConfig", "GPT"),
     "hybrid": ("nanochat.hybrid_gpt", "HybridConfig", "HybridGPT"),
+    "modern": ("nanochat.gpt_modern", "ModernConfig", "ModernGPT"),
 }
 
 
@@ -120,6 +122,20 @@ def save_model(checkpoint_dir, step, model, extra_meta=None, optim_state=None, r
     meta = {"model_kind": model.kind, "model_config": config_to_dict(model.config), "step": step}
     meta.update(extra_meta or {})
     save_checkpoint(checkpoint_dir, step, model.state_dict(), meta, optim_state=optim_state, rank=rank)
+    return meta
+
+
+def save_nanochat_layout(checkpoint_dir, step, model, extra_meta=None):
+    """
+    Write a ModernGPT as today's nanochat base_train does: model_<step>.pt holds the bare state_dict and
+    meta_<step>.json the model_config (no model_kind: nanochat's loader does not know one) plus extra_meta.
+    load_model recognises it by model_config's window_pattern.
+    """
+    if model.kind != "modern":
+        raise CheckpointError(f"save_nanochat_layout writes today's nanochat GPT (kind 'modern'), not {model.kind!r}")
+    meta = {"step": step, "model_config": config_to_dict(model.config)}
+    meta.update(extra_meta or {})
+    save_checkpoint(checkpoint_dir, step, model.state_dict(), meta)
     return meta
 
 
@@ -238,8 +254,8 @@ def load_state_dict_strict(model, state_dict, assign=False):
 def model_kind_of(meta):
     if "model_kind" in meta:
         return meta["model_kind"]
-    if "model_config" in meta:
-        return "gpt"  # nanochat's own layout
+    if "model_config" in meta:  # nanochat's own layout: today's records window_pattern, Oct 2025's did not
+        return "modern" if "window_pattern" in meta["model_config"] else "gpt"
     raise CheckpointError("checkpoint meta has neither model_kind nor model_config; cannot tell what model it holds")
 
 

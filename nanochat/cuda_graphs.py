@@ -30,6 +30,8 @@ class Workspace:
     static_x: torch.Tensor = None               # (B, 1, D) the residual between static segments
     graph_pool: tuple = None                    # the CUDA graphs' shared memory pool
     spec_buffers: dict = field(default_factory=dict)  # (B, T) -> the speculative verify pass's inputs and state buffers
+    side: object = None                         # hybrid_modern.Side the blocks read (models with its features)
+    side_step: object = None                    # its fixed tensors for decode steps (hybrid_modern.decode_embed)
     # prefills that took it; a DecodeState holds the count at its own prefill. A count, not a reference to the
     # state: a reference cycle would free an old workspace's tensors whenever the garbage collector runs, which
     # may be in the middle of a later CUDA graph capture (and invalidate it)

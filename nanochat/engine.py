@@ -48,10 +48,11 @@ import torch
 from nanochat.common import log_once
 from nanochat.flops import flop_table
 from nanochat.gpt import GPT
-from nanochat.layers import norm, sample_next_token
+from nanochat.layers import sample_next_token
 from nanochat.matryoshka import MODES, mode_plan, expand_plan, check_plan
 from nanochat.matryoshka_kv import MatryoshkaKVCache, row_index
 from nanochat.cuda_graphs import Workspace
+from nanochat.hybrid_modern import window_slots
 from nanochat.engine_state import DecodeState, TokenStep, GenerationResult, EagerCache, width_groups
 from nanochat.engine_static import StaticDecode
 
@@ -82,6 +83,9 @@ class Engine:
     def __init__(self, model, decode="auto", compile_backend="inductor"):
         if decode not in DECODE_PATHS:
             raise ValueError(f"decode must be one of {DECODE_PATHS}, got {decode!r}")
+        if getattr(model, "kind", None) == "modern":
+            raise ValueError("the engine decodes HybridGPTs and the Oct-2025 GPT: run scripts.surgery on today's "
+                             "nanochat checkpoint (kind 'modern') first; the hybrid it writes decodes here")
         self.model = model
         self.dense = isinstance(model, GPT)
         self.flops = flop_table(model)
@@ -171,12 +175,12 @@ class Engine:
         max_len = max_len or c.sequence_len
         if T > max_len:
             raise ValueError(f"prompt of {T} tokens exceeds max_len {max_len}")
-        ws = self._take_workspace(B, max_len, slot)
+        ws = self._take_workspace(B, max_len, slot, prompt_len=T)
         ws.prefills += 1
         st = DecodeState(ws, base, base.clone(), exit_threshold, expand_threshold, all_heads=expand_threshold > 0.0,
                          prefill_id=ws.prefills)
         flops, active = [0.0] * B, [True] * B
-        x = norm(model.transformer.wte(prompts))
+        x = model.embed_decode(ws, prompts, first=True)
         # the predictor reads the residual after predictor_after blocks: run those, plan, then the rest
         cut = c.predictor_after if predicted else c.n_layer
         for j0, j1 in ((0, cut - 1), (cut, c.n_layer - 1)):
@@ -197,11 +201,13 @@ class Engine:
         """Drop the kept Workspaces (caches, Mamba states, CUDA graphs): the next prefill allocates new ones."""
         self._workspaces.clear()
 
-    def _take_workspace(self, B, max_len, slot="main"):
+    def _take_workspace(self, B, max_len, slot="main", prompt_len=1):
         """A Workspace for a new DecodeState: the slot's kept one, reset, when its shapes match, else a new one
-        (kept in the slot when decode steps may be static)."""
+        (kept in the slot when decode steps may be static). Sliding-window blocks keep a ring of key slots, sized
+        for the prompt (hybrid_modern.window_slots), which then is part of the shapes."""
         model, c = self.model, self.model.config
-        key = (B, max_len, model.lm_head.weight.dtype)
+        slots = window_slots(c, max_len, prompt_len)
+        key = (B, max_len, model.lm_head.weight.dtype) + ((tuple(sorted(slots.items())),) if slots else ())
         ws = self._workspaces.get(slot)
         if ws is not None and ws.key == key:
             ws.cache.reset()
@@ -209,7 +215,7 @@ class Engine:
                 conv_state.zero_()
                 ssm_state.zero_()
             return ws
-        ws = Workspace(key, MatryoshkaKVCache(model, B, max_len, dtype=key[2]),
+        ws = Workspace(key, MatryoshkaKVCache(model, B, max_len, dtype=key[2], slots=slots),
                        {j: model.transformer.h[j].mamba.allocate_inference_cache(B, max_len)
                         for j in range(c.n_layer) if c.mixer_kind(j) == "M"})
         if self.static.wanted_path() != "eager":
@@ -270,7 +276,7 @@ class Engine:
                 p = out if g is not None and active[0] else None
             else:
                 if x is None:
-                    x = st.ws.static_x.clone() if j0 > 0 and path != "eager" else norm(model.transformer.wte(tokens.to(model.get_device())[:, None]))
+                    x = st.ws.static_x.clone() if j0 > 0 and path != "eager" else model.embed_decode(st.ws, tokens.to(model.get_device())[:, None], first=False)
                 x = self._blocks(st, j0, j1, x, widths, active, flops)
             self._count(st, j0, j1, 1, widths, active, flops)
             ran.add(path if static else "eager")
@@ -316,6 +322,9 @@ class Engine:
         if max_tokens < 1:
             return
         if speculate:
+            if any(getattr(block, "uses_side", False) for block in self.model.transformer.h):
+                raise ValueError("speculative decoding does not carry today's nanochat features (hybrid_modern: smear, "
+                                 "x0, value embeddings, backout) yet: decode this model with speculate=0")
             if plan not in (None, "think") or exit_threshold not in (None, 1.0) or expand_threshold not in (None, 0.0):
                 raise ValueError("speculative decoding gives mode think's output: plan must be 'think', without "
                                  "exit/expand thresholds")

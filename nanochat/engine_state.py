@@ -31,6 +31,11 @@ class DecodeState:
     def ssm(self):
         return self.ws.ssm
 
+    @property
+    def side(self):
+        """hybrid_modern.Side of the positions being decoded (None for models without its features)."""
+        return self.ws.side
+
 
 @dataclass
 class TokenStep:
@@ -85,8 +90,8 @@ class EagerCache:
         self.j = j
         return self
 
-    def write_kv(self, attn, rows, idx, xn, w):
-        k, v = attn.kv_to_store(xn, w, self.cos_sin, self.st.all_heads)  # (R, heads, T, hd)
+    def write_kv(self, attn, rows, idx, xn, w, ids=None):
+        k, v = attn.kv_to_store(xn, w, self.cos_sin, self.st.all_heads, ids)  # (R, heads, T, hd)
         self.st.cache.store(self.j, rows, idx, self.pos, k, v, xn)
 
     def read_kv(self, attn, rows, idx, w):

@@ -11,7 +11,6 @@ import torch
 import torch.nn as nn
 
 from nanochat.common import log_once, get_logger
-from nanochat.layers import norm
 from nanochat.cuda_graphs import replay, weights_version
 
 logger = get_logger(__name__)
@@ -37,8 +36,8 @@ class StaticCache:
         self.j = j
         return self
 
-    def write_kv(self, attn, rows, idx, xn, w):
-        self.st.cache.store_at(self.j, self.pos, *attn.kv_to_store(xn, w, self.cos_sin, self.st.all_heads), xn)
+    def write_kv(self, attn, rows, idx, xn, w, ids=None):
+        self.st.cache.store_at(self.j, self.pos, *attn.kv_to_store(xn, w, self.cos_sin, self.st.all_heads, ids), xn)
 
     def read_kv(self, attn, rows, idx, w):
         k, v = self.st.cache.view(self.j, idx, attn.heads_at(w)[1], self.L)
@@ -144,7 +143,7 @@ class StaticDecode:
         """
         model = self.model
         view = StaticCache(model, st, L)
-        x = norm(model.transformer.wte(st.ws.static_in[0][:, None])) if j0 == 0 else st.ws.static_x  # (B, 1, D)
+        x = model.embed_decode(st.ws, st.ws.static_in[0][:, None], first=False) if j0 == 0 else st.ws.static_x  # (B, 1, D)
         rows = range(x.size(0))
         for j in range(j0, j1 + 1):
             group = [(widths[j], rows, slice(None))]

@@ -10,9 +10,11 @@ readout, the recurrent view; Mamba-2's chunked algorithm is counted the same). M
 experts' matmuls. Norms, softmax, rotary, activations and gating are not counted. Training = 3 x forward at the
 mean causal context of a full sequence (sequence_len / 2).
 
-The dense GPT is the table's special case: every block attention + dense MLP at full width.
+The dense GPT is the table's special case: every block attention + dense MLP at full width. A sliding-window block
+(today's nanochat) attends to min(context, window + 1) positions.
 """
 from nanochat.matryoshka import heads_at, expand_plan, check_plan
+from nanochat.modern_layers import layer_windows
 
 
 class FlopTable:
@@ -28,6 +30,11 @@ class FlopTable:
         self.mlp_hidden = c.mlp_hidden if hybrid else 4 * c.n_embd
         self.expert_dim = getattr(c, "expert_dim", 0)
         self.num_experts, self.moe_top_k = getattr(c, "num_experts", 0), getattr(c, "moe_top_k", 1)
+        if hasattr(c, "window_pattern"):  # the dense ModernGPT
+            windows = layer_windows(c.window_pattern, c.n_layer, c.sequence_len)
+        else:
+            windows = getattr(c, "windows", None) or [0] * c.n_layer
+        self.windows = [w or None for w in windows]  # None: full context
         self.mamba = {}  # block -> (projection, conv, scan) FLOPs per token (Mamba runs at full width)
         for j, kind in enumerate(self.kinds):
             if kind[0] == "M":
@@ -83,7 +90,8 @@ class FlopTable:
             row = {"block": j, "kind": self.kinds[j], "width": w}
             if self.kinds[j][0] == "A":
                 row["attn_proj"] = p["kv"] + p["qo"]
-                row["attn_scores"] = p["score"] * context_len
+                w = self.windows[j]
+                row["attn_scores"] = p["score"] * (context_len if w is None else min(context_len, w + 1))
             else:
                 row["mamba_proj"], row["mamba_conv"], row["mamba_scan"] = self.mamba[j]
             if self.kinds[j][1] in "DE":
@@ -102,10 +110,20 @@ class FlopTable:
         return 3 * self.forward(self.sequence_len / 2, width)
 
     def prefill(self, T):
-        """The full model's forward over a T-token prompt with logits at its last position only. Per-token FLOPs
-        are affine in the context, so the sum over contexts 1..T is closed-form."""
-        f0 = self.forward(0)
-        return T * f0 + (self.forward(1) - f0) * T * (T + 1) // 2 - (T - 1) * self.head
+        """The full model's forward over a T-token prompt with logits at its last position only. Per block, the
+        attention FLOPs are the score cost times the positions attended, summed in closed form (attended)."""
+        scores = sum(self.parts(j, self.D)["score"] * self.attended(j, 0, T) for j in range(self.n_layer))
+        return T * self.forward(0) + scores - (T - 1) * self.head
+
+    def attended(self, j, pos, T):
+        """Positions that T queries at pos, pos+1, .. attend to in block j, summed: each sees its context (itself
+        and every earlier position), at most window + 1 in a sliding-window block."""
+        full = T * pos + T * (T + 1) // 2
+        w = self.windows[j]
+        if w is None or pos + T <= w + 1:
+            return full
+        n = max(0, min(T, w + 1 - pos))  # the first n queries' contexts fit in the window
+        return n * pos + n * (n + 1) // 2 + (T - n) * (w + 1)
 
     # ---- what the engine ran -------------------------------------------------------------------
     def block_tokens(self, j, w, T, pos, active, all_heads):
@@ -115,7 +133,7 @@ class FlopTable:
         p = self.parts(j, w)
         flops = T * (p["kv"] + (p["kv_lacked"] if all_heads else 0) + p["mamba"])
         if active:
-            flops += T * (p["qo"] + p["ffn"]) + (T * pos + T * (T + 1) // 2) * p["score"]
+            flops += T * (p["qo"] + p["ffn"]) + self.attended(j, pos, T) * p["score"]
         return flops
 
 

@@ -8,8 +8,9 @@ same state_dict names, so its checkpoints load strictly and give the same logits
 - GQA through n_kv_head; ReLU^2 MLP of 4x width; no biases anywhere
 - untied `lm_head`, logits soft-capped at 15 and returned in fp32
 
-Newer nanochat checkpoints (value embeddings, residual/x0 lambdas, smear, backout, sliding
-windows) are recognised from their keys and refused with a message naming what is unsupported.
+Today's nanochat checkpoints (value embeddings, residual/x0 lambdas, smear, backout, sliding windows) load as
+nanochat/gpt_modern.py's ModernGPT (their model_config has window_pattern); a checkpoint with such keys but an
+Oct-2025 model_config is refused with a message naming what it found.
 """
 from dataclasses import dataclass, asdict
 
@@ -241,8 +242,10 @@ def check_nanochat_state_dict(state_dict, meta_model_config=None):
         found.append("sliding-window attention")
     if found:
         raise ValueError(
-            "this checkpoint comes from a newer nanochat than the Oct-2025 architecture Adamba implements; "
-            f"unsupported features: {', '.join(found)}. Use an Oct-2025 layout checkpoint such as karpathy/nanochat-d32."
+            "this checkpoint has features newer than the Oct-2025 nanochat GPT but its model_config has no "
+            f"window_pattern, which today's nanochat writes (those load as kind 'modern', nanochat/gpt_modern.py); "
+            f"features found: {', '.join(found)}. Use an Oct-2025 checkpoint such as karpathy/nanochat-d32, or one "
+            "written by today's nanochat with its meta as written."
         )
     unknown = set(cfg) - set(GPTConfig.__dataclass_fields__) - {"window_pattern"}
     if unknown:

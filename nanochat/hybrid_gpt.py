@@ -36,6 +36,7 @@ from nanochat.layers import norm, rotary_inv_freq, rotary_cos_sin, linear_init_s
 from nanochat.matryoshka import (default_width_levels, validate_levels, expand_plan, check_plan, MatryoshkaAttention,
                                  MatryoshkaMLP)
 from nanochat.common import get_logger, log_once
+from nanochat import hybrid_modern
 from nanochat.flops import flop_table
 
 logger = get_logger(__name__)
@@ -97,6 +98,14 @@ class HybridConfig:
     calib_bins: int = 32         # most steps of a gate's isotonic calibration map
     # provenance of growth: residual widths this model was grown from, oldest first
     grown_from: list = field(default_factory=list)
+    # today's nanochat (nanochat/hybrid_modern.py); all off by default
+    rotary_base: float = 10000.0
+    rotary_fp32: bool = False    # rotary tables in fp32 (else rounded to bf16, as the Oct-2025 nanochat)
+    smear: bool = False
+    block_scalars: bool = False
+    backout_block: int = -1
+    ve_blocks: list = field(default_factory=list)
+    windows: list = field(default_factory=list)
 
     def __post_init__(self):
         if self.n_embd % self.n_head != 0:
@@ -123,6 +132,7 @@ class HybridConfig:
             raise ValueError("exit_stride must be >= 1")
         if not 1 <= self.predictor_after <= self.n_layer:
             raise ValueError(f"predictor_after={self.predictor_after} must be in [1, n_layer={self.n_layer}]")
+        hybrid_modern.validate(self)
 
     @property
     def head_dim(self):
@@ -162,7 +172,7 @@ class HybridConfig:
         return cls(**d)
 
 
-def rotary_inv_freq_grown(rotary_dims, device=None):
+def rotary_inv_freq_grown(rotary_dims, device=None, base=10000.0):
     """
     Frequencies for a head that was widened d0 -> d1 -> ...: the first d0/2 pairs keep d0's
     frequencies, the pairs added at each widening take the new head_dim's frequencies at their
@@ -170,7 +180,7 @@ def rotary_inv_freq_grown(rotary_dims, device=None):
     """
     parts, done = [], 0
     for d in rotary_dims:
-        full = rotary_inv_freq(d, device=device)
+        full = rotary_inv_freq(d, base=base, device=device)
         parts.append(full[done:d // 2])
         done = d // 2
     return torch.cat(parts)
@@ -208,6 +218,8 @@ class HybridBlock(nn.Module):
         self.mixer_kind = config.mixer_kind(layer_idx)
         self.ffn_kind = config.ffn_kind(layer_idx)
         self.n_embd = config.n_embd
+        self.uses_side = hybrid_modern.uses_side(config)
+        hybrid_modern.add_block_params(self, config, layer_idx)
         if self.mixer_kind == "A":
             self.attn = MatryoshkaAttention(config, layer_idx)
         else:
@@ -217,18 +229,22 @@ class HybridBlock(nn.Module):
         elif self.ffn_kind == "E":
             self.moe = make_moe(config)
 
-    def mix(self, x, w, cos_sin, cache=None, mask=None):
+    def mix(self, x, w, cos_sin, cache=None, mask=None, side=None):
         """The mixer's contribution to the residual, padded to full width: (B, T, n_embd).
-        w: an int, or a (B, T) long tensor of per-token widths (no cache then)."""
+        w: an int, or a (B, T) long tensor of per-token widths (no cache then). side: hybrid_modern.Side."""
         xn = norm(x)
         per_token = torch.is_tensor(w)
         if per_token and cache is not None:
             raise ValueError("per-token widths run without a cache here; decode with nanochat.engine.Engine")
+        ids = side.ids if side is not None else None
+        if self.mixer_kind == "A" and (self.window and cache is not None):
+            raise ValueError("a windowed attention block decodes through nanochat.engine.Engine")
+        keep = hybrid_modern.forward_keep(self, x.size(1), x.device) if self.mixer_kind == "A" else None
         if self.mixer_kind == "A" and per_token:
-            y = self.attn.forward_per_token(xn, w, cos_sin)
+            y = self.attn.forward_per_token(xn, w, cos_sin, ids, keep)
         elif self.mixer_kind == "A":
             kv = cache.kv if cache is not None else None
-            y = self.attn(xn, w, cos_sin, kv)
+            y = self.attn(xn, w, cos_sin, kv, ids, keep)
         else:
             params = cache.ssm if cache is not None else None
             y = self.mamba(xn, inference_params=params, mask=mask)
@@ -271,13 +287,20 @@ class HybridBlock(nn.Module):
         step_mamba, cos_sin and moe_per_position (route each position in its own MoE call, as a decode step of one token
         does, so that a speculative verify pass meets the same expert capacities). Returns the new residual.
         """
-        xn = norm(x)
+        side = cache.st.side if self.uses_side else None
+        if side is not None:  # the block's input: resid/x0 scalars for live rows (exited rows keep x, feed the mixer)
+            xs = hybrid_modern.block_input(self, x, side)
+            x, xn = hybrid_modern.for_live(live, xs, x), norm(xs)
+        else:
+            xn = norm(x)
         if self.mixer_kind == "A":
             for w, rows, idx in groups:  # every row's K/V before any query reads them
-                cache.write_kv(self.attn, rows, idx, xn[idx], w)
+                kw = {"ids": side.ids[idx]} if self.attn.value_embed is not None else {}
+                cache.write_kv(self.attn, rows, idx, xn[idx], w, **kw)
             y = None
             for w, rows, idx in live:
                 k, v, keep = cache.read_kv(self.attn, rows, idx, w)
+                keep = hybrid_modern.decode_keep(self, cache, x.size(1), k.size(2), keep)
                 y = place_update(y, x, idx, w, self.attn.query_attend(xn[idx], w, cache.cos_sin, k, v, keep=keep))
         else:
             y = cache.step_mamba(self.mamba, xn)  # every row steps its state; exited rows' output is dropped
@@ -303,12 +326,17 @@ class HybridBlock(nn.Module):
                     out = self.moe(xw, width=w)
                 y = place_update(y, x, idx, w, out)
             x = x + y
+        if side is not None and (self.keeps_mid or self.backout_from >= 0):
+            x = hybrid_modern.for_live(live, hybrid_modern.block_output(self, x, side), x)
         return x
 
-    def forward(self, x, w, cos_sin, cache=None, mask=None):
-        x = x + self.mix(x, w, cos_sin, cache, mask)
+    def forward(self, x, w, cos_sin, cache=None, mask=None, side=None):
+        if side is not None:
+            x = hybrid_modern.block_input(self, x, side)
+        x = x + self.mix(x, w, cos_sin, cache, mask, side)
         y = self.ffn(x, w, mask)
-        return x if y is None else x + y
+        x = x if y is None else x + y
+        return x if side is None else hybrid_modern.block_output(self, x, side)
 
 
 @dataclass
@@ -335,6 +363,7 @@ class HybridGPT(nn.Module):
             "h": nn.ModuleList([HybridBlock(config, j) for j in range(config.n_layer)]),
         })
         self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
+        hybrid_modern.add_model_params(self, config)
         if config.adaptive:
             from nanochat.confidence_probe import AdaptiveControllers
             self.controllers = AdaptiveControllers(config)
@@ -348,8 +377,9 @@ class HybridGPT(nn.Module):
     # ---- setup --------------------------------------------------------------------------------
     def init_buffers(self):
         device = self.lm_head.weight.device
-        inv_freq = rotary_inv_freq_grown(self.config.rotary_dims, device=device)
-        self.cos, self.sin = rotary_cos_sin(self.rotary_seq_len, inv_freq)
+        inv_freq = rotary_inv_freq_grown(self.config.rotary_dims, device=device, base=self.config.rotary_base)
+        dtype = torch.float32 if self.config.rotary_fp32 else torch.bfloat16
+        self.cos, self.sin = rotary_cos_sin(self.rotary_seq_len, inv_freq, dtype=dtype)
 
     @torch.no_grad()
     def init_weights(self):
@@ -379,6 +409,7 @@ class HybridGPT(nn.Module):
         nn.init.zeros_(self.lm_head.weight)
         if self.config.adaptive:
             self.controllers.init_weights()
+        hybrid_modern.init_params(self)
         self.init_buffers()
 
     def get_device(self):
@@ -387,6 +418,10 @@ class HybridGPT(nn.Module):
     def param_kind(self, name, p):
         if name.startswith("controllers."):
             return "controller"  # small heads, AdamW at the trainer's controller lr
+        if name.endswith("value_embed.weight"):
+            return "embedding"
+        if name.startswith("smear_gate."):
+            return "scalar"
         return None
 
     def num_params(self):
@@ -465,11 +500,11 @@ class HybridGPT(nn.Module):
             plan = expand_plan(width, c.n_layer, c.n_embd)
             check_plan(plan, c.n_embd, c.head_dim)
         cos_sin = self.rotary(0, T)
-        x = norm(self.transformer.wte(idx))
+        x, side, _ = hybrid_modern.embed(self, idx)
         exit_ids = set(c.exit_blocks()) if return_exits else set()
         exit_hidden = []
         for j, block in enumerate(self.transformer.h):
-            x_new = block(x, plan[j], cos_sin, mask=mask)
+            x_new = block(x, plan[j], cos_sin, mask=mask, side=side)
             if exit_after is not None:
                 x_new = torch.where((exit_after < j).unsqueeze(-1), x, x_new)
             x = x_new
@@ -527,10 +562,14 @@ class HybridGPT(nn.Module):
     def prefix_hidden(self, idx, n_blocks, mask=None):
         """The residual (B, T, D) after the first n_blocks blocks at full width, no grad (the predictor's input)."""
         cos_sin = self.rotary(0, idx.size(1))
-        x = norm(self.transformer.wte(idx))
+        x, side, _ = hybrid_modern.embed(self, idx)
         for block in self.transformer.h[:n_blocks]:
-            x = block(x, self.config.n_embd, cos_sin, mask=mask)
+            x = block(x, self.config.n_embd, cos_sin, mask=mask, side=side)
         return x
+
+    def embed_decode(self, ws, ids, first):
+        """The engine's embedding of ids (B, T) into the residual (hybrid_modern.decode_embed: smear and x0 state)."""
+        return hybrid_modern.decode_embed(self, ws, ids, first)
 
     def moe_aux_loss(self):
         """Sum over MoE blocks of their router loss (balancing + z-loss, with the MoE's coefficients)."""

@@ -26,11 +26,11 @@ def rotary_inv_freq(head_dim, base=ROTARY_BASE, device=None):
     return 1.0 / (base ** (channel / head_dim))
 
 
-def rotary_cos_sin(seq_len, inv_freq):
-    """cos/sin tables of shape (1, T, 1, head_dim/2), rounded to bf16 like nanochat."""
+def rotary_cos_sin(seq_len, inv_freq, dtype=torch.bfloat16):
+    """cos/sin tables of shape (1, T, 1, head_dim/2), rounded to bf16 like the Oct-2025 nanochat (dtype)."""
     t = torch.arange(seq_len, dtype=torch.float32, device=inv_freq.device)
     freqs = torch.outer(t, inv_freq)
-    cos, sin = freqs.cos().bfloat16(), freqs.sin().bfloat16()
+    cos, sin = freqs.cos().to(dtype), freqs.sin().to(dtype)
     return cos[None, :, None, :], sin[None, :, None, :]
 
 

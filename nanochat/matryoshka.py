@@ -18,6 +18,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from nanochat.layers import norm, apply_rotary_emb, attention
+from nanochat.modern_layers import VE_GATE_CHANNELS, VE_GATE_RANGE
 
 
 
@@ -148,38 +149,57 @@ class MatryoshkaAttention(nn.Module):
         self.c_k = nn.Linear(D, self.n_kv_head * self.head_dim, bias=False)
         self.c_v = nn.Linear(D, self.n_kv_head * self.head_dim, bias=False)
         self.c_proj = nn.Linear(self.n_head * self.head_dim, D, bias=False)
+        # today's nanochat: a value embedding mixed into v by a per-KV-head gate (nanochat/hybrid_modern.py)
+        self.value_embed = self.ve_gate = None
+        if layer_idx in getattr(config, "ve_blocks", ()):
+            self.value_embed = nn.Embedding(config.vocab_size, self.n_kv_head * self.head_dim)
+            self.ve_gate = nn.Linear(VE_GATE_CHANNELS, self.n_kv_head, bias=False)
+
+    def mix_value_embed(self, v, xn, ids, a, b):
+        """v (B, T, b - a, hd) of KV heads a..b-1 plus their gated value embeddings of tokens ids (B, T); xn the
+        normalised input (the gate reads its first channels). No value embeddings: v as it is."""
+        if self.value_embed is None:
+            return v
+        if ids is None:
+            raise ValueError("this attention block mixes value embeddings into v: its K/V need the token ids")
+        hd = self.head_dim
+        ve = F.embedding(ids, self.value_embed.weight[:, a * hd:b * hd]).view(*ids.shape, b - a, hd)
+        gate = VE_GATE_RANGE * torch.sigmoid(F.linear(xn[..., :VE_GATE_CHANNELS], self.ve_gate.weight[a:b]))
+        return v + gate.unsqueeze(-1).to(v.dtype) * ve.to(v.dtype)
 
     def heads_at(self, w):
         """(query heads, kv heads) used at width w."""
         return heads_at(w, self.head_dim, self.n_head, self.n_kv_head)
 
-    def project_kv(self, xn, w, cos_sin):
-        """K, V (B, Hkv_w, T, hd) of the normalised input xn (B, T, >=w) at width w."""
+    def project_kv(self, xn, w, cos_sin, ids=None):
+        """K, V (B, Hkv_w, T, hd) of the normalised input xn (B, T, >=w) at width w (ids: the tokens, for value
+        embeddings)."""
         B, T, _ = xn.shape
         _, hkv = self.heads_at(w)
         x = xn[..., :w]
         k = F.linear(x, self.c_k.weight[:hkv * self.head_dim, :w]).view(B, T, hkv, self.head_dim)
         v = F.linear(x, self.c_v.weight[:hkv * self.head_dim, :w]).view(B, T, hkv, self.head_dim)
+        v = self.mix_value_embed(v, x, ids, 0, hkv)
         k = norm(apply_rotary_emb(k, *cos_sin))
         return k.transpose(1, 2), v.transpose(1, 2)
 
-    def lacked_kv(self, xn, a, need, cos_sin):
+    def lacked_kv(self, xn, a, need, cos_sin, ids=None):
         """K, V heads a..need-1 (B, need - a, T, hd) of the normalised input xn (B, T, n_embd) at full width: what a
         position stored at a narrower width lacks when a wider query reads it (the rule is in hybrid_gpt's
         module docstring)."""
         B, T, _ = xn.shape
         hd = self.head_dim
         k = F.linear(xn, self.c_k.weight[a * hd:need * hd]).view(B, T, need - a, hd)
-        v = F.linear(xn, self.c_v.weight[a * hd:need * hd]).view(B, T, need - a, hd)
+        v = self.mix_value_embed(F.linear(xn, self.c_v.weight[a * hd:need * hd]).view(B, T, need - a, hd), xn, ids, a, need)
         k = norm(apply_rotary_emb(k, *cos_sin))
         return k.transpose(1, 2), v.transpose(1, 2)
 
-    def kv_to_store(self, xn, w, cos_sin, all_heads):
+    def kv_to_store(self, xn, w, cos_sin, all_heads, ids=None):
         """K, V (B, heads, T, hd) a cache stores for xn (B, T, n_embd) run at width w: its own heads, and with
         all_heads the heads it lacks too (lacked_kv), so that a wider query never waits for a fill."""
-        k, v = self.project_kv(xn, w, cos_sin)
+        k, v = self.project_kv(xn, w, cos_sin, ids)
         if all_heads and k.size(1) < self.n_kv_head:
-            kl, vl = self.lacked_kv(xn, k.size(1), self.n_kv_head, cos_sin)
+            kl, vl = self.lacked_kv(xn, k.size(1), self.n_kv_head, cos_sin, ids)
             k, v = torch.cat([k, kl], 1), torch.cat([v, vl], 1)
         return k, v
 
@@ -201,14 +221,15 @@ class MatryoshkaAttention(nn.Module):
         y = attention(q, k, v, scale=self.scale, keep=keep)  # a cache may hold fp32: attention() casts
         return F.linear(y.transpose(1, 2).reshape(B, T, h * hd), self.c_proj.weight[:w, :h * hd])
 
-    def forward(self, xn, w, cos_sin, kv_cache=None):
-        """xn: (B, T, n_embd) normalised input; returns (B, T, w)."""
-        k, v = self.project_kv(xn, w, cos_sin)
+    def forward(self, xn, w, cos_sin, kv_cache=None, ids=None, keep=None):
+        """xn: (B, T, n_embd) normalised input; returns (B, T, w). ids: the tokens (value embeddings); keep: a
+        window's mask (layers.attention's)."""
+        k, v = self.project_kv(xn, w, cos_sin, ids)
         if kv_cache is not None:
             k, v = kv_cache.insert(self.layer_idx, k, v)
-        return self.query_attend(xn, w, cos_sin, k, v)
+        return self.query_attend(xn, w, cos_sin, k, v, keep=keep)
 
-    def forward_per_token(self, xn, widths, cos_sin):
+    def forward_per_token(self, xn, widths, cos_sin, ids=None, keep=None):
         """
         xn: (B, T, n_embd) normalised input; widths: (B, T) long, each token's width. Returns (B, T, n_embd)
         (zero beyond each token's width). K/V of a position: its own width's heads at that width, the heads it
@@ -217,19 +238,19 @@ class MatryoshkaAttention(nn.Module):
         """
         B, T, D = xn.shape
         levels = sorted(widths.unique().tolist())
-        k, v = self.project_kv(xn, D, cos_sin)  # (B, Hkv, T, hd): every head at full width
+        k, v = self.project_kv(xn, D, cos_sin, ids)  # (B, Hkv, T, hd): every head at full width
         for w in levels:
             if w == D:
                 continue
             _, hkv = self.heads_at(w)
-            kw, vw = self.project_kv(xn, w, cos_sin)  # (B, hkv, T, hd)
+            kw, vw = self.project_kv(xn, w, cos_sin, ids)  # (B, hkv, T, hd)
             own = (widths == w)[:, None, :, None]  # (B, 1, T, 1) positions whose own width is w
             k = torch.cat([torch.where(own, kw, k[:, :hkv]), k[:, hkv:]], dim=1)
             v = torch.cat([torch.where(own, vw, v[:, :hkv]), v[:, hkv:]], dim=1)
         y = xn.new_zeros(B, T, D)
         for w in levels:
             _, hkv = self.heads_at(w)
-            yw = F.pad(self.query_attend(xn, w, cos_sin, k[:, :hkv], v[:, :hkv]), (0, D - w))
+            yw = F.pad(self.query_attend(xn, w, cos_sin, k[:, :hkv], v[:, :hkv], keep=keep), (0, D - w))
             y = torch.where((widths == w).unsqueeze(-1), yw, y)
         return y
 

@@ -20,20 +20,24 @@ class MatryoshkaKVCache:
     - On the host, per block and row: `stored` (positions 0.. stored written without a gap) and `fewest` (the
       fewest heads any of them was written with). covers() answers from them whether fill() has anything to
       do without reading the device (a read is a host-device sync, once per block and token).
+    - slots[j]: block j's key slots, max_len, or fewer for a sliding-window block (hybrid_modern.window_slots):
+      then a ring, position p in slot p % slots[j]; views give the slots in slot order and the block's window
+      mask (hybrid_modern.decode_keep) says which position each holds. No lazy fills or truncation there.
     Row arguments: `rows` a list (or 1-d tensor) of batch indices; `idx` what indexes them on the device
     (row_index(rows, B, device): slice(None) for every row, so stores and views need no gather).
     """
 
-    def __init__(self, model, batch_size, max_len, dtype=torch.float32):
+    def __init__(self, model, batch_size, max_len, dtype=torch.float32, slots=None):
         c = model.config
         dev = model.get_device()
         self.head_dim, self.max_len, self.n_kv_head = c.head_dim, max_len, c.n_kv_head
         self.layers = [j for j in range(c.n_layer) if c.mixer_kind(j) == "A"]
-        self.k = {j: torch.zeros(batch_size, c.n_kv_head, max_len, c.head_dim, device=dev, dtype=dtype) for j in self.layers}
+        self.slots = {j: (slots or {}).get(j, max_len) for j in self.layers}
+        self.k = {j: torch.zeros(batch_size, c.n_kv_head, self.slots[j], c.head_dim, device=dev, dtype=dtype) for j in self.layers}
         self.v = {j: torch.zeros_like(self.k[j]) for j in self.layers}
-        self.heads = {j: torch.zeros(batch_size, max_len, device=dev, dtype=torch.int16) for j in self.layers}
-        self.xn = {}  # block -> (B, T_max, D), allocated by the first store with fewer than n_kv_head heads
-        self._xn_shape = (batch_size, max_len, c.n_embd)
+        self.heads = {j: torch.zeros(batch_size, self.slots[j], device=dev, dtype=torch.int16) for j in self.layers}
+        self.xn = {}  # block -> (B, slots, D), allocated by the first store with fewer than n_kv_head heads
+        self._xn_shape = (batch_size, c.n_embd)
         self.stored = {j: [0] * batch_size for j in self.layers}
         self.fewest = {j: [c.n_kv_head] * batch_size for j in self.layers}
 
@@ -50,6 +54,8 @@ class MatryoshkaKVCache:
         hkv, T = k.size(1), k.size(2)
         if pos + T > self.max_len:
             raise RuntimeError(f"KV cache full: {pos + T} tokens > capacity {self.max_len}")
+        if self.slots[j] < self.max_len:
+            return self.store_ring(j, rows, idx, pos, k, v, xn)
         self.k[j][idx, :hkv, pos:pos + T] = k.to(self.k[j].dtype)
         self.v[j][idx, :hkv, pos:pos + T] = v.to(self.v[j].dtype)
         if hkv < self.n_kv_head:  # a wider query may need the lacked heads later
@@ -58,10 +64,27 @@ class MatryoshkaKVCache:
         self.heads[j][idx, pos:pos + T] = self.heads[j].new_full((), hkv)  # a device scalar: a Python one is copied over, a sync
         self.note_store(j, rows, pos, T, hkv)
 
+    def store_ring(self, j, rows, idx, pos, k, v, xn):
+        """store() into a ring of slots: position p goes to slot p % slots[j] (T <= slots: no slot twice)."""
+        hkv, T, S = k.size(1), k.size(2), self.slots[j]
+        if T > S:
+            raise RuntimeError(f"block {j}: {T} positions in one store exceed its ring of {S} slots")
+        dev = self.k[j].device
+        r = (torch.arange(self.k[j].size(0), device=dev) if isinstance(idx, slice) else idx)[:, None]  # (R, 1)
+        s = (torch.arange(pos, pos + T, device=dev) % S)[None, :]  # (1, T)
+        self.k[j][r, :hkv, s] = k.transpose(1, 2).to(self.k[j].dtype)  # (R, T, hkv, hd)
+        self.v[j][r, :hkv, s] = v.transpose(1, 2).to(self.v[j].dtype)
+        if hkv < self.n_kv_head:
+            self.ensure_xn(j)
+            self.xn[j][r, s] = xn.to(self.xn[j].dtype)
+        self.heads[j][r, s] = self.heads[j].new_full((), hkv)
+        self.note_store(j, rows, pos, T, hkv)
+
     def store_at(self, j, pos, k, v, xn):
         """store() of every row at one position held on the device, pos (1,) long, for the static decode step,
         which reads nothing back: k, v (B, hkv, 1, hd), xn (B, 1, D). The caller owes note_store its host side."""
         hkv = k.size(1)
+        pos = pos % self.slots[j]  # its slot (the position itself unless a ring)
         self.k[j][:, :hkv].index_copy_(2, pos, k.to(self.k[j].dtype))
         self.v[j][:, :hkv].index_copy_(2, pos, v.to(self.v[j].dtype))
         if hkv < self.n_kv_head:
@@ -72,6 +95,8 @@ class MatryoshkaKVCache:
         """Forget positions >= end of every row (speculative decoding's rollback): the host summary stops there, and
         later stores overwrite their slots before any query reads them. `fewest` stays as it was, which can only
         make covers() answer False too often (fill() then looks at the device), never True wrongly."""
+        if any(self.slots[j] < self.max_len for j in self.layers):
+            raise RuntimeError("a ring (sliding-window) cache cannot roll back: its older slots were overwritten")
         for j in self.layers:
             self.stored[j] = [min(s, end) for s in self.stored[j]]
 
@@ -85,7 +110,8 @@ class MatryoshkaKVCache:
 
     def ensure_xn(self, j):
         if j not in self.xn:
-            self.xn[j] = torch.zeros(self._xn_shape, device=self.k[j].device, dtype=self.k[j].dtype)
+            B, D = self._xn_shape
+            self.xn[j] = torch.zeros(B, self.slots[j], D, device=self.k[j].device, dtype=self.k[j].dtype)
 
     def covers(self, j, rows, need, end):
         """True when positions < end of `rows` are stored with at least `need` KV heads each (fill() would do
@@ -101,6 +127,9 @@ class MatryoshkaKVCache:
         This reads the head counts back to the host; the engine calls it only when covers() is False.
         """
         hd = self.head_dim
+        if self.slots[j] < self.max_len:
+            raise RuntimeError(f"block {j} keeps a ring of its window: lazy KV-head fills are not supported there "
+                               "(a width plan that widens writes every head up front: expand_threshold > 0)")
         host_rows = rows.tolist() if torch.is_tensor(rows) else list(rows)
         rows = torch.as_tensor(rows, dtype=torch.long, device=self.heads[j].device)
         have = self.heads[j][rows, :end]  # (R, end)

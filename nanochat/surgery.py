@@ -50,6 +50,8 @@ from dataclasses import dataclass, fields
 import torch
 
 from nanochat.gpt import GPT, GPTConfig, check_nanochat_state_dict
+from nanochat.gpt_modern import ModernGPT
+from nanochat import surgery_modern
 from nanochat.layers import linear_init_std
 from nanochat.hybrid_gpt import HybridGPT, HybridConfig, make_mamba, make_moe
 from nanochat.moe import MoE
@@ -72,10 +74,13 @@ def _seeded(seed, name, fn):
 
 def params_by_kind(state):
     """Parameter counts of a GPT/HybridGPT state_dict by kind."""
-    kinds = {"embedding": 0, "attention": 0, "mamba": 0, "mlp": 0, "moe": 0, "head": 0, "controllers": 0}
+    kinds = {"embedding": 0, "attention": 0, "mamba": 0, "mlp": 0, "moe": 0, "head": 0, "controllers": 0, "scalars": 0}
     for name, t in state.items():
-        if name.startswith("transformer.wte."):
+        if name.startswith(("transformer.wte.", "value_embeds.")):
             kind = "embedding"
+        elif name.startswith(("smear_", "resid_lambdas", "x0_lambdas", "backout_lambda")) or \
+                name.rsplit(".", 1)[-1] in surgery_modern.BLOCK_SCALARS:
+            kind = "scalars"  # today's nanochat (surgery_modern)
         elif name.startswith("lm_head."):
             kind = "head"
         elif name.startswith("controllers."):
@@ -117,7 +122,7 @@ def hybrid_n_layer(n_attn, layer_pattern):
 
 
 def create_hybrid(src_state, src_config, layer_pattern="AM", mamba_ffn="dense", upcycle_moe=False, seed=0,
-                  **hybrid_kwargs):
+                  extra_state=None, **hybrid_kwargs):
     """
     (state, HybridConfig, info) from a nanochat GPT state_dict and its GPTConfig.
     Source tensors are reused as they are (no copy). hybrid_kwargs are HybridConfig fields
@@ -126,6 +131,7 @@ def create_hybrid(src_state, src_config, layer_pattern="AM", mamba_ffn="dense", 
     mamba_ffn: FFN of the new Mamba blocks, "dense" | "none" | "moe" (fresh, w_out = 0).
     upcycle_moe: the source MLPs become MoEs whose experts are copies (MoE.from_dense, straight-through
     gate, no dropping): the same function only if HybridConfig carries those two MoE options.
+    extra_state: hybrid tensors made elsewhere (create_hybrid_from_modern), added before the strict check.
     info: new_param_prefixes (Mamba blocks and FFNs surgery created, and upcycled routers),
     blocks_added, attention_blocks (source block i -> hybrid block).
     """
@@ -187,10 +193,24 @@ def create_hybrid(src_state, src_config, layer_pattern="AM", mamba_ffn="dense", 
     if unused:
         raise ValueError(f"source has tensors surgery does not know how to carry over: {unused[:10]}")
     state.update(fresh_controllers(config, seed))
+    state.update(extra_state or {})
     check_strict(config, state)
     info = {"new_param_prefixes": new_prefixes, "blocks_added": added, "attention_blocks": attn_map,
             "controller_prefixes": ["controllers."] if config.adaptive else []}
     return state, config, info
+
+
+def create_hybrid_from_modern(src_state, src_config, layer_pattern="AM", seed=0, **kwargs):
+    """create_hybrid for today's nanochat (a ModernGPT state_dict and its ModernConfig): its features move onto the
+    hybrid's blocks with the function kept (nanochat/surgery_modern.py). kwargs: create_hybrid's."""
+    N = hybrid_n_layer(src_config.n_layer, layer_pattern)
+    attn_map = surgery_modern.attention_map(layer_pattern, N, src_config.n_layer)
+    fixed = surgery_modern.modern_hybrid_kwargs(src_config, N, attn_map)
+    clash = sorted(set(fixed) & set(kwargs))
+    if clash:
+        raise ValueError(f"{clash} come from the source's architecture and cannot be set")
+    plain, extra = surgery_modern.split_modern_state(src_state, src_config, N, attn_map)
+    return create_hybrid(plain, src_config, layer_pattern, seed=seed, extra_state=extra, **kwargs, **fixed)
 
 
 def fresh_controllers(config, seed=0):
@@ -364,7 +384,9 @@ def grow(state, config, new_dim, head_growth="add", lora_rank=16, lora_std=0.01,
                                       "zero", dtype=wte.dtype)
     head = state["lm_head.weight"]
     out["lm_head.weight"] = g("lm_head.weight", head, [Dim.prefix(head.shape[0], head.shape[0]), res], "lowrank", 1 / s)
-    done = {"transformer.wte.weight", "lm_head.weight"}
+    done = {"transformer.wte.weight", "lm_head.weight", "smear_gate.weight", "smear_lambda"} & set(state)
+    kv_rows = Dim(Hkv2 * hd2, _head_dims(Hkv, hd, hd2, head_growth))
+    out.update(surgery_modern.grow_extras(g, state, config, new_config, s, kv_rows, Dim.prefix))
     for j in range(config.n_layer):
         p = f"transformer.h.{j}."
         names = [k for k in state if k.startswith(p)]
@@ -372,7 +394,7 @@ def grow(state, config, new_dim, head_growth="add", lora_rank=16, lora_std=0.01,
         if config.mixer_kind(j) == "A":
             t = math.sqrt(hd2 / hd)  # widen: old q/k rows * t keep the QK-norm mean square (t = 1 for add)
             q = Dim(Hq2 * hd2, _head_dims(Hq, hd, hd2, head_growth))
-            kv = Dim(Hkv2 * hd2, _head_dims(Hkv, hd, hd2, head_growth))
+            kv = kv_rows
             qk_zero = [("new", "old")] if head_growth == "widen" else []  # new head dims stay 0 on old inputs
             out[p + "attn.c_q.weight"] = g(p + "attn.c_q.weight", state[p + "attn.c_q.weight"], [q, res], "lowrank", t / s, qk_zero)
             out[p + "attn.c_k.weight"] = g(p + "attn.c_k.weight", state[p + "attn.c_k.weight"], [kv, res], "lowrank", t / s, qk_zero)
@@ -462,7 +484,7 @@ def model_from_state(kind, config, state, cast_cache=None):
     """A GPT or HybridGPT whose parameters ARE the state's tensors (assign=True), eval mode.
     bf16/fp16 tensors (nanochat's wte) are cast to fp32 copies; pass the same dict as cast_cache to two
     calls whose states share tensors (create) so each is cast once."""
-    cls = {"gpt": GPT, "hybrid": HybridGPT}[kind]
+    cls = {"gpt": GPT, "hybrid": HybridGPT, "modern": ModernGPT}[kind]
     with torch.device("meta"):
         model = cls(config)
     cache = {} if cast_cache is None else cast_cache

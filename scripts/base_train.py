@@ -6,6 +6,9 @@ Pretrain the dense GPT (nanochat's base model) on the parquet shards.
     python -m scripts.base_train --depth=2 --max-seq-len=128 --device-batch-size=4 \
         --total-batch-size=1024 --num-iterations=50 --eval-tokens=4096   # a CPU smoke run
 
+--arch=gpt trains the Oct-2025 nanochat GPT (nanochat/gpt.py); --arch=modern today's nanochat (nanochat/gpt_modern.py:
+value embeddings, residual scalars, smear, backout, sliding windows by --window-pattern), whose checkpoints
+scripts.surgery takes as they are.
 One dial: --depth sets the width (depth * 64) and the heads (head_dim 128, as nanochat);
 --n-embd/--n-head/--n-kv-head override them for tiny models. Needs a tokenizer
 (`python -m scripts.tok_train`) and shards (`python -m nanochat.dataset`).
@@ -33,6 +36,7 @@ from nanochat.common import (compute_init, compute_cleanup, print0, autodetect_d
                              get_base_dir, expand_path, init_wandb, synchronize, peak_memory_note, add_runtime_args,
                              run_script)
 from nanochat.gpt import GPT, GPTConfig
+from nanochat.gpt_modern import ModernGPT, ModernConfig
 from nanochat.tokenizer import Tokenizer, get_token_bytes, default_tokenizer_dir, TOKEN_BYTES_FILENAME
 from nanochat.dataset import get_data_dir, split_parquet_files
 from nanochat.dataloader import tokenizing_distributed_data_loader
@@ -50,6 +54,10 @@ def get_args(argv=None):
     parser.add_argument("--seed", type=int, default=42, help="seed for the weight init")
     parser.add_argument("--compile", action="store_true", help="torch.compile the model for training")
     # model
+    parser.add_argument("--arch", type=str, default="gpt", choices=("gpt", "modern"),
+                        help="gpt: nanochat's Oct-2025 GPT; modern: today's nanochat (gpt_modern.py)")
+    parser.add_argument("--window-pattern", type=str, default="SSSL",
+                        help="--arch=modern: sliding windows tiled over the layers, L full context, S a quarter")
     parser.add_argument("--depth", type=int, default=20, help="layers; sets width and heads unless overridden")
     parser.add_argument("--n-embd", type=int, default=None, help="override the width (default depth*64)")
     parser.add_argument("--n-head", type=int, default=None, help="override the query heads (default ceil(n_embd/128))")
@@ -121,8 +129,11 @@ def main(argv=None):
     n_head = args.n_head or max(1, math.ceil(n_embd / 128))  # head_dim 128
     n_kv_head = args.n_kv_head or n_head
     T, B = args.max_seq_len, args.device_batch_size
-    model_config = GPTConfig(sequence_len=T, vocab_size=vocab_size, n_layer=n_layer, n_head=n_head,
-                             n_kv_head=n_kv_head, n_embd=n_embd)
+    shape = dict(sequence_len=T, vocab_size=vocab_size, n_layer=n_layer, n_head=n_head, n_kv_head=n_kv_head, n_embd=n_embd)
+    if args.arch == "modern":
+        model_cls, model_config = ModernGPT, ModernConfig(**shape, window_pattern=args.window_pattern)
+    else:
+        model_cls, model_config = GPT, GPTConfig(**shape)
     print0(f"model: {model_config}")
 
     # batch: total_batch_size tokens per step = B * T * world_size * grad_accum_steps
@@ -136,7 +147,7 @@ def main(argv=None):
     # -------------------------------------------------------------------------
     # Build and initialise the model (meta device first, then materialise: one init, in init_weights)
     with torch.device("meta"):
-        orig_model = GPT(model_config)
+        orig_model = model_cls(model_config)
     orig_model.to_empty(device=device)
     torch.manual_seed(args.seed)
     orig_model.init_weights()

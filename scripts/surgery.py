@@ -45,7 +45,7 @@ import resource
 import torch
 
 from nanochat.common import get_base_dir, expand_path, print0, TOKENIZER_FILES, add_runtime_args, run_script
-from nanochat.checkpoint_manager import (CheckpointError, resolve_checkpoint, load_meta, model_kind_of, get_model_kind,
+from nanochat.checkpoint_manager import (CheckpointError, resolve_checkpoint, load_meta, model_kind_of, get_model_kind, config_from_dict,
                                          model_path, clean_state_dict, save_checkpoint, list_steps, load_torch_file, copy_tokenizer_files)
 from nanochat.gpt import GPTConfig
 from nanochat.hybrid_gpt import HybridConfig
@@ -121,8 +121,9 @@ def load_source(path, step=None):
     meta = load_meta(ckpt_dir, step)
     kind = model_kind_of(meta)
     get_model_kind(kind)  # unknown kinds stop here with the list of known ones
-    if kind not in ("gpt", "hybrid"):
-        raise CheckpointError(f"surgery takes a nanochat GPT (create) or a hybrid (grow) checkpoint; {ckpt_dir} holds {kind!r}")
+    if kind not in ("gpt", "modern", "hybrid"):
+        raise CheckpointError(f"surgery takes a nanochat GPT, Oct-2025 or today's (create), or a hybrid (grow) "
+                              f"checkpoint; {ckpt_dir} holds {kind!r}")
     state = load_torch_file(model_path(ckpt_dir, step), "cpu", mmap=True)
     return clean_state_dict(state), meta, ckpt_dir, step
 
@@ -181,10 +182,12 @@ def main(argv=None):
     if grow_only and kind != "hybrid":
         raise SystemExit(f"--expand-from grows a hybrid checkpoint, but {ckpt_dir} holds a {kind!r}: "
                          "run create first (--new-dim without --expand-from creates, and grows if wider)")
-    if not grow_only and kind != "gpt":
+    if not grow_only and kind not in ("gpt", "modern"):
         raise SystemExit(f"{ckpt_dir} already holds a {kind!r} model: to grow it pass --expand-from=<its width>")
     if kind == "gpt":
         src_config = surgery.gpt_config_from_meta(src_meta, src_state)
+    elif kind == "modern":  # today's nanochat: its features move onto the hybrid's blocks (surgery_modern)
+        src_config = config_from_dict(get_model_kind(kind)[0], src_meta["model_config"])
     else:
         src_config = HybridConfig.from_dict(src_meta["model_config"])
     D = src_config.n_embd
@@ -206,7 +209,7 @@ def main(argv=None):
               "args": vars(args), "new_param_prefixes": [], "controller_prefixes": [], "blocks_added": [],
               "previous": src_meta.get("surgery")}
     state, config = src_state, src_config
-    if kind == "gpt":
+    if kind in ("gpt", "modern"):
         hybrid_kwargs = dict(mamba_version=args.mamba, d_state=args.d_state, d_conv=args.d_conv, expand=args.expand,
                              mamba_headdim=args.mamba_headdim, mamba_ngroups=args.mamba_ngroups,
                              num_experts=args.num_experts, expert_dim=args.expert_dim, moe_top_k=args.moe_top_k,
@@ -215,9 +218,9 @@ def main(argv=None):
             hybrid_kwargs["adaptive"] = args.adaptive
         if levels and args.new_dim == D:
             hybrid_kwargs["width_levels"] = levels
-        state, config, info = surgery.create_hybrid(src_state, src_config, layer_pattern=args.pattern,
-                                                    mamba_ffn=args.mamba_ffn, upcycle_moe=args.upcycle_moe,
-                                                    seed=args.seed, **hybrid_kwargs)
+        create = surgery.create_hybrid if kind == "gpt" else surgery.create_hybrid_from_modern
+        state, config, info = create(src_state, src_config, layer_pattern=args.pattern, mamba_ffn=args.mamba_ffn,
+                                     upcycle_moe=args.upcycle_moe, seed=args.seed, **hybrid_kwargs)
         record.update(new_param_prefixes=info["new_param_prefixes"], controller_prefixes=info["controller_prefixes"],
                       blocks_added=info["blocks_added"], attention_blocks=info["attention_blocks"])
         record["op"] = "create"
@@ -226,7 +229,7 @@ def main(argv=None):
                                             lora_rank=args.lora_rank, lora_std=args.lora_std, seed=args.seed,
                                             width_levels=levels)
         record["grow"] = ginfo
-        record["op"] = "create+grow" if kind == "gpt" else "grow"
+        record["op"] = "create+grow" if kind in ("gpt", "modern") else "grow"
         if config.adaptive:
             record["controller_prefixes"] = ["controllers."]
 

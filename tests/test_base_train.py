@@ -149,3 +149,17 @@ def test_evaluate_bpb_matches_per_token_reference():
     only_special = [(torch.zeros(1, 4, dtype=torch.long), torch.zeros(1, 4, dtype=torch.long))]
     with pytest.raises(ValueError, match="no target tokens with text"):
         evaluate_bpb(gpt, iter(only_special), 1, token_bytes)
+
+
+def test_arch_modern_trains_todays_nanochat(tiny_data, tmp_path):
+    from nanochat.gpt_modern import ModernGPT
+    out = tmp_path / "modern"
+    run = base_train.main(train_args(tiny_data, out, "--arch", "modern", "--window-pattern", "SL"))
+    losses = run["losses"]
+    assert all(math.isfinite(v) for v in losses)
+    assert sum(losses[-5:]) / 5 < sum(losses[:5]) / 5 - 1.0
+    meta = json.loads((out / "meta_000020.json").read_text())
+    assert meta["model_kind"] == "modern" and meta["model_config"]["window_pattern"] == "SL"
+    model, _ = load_model(out)
+    assert isinstance(model, ModernGPT) and model.config.vocab_size == tiny_data["vocab_size"]
+    assert run["val_bpb"][20] < run["val_bpb"][0]

@@ -263,7 +263,7 @@ def test_model_kinds_table():
         config_cls, model_cls = get_model_kind(kind)
         assert (model_cls.kind, model_cls.__module__, config_cls.__name__, model_cls.__name__) == \
             (kind, module, config_name, model_name)
-    with pytest.raises(CheckpointError, match=r"unknown model kind 'mamba_moe'.*known kinds: \['gpt', 'hybrid'\]"):
+    with pytest.raises(CheckpointError, match=r"unknown model kind 'mamba_moe'.*known kinds: \['gpt', 'hybrid', 'modern'\]"):
         get_model_kind("mamba_moe")
 
 
