@@ -222,13 +222,17 @@ class Speculator:
         """One round of k drafts from the input token t0 (B,). Returns (tokens (B, m+1), logits (B, m+1, V) they
         are read from, FLOPs (B,) float64 of the round, m)."""
         eng, st, model = self.engine, self.st, self.model
-        B, pos = t0.size(0), st.pos
-        flops = [0.0] * B
-        saved = {}
-        greedy = self.temperature == 0.0
+        B, pos, T, n, N = t0.size(0), st.pos, k + 1, self.n, self.draft.exit_block
+        flops, saved, snaps = [0.0] * B, {}, []
+        widths, active = [[self.D] * n for _ in range(B)], [True] * B
+        static = self.static_round(B, T)
+        vb = self._buffers(B, T) if static else None
+        if static:
+            vb["seq"][:, 0].copy_(t0)
+            torch.add(vb["base"], pos, out=vb["pos"])
+        L = eng.static.bucket(pos + T, st.cache.max_len)
         drafts, qs, hidden = [], [], []
         t_start = time.perf_counter()
-        snaps = []
         tok = t0
         for i in range(k):
             if self.draft.kind == "plan":
@@ -237,42 +241,48 @@ class Speculator:
                     flops[b] += float(fl[b])
                 snaps.append(snapshot_ssm(self.dst))
             else:
-                x = self._exit_blocks(tok, pos + i, saved, flops)
-                hidden.append(x)
-                logits = model.readout(x[:, 0])
+                if static:  # blocks 0..N of position i, its residual kept in vb["hidden"], then the readout
+                    logits = self._run(("exit", B, T, i, L), lambda i=i: self._exit_static(vb, i, L, readout=True))
+                    self._note(0, N, pos + i, 1)
+                    eng._count(st, 0, N, 1, widths, active, flops, pos=pos + i)
+                else:
+                    x = self._exit_blocks(tok, pos + i, saved, flops)
+                    hidden.append(x)
+                    logits = model.readout(x[:, 0])
                 for b in range(B):
                     flops[b] += eng.flops.head
-            if not greedy:
+            if not self.temperature == 0.0:
                 qs.append(token_probs(logits, self.temperature, self.top_k))
             tok = sample_next_token(logits, self.rng, self.temperature, self.top_k)
             drafts.append(tok)
+            if static:
+                vb["seq"][:, i + 1].copy_(tok)
         d = torch.stack(drafts, 1)  # (B, k)
         if self.sync and d.is_cuda:
             torch.cuda.synchronize()  # time the drafts apart from the verify (benches)
         t1 = time.perf_counter()
-        # verify t0, d1 .. dk: k+1 positions at full width
-        widths, active = [[self.D] * self.n for _ in range(B)], [True] * B
-        seq = torch.cat([t0[:, None], d], 1)  # (B, k+1)
-        v = None
-        if self.draft.kind == "plan":
-            if self.static_verify(B, k + 1):
-                v = self._verify_static(seq, pos, saved)
-            else:
-                x = norm(model.transformer.wte(seq))
-                x = eng._blocks(st, 0, self.n - 1, x, widths, active, flops,
-                                view=VerifyCache(model, st, k + 1, flops, pos, saved))
-            eng._count(st, 0, self.n - 1, k + 1, widths, active, flops, pos=pos)
+        # verify t0, d1 .. dk: k+1 positions at full width (for an exit draft, dk's first blocks, then the rest)
+        j0 = 0 if self.draft.kind == "plan" else N + 1
+        if static:
+            if self.draft.kind == "exit":
+                self._run(("exit", B, T, k, L), lambda: self._exit_static(vb, k, L, readout=False))
+                self._note(0, N, pos + k, 1)
+                eng._count(st, 0, N, 1, widths, active, flops, pos=pos + k)
+            v = self._run(("verify", B, T, j0, L), lambda: self._verify_static(vb, j0, L))
+            self._note(j0, n - 1, pos, T)
+            for j, (conv_buf, ssm_buf) in vb["saved"].items():
+                saved[j] = [(conv_buf[t], ssm_buf[t]) for t in range(T)]
         else:
-            N = self.draft.exit_block
-            hidden.append(self._exit_blocks(d[:, -1], pos + k, saved, flops))
-            x = torch.cat(hidden, 1)  # (B, k+1, D): the residuals after block N
-            x = eng._blocks(st, N + 1, self.n - 1, x, widths, active, flops,
-                            view=VerifyCache(model, st, k + 1, flops, pos, saved))
-            eng._count(st, N + 1, self.n - 1, k + 1, widths, active, flops, pos=pos)
-        if v is None:
+            if self.draft.kind == "plan":
+                x = norm(model.transformer.wte(torch.cat([t0[:, None], d], 1)))
+            else:
+                hidden.append(self._exit_blocks(d[:, -1], pos + k, saved, flops))
+                x = torch.cat(hidden, 1)  # (B, k+1, D): the residuals after block N
+            x = eng._blocks(st, j0, n - 1, x, widths, active, flops, view=VerifyCache(model, st, T, flops, pos, saved))
             v = model.readout(x)  # (B, k+1, V)
+        eng._count(st, j0, n - 1, T, widths, active, flops, pos=pos)
         for b in range(B):
-            flops[b] += (k + 1) * eng.flops.head
+            flops[b] += T * eng.flops.head
         m, nxt = accept(v, d, torch.stack(qs, 1) if qs else None, self.temperature, self.top_k, self.rng)
         # roll back to t0, d1 .. dm consumed
         rollback(st, pos, saved, m + 1)
@@ -294,52 +304,66 @@ class Speculator:
         tokens = torch.cat([d[:, :m], nxt[:, None]], 1)
         return tokens, v[:, :m + 1], torch.tensor(flops, dtype=torch.float64), m
 
-    def static_verify(self, B, T):
-        """Whether the verify pass of T positions runs static (a CUDA graph on CUDA): when the engine's decode path
-        is static or graph for this state, and the T positions fit the cache."""
+    # ---- the static path (a CUDA graph per shape on CUDA) -----------------------------------------
+    def static_round(self, B, T):
+        """Whether a round of T positions runs static (CUDA graphs on CUDA): when the engine's decode path is
+        static or graph for this state, and the T positions fit the cache."""
         path, _ = self.engine.static.path(self.st, B)
         return path != "eager" and self.st.pos + T <= self.st.cache.max_len
 
-    def _verify_static(self, seq, pos, saved):
-        """The verify pass over seq (B, T) at positions pos.. on the static path; returns the logits (B, T, V) and
-        fills `saved` with views of the per-position Mamba states."""
-        eng, st, model = self.engine, self.st, self.model
-        B, T = seq.shape
-        dev = seq.device
-        # the buffers live on the workspace, beside the graphs captured on them: a later generate() on the same
-        # workspace replays those graphs, which read these very tensors
+    def _buffers(self, B, T):
+        """The static round's device inputs and outputs: tokens (B, T), positions (T,), the residuals after an exit
+        draft's blocks (B, T, D), and per Mamba block its states after each position. They live on the workspace,
+        beside the graphs captured on them: a later generate() on the same workspace replays those graphs."""
+        st, model = self.st, self.model
+        dev = model.get_device()
         vb = st.ws.spec_buffers.get((B, T))
         if vb is None:
             vb = st.ws.spec_buffers[(B, T)] = {
-                "seq": torch.zeros_like(seq), "pos": torch.zeros(T, dtype=torch.long, device=dev),
-                "base": torch.arange(T, device=dev),
+                "seq": torch.zeros(B, T, dtype=torch.long, device=dev),
+                "pos": torch.zeros(T, dtype=torch.long, device=dev), "base": torch.arange(T, device=dev),
+                "hidden": torch.zeros(B, T, self.D, dtype=model.transformer.wte.weight.dtype, device=dev),
                 "saved": {j: (torch.zeros(T, *c.shape, dtype=c.dtype, device=dev),
                               torch.zeros(T, *s_.shape, dtype=s_.dtype, device=dev)) for j, (c, s_) in st.ssm.items()}}
-        vb["seq"].copy_(seq)
-        torch.add(vb["base"], pos, out=vb["pos"])
-        L = eng.static.bucket(pos + T, st.cache.max_len)
-        rows, D = range(B), self.D
+        return vb
 
-        def verify():
-            view = StaticVerifyCache(model, st, L, vb["pos"], vb["saved"])
-            x = norm(model.transformer.wte(vb["seq"]))
-            group = [(D, rows, slice(None))]
-            for j in range(self.n):
-                x = model.transformer.h[j].decode(x, view.at(j), group, group)
-            return model.readout(x)
+    def _run(self, key, fn):
+        """fn() (device tensors only) on the static path, or as the workspace's CUDA graph `key` on the graph path."""
+        eng, st = self.engine, self.st
+        if eng.static.wanted_path() != "graph":
+            return fn()
+        eng.static.refresh(st.ws)
+        cast = torch.get_autocast_dtype("cuda") if torch.is_autocast_enabled("cuda") else None
+        states = [t for pair in st.ssm.values() for t in pair]  # what a capture's warm-up steps
+        return replay(st.ws, key + (cast,), fn, states, cast, eng.static.linears)
 
-        if eng.static.wanted_path() == "graph":
-            eng.static.refresh(st.ws)
-            cast = torch.get_autocast_dtype("cuda") if torch.is_autocast_enabled("cuda") else None
-            states = [t for pair in st.ssm.values() for t in pair]
-            v = replay(st.ws, ("verify", B, T, L, cast), verify, states, cast, eng.static.linears)
-        else:
-            v = verify()
-        for j in st.cache.layers:
-            st.cache.note_store(j, rows, pos, T, st.cache.n_kv_head)
-        for j, (conv_buf, ssm_buf) in vb["saved"].items():
-            saved[j] = [(conv_buf[t], ssm_buf[t]) for t in range(T)]
-        return v
+    def _blocks_static(self, vb, j0, j1, x, t0, t1, L):
+        """Blocks j0..j1 at full width over the round's positions t0..t1-1 (x (B, t1 - t0, D)), each Mamba block's
+        states after each position into vb["saved"]."""
+        saved = {j: (c[t0:t1], s_[t0:t1]) for j, (c, s_) in vb["saved"].items()}
+        view = StaticVerifyCache(self.model, self.st, L, vb["pos"][t0:t1], saved)
+        group = [(self.D, range(x.size(0)), slice(None))]
+        for j in range(j0, j1 + 1):
+            x = self.model.transformer.h[j].decode(x, view.at(j), group, group)
+        return x
+
+    def _exit_static(self, vb, i, L, readout):
+        """An exit draft's blocks 0..N for the round's position i; the residual into vb["hidden"][:, i]."""
+        x = norm(self.model.transformer.wte(vb["seq"][:, i:i + 1]))
+        x = self._blocks_static(vb, 0, self.draft.exit_block, x, i, i + 1, L)
+        vb["hidden"][:, i:i + 1].copy_(x)
+        return self.model.readout(x[:, 0]) if readout else None
+
+    def _verify_static(self, vb, j0, L):
+        """Blocks j0.. over the round's T positions: from the embeddings (j0 = 0) or the exit draft's residuals."""
+        x = norm(self.model.transformer.wte(vb["seq"])) if j0 == 0 else vb["hidden"]
+        return self.model.readout(self._blocks_static(vb, j0, self.n - 1, x, 0, x.size(1), L))
+
+    def _note(self, j0, j1, pos, T):
+        """The cache's host-side summary of a static store of positions pos..pos+T-1 in blocks j0..j1."""
+        for j in range(j0, j1 + 1):
+            if j in self.st.cache.k:
+                self.st.cache.note_store(j, range(self.st.cache.k[j].size(0)), pos, T, self.st.cache.n_kv_head)
 
     def plain_step(self, tok, draft_too=True):
         """One plain decode step of the verifier (think), and of the plan draft if draft_too (while speculation may

@@ -43,36 +43,39 @@ def test_greedy_speculation_is_think_token_for_token(kind):
 
 
 @pytest.mark.parametrize("kind", KINDS, ids=kind_id)
-def test_static_verify_pass_equals_eager(kind, monkeypatch):
-    """decode='static': the plan draft steps static and the verify pass runs StaticVerifyCache (the function a CUDA
-    graph captures); tokens and logits are think's, and the verify pass took the static path."""
+@pytest.mark.parametrize("draft", ["plan:64,64,64,32", "exit:1"])
+def test_static_rounds_equal_eager_think(kind, draft, monkeypatch):
+    """decode='static': the drafts and the verify pass run the static functions a CUDA graph captures (a plan draft
+    steps its own static segments; an exit draft's blocks and the verify pass run over StaticVerifyCache); tokens and
+    logits are think's, and the rounds took the static path."""
     monkeypatch.setattr(StaticDecode, "STATIC_MIN_KEYS", 8)  # cross key buckets within 20 tokens
     model = build(**kind).eval()
     ref = Engine(model, decode="eager").generate_batch([[2, 7, 1, 8]], 20)
     eng = Engine(model, decode="static")
     calls = []
-    real = Speculator._verify_static
-    monkeypatch.setattr(Speculator, "_verify_static", lambda self, *a: calls.append(1) or real(self, *a))
+    real, real_exit = Speculator._verify_static, Speculator._exit_static
+    monkeypatch.setattr(Speculator, "_verify_static", lambda self, *a: calls.append("verify") or real(self, *a))
+    monkeypatch.setattr(Speculator, "_exit_static", lambda self, *a, **kw: calls.append("exit") or real_exit(self, *a, **kw))
     for k in (1, 4, 4):
-        res = eng.generate_batch([[2, 7, 1, 8]], 20, speculate=k, draft="plan:64,64,64,32", fallback=False)
+        res = eng.generate_batch([[2, 7, 1, 8]], 20, speculate=k, draft=draft, fallback=False)
         assert res.tokens == ref.tokens
         for a, b in zip(res.steps, ref.steps):
             torch.testing.assert_close(a.logits, b.logits, rtol=0, atol=1e-4)
-    assert calls  # the verify passes ran static
+    assert "verify" in calls and ("exit" in calls) == draft.startswith("exit")  # the rounds ran static
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 @pytest.mark.parametrize("kind", KINDS, ids=kind_id)
-def test_graph_speculation_equals_eager_on_cuda(kind, monkeypatch):
-    """On CUDA (decode='graph'): the plan draft's steps and the verify pass replay CUDA graphs; tokens and logits are
-    the eager think's."""
+@pytest.mark.parametrize("draft", ["plan:64,64,64,32", "exit:1"])
+def test_graph_speculation_equals_eager_on_cuda(kind, draft, monkeypatch):
+    """On CUDA (decode='graph'): the drafts' steps and the verify pass replay CUDA graphs; tokens and logits are
+    the eager think's (fp32)."""
     monkeypatch.setattr(StaticDecode, "STATIC_MIN_KEYS", 8)
     model = build(**kind).cuda().eval()
     ref = Engine(model, decode="eager").generate_batch([[2, 7, 1, 8], [3, 3, 1, 2]], 20)
     eng = Engine(model, decode="graph")
     for k in (1, 4, 4):  # a second generate() with k = 4 replays the graphs the first captured
-        res = eng.generate_batch([[2, 7, 1, 8], [3, 3, 1, 2]], 20, speculate=k, draft="plan:64,64,64,32",
-                                 fallback=False)
+        res = eng.generate_batch([[2, 7, 1, 8], [3, 3, 1, 2]], 20, speculate=k, draft=draft, fallback=False)
         assert res.tokens == ref.tokens
         for a, b in zip(res.steps, ref.steps):
             torch.testing.assert_close(a.logits, b.logits, rtol=0, atol=1e-4)
