@@ -55,7 +55,8 @@ def test_static_rounds_equal_eager_think(kind, draft, monkeypatch):
     calls = []
     real, real_exit = Speculator._verify_static, Speculator._exit_static
     monkeypatch.setattr(Speculator, "_verify_static", lambda self, *a: calls.append("verify") or real(self, *a))
-    monkeypatch.setattr(Speculator, "_exit_static", lambda self, *a, **kw: calls.append("exit") or real_exit(self, *a, **kw))
+    monkeypatch.setattr(Speculator, "_exit_static",
+                        lambda self, *a, **kw: calls.append("exit") or real_exit(self, *a, **kw))
     for k in (1, 4, 4):
         res = eng.generate_batch([[2, 7, 1, 8]], 20, speculate=k, draft=draft, fallback=False)
         assert res.tokens == ref.tokens
