@@ -12,10 +12,10 @@ The stages of the tiny experiment, each a thin call into the project's own code:
     calibrate   confidence_probe.calibrate_gates on calib-split problems, then the final checkpoint
 
 Pretraining is our own loop (the project's GPT, optim.setup_optimizers and lr schedule) rather than
-scripts.base_train because base_train's loader puts the loss on every token and this experiment's
-pretraining puts it on the answers only (targets -1 elsewhere). The phases use fractal_train's standard
-loader, so their loss is on every token of the pages; the question digits are uniformly random, so that
-part of the loss is a constant floor (ln 10 per digit) that no width changes.
+scripts.base_train, on rows encoded here. The phases use fractal_train's standard loader; the corpus shards
+carry each page's answer spans (loss_spans: every completion '=answer\n'), so the loader sets every other target
+to -1 and the phases, exit readouts, gates and router train on the answers only, as pretraining does. (The
+question digits are uniformly random: a loss on them is an irreducible floor that diluted the answer signal ~8x.)
 """
 import os
 import random
@@ -29,7 +29,7 @@ from nanochat.gpt import GPT, GPTConfig
 from nanochat.optim import setup_optimizers, lr_multiplier, set_lr_multiplier, muon_momentum, set_muon_momentum
 from nanochat.tokenizer import Tokenizer
 from nanochat import checkpoint_manager as cm
-from tiny_experiment.tasks import make_pages, page_text, encode_page
+from tiny_experiment.tasks import make_pages, page_text, encode_page, answer_spans
 
 
 @dataclass
@@ -112,7 +112,8 @@ def write_corpus(data_dir, splits, settings, seed, n_train_shards=4):
     per = -(-len(train) // n_train_shards)
     chunks = [train[i:i + per] for i in range(0, len(train), per)] + [calib]
     for index, pages in enumerate(chunks):
-        write_synthetic_shard(os.path.join(data_dir, shard_filename(index)), [page_text(p) for p in pages], 128)
+        write_synthetic_shard(os.path.join(data_dir, shard_filename(index)), [page_text(p) for p in pages], 128,
+                              loss_spans=[answer_spans(p) for p in pages])
     return train, calib
 
 
