@@ -229,8 +229,6 @@ def fractal_phase(phase, checkpoint, out_dir, data_dir, steps, settings, seed):
     defaults = fractal_train.get_args(["--phase=1", "--checkpoint=unused"])  # fractal_train's own default rates
     argv += [f"--{name.replace('_', '-')}={settings.phase_lr_scale * getattr(defaults, name)}"
              for name in ("matrix_lr", "embedding_lr", "unembedding_lr", "scalar_lr")]
-    if phase >= 2:
-        argv.append("--sample-dim")  # each block its own random width: the predictor plans per block
     if phase == 3:
         argv.append(f"--expanded-dim={settings.grow_dim}")
     return fractal_train.main(argv)
