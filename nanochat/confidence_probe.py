@@ -2,13 +2,12 @@
 Adaptive-compute controllers of a HybridGPT: the width predictor, the exit gates, their training signal
 ("shadow loss") and the calibration that makes a gate threshold mean what it says.
 
-LayerDimPredictor: once per prompt, from the mean of norm(x) over the prompt's positions after the first
-    config.predictor_after blocks (run at full width), predicts for every block j and width level l the
-    loss increase (nats/token, on the text that follows) of running block j at level l with every other
-    block at full width. Output (B, n_layer, n_levels); the full level's column is 0 by definition.
-    Plan rule: per block, the smallest level whose predicted increase is < epsilon (so epsilon is a
-    per-block budget; the rule assumes the increases of narrowing several blocks roughly add up).
-    Blocks where width changes nothing (Mamba mixer with no FFN) always get the full width.
+LayerDimPredictor (the compute router): once per prompt, from the mean of norm(x) over the prompt's positions
+    after the first config.predictor_after blocks (run at full width), the probability that each plan of a menu
+    ordered by cost (plan_menu: one plan per width level, the plans fractal_train trains) gives the full model's
+    answer; the plan is the cheapest whose probability reaches the router threshold (calibrated by Learn-then-Test,
+    nanochat.risk_control). Per-block choices against a per-block loss budget were measured not to compose
+    (single-block deltas summed to twice the uniform plan's cost), hence whole plans.
 ConfidenceGate: at each gated exit (config.exit_blocks() but the last), the probability per token that
     exiting there is safe: sigmoid(w . relu(W norm(h) + e_gate) + b_gate), h the residual after the exit
     block (detached in training). It reads only the hidden state, so a check costs 2*D*H + 2*H FLOPs,
@@ -17,7 +16,8 @@ ConfidenceGate: at each gated exit (config.exit_blocks() but the last), the prob
 
 Training signal, controller_losses(): see its docstring. Gate target (CALM's consistency oracle): the exit
 readout's top-1 equals the final readout's top-1 ("agree"), or the exit's loss is within loss_delta of the
-final loss ("loss"). Predictor target: measured on a few sampled (block, level) probes per call.
+final loss ("loss"). Router target (router_labels): per row and narrow plan, whether that plan's top-1 equals
+the full model's on every loss-bearing token after the prompt, from the same training step's forwards.
 """
 import math
 import random
@@ -92,22 +92,44 @@ class ConfidenceGate(nn.Module):
         return 2 * self.n_embd * self.hidden + 2 * self.hidden
 
 
-class LayerDimPredictor(nn.Module):
-    """Prompt -> predicted loss increase (B, n_layer, n_levels) of running each block at each level."""
+def plan_menu(config, matters=None):
+    """The router's menu, cheapest first: per width level w the plan with the first config.predictor_after blocks at
+    full width (the engine runs them so before the router has read the prompt) and every later block whose width
+    matters at w; the last plan is the full model. fractal_train trains exactly these plans (any plan the router may
+    pick was trained)."""
+    matters = width_matters(config) if matters is None else matters
+    full = config.n_embd
+    return [[full if (j < config.predictor_after or not matters[j]) else w for j in range(config.n_layer)]
+            for w in config.width_levels]
 
-    def __init__(self, n_embd, n_layer, levels, hidden, read_after):
+
+class LayerDimPredictor(nn.Module):
+    """
+    The compute router: prompt -> per menu plan (plan_menu, cheapest first, the full plan last) the logit of
+    P(this plan gives the full model's answer), trained by BCE on labels measured in training (router_labels).
+    Output (B, n_levels - 1): the full plan needs no prediction (it is the full model). plan() returns per-layer
+    widths upfront (the engine's contract): the cheapest plan whose probability is >= the threshold.
+    `threshold` (a buffer, checkpointed) is the operating point scripts.calibrate_gates chooses by Learn-then-Test;
+    until then it holds UNCALIBRATED_THRESHOLD and the controllers say they are uncalibrated.
+    """
+    UNCALIBRATED_THRESHOLD = 0.98
+
+    def __init__(self, n_embd, n_layer, levels, hidden, read_after, menu):
         super().__init__()
         self.n_embd, self.n_layer, self.levels, self.hidden = n_embd, n_layer, list(levels), hidden
         self.read_after = read_after
+        self.menu = [list(p) for p in menu]
         self.fc = nn.Linear(n_embd, hidden, bias=False)
-        self.out = nn.Linear(hidden, n_layer * len(levels), bias=True)
+        self.out = nn.Linear(hidden, len(levels) - 1, bias=True)
+        self.register_buffer("threshold", torch.tensor(self.UNCALIBRATED_THRESHOLD))
 
     @torch.no_grad()
     def init_weights(self):
         nn.init.normal_(self.fc.weight, std=linear_init_std(*self.fc.weight.shape))
         nn.init.zeros_(self.out.weight)
-        # untrained, it predicts a 1-nat loss for any narrowing: the plan stays at full width
-        nn.init.constant_(self.out.bias, 1.0)
+        # untrained, every narrow plan is predicted to miss (p ~ 0.02): the plan stays at full width
+        nn.init.constant_(self.out.bias, -4.0)
+        self.threshold.fill_(self.UNCALIBRATED_THRESHOLD)
 
     @staticmethod
     def pool(x, mask=None):
@@ -119,27 +141,31 @@ class LayerDimPredictor(nn.Module):
         return (xn * m).sum(1) / m.sum(1).clamp(min=1.0)
 
     def forward(self, pooled):
-        delta = self.out(F.relu(self.fc(pooled.to(self.fc.weight.dtype)))).float()
-        delta = delta.view(-1, self.n_layer, len(self.levels))
-        full = torch.zeros_like(delta[..., -1:])
-        return torch.cat([delta[..., :-1], full], dim=-1)  # the full level costs nothing by definition
+        """(B, D) pooled prompt -> (B, n_levels - 1) fp32 logits, one per narrow menu plan, cheapest first."""
+        return self.out(F.relu(self.fc(pooled.to(self.fc.weight.dtype)))).float()
 
-    def plan(self, delta, epsilon, matters):
-        """(B, n_layer) long widths: per block the smallest level whose predicted increase is < epsilon."""
-        levels = torch.tensor(self.levels, device=delta.device)
-        ok = delta < epsilon  # (B, n, L); the full level is always ok (0 < epsilon needs epsilon > 0)
-        ok[..., -1] = True
-        first = ok.float().argmax(-1)  # index of the first ok level
-        plan = levels[first]
-        plan[:, [j for j, m in enumerate(matters) if not m]] = levels[-1]
-        return plan
+    def choice(self, logits, threshold=None):
+        """(B,) index into the menu: the cheapest plan with sigmoid(logit) >= threshold (default: the buffer), else
+        the full plan."""
+        threshold = self.threshold if threshold is None else threshold
+        ok = torch.cat([torch.sigmoid(logits) >= threshold, torch.ones_like(logits[:, :1], dtype=torch.bool)], 1)
+        return ok.float().argmax(-1)
+
+    def plan(self, logits, epsilon=None, matters=None):
+        """(B, n_layer) long widths of the chosen menu plans. epsilon: the allowed probability that the plan's answer
+        differs from the full model's (threshold 1 - epsilon); None: the calibrated threshold (the buffer). matters:
+        the engine's argument, already in the menu (kept for its call)."""
+        menu = torch.tensor(self.menu, device=logits.device)
+        return menu[self.choice(logits, None if epsilon is None else 1.0 - epsilon)]
 
     def flops(self):
-        return 2 * self.n_embd * self.hidden + 2 * self.hidden * self.n_layer * len(self.levels)
+        return 2 * self.n_embd * self.hidden + 2 * self.hidden * (len(self.levels) - 1)
 
 
 class AdaptiveControllers(nn.Module):
-    """The width predictor and the exit gates of one HybridGPT (its `controllers` submodule)."""
+    """The router (LayerDimPredictor) and the exit gates of one HybridGPT (its `controllers` submodule), and the
+    operating point calibrate_gates chose: auto mode's exit and widen thresholds (op_thresholds) beside the router's
+    threshold, valid where op_on."""
 
     def __init__(self, config):
         super().__init__()
@@ -147,39 +173,93 @@ class AdaptiveControllers(nn.Module):
         self.matters = width_matters(config)
         self.gate = ConfidenceGate(config.n_embd, len(self.gate_blocks), config.gate_hidden, config.calib_bins)
         self.predictor = LayerDimPredictor(config.n_embd, config.n_layer, config.width_levels,
-                                           config.predictor_hidden, config.predictor_after)
+                                           config.predictor_hidden, config.predictor_after,
+                                           plan_menu(config, self.matters))
+        self.register_buffer("op_thresholds", torch.tensor([1.0, 0.0]))  # exit, widen
+        self.register_buffer("op_on", torch.tensor(False))
 
     def init_weights(self):
         self.gate.init_weights()
         self.predictor.init_weights()
+        with torch.no_grad():
+            self.op_thresholds.copy_(torch.tensor([1.0, 0.0]))
+            self.op_on.fill_(False)
 
     def is_calibrated(self):
         return bool(self.gate.calib_on.all())
+
+    def operating_point(self):
+        """{router, exit, widen} thresholds of auto mode chosen by calibration, or None (uncalibrated: one host read)."""
+        if not bool(self.op_on):
+            return None
+        exit_t, widen_t = self.op_thresholds.tolist()
+        return {"router": float(self.predictor.threshold), "exit": exit_t, "widen": widen_t}
+
+    @torch.no_grad()
+    def set_operating_point(self, router, exit_threshold, widen_threshold):
+        self.predictor.threshold.fill_(router)
+        self.op_thresholds.copy_(torch.tensor([exit_threshold, widen_threshold]))
+        self.op_on.fill_(True)
+
+
+def grow_controllers(state, config, new_config, residual_scale):
+    """
+    The controllers' state grown with the model (nanochat.surgery.grow): both MLPs read norm(residual), which growth
+    turns into [residual_scale * old, 0], so their input matrices keep the old columns / residual_scale and get zero
+    columns for the new channels: gates and router compute what they computed. The router's rows follow their width
+    level; a level that is new to the menu (the old full width) gets a fresh row (predicted to miss, so its plan is
+    not chosen until phase 3 trains it). Calibration and the operating point are cleared: they describe the old
+    model (calibrate the grown one).
+    """
+    fresh = AdaptiveControllers(new_config)
+    fresh.init_weights()
+    out = {f"controllers.{k}": v.detach().clone() for k, v in fresh.state_dict().items()}
+    D, D2 = config.n_embd, new_config.n_embd
+    for name in ("gate.fc.weight", "predictor.fc.weight"):
+        w = state[f"controllers.{name}"]
+        grown = torch.zeros(w.size(0), D2, dtype=w.dtype)
+        grown[:, :D] = w.float() / residual_scale
+        out[f"controllers.{name}"] = grown
+    for name in ("gate.gate_embed", "gate.out.weight", "gate.out_bias"):
+        out[f"controllers.{name}"] = state[f"controllers.{name}"].clone()
+    old_rows = {w: i for i, w in enumerate(config.width_levels[:-1])}
+    for i, w in enumerate(new_config.width_levels[:-1]):
+        if w in old_rows:
+            out["controllers.predictor.out.weight"][i] = state["controllers.predictor.out.weight"][old_rows[w]]
+            out["controllers.predictor.out.bias"][i] = state["controllers.predictor.out.bias"][old_rows[w]]
+    return out
 
 
 # -----------------------------------------------------------------------------
 # Training signal
 
-def controller_losses(model, idx, targets, out, gate_target="agree", loss_delta=0.1, n_probes=2, probe_rows=4,
-                      prompt_frac=0.5, mask=None, rng=None):
+def router_labels(plan_top1, full_top1, valid, prompt_len):
     """
-    Shadow losses of the controllers for one batch. Gradients reach only model.controllers: the gate reads
-    out.exit_hidden detached, the predictor reads a no-grad prefix, targets are measured without grad.
+    Per row, per narrow plan: 1.0 where the plan's top-1 equals the full model's top-1 on every loss-bearing position
+    after the prompt (positions >= prompt_len with valid), else 0.0. plan_top1: list over the narrow menu plans of
+    (B, T); full_top1 (B, T); valid (B, T) bool. Rows with no such position are labelled 1 (nothing to miss).
+    Returns (B, n_plans) float.
+    """
+    later = valid[:, prompt_len:]
+    return torch.stack([((top[:, prompt_len:] == full_top1[:, prompt_len:]) | ~later).all(1) for top in plan_top1],
+                       1).float()
 
-    out: the HybridOutput of model(idx, targets, width=plan, return_exits=True) on the same batch (any
-        static plan; the gates then learn agreement with that plan's final readout).
-    Gate: BCE over every gated exit and every token with a target != -1; target = out.exit_agree
-        (gate_target "agree") or exit loss <= final loss + loss_delta ("loss").
-    Predictor: the first P = prompt_frac * T positions play the prompt (mean-pooled after
-        config.predictor_after full-width blocks); on the first probe_rows rows, n_probes random pairs
-        (block j, level l < full) are each measured by one no-grad forward with block j at l and the rest at
-        full width: target = mean per-token loss increase over positions >= P against the full-width
-        forward (out's own losses when out ran at full width, else one more no-grad forward). Loss: MSE of
-        the predicted increase. Cost per call: (n_probes + 0 or 1) no-grad forwards of probe_rows rows and
-        predictor_after blocks of all rows.
-    NOTE: the probes run model.eval() forwards, which overwrite each MoE's aux_loss: use out.aux_loss.
-    Returns dict: loss (gate_loss + predictor_loss, add it to the trainer's loss), gate_loss, predictor_loss,
-        and detached metrics gate_acc, gate_target_rate, predictor_mae, probe_delta (mean measured increase).
+
+def controller_losses(model, idx, targets, out, full_top1=None, router_target=None, gate_target="agree",
+                      loss_delta=0.1, prompt_frac=0.5, mask=None):
+    """
+    Shadow losses of the controllers for one forward. Gradients reach only model.controllers: the gates read
+    out.exit_hidden detached, the router reads a no-grad prefix.
+
+    out: the HybridOutput of model(idx, targets, width=plan, return_exits=True) (any static plan).
+    Gates: BCE over every gated exit and every token with a target != -1 (and mask); target "agree": the exit
+        readout's top-1 equals out's final top-1 and, given full_top1 (B, T), that equals the full model's top-1
+        (exiting in a narrow plan is safe only where it still gives the full model's token); "loss": the exit's
+        loss is within loss_delta of the final loss.
+    Router (given router_target (B, n_narrow_plans) from router_labels): the first P = prompt_frac * T positions play
+        the prompt (mean-pooled after config.predictor_after full-width blocks); BCE of its logits on the labels.
+    Returns dict: loss (add it to the trainer's loss), gate_loss, predictor_loss (router BCE, 0 without labels), and
+        detached metrics gate_acc, gate_target_rate, router_acc, router_target_rate.
     """
     if gate_target not in ("agree", "loss"):
         raise ValueError(f"gate_target must be 'agree' or 'loss', got {gate_target!r}")
@@ -188,7 +268,6 @@ def controller_losses(model, idx, targets, out, gate_target="agree", loss_delta=
     if not hasattr(model, "controllers"):
         raise ValueError("this model has no controllers: build it with HybridConfig(adaptive=True)")
     c, ctrl = model.config, model.controllers
-    rng = rng or random
     B, T = idx.shape
     valid = targets != -1 if mask is None else (targets != -1) & mask
     res = {}
@@ -200,6 +279,8 @@ def controller_losses(model, idx, targets, out, gate_target="agree", loss_delta=
         logits = ctrl.gate.logits(hs)  # (G, B, T)
         if gate_target == "agree":
             y = out.exit_agree[:G]
+            if full_top1 is not None:
+                y = y & (out.logits.argmax(-1) == full_top1).unsqueeze(0)
         else:
             y = (out.exit_losses[:G] - out.exit_losses[-1:]).detach() <= loss_delta
         m = valid.unsqueeze(0).expand(G, B, T)
@@ -209,41 +290,17 @@ def controller_losses(model, idx, targets, out, gate_target="agree", loss_delta=
     else:
         res["gate_loss"] = ctrl.gate.out_bias.sum() * 0.0
 
-    # ---- predictor
+    # ---- router
     P = int(T * prompt_frac)
     if not 1 <= P < T:
         raise ValueError(f"prompt_frac={prompt_frac} leaves no prompt or no continuation in T={T} tokens")
-    levels = c.width_levels
-    probes = [(j, l) for j in range(c.n_layer) if ctrl.matters[j] for l in range(len(levels) - 1)]
-    if probes and n_probes > 0:
-        R = min(probe_rows, B)
-        later = valid[:R, P:].float()  # (R, T - P) positions whose loss the plan affects
-        was_training = model.training
-        model.eval()
-        with torch.no_grad():
-            def token_losses(plan):
-                return model(idx[:R], targets[:R], width=plan, mask=None if mask is None else mask[:R],
-                             loss_reduction="none").view(R, T)[:, P:].float()
-            if out.plan is not None and all(w == c.n_embd for w in out.plan) and out.exit_losses is not None:
-                base = out.exit_losses[-1][:R, P:].detach().float()
-            else:
-                base = token_losses(None)
-            chosen = rng.sample(probes, min(n_probes, len(probes)))
-            measured = []
-            for j, l in chosen:
-                plan = [c.n_embd] * c.n_layer
-                plan[j] = levels[l]
-                measured.append(((token_losses(plan) - base) * later).sum(1) / later.sum(1).clamp(min=1.0))  # (R,)
-            pooled = ctrl.predictor.pool(model.prefix_hidden(idx[:R], c.predictor_after,
-                                                             None if mask is None else mask[:R])[:, :P],
-                                         None if mask is None else mask[:R, :P])
-        model.train(was_training)
-        delta = ctrl.predictor(pooled)  # (R, n, L)
-        pred = torch.stack([delta[:, j, l] for j, l in chosen], 1)  # (R, n_probes)
-        target = torch.stack(measured, 1)
-        res["predictor_loss"] = F.mse_loss(pred, target)
-        res["predictor_mae"] = (pred - target).abs().mean().detach()
-        res["probe_delta"] = target.mean().detach()
+    if router_target is not None and router_target.size(1) > 0:
+        prompt_mask = None if mask is None else mask[:, :P]
+        pooled = ctrl.predictor.pool(model.prefix_hidden(idx[:, :P], c.predictor_after, prompt_mask), prompt_mask)
+        logits = ctrl.predictor(pooled)
+        res["predictor_loss"] = F.binary_cross_entropy_with_logits(logits, router_target)
+        res["router_acc"] = ((logits > 0) == (router_target > 0.5)).float().mean().detach()
+        res["router_target_rate"] = router_target.mean().detach()
     else:
         res["predictor_loss"] = ctrl.predictor.out.bias.sum() * 0.0
     res["loss"] = res["gate_loss"] + res["predictor_loss"]

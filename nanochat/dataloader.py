@@ -9,6 +9,12 @@ dropped. So rows have no padding, every row starts with BOS, and the only tokens
 are the cropped tails (documents longer than T+1 always lose their tail).
 inputs = row[:-1], targets = row[1:].
 
+Loss mask: a shard may carry a `loss_spans` column (nanochat.dataset.write_synthetic_shard): per document the
+character spans the loss counts on (a task's answers, as SFT counts assistant turns). Such a document is encoded
+span by span and every target outside its spans (its BOS included) is -1, the ignore index every loss here uses.
+Documents of shards without the column (pretraining text) keep the loss on every token. Inside the packer a no-loss
+token is carried as -(id + 1), so packing, cropping and resume handle one list per document as before.
+
 Sharding: the split's row groups are numbered over its shards; rank r reads r, r+world, ...
 so ranks never see the same documents (nanochat.dataset.row_group_index).
 
@@ -27,6 +33,30 @@ from nanochat.common import get_dist_info
 from nanochat.dataset import split_parquet_files, row_group_index, read_row_group, get_data_dir
 
 STATE_VERSION = 1
+
+
+def encode_documents(tokenizer, texts, spans, bos, num_threads):
+    """[BOS] + ids per text; with spans (per text flat [s0, e0, ...] or None for all), the ids of tokens outside the
+    spans as -(id + 1) (see the module docstring). Each piece between span boundaries is encoded on its own."""
+    if spans is None:
+        return tokenizer.encode(texts, prepend=bos, num_threads=num_threads)
+    pieces, layout = [], []  # layout per text: [(n_pieces, loss flags)]
+    for text, sp in zip(texts, spans):
+        cuts = [0] + list(sp) + [len(text)]
+        flags = []
+        for k in range(len(cuts) - 1):
+            if cuts[k + 1] > cuts[k]:
+                pieces.append(text[cuts[k]:cuts[k + 1]])
+                flags.append(k % 2 == 1)  # cuts alternate: outside, inside, outside, ...
+        layout.append(flags)
+    encoded = iter(tokenizer.encode(pieces, num_threads=num_threads))
+    docs = []
+    for flags in layout:
+        ids = [-(bos + 1)]
+        for keep in flags:
+            ids += [t if keep else -(t + 1) for t in next(encoded)]
+        docs.append(ids)
+    return docs
 
 
 def _best_fit_row(buffer, capacity):
@@ -93,8 +123,8 @@ def tokenizing_distributed_data_loader(tokenizer, B, T, split, data_dir=None, de
     bos = tokenizer.get_bos_token_id()
     capacity = T + 1
 
-    def tokenize(texts):
-        return tokenizer.encode(texts, prepend=bos, num_threads=tokenizer_threads)
+    def tokenize(texts, spans):
+        return encode_documents(tokenizer, texts, spans, bos, tokenizer_threads)
 
     # --- reading position and buffer: fresh, or rebuilt from resume_state
     position, epoch = 0, 0  # index into my_row_groups of the next row group to read; full passes done
@@ -109,11 +139,13 @@ def tokenizing_distributed_data_loader(tokenizer, B, T, split, data_dir=None, de
                                  f"(start the loader without resume_state to read from the beginning)")
         position, epoch = resume_state["position"], resume_state["epoch"]
         refs = [tuple(ref) for ref in resume_state["buffer"]]
-        texts = {}  # ref -> text; read each needed row group once
+        tokens = {}  # ref -> tokens; read and encode each needed row group once
         for shard_idx, rg in sorted({(s, g) for s, g, _ in refs}):
-            rows = read_row_group(paths[shard_idx], rg)
-            texts.update({(shard_idx, rg, d): rows[d] for s, g, d in refs if (s, g) == (shard_idx, rg)})
-        buffer = list(zip(refs, tokenize([texts[ref] for ref in refs])))
+            rows, spans = read_row_group(paths[shard_idx], rg, with_loss_spans=True)
+            docs = sorted(d for s, g, d in refs if (s, g) == (shard_idx, rg))
+            encoded = tokenize([rows[d] for d in docs], None if spans is None else [spans[d] for d in docs])
+            tokens.update({(shard_idx, rg, d): ids for d, ids in zip(docs, encoded)})
+        buffer = [(ref, tokens[ref]) for ref in refs]
 
     def refill():
         """Append the next row group's documents; False when the last epoch is done."""
@@ -121,9 +153,9 @@ def tokenizing_distributed_data_loader(tokenizer, B, T, split, data_dir=None, de
         if epochs is not None and epoch >= epochs:
             return False
         shard_idx, rg = my_row_groups[position]
-        texts = read_row_group(paths[shard_idx], rg)
+        texts, spans = read_row_group(paths[shard_idx], rg, with_loss_spans=True)
         refs = [(shard_idx, rg, d) for d in range(len(texts))]
-        buffer.extend(zip(refs, tokenize(texts)))
+        buffer.extend(zip(refs, tokenize(texts, spans)))
         position += 1
         if position == len(my_row_groups):
             position, epoch = 0, epoch + 1
@@ -154,9 +186,10 @@ def tokenizing_distributed_data_loader(tokenizer, B, T, split, data_dir=None, de
                  "shards": shard_names, "position": position, "epoch": epoch,
                  "shard": my_row_groups[position][0], "row_group": my_row_groups[position][1],
                  "buffer": [list(ref) for ref, _ in buffer]}
-        batch = torch.tensor(rows, dtype=torch.int64)  # (B, T+1)
-        inputs = batch[:, :-1].to(input_dtype).contiguous()  # (B, T)
-        targets = batch[:, 1:].contiguous()  # (B, T)
+        batch = torch.tensor(rows, dtype=torch.int64)  # (B, T+1); no-loss tokens as -(id + 1)
+        ids = torch.where(batch < 0, -batch - 1, batch)
+        inputs = ids[:, :-1].to(input_dtype).contiguous()  # (B, T)
+        targets = torch.where(batch[:, 1:] < 0, -1, ids[:, 1:]).contiguous()  # (B, T), -1: no loss
         if pin:  # page-locked host memory lets the copy to the GPU run asynchronously
             inputs, targets = inputs.pin_memory(), targets.pin_memory()
         inputs = inputs.to(device, non_blocking=pin)

@@ -27,6 +27,9 @@ DEFAULT_NUM_SHARDS_IN_REPO = 1823
 SYNTHETIC_KEY = b"adamba_synthetic"  # parquet schema metadata key on every synthetic shard
 
 
+LOSS_SPANS = "loss_spans"  # optional column: where in each text the loss counts (write_synthetic_shard)
+
+
 def shard_filename(index):
     return f"shard_{index:05d}.parquet"
 
@@ -75,13 +78,20 @@ def row_group_index(paths):
     return index
 
 
-def read_row_group(path, row_group):
-    """The `text` column of one row group as a list of str."""
+def read_row_group(path, row_group, with_loss_spans=False):
+    """The `text` column of one row group as a list of str; with_loss_spans: (texts, spans), spans the
+    `loss_spans` column (per document [start, end, start, end, ...] character offsets of the text the loss
+    counts on, as write_synthetic_shard writes them) or None when the shard has no such column (every token
+    counts: pretraining text)."""
     pf = pq.ParquetFile(path)
     if "text" not in pf.schema_arrow.names:
         raise ValueError(f"{path} has no `text` column (columns: {pf.schema_arrow.names}); "
                          f"pretraining shards need one string per document in `text`")
-    return pf.read_row_group(row_group, columns=["text"]).column("text").to_pylist()
+    if not with_loss_spans:
+        return pf.read_row_group(row_group, columns=["text"]).column("text").to_pylist()
+    has_spans = LOSS_SPANS in pf.schema_arrow.names
+    table = pf.read_row_group(row_group, columns=["text", LOSS_SPANS] if has_spans else ["text"])
+    return table.column("text").to_pylist(), table.column(LOSS_SPANS).to_pylist() if has_spans else None
 
 
 def parquets_iter_batched(split, data_dir=None, start=0, step=1):
@@ -214,9 +224,19 @@ def write_synthetic_shards(data_dir, docs_per_shard=512, num_shards=4, seed=0, r
     return paths
 
 
-def write_synthetic_shard(path, texts, row_group_size):
-    """One parquet shard of `texts`, marked synthetic in its metadata (what is_synthetic reads), written atomically."""
-    table = pa.table({"text": texts}).replace_schema_metadata({SYNTHETIC_KEY: b"true"})
+def write_synthetic_shard(path, texts, row_group_size, loss_spans=None):
+    """One parquet shard of `texts`, marked synthetic in its metadata (what is_synthetic reads), written atomically.
+    loss_spans: per text, the character spans [start, end) the loss counts on, flat [s0, e0, s1, e1, ...] (e.g. a
+    task's answers; the loader sets the other targets to -1); None: the loss counts on every token."""
+    columns = {"text": texts}
+    if loss_spans is not None:
+        if len(loss_spans) != len(texts):
+            raise ValueError(f"{len(loss_spans)} loss_spans for {len(texts)} texts")
+        for text, spans in zip(texts, loss_spans):
+            if len(spans) % 2 or list(spans) != sorted(spans) or (spans and (spans[0] < 0 or spans[-1] > len(text))):
+                raise ValueError(f"loss spans {spans} are not sorted [start, end) pairs inside a text of {len(text)} chars")
+        columns[LOSS_SPANS] = pa.array([list(map(int, s)) for s in loss_spans], type=pa.list_(pa.int64()))
+    table = pa.table(columns).replace_schema_metadata({SYNTHETIC_KEY: b"true"})
     pq.write_table(table, path + ".tmp", row_group_size=row_group_size)
     os.replace(path + ".tmp", path)
 

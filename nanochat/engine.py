@@ -100,7 +100,8 @@ class Engine:
     # ---- plans and thresholds -----------------------------------------------------------------
     def resolve(self, plan, exit_threshold, expand_threshold):
         """plan: a mode name (matryoshka.MODES), a plan (list, one width per block) or a (B, n_layer) tensor.
-        Thresholds None -> the mode's (auto: 0.95 / 0.5); for an explicit plan, off (1.0 / 0.0)."""
+        Thresholds None -> the mode's (auto: the checkpoint's calibrated operating point, else 0.95 / 0.5); for an
+        explicit plan, off (1.0 / 0.0)."""
         if self.dense:
             if not (plan is None or (isinstance(plan, str) and plan == "think")) or exit_threshold not in (None, 1.0) or expand_threshold not in (None, 0.0):
                 raise ValueError("a dense GPT checkpoint has no width levels or exit gates: only mode 'think' "
@@ -109,8 +110,13 @@ class Engine:
         if isinstance(plan, str) and plan not in MODES:
             raise ValueError(f"unknown mode {plan!r}; choose from {tuple(MODES)}")
         mode = MODES[plan] if isinstance(plan, str) else MODES["think"]
-        exit_threshold = mode.exit_threshold if exit_threshold is None else float(exit_threshold)
-        expand_threshold = mode.expand_threshold if expand_threshold is None else float(expand_threshold)
+        # auto on a calibrated checkpoint: the operating point scripts.calibrate_gates chose replaces the mode's defaults
+        model_op = None
+        if mode.predicted and hasattr(self.model, "controllers"):
+            model_op = self.model.controllers.operating_point()
+        op = model_op or {"exit": mode.exit_threshold, "widen": mode.expand_threshold}
+        exit_threshold = op["exit"] if exit_threshold is None else float(exit_threshold)
+        expand_threshold = op["widen"] if expand_threshold is None else float(expand_threshold)
         if not 0.0 <= expand_threshold <= exit_threshold <= 1.0:
             raise ValueError(f"need 0 <= expand_threshold ({expand_threshold}) <= exit_threshold ({exit_threshold}) <= 1")
         gating = exit_threshold < 1.0 or expand_threshold > 0.0
@@ -160,7 +166,7 @@ class Engine:
 
     # ---- prefill and one decode step ----------------------------------------------------------
     @torch.inference_mode()
-    def prefill(self, prompts, plan="think", exit_threshold=None, expand_threshold=None, plan_epsilon=0.02, max_len=None,
+    def prefill(self, prompts, plan="think", exit_threshold=None, expand_threshold=None, plan_epsilon=None, max_len=None,
                 slot="main"):
         """prompts (B, T) long (one length). Returns (state, logits (B, V) of the last position, FLOPs (B,) that
         ran, the full model's FLOPs (B,)); the FLOPs are float64 on the CPU. slot: which kept workspace the state
@@ -307,7 +313,7 @@ class Engine:
     # ---- generation ---------------------------------------------------------------------------
     @torch.inference_mode()
     def generate(self, prompts, max_tokens, plan="think", exit_threshold=None, expand_threshold=None,
-                 temperature=0.0, top_k=None, seed=42, plan_epsilon=0.02, stop_tokens=(), speculate=0, draft="plan:ghost",
+                 temperature=0.0, top_k=None, seed=42, plan_epsilon=None, stop_tokens=(), speculate=0, draft="plan:ghost",
                  fallback=True):
         """
         prompts: B token lists of one length. Yields TokenStep per generated position (step 0 from the

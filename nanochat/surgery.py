@@ -336,7 +336,7 @@ def grow(state, config, new_dim, head_growth="add", lora_rank=16, lora_std=0.01,
     """
     (state, HybridConfig, info): a HybridGPT state_dict grown from config.n_embd to new_dim with the
     same function (see the module docstring). The input state is not modified (it may be mmap'd).
-    info: from, to, head_growth, residual_scale, old_index {param: runs per dim}, controllers_reinitialised.
+    info: from, to, head_growth, residual_scale, old_index {param: runs per dim}, controllers_grown.
     """
     D, D2 = config.n_embd, int(new_dim)
     if D2 <= D:
@@ -418,14 +418,18 @@ def grow(state, config, new_dim, head_growth="add", lora_rank=16, lora_std=0.01,
             raise ValueError(f"grow does not know how to grow {unknown}")
     ctrl = [k for k in state if k.startswith("controllers.")]
     done |= set(ctrl)
-    out.update(fresh_controllers(new_config, seed))  # they do not feed the logits; phase 3 retrains them
+    if ctrl:  # grown like the rest (their function kept), calibration cleared; phase 3 trains them from there
+        from nanochat.confidence_probe import grow_controllers
+        out.update(grow_controllers(state, config, new_config, s))
+    else:
+        out.update(fresh_controllers(new_config, seed))
     unknown = sorted(set(state) - done)
     if unknown:
         raise ValueError(f"grow does not know how to grow {unknown[:10]}")
     check_strict(new_config, out)
     info = {"from": D, "to": D2, "head_growth": head_growth, "head_dim": [hd, hd2], "n_head": [Hq, Hq2],
             "n_kv_head": [Hkv, Hkv2], "residual_scale": s, "lora_rank": lora_rank, "lora_std": lora_std, "seed": seed,
-            "controllers_reinitialised": bool(ctrl), "old_index": g.old_index}
+            "controllers_grown": bool(ctrl), "old_index": g.old_index}
     return out, new_config, info
 
 
@@ -518,7 +522,7 @@ def max_abs_logit_diff(src_model, dst_model, idx):
 def grown_masks(model, meta):
     """For phase 3 (scripts.fractal_train): {parameter name: bool mask, True on the entries the last growth added},
     from where surgery.grow put the old entries (meta["surgery"]["grow"]["old_index"], per parameter the runs per
-    dim). Parameters it does not list (the re-initialised controllers) are not masked."""
+    dim). Parameters it does not list (the controllers, grown by confidence_probe.grow_controllers) are not masked."""
     old_index = ((meta.get("surgery") or {}).get("grow") or {}).get("old_index")
     if old_index is None:
         raise ValueError("phase 3: the checkpoint's meta has no surgery.grow.old_index, so the grown entries are "

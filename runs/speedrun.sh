@@ -6,7 +6,7 @@
 #   phase 2   torchrun -m scripts.fractal_train --phase=2       all weights, Matryoshka sandwich, gates, width predictor
 #   growth    python -m scripts.surgery --expand-from=NEW_DIM --new-dim=GROW_DIM
 #   phase 3   torchrun -m scripts.fractal_train --phase=3       the grown model
-#   calibrate python -m scripts.calibrate_gates                  the exit gates' isotonic maps, on half of the val split
+#   calibrate python -m scripts.calibrate_gates                  the gates' isotonic maps + auto's operating point (Learn-then-Test), val half
 #   eval      python -m scripts.generate, modes think and auto, --show-compute; python -m scripts.bench adaptive:
 #             held-out decode loss and tokens/s per mode on the other half of the val split
 #   report    $RUN_DIR/report.md: sizes, every phase's final val metrics, the eval outputs

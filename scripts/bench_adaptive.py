@@ -125,6 +125,10 @@ def cmd_adaptive(args, device):
         a, t = by["auto"], by["think"]
         targets = [target("auto / think decode tokens/s (batch 1)", a["tok_per_s"] / t["tok_per_s"], 1.5, ">="),
                    target("auto / think held-out loss (teacher-forced decode)", a["loss"] / t["loss"], 1.01, "<=")]
+        guarantee = cal.get("guarantee")
+        if guarantee is not None:  # the calibrated promise, checked on these rows: tokens whose top-1 is not think's
+            targets.append(target(f"auto's tokens with another top-1 than think (alpha of the guarantee, delta "
+                                  f"{guarantee['delta']})", 1.0 - a["agree_think"], guarantee["alpha"], "<="))
     wdesc = "bf16 weights" if bf16 else "fp32 weights" + (", bf16 autocast" if device.type == "cuda" else "")
     print_table(f"adaptive decode on {meta['checkpoint_dir']} (step {meta['checkpoint_step']}), batch 1, {wdesc}: "
                 f"{args.rows} held-out rows (val part {args.val_part} of {data_dir}), prompt {P}, {K} teacher-forced steps each", results,
@@ -136,8 +140,8 @@ def cmd_adaptive(args, device):
               f"({cal['val_part'][0]}/{cal['val_part'][1]}): these rows are not held out from the calibration")
     print(f"  n_embd {c.n_embd}, {c.n_layer} blocks ({c.layer_pattern}/{c.ffn_pattern}), levels {c.width_levels}, "
           f"gates after blocks {list(model.controllers.gate_blocks) if hasattr(model, 'controllers') else '-'}; "
-          f"auto thresholds exit {args.exit_threshold if args.exit_threshold is not None else 0.95} / "
-          f"widen {args.expand_threshold if args.expand_threshold is not None else 0.5}")
+          f"auto: exit {args.exit_threshold} / widen {args.expand_threshold} (None: the checkpoint's operating point "
+          f"{cal.get('guarantee', {}).get('operating_point', '- uncalibrated, 0.95 / 0.5')})")
     spec_rows = []
     if args.speculate:
         from scripts.bench_speculate import checkpoint_rows, CHECKPOINT_COLUMNS
@@ -167,7 +171,7 @@ def add_args(sub, decode_paths):
     a.add_argument("--decode-tokens", type=int, default=64, help="teacher-forced decode steps per row")
     a.add_argument("--exit-threshold", type=float, default=None, help="auto: exit when the gate > this (default 0.95)")
     a.add_argument("--expand-threshold", type=float, default=None, help="auto: widen when the gate < this (default 0.5)")
-    a.add_argument("--plan-epsilon", type=float, default=0.02, help="auto: the predictor's per-block loss budget (nats/token)")
+    a.add_argument("--plan-epsilon", type=float, default=None, help="auto: the probability the router may accept that its plan's answer differs from full width (threshold 1 - this; default: the calibrated threshold)")
     a.add_argument("--engine-decode", type=str, default="auto", choices=decode_paths, help="as bench decode")
     a.add_argument("--weights", type=str, default="fp32", choices=("fp32", "bf16"),
                    help="fp32 weights under bf16 autocast (scripts.generate's setting), or bf16 weights and caches")

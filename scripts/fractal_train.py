@@ -9,13 +9,14 @@ Train a hybrid (attention + Mamba) checkpoint in three phases (what --phase deci
 Phase 1: only the Mamba mixers (every `.mamba.` parameter) and the parameters surgery created
     new (meta["surgery"]["new_param_prefixes"]) train; everything else has requires_grad=False, so it
     gets no gradient and is in no optimizer. Full width only (--matryoshka is an error).
-Phase 2: every parameter trains. Each step runs the sandwich of width plans (matryoshka.sample_plans:
-    full, smallest, --n-random-plans random ones; --sample-dim gives each block its own random width),
-    one forward + backward per plan on the same micro-batch. The objective is the MEAN over plans of
-        CE(plan) + MoE router losses(plan)
-    plus, on the full-width forward only, --exit-loss-weight * mean CE of the exit readouts before
-    the last block, and the gate + width-predictor losses (confidence_probe.controller_losses, which
-    stop gradients into the trunk). The controllers are an AdamW group of their own (--controller-lr).
+Phase 2: every parameter trains. Each step runs full width and one narrow plan per width level (uniform on even
+    steps, the router's menu on odd ones: confidence_probe.plan_menu), plus --n-random-plans random ones,
+    one forward + backward per plan on the same micro-batch (nanochat.adaptive_train, whose docstring gives the
+    objective): CE + --distill-weight * KL(full || narrow) from the same micro-batch's full-width logits (--distill,
+    on by default in the phases whose table entry says distill) + --exit-loss-weight * the exit readouts' CE + MoE
+    router losses, mean over plans; the gates (every plan's exits, target: the full model's top-1) and the router
+    (BCE on "this plan gave the full model's top-1") train beside them without gradients into the trunk, an AdamW
+    group of their own (--controller-lr). Every loss counts only tokens whose target is not -1 (the loader's mask).
     --exit-loss-weight (default 0.1) makes the intermediate residuals readable by the shared head, which
     the gates need to find tokens that can exit. Toy check (tests' tiny hybrid, synthetic corpus, 60
     phase-2 steps, CPU, 2026-11-22): full-width val bpb 0.688 / 0.683 / 0.681 and exit rate at 0.9
@@ -40,8 +41,7 @@ tokens of every step independent of the number of processes (resume on fewer GPU
 2 ranks equal 1).
 
 Resume (--resume: the latest checkpoint in --out-dir) is exact: weights, optimizer states, every data
-shard's position, and the random choices, which are functions of (seed, step) for the plans and of
-(seed, step, data shard, micro-batch round) for the controllers' probes, so there is no RNG state to
+shard's position, and the random plans, which are functions of (seed, step), so there is no RNG state to
 lose. A checkpoint holds the full model and the full optimizer state (one file each, written by rank 0), so
 a run saved on N ranks, with either --parallel, resumes on any number of ranks (same --data-ranks).
 --compile compiles the training forward for each distinct plan it meets (recompiles on new
@@ -69,8 +69,8 @@ from nanochat.dataset import get_data_dir, split_parquet_files
 from nanochat.dataloader import tokenizing_distributed_data_loader
 from nanochat.loss_eval import all_reduce_sums, evaluate_bpb
 from nanochat.moe_ep import shard_experts, is_expert_shard
-from nanochat.matryoshka import sample_plans
-from nanochat.confidence_probe import controller_losses, gate_scores
+from nanochat.confidence_probe import gate_scores
+from nanochat.adaptive_train import step_plans as adaptive_step_plans, plan_label, train_micro_batch
 from nanochat.surgery import grown_masks
 from nanochat.optim import (setup_optimizers, lr_multiplier, set_lr_multiplier, muon_momentum, set_muon_momentum,
                             optimizer_state_dicts, load_optimizer_state_dicts)
@@ -88,12 +88,13 @@ class Phase:
     controllers: bool  # the gates and width predictor train, their losses on the full-width forward (config.adaptive)
     exit_loss: bool    # the full-width forward adds --exit-loss-weight x the exit readouts' CE
     grown: bool        # needs a grown checkpoint; --expanded-dim checks it, --new-channel-lr-mult masks the grown entries
+    distill: bool      # --distill's default: narrow plans also learn KL(full || narrow) from the step's full logits
 
 
 PHASES = {
-    1: Phase(new_only=True, matryoshka=False, controllers=False, exit_loss=False, grown=False),
-    2: Phase(new_only=False, matryoshka=True, controllers=True, exit_loss=True, grown=False),
-    3: Phase(new_only=False, matryoshka=True, controllers=True, exit_loss=True, grown=True),
+    1: Phase(new_only=True, matryoshka=False, controllers=False, exit_loss=False, grown=False, distill=False),
+    2: Phase(new_only=False, matryoshka=True, controllers=True, exit_loss=True, grown=False, distill=True),
+    3: Phase(new_only=False, matryoshka=True, controllers=True, exit_loss=True, grown=True, distill=True),
 }
 
 
@@ -120,11 +121,16 @@ def get_args(argv=None):
     p.add_argument("--matryoshka", action=argparse.BooleanOptionalAction, default=None,
                    help="sample width plans (default on for phases 2/3; an error in phase 1)")
     p.add_argument("--sample-dim", action="store_true", help="random plans give each block its own width (else one width for all)")
-    p.add_argument("--n-random-plans", type=int, default=1, help="random plans per step besides the full and smallest")
+    p.add_argument("--n-random-plans", type=int, default=0, help="random plans per step besides the full and menu plans")
+    p.add_argument("--distill", action=argparse.BooleanOptionalAction, default=None,
+                   help="narrow plans learn KL(full || narrow) from the step's full-width logits (default: the phase's)")
+    p.add_argument("--distill-weight", type=float, default=1.0, help="weight of the distillation KL")
     p.add_argument("--expanded-dim", type=int, default=None, help="phase 3: the grown n_embd, checked against the checkpoint")
     p.add_argument("--exit-loss-weight", type=float, default=0.1, help="weight of the exit readouts' CE on the trunk (phases 2/3)")
     p.add_argument("--exit-threshold", type=float, default=0.9, help="eval: gate probability above which a token exits")
-    p.add_argument("--plan-epsilon", type=float, default=0.02, help="eval: per-block loss budget of the predictor's plan (nats)")
+    p.add_argument("--plan-epsilon", type=float, default=None,
+                   help="eval: the router's accepted probability of missing the full model's answer (default: its threshold)")
+    p.add_argument("--log-every", type=int, default=1, help="print the step line every N steps (and the last)")
     # runtime
     p.add_argument("--run", type=str, default="dummy", help="wandb run name ('dummy' = no wandb)")
     p.add_argument("--device", type=str, default="", help="cuda|cpu|mps (empty = autodetect)")
@@ -166,7 +172,6 @@ def get_args(argv=None):
     p.add_argument("--resume", action="store_true", help="continue exactly from the latest checkpoint in --out-dir")
     p.add_argument("--continue-data", action="store_true",
                    help="start the train stream where the --checkpoint's run stopped (e.g. phase 2 after phase 1)")
-    p.add_argument("--log-every", type=int, default=1, help="print the step line every N steps (and the last)")
     add_runtime_args(p)  # --debug, --threads, --require-kernels (read by run_script)
     return p.parse_args(argv)
 
@@ -176,6 +181,11 @@ def check_args(args):
     phase = PHASES[args.phase]
     if args.matryoshka is None:
         args.matryoshka = phase.matryoshka
+    if args.distill is None:
+        args.distill = phase.distill and args.matryoshka
+    if args.distill and not args.matryoshka:
+        raise ValueError("--distill teaches the narrow plans from full width; it needs --matryoshka (phases "
+                         f"{phases_where('matryoshka')})")
     if args.matryoshka and not phase.matryoshka:
         raise ValueError(f"--matryoshka is for phases {phases_where('matryoshka')}: phase {args.phase} trains at full width only")
     if args.sample_dim and not args.matryoshka:
@@ -183,16 +193,12 @@ def check_args(args):
     if args.expanded_dim is not None and not phase.grown:
         raise ValueError(f"--expanded-dim records the grown width of phase {phases_where('grown')}; "
                          f"drop it for phases {phases_where('grown', False)}")
-    if args.n_random_plans < 0 or args.exit_loss_weight < 0 or args.new_channel_lr_mult < 0:
-        raise ValueError("--n-random-plans, --exit-loss-weight and --new-channel-lr-mult must be >= 0")
-    if args.log_every < 1:
-        raise ValueError(f"--log-every={args.log_every}: print every N >= 1 steps")
+    if args.sample_dim and not args.n_random_plans:
+        raise ValueError("--sample-dim shapes the random plans: give --n-random-plans >= 1")
+    if min(args.n_random_plans, args.exit_loss_weight, args.new_channel_lr_mult, args.distill_weight) < 0 or args.log_every < 1:
+        raise ValueError("--n-random-plans, --exit-loss-weight, --new-channel-lr-mult, --distill-weight must be >= 0 "
+                         "and --log-every >= 1")
     return phase
-
-
-def plan_label(plan):
-    """'w64' for a uniform plan, 'm48' (mean width) for a per-block one."""
-    return f"w{plan[0]}" if len(set(plan)) == 1 else f"m{round(sum(plan) / len(plan))}"
 
 
 def phase1_trainable(name, new_prefixes):
@@ -379,53 +385,37 @@ def make_data(args, tokenizer, meta, paths, loader_states, geo):
 
 def step_plans(args, config, step):
     """The plans of this step: a function of (seed, step) alone, so a resumed run draws the same."""
-    if args.matryoshka:
-        rng = random.Random(args.seed * 1_000_003 + step)
-        return sample_plans(config.width_levels, config.n_layer, rng, args.n_random_plans, args.sample_dim)
-    return [[config.n_embd] * config.n_layer]
+    rng = random.Random(args.seed * 1_000_003 + step)
+    return adaptive_step_plans(config, args.matryoshka, rng, args.n_random_plans, args.sample_dim, step)
 
 
 def train_step(args, phase, t, loaders, loader_states, geo, step, plans):
     """Forward + backward of every plan (full width first) on each micro-batch, gradient reductions, update. Returns
-    [CE per plan..., MoE router, gate, predictor loss] (means over micro-batches and ranks), lrm, grad norm, dt, dt update."""
+    [CE per plan..., distill KL, MoE router, gate, router loss] (means over micro-batches and ranks), lrm, grad norm, dt,
+    dt update."""
     model, controllers, grad_accum, world_size = t.model, t.controllers, geo.grad_accum, geo.world_size
-    has_moe, shards_per_rank = "E" in model.config.ffn_pattern, len(geo.my_shards)
+    shards_per_rank = len(geo.my_shards)
     # mean over plans and micro-batches, and over ranks: our all-reduce sums, FSDP2's reduce-scatter averages
     scale = 1.0 / (len(plans) * grad_accum * (world_size if args.parallel == "ddp" else 1))
     synchronize(geo.device)
     t0 = time.time()
-    sums = torch.zeros(len(plans) + 3, device=geo.device)  # per-plan CE, MoE router, gate, predictor losses
+    sums = torch.zeros(len(plans) + 4, device=geo.device)  # per-plan CE, distill KL, MoE router, gate, router losses
     for micro in range(grad_accum):
         j = geo.my_shards[micro % shards_per_rank]
         x, y, loader_states[j] = next(loaders[j])
-        # the controllers' probe choice: a function of (seed, step, which micro-batch of the global batch)
-        probe_rng = random.Random(f"{args.seed}:{step}:{j}:{micro // shards_per_rank}")
-        for i, plan in enumerate(plans):
-            full = i == 0
-            with autocast_context(geo.device.type):  # bf16 on CUDA, fp32 elsewhere
-                if full and (phase.exit_loss or controllers is not None):  # the controllers read the exit readouts
-                    out = t.train_model(x, y, width=plan, return_exits=True)
-                    ce = objective = out.loss
-                    if phase.exit_loss and args.exit_loss_weight > 0 and out.exit_losses.size(0) > 1:
-                        objective = objective + args.exit_loss_weight * out.exit_losses[:-1].mean()
-                else:
-                    ce = objective = t.train_model(x, y, width=plan)
-                if has_moe:  # read now: the controllers' probe forwards overwrite each MoE's losses
-                    router = model.moe_aux_loss()  # balancing + z losses with the MoE's coefficients
-                    objective = objective + router
-                    sums[-3] += router.detach().float() / len(plans)
-                if full and controllers is not None:
-                    cl = controller_losses(model, x, y, out, rng=probe_rng)
-                    objective = objective + cl["loss"]
-                    sums[-2] += cl["gate_loss"].detach().float()
-                    sums[-1] += cl["predictor_loss"].detach().float()
-            sums[i] += ce.detach().float()
+
+        def backward(objective, i):
             if args.parallel == "fsdp":  # reduce-scatter once, after the step's last backward
                 last = micro == grad_accum - 1 and i == len(plans) - 1
                 model.set_requires_gradient_sync(last)
                 if args.fsdp_keep_params:  # the step's passes share the weights: gather them once per step
                     model.set_reshard_after_backward(last)
             (objective * scale).backward()
+
+        with autocast_context(geo.device.type):  # bf16 on CUDA, fp32 elsewhere
+            sums += train_micro_batch(model, t.train_model, x, y, plans, controllers,
+                                      args.exit_loss_weight if phase.exit_loss else 0.0,
+                                      args.distill_weight if args.distill else 0.0, backward=backward)
     if args.parallel == "ddp":  # expert shards: every rank's tokens already reached them (all_to_all): no all-reduce
         allreduce_gradients([p for p in t.train_params if not is_expert_shard(p)])
     elif controllers is not None:  # fsdp: the replicated controllers; the loss was not scaled by the world size
@@ -536,7 +526,8 @@ def main(argv=None):
 
     # -------------------------------------------------------------------------
     # Training loop: at the top of step s the model has had s updates
-    history = {k: [] for k in ("steps", "loss", "plan_losses", "plan_labels", "gate_loss", "predictor_loss", "router_loss")}
+    history = {k: [] for k in ("steps", "loss", "plan_losses", "plan_labels", "distill_kl", "gate_loss", "predictor_loss",
+                               "router_loss")}
     history["val"] = {}
     step_times, val = [], None
     step = paths.start_step
@@ -556,26 +547,28 @@ def main(argv=None):
         plans = step_plans(args, config, step)
         sums, lrm, grad_norm, dt, dt_update = train_step(args, phase, t, loaders, loader_states, geo, step, plans)
 
-        # ---- one line per step
+        # ---- one line every --log-every steps
         step_times.append(dt)
         recent = step_times[1:] or step_times  # the first step includes compilation and warmup
         eta = (num_iterations - step - 1) * sum(recent) / len(recent)
         tok_per_sec = geo.total_batch / dt
         step_flops = geo.total_batch * sum(3 * model.forward_flops_per_token(geo.T / 2, plan) for plan in plans)
         mfu = 100 * step_flops / dt / (peak * world_size) if peak else None
-        widths = " ".join(f"{plan_label(plan)} {l:.3f}" for plan, l in zip(plans[1:], sums[1:len(plans)]))
-        ctrl = f" | gate {sums[-2]:.4f} pred {sums[-1]:.4f}" if t.controllers is not None else ""
-        ctrl += f" | router {sums[-3]:.4f}" if has_moe else ""
+        labels = [plan_label(plan, config) for plan in plans]
+        widths = " ".join(f"{label} {l:.3f}" for label, l in zip(labels[1:], sums[1:len(plans)]))
+        ctrl = f" | kl {sums[len(plans)]:.4f}" if args.distill else ""
+        ctrl += f" | gate {sums[-2]:.4f} router {sums[-1]:.4f}" if t.controllers is not None else ""
+        ctrl += f" | moe {sums[-3]:.4f}" if has_moe else ""
         if step % args.log_every == 0 or step == num_iterations - 1:
             print0(f"step {step:05d}/{num_iterations:05d} ({100 * step / num_iterations:.1f}%) | loss {sums[0]:.6f}"
                    + (f" [{widths}]" if widths else "") + ctrl +
                    f" | lrm {lrm:.2f} | dt {dt * 1000:.0f}ms | tok/s {int(tok_per_sec):,} | "
                    f"mfu {f'{mfu:.2f}' if mfu is not None else 'n/a'} | update {dt_update * 1000:.0f}ms | eta {format_eta(eta)}")
-        for k, v in zip(("steps", "loss", "plan_losses", "plan_labels", "gate_loss", "predictor_loss", "router_loss"),
-                        (step, sums[0], sums[:len(plans)], [plan_label(plan) for plan in plans], sums[-2], sums[-1], sums[-3])):
+        for k, v in zip(("steps", "loss", "plan_losses", "plan_labels", "distill_kl", "gate_loss", "predictor_loss",
+                         "router_loss"), (step, sums[0], sums[:len(plans)], labels, sums[len(plans)], *sums[-2:], sums[-3])):
             history[k].append(v)
         log = {"step": step, "train/loss": sums[0], "train/lrm": lrm, "train/dt": dt, "train/tok_per_sec": tok_per_sec,
-               **{f"train/loss_{plan_label(plan)}": l for plan, l in zip(plans[1:], sums[1:len(plans)])}}
+               **{f"train/loss_{label}": l for label, l in zip(labels[1:], sums[1:len(plans)])}}
         if t.controllers is not None:
             log.update({"train/gate_loss": sums[-2], "train/predictor_loss": sums[-1]})
         optional = {"router_loss": sums[-3] if has_moe else None, "mfu": mfu, "grad_norm": grad_norm}

@@ -61,7 +61,7 @@ def add_generation_args(parser):
     parser.add_argument("--seed", type=int, default=42)
     parser.add_argument("--exit-threshold", type=float, default=None, help="exit when the gate > this (default: 0.95 in auto, off otherwise)")
     parser.add_argument("--expand-threshold", type=float, default=None, help="widen when the gate < this (default: 0.5 in auto, off otherwise)")
-    parser.add_argument("--plan-epsilon", type=float, default=0.02, help="auto: per-block predicted loss increase allowed (nats/token)")
+    parser.add_argument("--plan-epsilon", type=float, default=None, help="auto: the probability the router may accept that its plan's answer differs from full width (threshold 1 - this; default: the calibrated threshold)")
     parser.add_argument("--show-compute", action="store_true", help="print each token's exit block, width and FLOPs")
     parser.add_argument("--tokenizer-dir", type=str, default=None, help="default: the checkpoint directory")
     parser.add_argument("--device", type=str, default=None, help="cuda|cpu|mps (default: autodetect)")
@@ -133,7 +133,18 @@ def check_mode(model, args):
               or (args.expand_threshold is not None and args.expand_threshold > 0.0))
     if gating and not ctrl.is_calibrated():
         print("WARNING: the exit gates are not calibrated (confidence_probe.calibrate_gates): thresholds are raw scores")
+    if args.mode == "auto" and ctrl.operating_point() is None:
+        print("WARNING: no calibrated operating point (scripts.calibrate_gates --risk/--delta): auto runs the default "
+              "thresholds with no guarantee of keeping the full model's answers")
     return engine
+
+
+def guarantee_report(meta):
+    """The calibrated operating point's guarantee from the checkpoint meta, or a warning that there is none."""
+    g = (meta.get("calibration") or {}).get("guarantee")
+    if g is None:
+        return "WARNING: uncalibrated checkpoint: auto's thresholds carry no guarantee (run scripts.calibrate_gates)"
+    return f"{g['statement']}\noperating point: {g['operating_point']}"
 
 
 def main(argv=None):
@@ -159,6 +170,8 @@ def main(argv=None):
                                     temperature=args.temperature, top_k=args.top_k, seed=args.seed,
                                     plan_epsilon=args.plan_epsilon, speculate=args.speculate, draft=args.draft,
                                     stop_tokens=(tokenizer.get_bos_token_id(), *stop_token_ids(tokenizer, args.stop)))
+    if args.show_compute and args.mode == "auto":
+        print(guarantee_report(meta))
     for b, toks in enumerate(res.tokens):
         text, n = cut_at_stop(tokenizer, toks, args.stop)
         print(("" if args.num_samples == 1 else f"--- sample {b}\n") + args.prompt + text)

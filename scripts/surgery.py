@@ -27,7 +27,7 @@ model_kind "hybrid", the tokenizer files beside them). meta["surgery"]:
     controller_prefixes  ["controllers."] when the model has fresh adaptive controllers
     blocks_added, attention_blocks (source block i -> hybrid block)
     grow                 {from, to, head_growth, head_dim, n_head, n_kv_head, residual_scale, lora_rank,
-                         lora_std, seed, controllers_reinitialised, old_index}: old_index[param] is one list
+                         lora_std, seed, controllers_grown, old_index}: old_index[param] is one list
                          of [new_start, length] runs per dim; nanochat.surgery.new_entry_mask turns it into
                          the bool mask of new entries (per-channel learning rates)
     params_before / params_after (state_dict entries by kind), max_abs_dlogit, probe

@@ -77,3 +77,36 @@ def test_bad_inputs_stop_before_writing(tiny_data, tmp_path):
     with pytest.raises(CheckpointError, match="does not exist"):
         calibrate_gates.main(base + [f"--out-dir={tmp_path / 'a'}", f"--checkpoint={tmp_path / 'nothing'}"])
     assert not (tmp_path / "a").exists()
+
+
+def test_operating_point_guarantee_or_full_width(tiny_data, tmp_path, capsys):
+    """The operating point: too few rows for alpha says so and keeps full width; a feasible request validates the
+    conservative end of the grid, stores the guarantee in the meta, and scripts.generate --show-compute reports it
+    (and warns on a checkpoint without one)."""
+    from scripts import generate
+    from nanochat.operating_point import NEVER
+    src = tmp_path / "src"
+    write_hybrid_checkpoint(src, tiny_data, gate_std=1.0)
+    base = [f"--checkpoint={src}", f"--data-dir={tiny_data['data_dir']}", "--device=cpu", "--tokens=512", "--batch=4",
+            "--seq-len=32", "--min-count=8", "--ltt-rows=12", "--prompt-len=8", "--decode-tokens=4"]
+    calibrate_gates.main(base + [f"--out-dir={tmp_path / 'small'}"])  # alpha 0.01 needs 230 test rows
+    printed = capsys.readouterr().out
+    assert "too few calibration units" in printed and "keeping full width" in printed
+    model, meta = load_model(str(tmp_path / "small"))
+    g = meta["calibration"]["guarantee"]
+    assert g["fallback_full_width"] and not g["feasible"] and g["operating_point"]["router"] == NEVER
+    assert model.controllers.operating_point() == pytest.approx({"router": NEVER, "exit": 1.0, "widen": 0.0})
+    calibrate_gates.main(base + [f"--out-dir={tmp_path / 'ok'}", "--risk=0.9", "--delta=0.5"])
+    printed = capsys.readouterr().out
+    assert "guarantee: with probability >= 0.5" in printed and "Operating point" in printed
+    model, meta = load_model(str(tmp_path / "ok"))
+    g = meta["calibration"]["guarantee"]
+    assert not g["fallback_full_width"] and g["n_validated"] >= 1 and g["pvalue"] <= 0.5
+    assert model.controllers.operating_point() == pytest.approx(g["operating_point"])
+    gen = ["--prompt", "the cat", "--mode", "auto", "--max-tokens", "3", "--show-compute", "--device", "cpu"]
+    generate.main(["--checkpoint", str(tmp_path / "ok")] + gen)
+    out = capsys.readouterr().out
+    assert "guarantee: with probability" in out and "operating point:" in out and "WARNING: no calibrated" not in out
+    generate.main(["--checkpoint", str(src)] + gen)
+    out = capsys.readouterr().out
+    assert "WARNING: uncalibrated checkpoint" in out and "WARNING: no calibrated operating point" in out

@@ -246,3 +246,39 @@ def test_val_is_finite(tok, data_dir):
     assert len(two_epochs) > len(val)
     with pytest.raises(ValueError, match="too little text"):
         next(loader(tok, data_dir, split="val", B=64, T=512))
+
+
+def test_loss_spans_mask_targets_and_resume(tmp_path, tok):
+    """A shard with loss_spans: targets outside the spans are -1, inside they are the next token of the text encoded
+    span by span; the inputs are the plain ids; resume from a state mid-stream gives the same batches."""
+    from nanochat.dataset import write_synthetic_shard, shard_filename
+    from nanochat.dataloader import encode_documents
+    texts = [f"q{i}:{i % 7},{i % 5}=ans{i}\n" * 3 for i in range(40)]
+    spans = []
+    for text in texts:
+        sp, at = [], 0
+        while (k := text.find("=", at)) >= 0:
+            end = text.index("\n", k) + 1
+            sp += [k, end]
+            at = end
+        spans.append(sp)
+    for index in range(2):
+        write_synthetic_shard(str(tmp_path / shard_filename(index)), texts, 8, loss_spans=spans)
+    with pytest.raises(ValueError, match="not sorted"):
+        write_synthetic_shard(str(tmp_path / "bad.parquet"), texts[:1], 8, loss_spans=[[5, 2]])
+    bos = tok.get_bos_token_id()
+    docs = encode_documents(tok, texts[:1], spans[:1], bos, 1)[0]
+    assert docs[0] == -(bos + 1)  # BOS carries no loss in a masked document
+    kept = tok.decode([t for t in docs if t >= 0])
+    assert kept == "".join(texts[0][a:b] for a, b in zip(spans[0][::2], spans[0][1::2]))
+    it = loader(tok, str(tmp_path), T=24, buffer_docs=4)
+    batches = take(it, 4)
+    for x, y, _ in batches:
+        assert (y == -1).any() and (y != -1).any()
+        assert (x >= 0).all()
+        assert torch.equal(y[:, :-1][y[:, :-1] != -1], x[:, 1:][y[:, :-1] != -1])  # a kept target is the next input
+    text_decoded = tok.decode(batches[0][1][0][batches[0][1][0] != -1].tolist())
+    assert "=" in text_decoded and ":" not in text_decoded  # answers only, no question text
+    resumed = loader(tok, str(tmp_path), T=24, buffer_docs=4, resume_state=batches[1][2])
+    for (x, y, _), (x2, y2, _) in zip(batches[2:], take(resumed, 2)):
+        assert torch.equal(x, x2) and torch.equal(y, y2)

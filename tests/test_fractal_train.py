@@ -63,7 +63,7 @@ def pipeline(tiny_data, tmp_path_factory):
         surgery_cli.main([f"--src={root / 'gpt'}", f"--dst={root / 'hybrid'}", "--new-dim=64", "--width-levels=32,64",
                           "--adaptive", "--d-state=8"])
         p1 = fractal_train.main(run_args(tiny_data, 1, root / "hybrid", root / "p1", 3, "--eval-every=-1"))
-        p2 = fractal_train.main(run_args(tiny_data, 2, root / "p1", root / "p2", 4, "--sample-dim", "--eval-every=4",
+        p2 = fractal_train.main(run_args(tiny_data, 2, root / "p1", root / "p2", 4, "--sample-dim", "--n-random-plans=1", "--eval-every=4",
                                          "--save-every=2", "--continue-data"))
         surgery_cli.main([f"--src={root / 'p2'}", f"--dst={root / 'grown'}", "--expand-from=64", "--new-dim=128",
                           "--width-levels=32,64,128"])
@@ -152,7 +152,7 @@ def test_resume_continues_exactly(pipeline, tiny_data, tmp_path, capsys):
     for f in (model_path(str(root / "p2"), 2), meta_path(str(root / "p2"), 2), optim_path(str(root / "p2"), 2, 0),
               root / "p2" / "tokenizer.pkl"):
         shutil.copy(f, resumed)
-    result = fractal_train.main(run_args(tiny_data, 2, root / "p1", resumed, 4, "--sample-dim", "--eval-every=4",
+    result = fractal_train.main(run_args(tiny_data, 2, root / "p1", resumed, 4, "--sample-dim", "--n-random-plans=1", "--eval-every=4",
                                          "--save-every=2", "--continue-data", "--resume"))
     assert result["steps"] == [2, 3]
     assert result["loss"] == pipeline["p2"]["loss"][2:]  # bitwise: same data, plans, probes, optimizer state
@@ -161,7 +161,7 @@ def test_resume_continues_exactly(pipeline, tiny_data, tmp_path, capsys):
     b, _ = state_of(root / "p2")
     assert all(torch.equal(a[k], b[k]) for k in a)
     out = capsys.readouterr().out
-    assert re.search(r"step 00003/00004 \(75\.0%\) \| loss \d+\.\d{6} \[w32 \d+\.\d{3} m\d+ \d+\.\d{3}\] \| gate ", out)
+    assert re.search(r"step 00003/00004 \(75\.0%\) \| loss \d+\.\d{6} \[w32 \d+\.\d{3} [mw]\d+ \d+\.\d{3}\] \| kl \d+\.\d{4} \| gate ", out)
 
 
 def parse_losses(text):
@@ -179,7 +179,12 @@ def test_two_gloo_processes_equal_one_process(pipeline, tiny_data, tmp_path, par
     """
     flags = [f"--parallel={parallel.split('-')[0]}"] + (["--fsdp-keep-params"] if parallel == "fsdp-keep" else [])
     root = pipeline["root"]
-    args = ["--sample-dim", "--eval-every=-1", "--data-ranks=2", f"--total-batch-size={2 * B * T}"]
+    # --no-distill: the KL's gradient is p_narrow - p_full, a difference of near-equal numbers where the plans agree,
+    # so fp32 summation order leaves sign noise on near-zero entries (rare tokens' wte rows), which Adam's
+    # normalisation turns into steps of ~4e-4 (measured; 5e-6 without it). Distillation is covered by the pipeline
+    # fixture and by the bitwise resume test.
+    args = ["--sample-dim", "--n-random-plans=1", "--eval-every=-1", "--data-ranks=2", f"--total-batch-size={2 * B * T}",
+            "--no-distill"]
     one = fractal_train.main(run_args(tiny_data, 2, root / "p1", tmp_path / "one", 3, *args))
     out = torchrun2("scripts.fractal_train", *run_args(tiny_data, 2, root / "p1", tmp_path / "two", 3, *args, *flags,
                                                        "--save-every=2"))
@@ -218,13 +223,14 @@ def test_expert_parallel_two_processes_equal_one_process(pipeline, tiny_data, tm
     """
     A MoE hybrid (4 experts), phase 2, --expert-parallel on 2 gloo ranks (2 experts each) against 1 process
     on the same 2 data shards: the same losses, val metrics (the per-row-plan eval calls the MoE at
-    per-token widths, and the predictor's probes run other widths on each rank) and weights; then the
+    per-token widths) and weights; then the
     2-rank run resumes from its step-2 checkpoint with the optimizer state sharded back.
     """
     root = pipeline["root"]
     surgery_cli.main([f"--src={root / 'gpt'}", f"--dst={tmp_path / 'moe'}", "--new-dim=64", "--width-levels=32,64",
                       "--adaptive", "--d-state=8", "--mamba-ffn=moe", "--num-experts=4"])
-    args = ["--sample-dim", "--eval-every=3", "--data-ranks=2", f"--total-batch-size={2 * B * T}"]
+    args = ["--sample-dim", "--n-random-plans=1", "--eval-every=3", "--data-ranks=2", f"--total-batch-size={2 * B * T}",
+            "--no-distill"]  # as in test_two_gloo_processes_equal_one_process
     one = fractal_train.main(run_args(tiny_data, 2, tmp_path / "moe", tmp_path / "one", 3, *args))
     out = torchrun2("scripts.fractal_train", *run_args(tiny_data, 2, tmp_path / "moe", tmp_path / "two", 3, *args,
                                                        "--expert-parallel", "--save-every=2"))
@@ -313,7 +319,7 @@ def test_allreduce_gradients_single_process_fills_missing_grads():
 
 def test_activation_checkpointing_changes_nothing_but_memory(pipeline, tiny_data, tmp_path):
     root = pipeline["root"]
-    args = ["--sample-dim", "--eval-every=-1"]
+    args = ["--sample-dim", "--n-random-plans=1", "--eval-every=-1"]
     plain = fractal_train.main(run_args(tiny_data, 2, root / "p1", tmp_path / "plain", 2, *args))
     ac = fractal_train.main(run_args(tiny_data, 2, root / "p1", tmp_path / "ac", 2, *args, "--activation-checkpointing"))
     assert ac["loss"] == plain["loss"] and ac["plan_losses"] == plain["plan_losses"]

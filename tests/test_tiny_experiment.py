@@ -71,6 +71,9 @@ def test_pages_and_answer_mask(tiny_data):
         assert tok.decode(ids[1:]) == tasks.page_text(page)
         # the masked tokens decode to exactly the completions
         assert tok.decode([t for t, m in zip(ids, mask) if m]) == "".join(p.completion for p in page[1])
+        # the corpus shards' loss spans: the same completions, as character spans of the page text
+        text, spans = tasks.page_text(page), tasks.answer_spans(page)
+        assert [text[a:b] for a, b in zip(spans[::2], spans[1::2])] == [p.completion for p in page[1]]
 
 
 # -----------------------------------------------------------------------------

@@ -70,6 +70,26 @@ def nan_to_null(x):
     return x
 
 
+def issue28_targets(results):
+    """The targets of issue #28, per difficulty where they are per difficulty: auto within 1 point of full width, full
+    width within 1 point of the dense GPT, easy at <= 0.50 of the compute, hard >= 1.3x easy's compute, and the
+    guarantee's alpha not exceeded on the test split."""
+    D, g = results["difficulties"], results["guarantee"]
+    out = {}
+    for name, a, b in (("auto_vs_full", "adaptive_accuracy", "full_accuracy"),
+                       ("full_vs_dense", "full_accuracy", "dense_gpt_accuracy")):
+        gaps = {d: D[d][a] - D[d][b] for d in DIFFICULTIES if b in D[d]}
+        out[name] = {"pass": bool(gaps) and all(v >= -0.01 for v in gaps.values()),
+                     "detail": ", ".join(f"{d} {v:+.3f}" for d, v in gaps.items())}
+    easy, hard = D["easy"]["compute_fraction"], D["hard"]["compute_fraction"]
+    out["easy_compute"] = {"pass": easy <= 0.5, "detail": f"easy auto compute {easy:.3f} (<= 0.50)"}
+    out["hard_vs_easy"] = {"pass": hard >= 1.3 * easy, "detail": f"hard / easy {hard / easy:.3f} (>= 1.3)"}
+    out["guarantee_on_test"] = {"pass": all(g["holds_on_test"].values()),
+                                "detail": ", ".join(f"{d} {v:.4f}" for d, v in g["test_disagreement"].items())
+                                + f" (alpha {g['alpha']}{', full-width fallback' if g['fallback_full_width'] else ''})"}
+    return out
+
+
 def main(argv=None):
     args = parse_args(argv)
     out = expand_path(args.out) or os.path.join(get_base_dir(), "tiny_experiment")
@@ -112,7 +132,7 @@ def run(args, out, settings):
     p3 = timer("phase3", pipeline.fractal_phase, 3, paths["grown"], paths["phase3"], paths["data"],
                settings.phase3_steps, settings, seed)
     final = timer("calibrate", pipeline.calibrate_and_save, p3["checkpoint"], paths["final"], tokenizer,
-                  calib_pages, settings)
+                  calib_pages, splits, settings, seed)
 
     # ---- evaluation on the test split with the engine, the final checkpoint loaded as scripts.generate loads it
     model, tokenizer, meta = cm.load_model_and_tokenizer(final["checkpoint_dir"])
@@ -142,6 +162,8 @@ def run(args, out, settings):
                      "phase_loss": {f"phase{i}": {"first": h["loss"][0], "last": h["loss"][-1]}
                                     for i, h in ((1, p1), (2, p2), (3, p3))}},
         "calibration": final["calibration"],
+        "guarantee": dict(final["guarantee"], test_disagreement=ev["auto_disagreement"],
+                          holds_on_test={d: v <= final["guarantee"]["alpha"] for d, v in ev["auto_disagreement"].items()}),
         "data": {"split_sizes": split_sizes, "heldout": heldout, "eval_problems_per_difficulty": settings.eval_problems},
         "settings": settings.to_dict(),
         "args": vars(args),
@@ -151,12 +173,17 @@ def run(args, out, settings):
         "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
     }
     results["targets"] = report.check_targets(results)
+    results["issue28_targets"] = issue28_targets(results)
     results["plots"] = report.make_plots(results, out)
     results["seconds"] = round(time.time() - t0, 1)
     results["cpu_seconds"] = round(sum(s["cpu_s"] for s in timer.stages.values()), 1)
     with open(os.path.join(out, RESULTS), "w") as f:
         json.dump(nan_to_null(results), f, indent=2, allow_nan=False)  # strict JSON: nan (e.g. no exits) -> null
     report.print_table(results)
+    print(f"\n{results['guarantee']['statement']}\nmeasured on the test split (answers that differ from full width): "
+          + ", ".join(f"{d} {v:.4f}" for d, v in ev["auto_disagreement"].items()))
+    for name, t in results["issue28_targets"].items():
+        print(f"target {name}: {'pass' if t['pass'] else 'MISS'} ({t['detail']})")
     print(f"\n{results['seconds']:.0f}s wall ({results['cpu_seconds']:.0f}s cpu in the timed stages, {results['threads']} "
           f"thread(s), load average {load0[0]:.1f} -> {results['loadavg']['end'][0]:.1f}) | results in {out}/{RESULTS}")
     return results

@@ -30,10 +30,18 @@ def prompts_of(tokenizer, problems):
     return [[bos] + encode_problem(tokenizer, p)[0] for p in problems]
 
 
-def generate_rows(engine, tokenizer, problems, plan, newline, batch_size=256):
+def newline_id(tokenizer):
+    newline = tokenizer.encode("\n")
+    if len(newline) != 1:
+        raise ValueError("the newline must be one token to stop on it")
+    return newline[0]
+
+
+def generate_rows(engine, tokenizer, problems, plan, newline, batch_size=256, **thresholds):
     """
     Run the engine over `problems` (grouped by prompt length, as it needs equal lengths) at `plan` (a mode
-    name or a list of widths). Returns one dict per problem, in order.
+    name or a list of widths), with the engine's exit_threshold / expand_threshold if given. Returns one dict per
+    problem, in order.
     """
     model = engine.model
     prompts = prompts_of(tokenizer, problems)
@@ -45,7 +53,7 @@ def generate_rows(engine, tokenizer, problems, plan, newline, batch_size=256):
         for start in range(0, len(ids), batch_size):
             chunk = ids[start:start + batch_size]
             res = engine.generate_batch([prompts[i] for i in chunk], MAX_TOKENS, plan=plan, temperature=0.0,
-                                        stop_tokens=(newline,))
+                                        stop_tokens=(newline,), **thresholds)
             full_top1 = None
             if plan == "auto" and len(res.steps) > 1:
                 idx, _, _ = res.reference_inputs()
@@ -116,18 +124,16 @@ def evaluate_model(model, tokenizer, test, dense_model=None):
     auto (predictor + gates at the engine's default thresholds); the dense pretrained GPT (think) if given.
     Returns {"settings": {name: {difficulty: summary}}, "mode_levels": {mode: level}}.
     """
-    newline = tokenizer.encode("\n")
-    if len(newline) != 1:
-        raise ValueError("the newline must be one token to stop on it")
-    newline = newline[0]
+    newline = newline_id(tokenizer)
     engine = Engine(model)
     c = model.config
     problems = [p for d in DIFFICULTIES for p in test[d]]
     diff_of = [d for d in DIFFICULTIES for _ in test[d]]
-    settings = {}
+    settings, texts = {}, {}
 
     def run(name, plan, eng, n_layer):
         rows = generate_rows(eng, tokenizer, problems, plan, newline)
+        texts[name] = [r["text"] for r in rows]
         settings[name] = {d: summarize([r for r, dd in zip(rows, diff_of) if dd == d], n_layer) for d in DIFFICULTIES}
         settings[name]["all"] = summarize(rows, n_layer)
         print(f"eval {name:>8}: " + " | ".join(f"{d} acc {settings[name][d]['accuracy']:.3f} compute "
@@ -143,7 +149,13 @@ def evaluate_model(model, tokenizer, test, dense_model=None):
     for m in NAMED_MODES:
         print(f"eval {m:>8}: = w{mode_levels[m]}", flush=True)
     settings = {**{m: copy.deepcopy(settings[f"w{mode_levels[m]}"]) for m in NAMED_MODES}, **settings}
-    return {"settings": settings, "mode_levels": mode_levels, "level_names": [f"w{w}" for w in c.width_levels]}
+    # what the guarantee bounds, measured on the test split: auto's answers that differ from full width's
+    full = texts[f"w{c.width_levels[-1]}"]
+    disagreement = {d: sum(a != f for a, f, dd in zip(texts["auto"], full, diff_of) if dd == d) / len(test[d])
+                    for d in DIFFICULTIES}
+    print("eval auto vs full width, answers that differ: " + " | ".join(f"{d} {v:.4f}" for d, v in disagreement.items()))
+    return {"settings": settings, "mode_levels": mode_levels, "level_names": [f"w{w}" for w in c.width_levels],
+            "auto_disagreement": disagreement}
 
 
 def teacher_forced_reliability(model, tokenizer, test):

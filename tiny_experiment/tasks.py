@@ -112,6 +112,17 @@ def page_text(page):
     return "".join(p.text for p in page[1])
 
 
+def answer_spans(page):
+    """The character spans [start, end) of every completion in page_text(page), flat [s0, e0, s1, e1, ...]: where
+    the loss counts (the corpus shards' loss_spans)."""
+    spans, at = [], 0
+    for p in page[1]:
+        at += len(p.question)
+        spans += [at, at + len(p.completion)]
+        at += len(p.completion)
+    return spans
+
+
 def sample_eval(splits, split, n_per_difficulty, seed):
     """{difficulty: [Problem]}: n distinct problems of one split, a fixed sample for the seed."""
     rng = random.Random(f"eval:{seed}:{split}")

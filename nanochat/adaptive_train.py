@@ -1,0 +1,124 @@
+"""
+What one micro-batch of scripts.fractal_train runs: the step's width plans, each a forward + backward, and the
+losses that make every width good and train the controllers on the tokens that carry the loss.
+
+Plans of a step (step_plans): full width first, then one plan per narrow width level, cheapest first, then
+--n-random-plans random ones. The narrow plans alternate: on even steps the uniform plans (every block at the level:
+the named modes ghost/whisper/normal), on odd steps the router's menu plans (confidence_probe.plan_menu: the first
+predictor_after blocks stay full, as auto runs them). So every plan a mode or the router can run is trained at least
+every second step, and no width level depends on being drawn (a random per-block plan is a given uniform one with
+probability (1/L)^n_layer, which left mid widths untrained).
+
+Objective of one plan on one micro-batch (targets -1 carry no loss anywhere, e.g. a task's non-answer tokens):
+    CE(plan)
+  + distill_weight * KL(full || plan)   narrow plans only, against this micro-batch's full-width logits (detached),
+                                        mean over the loss-bearing tokens (distill_kl)
+  + exit_weight * mean over the exit readouts before the last block of their CE (mean over loss-bearing tokens)
+  + MoE router losses(plan)
+  + gate BCE (controllers): every gated exit of this plan, target "the exit readout's top-1 is the full model's"
+  + router BCE (controllers, on the last plan's pass of a step that ran the menu plans): per row and narrow menu
+    plan, whether the plan gave the full model's top-1 on every loss-bearing token after the first half of the row
+    (confidence_probe.router_labels), read from the first half (the prompt) pooled over its positions.
+The losses are means over plans (the caller's backward scales by 1 / number of plans).
+"""
+import torch
+import torch.nn.functional as F
+
+from nanochat.confidence_probe import plan_menu, router_labels, controller_losses
+from nanochat.matryoshka import sample_plans
+
+
+def narrow_plans(config, step):
+    """The narrow plans of a step, cheapest first: uniform on even steps, the router's menu on odd ones."""
+    if step % 2:
+        return plan_menu(config)[:-1]
+    return [[w] * config.n_layer for w in config.width_levels[:-1]]
+
+
+def step_plans(config, matryoshka, rng, n_random=0, per_block=False, step=0):
+    """The plans of one step: [full] without matryoshka, else [full, narrow_plans(config, step), n_random random plans
+    drawn with rng (per block or one width for all)]."""
+    full = [config.n_embd] * config.n_layer
+    if not matryoshka:
+        return [full]
+    randoms = sample_plans(config.width_levels, config.n_layer, rng, n_random, per_block)[2:] if n_random else []
+    return [full] + narrow_plans(config, step) + randoms
+
+
+def plan_label(plan, config):
+    """'w64' for the menu plan of level 64 (or the uniform plan 64), 'm48' (mean width) for any other plan."""
+    for w, menu_plan in zip(config.width_levels, plan_menu(config)):
+        if list(plan) == menu_plan or list(plan) == [w] * config.n_layer:
+            return f"w{w}"
+    return f"m{round(sum(plan) / len(plan))}"
+
+
+def masked_mean(values, valid):
+    """Mean of values (..., B, T) over the positions where valid (B, T), per leading index; 0 where none is valid."""
+    v = valid.to(values.dtype)
+    return (values * v).sum((-2, -1)) / v.sum().clamp(min=1.0)
+
+
+def distill_kl(logits, full_logits, valid):
+    """KL(full || narrow) per token, mean over valid (B, T) positions; full_logits is the teacher (no gradient)."""
+    logp = F.log_softmax(logits.float(), -1)
+    logq = F.log_softmax(full_logits.detach().float(), -1)
+    kl = (logq.exp() * (logq - logp)).sum(-1)  # (B, T)
+    return masked_mean(kl, valid)
+
+
+def train_micro_batch(model, train_model, x, y, plans, controllers=None, exit_weight=0.0, distill_weight=0.0,
+                      prompt_frac=0.5, backward=None):
+    """
+    Forward + backward of every plan on one micro-batch (full width first, then the narrow plans, then any random
+    ones); the router trains where plans[1:1 + n_narrow] are its menu's narrow plans. backward(objective, plan_index) runs the backward (the caller scales and
+    syncs). Returns [CE per plan..., KL sum over narrow plans, MoE router loss (mean over plans), gate loss (mean
+    over plans), router loss], detached floats as a tensor.
+    """
+    has_moe = "E" in model.config.ffn_pattern
+    menu = plan_menu(model.config)[:-1]
+    n_narrow = len(menu) if [list(p) for p in plans[1:1 + len(menu)]] == menu else 0
+    valid = y != -1
+    want_exits = exit_weight > 0 or controllers is not None
+    sums = torch.zeros(len(plans) + 4, device=x.device)
+    full_logits = full_top1 = None
+    plan_top1 = []
+    for i, plan in enumerate(plans):
+        if want_exits:
+            out = train_model(x, y, width=plan, return_exits=True)
+            logits, ce = out.logits, out.loss
+        elif len(plans) > 1:  # the logits: the teacher (full) or the student (narrow) of distillation
+            out, logits = None, train_model(x, width=plan)
+            ce = F.cross_entropy(logits.view(-1, logits.size(-1)), y.reshape(-1), ignore_index=-1)
+        else:
+            out, logits, ce = None, None, train_model(x, y, width=plan)
+        objective = ce
+        if i == 0:
+            if len(plans) > 1:
+                full_logits = logits.detach()
+                full_top1 = full_logits.argmax(-1)
+        else:
+            if distill_weight > 0:
+                kl = distill_kl(logits, full_logits, valid)
+                objective = objective + distill_weight * kl
+                sums[len(plans)] += kl.detach().float()
+            if i <= n_narrow:
+                plan_top1.append(logits.detach().argmax(-1))
+        if out is not None and exit_weight > 0 and out.exit_losses.size(0) > 1:
+            objective = objective + exit_weight * masked_mean(out.exit_losses[:-1], valid).mean()
+        if has_moe:  # read now: the router's prefix forward overwrites each MoE's losses
+            router = model.moe_aux_loss()
+            objective = objective + router
+            sums[-3] += router.detach().float() / len(plans)
+        if controllers is not None:
+            last = i == len(plans) - 1
+            target = router_labels(plan_top1, full_top1, valid, int(x.size(1) * prompt_frac)) \
+                if last and plan_top1 else None
+            cl = controller_losses(model, x, y, out, full_top1=None if i == 0 else full_top1, router_target=target,
+                                   prompt_frac=prompt_frac)
+            objective = objective + cl["loss"]
+            sums[-2] += cl["gate_loss"].detach().float() / len(plans)
+            sums[-1] += cl["predictor_loss"].detach().float()
+        sums[i] += ce.detach().float()
+        backward(objective, i)
+    return sums

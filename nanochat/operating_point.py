@@ -1,0 +1,106 @@
+"""
+auto's operating point (router threshold, exit threshold, widen threshold) chosen jointly by Learn-then-Test
+(nanochat.risk_control) on held-out units, from what the engine really decodes.
+
+The grid: ROUTER_THRESHOLDS x EXIT_SETTINGS. The router's choice depends on its threshold and the prompt only, so the
+engine runs each menu plan (confidence_probe.plan_menu) once per exit setting over all units, and a configuration's
+outcome per unit is read from the run of the plan the router picks for that unit at that threshold. A unit's loss
+is 1 where its answer differs from the full model's (full plan, no exits, no widening) or, for free text, the
+fraction of its teacher-forced tokens whose top-1 differs; its compute is the engine's FLOPs over the full model's.
+
+The thresholds keep their meaning: exit_threshold / widen_threshold act on the gates' calibrated per-token
+probability that the exit readout has the full model's top-1 (confidence_probe.calibrate_gates), the router's
+threshold on its predicted probability that a plan gives the full model's answer. Those are per-token or per-prompt
+estimates; the guarantee is the operating point's: with probability >= 1 - delta over the calibration draw, the rate
+of outputs that differ from full width is <= alpha (per stratum).
+"""
+import torch
+
+from nanochat.risk_control import learn_then_test, describe
+
+NEVER = 1.01  # a router threshold no probability reaches: always the full plan
+ROUTER_THRESHOLDS = (NEVER, 0.999, 0.995, 0.99, 0.98, 0.95, 0.9, 0.8, 0.7, 0.5, 0.3, 0.0)
+EXIT_SETTINGS = ((1.0, 0.0), (1.0, 0.5), (0.99, 0.5), (0.95, 0.5), (0.9, 0.5))  # (exit, widen), off first
+
+
+@torch.no_grad()
+def router_probs(model, prompts):
+    """(N, n_menu - 1) probability per narrow menu plan for each prompt (list of id lists), read as the engine reads
+    it: mean of norm(residual) after predictor_after full-width blocks over the prompt's positions."""
+    ctrl, device = model.controllers, model.get_device()
+    out = torch.empty(len(prompts), len(ctrl.predictor.menu) - 1)
+    by_len = {}
+    for i, p in enumerate(prompts):
+        by_len.setdefault(len(p), []).append(i)
+    for ids in by_len.values():
+        x = torch.tensor([prompts[i] for i in ids], device=device)
+        pooled = ctrl.predictor.pool(model.prefix_hidden(x, model.config.predictor_after))
+        out[ids] = torch.sigmoid(ctrl.predictor(pooled)).float().cpu()
+    return out
+
+
+def choices(probs, threshold):
+    """(N,) menu index the router picks at `threshold` (the rule of LayerDimPredictor.choice)."""
+    ok = torch.cat([probs >= threshold, torch.ones(probs.size(0), 1, dtype=torch.bool)], 1)
+    return ok.float().argmax(1)
+
+
+def grid_losses(probs, outcomes, compare):
+    """
+    probs (N, n_menu - 1) router probabilities; outcomes[(menu index, exit, widen)] = (outputs per unit, compute
+    fraction per unit) from the engine; compare(output, reference) -> loss in [0, 1]. The reference is the full plan
+    without exits or widening. Returns (configs [(router, exit, widen)], losses per config, mean compute per config).
+    """
+    full = probs.size(1)
+    reference = outcomes[(full, 1.0, 0.0)][0]
+    configs, losses, costs = [], [], []
+    for lam in ROUTER_THRESHOLDS:
+        pick = choices(probs, lam).tolist()
+        for exit_t, widen_t in EXIT_SETTINGS:
+            runs = [outcomes[(m, exit_t, widen_t)] for m in range(full + 1)]
+            configs.append((lam, exit_t, widen_t))
+            losses.append([compare(runs[m][0][u], reference[u]) for u, m in enumerate(pick)])
+            costs.append(sum(runs[m][1][u] for u, m in enumerate(pick)) / len(pick))
+    return configs, losses, costs
+
+
+def choose_and_apply(model, configs, losses, costs, alpha, delta, strata=None, learn=None, print_fn=print):
+    """Learn-then-Test over the grid, then the chosen point (or full width: router NEVER, exits off) is written into
+    model.controllers. Returns the record scripts store in the checkpoint meta ("guarantee")."""
+    res = learn_then_test(losses, costs, alpha, delta, strata=strata, learn=learn)
+    names = [{"router": c[0], "exit": c[1], "widen": c[2]} for c in configs]
+    text = describe(res, alpha, delta, names, costs)
+    print_fn(text)
+    point = names[res.chosen] if res.chosen is not None else {"router": NEVER, "exit": 1.0, "widen": 0.0}
+    model.controllers.set_operating_point(point["router"], point["exit"], point["widen"])
+    return {"alpha": alpha, "delta": delta, "statement": text, "operating_point": point,
+            "fallback_full_width": res.chosen is None, "reason": res.reason, "feasible": res.feasible,
+            "n_test_units": res.n_test, "n_validated": len(res.validated),
+            "pvalue": res.pvalues.get(res.chosen) if res.chosen is not None else None,
+            "calibration_disagreement": res.empirical_risk.get(res.chosen) if res.chosen is not None else None,
+            "calibration_compute": costs[res.chosen] if res.chosen is not None else None,
+            "grid": {"router": list(ROUTER_THRESHOLDS), "exit_widen": [list(e) for e in EXIT_SETTINGS]}}
+
+
+@torch.no_grad()
+def teacher_forced_outcomes(engine, rows, prompt_len, decode_tokens, plan, exit_threshold, widen_threshold):
+    """Free text: rows (N, P + K) long; each row prefilled with its first P tokens at `plan` (one width per block)
+    and the thresholds, then K engine steps each fed the row's next true token. Returns (per row the K top-1 ids as a
+    tuple, per row the FLOPs that ran over the full model's at the same contexts)."""
+    model, P, K = engine.model, prompt_len, decode_tokens
+    st, logits, flops, full = engine.prefill(rows[:, :P], plan=plan, exit_threshold=exit_threshold,
+                                             expand_threshold=widen_threshold, max_len=P + K)
+    flops, full = flops.clone(), full.clone()
+    tops = [logits.argmax(-1).cpu()]
+    for i in range(K - 1):
+        logits, _, _, _, step_flops = engine.step(st, rows[:, P + i])
+        flops += step_flops
+        full += model.forward_flops_per_token(st.pos)
+        tops.append(logits.argmax(-1).cpu())
+    top = torch.stack(tops, 1)  # (N, K)
+    return [tuple(r) for r in top.tolist()], (flops / full).tolist()
+
+
+def token_disagreement(output, reference):
+    """The fraction of positions whose top-1 differs (a bounded loss for free text)."""
+    return sum(a != b for a, b in zip(output, reference)) / len(reference)

@@ -1,0 +1,69 @@
+"""nanochat.adaptive_train: the plans of a step cover every uniform and menu plan, distillation and the masked means,
+and one micro-batch trains the router only on steps that ran its menu."""
+import random
+
+import pytest
+import torch
+
+from nanochat.adaptive_train import step_plans, plan_label, distill_kl, masked_mean, train_micro_batch
+from nanochat.confidence_probe import plan_menu
+from nanochat.hybrid_gpt import HybridGPT, HybridConfig
+from testutil import fill_zero_matrices
+
+V = 64
+
+
+def build():
+    torch.manual_seed(0)
+    model = HybridGPT(HybridConfig(sequence_len=16, vocab_size=V, n_layer=3, n_head=4, n_kv_head=2, n_embd=64,
+                                   layer_pattern="A", ffn_pattern="D", width_levels=[16, 32, 64], gate_hidden=8,
+                                   predictor_hidden=8, exit_stride=1))
+    model.init_weights()
+    fill_zero_matrices(model, 0.3, torch.Generator().manual_seed(0))
+    return model
+
+
+def test_two_consecutive_steps_cover_every_uniform_and_menu_plan():
+    c = build().config
+    menu = plan_menu(c)
+    for step in range(6):
+        seen = step_plans(c, True, random.Random(0), step=step) + step_plans(c, True, random.Random(0), step=step + 1)
+        for w, m in zip(c.width_levels, menu):
+            assert [w] * c.n_layer in seen and m in seen
+        assert step_plans(c, True, random.Random(0), step=step)[0] == [64, 64, 64]
+    assert step_plans(c, False, random.Random(0)) == [[64, 64, 64]]
+    extra = step_plans(c, True, random.Random(0), n_random=2, per_block=True, step=1)
+    assert len(extra) == 5 and extra[1:3] == menu[:-1]
+    assert [plan_label(p, c) for p in step_plans(c, True, random.Random(0), step=0)] == ["w64", "w16", "w32"]
+    assert plan_label([16, 64, 32], c) == "m37"
+
+
+def test_distill_kl_and_masked_mean():
+    g = torch.Generator().manual_seed(0)
+    full, narrow = torch.randn(2, 5, V, generator=g), torch.randn(2, 5, V, generator=g)
+    valid = torch.ones(2, 5, dtype=torch.bool)
+    assert distill_kl(full, full, valid).item() == pytest.approx(0.0, abs=1e-6)
+    kl = distill_kl(narrow, full, valid)
+    assert kl.item() > 0
+    p, logq = torch.softmax(full, -1), torch.log_softmax(narrow, -1)
+    ref = (p * (torch.log(p) - logq)).sum(-1).mean()
+    assert kl.item() == pytest.approx(ref.item(), rel=1e-5)
+    valid[0] = False  # masked positions count nowhere: changing them changes nothing
+    narrow2 = narrow.clone()
+    narrow2[0] += 5 * torch.randn(5, V, generator=g)
+    assert distill_kl(narrow, full, valid).item() == pytest.approx(distill_kl(narrow2, full, valid).item())
+    assert masked_mean(torch.ones(3, 2, 5), valid).tolist() == [1.0, 1.0, 1.0]
+
+
+def test_micro_batch_trains_router_on_menu_steps_only():
+    model = build().train()
+    x, y = torch.randint(0, V, (2, 4, 16), generator=torch.Generator().manual_seed(1))
+    y[:, ::2] = -1  # every other target carries no loss
+    for step, router_trains in ((0, False), (1, True)):
+        model.zero_grad(set_to_none=True)
+        plans = step_plans(model.config, True, random.Random(0), step=step)
+        sums = train_micro_batch(model, model, x, y, plans, model.controllers, exit_weight=0.1, distill_weight=1.0,
+                                 backward=lambda objective, i: objective.backward())
+        assert len(sums) == len(plans) + 4 and sums[len(plans)] > 0  # distillation KL of the narrow plans
+        assert (model.controllers.predictor.out.weight.grad is not None) == router_trains
+        assert model.controllers.gate.fc.weight.grad is not None and model.lm_head.weight.grad is not None
