@@ -20,7 +20,6 @@ final loss ("loss"). Router target (router_labels): per row and narrow plan, whe
 the full model's on every loss-bearing token after the prompt, from the same training step's forwards.
 """
 import math
-import random
 
 import torch
 import torch.nn as nn

@@ -2,7 +2,10 @@
 auto's operating point (router threshold, exit threshold, widen threshold) chosen jointly by Learn-then-Test
 (nanochat.risk_control) on held-out units, from what the engine really decodes.
 
-The grid: ROUTER_THRESHOLDS x EXIT_SETTINGS. The router's choice depends on its threshold and the prompt only, so the
+The grid: router thresholds x EXIT_SETTINGS, the router thresholds being ROUTER_THRESHOLDS and, where a learn part is
+given, quantiles of the router's probabilities on the learn units (router_grid: its probabilities crowd near 1, where a
+fixed grid has no point between the easy and the hard prompts; the learn part never enters the tests, so a grid
+drawn from it keeps the guarantee). The router's choice depends on its threshold and the prompt only, so the
 engine runs each menu plan (confidence_probe.plan_menu) once per exit setting over all units, and a configuration's
 outcome per unit is read from the run of the plan the router picks for that unit at that threshold. A unit's loss
 is 1 where its answer differs from the full model's (full plan, no exits, no widening) or, for free text, the
@@ -45,18 +48,35 @@ def choices(probs, threshold):
     return ok.float().argmax(1)
 
 
-def grid_losses(probs, outcomes, compare):
+def router_grid(probs, learn=None, n_quantiles=24):
+    """Router thresholds, most conservative first: ROUTER_THRESHOLDS and, given learn (per unit bool), n_quantiles
+    quantiles of each narrow plan's probabilities on the learn units (just above each, so the quantile's unit falls
+    below it)."""
+    grid = set(ROUTER_THRESHOLDS)
+    if learn is not None and any(learn):
+        p = probs[torch.tensor(learn)].double()
+        qs = torch.linspace(0, 1, n_quantiles, dtype=torch.float64)
+        for j in range(p.size(1)):
+            grid |= {min(1.0, float(v) + 1e-9) for v in torch.quantile(p[:, j], qs).tolist()}
+    return sorted(grid, reverse=True)
+
+
+def grid_losses(probs, outcomes, compare, learn=None):
     """
     probs (N, n_menu - 1) router probabilities; outcomes[(menu index, exit, widen)] = (outputs per unit, compute
-    fraction per unit) from the engine; compare(output, reference) -> loss in [0, 1]. The reference is the full plan
-    without exits or widening. Returns (configs [(router, exit, widen)], losses per config, mean compute per config).
+    fraction per unit) from the engine; compare(output, reference) -> loss in [0, 1]; learn: per unit whether it
+    belongs to the learn part (router_grid). The reference is the full plan without exits or widening. Returns
+    (configs [(router, exit, widen)], losses per config, mean compute per config), from conservative to aggressive:
+    exit settings in order, within each the router thresholds from NEVER down.
     """
     full = probs.size(1)
     reference = outcomes[(full, 1.0, 0.0)][0]
     configs, losses, costs = [], [], []
-    for lam in ROUTER_THRESHOLDS:
-        pick = choices(probs, lam).tolist()
-        for exit_t, widen_t in EXIT_SETTINGS:
+    grid = router_grid(probs, learn)
+    picks = {lam: choices(probs, lam).tolist() for lam in grid}
+    for exit_t, widen_t in EXIT_SETTINGS:  # conservative first: every router threshold without exits, then with
+        for lam in grid:
+            pick = picks[lam]
             runs = [outcomes[(m, exit_t, widen_t)] for m in range(full + 1)]
             configs.append((lam, exit_t, widen_t))
             losses.append([compare(runs[m][0][u], reference[u]) for u, m in enumerate(pick)])
@@ -79,7 +99,7 @@ def choose_and_apply(model, configs, losses, costs, alpha, delta, strata=None, l
             "pvalue": res.pvalues.get(res.chosen) if res.chosen is not None else None,
             "calibration_disagreement": res.empirical_risk.get(res.chosen) if res.chosen is not None else None,
             "calibration_compute": costs[res.chosen] if res.chosen is not None else None,
-            "grid": {"router": list(ROUTER_THRESHOLDS), "exit_widen": [list(e) for e in EXIT_SETTINGS]}}
+            "grid": {"router": sorted({c[0] for c in configs}, reverse=True), "exit_widen": [list(e) for e in EXIT_SETTINGS]}}
 
 
 @torch.no_grad()

@@ -12,7 +12,8 @@ Fixed-sequence testing: the configurations are ordered before the test units are
 aggressive; test in that order at level delta and stop at the first p-value > delta. Every configuration before the
 stop is validated, and with probability >= 1 - delta all validated configurations have risk <= alpha at once, so
 the cheapest of them may be chosen. The order comes from a separate "learn" part of the units (empirical risk
-ascending, then cost descending), as LTT recommends; with no learn part, the caller's order is used.
+ascending, ties in the caller's order, which should run from conservative to aggressive), as LTT recommends; with no
+learn part, the caller's order is used.
 
 If nothing is validated (every configuration risky, or too few units for the requested alpha: even zero losses
 cannot reach p <= delta below min_units(alpha, delta) units) the answer is the fallback, full width, and says why.
@@ -90,7 +91,7 @@ def learn_then_test(losses, costs, alpha, delta, strata=None, learn=None):
     if learn_units:
         def learn_risk(c):
             return sum(losses[c][i] for i in learn_units) / len(learn_units)
-        order = sorted(range(len(losses)), key=lambda c: (learn_risk(c), -costs[c], c))
+        order = sorted(range(len(losses)), key=lambda c: (learn_risk(c), c))  # ties: the given order
     else:
         order = list(range(len(losses)))
     res = LTTResult(None, [], order, {}, n_test, feasible, "")

@@ -132,8 +132,8 @@ def operating_point(args, model, tokenizer, data_dir, device, fit_refs):
         probs = router_probs(model, rows[:, :P].tolist())
         outcomes = {(m, e, w): teacher_forced_outcomes(engine, rows, P, K, plan, e, w)
                     for m, plan in enumerate(model.controllers.predictor.menu) for e, w in EXIT_SETTINGS}
-    configs, losses, costs = grid_losses(probs, outcomes, token_disagreement)
     learn = [i % 3 == 0 for i in range(rows.size(0))]
+    configs, losses, costs = grid_losses(probs, outcomes, token_disagreement, learn)
     guarantee = choose_and_apply(model, configs, losses, costs, args.risk, args.delta, learn=learn)
     guarantee["units"] = (f"{rows.size(0)} rows of val part {r}/{n} outside the fit documents; loss: the fraction of {K} "
                           f"teacher-forced tokens whose top-1 differs from full width's")

@@ -85,3 +85,30 @@ def test_the_guarantee_holds_over_repetitions():
         ok_naive += risks[naive].item() <= alpha
     assert ok_ltt / reps >= 1 - delta
     assert ok_naive / reps < 1 - delta  # without the test the promise is broken
+
+
+def test_router_grid_and_grid_losses():
+    """The router grid adds quantiles of the learn units' probabilities (never the test units'); grid_losses reads
+    each configuration's outcome from the run of the plan the router picks at that threshold, and lists the
+    configurations conservative first (no exits before exits, within each the router from NEVER down)."""
+    from nanochat.operating_point import router_grid, grid_losses, NEVER, ROUTER_THRESHOLDS, EXIT_SETTINGS
+    probs = torch.tensor([[0.999991, 0.5], [0.999995, 0.6], [0.2, 0.99], [0.3, 0.7]])
+    learn = [True, True, False, False]
+    grid = router_grid(probs, learn, n_quantiles=3)
+    assert grid[0] == NEVER and grid == sorted(grid, reverse=True) and set(ROUTER_THRESHOLDS) <= set(grid)
+    assert any(0.99999 < g < 0.999995 for g in grid)  # between the learn units' probabilities
+    assert not any(0.2 < g < 0.30001 for g in grid if g not in ROUTER_THRESHOLDS)  # test units' values: not used
+    outcomes = {(m, e, w): ([f"m{m}"] * 4, [0.2 * (m + 1)] * 4) for m in range(3) for e, w in EXIT_SETTINGS}
+    outcomes[(2, 1.0, 0.0)] = (["m0", "m0", "full", "full"], [1.0] * 4)  # the reference
+    configs, losses, costs = grid_losses(probs, outcomes, lambda a, b: float(a != b), learn)
+    assert configs[0] == (NEVER, 1.0, 0.0) and [c[1:] for c in configs[:len(grid)]] == [(1.0, 0.0)] * len(grid)
+    c = configs.index((0.98, 1.0, 0.0))  # plan 0 for units 0 and 1, plan 1 for unit 2, full for unit 3
+    assert losses[c] == [0.0, 0.0, 1.0, 0.0] and costs[c] == pytest.approx((0.2 + 0.2 + 0.4 + 1.0) / 4)
+    assert losses[configs.index((NEVER, 1.0, 0.0))] == [0.0] * 4  # full width is its own reference
+
+
+def test_ties_in_learn_risk_keep_the_given_order():
+    losses = [[0] * 900, [0] * 900, [0] * 900]
+    learn = [i % 3 == 0 for i in range(900)]
+    res = learn_then_test(losses, [1.0, 0.5, 2.0], alpha=0.01, delta=0.1, learn=learn)
+    assert res.order == [0, 1, 2] and res.chosen == 1

@@ -279,7 +279,7 @@ def calibrate_and_save(checkpoint, out_dir, tokenizer, calib_pages, splits, sett
         for exit_t, widen_t in EXIT_SETTINGS:
             rows = generate_rows(engine, tokenizer, problems, plan, newline, exit_threshold=exit_t, expand_threshold=widen_t)
             outcomes[(m, exit_t, widen_t)] = ([r["text"] for r in rows], [r["flops"] / r["full_flops"] for r in rows])
-    configs, losses, costs = grid_losses(probs, outcomes, lambda a, b: float(a != b))
+    configs, losses, costs = grid_losses(probs, outcomes, lambda a, b: float(a != b), learn)
     guarantee = choose_and_apply(model, configs, losses, costs, settings.risk, settings.delta, strata, learn)
     guarantee["units"] = "calib-split problems outside the gate pages; loss: the answer differs from full width's"
     step = meta["checkpoint_step"]
