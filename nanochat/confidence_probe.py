@@ -181,7 +181,8 @@ class AdaptiveControllers(nn.Module):
         self.gate.init_weights()
         self.predictor.init_weights()
         with torch.no_grad():
-            self.op_thresholds.copy_(torch.tensor([1.0, 0.0]))
+            self.op_thresholds[0].fill_(1.0)  # scalars: under a meta-device context (speedrun's plan) too
+            self.op_thresholds[1].fill_(0.0)
             self.op_on.fill_(False)
 
     def is_calibrated(self):
@@ -197,7 +198,8 @@ class AdaptiveControllers(nn.Module):
     @torch.no_grad()
     def set_operating_point(self, router, exit_threshold, widen_threshold):
         self.predictor.threshold.fill_(router)
-        self.op_thresholds.copy_(torch.tensor([exit_threshold, widen_threshold]))
+        self.op_thresholds[0].fill_(float(exit_threshold))
+        self.op_thresholds[1].fill_(float(widen_threshold))
         self.op_on.fill_(True)
 
 

@@ -32,6 +32,12 @@ for a in "$@"; do
 done
 
 PY=${PYTHON:-python3}
+if [ "$DRY_RUN" = 1 ] && ! "$PY" -c "import torch" 2>/dev/null; then
+  # the plan measures parameter counts with the package's own code: on a fresh machine, set up as runs/runcpu.sh does
+  echo "== $PY has no torch: setting up .venv (CPU torch, this package) for the plan, as runs/runcpu.sh does"
+  source runs/cpu_venv.sh
+  cpu_venv
+fi
 NPROC=${NPROC:-8}                       # GPUs of this node
 HUB=${HUB:-karpathy/nanochat-d32}        # the source GPT and its tokenizer
 NEW_DIM=${NEW_DIM:-2048}                # width after surgery (d32 is 2048: Mamba blocks are inserted, no growth)

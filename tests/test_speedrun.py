@@ -1,0 +1,20 @@
+"""runs/speedrun.sh --dry-run: the d32 plan, built with the package's own surgery on meta-device tensors, prints
+its stages and the total (a meta-device regression in model init once broke it)."""
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.mark.slow
+def test_speedrun_dry_run_prints_the_plan(tmp_path):
+    env = dict(os.environ, PYTHON=sys.executable, NANOCHAT_BASE_DIR=str(tmp_path), PYTHONPATH=str(ROOT))
+    out = subprocess.run(["bash", "runs/speedrun.sh", "--dry-run"], cwd=ROOT, env=env, capture_output=True, text=True,
+                         timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "training total:" in out.stdout and "--phase=3" in out.stdout
+    assert not (tmp_path / "speedrun").exists()  # a dry run writes nothing
