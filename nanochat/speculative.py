@@ -94,6 +94,16 @@ class SpecStats:
 PROBE_STEPS = 2  # plain decode steps timed before speculating (with the fallback on)
 
 
+def step_per_position(mamba, xn, conv_state, ssm_state, keep):
+    """Mamba over xn (B, T, D) one decode step per position (what plain decoding runs), states updated in place;
+    keep(t, conv_state, ssm_state) is handed the states after position t (the verify pass's rollback points)."""
+    ys = []
+    for t in range(xn.size(1)):
+        ys.append(mamba.step(xn[:, t:t + 1], conv_state, ssm_state)[0])
+        keep(t, conv_state, ssm_state)
+    return torch.cat(ys, 1)
+
+
 class VerifyCache(EagerCache):
     """An EagerCache that steps Mamba blocks once per position, keeping the states after each (rollback), and
     routes MoE FFNs per position: the verify pass computes what one-token decode steps compute."""
@@ -104,12 +114,8 @@ class VerifyCache(EagerCache):
         self.saved = saved  # block -> [(conv, ssm) after each position], appended to
 
     def step_mamba(self, mamba, xn):
-        conv_state, ssm_state = self.st.ssm[self.j]
-        ys, kept = [], self.saved.setdefault(self.j, [])
-        for t in range(xn.size(1)):
-            ys.append(mamba.step(xn[:, t:t + 1], conv_state, ssm_state)[0])
-            kept.append((conv_state.clone(), ssm_state.clone()))
-        return torch.cat(ys, 1)
+        kept = self.saved.setdefault(self.j, [])
+        return step_per_position(mamba, xn, *self.st.ssm[self.j], lambda t, c, s: kept.append((c.clone(), s.clone())))
 
 
 class StaticVerifyCache(StaticCache):
@@ -125,14 +131,12 @@ class StaticVerifyCache(StaticCache):
         self.keep = (torch.arange(L, device=pos.device)[None, :] <= pos[:, None]).view(1, 1, pos.numel(), L)
 
     def step_mamba(self, mamba, xn):
-        conv_state, ssm_state = self.st.ssm[self.j]
         conv_buf, ssm_buf = self.saved[self.j]
-        ys = []
-        for t in range(xn.size(1)):
-            ys.append(mamba.step(xn[:, t:t + 1], conv_state, ssm_state)[0])
+
+        def keep(t, conv_state, ssm_state):  # into the fixed buffers a CUDA graph writes
             conv_buf[t].copy_(conv_state)
             ssm_buf[t].copy_(ssm_state)
-        return torch.cat(ys, 1)
+        return step_per_position(mamba, xn, *self.st.ssm[self.j], keep)
 
 
 def snapshot_ssm(st):

@@ -97,6 +97,26 @@ def check_targets(results):
     return t
 
 
+def issue28_targets(results):
+    """The targets of issue #28, per difficulty where they are per difficulty: auto within 1 point of full width, full
+    width within 1 point of the dense GPT, easy at <= 0.50 of the compute, hard >= 1.3x easy's compute, and the
+    guarantee's alpha not exceeded on the test split."""
+    D, g = results["difficulties"], results["guarantee"]
+    out = {}
+    for name, a, b in (("auto_vs_full", "adaptive_accuracy", "full_accuracy"),
+                       ("full_vs_dense", "full_accuracy", "dense_gpt_accuracy")):
+        gaps = {d: D[d][a] - D[d][b] for d in DIFFICULTIES if b in D[d]}
+        out[name] = {"pass": bool(gaps) and all(v >= -0.01 for v in gaps.values()),
+                     "detail": ", ".join(f"{d} {v:+.3f}" for d, v in gaps.items())}
+    easy, hard = D["easy"]["compute_fraction"], D["hard"]["compute_fraction"]
+    out["easy_compute"] = {"pass": easy <= 0.5, "detail": f"easy auto compute {easy:.3f} (<= 0.50)"}
+    out["hard_vs_easy"] = {"pass": hard >= 1.3 * easy, "detail": f"hard / easy {hard / easy:.3f} (>= 1.3)"}
+    out["guarantee_on_test"] = {"pass": all(g["holds_on_test"].values()),
+                                "detail": ", ".join(f"{d} {v:.4f}" for d, v in g["test_disagreement"].items())
+                                + f" (alpha {g['alpha']}{', full-width fallback' if g['fallback_full_width'] else ''})"}
+    return out
+
+
 def fmt(x, p=3):
     return "  n/a" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{x:.{p}f}"
 
