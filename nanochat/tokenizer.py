@@ -139,6 +139,81 @@ class Tokenizer:
     def decode(self, ids):
         return self.enc.decode(ids)
 
+    # ---- chat: conversations rendered with the special tokens (nanochat's layout) ----------------------------
+    def render_conversation(self, conversation, max_tokens=2048):
+        """
+        (ids, mask) of a conversation {"messages": [...]}: <|bos|>, then per turn <|user_start|> text <|user_end|> or
+        <|assistant_start|> parts <|assistant_end|>. mask is 1 on the tokens the assistant writes (its text, its
+        python tool calls with their delimiters, <|assistant_end|>) and 0 elsewhere (the prompt, <|assistant_start|>,
+        tool outputs, which the tool writes). A leading system message is folded into the first user message, as
+        nanochat does. Turns must alternate user, assistant, user, ...; both lists are cut to max_tokens.
+        """
+        messages = _chat_messages(conversation)
+        ids, mask = [], []
+
+        def add(tokens, m):
+            tokens = [tokens] if isinstance(tokens, int) else tokens
+            ids.extend(tokens)
+            mask.extend([m] * len(tokens))
+
+        sp = self.encode_special
+        add(self.get_bos_token_id(), 0)
+        for message in messages:
+            content = message["content"]
+            if message["role"] == "user":
+                add(sp("<|user_start|>"), 0)
+                add(self.encode(content), 0)
+                add(sp("<|user_end|>"), 0)
+                continue
+            add(sp("<|assistant_start|>"), 0)
+            for part in ([{"type": "text", "text": content}] if isinstance(content, str) else content):
+                kind, text = part.get("type"), part.get("text")
+                if not isinstance(text, str):
+                    raise ValueError(f"an assistant part needs a str 'text', got {part!r}")
+                if kind == "text":
+                    add(self.encode(text), 1)
+                elif kind == "python":
+                    add(sp("<|python_start|>"), 1)
+                    add(self.encode(text), 1)
+                    add(sp("<|python_end|>"), 1)
+                elif kind == "python_output":
+                    add(sp("<|output_start|>"), 0)
+                    add(self.encode(text), 0)
+                    add(sp("<|output_end|>"), 0)
+                else:
+                    raise ValueError(f"unknown assistant part type {kind!r} (text, python, python_output)")
+            add(sp("<|assistant_end|>"), 1)
+        return ids[:max_tokens], mask[:max_tokens]
+
+    def render_for_completion(self, conversation):
+        """The prompt ids for the assistant's next turn: the conversation without its last (assistant) message,
+        ending with <|assistant_start|>."""
+        messages = _chat_messages(conversation)
+        if messages[-1]["role"] != "assistant":
+            raise ValueError("render_for_completion: the conversation must end with the assistant message to leave out")
+        ids, _ = self.render_conversation({"messages": messages[:-1]}, max_tokens=None)
+        return ids + [self.encode_special("<|assistant_start|>")]
+
+
+def _chat_messages(conversation):
+    """The conversation's messages, a system message folded into the first user message; checks roles alternate."""
+    messages = conversation.get("messages") if isinstance(conversation, dict) else None
+    if not isinstance(messages, list) or not messages:
+        raise ValueError("a conversation is a dict with a non-empty 'messages' list")
+    if messages[0].get("role") == "system":
+        if len(messages) < 2 or messages[1].get("role") != "user":
+            raise ValueError("a system message must be followed by a user message")
+        first = dict(messages[1], content=messages[0]["content"] + "\n\n" + messages[1]["content"])
+        messages = [first] + messages[2:]
+    for i, message in enumerate(messages):
+        want = "user" if i % 2 == 0 else "assistant"
+        if message.get("role") != want:
+            raise ValueError(f"message {i} has role {message.get('role')!r}; turns alternate user, assistant, ... "
+                             f"(one optional system message first)")
+        if want == "user" and not isinstance(message.get("content"), str):
+            raise ValueError(f"message {i}: a user message's content is a str")
+    return messages
+
 
 # -----------------------------------------------------------------------------
 # token_bytes.pt: bytes per token id, for bits-per-byte

@@ -159,3 +159,46 @@ def test_tok_train_end_to_end(tmp_path, monkeypatch, capsys):
     assert Tokenizer.from_directory(other / "tok").get_vocab_size() == 300
     main(["--vocab-size", "301", "--data-dir", str(other / "data"), "--tokenizer-dir", str(other / "tok2")])
     assert Tokenizer.from_directory(other / "tok2").get_vocab_size() == 301
+
+
+# ---- chat rendering ------------------------------------------------------------------------------------------
+def test_render_conversation_masks_what_the_assistant_writes(tok):
+    conv = {"messages": [
+        {"role": "system", "content": "be brief"},
+        {"role": "user", "content": "2+3?"},
+        {"role": "assistant", "content": [{"type": "text", "text": "calc "}, {"type": "python", "text": "2+3"},
+                                          {"type": "python_output", "text": "5"}, {"type": "text", "text": " =5"}]},
+        {"role": "user", "content": "thanks"},
+        {"role": "assistant", "content": "ok"},
+    ]}
+    ids, mask = tok.render_conversation(conv)
+    sp = tok.encode_special
+    expect = ([tok.get_bos_token_id(), sp("<|user_start|>")] + tok.encode("be brief\n\n2+3?") + [sp("<|user_end|>"),
+              sp("<|assistant_start|>")] + tok.encode("calc ") + [sp("<|python_start|>")] + tok.encode("2+3") +
+              [sp("<|python_end|>"), sp("<|output_start|>")] + tok.encode("5") + [sp("<|output_end|>")] +
+              tok.encode(" =5") + [sp("<|assistant_end|>"), sp("<|user_start|>")] + tok.encode("thanks") +
+              [sp("<|user_end|>"), sp("<|assistant_start|>")] + tok.encode("ok") + [sp("<|assistant_end|>")])
+    assert ids == expect
+    # the assistant's own tokens are exactly: its text, the tool call with its delimiters, <|assistant_end|>
+    written = [t for t, m in zip(ids, mask) if m]
+    assert written == (tok.encode("calc ") + [sp("<|python_start|>")] + tok.encode("2+3") + [sp("<|python_end|>")] +
+                       tok.encode(" =5") + [sp("<|assistant_end|>")] + tok.encode("ok") + [sp("<|assistant_end|>")])
+    ids2, mask2 = tok.render_conversation(conv, max_tokens=7)
+    assert ids2 == ids[:7] and mask2 == mask[:7]
+
+
+def test_render_for_completion_and_bad_conversations(tok):
+    conv = {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]}
+    ids, _ = tok.render_conversation(conv)
+    prompt = tok.render_for_completion(conv)
+    assert prompt == ids[:len(prompt)] and prompt[-1] == tok.encode_special("<|assistant_start|>")
+    assert ids[len(prompt):] == tok.encode("yo") + [tok.encode_special("<|assistant_end|>")]
+    with pytest.raises(ValueError, match="alternate"):
+        tok.render_conversation({"messages": [{"role": "assistant", "content": "x"}]})
+    with pytest.raises(ValueError, match="part type"):
+        tok.render_conversation({"messages": [{"role": "user", "content": "q"},
+                                              {"role": "assistant", "content": [{"type": "image", "text": "x"}]}]})
+    with pytest.raises(ValueError, match="non-empty"):
+        tok.render_conversation({"messages": []})
+    with pytest.raises(ValueError, match="end with the assistant"):
+        tok.render_for_completion({"messages": [{"role": "user", "content": "q"}]})
