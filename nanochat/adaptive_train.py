@@ -24,7 +24,9 @@ The losses are means over plans (the caller's backward scales by 1 / number of p
 import torch
 import torch.nn.functional as F
 
-from nanochat.confidence_probe import plan_menu, router_labels, controller_losses
+from nanochat.common import autocast_context
+from nanochat.confidence_probe import plan_menu, router_labels, controller_losses, gate_scores
+from nanochat.loss_eval import all_reduce_sums, evaluate_bpb
 from nanochat.matryoshka import sample_plans
 
 
@@ -45,8 +47,20 @@ def step_plans(config, matryoshka, rng, n_random=0, per_block=False, step=0):
     return [full] + narrow_plans(config, step) + randoms
 
 
+def width_kwargs(model, plan):
+    """The forward's width argument for a plan; a dense GPT (scripts.chat_sft trains one) has a single width."""
+    return {} if model.kind == "gpt" else {"width": plan}
+
+
+def plan_flops(model, context_len, plan):
+    """Forward FLOPs per token of a plan at a context length (the one FLOP table; a dense GPT: its only width)."""
+    return model.forward_flops_per_token(context_len, **width_kwargs(model, plan))
+
+
 def plan_label(plan, config):
     """'w64' for the menu plan of level 64 (or the uniform plan 64), 'm48' (mean width) for any other plan."""
+    if not hasattr(config, "width_levels"):
+        return "full"
     for w, menu_plan in zip(config.width_levels, plan_menu(config)):
         if list(plan) == menu_plan or list(plan) == [w] * config.n_layer:
             return f"w{w}"
@@ -75,9 +89,9 @@ def train_micro_batch(model, train_model, x, y, plans, controllers=None, exit_we
     syncs). Returns [CE per plan..., KL sum over narrow plans, MoE router loss (mean over plans), gate loss (mean
     over plans), router loss], detached floats as a tensor.
     """
-    has_moe = "E" in model.config.ffn_pattern
-    menu = plan_menu(model.config)[:-1]
-    n_narrow = len(menu) if [list(p) for p in plans[1:1 + len(menu)]] == menu else 0
+    has_moe = "E" in getattr(model.config, "ffn_pattern", "")
+    menu = plan_menu(model.config)[:-1] if len(plans) > 1 else []
+    n_narrow = len(menu) if menu and [list(p) for p in plans[1:1 + len(menu)]] == menu else 0
     valid = y != -1
     want_exits = exit_weight > 0 or controllers is not None
     sums = torch.zeros(len(plans) + 4, device=x.device)
@@ -91,7 +105,7 @@ def train_micro_batch(model, train_model, x, y, plans, controllers=None, exit_we
             out, logits = None, train_model(x, width=plan)
             ce = F.cross_entropy(logits.view(-1, logits.size(-1)), y.reshape(-1), ignore_index=-1)
         else:
-            out, logits, ce = None, None, train_model(x, y, width=plan)
+            out, logits, ce = None, None, train_model(x, y, **width_kwargs(model, plan))
         objective = ce
         if i == 0:
             if len(plans) > 1:
@@ -122,3 +136,41 @@ def train_micro_batch(model, train_model, x, y, plans, controllers=None, exit_we
         sums[i] += ce.detach().float()
         backward(objective, i)
     return sums
+
+
+def evaluate_widths(model, controllers, batches, token_bytes, T, exit_threshold=0.9, plan_epsilon=None):
+    """Val metrics of this rank's batches, summed over ranks. bpb_w<w>: bits per byte at each width level. With
+    controllers, bpb_pred: each row at the width predictor's plan (read from its first T/2 tokens); compute_pred: that
+    plan's forward FLOPs per token over the full width's (mean over rows); exit_rate / exit_precision: teacher forced, at
+    full width, a token exits at the first gate whose (raw, uncalibrated) probability is > exit_threshold; precision =
+    its exit readout's top-1 agrees with the final top-1 (confidence_probe.gate_scores)."""
+    model.eval()
+    dev, full_flops = token_bytes.device, model.forward_flops_per_token(T / 2)
+    frac = torch.zeros(2, dtype=torch.float64, device=dev)  # sum of compute fractions, rows
+
+    def at_predicted_plan(x, y, loss_reduction="none"):
+        pooled = controllers.predictor.pool(model.prefix_hidden(x, model.config.predictor_after)[:, :T // 2])
+        plan = controllers.predictor.plan(controllers.predictor(pooled), plan_epsilon, controllers.matters)  # (B, n_layer)
+        for row in plan.tolist():
+            frac[0] += model.forward_flops_per_token(T / 2, row) / full_flops
+            frac[1] += 1
+        return model(x, y, width=plan, loss_reduction=loss_reduction)
+
+    with autocast_context(dev.type):
+        levels = getattr(model.config, "width_levels", None)  # a dense GPT: its one width
+        res = {f"bpb_w{w}": evaluate_bpb(model, batches, len(batches), token_bytes, forward_kwargs={"width": w})
+               for w in levels} if levels else {"bpb": evaluate_bpb(model, batches, len(batches), token_bytes)}
+        if controllers is not None:
+            res["bpb_pred"] = evaluate_bpb(at_predicted_plan, batches, len(batches), token_bytes)
+            probs, agree = gate_scores(model, batches, calibrated=False)  # (G, N) each
+            fire = probs > exit_threshold
+            exited = fire.any(0)
+            first = fire.float().argmax(0)
+            good = agree[first, torch.arange(agree.size(1))] & exited
+            counts = torch.tensor([exited.numel(), exited.sum().item(), good.sum().item()], dtype=torch.float64, device=dev)
+            all_reduce_sums(frac, counts)
+            res["compute_pred"] = (frac[0] / frac[1]).item()
+            res["exit_rate"] = (counts[1] / counts[0]).item()
+            res["exit_precision"] = (counts[2] / counts[1]).item() if counts[1] > 0 else float("nan")
+    model.train()
+    return res

@@ -67,10 +67,9 @@ from nanochat.common import (compute_init, compute_cleanup, print0, autodetect_d
 from nanochat.tokenizer import compute_token_bytes, save_token_bytes, TOKEN_BYTES_FILENAME
 from nanochat.dataset import get_data_dir, split_parquet_files
 from nanochat.dataloader import tokenizing_distributed_data_loader
-from nanochat.loss_eval import all_reduce_sums, evaluate_bpb
 from nanochat.moe_ep import shard_experts, is_expert_shard
-from nanochat.confidence_probe import gate_scores
-from nanochat.adaptive_train import step_plans as adaptive_step_plans, plan_label, train_micro_batch
+from nanochat.adaptive_train import (step_plans as adaptive_step_plans, plan_label, train_micro_batch, evaluate_widths,
+                                     plan_flops)
 from nanochat.surgery import grown_masks
 from nanochat.optim import (setup_optimizers, lr_multiplier, set_lr_multiplier, muon_momentum, set_muon_momentum,
                             optimizer_state_dicts, load_optimizer_state_dicts)
@@ -89,6 +88,7 @@ class Phase:
     exit_loss: bool    # the full-width forward adds --exit-loss-weight x the exit readouts' CE
     grown: bool        # needs a grown checkpoint; --expanded-dim checks it, --new-channel-lr-mult masks the grown entries
     distill: bool      # --distill's default: narrow plans also learn KL(full || narrow) from the step's full logits
+    chat: bool = False  # scripts.chat_sft: conversations instead of text shards; a dense GPT may train too
 
 
 PHASES = {
@@ -113,10 +113,15 @@ understates what the hardware does). MFU = FLOPs / dt / (world_size * peak bf16 
 
 
 def get_args(argv=None):
-    p = argparse.ArgumentParser(description="Fractal training of a hybrid checkpoint: phase 1 (Mamba only), "
-                                "2 (all + Matryoshka + controllers), 3 (grown model)", epilog=EPILOG,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--phase", type=int, required=True, choices=tuple(PHASES))
+    return build_parser().parse_args(argv)
+
+
+def build_parser(description="Fractal training of a hybrid checkpoint: phase 1 (Mamba only), 2 (all + Matryoshka + "
+                 "controllers), 3 (grown model)", phase_flag=True):
+    """The flags of a training run; scripts.chat_sft builds on them (without --phase)."""
+    p = argparse.ArgumentParser(description=description, epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    if phase_flag:
+        p.add_argument("--phase", type=int, required=True, choices=tuple(PHASES))
     p.add_argument("--checkpoint", type=str, required=True, help="hybrid checkpoint dir or model_<step>.pt (tokenizer.pkl beside it)")
     p.add_argument("--matryoshka", action=argparse.BooleanOptionalAction, default=None,
                    help="sample width plans (default on for phases 2/3; an error in phase 1)")
@@ -173,12 +178,13 @@ def get_args(argv=None):
     p.add_argument("--continue-data", action="store_true",
                    help="start the train stream where the --checkpoint's run stopped (e.g. phase 2 after phase 1)")
     add_runtime_args(p)  # --debug, --threads, --require-kernels (read by run_script)
-    return p.parse_args(argv)
+    return p
 
 
-def check_args(args):
-    """The phase's table entry, after --matryoshka's default is filled in and flags it cannot use are refused."""
-    phase = PHASES[args.phase]
+def check_args(args, phase=None):
+    """The phase's table entry (or the given one), after --matryoshka's default is filled in and flags it cannot use
+    are refused."""
+    phase = phase or PHASES[args.phase]
     if args.matryoshka is None:
         args.matryoshka = phase.matryoshka
     if args.distill is None:
@@ -232,8 +238,8 @@ Paths = namedtuple("Paths", "data_dir out_dir load_path start_step provenance")
 def load_checkpoint(args, phase, user_args, world_size, device):
     """(model, tokenizer, meta, Paths) of the --checkpoint, or with --resume the latest step in --out-dir. Missing data,
     a checkpoint this phase cannot train, a tokenizer that does not fit: each stops here with what to do."""
-    data_dir = get_data_dir(args.data_dir)
-    for split in ("train", "val"):
+    data_dir = None if phase.chat else get_data_dir(args.data_dir)
+    for split in ("train", "val") if data_dir else ():
         split_parquet_files(split, data_dir)  # raises, saying how to get data, if there is none
     out_dir = expand_path(args.out_dir) or os.path.join(get_base_dir(), "fractal_checkpoints", f"phase{args.phase}")
     source_dir, source_step = cm.resolve_checkpoint(args.checkpoint)
@@ -242,7 +248,7 @@ def load_checkpoint(args, phase, user_args, world_size, device):
                          f"continue that run, or use another --out-dir")
     load_path, start_step = (out_dir, cm.find_last_step(out_dir)) if args.resume else (cm.model_path(source_dir, source_step), 0)
     model, tokenizer, meta = cm.load_model_and_tokenizer(load_path, device=device)
-    if cm.model_kind_of(meta) != "hybrid":
+    if cm.model_kind_of(meta) != "hybrid" and not (phase.chat and cm.model_kind_of(meta) == "gpt"):
         raise ValueError(f"{load_path} holds a {cm.model_kind_of(meta)!r} model; fractal_train trains hybrid checkpoints: "
                          f"make one with python -m scripts.surgery --new-dim=D")
     config = model.config
@@ -255,9 +261,9 @@ def load_checkpoint(args, phase, user_args, world_size, device):
     if phase.controllers and not config.adaptive:
         raise ValueError(f"phase {args.phase} trains the confidence gates and width predictor, but this checkpoint has "
                          f"none (config.adaptive=False): create the hybrid with scripts.surgery --adaptive")
-    if args.expert_parallel and ("E" not in config.ffn_pattern or config.num_experts % world_size):
+    if args.expert_parallel and ("E" not in ffn_pattern(config) or config.num_experts % world_size):
         raise ValueError(f"--expert-parallel needs MoE blocks whose experts divide over {world_size} ranks; this model has "
-                         f"ffn_pattern {config.ffn_pattern!r} and {config.num_experts} experts")
+                         f"ffn_pattern {ffn_pattern(config)!r} and {getattr(config, 'num_experts', 0)} experts")
     source = meta.get("source") if args.resume else {"checkpoint": source_dir, "step": source_step,
                                                       "phase": meta.get("phase"), "model_kind": meta.get("model_kind")}
     provenance = {"user_args": user_args, "source": source, "surgery": meta.get("surgery"),
@@ -436,7 +442,7 @@ def train_step(args, phase, t, loaders, loader_states, geo, step, plans):
             p.copy_(torch.where(m, old + args.new_channel_lr_mult * (p - old), p))
     model.zero_grad(set_to_none=True)
     for block in model.transformer.h:
-        if block.ffn_kind == "E" and block.moe.bias_balancing:
+        if getattr(block, "ffn_kind", None) == "E" and block.moe.bias_balancing:
             block.moe.update_bias()
     synchronize(geo.device)
     t1 = time.time()
@@ -447,43 +453,6 @@ def train_step(args, phase, t, loaders, loader_states, geo, step, plans):
 
 # -----------------------------------------------------------------------------
 # Evaluating and saving
-
-def evaluate(args, model, controllers, batches, token_bytes, T):
-    """Val metrics of this rank's batches, summed over ranks. bpb_w<w>: bits per byte at each width level. With
-    controllers, bpb_pred: each row at the width predictor's plan (read from its first T/2 tokens); compute_pred: that
-    plan's forward FLOPs per token over the full width's (mean over rows); exit_rate / exit_precision: teacher forced, at
-    full width, a token exits at the first gate whose (raw, uncalibrated) probability is > --exit-threshold; precision =
-    its exit readout's top-1 agrees with the final top-1 (confidence_probe.gate_scores)."""
-    model.eval()
-    dev, full_flops = token_bytes.device, model.forward_flops_per_token(T / 2)
-    frac = torch.zeros(2, dtype=torch.float64, device=dev)  # sum of compute fractions, rows
-
-    def at_predicted_plan(x, y, loss_reduction="none"):
-        pooled = controllers.predictor.pool(model.prefix_hidden(x, model.config.predictor_after)[:, :T // 2])
-        plan = controllers.predictor.plan(controllers.predictor(pooled), args.plan_epsilon, controllers.matters)  # (B, n_layer)
-        for row in plan.tolist():
-            frac[0] += model.forward_flops_per_token(T / 2, row) / full_flops
-            frac[1] += 1
-        return model(x, y, width=plan, loss_reduction=loss_reduction)
-
-    with autocast_context(dev.type):
-        res = {f"bpb_w{w}": evaluate_bpb(model, batches, len(batches), token_bytes, forward_kwargs={"width": w})
-               for w in model.config.width_levels}
-        if controllers is not None:
-            res["bpb_pred"] = evaluate_bpb(at_predicted_plan, batches, len(batches), token_bytes)
-            probs, agree = gate_scores(model, batches, calibrated=False)  # (G, N) each
-            fire = probs > args.exit_threshold
-            exited = fire.any(0)
-            first = fire.float().argmax(0)
-            good = agree[first, torch.arange(agree.size(1))] & exited
-            counts = torch.tensor([exited.numel(), exited.sum().item(), good.sum().item()], dtype=torch.float64, device=dev)
-            all_reduce_sums(frac, counts)
-            res["compute_pred"] = (frac[0] / frac[1]).item()
-            res["exit_rate"] = (counts[1] / counts[0]).item()
-            res["exit_precision"] = (counts[2] / counts[1]).item() if counts[1] > 0 else float("nan")
-    model.train()
-    return res
-
 
 def save(args, step, val, t, loader_states, paths, geo):
     """Optimizer state (full, from rank 0), then the model and, last, the meta with every data shard's position."""
@@ -508,21 +477,31 @@ def save(args, step, val, t, loader_states, paths, geo):
         dist.barrier()
 
 
+def ffn_pattern(config):
+    return getattr(config, "ffn_pattern", "")  # a dense GPT (scripts.chat_sft) has none
+
+
 def main(argv=None):
     args = get_args(argv)
-    phase = check_args(args)
+    return train(args, check_args(args), make_data, "scripts.fractal_train", argv)
+
+
+def train(args, phase, data_fn, script, argv=None):
+    """The run: setup, the step loop, checkpoints. data_fn(args, tokenizer, meta, paths, loader_states, geo) ->
+    (train loaders by data shard, val batches): make_data here, chat conversations in scripts.chat_sft."""
     user_args = vars(args).copy()
     ddp, rank, world_size, device, wandb_run = setup_process(args, user_args)
     model, tokenizer, meta, paths = load_checkpoint(args, phase, user_args, world_size, device)
     config = model.config
     token_bytes = compute_token_bytes(tokenizer).to(device)
-    print0(f"phase {args.phase} | model {paths.load_path} (step {meta['checkpoint_step']}) | n_embd {config.n_embd} | layers "
-           f"{config.n_layer} ({config.layer_pattern}/{config.ffn_pattern}) | levels {config.width_levels} | data {paths.data_dir}")
+    print0(f"{script} phase {args.phase} | model {paths.load_path} (step {meta['checkpoint_step']}) | n_embd {config.n_embd} | "
+           f"layers {config.n_layer} ({getattr(config, 'layer_pattern', 'dense')}/{ffn_pattern(config)}) | levels "
+           f"{getattr(config, 'width_levels', '-')} | data {paths.data_dir or 'conversations'}")
     geo = batch_geometry(args, config, ddp, rank, world_size, device)
     t = prepare_training(args, phase, model, meta, geo)
     loader_states = restore_state(args, meta, paths, t.optimizers, geo.data_ranks)
-    loaders, val_batches = make_data(args, tokenizer, meta, paths, loader_states, geo)
-    num_iterations, has_moe, peak = args.num_iterations, "E" in config.ffn_pattern, peak_flops(device)
+    loaders, val_batches = data_fn(args, tokenizer, meta, paths, loader_states, geo)
+    num_iterations, has_moe, peak = args.num_iterations, "E" in ffn_pattern(config), peak_flops(device)
 
     # -------------------------------------------------------------------------
     # Training loop: at the top of step s the model has had s updates
@@ -536,7 +515,7 @@ def main(argv=None):
         stopping = stop.requested(device)
         last_step = step >= num_iterations or stopping
         if args.eval_every > 0 and not stopping and (last_step or step % args.eval_every == 0):
-            val = evaluate(args, model, t.controllers, val_batches, token_bytes, geo.T)
+            val = evaluate_widths(model, t.controllers, val_batches, token_bytes, geo.T, args.exit_threshold, args.plan_epsilon)
             history["val"][step] = val
             print0(f"step {step:05d} | val " + " | ".join(f"{k} {v:.4f}" for k, v in val.items()))
             wandb_run.log({"step": step, **{f"val/{k}": v for k, v in val.items()}})
@@ -552,7 +531,7 @@ def main(argv=None):
         recent = step_times[1:] or step_times  # the first step includes compilation and warmup
         eta = (num_iterations - step - 1) * sum(recent) / len(recent)
         tok_per_sec = geo.total_batch / dt
-        step_flops = geo.total_batch * sum(3 * model.forward_flops_per_token(geo.T / 2, plan) for plan in plans)
+        step_flops = geo.total_batch * sum(3 * plan_flops(model, geo.T / 2, plan) for plan in plans)
         mfu = 100 * step_flops / dt / (peak * world_size) if peak else None
         labels = [plan_label(plan, config) for plan in plans]
         widths = " ".join(f"{label} {l:.3f}" for label, l in zip(labels[1:], sums[1:len(plans)]))
@@ -580,7 +559,7 @@ def main(argv=None):
     compute_cleanup()
     if stop.signum is not None:  # saved above (unless --no-save); say how to go on, exit 128 + signal
         stop.finish(step, saved=not args.no_save and step > paths.start_step,
-                    resume=resume_command("scripts.fractal_train", sys.argv[1:] if argv is None else argv, paths.out_dir)
+                    resume=resume_command(script, sys.argv[1:] if argv is None else argv, paths.out_dir)
                     if os.path.isdir(paths.out_dir) and cm.list_steps(paths.out_dir) else None)
     stop.close()
     return dict(history, checkpoint_dir=paths.out_dir, checkpoint=cm.model_path(paths.out_dir, step), last_step=step,
