@@ -9,7 +9,14 @@
 #   calibrate python -m scripts.calibrate_gates                  the gates' isotonic maps + auto's operating point (Learn-then-Test), val half
 #   eval      python -m scripts.generate, modes think and auto, --show-compute; python -m scripts.bench adaptive:
 #             held-out decode loss and tokens/s per mode on the other half of the val split
-#   report    $RUN_DIR/report.md: sizes, every phase's final val metrics, the eval outputs
+#   base eval python -m scripts.base_eval                       CORE and val bpb per compute mode
+#   tasks     python -m scripts.fetch_tasks                      the SFT mixture and the chat benchmarks from the hub
+#   sft       torchrun -m scripts.chat_sft                       conversations, assistant tokens only; widths, gates, router keep training
+#   chat cal  python -m scripts.calibrate_gates                  auto's operating point again, for the SFT'd model
+#   chat eval torchrun -m scripts.chat_eval                      ARC-E/C, MMLU, GSM8K, HumanEval, SpellingBee per mode, ChatCORE
+#   rl        torchrun -m scripts.chat_rl --compute-cost L       GSM8K policy gradient, minus L x the compute fraction
+#   rl cal + eval                                                calibrate and chat_eval the RL checkpoint
+#   report    $RUN_DIR/report.md: sizes, every phase's final val metrics, the eval outputs, every stage's per-mode tables
 # Every stage is skipped when its output exists; a training phase with checkpoints but no final one resumes.
 #
 #   bash runs/speedrun.sh --dry-run    # the plan: commands, measured parameter counts, time and cost estimates
@@ -26,7 +33,7 @@ DRY_RUN=0
 for a in "$@"; do
   case "$a" in
     --dry-run) DRY_RUN=1 ;;
-    -h|--help) sed -n '2,21p' "$0"; exit 0 ;;
+    -h|--help) sed -n '2,28p' "$0"; exit 0 ;;
     *) echo "unknown argument $a (use --dry-run or none)" >&2; exit 2 ;;
   esac
 done
@@ -53,6 +60,9 @@ KEEP_PARAMS=${KEEP_PARAMS:-1}           # phase 2: --fsdp-keep-params (1.6x the 
 P1_STEPS=${P1_STEPS:-2000}
 P2_STEPS=${P2_STEPS:-4000}
 P3_STEPS=${P3_STEPS:-4000}
+SFT_STEPS=${SFT_STEPS:-1000}            # chat_sft steps of TOTAL_BATCH tokens (packed conversations)
+RL_STEPS=${RL_STEPS:-300}               # chat_rl steps (generation-bound: not in the time estimate, not measured)
+COMPUTE_COST=${COMPUTE_COST:-0.1}       # chat_rl's lambda: reward - lambda x compute fraction
 CHARS_PER_TOKEN=${CHARS_PER_TOKEN:-4.8} # nanochat's tokenizer on FineWeb-Edu, for the shard count
 CHARS_PER_SHARD=${CHARS_PER_SHARD:-250000000}
 GPU_HOUR_USD=${GPU_HOUR_USD:-3.00}      # an assumption: set your price
@@ -78,6 +88,11 @@ P2=$RUN_DIR/phase2
 GROWN=$RUN_DIR/grown_$GROW_DIM
 P3=$RUN_DIR/phase3
 FINAL=$RUN_DIR/final
+SFT=$RUN_DIR/chat_sft
+SFT_FINAL=$RUN_DIR/chat_final
+RL=$RUN_DIR/chat_rl
+RL_FINAL=$RUN_DIR/chat_rl_final
+export ADAMBA_REPORT_DIR=$RUN_DIR/report   # every stage's per-mode metrics (nanochat.run_report), rendered by scripts.report
 TOKENS=$(( (P1_STEPS + P2_STEPS + P3_STEPS) * TOTAL_BATCH ))
 SHARDS=$($PY -c "import math; print(math.ceil($TOKENS * $CHARS_PER_TOKEN / $CHARS_PER_SHARD) + 1)")  # + 1: the last is val
 
@@ -106,7 +121,7 @@ train_phase() {  # name out_dir steps args...: skip when finished, --resume when
 # the plan: sizes measured from what the scripts build, time and cost from the measured MFU
 echo "== plan: $HUB -> surgery to $NEW_DIM -> phases 1, 2 -> growth to $GROW_DIM -> phase 3 on $NPROC GPUs ($RUN_DIR)"
 MAMBA="$MAMBA" NEW_DIM="$NEW_DIM" GROW_DIM="$GROW_DIM" HUB="$HUB" SEQ_LEN="$SEQ_LEN" TOTAL_BATCH="$TOTAL_BATCH" NPROC="$NPROC" \
-P1_STEPS="$P1_STEPS" P2_STEPS="$P2_STEPS" P3_STEPS="$P3_STEPS" MFU_P1="$MFU_P1" MFU_P2="$MFU_P2" MFU_P3="$MFU_P3" \
+P1_STEPS="$P1_STEPS" P2_STEPS="$P2_STEPS" P3_STEPS="$P3_STEPS" SFT_STEPS="$SFT_STEPS" MFU_P1="$MFU_P1" MFU_P2="$MFU_P2" MFU_P3="$MFU_P3" \
 PEAK_FLOPS="$PEAK_FLOPS" GPU_HOUR_USD="$GPU_HOUR_USD" SURGERY_ARGS="${SURGERY_ARGS[*]}" $PY - <<'EOF'
 import glob, json, os, re
 import torch
@@ -169,14 +184,16 @@ total_h = 0.0
 for name, model, params, trains, steps, sandwich, mfu in (
         ("phase 1", hyb, hyb_params, p1_trainable, int(env["P1_STEPS"]), False, float(env["MFU_P1"])),
         ("phase 2", hyb, hyb_params, hyb_params, int(env["P2_STEPS"]), True, float(env["MFU_P2"])),
-        ("phase 3", grown, grown_params, grown_params, int(env["P3_STEPS"]), True, float(env["MFU_P3"]))):
+        ("phase 3", grown, grown_params, grown_params, int(env["P3_STEPS"]), True, float(env["MFU_P3"])),
+        # SFT runs phase 3's step on the grown model (conversations instead of text): phase 3's MFU, not measured apart
+        ("sft", grown, grown_params, grown_params, int(env["SFT_STEPS"]), True, float(env["MFU_P3"]))):
     f = step_flops(model, sandwich)
     hours = steps * tok_step * f / (mfu * peak * gpus) / 3600
     total_h += hours
     print(f"{name:<9}{params / 1e9:>8.2f}B{trains / 1e9:>8.2f}B{steps:>7}{steps * tok_step / 1e9:>7.2f}B{f / 1e9:>11.1f}"
           f"{mfu:>6.3f}{hours:>7.1f}{hours * gpus * usd:>9,.0f}")
 print(f"training total: {total_h:.1f} h on {gpus} GPUs, ${total_h * gpus * usd:,.0f} at ${usd}/GPU-hour "
-      f"(download, surgery, growth and eval not estimated: not measured)")
+      f"(download, surgery, growth, calibration, eval and chat_rl not estimated: not measured)")
 EOF
 echo "data: $SHARDS shards for $(( TOKENS / 1000000 ))M tokens ($CHARS_PER_TOKEN chars/token, $CHARS_PER_SHARD chars/shard)"
 
@@ -223,6 +240,32 @@ else
   else "${BENCH[@]}" > "$out.tmp" && mv "$out.tmp" "$out"; fi
 fi
 
+if [ -s "$RUN_DIR/base_eval.json" ]; then echo "== base eval: done, skipped"
+else echo "== base eval"; run $PY -m scripts.base_eval --checkpoint "$FINAL" --bpb --data-dir "$DATA_DIR" --out-json "$RUN_DIR/base_eval.json"; fi
+
+echo "== tasks"; run $PY -m scripts.fetch_tasks   # cached: a second run downloads nothing
+
+CHAT_TRAIN=(--max-seq-len "$SEQ_LEN" --total-batch-size "$TOTAL_BATCH" --parallel fsdp --save-every 500 --device-batch-size "$DBS2")
+if [ -f "$(final_meta "$SFT" "$SFT_STEPS")" ]; then echo "== sft: done, skipped"
+else
+  resume=(); if have_checkpoint "$SFT"; then resume=(--resume); fi
+  echo "== sft"; run torchrun --standalone --nproc_per_node="$NPROC" -m scripts.chat_sft --checkpoint "$FINAL" --out-dir "$SFT" \
+    --num-iterations "$SFT_STEPS" "${CHAT_TRAIN[@]}" "${resume[@]}"
+fi
+if have_checkpoint "$SFT_FINAL"; then echo "== chat calibrate: $SFT_FINAL exists, skipped"
+else echo "== chat calibrate"; run $PY -m scripts.calibrate_gates --checkpoint "$SFT" --out-dir "$SFT_FINAL" --data-dir "$DATA_DIR"; fi
+CHAT_EVAL=(torchrun --standalone --nproc_per_node="$NPROC" -m scripts.chat_eval)
+if [ -s "$RUN_DIR/chat_eval.json" ]; then echo "== chat eval: done, skipped"
+else echo "== chat eval"; run "${CHAT_EVAL[@]}" --checkpoint "$SFT_FINAL" --out-json "$RUN_DIR/chat_eval.json" --plot "$RUN_DIR/chat_eval.png"; fi
+
+if [ -f "$(final_meta "$RL" "$RL_STEPS")" ]; then echo "== rl: done, skipped"
+else echo "== rl"; run torchrun --standalone --nproc_per_node="$NPROC" -m scripts.chat_rl --checkpoint "$SFT_FINAL" --out-dir "$RL" \
+  --num-steps "$RL_STEPS" --compute-cost "$COMPUTE_COST"; fi
+if have_checkpoint "$RL_FINAL"; then echo "== rl calibrate: $RL_FINAL exists, skipped"
+else echo "== rl calibrate"; run $PY -m scripts.calibrate_gates --checkpoint "$RL" --out-dir "$RL_FINAL" --data-dir "$DATA_DIR"; fi
+if [ -s "$RUN_DIR/chat_rl_eval.json" ]; then echo "== rl eval: done, skipped"
+else echo "== rl eval"; run "${CHAT_EVAL[@]}" --checkpoint "$RL_FINAL" --out-json "$RUN_DIR/chat_rl_eval.json" --plot "$RUN_DIR/chat_rl_eval.png"; fi
+
 echo "== report -> $RUN_DIR/report.md"
 if [ "$DRY_RUN" = 0 ]; then
 RUN_DIR="$RUN_DIR" $PY - <<'EOF' > "$RUN_DIR/report.md"
@@ -245,5 +288,6 @@ for mode in ("think", "auto", "adaptive"):
     p = os.path.join(run, f"eval_{mode}.txt")
     print(f"## eval, mode {mode}\n\n```\n{open(p).read().rstrip()}\n```\n")
 EOF
+$PY -m scripts.report --report-dir "$ADAMBA_REPORT_DIR" > /dev/null && cat "$ADAMBA_REPORT_DIR/report.md" >> "$RUN_DIR/report.md"
 cat "$RUN_DIR/report.md"
 fi

@@ -66,9 +66,10 @@ def pick_letters(engine, tokenizer, conversations, mode):
 
 @torch.inference_mode()
 def generate_turns(engine, tokenizer, prompts, mode, max_new_tokens, temperature=0.0, top_k=None, seed=0,
-                   batch_size=32, tool=None):
+                   batch_size=32, tool=None, **thresholds):
     """
-    Per prompt (token lists): (the generated turn's ids, flops, full flops). Rows of one length run as a batch; a row
+    Per prompt (token lists): (the generated turn's ids, flops, full flops). mode: a mode name or a plan (one width per
+    block), thresholds: the engine's exit_threshold / expand_threshold if given. Rows of one length run as a batch; a row
     that stops on <|python_end|> gets the tool's answer (tool(expr) -> str or None) as <|output_start|> .. <|output_end|>
     and goes on in the next round (a prefill of its whole context), at most MAX_TOOL_CALLS times.
     """
@@ -89,7 +90,7 @@ def generate_turns(engine, tokenizer, prompts, mode, max_new_tokens, temperature
                 budget = max_new_tokens - min(len(rows[i]["ids"]) - rows[i]["n_prompt"] for i in chunk)
                 res = engine.generate_batch([rows[i]["ids"] for i in chunk], max(budget, 1), plan=mode,
                                             temperature=temperature, top_k=top_k, seed=seed + length,
-                                            stop_tokens=tuple(sorted(stops)))
+                                            stop_tokens=tuple(sorted(stops)), **thresholds)
                 for b, i in enumerate(chunk):
                     r, toks = rows[i], res.tokens[b]
                     limit = max_new_tokens - (len(r["ids"]) - r["n_prompt"])
@@ -113,9 +114,10 @@ def generate_turns(engine, tokenizer, prompts, mode, max_new_tokens, temperature
 
 
 def evaluate_task(engine, tokenizer, task, mode, indices, max_new_tokens=512, temperature=0.0, top_k=None, seed=0,
-                  batch_size=32):
-    """{"accuracy", "compute_fraction", "n", "skipped"} of the task's items `indices` at `mode`. Items whose prompt
-    does not fit the model's context are skipped and counted."""
+                  batch_size=32, tool="calculator"):
+    """{"accuracy", "compute_fraction", "n", "skipped", ...} of the task's items `indices` at `mode`. Items whose prompt
+    does not fit the model's context are skipped and counted. tool: "calculator" answers python tool calls
+    (tasks.tools.calculator), None generates without tools."""
     context = engine.model.config.sequence_len
     convs, skipped = [], 0
     for i in indices:
@@ -130,10 +132,11 @@ def evaluate_task(engine, tokenizer, task, mode, indices, max_new_tokens=512, te
         answers = pick_letters(engine, tokenizer, convs, mode)
         correct = [int(letter == conv["messages"][-1]["content"]) for (letter, _, _), conv in zip(answers, convs)]
     else:
-        from tasks.tools import calculator
+        if tool == "calculator":
+            from tasks.tools import calculator as tool
         prompts = [tokenizer.render_for_completion(c) for c in convs]
         answers = generate_turns(engine, tokenizer, prompts, mode, max_new_tokens, temperature, top_k, seed, batch_size,
-                                 tool=calculator)
+                                 tool=tool)
         correct = [int(task.evaluate(conv, tokenizer.decode(ids))) for (ids, _, _), conv in zip(answers, convs)]
     flops, full = sum(a[1] for a in answers), sum(a[2] for a in answers)
     return {"accuracy": sum(correct) / len(correct), "compute_fraction": flops / full, "n": len(correct),

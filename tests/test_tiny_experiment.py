@@ -167,3 +167,21 @@ def test_final_checkpoint_loads(quick_run):
     idx = torch.randint(0, model.config.vocab_size, (1, 8))
     assert model(idx).shape == (1, 8, model.config.vocab_size)
     assert os.path.isfile(os.path.join(meta["checkpoint_dir"], "tokenizer.pkl"))
+
+
+@pytest.mark.slow  # the --quick run
+def test_chat_stage(quick_run):
+    """The chat stage: SFT'd, recalibrated, evaluated per mode through the engine; chat_cli's prompt format answers."""
+    _, _, r = quick_run
+    chat = r["chat"]
+    assert set(chat["modes"]) == {"ghost", "whisper", "normal", "think", "auto"}
+    for mode, v in chat["modes"].items():
+        assert 0 <= v["accuracy"] <= 1 and 0 < v["compute_fraction"] <= 1 + 1e-9, (mode, v)
+    assert chat["modes"]["think"]["compute_fraction"] == pytest.approx(1.0)
+    assert chat["modes"]["ghost"]["compute_fraction"] < chat["modes"]["think"]["compute_fraction"]
+    assert set(chat["difficulties"]) == set(DIFFS)
+    assert chat["sft"]["steps"] == quick_settings().chat_sft_steps and is_num(chat["sft"]["loss"]["last"])
+    assert {"alpha", "delta", "statement"} <= set(chat["guarantee"])
+    assert set(r["issue30_targets"]) >= {"chat_think_vs_base", "chat_auto_vs_think"}
+    model, meta = load_model(chat["checkpoint"])
+    assert meta["phase"] == "sft" and model.controllers.is_calibrated()

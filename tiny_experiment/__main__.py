@@ -22,7 +22,7 @@ import torch
 
 from nanochat.common import get_base_dir, expand_path, add_runtime_args, run_script
 from nanochat import checkpoint_manager as cm
-from tiny_experiment import pipeline, evaluate, report
+from tiny_experiment import pipeline, evaluate, report, chat
 from tiny_experiment.tasks import DIFFICULTIES, split_problems, check_disjoint, sample_eval
 
 RESULTS = "results.json"
@@ -119,6 +119,7 @@ def run(args, out, settings):
     dense, _ = cm.load_model(paths["base"])
     ev = timer("evaluate", evaluate.evaluate_model, model, tokenizer, test, dense)
     reliability = evaluate.teacher_forced_reliability(model, tokenizer, test)
+    chat_block = chat.run_chat_stage(timer, final["checkpoint_dir"], out, splits, settings, seed, settings.eval_problems)
 
     c = model.config
     results = {
@@ -144,6 +145,7 @@ def run(args, out, settings):
         "calibration": final["calibration"],
         "guarantee": dict(final["guarantee"], test_disagreement=ev["auto_disagreement"],
                           holds_on_test={d: v <= final["guarantee"]["alpha"] for d, v in ev["auto_disagreement"].items()}),
+        "chat": chat_block,
         "data": {"split_sizes": split_sizes, "heldout": heldout, "eval_problems_per_difficulty": settings.eval_problems},
         "settings": settings.to_dict(),
         "args": vars(args),
@@ -154,6 +156,7 @@ def run(args, out, settings):
     }
     results["targets"] = report.check_targets(results)
     results["issue28_targets"] = report.issue28_targets(results)
+    results["issue30_targets"] = report.issue30_targets(results)
     results["plots"] = report.make_plots(results, out)
     results["seconds"] = round(time.time() - t0, 1)
     results["cpu_seconds"] = round(sum(s["cpu_s"] for s in timer.stages.values()), 1)
@@ -162,7 +165,7 @@ def run(args, out, settings):
     report.print_table(results)
     print(f"\n{results['guarantee']['statement']}\nmeasured on the test split (answers that differ from full width): "
           + ", ".join(f"{d} {v:.4f}" for d, v in ev["auto_disagreement"].items()))
-    for name, t in results["issue28_targets"].items():
+    for name, t in {**results["issue28_targets"], **results["issue30_targets"]}.items():
         print(f"target {name}: {'pass' if t['pass'] else 'MISS'} ({t['detail']})")
     print(f"\n{results['seconds']:.0f}s wall ({results['cpu_seconds']:.0f}s cpu in the timed stages, {results['threads']} "
           f"thread(s), load average {load0[0]:.1f} -> {results['loadavg']['end'][0]:.1f}) | results in {out}/{RESULTS}")

@@ -74,6 +74,10 @@ class Settings:
     risk: float = 0.01             # alpha: the answers that may differ from full width (per difficulty)
     delta: float = 0.1             # the guarantee holds with probability >= 1 - delta
     log_every: int = 50            # phase logs: one line every N steps
+    # chat stage (tiny_experiment/chat.py)
+    chat_train_problems: int = 3600  # train-split problems as conversations (~2 per packed row: one epoch)
+    chat_sft_steps: int = 100
+    chat_lr_scale: float = 0.1     # times fractal_train's default rates, as phase 3
 
     def to_dict(self):
         return asdict(self)
@@ -84,7 +88,7 @@ def quick_settings():
     return Settings(train_pages=600, calib_pages=60, n_embd=64, n_head=2, pretrain_steps=60, pretrain_batch=16,
                     width_levels="32,64", phase_batch=4, phase1_steps=4, phase2_steps=6, grow_dim=128,
                     grown_width_levels="32,64,128", phase3_steps=4, phase3_batch=4, eval_problems=24, calib_gate_pages=40,
-                    ltt_problems=30, log_every=2)
+                    ltt_problems=30, log_every=2, chat_train_problems=120, chat_sft_steps=4)
 
 
 class Timer:

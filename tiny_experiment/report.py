@@ -117,6 +117,29 @@ def issue28_targets(results):
     return out
 
 
+def issue30_targets(results):
+    """The chat stage's targets of issue #30 (seed 0 is the one the issue names): chat think >= the base pipeline's full
+    width - 2 points on every difficulty; chat auto within 1 point of chat think; with an RL block, chat_rl with a compute
+    cost lowers auto's compute at <= 1 point of accuracy."""
+    D, C = results["difficulties"], results["chat"]["difficulties"]
+    out = {}
+    gaps = {d: C[d]["think"]["accuracy"] - D[d]["full_accuracy"] for d in DIFFICULTIES}
+    out["chat_think_vs_base"] = {"pass": all(v >= -0.02 for v in gaps.values()),
+                                 "detail": ", ".join(f"{d} {v:+.3f}" for d, v in gaps.items()) + " (>= -0.02)"}
+    if "auto" in C[DIFFICULTIES[0]]:
+        gaps = {d: C[d]["auto"]["accuracy"] - C[d]["think"]["accuracy"] for d in DIFFICULTIES}
+        out["chat_auto_vs_think"] = {"pass": all(v >= -0.01 for v in gaps.values()),
+                                     "detail": ", ".join(f"{d} {v:+.3f}" for d, v in gaps.items()) + " (>= -0.01)"}
+    rl = results["chat"].get("rl")
+    if rl:
+        before, after = results["chat"]["modes"]["auto"], rl["modes"]["auto"]
+        out["chat_rl_compute"] = {
+            "pass": after["compute_fraction"] < before["compute_fraction"] and after["accuracy"] >= before["accuracy"] - 0.01,
+            "detail": f"auto compute {before['compute_fraction']:.3f} -> {after['compute_fraction']:.3f}, accuracy "
+                      f"{before['accuracy']:.3f} -> {after['accuracy']:.3f} (lambda {rl['compute_cost']})"}
+    return out
+
+
 def fmt(x, p=3):
     return "  n/a" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{x:.{p}f}"
 

@@ -1,0 +1,164 @@
+"""
+The chat stage of the tiny experiment: the task's problems as user / assistant conversations.
+
+    sft         scripts.chat_sft on the final checkpoint: train-split problems as conversations (user: the question,
+                assistant: the answer), loss on the assistant's tokens; widths, distillation, exits, gates and router
+                keep training as in phase 3
+    calibrate   the gates' isotonic maps refitted on calib-split conversations (SFT changed the model and the prompt
+                format), then auto's operating point by Learn-then-Test on other calib-split conversations, as the base
+                pipeline does (nanochat.operating_point), with the same alpha and delta
+    evaluate    scripts.chat_eval per mode on the test problems (the base pipeline's sample), through the engine
+    rl          scripts.chat_rl with a compute cost on train-split conversations, recalibrated the same way, evaluated
+
+chat_cli answers these problems on the final chat checkpoint: its prompt is a user turn such as "sum:3,7,1,5".
+"""
+import json
+import os
+import random
+
+import torch
+
+from nanochat import checkpoint_manager as cm
+from nanochat.engine import Engine
+from tiny_experiment.tasks import DIFFICULTIES, sample_eval
+
+
+class ChatProblems:
+    """A generative task over tiny Problems: the conversation asks the question, the assistant answers the number.
+    Scored by exact match of the generated turn with the answer (the same rule as the base pipeline's '=answer')."""
+    eval_type = "generative"
+
+    def __init__(self, problems, name="tiny"):
+        self.problems, self.name = list(problems), name
+
+    def __len__(self):
+        return len(self.problems)
+
+    def __getitem__(self, i):
+        p = self.problems[i]
+        return {"messages": [{"role": "user", "content": p.question}, {"role": "assistant", "content": p.answer}]}
+
+    def evaluate(self, conversation, completion):
+        return int(completion.strip() == conversation["messages"][-1]["content"])
+
+    def reward(self, conversation, completion):
+        return float(self.evaluate(conversation, completion))
+
+
+def write_conversations(path, problems):
+    task = ChatProblems(problems)
+    with open(path, "w") as f:
+        for i in range(len(task)):
+            f.write(json.dumps(task[i]) + "\n")
+    return path
+
+
+def pool(splits, split, n, seed, exclude=()):
+    """Up to n problems of a split, difficulties in turn (n // 3 each at most), none in exclude; a fixed sample."""
+    rng = random.Random(f"chat:{seed}:{split}")
+    skip = set(exclude)
+    out = []
+    for d in DIFFICULTIES:
+        free = [p for p in splits[split][d] if p not in skip]
+        out.append(rng.sample(free, min(n // len(DIFFICULTIES), len(free))))
+    return [p for trio in zip(*out) for p in trio] + [p for rest in out for p in rest[min(map(len, out)):]]
+
+
+def sft(checkpoint, out_dir, splits, settings, seed):
+    from scripts import chat_sft, fractal_train
+    os.makedirs(out_dir, exist_ok=True)
+    train = write_conversations(os.path.join(out_dir, "train.jsonl"), pool(splits, "train", settings.chat_train_problems, seed))
+    val = write_conversations(os.path.join(out_dir, "val.jsonl"), pool(splits, "calib", 96, seed))
+    B, T = settings.phase3_batch, settings.seq_len
+    defaults = fractal_train.get_args(["--phase=1", "--checkpoint=unused"])
+    argv = [f"--checkpoint={checkpoint}", f"--out-dir={os.path.join(out_dir, 'ckpt')}", f"--data={train}",
+            f"--val-data={val}", "--device=cpu", f"--num-iterations={settings.chat_sft_steps}", f"--device-batch-size={B}",
+            f"--max-seq-len={T}", f"--total-batch-size={B * T}", f"--eval-every={settings.chat_sft_steps}",
+            f"--seed={seed}", f"--controller-lr={settings.controller_lr}", f"--log-every={settings.log_every}"]
+    argv += [f"--{name.replace('_', '-')}={settings.chat_lr_scale * getattr(defaults, name)}"
+             for name in ("matrix_lr", "embedding_lr", "unembedding_lr", "scalar_lr")]
+    return chat_sft.main(argv)
+
+
+def gate_batches(tokenizer, problems, T):
+    """Rows for the gates' calibration: targets only where input and target are both the assistant's (the decode
+    positions where a gate decides; the first answer token comes from the prompt's forward, no gate)."""
+    task, rows = ChatProblems(problems), []
+    for i in range(len(task)):
+        ids, mask = tokenizer.render_conversation(task[i], max_tokens=T + 1)
+        ids, mask = ids + [0] * (T + 1 - len(ids)), mask + [0] * (T + 1 - len(mask))
+        rows.append((ids[:-1], [ids[t + 1] if mask[t] and mask[t + 1] else -1 for t in range(T)]))
+    x, y = torch.tensor([r[0] for r in rows]), torch.tensor([r[1] for r in rows])
+    return [(x[i:i + 64], y[i:i + 64]) for i in range(0, len(rows), 64)]
+
+
+def calibrate(checkpoint, out_dir, splits, settings, seed, exclude):
+    """Refit the gates on calib-split conversations, choose auto's operating point by Learn-then-Test on other ones
+    (every third of each difficulty orders the grid, the rest tests it), save. Returns the guarantee."""
+    from nanochat.confidence_probe import calibrate_gates
+    from nanochat.operating_point import router_probs, grid_losses, choose_and_apply, EXIT_SETTINGS
+    from scripts.chat_eval import generate_turns
+    model, tokenizer, meta = cm.load_model_and_tokenizer(checkpoint)
+    gate_problems = pool(splits, "calib", settings.calib_gate_pages * settings.problems_per_page, seed + 1, exclude)
+    info = calibrate_gates(model, gate_batches(tokenizer, gate_problems, settings.seq_len))
+    used = set(exclude) | set(gate_problems)
+    units = {d: [p for p in pool(splits, "calib", 3 * settings.ltt_problems, seed + 2, used) if p.difficulty == d]
+             for d in DIFFICULTIES}
+    problems = [p for d in DIFFICULTIES for p in units[d]]
+    strata = [d for d in DIFFICULTIES for _ in units[d]]
+    learn = [i % 3 == 0 for d in DIFFICULTIES for i in range(len(units[d]))]
+    task = ChatProblems(problems)
+    prompts = [tokenizer.render_for_completion(task[i]) for i in range(len(task))]
+    engine = Engine(model)
+    outcomes = {}
+    for m, plan in enumerate(model.controllers.predictor.menu):
+        for exit_t, widen_t in EXIT_SETTINGS:
+            turns = generate_turns(engine, tokenizer, prompts, plan, 4, batch_size=256, exit_threshold=exit_t,
+                                   expand_threshold=widen_t)
+            outcomes[(m, exit_t, widen_t)] = ([tuple(ids) for ids, _, _ in turns], [f / full for _, f, full in turns])
+    configs, losses, costs = grid_losses(router_probs(model, prompts), outcomes, lambda a, b: float(a != b), learn)
+    guarantee = choose_and_apply(model, configs, losses, costs, settings.risk, settings.delta, strata, learn)
+    guarantee["units"] = "calib-split conversations outside the gate set; loss: the answer differs from full width's"
+    step = meta["checkpoint_step"]
+    keep = {k: meta[k] for k in ("phase", "lineage", "source", "user_args") if k in meta}
+    cm.save_model(out_dir, step, model, extra_meta=dict(keep, calibration={
+        "data": "calib-split chat conversations, positions whose input and target are the assistant's", **info,
+        "guarantee": guarantee}))
+    cm.copy_tokenizer_files(meta["checkpoint_dir"], out_dir, overwrite=True)
+    return {"checkpoint_dir": out_dir, "guarantee": guarantee}
+
+
+def evaluate_modes(checkpoint, test):
+    """{"modes": {mode: {"accuracy", "compute_fraction"}}, "difficulties": {d: {mode: ...}}} on the test problems."""
+    from scripts.chat_eval import evaluate_task, available_modes
+    model, tokenizer, _ = cm.load_model_and_tokenizer(checkpoint)
+    model.eval()
+    engine = Engine(model)
+    out = {"modes": {}, "difficulties": {d: {} for d in DIFFICULTIES}}
+    for mode in available_modes(model):
+        correct, flops, full = 0, 0.0, 0.0
+        for d in DIFFICULTIES:
+            task = ChatProblems(test[d], name=d)
+            r = evaluate_task(engine, tokenizer, task, mode, list(range(len(task))), max_new_tokens=4, batch_size=256,
+                              tool=None)
+            out["difficulties"][d][mode] = {"accuracy": r["accuracy"], "compute_fraction": r["compute_fraction"]}
+            correct, flops, full = correct + sum(r["correct"]), flops + r["flops"], full + r["full_flops"]
+        n = sum(len(test[d]) for d in DIFFICULTIES)
+        out["modes"][mode] = {"accuracy": correct / n, "compute_fraction": flops / full}
+        print(f"chat {mode:<8} accuracy {correct / n:.4f} | compute {flops / full:.3f} | " + " | ".join(
+            f"{d} {out['difficulties'][d][mode]['accuracy']:.3f}" for d in DIFFICULTIES), flush=True)
+    return out
+
+
+def run_chat_stage(timer, final_checkpoint, out, splits, settings, seed, eval_problems):
+    """The chat stage end to end; returns results.json's "chat" block."""
+    test = sample_eval(splits, "test", eval_problems, seed)
+    paths = {k: os.path.join(out, k) for k in ("chat_sft", "chat_final", "chat_rl", "chat_rl_final")}
+    s = timer("chat_sft", sft, final_checkpoint, paths["chat_sft"], splits, settings, seed)
+    val_problems = pool(splits, "calib", 96, seed)
+    cal = timer("chat_calibrate", calibrate, s["checkpoint"], paths["chat_final"], splits, settings, seed, val_problems)
+    ev = timer("chat_evaluate", evaluate_modes, paths["chat_final"], test)
+    block = dict(ev, sft={"steps": settings.chat_sft_steps, "loss": {"first": s["loss"][0], "last": s["loss"][-1]},
+                          "val": s["val"].get(settings.chat_sft_steps)},
+                 guarantee=cal["guarantee"], checkpoint=paths["chat_final"])
+    return block
