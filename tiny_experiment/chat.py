@@ -96,8 +96,8 @@ def calibrate(checkpoint, out_dir, splits, settings, seed, exclude):
     """Refit the gates on calib-split conversations, choose auto's operating point by Learn-then-Test on other ones
     (every third of each difficulty orders the grid, the rest tests it), save. Returns the guarantee."""
     from nanochat.confidence_probe import calibrate_gates
-    from nanochat.operating_point import router_probs, grid_losses, choose_and_apply, EXIT_SETTINGS
     from scripts.chat_eval import generate_turns
+    from tiny_experiment.pipeline import operating_point, save_calibrated
     model, tokenizer, meta = cm.load_model_and_tokenizer(checkpoint)
     gate_problems = pool(splits, "calib", settings.calib_gate_pages * settings.problems_per_page, seed + 1, exclude)
     info = calibrate_gates(model, gate_batches(tokenizer, gate_problems, settings.seq_len))
@@ -110,21 +110,16 @@ def calibrate(checkpoint, out_dir, splits, settings, seed, exclude):
     task = ChatProblems(problems)
     prompts = [tokenizer.render_for_completion(task[i]) for i in range(len(task))]
     engine = Engine(model)
-    outcomes = {}
-    for m, plan in enumerate(model.controllers.predictor.menu):
-        for exit_t, widen_t in EXIT_SETTINGS:
-            turns = generate_turns(engine, tokenizer, prompts, plan, 4, batch_size=256, exit_threshold=exit_t,
-                                   expand_threshold=widen_t)
-            outcomes[(m, exit_t, widen_t)] = ([tuple(ids) for ids, _, _ in turns], [f / full for _, f, full in turns])
-    configs, losses, costs = grid_losses(router_probs(model, prompts), outcomes, lambda a, b: float(a != b), learn)
-    guarantee = choose_and_apply(model, configs, losses, costs, settings.risk, settings.delta, strata, learn)
-    guarantee["units"] = "calib-split conversations outside the gate set; loss: the answer differs from full width's"
-    step = meta["checkpoint_step"]
-    keep = {k: meta[k] for k in ("phase", "lineage", "source", "user_args") if k in meta}
-    cm.save_model(out_dir, step, model, extra_meta=dict(keep, calibration={
-        "data": "calib-split chat conversations, positions whose input and target are the assistant's", **info,
-        "guarantee": guarantee}))
-    cm.copy_tokenizer_files(meta["checkpoint_dir"], out_dir, overwrite=True)
+
+    def run(plan, exit_t, widen_t):
+        turns = generate_turns(engine, tokenizer, prompts, plan, 4, batch_size=256, exit_threshold=exit_t,
+                               expand_threshold=widen_t)
+        return [tuple(ids) for ids, _, _ in turns], [f / full for _, f, full in turns]
+
+    guarantee = operating_point(model, prompts, run, strata, learn, settings,
+                                "calib-split conversations outside the gate set; loss: the answer differs from full width's")
+    save_calibrated(model, meta, out_dir, info, guarantee, ("phase", "lineage", "source", "user_args"),
+                    "calib-split chat conversations, positions whose input and target are the assistant's")
     return {"checkpoint_dir": out_dir, "guarantee": guarantee}
 
 

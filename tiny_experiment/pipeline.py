@@ -265,7 +265,6 @@ def calibrate_and_save(checkpoint, out_dir, tokenizer, calib_pages, splits, sett
     Learn-then-Test on other calib-split problems (every third of each difficulty orders the grid, the rest tests it;
     answers that differ from full width's are the loss, difficulties the strata); print the guarantee; save."""
     from nanochat.confidence_probe import calibrate_gates
-    from nanochat.operating_point import router_probs, grid_losses, choose_and_apply, EXIT_SETTINGS
     from tiny_experiment.evaluate import generate_rows, prompts_of, newline_id
     model, meta = cm.load_model(checkpoint)
     gate_pages = calib_pages[:settings.calib_gate_pages]
@@ -277,20 +276,40 @@ def calibrate_and_save(checkpoint, out_dir, tokenizer, calib_pages, splits, sett
     strata = [d for d in units for _ in units[d]]
     learn = [i % 3 == 0 for d in units for i in range(len(units[d]))]
     engine, newline = Engine(model), newline_id(tokenizer)
-    probs = router_probs(model, prompts_of(tokenizer, problems))
+    prompts = prompts_of(tokenizer, problems)
+
+    def run(plan, exit_t, widen_t):
+        rows = generate_rows(engine, tokenizer, problems, plan, newline, exit_threshold=exit_t, expand_threshold=widen_t)
+        return [r["text"] for r in rows], [r["flops"] / r["full_flops"] for r in rows]
+
+    guarantee = operating_point(model, prompts, run, strata, learn, settings,
+                                "calib-split problems outside the gate pages; loss: the answer differs from full width's")
+    step = save_calibrated(model, meta, out_dir, info, guarantee, ("phase", "lineage", "surgery", "source"),
+                           "calib-split pages, positions whose input and target are in one completion")
+    return {"checkpoint_dir": out_dir, "checkpoint": cm.model_path(out_dir, step), "calibration": info,
+            "guarantee": guarantee}
+
+
+def operating_point(model, prompts, run, strata, learn, settings, units):
+    """auto's operating point by Learn-then-Test over the router's menu x the exit settings (nanochat.operating_point):
+    run(plan, exit, widen) -> (outputs, compute fractions) per unit; the loss of a unit is its output differing from full
+    width's. Writes the chosen point into model.controllers; returns the guarantee."""
+    from nanochat.operating_point import router_probs, grid_losses, choose_and_apply, EXIT_SETTINGS
+    probs = router_probs(model, prompts)
     outcomes = {}
     for m, plan in enumerate(model.controllers.predictor.menu):
         for exit_t, widen_t in EXIT_SETTINGS:
-            rows = generate_rows(engine, tokenizer, problems, plan, newline, exit_threshold=exit_t, expand_threshold=widen_t)
-            outcomes[(m, exit_t, widen_t)] = ([r["text"] for r in rows], [r["flops"] / r["full_flops"] for r in rows])
+            outcomes[(m, exit_t, widen_t)] = run(plan, exit_t, widen_t)
     configs, losses, costs = grid_losses(probs, outcomes, lambda a, b: float(a != b), learn)
     guarantee = choose_and_apply(model, configs, losses, costs, settings.risk, settings.delta, strata, learn)
-    guarantee["units"] = "calib-split problems outside the gate pages; loss: the answer differs from full width's"
+    guarantee["units"] = units
+    return guarantee
+
+
+def save_calibrated(model, meta, out_dir, info, guarantee, keys, data):
+    """The calibrated model with the meta keys it keeps and its calibration record, tokenizer beside it. Returns the step."""
     step = meta["checkpoint_step"]
-    keep = {k: meta[k] for k in ("phase", "lineage", "surgery", "source") if k in meta}
-    cm.save_model(out_dir, step, model, extra_meta=dict(keep, calibration={
-        "data": "calib-split pages, positions whose input and target are in one completion", **info,
-        "guarantee": guarantee}))
+    keep = {k: meta[k] for k in keys if k in meta}
+    cm.save_model(out_dir, step, model, extra_meta=dict(keep, calibration={"data": data, **info, "guarantee": guarantee}))
     cm.copy_tokenizer_files(meta["checkpoint_dir"], out_dir, overwrite=True)
-    return {"checkpoint_dir": out_dir, "checkpoint": cm.model_path(out_dir, step), "calibration": info,
-            "guarantee": guarantee}
+    return step
