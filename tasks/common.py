@@ -11,16 +11,15 @@ import numpy as np
 
 from nanochat.common import UserError
 
-# a task's eval_type: how chat_eval scores it. None marks a task that is training data only
-EVAL_TYPES = ("categorical", "generative")
 ROLES = ("system", "user", "assistant")
 PART_TYPES = ("text", "python", "python_output")
 
 
 class Task:
     """
-    A sequence of conversations with an optional scorer. Subclasses give `name`, `eval_type`, `num_examples()`
-    and `get_example(physical_index)`; a scored task also gives `evaluate`. start/stop/step select a view of the
+    A sequence of conversations with an optional scorer. Subclasses give `name`, `eval_type` (how chat_eval
+    scores it: "categorical" or "generative"; None for training data only), `num_examples()` and
+    `get_example(physical_index)`; a scored task also gives `evaluate`. start/stop/step select a view of the
     underlying examples as range(start, stop, step) would (stop None: the end).
     """
     name = "task"

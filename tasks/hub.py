@@ -106,44 +106,40 @@ class HubSplit:
         splits = sorted({"/".join(f.split("/")[:2]) for f in listing if f.endswith(".parquet")})
         raise UserError(f"{self.repo_id}'s parquet export has no {self.config}/{self.split}; it has: {', '.join(splits)}")
 
-    def cached_files(self):
-        """Local paths of this split's parquet files if the listing and every file are on disk, else None."""
+    def _cached_names(self):
+        """This split's files per the cached listing, or None when there is no listing or a file is missing."""
         if not os.path.exists(self.listing_path):
             return None
         with open(self.listing_path, encoding="utf-8") as f:
-            listing = json.load(f)["files"]
-        paths = [os.path.join(self.local_dir, name) for name in self._split_files(listing)]
-        return paths if all(os.path.exists(p) for p in paths) else None
+            names = self._split_files(json.load(f)["files"])
+        return names if all(os.path.exists(os.path.join(self.local_dir, n)) for n in names) else None
 
     def ensure(self, task_name, report=None):
-        """The split's parquet paths, downloading what is missing. `report(line)` hears about every file (cached
-        ones too); without it only downloads are printed (rank 0)."""
-        paths = self.cached_files()
-        if paths is not None:
-            for path in paths:
-                if report:
-                    report(_file_line(task_name, f"{self.repo_id} {os.path.relpath(path, self.local_dir)}", path, "cached"))
-            return paths
+        """The split's parquet paths, downloading what is missing; nothing touches the network when all is cached.
+        `report(line)` hears about every file (cached ones too); without it only downloads are printed (rank 0)."""
+        names = self._cached_names()
         what = f"the hub's parquet export of {self.describe()}"
-        if is_offline():
+        if names is None and is_offline():
             raise _not_cached(task_name, what, self.local_dir, f"{OFFLINE_ENV}=1")
-        from huggingface_hub import HfApi, hf_hub_download
+        paths = []
         try:
-            listing = HfApi().list_repo_files(self.repo_id, repo_type="dataset", revision=PARQUET_REVISION)
-            os.makedirs(self.local_dir, exist_ok=True)
-            _write_atomic(self.listing_path, json.dumps({"repo_id": self.repo_id, "revision": PARQUET_REVISION,
-                                                         "files": sorted(listing)}, indent=1).encode())
-            paths = []
-            for name in self._split_files(listing):
-                path = os.path.join(self.local_dir, name)
-                if not os.path.exists(path):
-                    t0 = time.time()
+            if names is None:  # list afresh: a listing from an earlier fetch may predate a re-conversion
+                from huggingface_hub import HfApi
+                listing = HfApi().list_repo_files(self.repo_id, repo_type="dataset", revision=PARQUET_REVISION)
+                os.makedirs(self.local_dir, exist_ok=True)
+                _write_atomic(self.listing_path, json.dumps({"repo_id": self.repo_id, "revision": PARQUET_REVISION,
+                                                             "files": sorted(listing)}, indent=1).encode())
+                names = self._split_files(listing)
+            for name in names:
+                path, label, t0 = os.path.join(self.local_dir, name), f"{self.repo_id} {name}", time.time()
+                if os.path.exists(path):
+                    if report:
+                        report(_file_line(task_name, label, path, "cached"))
+                else:
+                    from huggingface_hub import hf_hub_download
                     path = hf_hub_download(self.repo_id, name, repo_type="dataset", revision=PARQUET_REVISION,
                                            local_dir=self.local_dir)
-                    (report or print0)(_file_line(task_name, f"{self.repo_id} {name}", path,
-                                                  f"downloaded in {time.time() - t0:.1f}s"))
-                elif report:
-                    report(_file_line(task_name, f"{self.repo_id} {name}", path, "cached"))
+                    (report or print0)(_file_line(task_name, label, path, f"downloaded in {time.time() - t0:.1f}s"))
                 paths.append(path)
         except _network_errors() as e:
             raise _not_cached(task_name, what, self.local_dir, f"the download failed ({_one_line(e)})") from e
