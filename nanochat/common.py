@@ -25,7 +25,7 @@ TOKENIZER_FILES = (TOKENIZER_FILENAME, TOKEN_BYTES_FILENAME)
 
 # this project's packages log at INFO; everything else (rustbpe's per-merge progress, matplotlib's font cache)
 # only from WARNING up, so a tiny run's output is the project's own lines
-PROJECT_PACKAGES = ("nanochat", "scripts", "tiny_experiment")
+PROJECT_PACKAGES = ("nanochat", "scripts", "tiny_experiment", "tasks")
 
 
 def setup_logging(level=logging.INFO):
