@@ -31,6 +31,7 @@ from nanochat.matryoshka import MODES
 from nanochat import checkpoint_manager as cm
 
 MAX_TOOL_CALLS = 4  # per answer: a generation that keeps calling the tool stops after this many
+BATCH_SEED_STRIDE = 7919  # between the seeds of one generate_turns call's engine batches
 
 
 def available_modes(model):
@@ -77,6 +78,7 @@ def generate_turns(engine, tokenizer, prompts, mode, max_new_tokens, temperature
     end, bos, py_start, py_end = sp("<|assistant_end|>"), tokenizer.get_bos_token_id(), sp("<|python_start|>"), sp("<|python_end|>")
     stops = {end, bos} | ({py_end} if tool else set())
     rows = [{"ids": list(p), "n_prompt": len(p), "flops": 0.0, "full": 0.0, "calls": 0, "done": False} for p in prompts]
+    batches = 0  # each engine batch of this call samples with its own seed (seed + BATCH_SEED_STRIDE x its number)
     while True:
         todo = [i for i, r in enumerate(rows) if not r["done"]]
         if not todo:
@@ -89,8 +91,9 @@ def generate_turns(engine, tokenizer, prompts, mode, max_new_tokens, temperature
                 chunk = group[start:start + batch_size]
                 budget = max_new_tokens - min(len(rows[i]["ids"]) - rows[i]["n_prompt"] for i in chunk)
                 res = engine.generate_batch([rows[i]["ids"] for i in chunk], max(budget, 1), plan=mode,
-                                            temperature=temperature, top_k=top_k, seed=seed + length,
+                                            temperature=temperature, top_k=top_k, seed=seed + BATCH_SEED_STRIDE * batches,
                                             stop_tokens=tuple(sorted(stops)), **thresholds)
+                batches += 1
                 for b, i in enumerate(chunk):
                     r, toks = rows[i], res.tokens[b]
                     limit = max_new_tokens - (len(r["ids"]) - r["n_prompt"])

@@ -62,7 +62,7 @@ STALE_CALIBRATION = "stale after chat_rl: rerun scripts.calibrate_gates"
 RESUME_KEYS = ("task", "num_steps", "prompts_per_step", "samples_per_prompt", "max_new_tokens", "temperature",
                "compute_cost", "router_temperature", "seed", "matrix_lr", "embedding_lr", "unembedding_lr", "scalar_lr",
                "controller_lr", "weight_decay")
-SEED_STRIDE = 1 << 20  # between generate_turns calls of a step: it seeds each batch with seed + prompt length
+SEED_STRIDE = 1 << 20  # between generate_turns calls of a step (each call seeds its own batches from its seed)
 
 
 def get_args(argv=None):
@@ -214,8 +214,8 @@ def step_prompts(eligible, seed, step, per_step, rank, world_size):
 
 def generate_at_plans(engine, tokenizer, prompts, plan_index, menu, args, seed, tool, temperature):
     """{(p, g): (ids, flops, full flops)} for each prompt p and column g of plan_index (P, G) (menu indices): one
-    generate_turns call per plan and chunk of --device-batch-size rows, each seeded apart (generate_turns seeds every
-    batch of a call alike, so two chunks of one prompt would draw the same answers)."""
+    generate_turns call per plan and chunk of --device-batch-size rows, each seeded apart so that no two chunks draw
+    from one seed."""
     out, calls = {}, 0
     for m in sorted(set(plan_index.flatten().tolist())):
         rows = sorted(((p, g) for p in range(plan_index.size(0)) for g in range(plan_index.size(1))
