@@ -13,7 +13,7 @@ import huggingface_hub
 from huggingface_hub.utils import HFValidationError
 from nanochat import run_report
 from nanochat.checkpoint_manager import load_model, load_model_and_tokenizer, meta_path
-from nanochat.common import UserError, run_script
+from nanochat.common import UserError, run_script, DEBUG_ENV
 from scripts import export
 from testutil import write_hybrid_checkpoint
 
@@ -26,6 +26,13 @@ CHAT_EVAL = {"date": "2026-01-02T03:04:05+00:00", "device": "NVIDIA H100 80GB HB
                        "GSM8K": {"think": {"accuracy": 0.125, "compute_fraction": 1.0}}},
              "ChatCORE": 0.0625}
 
+
+
+@pytest.fixture(autouse=True)
+def no_debug_env(monkeypatch):
+    """run_script's one-line errors are what these tests check: ADAMBA_DEBUG=1 (left set by an earlier test, or a
+    user's shell) would turn them into tracebacks."""
+    monkeypatch.delenv(DEBUG_ENV, raising=False)
 
 @pytest.fixture
 def source(tmp_path, tiny_data):

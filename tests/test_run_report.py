@@ -9,7 +9,7 @@ import subprocess
 import pytest
 
 from nanochat import run_report
-from nanochat.common import UserError, run_script
+from nanochat.common import UserError, run_script, DEBUG_ENV
 from scripts import report as report_script
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -23,6 +23,13 @@ EVAL = {"tasks": {"ARC-Easy": {"think": {"accuracy": 0.5, "compute_fraction": 1.
 BASE = {"modes": {"think": {"core": 0.3, "bpb": 0.875}, "whisper": {"core": 0.125, "bpb": 1.5, "compute_fraction": 0.5}},
         "tokens": 4096}
 
+
+
+@pytest.fixture(autouse=True)
+def no_debug_env(monkeypatch):
+    """run_script's one-line errors are what these tests check: ADAMBA_DEBUG=1 (left set by an earlier test, or a
+    user's shell) would turn them into tracebacks."""
+    monkeypatch.delenv(DEBUG_ENV, raising=False)
 
 def expected_commit():
     head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True)
