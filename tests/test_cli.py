@@ -42,8 +42,9 @@ def expect_one_line_error(capsys, main, argv, match):
 @pytest.fixture(autouse=True)
 def clean_env(monkeypatch):
     # run_script exports --debug / --require-kernels to the environment (for torchrun's ranks): undo it per test
-    monkeypatch.delenv(DEBUG_ENV, raising=False)
-    monkeypatch.delenv(REQUIRE_KERNELS_ENV, raising=False)
+    for name in (DEBUG_ENV, REQUIRE_KERNELS_ENV):  # set, then deleted: undo restores the value before the test (or none),
+        monkeypatch.setenv(name, "")                # even when run_script set it during the test
+        monkeypatch.delenv(name)
     n = torch.get_num_threads()
     yield
     torch.set_num_threads(n)
