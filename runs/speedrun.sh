@@ -264,7 +264,8 @@ else echo "== rl"; run torchrun --standalone --nproc_per_node="$NPROC" -m script
 if have_checkpoint "$RL_FINAL"; then echo "== rl calibrate: $RL_FINAL exists, skipped"
 else echo "== rl calibrate"; run $PY -m scripts.calibrate_gates --checkpoint "$RL" --out-dir "$RL_FINAL" --data-dir "$DATA_DIR"; fi
 if [ -s "$RUN_DIR/chat_rl_eval.json" ]; then echo "== rl eval: done, skipped"
-else echo "== rl eval"; run "${CHAT_EVAL[@]}" --checkpoint "$RL_FINAL" --out-json "$RUN_DIR/chat_rl_eval.json" --plot "$RUN_DIR/chat_rl_eval.png"; fi
+else echo "== rl eval"; run "${CHAT_EVAL[@]}" --checkpoint "$RL_FINAL" --out-json "$RUN_DIR/chat_rl_eval.json" --plot "$RUN_DIR/chat_rl_eval.png" \
+  --report-stage chat_eval_rl; fi
 
 echo "== report -> $RUN_DIR/report.md"
 if [ "$DRY_RUN" = 0 ]; then

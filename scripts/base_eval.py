@@ -29,7 +29,7 @@ import torch.distributed as dist
 from nanochat.common import (compute_init, compute_cleanup, print0, autodetect_device_type, autocast_context,
                              expand_path, add_runtime_args, run_script)
 from nanochat import checkpoint_manager as cm
-from nanochat import core_eval
+from nanochat import core_eval, run_report
 from nanochat.mode_eval import default_modes, check_mode, mode_logits, mode_loss_fn
 from nanochat.loss_eval import all_reduce_sums, evaluate_bpb
 from nanochat.dataset import get_data_dir, split_parquet_files
@@ -58,6 +58,7 @@ def get_args(argv=None):
     p.add_argument("--device-batch-size", type=int, default=16, help="rows per forward for --bpb")
     p.add_argument("--device", type=str, default="", help="cuda|cpu|mps (empty = autodetect)")
     p.add_argument("--out-json", type=str, default=None, help="also write the results here (atomically)")
+    p.add_argument("--report-stage", type=str, default="base_eval", help="the run report's stage name for these results")
     add_runtime_args(p)  # --debug, --threads, --require-kernels (read by run_script)
     args = p.parse_args(argv)
     if not args.download_only and not args.checkpoint:
@@ -174,6 +175,10 @@ def main(argv=None):
     if rank == 0:
         print_results(core, bpb, modes)
         print(json.dumps(result))
+        run_report.record(args.report_stage, {"checkpoint": meta["checkpoint_dir"], "modes": {
+            m: {k: v for k, v in (("core", core.get(m, {}).get("core")), ("bpb", bpb.get(m)),
+                                  ("compute_fraction", core.get(m, {}).get("compute_fraction"))) if v is not None}
+            for m in modes}})
         if args.out_json:
             out = expand_path(args.out_json)
             os.makedirs(os.path.dirname(out) or ".", exist_ok=True)

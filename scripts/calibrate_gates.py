@@ -32,6 +32,7 @@ from nanochat.confidence_probe import calibrate_gates, gate_scores, reliability_
 from nanochat.dataloader import tokenizing_distributed_data_loader
 from nanochat.dataset import get_data_dir
 from nanochat.engine import Engine
+from nanochat import run_report
 from nanochat.operating_point import (router_probs, grid_losses, choose_and_apply, teacher_forced_outcomes,
                                       token_disagreement, EXIT_SETTINGS)
 
@@ -180,6 +181,8 @@ def main(argv=None):
     save_model(out_dir, step, model, extra_meta=dict(keep, calibration=calibration))
     copy_tokenizer_files(meta["tokenizer_dir"], out_dir, overwrite=True)
     print(f"saved the calibrated checkpoint to {out_dir} (step {step})")
+    run_report.record(f"calibrate_{os.path.basename(os.path.normpath(out_dir))}", {
+        "checkpoint": out_dir, "guarantee": guarantee, "n_tokens": info["n_tokens"]})
     return {"checkpoint_dir": out_dir, "step": step, "calibration": calibration}
 
 

@@ -29,6 +29,7 @@ from nanochat.common import compute_init, compute_cleanup, autodetect_device_typ
 from nanochat.engine import Engine
 from nanochat.matryoshka import MODES
 from nanochat import checkpoint_manager as cm
+from nanochat import run_report
 
 MAX_TOOL_CALLS = 4  # per answer: a generation that keeps calling the tool stops after this many
 BATCH_SEED_STRIDE = 7919  # between the seeds of one generate_turns call's engine batches
@@ -201,6 +202,7 @@ def get_args(argv=None):
     p.add_argument("--device", type=str, default="", help="cuda|cpu|mps (empty = autodetect)")
     p.add_argument("--out-json", type=str, default=None, help="write the results here (atomic)")
     p.add_argument("--plot", type=str, default=None, help="PNG of accuracy against compute")
+    p.add_argument("--report-stage", type=str, default="chat_eval", help="the run report's stage name for these results")
     add_runtime_args(p)
     return p.parse_args(argv)
 
@@ -249,6 +251,7 @@ def main(argv=None):
         if args.plot:
             plot(results, args.plot)
             print0(f"plot: {args.plot}")
+        run_report.record(args.report_stage, {"checkpoint": out["checkpoint"], "tasks": results, "chatcore": core})
     compute_cleanup()
     return out
 

@@ -55,6 +55,7 @@ from nanochat.engine import Engine
 from nanochat.optim import setup_optimizers, set_lr_multiplier, optimizer_state_dicts, load_optimizer_state_dicts
 from nanochat.train_utils import allreduce_gradients, GracefulStop, resume_command, format_eta
 from nanochat import checkpoint_manager as cm
+from nanochat import run_report
 from scripts.chat_eval import generate_turns
 
 STALE_CALIBRATION = "stale after chat_rl: rerun scripts.calibrate_gates"
@@ -477,6 +478,10 @@ def train(model, tokenizer, task, args, eval_task=None, tool=None, argv=None):
                         resume=resume_command("scripts.chat_rl", argv, args.out_dir) if argv is not None else None)
     finally:
         stop.close()
+    if history["steps"]:
+        last = {k: history[k][-1] for k in ("reward", "accuracy", "compute", "loss")}
+        run_report.record("chat_rl", {"checkpoint": args.out_dir, "steps": step, "compute_cost": args.compute_cost,
+                                      "last_step": last, "eval": history["eval"]})
     return dict(history, checkpoint_dir=args.out_dir, last_step=step, num_steps=num_steps)
 
 

@@ -77,6 +77,7 @@ from nanochat.train_utils import (peak_flops, apply_activation_checkpointing, ap
                                   clip_grad_norm, full_state_dict, optimizer_state_full, optimizer_state_to_dtensor,
                                   format_eta, GracefulStop, resume_command)
 from nanochat import checkpoint_manager as cm
+from nanochat import run_report
 
 
 @dataclass(frozen=True)
@@ -555,6 +556,10 @@ def train(args, phase, data_fn, script, argv=None):
         step += 1
 
     print0(f"{peak_memory_note(device)}training time {sum(step_times) / 60:.2f}m")
+    if history["loss"]:  # the run report's stage: phase1..3 or sft (scripts.chat_sft)
+        run_report.record("chat_sft" if phase.chat else f"phase{args.phase}", {
+            "checkpoint": paths.out_dir, "steps": step, "loss_last": history["loss"][-1], "val": val,
+            "training_minutes": sum(step_times) / 60})
     wandb_run.finish()
     compute_cleanup()
     if stop.signum is not None:  # saved above (unless --no-save); say how to go on, exit 128 + signal

@@ -23,6 +23,20 @@ def fixed_seed():
     torch.manual_seed(0)
 
 
+@pytest.fixture(scope="session", autouse=True)
+def report_dir(tmp_path_factory):
+    """The run report (nanochat.run_report) that scripts record their stages in: a temporary one for the whole session,
+    never the user's <base_dir>/report."""
+    d = tmp_path_factory.mktemp("report")
+    old = os.environ.get("ADAMBA_REPORT_DIR")
+    os.environ["ADAMBA_REPORT_DIR"] = str(d)
+    yield d
+    if old is None:
+        os.environ.pop("ADAMBA_REPORT_DIR", None)
+    else:
+        os.environ["ADAMBA_REPORT_DIR"] = old
+
+
 @pytest.fixture
 def base_dir(tmp_path, monkeypatch):
     """NANOCHAT_BASE_DIR pointed at a fresh temporary directory for this test."""

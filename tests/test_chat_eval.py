@@ -111,7 +111,7 @@ def test_a_tool_call_is_answered_and_generation_goes_on(checkpoints):
     assert flops == pytest.approx(full) and full > 0
 
 
-def test_script_end_to_end(checkpoints, task_data, tmp_path, capsys):
+def test_script_end_to_end(checkpoints, task_data, tmp_path, capsys, report_dir):
     out_json, png = tmp_path / "r.json", tmp_path / "r.png"
     res = chat_eval.main([f"--checkpoint={checkpoints / 'hybrid'}", "--tasks=ARC-Easy,GSM8K", "--modes=ghost,think,auto",
                           "--max-new-tokens=6", "--device=cpu", f"--out-json={out_json}", f"--plot={png}"])
@@ -122,6 +122,8 @@ def test_script_end_to_end(checkpoints, task_data, tmp_path, capsys):
     assert on_disk["chatcore"] == {}  # not every benchmark ran
     assert on_disk["tasks"]["ARC-Easy"]["think"]["compute_fraction"] == pytest.approx(1.0)
     assert json.loads(text.strip().splitlines()[-2]) == res or json.loads(text.strip().splitlines()[-3]) == res
+    stage = json.loads(next(report_dir.glob("*_chat_eval.json")).read_text())  # the run report's stage
+    assert stage["tasks"] == res["tasks"] and stage["provenance"]["command"]
     with pytest.raises(ValueError, match="do not run on this checkpoint"):
         chat_eval.main([f"--checkpoint={checkpoints / 'gpt'}", "--tasks=ARC-Easy", "--modes=auto", "--device=cpu"])
     dense = chat_eval.main([f"--checkpoint={checkpoints / 'gpt'}", "--tasks=ARC-Easy", "--device=cpu"])

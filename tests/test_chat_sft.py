@@ -107,8 +107,10 @@ def sft_args(models, checkpoint, out, steps, *extra):
             f"--num-iterations={steps}", f"--device-batch-size={B}", f"--max-seq-len={T}", "--eval-every=3", *extra]
 
 
-def test_sft_of_an_adaptive_hybrid_trains_widths_and_controllers(models, tmp_path, capsys):
+def test_sft_of_an_adaptive_hybrid_trains_widths_and_controllers(models, tmp_path, capsys, report_dir):
     res = chat_sft.main(sft_args(models, "hybrid", tmp_path / "a", 3))
+    stage = json.loads(next(report_dir.glob("*_chat_sft.json")).read_text())  # the run report's stage
+    assert stage["checkpoint"] == str(tmp_path / "a") and stage["val"]["bpb_w64"] == res["val"][3]["bpb_w64"]
     out = capsys.readouterr().out
     assert "scripts.chat_sft phase sft" in out and "gate" in out and "router" in out and "kl" in out
     # every width level and the router's plan were evaluated on the held-out conversations
