@@ -327,6 +327,10 @@ def get_args(argv=None):
                            "step, as fractal_train's total batch / (device batch x seq len); 1 pays the update every batch")
             t.add_argument("--compile", type=str, default="blocks", choices=("blocks", "model", "none"),
                            help="torch.compile each block (identical blocks share graphs), the whole model, or nothing")
+            t.add_argument("--recipes", type=str, default="adaptive",
+                           help="phase 2's step, comma-separated: adaptive = scripts.fractal_train's (full + every width "
+                                "level, uniform and menu plans on alternate steps, distillation, exit loss, gates and "
+                                "router: nanochat.adaptive_train), sandwich = the earlier full + smallest + one random level")
             t.add_argument("--readouts", type=str, default="compiled", choices=("compiled", "eager"),
                            help="phase 2's exit readouts after lm_head: HybridGPT.READOUT_COMPILE (CUDA) on or off")
         else:

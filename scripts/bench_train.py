@@ -26,6 +26,12 @@ def train_models(args):
     return [(n, *configs[n]) for n in args.models.split(",")]
 
 
+def recipe_step_plans(config, step):
+    """The adaptive recipe's plans at a step (fractal_train with --matryoshka, no random plans): a function of step."""
+    from nanochat.adaptive_train import step_plans
+    return step_plans(config, True, None, 0, False, step)
+
+
 def train_flops(model, kind, phase, plans, T, exits):
     """(convention FLOPs per token, executed FLOPs per token) of one step; see the module docstring."""
     if kind == "gpt":
@@ -45,14 +51,19 @@ def train_flops(model, kind, phase, plans, T, exits):
     return conv, conv + 4 * 2 * c.n_embd * c.vocab_size * (n - 1)
 
 
-def train_one(args, device, name, kind, config, phase, exit_stride):
-    """One row: build, freeze (phase 1), compile, then time whole optimizer steps; halve the batch on OOM."""
+def train_one(args, device, name, kind, config, phase, exit_stride, recipe="sandwich"):
+    """One row: build, freeze (phase 1), compile, then time whole optimizer steps; halve the batch on OOM. recipe
+    (phase 2): "sandwich" or "adaptive" (see scripts.bench's --recipes)."""
+    import dataclasses
     from nanochat.optim import setup_optimizers
     from nanochat.matryoshka import sample_plans, plan_rng
     actx = autocast_context(device.type)
     T = args.seq_len
     if exit_stride is not None:
         config.exit_stride = exit_stride
+    adaptive = phase == "2" and recipe == "adaptive"
+    if kind != "gpt":
+        config = dataclasses.replace(config, adaptive=adaptive)  # the controllers train in the adaptive recipe only
     free_memory(device)
     torch.manual_seed(args.seed)
     model = build_model(kind, config, device)
@@ -60,7 +71,8 @@ def train_one(args, device, name, kind, config, phase, exit_stride):
     if phase == "1":  # as fractal_train: the blocks surgery added (Mamba mixer + its FFN) train, the rest is frozen
         for n, p in model.named_parameters():
             p.requires_grad_(n.startswith("transformer.h.") and config.mixer_kind(int(n.split(".")[2])) == "M")
-    optimizers = setup_optimizers(model)  # Muon + AdamW over the trainable parameters
+    # Muon + AdamW over the trainable parameters (the controllers a group of their own, as fractal_train)
+    optimizers = setup_optimizers(model, controller_lr=1e-3 if adaptive else None)
     params = [p for p in model.parameters() if p.requires_grad]
     if args.compile == "blocks":
         for block in model.transformer.h:
@@ -68,19 +80,31 @@ def train_one(args, device, name, kind, config, phase, exit_stride):
     run_model = torch.compile(model, dynamic=False, backend=args.compile_backend) if args.compile == "model" else model
     if phase != "2":
         plans = [None]
+    elif adaptive:  # the plans of even steps; odd steps run the router's menu (the same widths after the first blocks)
+        plans = recipe_step_plans(config, 0)
     else:  # the sandwich: full, smallest, one random uniform level (fixed here, so compiled graphs are reused)
         plans = sample_plans(config.width_levels, config.n_layer, plan_rng(args.seed), 1, per_block=False)
     exits = phase == "2" and len(config.exit_blocks()) > 1
     row = {"model": name, "params_M": sum(p.numel() for p in model.parameters()) / 1e6,
-           "trainable_M": sum(p.numel() for p in params) / 1e6, "phase": phase,
-           "plans": "full" if plans == [None] else "+".join(str(p[0]) for p in plans), "exit_stride": exit_stride}
+           "trainable_M": sum(p.numel() for p in params) / 1e6, "phase": phase + (f" {recipe}" if phase == "2" else ""),
+           "plans": "full" if plans == [None] else "+".join(str(p[-1]) for p in plans), "exit_stride": exit_stride}
+    counter = [0]  # steps run: the adaptive recipe alternates uniform and menu plans
     B, oom = args.batch, []
     while True:
         x = torch.randint(0, config.vocab_size, (B, T), device=device)
         y = torch.randint(0, config.vocab_size, (B, T), device=device)
 
         def step():
-            for _ in range(args.grad_accum):  # the same rows each time: only the timing matters here
+            if adaptive:  # fractal_train's micro-batch: every plan's forward + backward, distillation, gates, router
+                from nanochat.adaptive_train import train_micro_batch
+                step_plans = recipe_step_plans(config, counter[0])
+                counter[0] += 1
+                scale = 1.0 / (len(step_plans) * args.grad_accum)
+                for _ in range(args.grad_accum):
+                    with actx:
+                        train_micro_batch(model, run_model, x, y, step_plans, model.controllers, args.exit_loss_weight,
+                                          1.0, backward=lambda objective, i: (objective * scale).backward())
+            for _ in range(args.grad_accum if not adaptive else 0):  # the same rows each time: only timing matters
                 for i, plan in enumerate(plans):
                     with actx:
                         if exits and i == 0:  # fractal_train's full-width forward: exit readouts + their CE
@@ -106,7 +130,14 @@ def train_one(args, device, name, kind, config, phase, exit_stride):
     if oom:
         row["note"] = f"OOM at batch {oom}"
     if "ms" in r:
-        conv, execf = train_flops(model, kind, phase, plans, T, exits)
+        if adaptive:  # mean over the two kinds of step (uniform and menu plans); every plan reads out its exits
+            def at_step(s):  # (the gates and the router train on every plan's exits)
+                p = recipe_step_plans(config, s)
+                c, e = train_flops(model, kind, phase, p, T, exits)
+                return c, c + len(p) * (e - c)
+            conv, execf = [sum(v) / 2 for v in zip(at_step(0), at_step(1))]
+        else:
+            conv, execf = train_flops(model, kind, phase, plans, T, exits)
         tps = args.grad_accum * B * T / r["ms"] * 1e3
         row.update(tok_per_s=tps, flops_per_tok_G=conv / 1e9, exec_flops_per_tok_G=execf / 1e9)
         peak = peak_flops(device)
@@ -126,8 +157,9 @@ def cmd_train(args, device):
     for name, kind, config in models:
         for phase in (["all"] if kind == "gpt" else args.phases.split(",")):
             for stride in ([int(s) for s in args.exit_strides.split(",")] if phase == "2" else [None]):
-                rows.append(train_one(args, device, name, kind, config, phase, stride))
-                progress(rows[-1])
+                for recipe in (args.recipes.split(",") if phase == "2" else ["-"]):
+                    rows.append(train_one(args, device, name, kind, config, phase, stride, recipe))
+                    progress(rows[-1])
     D = models[0][2].n_embd  # every benchmarked model has the dense model's width
     print_table(f"training step (accum x fwd+bwd of every plan, clip, Muon + AdamW), T={args.seq_len}, vocab {args.vocab_size}, "
                 f"depth {args.depth} (width {D}), compile={args.compile}, Mamba-{args.mamba}", rows,

@@ -117,8 +117,9 @@ def test_bench_moe_compile(capsys):
 
 def test_train(capsys):
     res, _ = run(capsys, ["train", "--depth", "2", "--seq-len", "16", "--batch", "2", "--vocab-size", "128",
-                          "--models", "dense,hybrid", "--phases", "1,2", "--exit-strides", "1", "--compile", "none"])
-    rows = {(r["model"], r["phase"]): r for r in res["rows"]}
+                          "--models", "dense,hybrid", "--phases", "1,2", "--exit-strides", "1", "--compile", "none",
+                          "--recipes", "sandwich"])
+    rows = {(r["model"], r["phase"].replace(" sandwich", "")): r for r in res["rows"]}
     assert set(rows) == {("dense", "all"), ("hybrid", "1"), ("hybrid", "2")}
     for r in rows.values():
         assert r["ms"] > 0 and r["tok_per_s"] == pytest.approx(2 * 16 / r["ms"] * 1e3) and r["batch"] == 2
@@ -278,3 +279,26 @@ def test_adaptive_speculate_on_a_checkpoint(capsys, tiny_data, tmp_path):
     assert all(r["same_tokens"] for r in spec[1:]) and all(0 <= r["acceptance"] <= 1 for r in spec[1:])
     assert sum(t["target"].endswith("/ think tokens/s") for t in res["targets"]) == 6
     assert "self-speculative decoding on" in out
+
+
+def test_train_adaptive_recipe_runs_fractal_trains_step(capsys):
+    """--recipes: phase 2 as fractal_train runs it (every level, menu plans on odd steps, controllers) beside the
+    sandwich; its FLOPs are the mean of a uniform and a menu step's plans."""
+    res, out = run(capsys, ["train", "--depth", "4", "--seq-len", "16", "--batch", "2", "--vocab-size", "128",
+                            "--models", "hybrid", "--phases", "2", "--exit-strides", "1", "--compile", "none",
+                            "--recipes", "sandwich,adaptive"])
+    rows = {r["phase"]: r for r in res["rows"]}
+    assert set(rows) == {"2 sandwich", "2 adaptive"} and "2 adaptive" in out
+    from nanochat.hybrid_gpt import HybridGPT
+    from scripts.bench_train import recipe_step_plans
+    (_, _, cfg), = bench_train.train_models(bench.get_args(["train", "--depth", "4", "--seq-len", "16", "--vocab-size",
+                                                            "128", "--models", "hybrid"]))
+    with torch.device("meta"):
+        model = HybridGPT(cfg)
+    want = sum(sum(model.estimate_flops(p) for p in recipe_step_plans(cfg, s)) for s in (0, 1)) / 2
+    assert rows["2 adaptive"]["flops_per_tok_G"] * 1e9 == pytest.approx(want)
+    assert len(cfg.width_levels) == 2 and recipe_step_plans(cfg, 0) != recipe_step_plans(cfg, 1)  # uniform, then menu
+    assert len(recipe_step_plans(cfg, 0)) == len(cfg.width_levels) and rows["2 adaptive"]["ms"] > 0
+    # the adaptive step reads out every plan's exits: more executed FLOPs over the convention than the sandwich's one
+    extra = {k: r["exec_flops_per_tok_G"] - r["flops_per_tok_G"] for k, r in rows.items()}
+    assert extra["2 adaptive"] == pytest.approx(2 * extra["2 sandwich"])

@@ -145,6 +145,20 @@ def evaluate_modes(checkpoint, test):
     return out
 
 
+def rl(checkpoint, out_dir, splits, settings, seed, exclude):
+    """scripts.chat_rl.train with the compute cost on train-split conversations (the gates off while sampling; the
+    router and the model learn). Returns the history."""
+    from scripts import chat_rl
+    model, tokenizer, _ = cm.load_model_and_tokenizer(checkpoint)
+    task = ChatProblems(pool(splits, "train", settings.chat_rl_steps * settings.chat_rl_prompts, seed + 3, exclude))
+    args = chat_rl.get_args([f"--checkpoint={checkpoint}", f"--out-dir={out_dir}", f"--num-steps={settings.chat_rl_steps}",
+                             f"--prompts-per-step={settings.chat_rl_prompts}", f"--samples-per-prompt={settings.chat_rl_samples}",
+                             "--max-new-tokens=4", f"--compute-cost={settings.chat_rl_compute_cost}", "--device=cpu",
+                             "--eval-every=-1", "--save-every=-1", f"--seed={seed}", "--device-batch-size=64",
+                             f"--router-temperature={settings.chat_rl_router_temperature}"])
+    return chat_rl.train(model, tokenizer, task, args)
+
+
 def run_chat_stage(timer, final_checkpoint, out, splits, settings, seed, eval_problems):
     """The chat stage end to end; returns results.json's "chat" block."""
     test = sample_eval(splits, "test", eval_problems, seed)
@@ -156,4 +170,13 @@ def run_chat_stage(timer, final_checkpoint, out, splits, settings, seed, eval_pr
     block = dict(ev, sft={"steps": settings.chat_sft_steps, "loss": {"first": s["loss"][0], "last": s["loss"][-1]},
                           "val": s["val"].get(settings.chat_sft_steps)},
                  guarantee=cal["guarantee"], checkpoint=paths["chat_final"])
+    if settings.chat_rl_steps:
+        sft_train = pool(splits, "train", settings.chat_train_problems, seed)
+        h = timer("chat_rl", rl, paths["chat_final"], paths["chat_rl"], splits, settings, seed, sft_train)
+        rl_cal = timer("chat_rl_calibrate", calibrate, paths["chat_rl"], paths["chat_rl_final"], splits, settings, seed,
+                       val_problems)
+        rl_ev = timer("chat_rl_evaluate", evaluate_modes, paths["chat_rl_final"], test)
+        block["rl"] = dict(rl_ev, compute_cost=settings.chat_rl_compute_cost, steps=settings.chat_rl_steps,
+                           guarantee=rl_cal["guarantee"], checkpoint=paths["chat_rl_final"],
+                           train={k: {"first": h[k][0], "last": h[k][-1]} for k in ("reward", "accuracy", "compute")})
     return block

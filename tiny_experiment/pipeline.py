@@ -78,6 +78,11 @@ class Settings:
     chat_train_problems: int = 3600  # train-split problems as conversations (~2 per packed row: one epoch)
     chat_sft_steps: int = 100
     chat_lr_scale: float = 0.1     # times fractal_train's default rates, as phase 3
+    chat_rl_steps: int = 40
+    chat_rl_prompts: int = 16      # prompts per RL step
+    chat_rl_samples: int = 4       # answers sampled per prompt
+    chat_rl_compute_cost: float = 0.2  # lambda: reward = exact match - lambda x compute fraction
+    chat_rl_router_temperature: float = 1.0  # the router policy's softmax temperature while sampling
 
     def to_dict(self):
         return asdict(self)
@@ -88,7 +93,8 @@ def quick_settings():
     return Settings(train_pages=600, calib_pages=60, n_embd=64, n_head=2, pretrain_steps=60, pretrain_batch=16,
                     width_levels="32,64", phase_batch=4, phase1_steps=4, phase2_steps=6, grow_dim=128,
                     grown_width_levels="32,64,128", phase3_steps=4, phase3_batch=4, eval_problems=24, calib_gate_pages=40,
-                    ltt_problems=30, log_every=2, chat_train_problems=120, chat_sft_steps=4)
+                    ltt_problems=30, log_every=2, chat_train_problems=120, chat_sft_steps=4,
+                    chat_rl_steps=2, chat_rl_prompts=4, chat_rl_samples=2)
 
 
 class Timer:
