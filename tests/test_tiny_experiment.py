@@ -176,12 +176,20 @@ def test_chat_stage(quick_run):
     chat = r["chat"]
     assert set(chat["modes"]) == {"ghost", "whisper", "normal", "think", "auto"}
     for mode, v in chat["modes"].items():
-        assert 0 <= v["accuracy"] <= 1 and 0 < v["compute_fraction"] <= 1 + 1e-9, (mode, v)
+        # auto at full width pays its router's FLOPs on top (0.03% here)
+        assert 0 <= v["accuracy"] <= 1 and 0 < v["compute_fraction"] <= 1.01, (mode, v)
     assert chat["modes"]["think"]["compute_fraction"] == pytest.approx(1.0)
-    assert chat["modes"]["ghost"]["compute_fraction"] < chat["modes"]["think"]["compute_fraction"]
+    assert chat["modes"]["ghost"]["compute_fraction"] <= chat["modes"]["think"]["compute_fraction"]  # ghost: 128 = full here
     assert set(chat["difficulties"]) == set(DIFFS)
     assert chat["sft"]["steps"] == quick_settings().chat_sft_steps and is_num(chat["sft"]["loss"]["last"])
     assert {"alpha", "delta", "statement"} <= set(chat["guarantee"])
     assert set(r["issue30_targets"]) >= {"chat_think_vs_base", "chat_auto_vs_think"}
     model, meta = load_model(chat["checkpoint"])
     assert meta["phase"] == "sft" and model.controllers.is_calibrated()
+    from scripts import chat_cli  # a user turn as the chat stage asks it
+    replies = chat_cli.main(["--checkpoint", chat["checkpoint"], "--prompt", "sum:1,2,3,4", "--mode", "auto",
+                             "--max-tokens", "4"], input_fn=None)
+    assert len(replies) == 1 and len(replies[0]) <= 4
+    rl = chat["rl"]
+    assert set(rl["modes"]) == set(chat["modes"]) and rl["compute_cost"] == quick_settings().chat_rl_compute_cost
+    assert {"reward", "accuracy", "compute"} <= set(rl["train"]) and "chat_rl_compute" in r["issue30_targets"]

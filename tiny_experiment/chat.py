@@ -155,7 +155,8 @@ def rl(checkpoint, out_dir, splits, settings, seed, exclude):
                              f"--prompts-per-step={settings.chat_rl_prompts}", f"--samples-per-prompt={settings.chat_rl_samples}",
                              "--max-new-tokens=4", f"--compute-cost={settings.chat_rl_compute_cost}", "--device=cpu",
                              "--eval-every=-1", "--save-every=-1", f"--seed={seed}", "--device-batch-size=64",
-                             f"--router-temperature={settings.chat_rl_router_temperature}"])
+                             f"--router-temperature={settings.chat_rl_router_temperature}",
+                             f"--temperature={settings.chat_rl_temperature}"])
     return chat_rl.train(model, tokenizer, task, args)
 
 

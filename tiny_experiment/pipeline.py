@@ -83,6 +83,7 @@ class Settings:
     chat_rl_samples: int = 4       # answers sampled per prompt
     chat_rl_compute_cost: float = 0.2  # lambda: reward = exact match - lambda x compute fraction
     chat_rl_router_temperature: float = 1.0  # the router policy's softmax temperature while sampling
+    chat_rl_temperature: float = 1.0  # the answers' sampling temperature
 
     def to_dict(self):
         return asdict(self)
