@@ -3,7 +3,7 @@
 #   data      python -m nanochat.dataset --download N           FineWeb-Edu shards (the last one is val)
 #   surgery   python -m scripts.surgery --hub karpathy/nanochat-d32 --new-dim=NEW_DIM    nanochat-d32 + tokenizer from the hub
 #   phase 1   torchrun -m scripts.fractal_train --phase=1       only the new Mamba blocks train
-#   phase 2   torchrun -m scripts.fractal_train --phase=2       all weights, Matryoshka sandwich, gates, width predictor
+#   phase 2   torchrun -m scripts.fractal_train --phase=2       all weights, every width level + distillation, gates, router
 #   growth    python -m scripts.surgery --expand-from=NEW_DIM --new-dim=GROW_DIM
 #   phase 3   torchrun -m scripts.fractal_train --phase=3       the grown model
 #   calibrate python -m scripts.calibrate_gates                  the gates' isotonic maps + auto's operating point (Learn-then-Test), val half
@@ -77,6 +77,8 @@ MFU_P1=${MFU_P1:-0.232}   # phase 1, 8 GPUs: 10.0k tok/s per GPU (10.9k on 1 GPU
 MFU_SANDWICH_NOKEEP=0.083  # the phase-2 step without --fsdp-keep-params
 MFU_P2=${MFU_P2:-$([ "$KEEP_PARAMS" = 1 ] && echo 0.105 || echo $MFU_SANDWICH_NOKEEP)}
 MFU_P3=${MFU_P3:-$MFU_SANDWICH_NOKEEP}   # phase 3 is the phase-2 step on the grown model, without --fsdp-keep-params (not measured separately)
+# NOTE: these phase-2/3 MFUs were measured on the earlier sandwich step; the plan prices today's step (every width level,
+# issue #28) at them, which is an assumption until `bench train --recipes adaptive` is measured at d32 (docs/benchmarks.md).
 # Not measured: --compile at d32, the grown model, more than one node.
 
 export NANOCHAT_BASE_DIR=${NANOCHAT_BASE_DIR:-$HOME/.cache/nanochat}
@@ -163,15 +165,13 @@ with torch.device("meta"):  # shapes only: create and grow exactly as scripts.su
     hyb, grown = HybridGPT(cfg), HybridGPT(gcfg)
 
 
-def step_flops(model, sandwich):
-    """FLOPs per token of one step: full width, or the sandwich (full, smallest, one uniform random level: its mean)."""
-    c = model.config
-    full = model.estimate_flops()
-    if not sandwich:
-        return full
-    levels = c.width_levels
-    rand = sum(model.estimate_flops([w] * c.n_layer) for w in levels) / len(levels)
-    return full + (model.estimate_flops([levels[0]] * c.n_layer) if len(levels) > 1 else 0) + rand
+def step_flops(model, every_level):
+    """FLOPs per token of one step: full width, or fractal_train's phase-2/3 step (nanochat.adaptive_train.step_plans:
+    full + every narrower level, uniform plans on even steps and the router's menu on odd ones: their mean)."""
+    from nanochat.adaptive_train import step_plans
+    if not every_level:
+        return model.estimate_flops()
+    return sum(sum(model.estimate_flops(p) for p in step_plans(model.config, True, None, 0, False, s)) for s in (0, 1)) / 2
 
 
 tok_step, gpus, peak, usd = int(env["TOTAL_BATCH"]), int(env["NPROC"]), float(env["PEAK_FLOPS"]), float(env["GPU_HOUR_USD"])
@@ -181,13 +181,13 @@ print(f"hybrid (surgery): {hyb_params / 1e9:.3f}B ({cfg.n_layer} blocks {cfg.lay
 print(f"grown: {grown_params / 1e9:.3f}B (width {gcfg.n_embd}, {gcfg.n_head} heads, levels {gcfg.width_levels})")
 print(f"{'stage':<9}{'params':>9}{'trains':>9}{'steps':>7}{'tokens':>8}{'GFLOP/tok':>11}{'MFU':>6}{'hours':>7}{'cost $':>9}")
 total_h = 0.0
-for name, model, params, trains, steps, sandwich, mfu in (
+for name, model, params, trains, steps, every_level, mfu in (
         ("phase 1", hyb, hyb_params, p1_trainable, int(env["P1_STEPS"]), False, float(env["MFU_P1"])),
         ("phase 2", hyb, hyb_params, hyb_params, int(env["P2_STEPS"]), True, float(env["MFU_P2"])),
         ("phase 3", grown, grown_params, grown_params, int(env["P3_STEPS"]), True, float(env["MFU_P3"])),
         # SFT runs phase 3's step on the grown model (conversations instead of text): phase 3's MFU, not measured apart
         ("sft", grown, grown_params, grown_params, int(env["SFT_STEPS"]), True, float(env["MFU_P3"]))):
-    f = step_flops(model, sandwich)
+    f = step_flops(model, every_level)
     hours = steps * tok_step * f / (mfu * peak * gpus) / 3600
     total_h += hours
     print(f"{name:<9}{params / 1e9:>8.2f}B{trains / 1e9:>8.2f}B{steps:>7}{steps * tok_step / 1e9:>7.2f}B{f / 1e9:>11.1f}"
