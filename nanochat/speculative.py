@@ -74,6 +74,7 @@ class SpecStats:
     verify_s: float = 0.0
     think_step_s: float = None   # the fastest plain decode step timed (the fallback's yardstick)
     fell_back_at: int = None     # tokens emitted when speculation stopped paying and plain decoding took over
+    remembered: bool = False     # plain from the start: an earlier generation of this engine measured it slower
     accepted_hist: list = field(default_factory=list)
     round_log: list = field(default_factory=list)  # (tokens emitted, seconds) per round
 
@@ -86,12 +87,17 @@ class SpecStats:
              f"({self.accepted}/{self.drafted}), {self.emitted / max(1, self.rounds):.2f} tokens/round")
         if self.rounds:
             s += f", draft {1e3 * self.draft_s / self.rounds:.2f} ms + verify {1e3 * self.verify_s / self.rounds:.2f} ms per round"
-        if self.fell_back_at is not None:
+        if self.remembered:
+            s += (f"; plain decoding throughout: speculation with this draft and k measured slower than think in an "
+                  f"earlier generation (retried every {RETRY_AFTER} generations)")
+        elif self.fell_back_at is not None:
             s += f"; fell back to plain decoding after {self.fell_back_at} tokens (slower than think)"
         return s
 
 
 PROBE_STEPS = 2  # plain decode steps timed before speculating (with the fallback on)
+JUDGE_ROUNDS = 2  # the fallback compares the last rounds after the first (which may capture graphs), from this many on
+RETRY_AFTER = 8   # an engine whose generation fell back decodes the next ones plain; it tries speculation again after these
 
 
 def step_per_position(mamba, xn, conv_state, ssm_state, keep):
@@ -195,7 +201,7 @@ def residual(p, q):
 class Speculator:
     """Drafts and verifies rounds for one generation (see the module docstring). Owns the draft's state."""
 
-    def __init__(self, engine, st, prompts, draft, k, temperature, top_k, rng, max_len):
+    def __init__(self, engine, st, prompts, draft, k, temperature, top_k, rng, max_len, prefill_draft=True):
         self.engine, self.model, self.st, self.draft, self.k = engine, engine.model, st, draft, k
         self.temperature, self.top_k, self.rng = temperature, top_k, rng
         self.n = self.model.config.n_layer
@@ -203,7 +209,7 @@ class Speculator:
         self.dst = None
         self.dflops = 0.0
         self.sync = engine.spec_sync  # wait for the device after the drafts, so draft and verify times are apart
-        if draft.kind == "plan":  # its own caches, on a workspace of its own (the engine keeps the verifier's)
+        if draft.kind == "plan" and prefill_draft:  # its own caches, on a workspace of its own (the engine keeps the verifier's)
             self.dst, _, fl, _ = engine.prefill(prompts, draft.plan, max_len=max_len, slot="draft")
             self.dflops = fl
 
@@ -389,8 +395,10 @@ def generate(engine, prompts, max_tokens, speculate, draft, temperature=0.0, top
     the tokens and logits mode think gives. engine.spec_stats holds what speculation did. Every round drafts k
     (one shape for the CUDA graphs; tokens past max_tokens are dropped); a last single token is a plain step.
     With fallback, the first two decode tokens are timed plain steps (the first may capture graphs: the faster one
-    is the yardstick), and from the fourth round on, speculation stops for the rest of the generation when the last
-    three rounds gave tokens slower than plain steps do (from then on the draft is not stepped)."""
+    is the yardstick); once JUDGE_ROUNDS rounds follow the first (which may capture graphs too), speculation stops for
+    the rest of the generation when the last (up to three) of them gave tokens slower than plain steps do (from then on
+    the draft is not stepped). The engine remembers it: its next generations with this draft, k and batch size decode
+    plain from the start, and every RETRY_AFTER-th tries speculation again (a short generation cannot repay probing)."""
     model = engine.model
     c = model.config
     if engine.dense:
@@ -407,8 +415,15 @@ def generate(engine, prompts, max_tokens, speculate, draft, temperature=0.0, top
     max_len = T + max_tokens + speculate + 1
     st, logits, flops, full = engine.prefill(ids, "think", max_len=max_len)
     engine.state = st
-    spec = Speculator(engine, st, ids, draft, speculate, temperature, top_k, rng, max_len)
     name = f"plan:{draft.plan}" if draft.kind == "plan" else f"exit:{draft.exit_block}"
+    memo_key = (name, speculate, B)
+    since = engine.spec_memory.get(memo_key)  # generations since speculation measured slower (None: it did not)
+    remembered = fallback and since is not None and since + 1 < RETRY_AFTER
+    if remembered:
+        engine.spec_memory[memo_key] = since + 1
+    elif since is not None:  # the retry: speculate and judge afresh
+        engine.spec_memory.pop(memo_key)
+    spec = Speculator(engine, st, ids, draft, speculate, temperature, top_k, rng, max_len, prefill_draft=not remembered)
     engine.spec_stats = stats = SpecStats(k=speculate, draft=name)
     n, stop = c.n_layer, torch.tensor(sorted(stop_tokens), dtype=torch.long)
     widths = torch.full((B, n), c.n_embd, dtype=torch.long)
@@ -423,7 +438,9 @@ def generate(engine, prompts, max_tokens, speculate, draft, temperature=0.0, top
     yield TokenStep(tok.tolist(), logits.float(), no_exit, st.prompt_widths.clone(), no_wide, flops + spec.dflops, full,
                     "prompt")
     emitted, done = 1, torch.isin(tok.cpu(), stop)
-    speculating, plain_steps = True, 0
+    speculating, plain_steps = not remembered, 0
+    if remembered:
+        stats.remembered, stats.fell_back_at = True, 0
     while emitted < max_tokens and not bool(done.all()):
         probing = fallback and speculating and plain_steps < PROBE_STEPS
         if not speculating or max_tokens - emitted < 2 or probing:
@@ -446,6 +463,7 @@ def generate(engine, prompts, max_tokens, speculate, draft, temperature=0.0, top
             emitted, done = emitted + 1, done | torch.isin(tokens[:, i].cpu(), stop)
             stats.emitted += 1
         tok = tokens[:, -1]
-        recent = stats.round_log[-3:]
-        if fallback and stats.rounds >= 4 and sum(n for n, _ in recent) * stats.think_step_s < sum(t for _, t in recent):
+        recent = stats.round_log[1:][-3:]
+        if fallback and len(recent) >= JUDGE_ROUNDS and sum(n for n, _ in recent) * stats.think_step_s < sum(t for _, t in recent):
             stats.fell_back_at, speculating = emitted, False  # its tokens came slower than plain steps
+            engine.spec_memory[memo_key] = 0

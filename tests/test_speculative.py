@@ -6,7 +6,7 @@ import torch
 from nanochat.engine import Engine
 from nanochat.engine_static import StaticDecode
 from nanochat.layers import token_probs
-from nanochat.speculative import Draft, accept, accept_prob, residual, rollback, Speculator
+from nanochat.speculative import Draft, accept, accept_prob, residual, rollback, Speculator, JUDGE_ROUNDS, RETRY_AFTER
 
 from engine_testutil import HAS_MAMBA, HAS_MOE, build
 
@@ -201,12 +201,14 @@ def test_fallback_switches_to_plain_steps_when_slower():
     assert res.tokens == ref.tokens and stats.think_step_s is not None
     # with 6 drafts of a near-full model per round and few accepted, a round costs more than its tokens are worth
     if stats.acceptance < 0.3:
-        assert stats.fell_back_at is not None and stats.rounds == 4
+        assert stats.fell_back_at is not None and stats.rounds == 1 + JUDGE_ROUNDS
 
 
 def test_fallback_decides_on_timed_steps_and_stops_stepping_the_draft(monkeypatch):
-    """A clock on which plain steps take 1 s and rounds 100 s: two probe steps, four rounds, then plain steps only,
-    with the draft no longer stepped; the tokens stay think's."""
+    """A clock on which plain steps take 1 s and rounds 100 s: two probe steps, 1 + JUDGE_ROUNDS rounds (the first is
+    not judged: it may capture graphs), then plain steps only, with the draft no longer stepped; the tokens stay
+    think's. The engine remembers: its next generations decode plain from the start (no draft prefill, no probes)
+    until the RETRY_AFTER-th, which speculates again."""
     import nanochat.speculative as spec_mod
     model = build(layer_pattern="A").eval()
     eng = Engine(model, decode="eager")
@@ -236,8 +238,22 @@ def test_fallback_decides_on_timed_steps_and_stops_stepping_the_draft(monkeypatc
     res = eng.generate_batch([[3, 1, 4]], 24, speculate=3, draft="plan:64,64,64,32", fallback=True)
     stats = eng.spec_stats
     assert res.tokens == ref.tokens
-    assert stats.think_step_s == 1.0 and stats.rounds == 4 and stats.fell_back_at is not None
-    n_in_rounds = sum(stats.accepted_hist) + 4
+    rounds = 1 + JUDGE_ROUNDS
+    assert stats.think_step_s == 1.0 and stats.rounds == rounds and stats.fell_back_at is not None
+    n_in_rounds = sum(stats.accepted_hist) + rounds
     assert stats.fell_back_at == 1 + 2 + n_in_rounds  # the prompt's token, two probes, the rounds' tokens
     # the draft stepped during the probes and the rounds, never after the fallback
-    assert len(draft_steps) >= 2 + 4 * 3 and all(f is None for f in draft_steps)
+    assert len(draft_steps) >= 2 + rounds * 3 and all(f is None for f in draft_steps)
+    for n in range(1, RETRY_AFTER):  # remembered: plain throughout, no draft steps, think's tokens
+        draft_steps.clear()
+        again = eng.generate_batch([[3, 1, 4]], 24, speculate=3, draft="plan:64,64,64,32", fallback=True)
+        stats = eng.spec_stats
+        assert again.tokens == ref.tokens and stats.remembered and stats.rounds == 0 and not draft_steps
+        assert "plain decoding throughout" in stats.summary()
+    retry = eng.generate_batch([[3, 1, 4]], 24, speculate=3, draft="plan:64,64,64,32", fallback=True)
+    assert retry.tokens == ref.tokens and not eng.spec_stats.remembered and eng.spec_stats.rounds == rounds
+    # another k is another measurement; fallback=False never consults the memory
+    eng.generate_batch([[3, 1, 4]], 24, speculate=2, draft="plan:64,64,64,32", fallback=True)
+    assert not eng.spec_stats.remembered
+    eng.generate_batch([[3, 1, 4]], 24, speculate=3, draft="plan:64,64,64,32", fallback=False)
+    assert not eng.spec_stats.remembered and eng.spec_stats.rounds > rounds
