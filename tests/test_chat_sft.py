@@ -144,3 +144,16 @@ def test_sft_switches_and_a_dense_gpt(models, tmp_path, capsys):
         chat_sft.main(sft_args(models, "gpt", tmp_path / "x", 1, "--matryoshka"))
     with pytest.raises(ValueError, match="conversations"):
         chat_sft.main(sft_args(models, "hybrid", tmp_path / "y", 1, "--continue-data"))
+
+
+@pytest.mark.slow  # 2 gloo processes
+def test_two_gloo_processes_equal_one_process(models, tmp_path):
+    """2 ranks x 1 micro-batch against 1 rank x 2 micro-batches of the same 2 conversation shards (--data-ranks=2), as
+    fractal_train's test (not bitwise: sums in another order; --no-distill for the reason given there)."""
+    from test_fractal_train import parse_losses, state_of, max_diff
+    from testutil import torchrun2
+    args = ["--eval-every=-1", "--data-ranks=2", f"--total-batch-size={2 * B * T}", "--no-distill"]
+    one = chat_sft.main(sft_args(models, "hybrid", tmp_path / "one", 3, *args))
+    two = parse_losses(torchrun2("scripts.chat_sft", *sft_args(models, "hybrid", tmp_path / "two", 3, *args)))
+    assert len(two) == 3 and max(abs(a - b) for a, b in zip(one["loss"], two)) < 1e-5, (one["loss"], two)
+    assert max_diff(state_of(tmp_path / "one")[0], state_of(tmp_path / "two")[0]) < 1e-4
