@@ -201,7 +201,7 @@ def residual(p, q):
 class Speculator:
     """Drafts and verifies rounds for one generation (see the module docstring). Owns the draft's state."""
 
-    def __init__(self, engine, st, prompts, draft, k, temperature, top_k, rng, max_len, prefill_draft=True):
+    def __init__(self, engine, st, prompts, draft, k, temperature, top_k, rng, max_len):
         self.engine, self.model, self.st, self.draft, self.k = engine, engine.model, st, draft, k
         self.temperature, self.top_k, self.rng = temperature, top_k, rng
         self.n = self.model.config.n_layer
@@ -209,7 +209,7 @@ class Speculator:
         self.dst = None
         self.dflops = 0.0
         self.sync = engine.spec_sync  # wait for the device after the drafts, so draft and verify times are apart
-        if draft.kind == "plan" and prefill_draft:  # its own caches, on a workspace of its own (the engine keeps the verifier's)
+        if draft.kind == "plan":  # its own caches, on a workspace of its own (the engine keeps the verifier's)
             self.dst, _, fl, _ = engine.prefill(prompts, draft.plan, max_len=max_len, slot="draft")
             self.dflops = fl
 
@@ -397,8 +397,9 @@ def generate(engine, prompts, max_tokens, speculate, draft, temperature=0.0, top
     With fallback, the first two decode tokens are timed plain steps (the first may capture graphs: the faster one
     is the yardstick); once JUDGE_ROUNDS rounds follow the first (which may capture graphs too), speculation stops for
     the rest of the generation when the last (up to three) of them gave tokens slower than plain steps do (from then on
-    the draft is not stepped). The engine remembers it: its next generations with this draft, k and batch size decode
-    plain from the start, and every RETRY_AFTER-th tries speculation again (a short generation cannot repay probing)."""
+    the draft is not stepped). The engine remembers it: its next generations with this draft, k and batch size are
+    plain think generations (Engine.generate's own pipelined loop), and every RETRY_AFTER-th tries speculation again
+    (a short generation cannot repay its probes and rounds)."""
     model = engine.model
     c = model.config
     if engine.dense:
@@ -408,6 +409,18 @@ def generate(engine, prompts, max_tokens, speculate, draft, temperature=0.0, top
         raise ValueError(f"speculate must be >= 1 drafted tokens per round, got {speculate}")
     if not isinstance(draft, Draft):
         draft = Draft.parse(draft, c.n_layer)
+    name = f"plan:{draft.plan}" if draft.kind == "plan" else f"exit:{draft.exit_block}"
+    memo_key = (name, speculate, len(prompts))
+    since = engine.spec_memory.get(memo_key)  # generations since speculation measured slower (None: it did not)
+    if fallback and since is not None and since + 1 < RETRY_AFTER:
+        # remembered: plain think decoding, the engine's own pipelined loop (no draft, no probes, no per-token sync)
+        engine.spec_memory[memo_key] = since + 1
+        engine.spec_stats = SpecStats(k=speculate, draft=name, fell_back_at=0, remembered=True)
+        yield from engine.generate(prompts, max_tokens, "think", temperature=temperature, top_k=top_k, seed=seed,
+                                   stop_tokens=stop_tokens)
+        return
+    if since is not None:  # the retry: speculate and judge afresh
+        engine.spec_memory.pop(memo_key)
     dev = model.get_device()
     ids = torch.tensor(prompts, dtype=torch.long, device=dev)
     B, T = ids.shape
@@ -415,15 +428,7 @@ def generate(engine, prompts, max_tokens, speculate, draft, temperature=0.0, top
     max_len = T + max_tokens + speculate + 1
     st, logits, flops, full = engine.prefill(ids, "think", max_len=max_len)
     engine.state = st
-    name = f"plan:{draft.plan}" if draft.kind == "plan" else f"exit:{draft.exit_block}"
-    memo_key = (name, speculate, B)
-    since = engine.spec_memory.get(memo_key)  # generations since speculation measured slower (None: it did not)
-    remembered = fallback and since is not None and since + 1 < RETRY_AFTER
-    if remembered:
-        engine.spec_memory[memo_key] = since + 1
-    elif since is not None:  # the retry: speculate and judge afresh
-        engine.spec_memory.pop(memo_key)
-    spec = Speculator(engine, st, ids, draft, speculate, temperature, top_k, rng, max_len, prefill_draft=not remembered)
+    spec = Speculator(engine, st, ids, draft, speculate, temperature, top_k, rng, max_len)
     engine.spec_stats = stats = SpecStats(k=speculate, draft=name)
     n, stop = c.n_layer, torch.tensor(sorted(stop_tokens), dtype=torch.long)
     widths = torch.full((B, n), c.n_embd, dtype=torch.long)
@@ -438,9 +443,7 @@ def generate(engine, prompts, max_tokens, speculate, draft, temperature=0.0, top
     yield TokenStep(tok.tolist(), logits.float(), no_exit, st.prompt_widths.clone(), no_wide, flops + spec.dflops, full,
                     "prompt")
     emitted, done = 1, torch.isin(tok.cpu(), stop)
-    speculating, plain_steps = not remembered, 0
-    if remembered:
-        stats.remembered, stats.fell_back_at = True, 0
+    speculating, plain_steps = True, 0
     while emitted < max_tokens and not bool(done.all()):
         probing = fallback and speculating and plain_steps < PROBE_STEPS
         if not speculating or max_tokens - emitted < 2 or probing:
