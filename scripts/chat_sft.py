@@ -17,6 +17,7 @@ is accepted), or by default nanochat's SFT mixture (tasks.sft_mixture: fetch it 
 every 50th conversation of the file (held out of training).
 """
 import argparse
+import functools
 import os
 
 import torch
@@ -75,11 +76,12 @@ def conversations(args, split):
     return sft_mixture("train" if split == "train" else "test")
 
 
-def chat_data(args, tokenizer, meta, paths, loader_states, geo):
-    """fractal_train.train's data hook: a conversation stream per data shard of this rank, val rows kept."""
+def chat_data(args, tokenizer, meta, paths, loader_states, geo, train=None):
+    """fractal_train.train's data hook: a conversation stream per data shard of this rank, val rows kept. train: the
+    train conversations, if already read."""
     if geo.rank == 0:  # the tokenizer travels with the checkpoints
         cm.copy_tokenizer_files(meta["tokenizer_dir"], paths.out_dir)
-    train = conversations(args, "train")
+    train = conversations(args, "train") if train is None else train
     loaders = {j: conversation_loader(tokenizer, train, geo.B, geo.T, device=geo.device, resume_state=loader_states[j],
                                       rank=j, world_size=geo.data_ranks) for j in geo.my_shards}
     val_batches = []
@@ -103,8 +105,8 @@ def main(argv=None):
     args = get_args(argv)
     phase = sft_phase(args)
     fractal_train.check_args(args, phase)
-    result = fractal_train.train(args, phase, chat_data, "scripts.chat_sft", argv)
-    return result
+    train = conversations(args, "train")  # missing or malformed data stops here, before the model loads
+    return fractal_train.train(args, phase, functools.partial(chat_data, train=train), "scripts.chat_sft", argv)
 
 
 if __name__ == "__main__":
