@@ -128,3 +128,19 @@ def test_script_end_to_end(checkpoints, task_data, tmp_path, capsys, report_dir)
         chat_eval.main([f"--checkpoint={checkpoints / 'gpt'}", "--tasks=ARC-Easy", "--modes=auto", "--device=cpu"])
     dense = chat_eval.main([f"--checkpoint={checkpoints / 'gpt'}", "--tasks=ARC-Easy", "--device=cpu"])
     assert list(dense["tasks"]["ARC-Easy"]) == ["think"]
+
+
+def test_each_engine_batch_samples_from_its_own_seed(checkpoints):
+    """Two batches of one call (same prompt length) must not draw alike at temperature > 0: distinct seeds."""
+    model, tokenizer, _ = load_model_and_tokenizer(str(checkpoints / "hybrid"))
+    engine, seeds = Engine(model), []
+    real = engine.generate_batch
+
+    def recording(prompts, max_tokens, **kw):
+        seeds.append(kw["seed"])
+        return real(prompts, max_tokens, **kw)
+    engine.generate_batch = recording
+    prompt = tokenizer.render_for_completion({"messages": [{"role": "user", "content": "hi"},
+                                                           {"role": "assistant", "content": "x"}]})
+    chat_eval.generate_turns(engine, tokenizer, [prompt] * 3, "think", 3, temperature=1.0, seed=5, batch_size=1)
+    assert len(seeds) == 3 and len(set(seeds)) == 3 and seeds[0] == 5
