@@ -13,7 +13,7 @@ A dense GPT trains at its one width. The step, logging, checkpoints, Ctrl-C and 
 
 Data: --data FILE.jsonl (one {"messages": [...]} per line; a line of a bare message list, as nanochat's identity file,
 is accepted), or by default nanochat's SFT mixture (tasks.sft_mixture: fetch it first with
-`python -m scripts.fetch_tasks`). Validation: --val-data FILE.jsonl, the mixture's test split, or, with --data alone,
+`python -m scripts.fetch_tasks`). Validation: --val-data FILE.jsonl, the mixture's "val" split, or, with --data alone,
 every 50th conversation of the file (held out of training).
 """
 import argparse
@@ -73,7 +73,7 @@ def conversations(args, split):
     from tasks import sft_mixture  # the hub data: fetched by scripts.fetch_tasks, a one-line error if it is not
     if split == "val" and args.val_data:
         return read_jsonl_conversations(expand_path(args.val_data))
-    return sft_mixture("train" if split == "train" else "test")
+    return sft_mixture("train" if split == "train" else "val")
 
 
 def chat_data(args, tokenizer, meta, paths, loader_states, geo, train=None):

@@ -157,3 +157,25 @@ def test_two_gloo_processes_equal_one_process(models, tmp_path):
     two = parse_losses(torchrun2("scripts.chat_sft", *sft_args(models, "hybrid", tmp_path / "two", 3, *args)))
     assert len(two) == 3 and max(abs(a - b) for a, b in zip(one["loss"], two)) < 1e-5, (one["loss"], two)
     assert max_diff(state_of(tmp_path / "one")[0], state_of(tmp_path / "two")[0]) < 1e-4
+
+
+def test_sft_on_nanochats_mixture_by_default(models, tmp_path, monkeypatch):
+    """Without --data: nanochat's SFT mixture (train) and its val split, read from the hub exports' cache (fixture files
+    in their real schemas, as tests/test_tasks.py writes them)."""
+    from test_tasks import (write_split, write_url_files, SMOLTALK_ROWS, SMOLTALK_SCHEMA, MMLU_ROWS, MMLU_SCHEMA,
+                            GSM8K_ROWS, GSM8K_SCHEMA)
+    base = tmp_path / "base"
+    monkeypatch.setenv("NANOCHAT_BASE_DIR", str(base))
+    write_url_files(base)
+    for split in ("train", "test"):
+        write_split(base, "HuggingFaceTB/smol-smoltalk", "default", split, SMOLTALK_ROWS, SMOLTALK_SCHEMA)
+        write_split(base, "openai/gsm8k", "main", split, GSM8K_ROWS, GSM8K_SCHEMA)
+    for split in ("auxiliary_train", "test"):
+        write_split(base, "cais/mmlu", "all", split, MMLU_ROWS, MMLU_SCHEMA)
+    args = [a for a in sft_args(models, "hybrid", tmp_path / "mix", 2, "--eval-every=2") if not a.startswith("--data=")]
+    res = chat_sft.main(args)
+    assert res["last_step"] == 2 and "bpb_w64" in res["val"][2]
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("NANOCHAT_BASE_DIR", str(tmp_path / "empty"))
+    with pytest.raises(Exception, match="fetch_tasks"):  # nothing cached, offline: the one line names the fetch
+        chat_sft.main([a for a in args if not a.startswith("--out-dir")] + [f"--out-dir={tmp_path / 'none'}"])
