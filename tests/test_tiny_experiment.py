@@ -193,3 +193,11 @@ def test_chat_stage(quick_run):
     rl = chat["rl"]
     assert set(rl["modes"]) == set(chat["modes"]) and rl["compute_cost"] == quick_settings().chat_rl_compute_cost
     assert {"reward", "accuracy", "compute"} <= set(rl["train"]) and "chat_rl_compute" in r["issue30_targets"]
+
+
+def test_no_chat_stops_after_the_base_evaluation(tmp_path, monkeypatch):
+    """--no-chat: the chat stage does not run (results.json says so) and issue #30's targets are empty."""
+    from tiny_experiment import chat
+    monkeypatch.setattr(chat, "run_chat_stage", lambda *a, **k: pytest.fail("the chat stage ran"))
+    r = main(["--quick", "--no-chat", "--out", str(tmp_path / "out"), "--seed", "0"])
+    assert r["chat"] is None and r["issue30_targets"] == {} and "chat_sft" not in r["stages"]
