@@ -38,7 +38,7 @@ def parse_args(argv=None):
                    help="torch threads (1: these matmuls are tiny, and on shared cores 2 threads ran ~10x slower)")
     p.add_argument("--overwrite", action="store_true", help="delete a previous tiny_experiment run in --out first")
     p.add_argument("--no-chat", action="store_true", help="stop after the base pipeline's evaluation (no chat stage: "
-                   "about 40%% of the CPU time)")
+                   "about half of the CPU time)")
     add_runtime_args(p, threads=False)  # --debug, --require-kernels (read by run_script); --threads is above
     return p.parse_args(argv)
 
