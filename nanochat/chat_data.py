@@ -10,8 +10,6 @@ tokens: distillation, exit readouts, gates, router) sees the assistant's tokens 
 The stream is resumable exactly: a batch is whole conversations, so the state after it is the index of the next one.
 Data ranks: rank r of n reads the conversations r, r + n, r + 2n, ... .
 """
-import json
-
 import torch
 
 STATE_VERSION = 1
@@ -94,24 +92,3 @@ def conversation_loader(tokenizer, source, B, T, device="cpu", resume_state=None
         if pin:
             inputs, targets = inputs.pin_memory(), targets.pin_memory()
         yield inputs.to(device, non_blocking=pin), targets.to(device, non_blocking=pin), state
-
-
-def read_jsonl_conversations(path):
-    """The conversations of a jsonl file (one {"messages": [...]} per line); a bad line stops with its number."""
-    out = []
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                conv = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{path}:{lineno}: not JSON ({e.msg})") from None
-            if isinstance(conv, list):  # nanochat's identity file: a bare list of messages per line
-                conv = {"messages": conv}
-            if not isinstance(conv, dict) or not isinstance(conv.get("messages"), list):
-                raise ValueError(f"{path}:{lineno}: expected {{\"messages\": [...]}} or a list of messages")
-            out.append(conv)
-    if not out:
-        raise ValueError(f"{path} holds no conversations")
-    return out

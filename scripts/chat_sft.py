@@ -23,10 +23,11 @@ import os
 import torch
 
 from nanochat.common import get_base_dir, expand_path, run_script, print0
-from nanochat.chat_data import conversation_loader, conversation_rows, read_jsonl_conversations
+from nanochat.chat_data import conversation_loader, conversation_rows
 from nanochat import checkpoint_manager as cm
 from scripts import fractal_train
 from scripts.fractal_train import Phase
+from tasks.conversations import read_conversations
 
 VAL_EVERY = 50  # --data without --val-data: conversations 49, 99, ... are the val split
 
@@ -63,17 +64,17 @@ def sft_phase(args):
 
 
 def conversations(args, split):
-    """The train or val conversations (an indexable): --data / --val-data, else the SFT mixture."""
-    if args.data:
-        convs = read_jsonl_conversations(expand_path(args.data))
-        if split == "val" and args.val_data:
-            return read_jsonl_conversations(expand_path(args.val_data))
-        held = [i % VAL_EVERY == VAL_EVERY - 1 for i in range(len(convs))] if not args.val_data else [False] * len(convs)
-        return [c for c, h in zip(convs, held) if h == (split == "val")]
-    from tasks import sft_mixture  # the hub data: fetched by scripts.fetch_tasks, a one-line error if it is not
+    """The train or val conversations (an indexable): --val-data for val, --data (every VAL_EVERY-th held out for val
+    when there is no --val-data), else the SFT mixture."""
     if split == "val" and args.val_data:
-        return read_jsonl_conversations(expand_path(args.val_data))
-    return sft_mixture("train" if split == "train" else "val")
+        return read_conversations(expand_path(args.val_data))
+    if args.data:
+        convs = read_conversations(expand_path(args.data))
+        if args.val_data:
+            return convs
+        return [c for i, c in enumerate(convs) if (i % VAL_EVERY == VAL_EVERY - 1) == (split == "val")]
+    from tasks import sft_mixture  # the hub data: fetched by scripts.fetch_tasks, a one-line error if it is not
+    return sft_mixture(split)
 
 
 def chat_data(args, tokenizer, meta, paths, loader_states, geo, train=None):

@@ -10,7 +10,8 @@ import pytest
 import torch
 
 from nanochat.checkpoint_manager import load_model, load_meta, find_last_step
-from nanochat.chat_data import conversation_loader, conversation_rows, read_jsonl_conversations
+from nanochat.chat_data import conversation_loader, conversation_rows
+from nanochat.common import UserError
 from nanochat.tokenizer import Tokenizer
 from scripts import chat_sft
 from scripts import surgery as surgery_cli
@@ -80,13 +81,18 @@ def test_loader_resumes_exactly_and_splits_ranks(tok):
         next(conversation_loader(tok, convs[:1], 8, T, epochs=1))
 
 
-def test_jsonl_errors_name_the_line(tmp_path):
+def test_jsonl_errors_name_the_line(models, tmp_path):
+    """--data is read by the tasks package's conversation reader: a bad line stops chat_sft, before the model loads,
+    with the file and line; nanochat's identity layout (a bare list of messages) is accepted."""
     p = tmp_path / "c.jsonl"
-    p.write_text('{"messages": []}\nnot json\n')
-    with pytest.raises(ValueError, match=r"c.jsonl:2: not JSON"):
-        read_jsonl_conversations(p)
+    p.write_text('{"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]}\nnot json\n')
+    args = [a for a in sft_args(models, "hybrid", tmp_path / "out", 1) if not a.startswith("--data=")]
+    with pytest.raises(UserError, match=r"c.jsonl:2: not valid JSON"):
+        chat_sft.main(args + [f"--data={p}"])
+    assert not (tmp_path / "out").exists()
     p.write_text('[{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]\n')  # nanochat identity
-    assert read_jsonl_conversations(p)[0]["messages"][1]["content"] == "yo"
+    val = chat_sft.conversations(chat_sft.get_args(args + [f"--data={p}", f"--val-data={p}"]), "val")
+    assert val[0]["messages"][1]["content"] == "yo"
 
 
 @pytest.fixture(scope="module")
