@@ -26,20 +26,27 @@ ROUTER_THRESHOLDS = (NEVER, 0.999, 0.995, 0.99, 0.98, 0.95, 0.9, 0.8, 0.7, 0.5, 
 EXIT_SETTINGS = ((1.0, 0.0), (1.0, 0.5), (0.99, 0.5), (0.95, 0.5), (0.9, 0.5))  # (exit, widen), off first
 
 
-@torch.no_grad()
-def router_probs(model, prompts):
-    """(N, n_menu - 1) probability per narrow menu plan for each prompt (list of id lists), read as the engine reads
-    it: mean of norm(residual) after predictor_after full-width blocks over the prompt's positions."""
-    ctrl, device = model.controllers, model.get_device()
-    out = torch.empty(len(prompts), len(ctrl.predictor.menu) - 1)
-    by_len = {}
+def router_logits(model, prompts):
+    """(N, n_menu - 1) the router's logit per narrow menu plan for each prompt (list of id lists), read as the engine
+    reads it: mean of norm(residual) after predictor_after full-width blocks over the prompt's positions (prompts of
+    one length in one batch). With grad enabled, the gradient reaches the predictor only (prefix_hidden has none)."""
+    predictor, device = model.controllers.predictor, model.get_device()
+    rows, by_len = [None] * len(prompts), {}
     for i, p in enumerate(prompts):
         by_len.setdefault(len(p), []).append(i)
     for ids in by_len.values():
         x = torch.tensor([prompts[i] for i in ids], device=device)
-        pooled = ctrl.predictor.pool(model.prefix_hidden(x, model.config.predictor_after))
-        out[ids] = torch.sigmoid(ctrl.predictor(pooled)).float().cpu()
-    return out
+        logits = predictor(predictor.pool(model.prefix_hidden(x, model.config.predictor_after)))
+        for k, i in enumerate(ids):
+            rows[i] = logits[k]
+    return torch.stack(rows)
+
+
+@torch.no_grad()
+def router_probs(model, prompts):
+    """(N, n_menu - 1) probability per narrow menu plan for each prompt (router_logits through the sigmoid), on the
+    CPU."""
+    return torch.sigmoid(router_logits(model, prompts)).float().cpu()
 
 
 def choices(probs, threshold):

@@ -27,19 +27,12 @@ import torch
 
 from nanochat.common import compute_init, compute_cleanup, autodetect_device_type, print0, run_script, add_runtime_args
 from nanochat.engine import Engine
-from nanochat.matryoshka import MODES
+from nanochat.mode_eval import default_modes
 from nanochat import checkpoint_manager as cm
 from nanochat import run_report
 
 MAX_TOOL_CALLS = 4  # per answer: a generation that keeps calling the tool stops after this many
 BATCH_SEED_STRIDE = 7919  # between the seeds of one generate_turns call's engine batches
-
-
-def available_modes(model):
-    """The modes this checkpoint can run: all on an adaptive hybrid, else think."""
-    if getattr(model, "kind", "gpt") == "hybrid" and hasattr(model, "controllers"):
-        return list(MODES)
-    return ["think"]
 
 
 # -----------------------------------------------------------------------------
@@ -216,7 +209,7 @@ def main(argv=None):
     ddp, rank, _, world_size, device = compute_init(args.device or autodetect_device_type())
     model, tokenizer, meta = cm.load_model_and_tokenizer(args.checkpoint, device=device)
     model.eval()
-    can = available_modes(model)
+    can = list(default_modes(model))
     modes = args.modes.split(",") if args.modes else can
     bad = [m for m in modes if m not in can]
     if bad:

@@ -52,6 +52,8 @@ from nanochat.common import (compute_init, compute_cleanup, autodetect_device_ty
                              get_dist_info, expand_path, print0, add_runtime_args, run_script)
 from nanochat.adaptive_train import plan_label
 from nanochat.engine import Engine
+from nanochat.mode_eval import has_router
+from nanochat.operating_point import router_logits
 from nanochat.optim import setup_optimizers, set_lr_multiplier, optimizer_state_dicts, load_optimizer_state_dicts
 from nanochat.train_utils import allreduce_gradients, GracefulStop, resume_command, format_eta
 from nanochat import checkpoint_manager as cm
@@ -117,10 +119,6 @@ def check_args(args):
 # -----------------------------------------------------------------------------
 # The policy: a plan from the router, then tokens at that plan
 
-def has_router(model):
-    return getattr(model, "kind", "gpt") == "hybrid" and hasattr(model, "controllers")
-
-
 def plan_menu(model):
     """The plans an answer can run at, cheapest first: the router's menu, or full width alone ("think")."""
     return [list(p) for p in model.controllers.predictor.menu] if has_router(model) else ["think"]
@@ -130,17 +128,8 @@ def router_log_probs(model, prompts, temperature=1.0):
     """(N, n_menu) log π_router(plan | prompt) for prompts (id lists): the predictor's logits of the narrow menu plans
     and 0 for the full plan, over temperature, log-softmaxed. The prompt is read as the engine's auto reads it (mean of
     norm(residual) after predictor_after full-width blocks); the gradient reaches the predictor only."""
-    predictor, device = model.controllers.predictor, model.get_device()
-    rows, by_len = [None] * len(prompts), {}
-    for i, p in enumerate(prompts):
-        by_len.setdefault(len(p), []).append(i)
-    for ids in by_len.values():
-        x = torch.tensor([prompts[i] for i in ids], device=device)
-        logits = predictor(predictor.pool(model.prefix_hidden(x, model.config.predictor_after)))  # (n, n_menu - 1)
-        logits = torch.cat([logits, logits.new_zeros(len(ids), 1)], 1) / temperature
-        for k, i in enumerate(ids):
-            rows[i] = torch.log_softmax(logits[k], -1)
-    return torch.stack(rows)
+    logits = router_logits(model, prompts)  # (N, n_menu - 1)
+    return torch.log_softmax(torch.cat([logits, logits.new_zeros(len(prompts), 1)], 1) / temperature, -1)
 
 
 def sampled_mask(ids, tokenizer, tool_on):

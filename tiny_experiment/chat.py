@@ -125,12 +125,13 @@ def calibrate(checkpoint, out_dir, splits, settings, seed, exclude):
 
 def evaluate_modes(checkpoint, test):
     """{"modes": {mode: {"accuracy", "compute_fraction"}}, "difficulties": {d: {mode: ...}}} on the test problems."""
-    from scripts.chat_eval import evaluate_task, available_modes
+    from nanochat.mode_eval import default_modes
+    from scripts.chat_eval import evaluate_task
     model, tokenizer, _ = cm.load_model_and_tokenizer(checkpoint)
     model.eval()
     engine = Engine(model)
     out = {"modes": {}, "difficulties": {d: {} for d in DIFFICULTIES}}
-    for mode in available_modes(model):
+    for mode in default_modes(model):
         correct, flops, full = 0, 0.0, 0.0
         for d in DIFFICULTIES:
             task = ChatProblems(test[d], name=d)
