@@ -82,12 +82,18 @@ def _atomic_write(path, write_fn):
             os.remove(tmp)
 
 
+def atomic_bytes_save(data, path):
+    """bytes (a str is utf-8 encoded) to path, atomically."""
+    data = data.encode() if isinstance(data, str) else data
+    _atomic_write(path, lambda f: f.write(data))
+
+
 def atomic_torch_save(obj, path):
     _atomic_write(path, lambda f: torch.save(obj, f))
 
 
 def atomic_json_save(obj, path):
-    _atomic_write(path, lambda f: f.write(json.dumps(obj, indent=2, sort_keys=False).encode()))
+    atomic_bytes_save(json.dumps(obj, indent=2, sort_keys=False), path)
 
 
 def model_path(checkpoint_dir, step):
@@ -158,7 +164,7 @@ def copy_tokenizer_files(src_dir, dst_dir, names=TOKENIZER_FILES, overwrite=Fals
                     raise CheckpointError(f"{dst} differs from {src}: this checkpoint directory was made with another "
                                           "tokenizer; use its own tokenizer or another output directory")
             continue
-        _atomic_write(dst, lambda f: f.write(data))
+        atomic_bytes_save(data, dst)
 
 
 # -----------------------------------------------------------------------------

@@ -29,7 +29,7 @@ import subprocess
 from datetime import datetime, timezone
 
 from nanochat.common import get_base_dir, expand_path, is_rank0, UserError
-from nanochat.checkpoint_manager import atomic_json_save, _atomic_write
+from nanochat.checkpoint_manager import atomic_json_save, atomic_bytes_save
 from nanochat.matryoshka import MODES
 
 REPORT_DIR_ENV = "ADAMBA_REPORT_DIR"
@@ -400,5 +400,5 @@ def write(report_dir=None):
     directory = resolve_report_dir(report_dir)
     text = render(directory)
     path = os.path.join(directory, REPORT_FILENAME)
-    _atomic_write(path, lambda f: f.write(text.encode()))
+    atomic_bytes_save(text, path)
     return path

@@ -8,13 +8,13 @@ import sys
 import json
 import time
 import statistics
-import subprocess
 from datetime import datetime, timezone
 from importlib import metadata
 
 import torch
 
 from nanochat.common import synchronize as sync
+from nanochat.run_report import git_commit
 
 
 def environment(device):
@@ -26,11 +26,7 @@ def environment(device):
             env[pkg] = metadata.version(pkg)
         except metadata.PackageNotFoundError:
             env[pkg] = "not installed"
-    try:
-        r = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=os.path.dirname(__file__))
-        env["git"] = r.stdout.strip() if r.returncode == 0 else "not a git checkout"
-    except FileNotFoundError:
-        env["git"] = "git not installed"
+    env["git"] = git_commit()[0]  # "unknown" outside this project's checkout or without git
     return env
 
 

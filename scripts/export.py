@@ -29,7 +29,7 @@ import torch
 from nanochat.common import expand_path, add_runtime_args, run_script, UserError, TOKENIZER_FILES, TOKENIZER_FILENAME
 from nanochat.checkpoint_manager import (resolve_checkpoint, load_meta, model_kind_of, get_model_kind, config_from_dict,
                                          config_to_dict, model_path, meta_path, load_torch_file, clean_state_dict,
-                                         check_state_dict, copy_tokenizer_files, atomic_json_save, _atomic_write)
+                                         check_state_dict, copy_tokenizer_files, atomic_json_save, atomic_bytes_save)
 from nanochat.matryoshka import MODES, snap_to_level
 from nanochat.tokenizer import Tokenizer
 from nanochat import run_report
@@ -302,7 +302,7 @@ def write_folder(folder, folder_name, src_dir, step, meta, tokenizer_dir, result
     cfg_json = make_config(meta, kind, config, model, step, files)
     atomic_json_save(cfg_json, os.path.join(folder, "config.json"))
     card = model_card(name, folder_name, meta, kind, config, cfg_json, results, license_id, repo_id)
-    _atomic_write(os.path.join(folder, "README.md"), lambda f: f.write(card.encode()))
+    atomic_bytes_save(card, os.path.join(folder, "README.md"))
     return cfg_json
 
 
@@ -318,16 +318,10 @@ def publish(tmp, out):
 
 
 def hub_errors():
-    """What a failed push raises: the hub's HTTP errors and a bad repo id, and the network's (requests' are
-    OSErrors; huggingface_hub 1.x talks through httpx)."""
+    """What a failed push raises: the hub's HTTP errors and a bad repo id, and the network's (tasks.hub)."""
     from huggingface_hub.utils import HfHubHTTPError, HFValidationError
-    errors = [HfHubHTTPError, HFValidationError, OSError]
-    try:
-        import httpx
-        errors.append(httpx.HTTPError)
-    except ImportError:  # huggingface_hub < 1.0 uses requests only
-        pass
-    return tuple(errors)
+    from tasks.hub import network_errors
+    return (HfHubHTTPError, HFValidationError) + network_errors()
 
 
 def push(folder, repo_id, private):

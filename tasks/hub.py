@@ -24,6 +24,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from nanochat.common import get_base_dir, print0, UserError
+from nanochat.checkpoint_manager import atomic_bytes_save
 from tasks.common import Task, check_split
 
 PARQUET_REVISION = "refs/convert/parquet"
@@ -41,7 +42,7 @@ def is_offline():
     return os.environ.get(OFFLINE_ENV, "").strip().upper() in ("1", "ON", "YES", "TRUE")
 
 
-def _network_errors():
+def network_errors():
     """What a failed download raises: OSError (urllib, requests, and the hub's own HTTP and offline errors) and
     the HTTPError of whichever httpx package this huggingface_hub version is built on."""
     errors = [OSError]
@@ -60,13 +61,6 @@ def _not_cached(task_name, what, where, reason):
 
 def _one_line(exc):
     return f"{type(exc).__name__}: {' '.join(str(exc).split())}"[:300]
-
-
-def _write_atomic(path, data):
-    part = f"{path}.{os.getpid()}.part"  # per process: torchrun's ranks may write the same file at once
-    with open(part, "wb") as f:
-        f.write(data)
-    os.replace(part, path)
 
 
 def _file_line(task_name, label, path, status):
@@ -127,8 +121,8 @@ class HubSplit:
                 from huggingface_hub import HfApi
                 listing = HfApi().list_repo_files(self.repo_id, repo_type="dataset", revision=PARQUET_REVISION)
                 os.makedirs(self.local_dir, exist_ok=True)
-                _write_atomic(self.listing_path, json.dumps({"repo_id": self.repo_id, "revision": PARQUET_REVISION,
-                                                             "files": sorted(listing)}, indent=1).encode())
+                atomic_bytes_save(json.dumps({"repo_id": self.repo_id, "revision": PARQUET_REVISION,
+                                              "files": sorted(listing)}, indent=1), self.listing_path)
                 names = self._split_files(listing)
             for name in names:
                 path, label, t0 = os.path.join(self.local_dir, name), f"{self.repo_id} {name}", time.time()
@@ -141,7 +135,7 @@ class HubSplit:
                                            local_dir=self.local_dir)
                     (report or print0)(_file_line(task_name, label, path, f"downloaded in {time.time() - t0:.1f}s"))
                 paths.append(path)
-        except _network_errors() as e:
+        except network_errors() as e:
             raise _not_cached(task_name, what, self.local_dir, f"the download failed ({_one_line(e)})") from e
         return paths
 
@@ -178,10 +172,10 @@ class UrlFile:
         try:
             with urllib.request.urlopen(self.url, timeout=60) as response:
                 data = response.read()
-        except _network_errors() as e:
+        except network_errors() as e:
             raise _not_cached(task_name, self.url, self.path, f"the download failed ({_one_line(e)})") from e
         os.makedirs(os.path.dirname(self.path), exist_ok=True)
-        _write_atomic(self.path, data)
+        atomic_bytes_save(data, self.path)
         (report or print0)(_file_line(task_name, self.filename, self.path, f"downloaded in {time.time() - t0:.1f}s"))
         return self.path
 

@@ -13,7 +13,6 @@ results).
 """
 import argparse
 import json
-import math
 import os
 import random
 import shutil
@@ -23,6 +22,7 @@ import torch
 
 from nanochat.common import get_base_dir, expand_path, add_runtime_args, run_script
 from nanochat import checkpoint_manager as cm
+from nanochat.run_report import json_safe
 from tiny_experiment import pipeline, evaluate, report, chat
 from tiny_experiment.tasks import DIFFICULTIES, split_problems, check_disjoint, sample_eval
 
@@ -61,16 +61,6 @@ def heldout_check(train_pages, calib_pages, test):
     if overlap:
         raise AssertionError(f"held-out test questions occur in the training/calibration corpus: {overlap[:5]}")
     return {"test_questions": len(test_q), "corpus_questions": len(seen), "overlap": len(overlap)}
-
-
-def nan_to_null(x):
-    if isinstance(x, float) and math.isnan(x):
-        return None
-    if isinstance(x, dict):
-        return {k: nan_to_null(v) for k, v in x.items()}
-    if isinstance(x, (list, tuple)):
-        return [nan_to_null(v) for v in x]
-    return x
 
 
 def main(argv=None):
@@ -165,7 +155,7 @@ def run(args, out, settings):
     results["seconds"] = round(time.time() - t0, 1)
     results["cpu_seconds"] = round(sum(s["cpu_s"] for s in timer.stages.values()), 1)
     with open(os.path.join(out, RESULTS), "w") as f:
-        json.dump(nan_to_null(results), f, indent=2, allow_nan=False)  # strict JSON: nan (e.g. no exits) -> null
+        json.dump(json_safe(results), f, indent=2, allow_nan=False)  # strict JSON: nan (e.g. no exits) -> null
     report.print_table(results)
     print(f"\n{results['guarantee']['statement']}\nmeasured on the test split (answers that differ from full width): "
           + ", ".join(f"{d} {v:.4f}" for d, v in ev["auto_disagreement"].items()))
