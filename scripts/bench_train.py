@@ -104,17 +104,18 @@ def train_one(args, device, name, kind, config, phase, exit_stride, recipe="sand
                     with actx:
                         train_micro_batch(model, run_model, x, y, step_plans, model.controllers, args.exit_loss_weight,
                                           1.0, backward=lambda objective, i: (objective * scale).backward())
-            for _ in range(args.grad_accum if not adaptive else 0):  # the same rows each time: only timing matters
-                for i, plan in enumerate(plans):
-                    with actx:
-                        if exits and i == 0:  # fractal_train's full-width forward: exit readouts + their CE
-                            out = run_model(x, y, width=plan, return_exits=True)
-                            loss = out.loss + args.exit_loss_weight * out.exit_losses[:-1].mean()
-                        elif kind == "gpt":
-                            loss = run_model(x, y)
-                        else:
-                            loss = run_model(x, y, width=plan)
-                    (loss / (len(plans) * args.grad_accum)).backward()
+            else:
+                for _ in range(args.grad_accum):  # the same rows each time: only the timing matters here
+                    for i, plan in enumerate(plans):
+                        with actx:
+                            if exits and i == 0:  # fractal_train's full-width forward: exit readouts + their CE
+                                out = run_model(x, y, width=plan, return_exits=True)
+                                loss = out.loss + args.exit_loss_weight * out.exit_losses[:-1].mean()
+                            elif kind == "gpt":
+                                loss = run_model(x, y)
+                            else:
+                                loss = run_model(x, y, width=plan)
+                        (loss / (len(plans) * args.grad_accum)).backward()
             torch.nn.utils.clip_grad_norm_(params, 1.0)
             for opt in optimizers:
                 opt.step()
