@@ -146,6 +146,11 @@ def compute_cleanup():
     """End the process group of a torchrun run; a group this process did not join through compute_init (say,
     a test calling a script's main() in-process) is left alone."""
     if get_dist_info()[0] and dist.is_available() and dist.is_initialized():
+        # on a normal exit every rank arrives first: a rank that tore the gloo group down while another was still
+        # writing (rank 0's checkpoint or run report) was aborted at exit ("terminate called without an active
+        # exception"). Not while an exception propagates (a `finally`): the other ranks may never get here.
+        if sys.exc_info()[0] is None:
+            dist.barrier()
         dist.destroy_process_group()
 
 
