@@ -75,8 +75,9 @@ class SpecStats:
     think_step_s: float = None   # the fastest plain decode step timed (the fallback's yardstick)
     fell_back_at: int = None     # tokens emitted when speculation stopped paying and plain decoding took over
     remembered: bool = False     # plain from the start: an earlier generation of this engine measured it slower
+    judged: bool = False         # the fallback compared rounds with the yardstick at least once
     accepted_hist: list = field(default_factory=list)
-    round_log: list = field(default_factory=list)  # (tokens emitted, seconds) per round
+    round_log: list = field(default_factory=list)  # (tokens emitted, seconds, whether it captured graphs) per round
 
     @property
     def acceptance(self):
@@ -89,15 +90,16 @@ class SpecStats:
             s += f", draft {1e3 * self.draft_s / self.rounds:.2f} ms + verify {1e3 * self.verify_s / self.rounds:.2f} ms per round"
         if self.remembered:
             s += (f"; plain decoding throughout: speculation with this draft and k measured slower than think in an "
-                  f"earlier generation (retried every {RETRY_AFTER} generations)")
+                  f"earlier generation (retried after {RETRY_AFTER} generations, the wait doubling while it stays slower)")
         elif self.fell_back_at is not None:
             s += f"; fell back to plain decoding after {self.fell_back_at} tokens (slower than think)"
         return s
 
 
-PROBE_STEPS = 2  # plain decode steps timed before speculating (with the fallback on)
-JUDGE_ROUNDS = 2  # the fallback compares the last rounds after the first (which may capture graphs), from this many on
-RETRY_AFTER = 8   # an engine whose generation fell back decodes the next ones plain; it tries speculation again after these
+PROBE_STEPS = 4  # plain decode steps before speculating (with the fallback on); the 2nd and 3rd are timed
+JUDGE_ROUNDS = 2  # the fallback judges the last (up to 3) rounds that captured no graphs, once there are this many
+RETRY_AFTER = 16  # an engine whose generation fell back decodes the next ones plain; it tries speculation again after these
+RETRY_MAX = 256   # each retry that falls back again doubles the wait, up to this many generations
 
 
 def step_per_position(mamba, xn, conv_state, ssm_state, keep):
@@ -375,18 +377,10 @@ class Speculator:
             if j in self.st.cache.k:
                 self.st.cache.note_store(j, range(self.st.cache.k[j].size(0)), pos, T, self.st.cache.n_kv_head)
 
-    def plain_step(self, tok, draft_too=True):
-        """One plain decode step of the verifier (think), and of the plan draft if draft_too (while speculation may
-        still follow, the draft must have consumed the same tokens). Returns the step's (logits, FLOPs) and the
-        seconds the verifier's step took (the device waited for)."""
-        t = time.perf_counter()
+    def plain_step(self, tok):
+        """One plain decode step of the verifier (think), queued (nothing read back). Returns (logits, FLOPs)."""
         logits, _, _, _, fl = self.engine.step(self.st, tok)
-        if logits.is_cuda:
-            torch.cuda.synchronize()
-        dt = time.perf_counter() - t
-        if self.dst is not None and draft_too:
-            fl = fl + self.engine.step(self.dst, tok)[4]
-        return logits, fl, dt
+        return logits, fl
 
 
 def generate(engine, prompts, max_tokens, speculate, draft, temperature=0.0, top_k=None, seed=42, stop_tokens=(),
@@ -394,12 +388,17 @@ def generate(engine, prompts, max_tokens, speculate, draft, temperature=0.0, top
     """Engine.generate(..., speculate=k, draft=...) for a hybrid model: yields TokenStep per generated position,
     the tokens and logits mode think gives. engine.spec_stats holds what speculation did. Every round drafts k
     (one shape for the CUDA graphs; tokens past max_tokens are dropped); a last single token is a plain step.
-    With fallback, the first two decode tokens are timed plain steps (the first may capture graphs: the faster one
-    is the yardstick); once JUDGE_ROUNDS rounds follow the first (which may capture graphs too), speculation stops for
-    the rest of the generation when the last (up to three) of them gave tokens slower than plain steps do (from then on
-    the draft is not stepped). The engine remembers it: its next generations with this draft, k and batch size are
-    plain think generations (Engine.generate's own pipelined loop), and every RETRY_AFTER-th tries speculation again
-    (a short generation cannot repay its probes and rounds)."""
+    Plain steps are pipelined as Engine.generate's think loop is (the next step is queued before the host waits
+    for this token), and a plan draft does not step with them: it catches up on the tokens it missed before its
+    next round. With fallback, the first PROBE_STEPS decode tokens are plain, and the time from one resumption of
+    this generator to the next (what the caller sees per token, its own work included) is the yardstick: the
+    faster of the second and third probes (the first may capture graphs; after the last no step is queued).
+    Rounds are timed the same way, from the resumption before the round to the one after its last token. Once
+    JUDGE_ROUNDS rounds that captured no CUDA graphs have run, speculation stops for the rest of the generation
+    when the last (up to three) of them gave tokens slower than the yardstick (from then on the draft is not
+    stepped). The engine remembers it: its next generations with this draft, k and batch size are plain think
+    generations (Engine.generate's own loop); the RETRY_AFTER-th tries speculation again (a retry too short to be
+    judged leaves the memory as it was), and each retry that falls back again doubles the wait (up to RETRY_MAX)."""
     model = engine.model
     c = model.config
     if engine.dense:
@@ -411,17 +410,31 @@ def generate(engine, prompts, max_tokens, speculate, draft, temperature=0.0, top
         draft = Draft.parse(draft, c.n_layer)
     name = f"plan:{draft.plan}" if draft.kind == "plan" else f"exit:{draft.exit_block}"
     memo_key = (name, speculate, len(prompts))
-    since = engine.spec_memory.get(memo_key)  # generations since speculation measured slower (None: it did not)
-    if fallback and since is not None and since + 1 < RETRY_AFTER:
+    memo = engine.spec_memory.get(memo_key)  # (generations since it measured slower, the wait before a retry)
+    if fallback and memo is not None and memo[0] + 1 < memo[1]:
         # remembered: plain think decoding, the engine's own pipelined loop (no draft, no probes, no per-token sync)
-        engine.spec_memory[memo_key] = since + 1
+        engine.spec_memory[memo_key] = (memo[0] + 1, memo[1])
         engine.spec_stats = SpecStats(k=speculate, draft=name, fell_back_at=0, remembered=True)
         yield from engine.generate(prompts, max_tokens, "think", temperature=temperature, top_k=top_k, seed=seed,
                                    stop_tokens=stop_tokens)
         return
-    if since is not None:  # the retry: speculate and judge afresh
-        engine.spec_memory.pop(memo_key)
+    engine.spec_memory.pop(memo_key, None)  # a retry (memo given) speculates and is judged afresh
+    engine.spec_stats = SpecStats(k=speculate, draft=name)
+    try:
+        yield from _speculate(engine, prompts, max_tokens, speculate, draft, name, temperature, top_k, seed,
+                              stop_tokens, fallback, memo_key, memo)
+    finally:
+        if memo is not None and not engine.spec_stats.judged and memo_key not in engine.spec_memory:
+            engine.spec_memory[memo_key] = memo  # not judged: the next generation retries
+
+
+def _speculate(engine, prompts, max_tokens, speculate, draft, name, temperature, top_k, seed, stop_tokens, fallback,
+               memo_key, memo):
+    """generate()'s speculative generation (see there)."""
+    model = engine.model
+    c = model.config
     dev = model.get_device()
+    cuda = dev.type == "cuda"
     ids = torch.tensor(prompts, dtype=torch.long, device=dev)
     B, T = ids.shape
     rng = torch.Generator(device=dev).manual_seed(seed) if temperature > 0 else None
@@ -429,7 +442,10 @@ def generate(engine, prompts, max_tokens, speculate, draft, temperature=0.0, top
     st, logits, flops, full = engine.prefill(ids, "think", max_len=max_len)
     engine.state = st
     spec = Speculator(engine, st, ids, draft, speculate, temperature, top_k, rng, max_len)
-    engine.spec_stats = stats = SpecStats(k=speculate, draft=name)
+    stats = engine.spec_stats
+
+    def n_graphs():  # CUDA graphs captured so far on the verifier's and the draft's workspaces
+        return len(st.ws.graphs) + (len(spec.dst.ws.graphs) if spec.dst is not None else 0)
     n, stop = c.n_layer, torch.tensor(sorted(stop_tokens), dtype=torch.long)
     widths = torch.full((B, n), c.n_embd, dtype=torch.long)
     no_exit, no_wide = torch.full((B,), n - 1, dtype=torch.long), torch.zeros(B, dtype=torch.bool)
@@ -442,31 +458,68 @@ def generate(engine, prompts, max_tokens, speculate, draft, temperature=0.0, top
     tok = sample_next_token(logits, rng, temperature, top_k)
     yield TokenStep(tok.tolist(), logits.float(), no_exit, st.prompt_widths.clone(), no_wide, flops + spec.dflops, full,
                     "prompt")
+    mark = time.perf_counter()  # when this generator last resumed after a yield
     emitted, done = 1, torch.isin(tok.cpu(), stop)
     speculating, plain_steps = True, 0
+    owed = []  # tokens the verifier consumed in plain steps that a plan draft has not (it catches up before a round)
+    pending = None  # a plain step already queued on tok: (position, logits, FLOPs)
+    host_tok = torch.empty(B, dtype=torch.long, pin_memory=cuda)
+
+    def plain_next():
+        return not speculating or max_tokens - emitted < 2 or (fallback and plain_steps < PROBE_STEPS)
+
+    def queue_plain(tok):
+        if speculating and spec.dst is not None:
+            owed.append(tok)
+        pos = st.pos
+        return (pos,) + spec.plain_step(tok)
+
     while emitted < max_tokens and not bool(done.all()):
-        probing = fallback and speculating and plain_steps < PROBE_STEPS
-        if not speculating or max_tokens - emitted < 2 or probing:
-            pos = st.pos
-            lg, fl, dt = spec.plain_step(tok, draft_too=speculating)
-            plain_steps += 1
-            if probing:
-                stats.think_step_s = min(dt, stats.think_step_s or dt)
+        if plain_next():
+            pos, lg, fl = pending if pending is not None else queue_plain(tok)
+            pending = None
+            probing = fallback and speculating and plain_steps < PROBE_STEPS
             tok = sample_next_token(lg, rng, temperature, top_k)
-            yield step(tok, lg, fl, pos, "decode")
-            emitted, done = emitted + 1, done | torch.isin(tok.cpu(), stop)
+            host_tok.copy_(tok, non_blocking=cuda)
+            copied = torch.cuda.Event() if cuda else None
+            if cuda:
+                copied.record()
+            emitted, plain_steps = emitted + 1, plain_steps + 1
+            if emitted < max_tokens and plain_next():  # pipelined: the device runs the next step while the host waits
+                pending = queue_plain(tok)
+            queued = pending is not None
+            if cuda:
+                copied.synchronize()
+            yield step(host_tok, lg, fl, pos, "decode")
+            now = time.perf_counter()
+            if probing and plain_steps > 1 and queued:  # steady pipelining: not the first (graphs may be captured,
+                # nothing was queued before it) nor the last (the round's work follows it, not a queued step)
+                stats.think_step_s = now - mark if stats.think_step_s is None else min(now - mark, stats.think_step_s)
+            mark = now
+            done = done | torch.isin(host_tok, stop)
             continue
-        pos, t0 = st.pos, time.perf_counter()
+        caught_up = [engine.step(spec.dst, t)[4] for t in owed]  # the plan draft consumes what the verifier did
+        owed.clear()
+        pos, graphs = st.pos, n_graphs()
         tokens, lg, fl, m = spec.round(tok, speculate)
-        stats.round_log.append((m + 1, time.perf_counter() - t0))
+        fl = fl + sum(caught_up) if caught_up else fl
+        tokens_host = tokens.cpu()
+        out = 0
         for i in range(m + 1):
             if emitted >= max_tokens or bool(done.all()):
                 break
-            yield step(tokens[:, i], lg[:, i], fl / (m + 1), pos + i, "speculative")
-            emitted, done = emitted + 1, done | torch.isin(tokens[:, i].cpu(), stop)
+            yield step(tokens_host[:, i], lg[:, i], fl / (m + 1), pos + i, "speculative")
+            emitted, done = emitted + 1, done | torch.isin(tokens_host[:, i], stop)
             stats.emitted += 1
+            out += 1
+        now = time.perf_counter()
+        stats.round_log.append((out, now - mark, n_graphs() > graphs))
+        mark = now
         tok = tokens[:, -1]
-        recent = stats.round_log[1:][-3:]
-        if fallback and len(recent) >= JUDGE_ROUNDS and sum(n for n, _ in recent) * stats.think_step_s < sum(t for _, t in recent):
-            stats.fell_back_at, speculating = emitted, False  # its tokens came slower than plain steps
-            engine.spec_memory[memo_key] = 0
+        recent = [(n_, t_) for n_, t_, captured in stats.round_log if not captured][-3:]
+        if fallback and len(recent) >= JUDGE_ROUNDS:
+            stats.judged = True
+            if sum(n_ for n_, _ in recent) * stats.think_step_s < sum(t_ for _, t_ in recent):
+                stats.fell_back_at, speculating = emitted, False  # its tokens came slower than plain steps
+                wait = RETRY_AFTER if memo is None else min(2 * memo[1], RETRY_MAX)
+                engine.spec_memory[memo_key] = (0, wait)

@@ -6,7 +6,8 @@ import torch
 from nanochat.engine import Engine
 from nanochat.engine_static import StaticDecode
 from nanochat.layers import token_probs
-from nanochat.speculative import Draft, accept, accept_prob, residual, rollback, Speculator, JUDGE_ROUNDS, RETRY_AFTER
+from nanochat.speculative import (Draft, accept, accept_prob, residual, rollback, Speculator, JUDGE_ROUNDS,
+                                  PROBE_STEPS, RETRY_AFTER, RETRY_MAX)
 
 from engine_testutil import HAS_MAMBA, HAS_MOE, build
 
@@ -201,14 +202,16 @@ def test_fallback_switches_to_plain_steps_when_slower():
     assert res.tokens == ref.tokens and stats.think_step_s is not None
     # with 6 drafts of a near-full model per round and few accepted, a round costs more than its tokens are worth
     if stats.acceptance < 0.3:
-        assert stats.fell_back_at is not None and stats.rounds == 1 + JUDGE_ROUNDS
+        assert stats.fell_back_at is not None and stats.rounds == JUDGE_ROUNDS  # eager: no round captures graphs
 
 
 def test_fallback_decides_on_timed_steps_and_stops_stepping_the_draft(monkeypatch):
-    """A clock on which plain steps take 1 s and rounds 100 s: two probe steps, 1 + JUDGE_ROUNDS rounds (the first is
-    not judged: it may capture graphs), then plain steps only, with the draft no longer stepped; the tokens stay
-    think's. The engine remembers: its next generations decode plain from the start (no draft prefill, no probes)
-    until the RETRY_AFTER-th, which speculates again."""
+    """A clock on which a plain step costs 1 s when queued and rounds 100 s: PROBE_STEPS plain probes (the draft not
+    stepped with them; it catches up before its first round), JUDGE_ROUNDS rounds (eager: none captures graphs,
+    so every one is judged), then plain steps only, with the draft no longer stepped; the tokens stay think's. The
+    yardstick is the time between the generator's resumptions. The engine remembers: its next generations decode
+    plain from the start (no draft prefill, no probes) until the RETRY_AFTER-th, which speculates again; a retry too
+    short to be judged leaves the memory as it was; a retry that falls back again doubles the wait."""
     import nanochat.speculative as spec_mod
     model = build(layer_pattern="A").eval()
     eng = Engine(model, decode="eager")
@@ -225,7 +228,7 @@ def test_fallback_decides_on_timed_steps_and_stops_stepping_the_draft(monkeypatc
     def step(self, st, tokens, plan=None):
         clock["t"] += 1.0
         if self.spec_stats is not None and getattr(self, "_draft_state", None) is st:
-            draft_steps.append(self.spec_stats.fell_back_at)  # None until the fallback
+            draft_steps.append((self.spec_stats.rounds, self.spec_stats.fell_back_at))
         return real_step(self, st, tokens, plan)
     monkeypatch.setattr(spec_mod.Speculator, "round", slow_round)
     monkeypatch.setattr(Engine, "step", step)
@@ -238,20 +241,31 @@ def test_fallback_decides_on_timed_steps_and_stops_stepping_the_draft(monkeypatc
     res = eng.generate_batch([[3, 1, 4]], 24, speculate=3, draft="plan:64,64,64,32", fallback=True)
     stats = eng.spec_stats
     assert res.tokens == ref.tokens
-    rounds = 1 + JUDGE_ROUNDS
+    rounds = JUDGE_ROUNDS
     assert stats.think_step_s == 1.0 and stats.rounds == rounds and stats.fell_back_at is not None
     n_in_rounds = sum(stats.accepted_hist) + rounds
-    assert stats.fell_back_at == 1 + 2 + n_in_rounds  # the prompt's token, two probes, the rounds' tokens
-    # the draft stepped during the probes and the rounds, never after the fallback
-    assert len(draft_steps) >= 2 + rounds * 3 and all(f is None for f in draft_steps)
+    assert stats.fell_back_at == 1 + PROBE_STEPS + n_in_rounds  # the prompt's token, the probes, the rounds' tokens
+    # the draft caught up on the probes' tokens before the first round, stepped in the rounds, never after the fallback
+    assert sum(r == 0 for r, _ in draft_steps) == PROBE_STEPS + 3  # and the first round's 3 drafts
+    assert len(draft_steps) >= PROBE_STEPS + rounds * 3 and all(f is None for _, f in draft_steps)
     for n in range(1, RETRY_AFTER):  # remembered: plain throughout, no draft steps, think's tokens
         draft_steps.clear()
         again = eng.generate_batch([[3, 1, 4]], 24, speculate=3, draft="plan:64,64,64,32", fallback=True)
         stats = eng.spec_stats
         assert again.tokens == ref.tokens and stats.remembered and stats.rounds == 0 and not draft_steps
         assert "plain decoding throughout" in stats.summary()
+    short = eng.generate_batch([[3, 1, 4]], 3, speculate=3, draft="plan:64,64,64,32", fallback=True)  # the retry:
+    assert short.tokens == [ref.tokens[0][:3]]  # too short to be judged,
+    assert not eng.spec_stats.remembered and not eng.spec_stats.judged  # so the memory stays and the next retries
     retry = eng.generate_batch([[3, 1, 4]], 24, speculate=3, draft="plan:64,64,64,32", fallback=True)
     assert retry.tokens == ref.tokens and not eng.spec_stats.remembered and eng.spec_stats.rounds == rounds
+    # it fell back again: now the wait is twice as long
+    for n in range(1, 2 * RETRY_AFTER):
+        eng.generate_batch([[3, 1, 4]], 24, speculate=3, draft="plan:64,64,64,32", fallback=True)
+        assert eng.spec_stats.remembered
+    eng.generate_batch([[3, 1, 4]], 24, speculate=3, draft="plan:64,64,64,32", fallback=True)
+    assert not eng.spec_stats.remembered and eng.spec_stats.rounds == rounds
+    assert list(eng.spec_memory.values()) == [(0, min(4 * RETRY_AFTER, RETRY_MAX))]
     # another k is another measurement; fallback=False never consults the memory
     eng.generate_batch([[3, 1, 4]], 24, speculate=2, draft="plan:64,64,64,32", fallback=True)
     assert not eng.spec_stats.remembered
