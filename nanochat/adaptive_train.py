@@ -7,10 +7,14 @@ Plans of a step (step_plans): full width first, then one plan per narrow width l
 the named modes ghost/whisper/normal), on odd steps the router's menu plans (confidence_probe.plan_menu: the first
 predictor_after blocks stay full, as auto runs them). So every plan a mode or the router can run is trained at least
 every second step, and no width level depends on being drawn (a random per-block plan is a given uniform one with
-probability (1/L)^n_layer, which left mid widths untrained).
+probability (1/L)^n_layer, which left mid widths untrained). With --plan-schedule cycle a step runs full width and
+one narrow plan, the uniform and menu plans of every level in turn (cycle_plans): two passes per micro-batch instead
+of one per level, each narrow plan trained once a cycle. The router learns the columns of the menu plans a step ran.
 
 Objective of one plan on one micro-batch (targets -1 carry no loss anywhere, e.g. a task's non-answer tokens):
     CE(plan)
+  + anchor_weight * KL(anchor || full)  full width only, from a frozen model (fractal_train --anchor-weight: the
+                                        phase's input checkpoint), mean over the loss-bearing tokens
   + distill_weight * KL(full || plan)   narrow plans only, against this micro-batch's full-width logits (detached),
                                         mean over the loss-bearing tokens (distill_kl)
   + exit_weight * mean over the exit readouts before the last block of their CE (mean over loss-bearing tokens)
@@ -37,13 +41,31 @@ def narrow_plans(config, step):
     return [[w] * config.n_layer for w in config.width_levels[:-1]]
 
 
-def step_plans(config, matryoshka, rng, n_random=0, per_block=False, step=0):
-    """The plans of one step: [full] without matryoshka, else [full, narrow_plans(config, step), n_random random plans
-    drawn with rng (per block or one width for all)]."""
+def cycle_plans(config):
+    """The narrow plans --plan-schedule cycle takes one per step, in turn: per width level, cheapest first, its uniform
+    plan, then the router's menu plan where that differs. Every one of them trains once every len(...) steps."""
+    out = []
+    for w, menu_plan in zip(config.width_levels[:-1], plan_menu(config)[:-1]):
+        out += [[w] * config.n_layer] + ([menu_plan] if menu_plan != [w] * config.n_layer else [])
+    return out
+
+
+SCHEDULES = ("every", "cycle")
+
+
+def step_plans(config, matryoshka, rng, n_random=0, per_block=False, step=0, schedule="every"):
+    """The plans of one step: [full] without matryoshka, else full width, then the narrow plans (schedule "every":
+    narrow_plans(config, step), one per level; "cycle": the step's one plan of cycle_plans(config)), then n_random
+    random plans drawn with rng (per block or one width for all)."""
+    if schedule not in SCHEDULES:
+        raise ValueError(f"plan schedule {schedule!r}: choose from {', '.join(SCHEDULES)}")
     full = [config.n_embd] * config.n_layer
     if not matryoshka:
         return [full]
     randoms = sample_plans(config.width_levels, config.n_layer, rng, n_random, per_block)[2:] if n_random else []
+    if schedule == "cycle":
+        cycle = cycle_plans(config)
+        return [full, cycle[step % len(cycle)]] + randoms
     return [full] + narrow_plans(config, step) + randoms
 
 
@@ -82,16 +104,22 @@ def distill_kl(logits, full_logits, valid):
 
 
 def train_micro_batch(model, train_model, x, y, plans, controllers=None, exit_weight=0.0, distill_weight=0.0,
-                      prompt_frac=0.5, backward=None):
+                      prompt_frac=0.5, backward=None, anchor=None, anchor_weight=0.0):
     """
     Forward + backward of every plan on one micro-batch (full width first, then the narrow plans, then any random
-    ones); the router trains where plans[1:1 + n_narrow] are its menu's narrow plans. backward(objective, plan_index) runs the backward (the caller scales and
-    syncs). Returns [CE per plan..., KL sum over narrow plans, MoE router loss (mean over plans), gate loss (mean
-    over plans), router loss], detached floats as a tensor.
+    ones); the router learns, for each of its menu's narrow plans among them, whether it gave the full model's top-1.
+    backward(objective, plan_index) runs the backward (the caller scales and syncs). Returns [CE per plan..., KL sum over narrow plans, MoE router loss (mean over plans), gate loss (mean
+    over plans), router loss], detached floats as a tensor. anchor (a frozen model, e.g. the run's input checkpoint):
+    the full-width plan also learns anchor_weight * KL(anchor || full) on the loss-bearing tokens.
     """
     has_moe = "E" in getattr(model.config, "ffn_pattern", "")
     menu = plan_menu(model.config)[:-1] if len(plans) > 1 else []
-    n_narrow = len(menu) if menu and [list(p) for p in plans[1:1 + len(menu)]] == menu else 0
+    # the narrow plans that are router menu plans, by position in plans: their top-1s label the router's columns
+    columns = {}
+    for i, p in enumerate(plans[1:], 1):
+        if list(p) in menu and menu.index(list(p)) not in columns.values():
+            columns[i] = menu.index(list(p))
+    router_columns = [columns[i] for i in sorted(columns)]
     valid = y != -1
     want_exits = exit_weight > 0 or controllers is not None
     sums = torch.zeros(len(plans) + 4, device=x.device)
@@ -101,13 +129,17 @@ def train_micro_batch(model, train_model, x, y, plans, controllers=None, exit_we
         if want_exits:
             out = train_model(x, y, width=plan, return_exits=True)
             logits, ce = out.logits, out.loss
-        elif len(plans) > 1:  # the logits: the teacher (full) or the student (narrow) of distillation
+        elif len(plans) > 1 or anchor is not None:  # the logits: a teacher or a student of distillation
             out, logits = None, train_model(x, width=plan)
             ce = F.cross_entropy(logits.view(-1, logits.size(-1)), y.reshape(-1), ignore_index=-1)
         else:
             out, logits, ce = None, None, train_model(x, y, **width_kwargs(model, plan))
         objective = ce
         if i == 0:
+            if anchor is not None:
+                with torch.no_grad():
+                    anchor_logits = anchor(x, **width_kwargs(anchor, plan))
+                objective = objective + anchor_weight * distill_kl(logits, anchor_logits, valid)
             if len(plans) > 1:
                 full_logits = logits.detach()
                 full_top1 = full_logits.argmax(-1)
@@ -116,7 +148,7 @@ def train_micro_batch(model, train_model, x, y, plans, controllers=None, exit_we
                 kl = distill_kl(logits, full_logits, valid)
                 objective = objective + distill_weight * kl
                 sums[len(plans)] += kl.detach().float()
-            if i <= n_narrow:
+            if i in columns:
                 plan_top1.append(logits.detach().argmax(-1))
         if out is not None and exit_weight > 0 and out.exit_losses.size(0) > 1:
             objective = objective + exit_weight * masked_mean(out.exit_losses[:-1], valid).mean()
@@ -129,7 +161,8 @@ def train_micro_batch(model, train_model, x, y, plans, controllers=None, exit_we
             target = router_labels(plan_top1, full_top1, valid, int(x.size(1) * prompt_frac)) \
                 if last and plan_top1 else None
             cl = controller_losses(model, x, y, out, full_top1=None if i == 0 else full_top1, router_target=target,
-                                   prompt_frac=prompt_frac)
+                                   prompt_frac=prompt_frac,
+                                   router_columns=None if router_columns == list(range(len(menu))) else router_columns)
             objective = objective + cl["loss"]
             sums[-2] += cl["gate_loss"].detach().float() / len(plans)
             sums[-1] += cl["predictor_loss"].detach().float()

@@ -247,7 +247,7 @@ def router_labels(plan_top1, full_top1, valid, prompt_len):
 
 
 def controller_losses(model, idx, targets, out, full_top1=None, router_target=None, gate_target="agree",
-                      loss_delta=0.1, prompt_frac=0.5, mask=None):
+                      loss_delta=0.1, prompt_frac=0.5, mask=None, router_columns=None):
     """
     Shadow losses of the controllers for one forward. Gradients reach only model.controllers: the gates read
     out.exit_hidden detached, the router reads a no-grad prefix.
@@ -259,6 +259,7 @@ def controller_losses(model, idx, targets, out, full_top1=None, router_target=No
         loss is within loss_delta of the final loss.
     Router (given router_target (B, n_narrow_plans) from router_labels): the first P = prompt_frac * T positions play
         the prompt (mean-pooled after config.predictor_after full-width blocks); BCE of its logits on the labels.
+        router_columns: the menu plans (indices) router_target's columns label, when not all of them.
     Returns dict: loss (add it to the trainer's loss), gate_loss, predictor_loss (router BCE, 0 without labels), and
         detached metrics gate_acc, gate_target_rate, router_acc, router_target_rate.
     """
@@ -299,6 +300,8 @@ def controller_losses(model, idx, targets, out, full_top1=None, router_target=No
         prompt_mask = None if mask is None else mask[:, :P]
         pooled = ctrl.predictor.pool(model.prefix_hidden(idx[:, :P], c.predictor_after, prompt_mask), prompt_mask)
         logits = ctrl.predictor(pooled)
+        if router_columns is not None:
+            logits = logits[:, list(router_columns)]
         res["predictor_loss"] = F.binary_cross_entropy_with_logits(logits, router_target)
         res["router_acc"] = ((logits > 0) == (router_target > 0.5)).float().mean().detach()
         res["router_target_rate"] = router_target.mean().detach()

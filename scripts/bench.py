@@ -330,7 +330,8 @@ def get_args(argv=None):
             t.add_argument("--recipes", type=str, default="adaptive",
                            help="phase 2's step, comma-separated: adaptive = scripts.fractal_train's (full + every width "
                                 "level, uniform and menu plans on alternate steps, distillation, exit loss, gates and "
-                                "router: nanochat.adaptive_train), sandwich = the earlier full + smallest + one random level")
+                                "router: nanochat.adaptive_train), cycle = the same with --plan-schedule cycle (full + one "
+                                "narrow plan per step, in turn), sandwich = the earlier full + smallest + one random level")
             t.add_argument("--readouts", type=str, default="compiled", choices=("compiled", "eager"),
                            help="phase 2's exit readouts after lm_head: HybridGPT.READOUT_COMPILE (CUDA) on or off")
         else:

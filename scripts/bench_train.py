@@ -26,10 +26,20 @@ def train_models(args):
     return [(n, *configs[n]) for n in args.models.split(",")]
 
 
-def recipe_step_plans(config, step):
-    """The adaptive recipe's plans at a step (fractal_train with --matryoshka, no random plans): a function of step."""
+RECIPES = ("adaptive", "cycle", "sandwich")
+
+
+def recipe_step_plans(config, step, recipe="adaptive"):
+    """The adaptive recipes' plans at a step (fractal_train with --matryoshka, no random plans, --plan-schedule every
+    for "adaptive", cycle for "cycle"): a function of step."""
     from nanochat.adaptive_train import step_plans
-    return step_plans(config, True, None, 0, False, step)
+    return step_plans(config, True, None, 0, False, step, "cycle" if recipe == "cycle" else "every")
+
+
+def recipe_period(config, recipe):
+    """Steps after which the recipe's plans repeat (its FLOPs are their mean over these)."""
+    from nanochat.adaptive_train import cycle_plans
+    return len(cycle_plans(config)) if recipe == "cycle" else 2
 
 
 def train_flops(model, kind, phase, plans, T, exits):
@@ -53,7 +63,7 @@ def train_flops(model, kind, phase, plans, T, exits):
 
 def train_one(args, device, name, kind, config, phase, exit_stride, recipe="sandwich"):
     """One row: build, freeze (phase 1), compile, then time whole optimizer steps; halve the batch on OOM. recipe
-    (phase 2): "sandwich" or "adaptive" (see scripts.bench's --recipes)."""
+    (phase 2): "sandwich", "adaptive" or "cycle" (see scripts.bench's --recipes)."""
     import dataclasses
     from nanochat.optim import setup_optimizers
     from nanochat.matryoshka import sample_plans, plan_rng
@@ -61,7 +71,9 @@ def train_one(args, device, name, kind, config, phase, exit_stride, recipe="sand
     T = args.seq_len
     if exit_stride is not None:
         config.exit_stride = exit_stride
-    adaptive = phase == "2" and recipe == "adaptive"
+    if phase == "2" and recipe not in RECIPES:
+        raise ValueError(f"--recipes: {recipe!r} is not one of {', '.join(RECIPES)}")
+    adaptive = phase == "2" and recipe in ("adaptive", "cycle")
     if kind != "gpt":
         config = dataclasses.replace(config, adaptive=adaptive)  # the controllers train in the adaptive recipe only
     free_memory(device)
@@ -81,7 +93,7 @@ def train_one(args, device, name, kind, config, phase, exit_stride, recipe="sand
     if phase != "2":
         plans = [None]
     elif adaptive:  # the plans of even steps; odd steps run the router's menu (the same widths after the first blocks)
-        plans = recipe_step_plans(config, 0)
+        plans = recipe_step_plans(config, 0, recipe)
     else:  # the sandwich: full, smallest, one random uniform level (fixed here, so compiled graphs are reused)
         plans = sample_plans(config.width_levels, config.n_layer, plan_rng(args.seed), 1, per_block=False)
     exits = phase == "2" and len(config.exit_blocks()) > 1
@@ -97,7 +109,7 @@ def train_one(args, device, name, kind, config, phase, exit_stride, recipe="sand
         def step():
             if adaptive:  # fractal_train's micro-batch: every plan's forward + backward, distillation, gates, router
                 from nanochat.adaptive_train import train_micro_batch
-                step_plans = recipe_step_plans(config, counter[0])
+                step_plans = recipe_step_plans(config, counter[0], recipe)
                 counter[0] += 1
                 scale = 1.0 / (len(step_plans) * args.grad_accum)
                 for _ in range(args.grad_accum):
@@ -131,12 +143,13 @@ def train_one(args, device, name, kind, config, phase, exit_stride, recipe="sand
     if oom:
         row["note"] = f"OOM at batch {oom}"
     if "ms" in r:
-        if adaptive:  # mean over the two kinds of step (uniform and menu plans); every plan reads out its exits
+        if adaptive:  # mean over the recipe's period of steps; every plan reads out its exits
             def at_step(s):  # (the gates and the router train on every plan's exits)
-                p = recipe_step_plans(config, s)
+                p = recipe_step_plans(config, s, recipe)
                 c, e = train_flops(model, kind, phase, p, T, exits)
                 return c, c + len(p) * (e - c)
-            conv, execf = [sum(v) / 2 for v in zip(at_step(0), at_step(1))]
+            period = recipe_period(config, recipe)
+            conv, execf = [sum(v) / period for v in zip(*[at_step(s) for s in range(period)])]
         else:
             conv, execf = train_flops(model, kind, phase, plans, T, exits)
         tps = args.grad_accum * B * T / r["ms"] * 1e3

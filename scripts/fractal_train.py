@@ -68,8 +68,8 @@ from nanochat.tokenizer import compute_token_bytes, save_token_bytes, TOKEN_BYTE
 from nanochat.dataset import get_data_dir, split_parquet_files
 from nanochat.dataloader import tokenizing_distributed_data_loader
 from nanochat.moe_ep import shard_experts, is_expert_shard
-from nanochat.adaptive_train import (step_plans as adaptive_step_plans, plan_label, train_micro_batch, evaluate_widths,
-                                     plan_flops)
+from nanochat.adaptive_train import (SCHEDULES, step_plans as adaptive_step_plans, plan_label, train_micro_batch,
+                                     evaluate_widths, plan_flops)
 from nanochat.surgery import grown_masks
 from nanochat.optim import (setup_optimizers, lr_multiplier, set_lr_multiplier, muon_momentum, set_muon_momentum,
                             optimizer_state_dicts, load_optimizer_state_dicts)
@@ -131,6 +131,13 @@ def build_parser(description="Fractal training of a hybrid checkpoint: phase 1 (
     p.add_argument("--distill", action=argparse.BooleanOptionalAction, default=None,
                    help="narrow plans learn KL(full || narrow) from the step's full-width logits (default: the phase's)")
     p.add_argument("--distill-weight", type=float, default=1.0, help="weight of the distillation KL")
+    p.add_argument("--plan-schedule", choices=SCHEDULES, default="every",
+                   help="narrow plans per step: every = one per width level (uniform / router menu on alternate steps); "
+                        "cycle = one per step, taking every level's uniform and menu plan in turn (cheaper steps)")
+    p.add_argument("--anchor-weight", type=float, default=0.0,
+                   help="full width also learns KL(input || full) from a frozen copy of --checkpoint (0: off)")
+    p.add_argument("--full-weight", type=float, default=1.0,
+                   help="weight of the full-width plan's objective against each narrow plan's (1: all alike)")
     p.add_argument("--expanded-dim", type=int, default=None, help="phase 3: the grown n_embd, checked against the checkpoint")
     p.add_argument("--exit-loss-weight", type=float, default=0.1, help="weight of the exit readouts' CE on the trunk (phases 2/3)")
     p.add_argument("--exit-threshold", type=float, default=0.9, help="eval: gate probability above which a token exits")
@@ -202,9 +209,11 @@ def check_args(args, phase=None):
                          f"drop it for phases {phases_where('grown', False)}")
     if args.sample_dim and not args.n_random_plans:
         raise ValueError("--sample-dim shapes the random plans: give --n-random-plans >= 1")
-    if min(args.n_random_plans, args.exit_loss_weight, args.new_channel_lr_mult, args.distill_weight) < 0 or args.log_every < 1:
-        raise ValueError("--n-random-plans, --exit-loss-weight, --new-channel-lr-mult, --distill-weight must be >= 0 "
-                         "and --log-every >= 1")
+    if min(args.n_random_plans, args.exit_loss_weight, args.new_channel_lr_mult, args.distill_weight,
+           args.anchor_weight) < 0 or args.log_every < 1 or not args.full_weight > 0:
+        raise ValueError("--n-random-plans, --exit-loss-weight, --new-channel-lr-mult, --distill-weight, --anchor-weight "
+                         "must be >= 0, "
+                         "--full-weight > 0 and --log-every >= 1")
     return phase
 
 
@@ -295,7 +304,7 @@ def batch_geometry(args, config, ddp, rank, world_size, device):
 
 # The model and what updates it: train_model is what the step calls (compiled or not); the step clips train_params
 # and scales the grown entries of mask_params ([(parameter, mask)])
-Trainables = namedtuple("Trainables", "model train_model controllers optimizers train_params mask_params")
+Trainables = namedtuple("Trainables", "model train_model controllers optimizers train_params mask_params anchor")
 
 
 def prepare_training(args, phase, model, meta, geo):
@@ -333,7 +342,12 @@ def prepare_training(args, phase, model, meta, geo):
                                   unembedding_lr=args.unembedding_lr, scalar_lr=args.scalar_lr,
                                   weight_decay=args.weight_decay, controller_lr=args.controller_lr)
     train_params = [p for p in model.parameters() if p.requires_grad]
-    return Trainables(model, train_model, controllers, optimizers, train_params, mask_params)
+    anchor = None
+    if args.anchor_weight > 0:  # the phase's input, frozen: a full replica on every rank
+        anchor, _ = cm.load_model(cm.model_path(*cm.resolve_checkpoint(args.checkpoint)), device=geo.device)
+        anchor.eval().requires_grad_(False)
+        print0(f"anchor: full width also learns KL(input || full) x {args.anchor_weight} from {args.checkpoint}")
+    return Trainables(model, train_model, controllers, optimizers, train_params, mask_params, anchor)
 
 
 def restore_state(args, meta, paths, optimizers, data_ranks):
@@ -393,7 +407,7 @@ def make_data(args, tokenizer, meta, paths, loader_states, geo):
 def step_plans(args, config, step):
     """The plans of this step: a function of (seed, step) alone, so a resumed run draws the same."""
     rng = random.Random(args.seed * 1_000_003 + step)
-    return adaptive_step_plans(config, args.matryoshka, rng, args.n_random_plans, args.sample_dim, step)
+    return adaptive_step_plans(config, args.matryoshka, rng, args.n_random_plans, args.sample_dim, step, args.plan_schedule)
 
 
 def train_step(args, phase, t, loaders, loader_states, geo, step, plans):
@@ -403,7 +417,8 @@ def train_step(args, phase, t, loaders, loader_states, geo, step, plans):
     model, controllers, grad_accum, world_size = t.model, t.controllers, geo.grad_accum, geo.world_size
     shards_per_rank = len(geo.my_shards)
     # mean over plans and micro-batches, and over ranks: our all-reduce sums, FSDP2's reduce-scatter averages
-    scale = 1.0 / (len(plans) * grad_accum * (world_size if args.parallel == "ddp" else 1))
+    full_w = args.full_weight if len(plans) > 1 else 1.0
+    scale = 1.0 / ((len(plans) - 1 + full_w) * grad_accum * (world_size if args.parallel == "ddp" else 1))
     synchronize(geo.device)
     t0 = time.time()
     sums = torch.zeros(len(plans) + 4, device=geo.device)  # per-plan CE, distill KL, MoE router, gate, router losses
@@ -417,12 +432,13 @@ def train_step(args, phase, t, loaders, loader_states, geo, step, plans):
                 model.set_requires_gradient_sync(last)
                 if args.fsdp_keep_params:  # the step's passes share the weights: gather them once per step
                     model.set_reshard_after_backward(last)
-            (objective * scale).backward()
+            (objective * (scale * full_w if i == 0 else scale)).backward()
 
         with autocast_context(geo.device.type):  # bf16 on CUDA, fp32 elsewhere
             sums += train_micro_batch(model, t.train_model, x, y, plans, controllers,
                                       args.exit_loss_weight if phase.exit_loss else 0.0,
-                                      args.distill_weight if args.distill else 0.0, backward=backward)
+                                      args.distill_weight if args.distill else 0.0, backward=backward,
+                                      anchor=t.anchor, anchor_weight=args.anchor_weight)
     if args.parallel == "ddp":  # expert shards: every rank's tokens already reached them (all_to_all): no all-reduce
         allreduce_gradients([p for p in t.train_params if not is_expert_shard(p)])
     elif controllers is not None:  # fsdp: the replicated controllers; the loss was not scaled by the world size

@@ -5,7 +5,9 @@ import random
 import pytest
 import torch
 
-from nanochat.adaptive_train import step_plans, plan_label, distill_kl, masked_mean, train_micro_batch
+import copy
+
+from nanochat.adaptive_train import step_plans, plan_label, distill_kl, masked_mean, train_micro_batch, cycle_plans
 from nanochat.confidence_probe import plan_menu
 from nanochat.hybrid_gpt import HybridGPT, HybridConfig
 from testutil import fill_zero_matrices
@@ -67,3 +69,50 @@ def test_micro_batch_trains_router_on_menu_steps_only():
         assert len(sums) == len(plans) + 4 and sums[len(plans)] > 0  # distillation KL of the narrow plans
         assert (model.controllers.predictor.out.weight.grad is not None) == router_trains
         assert model.controllers.gate.fc.weight.grad is not None and model.lm_head.weight.grad is not None
+
+
+def test_cycle_schedule_runs_full_and_one_narrow_plan_covering_all_in_turn():
+    c = build().config
+    menu = plan_menu(c)
+    cycle = cycle_plans(c)
+    want = [p for w, m in zip(c.width_levels[:-1], menu[:-1]) for p in ([[w] * c.n_layer, m] if m != [w] * c.n_layer else [m])]
+    assert cycle == want and len(cycle) == 4  # the menu's plans keep block 0 full here: they differ from the uniform
+    for start in range(3):
+        steps = [step_plans(c, True, random.Random(0), step=s, schedule="cycle") for s in range(start, start + len(cycle))]
+        assert all(len(p) == 2 and p[0] == [64] * c.n_layer for p in steps)
+        assert sorted(map(tuple, (p[1] for p in steps))) == sorted(map(tuple, cycle))  # every one, once a cycle
+    with pytest.raises(ValueError, match="plan schedule 'all'"):
+        step_plans(c, True, random.Random(0), schedule="all")
+
+
+def test_router_learns_only_the_menu_columns_a_step_ran():
+    model = build().train()
+    x, y = torch.randint(0, V, (2, 4, 16), generator=torch.Generator().manual_seed(1))
+    menu = plan_menu(model.config)[:-1]
+    for j in range(len(menu)):
+        model.zero_grad(set_to_none=True)
+        train_micro_batch(model, model, x, y, [[64] * 3, menu[j]], model.controllers, exit_weight=0.1,
+                          distill_weight=1.0, backward=lambda objective, i: objective.backward())
+        g = model.controllers.predictor.out.weight.grad  # (menu columns, hidden)
+        assert g[j].abs().sum() > 0 and all(g[i].abs().sum() == 0 for i in range(len(menu)) if i != j)
+
+
+def test_anchor_distils_full_width_from_a_frozen_model():
+    """KL(anchor || full) on the full plan: an anchor equal to the model adds no gradient (the KL's gradient vanishes
+    where the two agree); another anchor changes the full plan's gradients."""
+    model = build().train()
+    x, y = torch.randint(0, V, (2, 4, 16), generator=torch.Generator().manual_seed(1))
+    plans = [[64] * 3, [32] * 3]
+
+    def grads(anchor):
+        model.zero_grad(set_to_none=True)
+        train_micro_batch(model, model, x, y, plans, None, distill_weight=1.0, anchor=anchor, anchor_weight=1.0,
+                          backward=lambda objective, i: objective.backward())
+        return model.lm_head.weight.grad.clone()
+    plain = grads(None)
+    same = copy.deepcopy(model).eval().requires_grad_(False)
+    assert torch.allclose(grads(same), plain, atol=1e-6)
+    other = copy.deepcopy(same)
+    with torch.no_grad():
+        other.lm_head.weight.mul_(-1.0)
+    assert (grads(other) - plain).abs().max() > 1e-3

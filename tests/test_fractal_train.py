@@ -132,6 +132,21 @@ def test_phase2_trains_everything_with_the_sandwich_of_widths(pipeline):
         assert not torch.equal(before[k], after[k]), f"{k} did not train in phase 2"
 
 
+def test_phase2_cycle_schedule_with_anchor_and_full_weight(pipeline, tiny_data, tmp_path):
+    """--plan-schedule cycle: full width and one narrow plan a step, uniform and menu plans of each level in turn;
+    --anchor-weight loads the frozen input; --full-weight weighs the full plan. Every plan trains; the full plan's
+    loss stays finite."""
+    root = pipeline["root"]
+    res = fractal_train.main(run_args(tiny_data, 2, root / "p1", tmp_path / "cyc", 4, "--plan-schedule=cycle",
+                                      "--anchor-weight=1", "--full-weight=2", "--eval-every=-1"))
+    labels = res["plan_labels"]
+    assert all(len(step) == 2 and step[0] == "w64" and step[1] == "w32" for step in labels)
+    before, _ = state_of(root / "p1")
+    after, _ = state_of(tmp_path / "cyc")
+    assert not torch.equal(before["controllers.predictor.out.weight"], after["controllers.predictor.out.weight"])
+    assert not torch.equal(before["transformer.h.0.attn.c_q.weight"], after["transformer.h.0.attn.c_q.weight"])
+
+
 def test_phase3_new_channel_lr_mult_zero_keeps_grown_entries(pipeline):
     root = pipeline["root"]
     before, meta = state_of(root / "grown")
@@ -284,6 +299,9 @@ def test_bad_inputs_stop_before_training(pipeline, tiny_data, tmp_path):
         fractal_train.main(run_args(tiny_data, 1, root / "gpt", tmp_path / "f", 1))
     with pytest.raises(ValueError, match="--expert-parallel shards the experts over the ranks of --parallel=ddp"):
         fractal_train.main(run_args(tiny_data, 2, root / "p1", tmp_path / "i", 1, "--expert-parallel"))
+    for bad in ("--full-weight=0", "--anchor-weight=-1"):
+        with pytest.raises(ValueError, match="--full-weight > 0"):
+            fractal_train.main(run_args(tiny_data, 2, root / "p1", tmp_path / "j", 1, bad))
     with pytest.raises(ValueError, match="already holds checkpoints"):
         fractal_train.main(run_args(tiny_data, 2, root / "p1", root / "p2", 1))
     # the tokenizer comes from the checkpoint directory (checkpoint_manager.load_model_and_tokenizer): missing, or

@@ -61,6 +61,11 @@ class Settings:
     controller_lr: float = 1e-3
     phase1_steps: int = 60
     phase2_steps: int = 300
+    # phases 2 and 3 keep full width where phase 1 left it (chosen on seeds 1 and 2's calib split, phase 2 alone:
+    # full-width hard accuracy 0.920 / 0.935 -> 0.955 / 0.973, the dense GPT's 0.965 / 0.965; each alone gave less)
+    phase_warmdown: float = 0.6    # fractal_train --warmdown-ratio (default 0.2)
+    full_weight: float = 2.0       # --full-weight: the full plan weighs as two narrow plans
+    anchor_weight: float = 1.0     # --anchor-weight: KL(phase input || full) on the answer tokens
     # growth and phase 3
     grow_dim: int = 256
     grown_width_levels: str = "32,64,128,256"
@@ -250,6 +255,9 @@ def fractal_phase(phase, checkpoint, out_dir, data_dir, steps, settings, seed):
             "--device=cpu", f"--num-iterations={steps}", f"--device-batch-size={B}", f"--max-seq-len={T}",
             f"--total-batch-size={B * T}", "--eval-every=-1", f"--seed={seed}", f"--controller-lr={settings.controller_lr}",
             f"--log-every={settings.log_every}"]
+    if phase > 1:
+        argv += [f"--warmdown-ratio={settings.phase_warmdown}", f"--full-weight={settings.full_weight}",
+                 f"--anchor-weight={settings.anchor_weight}"]
     defaults = fractal_train.get_args(["--phase=1", "--checkpoint=unused"])  # fractal_train's own default rates
     scale = settings.phase3_lr_scale if phase == 3 else settings.phase_lr_scale
     argv += [f"--{name.replace('_', '-')}={scale * getattr(defaults, name)}"
