@@ -71,8 +71,6 @@ def train_one(args, device, name, kind, config, phase, exit_stride, recipe="sand
     T = args.seq_len
     if exit_stride is not None:
         config.exit_stride = exit_stride
-    if phase == "2" and recipe not in RECIPES:
-        raise ValueError(f"--recipes: {recipe!r} is not one of {', '.join(RECIPES)}")
     adaptive = phase == "2" and recipe in ("adaptive", "cycle")
     if kind != "gpt":
         config = dataclasses.replace(config, adaptive=adaptive)  # the controllers train in the adaptive recipe only
@@ -167,6 +165,9 @@ def cmd_train(args, device):
     torch._dynamo.config.cache_size_limit = 64  # one graph per (block kind, width, grad mode) is expected
     from nanochat.hybrid_gpt import HybridGPT
     HybridGPT.READOUT_COMPILE = args.readouts == "compiled"
+    bad = [r for r in args.recipes.split(",") if r not in RECIPES]
+    if bad:
+        raise ValueError(f"--recipes: {', '.join(map(repr, bad))} not among {', '.join(RECIPES)}")
     rows, models = [], train_models(args)
     for name, kind, config in models:
         for phase in (["all"] if kind == "gpt" else args.phases.split(",")):

@@ -277,6 +277,8 @@ def test_adaptive_speculate_on_a_checkpoint(capsys, tiny_data, tmp_path):
                                                    ("speculate ghost, fallback", 2), ("speculate exit:0", 1),
                                                    ("speculate exit:0", 2), ("speculate exit:0, fallback", 2)]
     assert all(r["same_tokens"] for r in spec[1:]) and all(0 <= r["acceptance"] <= 1 for r in spec[1:])
+    assert spec[0]["tok_per_s"] == pytest.approx(max(spec[0]["think_runs_tok_per_s"]))  # the faster of think's two runs
+    assert all(r["vs_think"] == pytest.approx(r["tok_per_s"] / spec[0]["tok_per_s"]) for r in spec[1:])
     assert sum(t["target"].endswith("/ think tokens/s") for t in res["targets"]) == 6
     assert "self-speculative decoding on" in out
 
@@ -286,9 +288,9 @@ def test_train_adaptive_recipe_runs_fractal_trains_step(capsys):
     sandwich; its FLOPs are the mean of a uniform and a menu step's plans."""
     res, out = run(capsys, ["train", "--depth", "4", "--seq-len", "16", "--batch", "2", "--vocab-size", "128",
                             "--models", "hybrid", "--phases", "2", "--exit-strides", "1", "--compile", "none",
-                            "--recipes", "sandwich,adaptive"])
+                            "--recipes", "sandwich,adaptive,cycle"])
     rows = {r["phase"]: r for r in res["rows"]}
-    assert set(rows) == {"2 sandwich", "2 adaptive"} and "2 adaptive" in out
+    assert set(rows) == {"2 sandwich", "2 adaptive", "2 cycle"} and "2 adaptive" in out
     from nanochat.hybrid_gpt import HybridGPT
     from scripts.bench_train import recipe_step_plans
     (_, _, cfg), = bench_train.train_models(bench.get_args(["train", "--depth", "4", "--seq-len", "16", "--vocab-size",
@@ -302,3 +304,12 @@ def test_train_adaptive_recipe_runs_fractal_trains_step(capsys):
     # the adaptive step reads out every plan's exits: more executed FLOPs over the convention than the sandwich's one
     extra = {k: r["exec_flops_per_tok_G"] - r["flops_per_tok_G"] for k, r in rows.items()}
     assert extra["2 adaptive"] == pytest.approx(2 * extra["2 sandwich"])
+    # cycle: full + one narrow plan a step, its FLOPs the mean over the cycle of uniform and menu plans
+    from nanochat.adaptive_train import cycle_plans
+    cycle = cycle_plans(cfg)
+    assert [recipe_step_plans(cfg, s, "cycle")[1] for s in range(len(cycle))] == cycle
+    want = sum(model.estimate_flops(recipe_step_plans(cfg, 0, "cycle")[0]) + model.estimate_flops(p) for p in cycle) / len(cycle)
+    assert rows["2 cycle"]["flops_per_tok_G"] * 1e9 == pytest.approx(want)
+    with pytest.raises(ValueError, match="--recipes: 'sandwitch' not among adaptive, cycle, sandwich"):
+        run(capsys, ["train", "--depth", "4", "--seq-len", "16", "--batch", "2", "--vocab-size", "128", "--models",
+                     "hybrid", "--phases", "2", "--compile", "none", "--recipes", "sandwitch"])
