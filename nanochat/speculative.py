@@ -390,7 +390,7 @@ def generate(engine, prompts, max_tokens, speculate, draft, temperature=0.0, top
     (one shape for the CUDA graphs; tokens past max_tokens are dropped); a last single token is a plain step.
     Plain steps are pipelined as Engine.generate's think loop is (the next step is queued before the host waits
     for this token), and a plan draft does not step with them: it catches up on the tokens it missed before its
-    next round. With fallback, the first PROBE_STEPS decode tokens are plain, and the time from one resumption of
+    next round (not charged to that round's time). With fallback, the first PROBE_STEPS decode tokens are plain, and the time from one resumption of
     this generator to the next (what the caller sees per token, its own work included) is the yardstick: the
     faster of the second and third probes (the first may capture graphs; after the last no step is queued).
     Rounds are timed the same way, from the resumption before the round to the one after its last token. Once
@@ -499,7 +499,9 @@ def _speculate(engine, prompts, max_tokens, speculate, draft, name, temperature,
             done = done | torch.isin(host_tok, stop)
             continue
         caught_up = [engine.step(spec.dst, t)[4] for t in owed]  # the plan draft consumes what the verifier did
-        owed.clear()
+        if owed:
+            owed.clear()
+            mark = time.perf_counter()  # a one-off per plain stretch: not charged to the round the fallback judges
         pos, graphs = st.pos, n_graphs()
         tokens, lg, fl, m = spec.round(tok, speculate)
         fl = fl + sum(caught_up) if caught_up else fl
@@ -517,7 +519,7 @@ def _speculate(engine, prompts, max_tokens, speculate, draft, name, temperature,
         mark = now
         tok = tokens[:, -1]
         recent = [(n_, t_) for n_, t_, captured in stats.round_log if not captured][-3:]
-        if fallback and len(recent) >= JUDGE_ROUNDS:
+        if fallback and len(recent) >= JUDGE_ROUNDS and stats.think_step_s is not None:
             stats.judged = True
             if sum(n_ for n_, _ in recent) * stats.think_step_s < sum(t_ for _, t_ in recent):
                 stats.fell_back_at, speculating = emitted, False  # its tokens came slower than plain steps

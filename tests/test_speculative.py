@@ -271,3 +271,36 @@ def test_fallback_decides_on_timed_steps_and_stops_stepping_the_draft(monkeypatc
     assert not eng.spec_stats.remembered
     eng.generate_batch([[3, 1, 4]], 24, speculate=3, draft="plan:64,64,64,32", fallback=False)
     assert not eng.spec_stats.remembered and eng.spec_stats.rounds > rounds
+
+
+def test_plan_draft_catches_up_on_the_probes_when_speculation_pays(monkeypatch):
+    """A clock on which rounds are free and plain steps cost 1 s: speculation never falls back. The probes' plain
+    steps do not step the plan draft; before each round the draft has consumed what the verifier has (same position),
+    and the tokens are think's."""
+    import nanochat.speculative as spec_mod
+    model = build(layer_pattern="AM").eval()
+    eng = Engine(model, decode="eager")
+    ref = eng.generate_batch([[3, 1, 4], [2, 7, 1]], 20)
+    clock = {"t": 0.0}
+    monkeypatch.setattr(spec_mod.time, "perf_counter", lambda: clock["t"])
+    real_round, real_step = spec_mod.Speculator.round, Engine.step
+    positions, in_round = [], [False]
+
+    def round_(self, t0, k):
+        positions.append((self.st.pos, self.dst.pos))
+        in_round[0] = True
+        try:
+            return real_round(self, t0, k)
+        finally:
+            in_round[0] = False
+
+    def step(self, st, tokens, plan=None):
+        clock["t"] += 0.0 if in_round[0] else 1.0  # the draft's steps in a round cost nothing either
+        return real_step(self, st, tokens, plan)
+    monkeypatch.setattr(spec_mod.Speculator, "round", round_)
+    monkeypatch.setattr(Engine, "step", step)
+    res = eng.generate_batch([[3, 1, 4], [2, 7, 1]], 20, speculate=2, draft="plan:64,64,64,32", fallback=True)
+    stats = eng.spec_stats
+    assert res.tokens == ref.tokens and stats.fell_back_at is None and stats.judged
+    assert len(positions) > JUDGE_ROUNDS and all(v == d for v, d in positions)
+    assert positions[0][0] == 3 + PROBE_STEPS  # the prompt, then the probes' tokens, consumed by both
