@@ -106,15 +106,22 @@ class Muon(torch.optim.Optimizer):
     """
     Momentum (Nesterov by default) whose update is orthogonalised by Newton-Schulz before it is
     applied, scaled by sqrt(max(1, rows/cols)) so tall and wide matrices move alike.
-    3-D parameters are treated as a batch of matrices (one per expert).
+    3-D parameters are treated as a batch of matrices (one per expert), and with stack=True plain matrices of one
+    shape in one group are orthogonalised together, up to STACK_MAX at a time (one batched Newton-Schulz instead of
+    one per matrix: fewer, larger GEMMs; orthogonalize treats each matrix of the batch alone).
     DTensor parameters (FSDP2 or nanochat.moe_ep, dim-0 shards on a 1-D mesh) are stepped on their local
     shards: a 2-D matrix is orthogonalised by one owner rank (two all_to_all per world-size matrices, see
     _step_sharded); a 3-D stack (experts) where its shards are, since each holds whole matrices (no
     communication). Their momentum buffers are DTensors sharded like them, so state_dict() holds the same layout.
     """
 
-    def __init__(self, params, lr=0.02, momentum=0.95, nesterov=True, ns_steps=5, weight_decay=0.0):
+    STACK_MAX = 16  # same-shaped matrices orthogonalised together (one batched Newton-Schulz), at most this many
+
+    def __init__(self, params, lr=0.02, momentum=0.95, nesterov=True, ns_steps=5, weight_decay=0.0, stack=False):
         super().__init__(params, dict(lr=lr, momentum=momentum, nesterov=nesterov, ns_steps=ns_steps, weight_decay=weight_decay))
+        # plain 2-D matrices of one shape and group: one batched orthogonalize per STACK_MAX. Off by default until
+        # `python -m scripts.bench muon` has measured it on a GPU (the trainers' numbers are per matrix)
+        self.stack = stack
 
     @staticmethod
     def _momentum(g, buf, group):
@@ -138,7 +145,8 @@ class Muon(torch.optim.Optimizer):
     @torch.no_grad()
     def step(self):
         sharded = {}  # (mesh, dtype) -> [(p, local direction, group)], in param-group order (the same on every rank)
-        for group in self.param_groups:
+        stacks = {}  # (group, shape, dtypes) -> [(p, direction)]: plain matrices orthogonalised together
+        for gi, group in enumerate(self.param_groups):
             for p in group["params"]:
                 if p.grad is None:  # under FSDP2 every rank has a gradient or none, so the batches agree
                     continue
@@ -158,7 +166,17 @@ class Muon(torch.optim.Optimizer):
                     sharded.setdefault((p.device_mesh, p.dtype), []).append((p, g, group))
                     continue
                 g = self._momentum(p.grad, buf, group)
+                if self.stack and p.ndim == 2:
+                    stacks.setdefault((gi, tuple(p.shape), p.dtype, g.dtype), []).append((p, g))
+                    continue
                 self._apply(p, self._update(g, group["ns_steps"], g.dtype).to(p.dtype), group)
+        for (gi, _, dtype, gdtype), items in stacks.items():
+            group = self.param_groups[gi]
+            for i in range(0, len(items), self.STACK_MAX):
+                chunk = items[i:i + self.STACK_MAX]
+                updates = self._update(torch.stack([g for _, g in chunk]), group["ns_steps"], gdtype)
+                for (p, _), update in zip(chunk, updates):
+                    self._apply(p, update.to(dtype), group)
         for (mesh, dtype), items in sharded.items():
             world = mesh.size()
             for i in range(0, len(items), world):

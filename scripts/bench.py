@@ -9,6 +9,7 @@ and, as its LAST line, one JSON object with the environment (device, torch, date
     python -m scripts.bench train   # training tokens/s and MFU: dense GPT vs hybrids, phase-1 and phase-2 settings
     python -m scripts.bench decode  # prefill/decode tokens/s and KV + SSM cache memory: dense GPT vs hybrid modes
     python -m scripts.bench adaptive --checkpoint PATH  # a trained hybrid's modes: held-out decode loss and tokens/s
+    python -m scripts.bench muon    # Muon's step over a model's matrices: one Newton-Schulz per matrix vs same shapes stacked
     torchrun --standalone --nproc_per_node=2 -m scripts.bench moe-ep  # MoE fwd+bwd, experts replicated vs sharded
 
 Timing: CUDA events around each timed iteration after warmup, median over iterations (perf_counter on
@@ -277,6 +278,45 @@ def cmd_moe(args, device):
 
 # -----------------------------------------------------------------------------
 
+# -----------------------------------------------------------------------------
+# muon: the optimizer step over a benchmarked model's matrices, per matrix against stacked
+
+def cmd_muon(args, device):
+    from nanochat.optim import Muon, setup_optimizers
+    from scripts.bench_common import bench_configs, build_model, free_memory
+    configs = bench_configs(args, 2048)
+    rows = []
+    for name in args.models.split(","):
+        kind, config = configs[name]
+        free_memory(device)
+        torch.manual_seed(args.seed)
+        model = build_model(kind, config, device)
+        muon, = [o for o in setup_optimizers(model) if isinstance(o, Muon)]
+        params = [p for g in muon.param_groups for p in g["params"]]
+        for p in params:
+            p.grad = torch.randn_like(p)
+        shapes = {tuple(p.shape) for p in params}
+        row = {"model": name, "matrices": len(params), "shapes": len(shapes),
+               "params_M": sum(p.numel() for p in params) / 1e6}
+        for stack in (False, True):
+            muon.stack = stack
+            r = measure(muon.step, device, args.warmup, args.iters)
+            row["stacked" if stack else "per_matrix"] = r.get("ms", r.get("error"))
+            row["peak_gib_" + ("stacked" if stack else "per_matrix")] = r.get("peak_gib")
+        if all(isinstance(row[k], float) for k in ("stacked", "per_matrix")):
+            row["speedup"] = row["per_matrix"] / row["stacked"]
+        rows.append(row)
+        progress(row)
+        del model, muon, params
+    print_table(f"Muon step (momentum, Newton-Schulz, update) over each model's matrices, depth {args.depth}, "
+                f"fp32 parameters, ms", rows,
+                [("model", "model", ""), ("matrices", "matrices", "d"), ("shapes", "shapes", "d"),
+                 ("params_M", "params M", ",.0f"), ("per_matrix", "per matrix ms", ".1f"), ("stacked", "stacked ms", ".1f"),
+                 ("speedup", "speedup", ".2f"), ("peak_gib_per_matrix", "peak GiB (per matrix)", ".1f"),
+                 ("peak_gib_stacked", "peak GiB (stacked)", ".1f")])
+    return finish("muon", args, device, {"rows": rows})
+
+
 def get_args(argv=None):
     from nanochat.engine import DECODE_PATHS
     p = argparse.ArgumentParser(description="Adamba benchmarks (see the module docstring)")
@@ -353,6 +393,12 @@ def get_args(argv=None):
                            "model with k = 1..K drafted tokens per round, against think (scripts/bench_speculate.py)")
             t.add_argument("--draft", type=str, default="plan:ghost", help="with --speculate: plan:<mode or widths> or "
                            "exit:<block> (nanochat.speculative.Draft)")
+    u = sub.add_parser("muon", help="Muon's step: one Newton-Schulz per matrix vs same-shaped matrices stacked")
+    u.add_argument("--depth", type=int, default=20, help="nanochat depth dial of the benchmarked models")
+    u.add_argument("--models", type=str, default="dense,hybrid")
+    u.add_argument("--vocab-size", type=int, default=65536)
+    u.add_argument("--mamba", type=int, default=1, choices=(1, 2))
+    u.add_argument("--seed", type=int, default=0)
     bench_adaptive.add_args(sub, DECODE_PATHS)
     bench_ep.add_args(sub)
     return p.parse_args(argv)
@@ -365,7 +411,7 @@ def main(argv=None):
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
     return {"mamba": cmd_mamba, "moe": cmd_moe, "train": cmd_train, "decode": cmd_decode,
-            "adaptive": bench_adaptive.cmd_adaptive, "moe-ep": bench_ep.cmd_moe_ep}[args.cmd](args, device)
+            "adaptive": bench_adaptive.cmd_adaptive, "moe-ep": bench_ep.cmd_moe_ep, "muon": cmd_muon}[args.cmd](args, device)
 
 
 if __name__ == "__main__":

@@ -313,3 +313,13 @@ def test_train_adaptive_recipe_runs_fractal_trains_step(capsys):
     with pytest.raises(ValueError, match="--recipes: 'sandwitch' not among adaptive, cycle, sandwich"):
         run(capsys, ["train", "--depth", "4", "--seq-len", "16", "--batch", "2", "--vocab-size", "128", "--models",
                      "hybrid", "--phases", "2", "--compile", "none", "--recipes", "sandwitch"])
+
+
+def test_muon_per_matrix_and_stacked(capsys):
+    """bench muon: the Muon step over each model's matrices, one Newton-Schulz per matrix and stacked."""
+    res, out = run(capsys, ["muon", "--depth", "2", "--vocab-size", "128", "--models", "dense,hybrid"],
+                   pre=["--warmup", "1", "--iters", "1"])
+    rows = {r["model"]: r for r in res["rows"]}
+    assert set(rows) == {"dense", "hybrid"} and rows["hybrid"]["matrices"] > rows["dense"]["matrices"]
+    assert all(r["per_matrix"] > 0 and r["stacked"] > 0 and r["speedup"] > 0 for r in rows.values())
+    assert "Muon step" in out
