@@ -57,6 +57,9 @@ DBS1=${DBS1:-4}                         # rows per GPU per micro-batch, phase 1:
 DBS2=${DBS2:-2}                         # phases 2 and 3: peak 73.9 GiB (sandwich + exit readouts); runs/multigpu.sh scale
 KEEP_PARAMS=${KEEP_PARAMS:-1}           # phase 2: --fsdp-keep-params (1.6x the per-GPU rate; peak 87-94 GiB: 141 GB H200s; 0 on 80 GB GPUs).
                                         # Not in phase 3: the grown model's gathered weights would not fit (not measured)
+PLAN_SCHEDULE=${PLAN_SCHEDULE:-every}   # phases 2, 3 and SFT: fractal_train --plan-schedule (every level each step, or cycle: one
+                                        # narrow plan a step in turn, 2.4x faster at d20 but narrow levels weaker at the tiny budget)
+case "$PLAN_SCHEDULE" in every|cycle) ;; *) echo "PLAN_SCHEDULE=$PLAN_SCHEDULE: use every or cycle" >&2; exit 2 ;; esac
 P1_STEPS=${P1_STEPS:-2000}
 P2_STEPS=${P2_STEPS:-4000}
 P3_STEPS=${P3_STEPS:-4000}
@@ -79,6 +82,8 @@ MFU_P2=${MFU_P2:-$([ "$KEEP_PARAMS" = 1 ] && echo 0.105 || echo $MFU_SANDWICH_NO
 MFU_P3=${MFU_P3:-$MFU_SANDWICH_NOKEEP}   # phase 3 is the phase-2 step on the grown model, without --fsdp-keep-params (not measured separately)
 # NOTE: these phase-2/3 MFUs were measured on the earlier sandwich step; the plan prices today's step (every width level,
 # issue #28) at them, which is an assumption until `bench train --recipes adaptive` is measured at d32 (docs/benchmarks.md).
+# PLAN_SCHEDULE=cycle prices its own step's FLOPs at the same MFUs; at d20 (H100, eager) its MFU was 13.9% against the
+# sandwich's 16.6% and every level's 11.8%, so this is optimistic for cycle by about 1.2x.
 # Not measured: --compile at d32, the grown model, more than one node.
 
 export NANOCHAT_BASE_DIR=${NANOCHAT_BASE_DIR:-$HOME/.cache/nanochat}
@@ -124,7 +129,7 @@ train_phase() {  # name out_dir steps args...: skip when finished, --resume when
 echo "== plan: $HUB -> surgery to $NEW_DIM -> phases 1, 2 -> growth to $GROW_DIM -> phase 3 on $NPROC GPUs ($RUN_DIR)"
 MAMBA="$MAMBA" NEW_DIM="$NEW_DIM" GROW_DIM="$GROW_DIM" HUB="$HUB" SEQ_LEN="$SEQ_LEN" TOTAL_BATCH="$TOTAL_BATCH" NPROC="$NPROC" \
 P1_STEPS="$P1_STEPS" P2_STEPS="$P2_STEPS" P3_STEPS="$P3_STEPS" SFT_STEPS="$SFT_STEPS" MFU_P1="$MFU_P1" MFU_P2="$MFU_P2" MFU_P3="$MFU_P3" \
-PEAK_FLOPS="$PEAK_FLOPS" GPU_HOUR_USD="$GPU_HOUR_USD" SURGERY_ARGS="${SURGERY_ARGS[*]}" $PY - <<'EOF'
+PEAK_FLOPS="$PEAK_FLOPS" GPU_HOUR_USD="$GPU_HOUR_USD" SURGERY_ARGS="${SURGERY_ARGS[*]}" PLAN_SCHEDULE="$PLAN_SCHEDULE" $PY - <<'EOF'
 import glob, json, os, re
 import torch
 from nanochat.common import get_base_dir
@@ -166,12 +171,16 @@ with torch.device("meta"):  # shapes only: create and grow exactly as scripts.su
 
 
 def step_flops(model, every_level):
-    """FLOPs per token of one step: full width, or fractal_train's phase-2/3 step (nanochat.adaptive_train.step_plans:
-    full + every narrower level, uniform plans on even steps and the router's menu on odd ones: their mean)."""
-    from nanochat.adaptive_train import step_plans
+    """FLOPs per token of one step: full width, or fractal_train's phase-2/3 step under PLAN_SCHEDULE
+    (nanochat.adaptive_train.step_plans), the mean over the steps after which its plans repeat: every = full + every
+    narrower level, uniform plans on even steps and the router's menu on odd ones; cycle = full + one narrow plan."""
+    from nanochat.adaptive_train import step_plans, cycle_plans
     if not every_level:
         return model.estimate_flops()
-    return sum(sum(model.estimate_flops(p) for p in step_plans(model.config, True, None, 0, False, s)) for s in (0, 1)) / 2
+    schedule = env["PLAN_SCHEDULE"]
+    period = len(cycle_plans(model.config)) if schedule == "cycle" else 2
+    return sum(sum(model.estimate_flops(p) for p in step_plans(model.config, True, None, 0, False, s, schedule))
+               for s in range(period)) / period
 
 
 tok_step, gpus, peak, usd = int(env["TOTAL_BATCH"]), int(env["NPROC"]), float(env["PEAK_FLOPS"]), float(env["GPU_HOUR_USD"])
@@ -211,14 +220,14 @@ else echo "== surgery"; run $PY -m scripts.surgery "${SURGERY_ARGS[@]}"; fi
 train_phase "phase 1" "$P1" "$P1_STEPS" --phase=1 --checkpoint="$HYB" --device-batch-size "$DBS1" --data-dir "$DATA_DIR"
 KEEP=(); [ "$KEEP_PARAMS" = 1 ] && KEEP=(--fsdp-keep-params)
 train_phase "phase 2" "$P2" "$P2_STEPS" --phase=2 --checkpoint="$P1" --device-batch-size "$DBS2" --data-dir "$DATA_DIR" --continue-data \
-  "${KEEP[@]}"
+  --plan-schedule "$PLAN_SCHEDULE" "${KEEP[@]}"
 
 if have_checkpoint "$GROWN"; then echo "== growth: $GROWN exists, skipped"
 else echo "== growth"; run $PY -m scripts.surgery "${GROW_ARGS[@]}"; fi
 
 # NOTE: the grown checkpoint's meta carries no data position, so phase 3 reads the train stream from its start
 train_phase "phase 3" "$P3" "$P3_STEPS" --phase=3 --checkpoint="$GROWN" --expanded-dim="$GROW_DIM" \
-  --device-batch-size "$DBS2" --data-dir "$DATA_DIR"
+  --device-batch-size "$DBS2" --data-dir "$DATA_DIR" --plan-schedule "$PLAN_SCHEDULE"
 
 if have_checkpoint "$FINAL"; then echo "== calibrate: $FINAL exists, skipped"
 else echo "== calibrate"; run $PY -m scripts.calibrate_gates --checkpoint "$P3" --out-dir "$FINAL" --data-dir "$DATA_DIR"; fi
@@ -250,7 +259,7 @@ if [ -f "$(final_meta "$SFT" "$SFT_STEPS")" ]; then echo "== sft: done, skipped"
 else
   resume=(); if have_checkpoint "$SFT"; then resume=(--resume); fi
   echo "== sft"; run torchrun --standalone --nproc_per_node="$NPROC" -m scripts.chat_sft --checkpoint "$FINAL" --out-dir "$SFT" \
-    --num-iterations "$SFT_STEPS" "${CHAT_TRAIN[@]}" "${resume[@]}"
+    --num-iterations "$SFT_STEPS" --plan-schedule "$PLAN_SCHEDULE" "${CHAT_TRAIN[@]}" "${resume[@]}"
 fi
 if have_checkpoint "$SFT_FINAL"; then echo "== chat calibrate: $SFT_FINAL exists, skipped"
 else echo "== chat calibrate"; run $PY -m scripts.calibrate_gates --checkpoint "$SFT" --out-dir "$SFT_FINAL" --data-dir "$DATA_DIR"; fi

@@ -18,3 +18,24 @@ def test_speedrun_dry_run_prints_the_plan(tmp_path):
     assert out.returncode == 0, out.stderr[-2000:]
     assert "training total:" in out.stdout and "--phase=3" in out.stdout
     assert not (tmp_path / "speedrun").exists()  # a dry run writes nothing
+
+
+@pytest.mark.slow
+def test_speedrun_dry_run_prices_the_plan_schedule(tmp_path):
+    """PLAN_SCHEDULE=cycle passes --plan-schedule cycle to phases 2, 3 and SFT and prices its cheaper step; a bad
+    value stops with one line."""
+    env = dict(os.environ, PYTHON=sys.executable, NANOCHAT_BASE_DIR=str(tmp_path), PYTHONPATH=str(ROOT))
+
+    def total(out):
+        line, = [l for l in out.stdout.splitlines() if l.startswith("training total:")]
+        return float(line.split()[2])
+    runs = {}
+    for schedule in ("every", "cycle"):
+        runs[schedule] = subprocess.run(["bash", "runs/speedrun.sh", "--dry-run"], cwd=ROOT, capture_output=True,
+                                        text=True, timeout=300, env=dict(env, PLAN_SCHEDULE=schedule))
+        assert runs[schedule].returncode == 0, runs[schedule].stderr[-2000:]
+        assert runs[schedule].stdout.count(f"--plan-schedule {schedule}") == 3
+    assert total(runs["cycle"]) < total(runs["every"])
+    bad = subprocess.run(["bash", "runs/speedrun.sh", "--dry-run"], cwd=ROOT, capture_output=True, text=True,
+                         timeout=300, env=dict(env, PLAN_SCHEDULE="all"))
+    assert bad.returncode == 2 and "PLAN_SCHEDULE=all: use every or cycle" in bad.stderr
