@@ -84,6 +84,9 @@ class Settings:
     chat_sft_steps: int = 100
     chat_lr_scale: float = 0.25    # times fractal_train's default rates; at 0.1 (phase 3's) 100 steps left seed 2's
                                    # calib-split chat val bpb at 0.695 (0.25: 0.084), and its test answers collapsed
+    chat_warmdown: float = 0.6     # SFT's --warmdown-ratio and --full-weight (chosen on seeds 1 and 2's calib split: chat
+    chat_full_weight: float = 2.0  # think hard 0.930 / 0.880 -> 0.920 / 0.930 against the base's 0.925 / 0.955). An
+                                   # anchor to the base checkpoint collapsed it (0.107 / 0.345): the base never saw chat
     # chat_rl, chosen on seed 0's calibration split (the calibrated operating point's compute; README): at router
     # temperature 1 the policy drew the w128 plan ~98% of the time and learned nothing about the others
     chat_rl_steps: int = 40
