@@ -355,9 +355,10 @@ def restore_state(args, meta, paths, optimizers, data_ranks):
     the --checkpoint's run; with --resume also the optimizer states and the CPU RNG, once the flags agree."""
     if args.resume:
         saved = meta.get("user_args", {})
+        added = {"plan_schedule": "every", "full_weight": 1.0, "anchor_weight": 0.0}  # flags newer than some runs
         for key in ("device_batch_size", "max_seq_len", "total_batch_size", "matryoshka", "sample_dim",
-                    "n_random_plans", "seed", "data_dir"):
-            if saved.get(key) != getattr(args, key):
+                    "n_random_plans", "seed", "data_dir", *added):
+            if saved.get(key, added.get(key)) != getattr(args, key):
                 raise ValueError(f"--resume: the run in {paths.out_dir} used --{key.replace('_', '-')}={saved.get(key)!r}, "
                                  f"now {getattr(args, key)!r}; exact resume needs the same value")
         if meta.get("data_ranks") != data_ranks:

@@ -167,6 +167,10 @@ def test_resume_continues_exactly(pipeline, tiny_data, tmp_path, capsys):
     for f in (model_path(str(root / "p2"), 2), meta_path(str(root / "p2"), 2), optim_path(str(root / "p2"), 2, 0),
               root / "p2" / "tokenizer.pkl"):
         shutil.copy(f, resumed)
+    for changed in ("--plan-schedule=cycle", "--full-weight=2"):  # what the run trains may not change on resume
+        with pytest.raises(ValueError, match="exact resume needs the same value"):
+            fractal_train.main(run_args(tiny_data, 2, root / "p1", resumed, 4, "--sample-dim", "--n-random-plans=1",
+                                        "--eval-every=4", "--save-every=2", "--continue-data", "--resume", changed))
     result = fractal_train.main(run_args(tiny_data, 2, root / "p1", resumed, 4, "--sample-dim", "--n-random-plans=1", "--eval-every=4",
                                          "--save-every=2", "--continue-data", "--resume"))
     assert result["steps"] == [2, 3]
