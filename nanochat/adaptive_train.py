@@ -108,18 +108,18 @@ def train_micro_batch(model, train_model, x, y, plans, controllers=None, exit_we
     """
     Forward + backward of every plan on one micro-batch (full width first, then the narrow plans, then any random
     ones); the router learns, for each of its menu's narrow plans among them, whether it gave the full model's top-1.
-    backward(objective, plan_index) runs the backward (the caller scales and syncs). Returns [CE per plan..., KL sum over narrow plans, MoE router loss (mean over plans), gate loss (mean
-    over plans), router loss], detached floats as a tensor. anchor (a frozen model, e.g. the run's input checkpoint):
-    the full-width plan also learns anchor_weight * KL(anchor || full) on the loss-bearing tokens.
+    backward(objective, plan_index) runs the backward (the caller scales and syncs). Returns [CE per plan..., KL sum
+    over narrow plans, MoE router loss (mean over plans), gate loss (mean over plans), router loss], detached floats
+    as a tensor. anchor (a frozen model, e.g. the run's input checkpoint): the full-width plan also learns
+    anchor_weight * KL(anchor || full) on the loss-bearing tokens.
     """
     has_moe = "E" in getattr(model.config, "ffn_pattern", "")
     menu = plan_menu(model.config)[:-1] if len(plans) > 1 else []
-    # the narrow plans that are router menu plans, by position in plans: their top-1s label the router's columns
+    # the narrow plans that are router menu plans (first occurrences), by position in plans -> their menu column
     columns = {}
     for i, p in enumerate(plans[1:], 1):
         if list(p) in menu and menu.index(list(p)) not in columns.values():
             columns[i] = menu.index(list(p))
-    router_columns = [columns[i] for i in sorted(columns)]
     valid = y != -1
     want_exits = exit_weight > 0 or controllers is not None
     sums = torch.zeros(len(plans) + 4, device=x.device)
@@ -161,8 +161,7 @@ def train_micro_batch(model, train_model, x, y, plans, controllers=None, exit_we
             target = router_labels(plan_top1, full_top1, valid, int(x.size(1) * prompt_frac)) \
                 if last and plan_top1 else None
             cl = controller_losses(model, x, y, out, full_top1=None if i == 0 else full_top1, router_target=target,
-                                   prompt_frac=prompt_frac,
-                                   router_columns=None if router_columns == list(range(len(menu))) else router_columns)
+                                   prompt_frac=prompt_frac, router_columns=list(columns.values()))
             objective = objective + cl["loss"]
             sums[-2] += cl["gate_loss"].detach().float() / len(plans)
             sums[-1] += cl["predictor_loss"].detach().float()

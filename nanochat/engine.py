@@ -53,7 +53,7 @@ from nanochat.matryoshka import MODES, mode_plan, expand_plan, check_plan
 from nanochat.matryoshka_kv import MatryoshkaKVCache, row_index
 from nanochat.cuda_graphs import Workspace
 from nanochat.hybrid_modern import window_slots
-from nanochat.engine_state import DecodeState, TokenStep, GenerationResult, EagerCache, width_groups
+from nanochat.engine_state import DecodeState, TokenStep, GenerationResult, EagerCache, width_groups, start_host_copy
 from nanochat.engine_static import StaticDecode
 
 DECODE_PATHS = ("auto", "eager", "static", "graph", "compiled")
@@ -361,15 +361,12 @@ class Engine:
             # device), and only then does the host wait, for the copy alone. A step without gates reads nothing
             # back, so the device runs it while the host hands this token out. After the last token one step
             # too many may run; its result is dropped.
-            host_tok.copy_(tok, non_blocking=cuda)
-            copied = torch.cuda.Event() if cuda else None
-            if cuda:
-                copied.record()
+            copied = start_host_copy(tok, host_tok)
             nxt = None
             if k < max_tokens - 1:
                 full_next = torch.full((B,), float(self.flops.forward(st.pos + 1)), dtype=torch.float64)
                 nxt = self.step(st, tok)
-            if cuda:
+            if copied is not None:
                 copied.synchronize()
             yield TokenStep(host_tok.tolist(), logits.float(), *info)
             done |= torch.isin(host_tok, stop)

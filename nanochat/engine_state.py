@@ -113,6 +113,18 @@ class EagerCache:
         return mamba(xn, inference_params=params)  # writes the states after the T tokens in place
 
 
+def start_host_copy(src, dst):
+    """Queue a copy of the device tensor src into the (pinned) host tensor dst; returns the CUDA event to wait on
+    before reading dst, or None off CUDA (the copy is done). The decode loops queue the next step between the two."""
+    cuda = src.is_cuda
+    dst.copy_(src, non_blocking=cuda)
+    if not cuda:
+        return None
+    event = torch.cuda.Event()
+    event.record()
+    return event
+
+
 def width_groups(w_rows, active, device):
     """[(w, rows, idx)] in increasing w: the rows (among the active ones, if given) that run at width w, and their
     device index (row_index: a slice for a group of every row)."""

@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 import torch
 
 from nanochat.cuda_graphs import replay
-from nanochat.engine_state import EagerCache, TokenStep
+from nanochat.engine_state import EagerCache, TokenStep, start_host_copy
 from nanochat.engine_static import StaticCache
 from nanochat.layers import norm, token_probs, sample_next_token
 from nanochat.matryoshka import MODES
@@ -480,15 +480,12 @@ def _speculate(engine, prompts, max_tokens, speculate, draft, name, temperature,
             pending = None
             probing = fallback and speculating and plain_steps < PROBE_STEPS
             tok = sample_next_token(lg, rng, temperature, top_k)
-            host_tok.copy_(tok, non_blocking=cuda)
-            copied = torch.cuda.Event() if cuda else None
-            if cuda:
-                copied.record()
+            copied = start_host_copy(tok, host_tok)
             emitted, plain_steps = emitted + 1, plain_steps + 1
             if emitted < max_tokens and plain_next():  # pipelined: the device runs the next step while the host waits
                 pending = queue_plain(tok)
             queued = pending is not None
-            if cuda:
+            if copied is not None:
                 copied.synchronize()
             yield step(host_tok, lg, fl, pos, "decode")
             now = time.perf_counter()
@@ -504,7 +501,7 @@ def _speculate(engine, prompts, max_tokens, speculate, draft, name, temperature,
             mark = time.perf_counter()  # a one-off per plain stretch: not charged to the round the fallback judges
         pos, graphs = st.pos, n_graphs()
         tokens, lg, fl, m = spec.round(tok, speculate)
-        fl = fl + sum(caught_up) if caught_up else fl
+        fl = fl + sum(caught_up)
         tokens_host = tokens.cpu()
         out = 0
         for i in range(m + 1):

@@ -212,8 +212,7 @@ def check_args(args, phase=None):
     if min(args.n_random_plans, args.exit_loss_weight, args.new_channel_lr_mult, args.distill_weight,
            args.anchor_weight) < 0 or args.log_every < 1 or not args.full_weight > 0:
         raise ValueError("--n-random-plans, --exit-loss-weight, --new-channel-lr-mult, --distill-weight, --anchor-weight "
-                         "must be >= 0, "
-                         "--full-weight > 0 and --log-every >= 1")
+                         "must be >= 0, --full-weight > 0 and --log-every >= 1")
     return phase
 
 
