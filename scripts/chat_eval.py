@@ -3,6 +3,7 @@ Chat benchmarks per compute mode: accuracy and the compute each mode spent on th
 
     python -m scripts.chat_eval --checkpoint=<chat_sft out-dir>                       # every task, every mode
     python -m scripts.chat_eval --checkpoint=<dir> --tasks=ARC-Easy,GSM8K --modes=think,auto --max-problems=200
+    python -m scripts.chat_eval --checkpoint=<dir> --data=easy.jsonl,hard.jsonl --max-new-tokens=8   # your own files
 
 Tasks (tasks.CHAT_EVAL_TASKS: ARC-Easy, ARC-Challenge, MMLU, GSM8K, HumanEval, SpellingBee; their data:
 `python -m scripts.fetch_tasks`) are scored as nanochat scores them:
@@ -14,6 +15,9 @@ Tasks (tasks.CHAT_EVAL_TASKS: ARC-Easy, ARC-Challenge, MMLU, GSM8K, HumanEval, S
 Every mode runs through the engine (nanochat.engine), so `auto` uses the width router, the exit gates and the
 checkpoint's calibrated operating point, exactly as scripts.generate does. compute_fraction is the engine-counted
 FLOPs of what ran over the full model's FLOPs for the same tokens (prefills after a tool call included, in both).
+--data: local jsonl files of conversations (tasks.ExactAnswers), each a generative task named after its file: the
+assistant's last turn is the reference, and the generated turn must equal it (whitespace stripped). With --data and
+no --tasks, only the files are evaluated.
 ChatCORE (with every task of CHAT_EVAL_TASKS): the mean over tasks of (accuracy - random baseline) / (1 - baseline).
 
 Output: a table (task x mode: accuracy, compute fraction), one JSON line, --out-json (the same, atomically), --plot (a
@@ -184,7 +188,11 @@ def plot(results, path):
 def get_args(argv=None):
     p = argparse.ArgumentParser(description="Chat benchmarks per compute mode (accuracy and engine-counted compute)")
     p.add_argument("--checkpoint", type=str, required=True, help="checkpoint dir or model_<step>.pt (tokenizer beside it)")
-    p.add_argument("--tasks", type=str, default=None, help="comma-separated task names (default tasks.CHAT_EVAL_TASKS)")
+    p.add_argument("--tasks", type=str, default=None,
+                   help="comma-separated task names (default tasks.CHAT_EVAL_TASKS, or none with --data)")
+    p.add_argument("--data", type=str, default=None,
+                   help="comma-separated local jsonl files of conversations, each scored by exact match of the last "
+                        "assistant turn (a task named after the file)")
     p.add_argument("--modes", type=str, default=None, help="comma-separated modes (default: all the checkpoint can run)")
     p.add_argument("--max-problems", type=int, default=0, help="per task, the first N items (0 = all)")
     p.add_argument("--max-new-tokens", type=int, default=512)
@@ -205,7 +213,8 @@ def main(argv=None):
     args = get_args(argv)
     if args.max_problems < 0 or args.max_new_tokens < 1 or args.batch_size < 1:
         raise ValueError("--max-problems must be >= 0, --max-new-tokens and --batch-size >= 1")
-    names = args.tasks.split(",") if args.tasks else list(tasks.CHAT_EVAL_TASKS)
+    names = args.tasks.split(",") if args.tasks else ([] if args.data else list(tasks.CHAT_EVAL_TASKS))
+    files = [f for f in args.data.split(",") if f] if args.data else []
     ddp, rank, _, world_size, device = compute_init(args.device or autodetect_device_type())
     model, tokenizer, meta = cm.load_model_and_tokenizer(args.checkpoint, device=device)
     model.eval()
@@ -215,6 +224,13 @@ def main(argv=None):
     if bad:
         raise ValueError(f"modes {bad} do not run on this checkpoint ({cm.model_kind_of(meta)}; it runs {can})")
     task_objs = {name: tasks.get_task(name, "test") for name in names}  # loads (or says how to fetch) before any work
+    for path in files:
+        task = tasks.get_task("ExactAnswers", "test", path=path)
+        if task.name in task_objs:
+            raise ValueError(f"--data {path}: a task named {task.name!r} is already evaluated (rename the file)")
+        task_objs[task.name] = task
+    if not task_objs:
+        raise ValueError("nothing to evaluate: give --tasks or --data")
     engine = Engine(model)
     results = {}
     for name, task in task_objs.items():

@@ -3,6 +3,7 @@ Chat tasks: the conversations SFT trains on and the benchmarks chat_eval scores,
 
     get_task("MMLU", split="test")                 a Task (tasks.common): len, [i] -> conversation, evaluate
     get_task("Conversations", path="my.jsonl")     a local jsonl file of conversations
+    get_task("ExactAnswers", path="my.jsonl")      the same, scored by exact match of the last assistant turn
     sft_mixture("train")                           nanochat's SFT mixture, one seeded shuffle of its tasks
     CHAT_EVAL_TASKS, RANDOM_BASELINE               ChatCORE: mean over tasks of (acc - base) / (1 - base)
 
@@ -16,7 +17,7 @@ from tasks.mmlu import MMLU
 from tasks.gsm8k import GSM8K
 from tasks.humaneval import HumanEval
 from tasks.spelling import SpellingBee, SimpleSpelling
-from tasks.conversations import SmolTalk, Identity, Conversations
+from tasks.conversations import SmolTalk, Identity, Conversations, ExactAnswers
 
 # name -> (class, the keyword arguments the name fixes)
 TASKS = {
@@ -30,6 +31,7 @@ TASKS = {
     "SmolTalk": (SmolTalk, {}),
     "Identity": (Identity, {}),
     "Conversations": (Conversations, {}),
+    "ExactAnswers": (ExactAnswers, {}),
 }
 
 CHAT_EVAL_TASKS = ["ARC-Easy", "ARC-Challenge", "MMLU", "GSM8K", "HumanEval", "SpellingBee"]

@@ -1,11 +1,13 @@
 """
-Conversation data without a scorer (SFT only):
+Conversation data, and one scorer for local files:
 - SmolTalk: general chat. Hub: HuggingFaceTB/smol-smoltalk, config "default", splits train (460K) and test
   (24K). A row: {"messages": [{"content": str, "role": str}, ...], "source": str}; an optional system message
   first, then user and assistant alternating.
 - Conversations: a local jsonl file, one conversation a line, either {"messages": [...]} or the bare list of
   messages (nanochat's CustomJSON layout). Every line is checked when the file is read; the first bad one stops
   with its file and line number.
+- ExactAnswers: a local jsonl file as Conversations reads it, scored: the generated assistant turn (whitespace
+  stripped) must equal the conversation's last assistant message. `scripts.chat_eval --data` evaluates such files.
 - Identity: nanochat's synthetic conversations about who the assistant is, a jsonl file in the bare-list layout
   fetched from nanochat's public URL.
 """
@@ -84,6 +86,29 @@ class Conversations(Task):
 
     def get_example(self, index):
         return self.conversations[index]
+
+
+class ExactAnswers(Conversations):
+    """Conversations ending in the assistant's reference answer; chat_eval generates the last assistant turn and
+    scores exact equality with the reference (both stripped of surrounding whitespace). The task is named after the
+    file (its name without .jsonl)."""
+    eval_type = "generative"
+    SPLITS = ("train", "test")
+
+    def __init__(self, path=None, split="test", **view):
+        super().__init__(path, split, **view)
+        self.name = os.path.basename(self.path).removesuffix(".jsonl")
+        for i, conv in enumerate(self.conversations):
+            last = conv["messages"][-1]
+            if last["role"] != "assistant" or not isinstance(last["content"], str):
+                raise UserError(f"{self.path}: conversation {i + 1} must end with an assistant message whose content "
+                                f"is the reference answer (a string)")
+
+    def evaluate(self, conversation, completion):
+        return int(completion.strip() == conversation["messages"][-1]["content"].strip())
+
+    def reward(self, conversation, completion):
+        return float(self.evaluate(conversation, completion))
 
 
 class Identity(Conversations):

@@ -130,6 +130,30 @@ def test_script_end_to_end(checkpoints, task_data, tmp_path, capsys, report_dir)
     assert list(dense["tasks"]["ARC-Easy"]) == ["think"]
 
 
+def test_local_files_are_scored_by_exact_match(checkpoints, tmp_path):
+    """--data: each file a task named after it; the accuracy is the share of conversations whose reference is the
+    model's own greedy turn at the mode (references here: the think turn for the first two, something else after)."""
+    model, tokenizer, _ = load_model_and_tokenizer(str(checkpoints / "hybrid"))
+    model.eval()
+    questions = [f"sum:{a},{b}" for a, b in ((1, 2), (3, 4), (5, 6), (7, 8))]
+    convs = [{"messages": [{"role": "user", "content": q}, {"role": "assistant", "content": "?"}]} for q in questions]
+    prompts = [tokenizer.render_for_completion(c) for c in convs]
+    turns = chat_eval.generate_turns(Engine(model), tokenizer, prompts, "think", 5, batch_size=2)
+    refs = [tokenizer.decode(ids).strip() for ids, _, _ in turns]
+    refs[2:] = [r + "x" for r in refs[2:]]
+    path = tmp_path / "mine.jsonl"
+    path.write_text("".join(json.dumps([c["messages"][0], {"role": "assistant", "content": r}]) + "\n"
+                            for c, r in zip(convs, refs)))
+    res = chat_eval.main([f"--checkpoint={checkpoints / 'hybrid'}", f"--data={path}", "--modes=think,auto",
+                          "--max-new-tokens=5", "--batch-size=2", "--device=cpu"])
+    assert list(res["tasks"]) == ["mine"] and res["tasks"]["mine"]["think"]["accuracy"] == 0.5
+    assert res["tasks"]["mine"]["think"]["n"] == 4 and res["chatcore"] == {}
+    with pytest.raises(ValueError, match="already evaluated"):
+        chat_eval.main([f"--checkpoint={checkpoints / 'hybrid'}", f"--data={path},{path}", "--device=cpu"])
+    with pytest.raises(ValueError, match="nothing to evaluate"):
+        chat_eval.main([f"--checkpoint={checkpoints / 'hybrid'}", "--data=,", "--device=cpu"])
+
+
 def test_each_engine_batch_samples_from_its_own_seed(checkpoints):
     """Two batches of one call (same prompt length) must not draw alike at temperature > 0: distinct seeds."""
     model, tokenizer, _ = load_model_and_tokenizer(str(checkpoints / "hybrid"))

@@ -255,6 +255,22 @@ def test_identity_and_local_conversations(base_dir, tmp_path):
         get_task("Conversations", path=str(tmp_path / "missing.jsonl"))
 
 
+def test_exact_answers_scores_the_last_assistant_turn(tmp_path):
+    path = tmp_path / "sums.jsonl"
+    rows = [[{"role": "user", "content": "sum:1,2"}, {"role": "assistant", "content": "3"}],
+            [{"role": "user", "content": "sum:4,4"}, {"role": "assistant", "content": " 8\n"}]]
+    path.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    task = get_task("ExactAnswers", path=str(path))
+    assert task.name == "sums" and len(task) == 2 and task.eval_type == "generative"
+    assert [task.evaluate(task[0], c) for c in ("3", " 3\n", "33", "3.", "")] == [1, 1, 0, 0, 0]
+    assert task.evaluate(task[1], "8") == 1 and task.reward(task[1], "9") == 0.0
+    parts = [{"type": "text", "text": "3"}]
+    for last, problem in (([{"role": "user", "content": "q"}, {"role": "assistant", "content": parts}], "conversation 2"),):
+        path.write_text(json.dumps(rows[0]) + "\n" + json.dumps(last) + "\n")
+        with pytest.raises(UserError, match=problem + " must end with an assistant message"):
+            get_task("ExactAnswers", path=str(path))
+
+
 def test_offline_without_cache_names_the_fetch_command(base_dir, monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     for name, split in (("MMLU", "test"), ("SpellingBee", "test"), ("Identity", "train")):

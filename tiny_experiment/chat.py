@@ -7,7 +7,10 @@ The chat stage of the tiny experiment: the task's problems as user / assistant c
     calibrate   the gates' isotonic maps refitted on calib-split conversations (SFT changed the model and the prompt
                 format), then auto's operating point by Learn-then-Test on other calib-split conversations, as the base
                 pipeline does (nanochat.operating_point), with the same alpha and delta
-    evaluate    scripts.chat_eval per mode on the test problems (the base pipeline's sample), through the engine
+    evaluate    scripts.chat_eval per mode on the test problems (the base pipeline's sample), through the engine; the
+                same problems are written to <out>/chat_test/<difficulty>.jsonl, so that
+                `python -m scripts.chat_eval --checkpoint <out>/chat_final --data <those files> --max-new-tokens 4`
+                scores them on any device
     rl          scripts.chat_rl with a compute cost on train-split conversations, recalibrated the same way, evaluated
 
 chat_cli answers these problems on the final chat checkpoint: its prompt is a user turn such as "sum:3,7,1,5".
@@ -165,6 +168,9 @@ def rl(checkpoint, out_dir, splits, settings, seed, exclude):
 def run_chat_stage(timer, final_checkpoint, out, splits, settings, seed, eval_problems):
     """The chat stage end to end; returns results.json's "chat" block."""
     test = sample_eval(splits, "test", eval_problems, seed)
+    os.makedirs(os.path.join(out, "chat_test"), exist_ok=True)  # the same problems for scripts.chat_eval --data
+    for d in DIFFICULTIES:
+        write_conversations(os.path.join(out, "chat_test", f"{d}.jsonl"), test[d])
     paths = {k: os.path.join(out, k) for k in ("chat_sft", "chat_final", "chat_rl", "chat_rl_final")}
     s = timer("chat_sft", sft, final_checkpoint, paths["chat_sft"], splits, settings, seed)
     val_problems = pool(splits, "calib", 96, seed)
