@@ -26,13 +26,14 @@ from scripts.bench_common import progress, print_table, target, finish
 
 
 def heldout_rows(tokenizer, data_dir, part, n_rows, length, device):
-    """(n_rows, length) long: the first rows that the val split's part (r, n) packs at length - 1 inputs (+ 1 target)."""
+    """(n_rows, length) long: the first rows of input tokens that the val split's part (r, n) packs at length. The
+    loader's targets are not used: on shards with loss spans they are -1 outside the spans, not tokens."""
     from scripts.calibrate_gates import val_batches
-    batches = val_batches(tokenizer, data_dir, part, 1, length - 1, n_rows * (length - 1), device)
+    batches = val_batches(tokenizer, data_dir, part, 1, length, n_rows * length, device)
     if len(batches) < n_rows:
         raise ValueError(f"val part {part[0]}/{part[1]} holds only {len(batches)} rows of {length} tokens; lower "
                          f"--rows, --prompt-len or --decode-tokens")
-    return torch.cat([torch.cat([x[:, :1], y], dim=1) for x, y in batches])
+    return torch.cat([x for x, _ in batches[:n_rows]]).long()
 
 
 def decode_row(args, engine, row, mode, actx, device, acc):

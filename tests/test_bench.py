@@ -265,6 +265,38 @@ def test_adaptive_scores_the_decode_steps_on_heldout_rows(capsys, tiny_data, tmp
         bench.main(CPU + args[:-2] + ["--prompt-len", "30"])
 
 
+def test_adaptive_rows_are_tokens_on_shards_with_loss_spans(tiny_data, tmp_path):
+    """Shards with loss spans (the tiny pipeline's) give -1 targets outside the spans; the held-out rows must be the
+    packed tokens themselves, as on shards without spans."""
+    import pyarrow.parquet as pq
+    from nanochat.dataset import list_parquet_files, write_synthetic_shard
+    from nanochat.tokenizer import Tokenizer
+    tok = Tokenizer.from_directory(tiny_data["tokenizer_dir"])
+    plain, spanned = tmp_path / "plain", tmp_path / "spanned"
+    for d in (plain, spanned):
+        d.mkdir()
+    for path in list_parquet_files(str(tiny_data["data_dir"])):
+        texts = pq.read_table(path).column("text").to_pylist()
+        name = path.rsplit("/", 1)[-1]
+        write_synthetic_shard(str(plain / name), texts, 32)
+        write_synthetic_shard(str(spanned / name), texts, 32, loss_spans=[[0, min(3, len(t))] for t in texts])
+    bos = tok.get_bos_token_id()
+    all_texts = [t for path in list_parquet_files(str(tiny_data["data_dir"])) for t in pq.read_table(path).column("text").to_pylist()]
+    for d in (plain, spanned):
+        rows = bench_adaptive.heldout_rows(tok, str(d), (0, 2), 3, 14, "cpu")
+        assert rows.shape == (3, 14) and rows.dtype == torch.long and rows.min() >= 0
+        for row in rows.tolist():  # each piece between BOS tokens is a stretch of one document's text
+            pieces, cur = [], []
+            for t in row:
+                if t == bos:
+                    pieces.append(cur)
+                    cur = []
+                else:
+                    cur.append(t)
+            for piece in pieces + [cur]:
+                assert not piece or any(tok.decode(piece) in text for text in all_texts)
+
+
 def test_adaptive_speculate_on_a_checkpoint(capsys, tiny_data, tmp_path):
     """bench adaptive --speculate K: greedy generation from held-out prompts, think against each draft and k, with
     the tokens checked equal to think's."""
