@@ -80,10 +80,16 @@ MFU_P1=${MFU_P1:-0.232}   # phase 1, 8 GPUs: 10.0k tok/s per GPU (10.9k on 1 GPU
 MFU_SANDWICH_NOKEEP=0.083  # the phase-2 step without --fsdp-keep-params
 MFU_P2=${MFU_P2:-$([ "$KEEP_PARAMS" = 1 ] && echo 0.105 || echo $MFU_SANDWICH_NOKEEP)}
 MFU_P3=${MFU_P3:-$MFU_SANDWICH_NOKEEP}   # phase 3 is the phase-2 step on the grown model, without --fsdp-keep-params (not measured separately)
-# NOTE: these phase-2/3 MFUs were measured on the earlier sandwich step; the plan prices today's step (every width level,
-# issue #28) at them, which is an assumption until `bench train --recipes adaptive` is measured at d32 (docs/benchmarks.md).
-# PLAN_SCHEDULE=cycle prices its own step's FLOPs at the same MFUs; at d20 (H100, eager) its MFU was 13.9% against the
-# sandwich's 16.6% and every level's 11.8%, so this is optimistic for cycle by about 1.2x.
+# These phase-2/3 MFUs were measured on the earlier sandwich step. Today's step is priced at them times its schedule's
+# MFU relative to the sandwich, measured at d32 on one H100 (2026-12-06, `python -m scripts.bench --warmup 2 --iters 3
+# train --depth 32 --batch 2 --grad-accum 2 --models hybrid --phases 2 --exit-strides 8 --recipes
+# sandwich,adaptive,cycle --compile none`; batch 2 ran out of memory unsharded, so batch 1): sandwich 8.5%, every level
+# 8.2%, cycle 10.0% MFU (fractal_train's convention), i.e. every 0.96x and cycle 1.18x the sandwich. One GPU without
+# FSDP, batch 1: the ratios, not the MFUs, are what the plan borrows (docs/benchmarks.md).
+SCHEDULE_MFU_RATIO=${SCHEDULE_MFU_RATIO:-$([ "$PLAN_SCHEDULE" = cycle ] && echo 1.18 || echo 0.96)}
+if ! [[ "$SCHEDULE_MFU_RATIO" =~ ^[0-9]*\.?[0-9]+$ ]] || [[ "$SCHEDULE_MFU_RATIO" =~ ^[0.]+$ ]]; then
+  echo "SCHEDULE_MFU_RATIO=$SCHEDULE_MFU_RATIO: use a positive number (today's step MFU / the sandwich's)" >&2; exit 2
+fi
 # Not measured: --compile at d32, the grown model, more than one node.
 
 export NANOCHAT_BASE_DIR=${NANOCHAT_BASE_DIR:-$HOME/.cache/nanochat}
@@ -129,7 +135,8 @@ train_phase() {  # name out_dir steps args...: skip when finished, --resume when
 echo "== plan: $HUB -> surgery to $NEW_DIM -> phases 1, 2 -> growth to $GROW_DIM -> phase 3 on $NPROC GPUs ($RUN_DIR)"
 MAMBA="$MAMBA" NEW_DIM="$NEW_DIM" GROW_DIM="$GROW_DIM" HUB="$HUB" SEQ_LEN="$SEQ_LEN" TOTAL_BATCH="$TOTAL_BATCH" NPROC="$NPROC" \
 P1_STEPS="$P1_STEPS" P2_STEPS="$P2_STEPS" P3_STEPS="$P3_STEPS" SFT_STEPS="$SFT_STEPS" MFU_P1="$MFU_P1" MFU_P2="$MFU_P2" MFU_P3="$MFU_P3" \
-PEAK_FLOPS="$PEAK_FLOPS" GPU_HOUR_USD="$GPU_HOUR_USD" SURGERY_ARGS="${SURGERY_ARGS[*]}" PLAN_SCHEDULE="$PLAN_SCHEDULE" $PY - <<'EOF'
+PEAK_FLOPS="$PEAK_FLOPS" GPU_HOUR_USD="$GPU_HOUR_USD" SURGERY_ARGS="${SURGERY_ARGS[*]}" PLAN_SCHEDULE="$PLAN_SCHEDULE" \
+SCHEDULE_MFU_RATIO="$SCHEDULE_MFU_RATIO" $PY - <<'EOF'
 import glob, json, os, re
 import torch
 from nanochat.common import get_base_dir
@@ -197,6 +204,8 @@ for name, model, params, trains, steps, every_level, mfu in (
         # SFT runs phase 3's step on the grown model (conversations instead of text): phase 3's MFU, not measured apart
         ("sft", grown, grown_params, grown_params, int(env["SFT_STEPS"]), True, float(env["MFU_P3"]))):
     f = step_flops(model, every_level)
+    if every_level:  # the sandwich-measured MFU times the schedule's measured ratio to it
+        mfu *= float(env["SCHEDULE_MFU_RATIO"])
     hours = steps * tok_step * f / (mfu * peak * gpus) / 3600
     total_h += hours
     print(f"{name:<9}{params / 1e9:>8.2f}B{trains / 1e9:>8.2f}B{steps:>7}{steps * tok_step / 1e9:>7.2f}B{f / 1e9:>11.1f}"

@@ -36,6 +36,17 @@ def test_speedrun_dry_run_prices_the_plan_schedule(tmp_path):
         assert runs[schedule].returncode == 0, runs[schedule].stderr[-2000:]
         assert runs[schedule].stdout.count(f"--plan-schedule {schedule}") == 3
     assert total(runs["cycle"]) < total(runs["every"])
+
+    def mfu(out, stage):
+        line, = [l for l in out.stdout.splitlines() if l.startswith(stage)]
+        return float(line.split()[-3])
+    scaled = subprocess.run(["bash", "runs/speedrun.sh", "--dry-run"], cwd=ROOT, capture_output=True, text=True,
+                            timeout=300, env=dict(env, MFU_P1="0.3", MFU_P2="0.2", SCHEDULE_MFU_RATIO="0.5"))
+    assert mfu(scaled, "phase 1") == 0.3 and mfu(scaled, "phase 2") == 0.1  # the ratio prices phases 2, 3 and SFT only
+    for value in ("0", "x", "-1"):
+        bad = subprocess.run(["bash", "runs/speedrun.sh", "--dry-run"], cwd=ROOT, capture_output=True, text=True,
+                             timeout=300, env=dict(env, SCHEDULE_MFU_RATIO=value))
+        assert bad.returncode == 2 and f"SCHEDULE_MFU_RATIO={value}: use a positive number" in bad.stderr
     bad = subprocess.run(["bash", "runs/speedrun.sh", "--dry-run"], cwd=ROOT, capture_output=True, text=True,
                          timeout=300, env=dict(env, PLAN_SCHEDULE="all"))
     assert bad.returncode == 2 and "PLAN_SCHEDULE=all: use every or cycle" in bad.stderr
