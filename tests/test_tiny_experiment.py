@@ -195,6 +195,36 @@ def test_chat_stage(quick_run):
     assert {"reward", "accuracy", "compute"} <= set(rl["train"]) and "chat_rl_compute" in r["issue30_targets"]
 
 
+@pytest.mark.slow
+def test_lambda_sweep_repeats_the_runs_rl_at_its_own_lambda(quick_run, tmp_path):
+    """tiny_experiment.lambda_sweep: the row at the run's lambda is the run's chat["rl"] block again (same settings,
+    seed and data), another lambda gets its own row; JSON and PNG written; bad input stops with one line."""
+    from nanochat.common import UserError
+    from tiny_experiment import lambda_sweep
+    out, _, r = quick_run
+    lam = quick_settings().chat_rl_compute_cost
+    rep = lambda_sweep.main(["--out", str(out), "--lambdas", f"{lam},0"])
+    sft, own, zero = rep["rows"]
+    assert sft["lambda"] is None and sft["auto_accuracy"] == r["chat"]["modes"]["auto"]["accuracy"]
+    rl = r["chat"]["rl"]
+    assert own["lambda"] == lam and own["auto_accuracy"] == rl["modes"]["auto"]["accuracy"]
+    assert own["auto_compute"] == rl["modes"]["auto"]["compute_fraction"] and own["train_compute"] == rl["train"]["compute"]
+    assert zero["lambda"] == 0 and 0 <= zero["auto_accuracy"] <= 1 and os.path.isdir(out / "lambda_sweep" / "0" / "final")
+    on_disk = json.loads((out / "lambda_sweep.json").read_text())
+    assert on_disk["rows"][1]["auto_accuracy"] == own["auto_accuracy"] and (out / "lambda_sweep.png").stat().st_size > 1000
+    with pytest.raises(UserError, match="exists: pass --overwrite"):
+        lambda_sweep.main(["--out", str(out), "--lambdas", "0"])
+    for bad in ("x", "-1", "0,0", ""):
+        with pytest.raises(UserError, match="--lambdas"):
+            lambda_sweep.main(["--out", str(out), "--lambdas", bad, "--overwrite"])
+    with pytest.raises(UserError, match="does not exist: run"):
+        lambda_sweep.main(["--out", str(tmp_path / "nothing")])
+    (tmp_path / "nochat").mkdir()
+    (tmp_path / "nochat" / "results.json").write_text(json.dumps({"chat": None, "settings": {}, "args": {"seed": 0}}))
+    with pytest.raises(UserError, match="no chat stage"):
+        lambda_sweep.main(["--out", str(tmp_path / "nochat")])
+
+
 def test_no_chat_stops_after_the_base_evaluation(tmp_path, monkeypatch):
     """--no-chat: the chat stage does not run (results.json says so) and issue #30's targets are empty."""
     from tiny_experiment import chat

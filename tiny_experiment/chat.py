@@ -180,12 +180,19 @@ def run_chat_stage(timer, final_checkpoint, out, splits, settings, seed, eval_pr
                           "val": s["val"].get(settings.chat_sft_steps)},
                  guarantee=cal["guarantee"], checkpoint=paths["chat_final"])
     if settings.chat_rl_steps:
-        sft_train = pool(splits, "train", settings.chat_train_problems, seed)
-        h = timer("chat_rl", rl, paths["chat_final"], paths["chat_rl"], splits, settings, seed, sft_train)
-        rl_cal = timer("chat_rl_calibrate", calibrate, paths["chat_rl"], paths["chat_rl_final"], splits, settings, seed,
-                       val_problems)
-        rl_ev = timer("chat_rl_evaluate", evaluate_modes, paths["chat_rl_final"], test)
-        block["rl"] = dict(rl_ev, compute_cost=settings.chat_rl_compute_cost, steps=settings.chat_rl_steps,
-                           guarantee=rl_cal["guarantee"], checkpoint=paths["chat_rl_final"],
-                           train={k: {"first": h[k][0], "last": h[k][-1]} for k in ("reward", "accuracy", "compute")})
+        block["rl"] = rl_stage(timer, paths["chat_final"], paths["chat_rl"], paths["chat_rl_final"], splits, settings,
+                               seed, test)
     return block
+
+
+def rl_stage(timer, chat_final, rl_dir, final_dir, splits, settings, seed, test):
+    """chat_rl from chat_final at settings.chat_rl_compute_cost, recalibrated into final_dir, evaluated per mode on
+    test: results.json's chat["rl"] block (also each row of tiny_experiment.lambda_sweep)."""
+    sft_train = pool(splits, "train", settings.chat_train_problems, seed)
+    val_problems = pool(splits, "calib", 96, seed)
+    h = timer("chat_rl", rl, chat_final, rl_dir, splits, settings, seed, sft_train)
+    cal = timer("chat_rl_calibrate", calibrate, rl_dir, final_dir, splits, settings, seed, val_problems)
+    ev = timer("chat_rl_evaluate", evaluate_modes, final_dir, test)
+    return dict(ev, compute_cost=settings.chat_rl_compute_cost, steps=settings.chat_rl_steps,
+                guarantee=cal["guarantee"], checkpoint=final_dir,
+                train={k: {"first": h[k][0], "last": h[k][-1]} for k in ("reward", "accuracy", "compute")})
