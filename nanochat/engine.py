@@ -76,6 +76,7 @@ class Engine:
       "compiled" "graph" on CUDA ("static" elsewhere) with each segment's code compiled by torch.compile first
                (compile_backend), so its elementwise ops fuse into fewer kernels. Compiles once per segment kind
                (minutes for a large model; past StaticDecode.COMPILE_LIMIT kinds a new one runs uncompiled).
+               Speculative rounds (speculate=k) compile their exit-draft and verify functions the same way.
       "auto"   "graph" on CUDA, "eager" elsewhere.
     What cannot run static runs eager; the reason is logged once, and last_path says what the last step ran.
     """

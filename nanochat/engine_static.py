@@ -58,15 +58,22 @@ class StaticDecode:
         self.model, self.decode = model, decode
         self.linears = [m for m in model.modules() if isinstance(m, nn.Linear)]  # weights a graph captures
         # what a static segment runs: segment itself, or compiled (compile_backend: tests use aot_eager)
-        self.fn = self.segment
+        self.compile_backend = compile_backend
+        self.fn = self.compiled(self.segment)
         if decode == "compiled":
-            compiled = torch.compile(self.segment, dynamic=False, backend=compile_backend)
-
-            def fn(*args):  # one compile per segment kind: more kinds than dynamo's default limit of 8
-                with torch._dynamo.config.patch(recompile_limit=self.COMPILE_LIMIT):
-                    return compiled(*args)
-            self.fn = fn
             log_once(logger, f"Engine decode: static segments compiled by torch.compile ({compile_backend})")
+
+    def compiled(self, fn):
+        """fn as this decode path runs a static segment: under decode="compiled" through torch.compile (one compile
+        per segment kind, more kinds than dynamo's default limit of 8 allowed), else fn itself."""
+        if self.decode != "compiled":
+            return fn
+        compiled = torch.compile(fn, dynamic=False, backend=self.compile_backend)
+
+        def call(*args):
+            with torch._dynamo.config.patch(recompile_limit=self.COMPILE_LIMIT):
+                return compiled(*args)
+        return call
 
     def wanted_path(self):
         """What `decode` asks for on this device, before any state's conditions: "graph", "static" or "eager"."""

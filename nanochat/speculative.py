@@ -340,8 +340,14 @@ class Speculator:
         return vb
 
     def _run(self, key, fn):
-        """fn() (device tensors only) on the static path, or as the workspace's CUDA graph `key` on the graph path."""
+        """fn() (device tensors only) on the static path, or as the workspace's CUDA graph `key` on the graph path;
+        through torch.compile first under the engine's decode="compiled", as its own segments."""
         eng, st = self.engine, self.st
+        if eng.static.decode == "compiled":  # compiled where it runs (a captured graph's replay does not call it)
+            plain = fn
+
+            def fn():
+                return eng.static.compiled(plain)()
         if eng.static.wanted_path() != "graph":
             return fn()
         eng.static.refresh(st.ws)

@@ -66,6 +66,28 @@ def test_static_rounds_equal_eager_think(kind, draft, monkeypatch):
     assert "verify" in calls and ("exit" in calls) == draft.startswith("exit")  # the rounds ran static
 
 
+def test_compiled_rounds_equal_eager_think(monkeypatch):
+    """decode='compiled': the rounds' static functions (the exit draft's blocks, the verify pass) run through
+    torch.compile (aot_eager here: no compiler toolchain needed), as the engine's own segments; tokens and logits are
+    think's, and every frame dynamo saw compiled (none left to run uncompiled)."""
+    from torch._dynamo.utils import counters
+    monkeypatch.setattr(StaticDecode, "STATIC_MIN_KEYS", 8)
+    model = build(**KINDS[-1]).eval()
+    ref = Engine(model, decode="eager").generate_batch([[2, 7, 1, 8]], 20)
+    eng = Engine(model, decode="compiled", compile_backend="aot_eager")
+    compiled = []
+    real = StaticDecode.compiled
+    monkeypatch.setattr(StaticDecode, "compiled", lambda self, fn: compiled.append(getattr(fn, "__name__", "")) or real(self, fn))
+    counters.clear()
+    for _ in range(2):  # the second generation replays what the first compiled
+        res = eng.generate_batch([[2, 7, 1, 8]], 20, speculate=3, draft="exit:1", fallback=False)
+        assert res.tokens == ref.tokens
+        for a, b in zip(res.steps, ref.steps):
+            torch.testing.assert_close(a.logits, b.logits, rtol=0, atol=1e-4)
+    assert "<lambda>" in compiled  # the rounds' functions went through torch.compile
+    assert counters["frames"]["ok"] == counters["frames"]["total"] > 0
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 @pytest.mark.parametrize("kind", KINDS, ids=kind_id)
 @pytest.mark.parametrize("draft", ["plan:64,64,64,32", "exit:1"])
