@@ -133,19 +133,18 @@ def main(argv=None):
     try:
         splits = split_problems(seed)
         test = sample_eval(splits, "test", settings.eval_problems, seed)
-        timer = pipeline.Timer()
         rows = [row_of(None, results["chat"])]
         for lam in lambdas:
-            d = os.path.join(sweep_dir, f"{lam:g}")
+            d, timer = os.path.join(sweep_dir, f"{lam:g}"), pipeline.Timer()
             block = chat.rl_stage(timer, chat_final, os.path.join(d, "rl"), os.path.join(d, "final"), splits,
                                   dataclasses.replace(settings, chat_rl_compute_cost=lam), seed, test)
-            rows.append(row_of(lam, block))
+            rows.append(dict(row_of(lam, block), stages=timer.stages))
             print(f"lambda {lam:g}: auto {rows[-1]['auto_accuracy']:.4f} at compute {rows[-1]['auto_compute']:.3f}",
                   flush=True)
     finally:
         torch.set_num_threads(threads)
     report = {"run": out, "seed": seed, "rl_steps": settings.chat_rl_steps, "run_lambda": settings.chat_rl_compute_cost,
-              "rows": rows, "stages": timer.stages}
+              "rows": rows}
     cm.atomic_json_save(report, os.path.join(out, SWEEP_JSON))
     plot(rows, os.path.join(out, SWEEP_PNG))
     print(format_table(rows))
