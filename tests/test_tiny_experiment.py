@@ -192,6 +192,16 @@ def test_chat_stage(quick_run):
     assert len(replies) == 1 and len(replies[0]) <= 4
     rl = chat["rl"]
     assert set(rl["modes"]) == set(chat["modes"]) and rl["compute_cost"] == quick_settings().chat_rl_compute_cost
+    # the test problems written for chat_eval --data give the stage's own numbers through the script
+    from scripts import chat_eval
+    out = quick_run[0]
+    files = ",".join(str(out / "chat_test" / f"{d}.jsonl") for d in DIFFS)
+    res = chat_eval.main(["--checkpoint", chat["checkpoint"], "--data", files, "--modes", "think,auto",
+                          "--max-new-tokens", "4", "--batch-size", "256", "--device", "cpu"])
+    for d in DIFFS:
+        for mode in ("think", "auto"):
+            assert res["tasks"][d][mode]["accuracy"] == chat["difficulties"][d][mode]["accuracy"], (d, mode)
+            assert res["tasks"][d][mode]["compute_fraction"] == pytest.approx(chat["difficulties"][d][mode]["compute_fraction"])
     assert {"reward", "accuracy", "compute"} <= set(rl["train"]) and "chat_rl_compute" in r["issue30_targets"]
 
 
