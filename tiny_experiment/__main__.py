@@ -2,6 +2,7 @@
 The whole Adamba pipeline at toy scale on a CPU, with numbers measured on held-out problems.
 
     python -m tiny_experiment [--out DIR] [--seed N] [--quick] [--threads N] [--overwrite] [--no-chat]
+                              [--plan-schedule every|cycle]
 
 Stages (tiny_experiment/pipeline.py): task corpus -> tokenizer -> dense GPT pretraining -> surgery ->
 phase 1 -> phase 2 -> growth -> phase 3 -> gate calibration; then evaluation (tiny_experiment/evaluate.py)
@@ -12,6 +13,7 @@ DIR/width_by_block.png. --quick runs the same stages smaller and shorter (for te
 results).
 """
 import argparse
+import dataclasses
 import json
 import os
 import random
@@ -37,6 +39,9 @@ def parse_args(argv=None):
     p.add_argument("--threads", type=int, default=1,
                    help="torch threads (1: these matmuls are tiny, and on shared cores 2 threads ran ~10x slower)")
     p.add_argument("--overwrite", action="store_true", help="delete a previous tiny_experiment run in --out first")
+    p.add_argument("--plan-schedule", type=str, default="every", choices=("every", "cycle"),
+                   help="phases 2, 3 and chat SFT: every width level each step (default), or full width and one "
+                        "narrow plan a step in turn (scripts.fractal_train --plan-schedule)")
     p.add_argument("--no-chat", action="store_true", help="stop after the base pipeline's evaluation (no chat stage: "
                    "about half of the CPU time)")
     add_runtime_args(p, threads=False)  # --debug, --require-kernels (read by run_script); --threads is above
@@ -68,6 +73,7 @@ def main(argv=None):
     out = expand_path(args.out) or os.path.join(get_base_dir(), "tiny_experiment")
     prepare_out(out, args.overwrite)
     settings = pipeline.quick_settings() if args.quick else pipeline.Settings()
+    settings = dataclasses.replace(settings, plan_schedule=args.plan_schedule)
     threads = torch.get_num_threads()
     torch.set_num_threads(args.threads)
     try:

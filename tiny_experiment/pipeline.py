@@ -66,6 +66,7 @@ class Settings:
     phase_warmdown: float = 0.6    # fractal_train --warmdown-ratio (default 0.2)
     full_weight: float = 2.0       # --full-weight: the full plan weighs as two narrow plans
     anchor_weight: float = 1.0     # --anchor-weight: KL(phase input || full) on the answer tokens
+    plan_schedule: str = "every"   # --plan-schedule of phases 2, 3 and chat SFT (python -m tiny_experiment --plan-schedule)
     # growth and phase 3
     grow_dim: int = 256
     grown_width_levels: str = "32,64,128,256"
@@ -262,7 +263,7 @@ def fractal_phase(phase, checkpoint, out_dir, data_dir, steps, settings, seed):
             f"--log-every={settings.log_every}"]
     if phase > 1:
         argv += [f"--warmdown-ratio={settings.phase_warmdown}", f"--full-weight={settings.full_weight}",
-                 f"--anchor-weight={settings.anchor_weight}"]
+                 f"--anchor-weight={settings.anchor_weight}", f"--plan-schedule={settings.plan_schedule}"]
     defaults = fractal_train.get_args(["--phase=1", "--checkpoint=unused"])  # fractal_train's own default rates
     scale = settings.phase3_lr_scale if phase == 3 else settings.phase_lr_scale
     argv += [f"--{name.replace('_', '-')}={scale * getattr(defaults, name)}"
