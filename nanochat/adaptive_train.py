@@ -64,8 +64,8 @@ def step_plans(config, matryoshka, rng, n_random=0, per_block=False, step=0, sch
         return [full]
     randoms = sample_plans(config.width_levels, config.n_layer, rng, n_random, per_block)[2:] if n_random else []
     if schedule == "cycle":
-        cycle = cycle_plans(config)
-        return [full, cycle[step % len(cycle)]] + randoms
+        cycle = cycle_plans(config)  # empty when full width is the only level: nothing narrower to train
+        return [full] + ([cycle[step % len(cycle)]] if cycle else []) + randoms
     return [full] + narrow_plans(config, step) + randoms
 
 

@@ -187,7 +187,7 @@ def step_flops(model, every_level):
     if not every_level:
         return model.estimate_flops()
     schedule = env["PLAN_SCHEDULE"]
-    period = len(cycle_plans(model.config)) if schedule == "cycle" else 2
+    period = max(1, len(cycle_plans(model.config))) if schedule == "cycle" else 2
     return sum(sum(model.estimate_flops(p) for p in step_plans(model.config, True, None, 0, False, s, schedule))
                for s in range(period)) / period
 

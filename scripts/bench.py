@@ -359,7 +359,9 @@ def get_args(argv=None):
                        help="rows per step (train: halved on out-of-memory, the table says so)")
         t.add_argument("--seed", type=int, default=0)
         if name == "train":
-            t.add_argument("--models", type=str, default="dense,hybrid,hybrid-eq")
+            t.add_argument("--models", type=str, default="dense,hybrid,hybrid-eq",
+                           help="comma-separated: dense, hybrid (what scripts.surgery makes), hybrid-eq (as many blocks "
+                                "as dense), hybrid-grown (hybrid grown 1.5x wide: the speedrun's phase 3)")
             t.add_argument("--phases", type=str, default="1,2")
             t.add_argument("--exit-strides", type=str, default="1,8", help="phase 2: readouts after every Nth block (1 = the default config)")
             t.add_argument("--exit-loss-weight", type=float, default=0.1, help="as scripts.fractal_train")

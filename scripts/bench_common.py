@@ -185,8 +185,9 @@ def ratio(a, b):
 def bench_configs(args, seq_len, **hybrid):
     """{name: (kind, config)} of the benchmarked models at args.depth / vocab_size / mamba: the dense GPT
     (nanochat's depth dial, GPTConfig.from_depth), the hybrid scripts.surgery makes from it (pattern AM: one
-    Mamba block after each attention block), and a hybrid of depth blocks in all (about the dense model's
-    parameter count). `hybrid`: more HybridConfig fields for both hybrids."""
+    Mamba block after each attention block), a hybrid of depth blocks in all (about the dense model's parameter
+    count), and, when args.models names it, "hybrid-grown": the surgery hybrid grown to 1.5x the width as the
+    speedrun's phase 3 trains it. `hybrid`: more HybridConfig fields for the hybrids."""
     from nanochat.gpt import GPTConfig
     from nanochat.hybrid_gpt import HybridConfig
     from nanochat.surgery import hybrid_n_layer
@@ -194,9 +195,32 @@ def bench_configs(args, seq_len, **hybrid):
     common = dict(sequence_len=seq_len, vocab_size=args.vocab_size, n_head=dense.n_head, n_kv_head=dense.n_kv_head,
                   n_embd=dense.n_embd)
     hyb = dict(layer_pattern="AM", ffn_pattern="DD", mamba_version=args.mamba, **common, **hybrid)
-    return {"dense": ("gpt", dense),
-            "hybrid": ("hybrid", HybridConfig(n_layer=hybrid_n_layer(args.depth, "AM"), **hyb)),
-            "hybrid-eq": ("hybrid", HybridConfig(n_layer=args.depth, **hyb))}
+    out = {"dense": ("gpt", dense),
+           "hybrid": ("hybrid", HybridConfig(n_layer=hybrid_n_layer(args.depth, "AM"), **hyb)),
+           "hybrid-eq": ("hybrid", HybridConfig(n_layer=args.depth, **hyb))}
+    names = [n for n in (getattr(args, "models", None) or "").split(",") if n]
+    bad = [n for n in names if n not in (*out, "hybrid-grown")]
+    if bad:
+        raise ValueError(f"--models: {', '.join(map(repr, bad))} not among {', '.join([*out, 'hybrid-grown'])}")
+    if "hybrid-grown" in names:  # built only when asked for (a growth on meta tensors)
+        out["hybrid-grown"] = ("hybrid", grown_config(out["hybrid"][1]))
+    return out
+
+
+GROW_FACTOR = 1.5  # runs/speedrun.sh grows d32's hybrid from width 2048 to 3072 for phase 3
+
+
+def grown_config(config):
+    """The hybrid `config` grown as runs/speedrun.sh grows it for phase 3 (scripts.surgery --expand-from: width x1.5,
+    rounded to the head dim): the config nanochat.surgery.grow returns, run on meta tensors."""
+    from nanochat import surgery
+    from nanochat.hybrid_gpt import HybridGPT
+    hd = config.n_embd // config.n_head
+    new_dim = round(config.n_embd * GROW_FACTOR / hd) * hd
+    with torch.device("meta"):
+        state = dict(HybridGPT(config).state_dict())
+        _, grown, _ = surgery.grow(state, config, new_dim)
+    return grown
 
 
 def build_model(kind, config, device):

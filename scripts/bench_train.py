@@ -39,7 +39,7 @@ def recipe_step_plans(config, step, recipe="adaptive"):
 def recipe_period(config, recipe):
     """Steps after which the recipe's plans repeat (its FLOPs are their mean over these)."""
     from nanochat.adaptive_train import cycle_plans
-    return len(cycle_plans(config)) if recipe == "cycle" else 2
+    return max(1, len(cycle_plans(config))) if recipe == "cycle" else 2  # 1: full width is the only level
 
 
 def train_flops(model, kind, phase, plans, T, exits):
@@ -175,9 +175,9 @@ def cmd_train(args, device):
                 for recipe in (args.recipes.split(",") if phase == "2" else ["-"]):
                     rows.append(train_one(args, device, name, kind, config, phase, stride, recipe))
                     progress(rows[-1])
-    D = models[0][2].n_embd  # every benchmarked model has the dense model's width
+    widths = ", ".join(f"{name} {config.n_embd}" for name, _, config in models)
     print_table(f"training step (accum x fwd+bwd of every plan, clip, Muon + AdamW), T={args.seq_len}, vocab {args.vocab_size}, "
-                f"depth {args.depth} (width {D}), compile={args.compile}, Mamba-{args.mamba}", rows,
+                f"depth {args.depth} (widths: {widths}), compile={args.compile}, Mamba-{args.mamba}", rows,
                 [("model", "model", ""), ("phase", "phase", ""), ("plans", "plans", ""), ("exit_stride", "exits every", "d"),
                  ("params_M", "params M", ",.0f"), ("trainable_M", "trainable M", ",.0f"), ("batch", "B", "d"),
                  ("grad_accum", "accum", "d"),

@@ -1,5 +1,6 @@
 """nanochat.adaptive_train: the plans of a step cover every uniform and menu plan, distillation and the masked means,
 and one micro-batch trains the router only on steps that ran its menu."""
+import dataclasses
 import random
 
 import pytest
@@ -83,6 +84,8 @@ def test_cycle_schedule_runs_full_and_one_narrow_plan_covering_all_in_turn():
         assert sorted(map(tuple, (p[1] for p in steps))) == sorted(map(tuple, cycle))  # every one, once a cycle
     with pytest.raises(ValueError, match="plan schedule 'all'"):
         step_plans(c, True, random.Random(0), schedule="all")
+    one = dataclasses.replace(c, width_levels=[c.n_embd])  # full width the only level: nothing narrower to cycle
+    assert cycle_plans(one) == [] and step_plans(one, True, random.Random(0), step=3, schedule="cycle") == [[64] * c.n_layer]
 
 
 def test_router_learns_only_the_menu_columns_a_step_ran():

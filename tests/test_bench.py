@@ -142,6 +142,23 @@ def test_train(capsys):
     assert rows[("hybrid", "2")]["exec_flops_per_tok_G"] > rows[("hybrid", "2")]["flops_per_tok_G"]
 
 
+def test_train_grown_hybrid_is_the_speedruns_phase_3_model(capsys):
+    """--models hybrid-grown: the surgery hybrid grown 1.5x wide by nanochat.surgery.grow (what phase 3 trains), with
+    the grown width's level among its plans; an unknown model name stops with one line."""
+    res, out = run(capsys, ["train", "--depth", "2", "--seq-len", "16", "--batch", "2", "--vocab-size", "128",
+                            "--models", "hybrid,hybrid-grown", "--phases", "2", "--exit-strides", "1", "--compile",
+                            "none", "--recipes", "cycle"])
+    rows = {r["model"]: r for r in res["rows"]}
+    # width 128 x 1.5 rounded to the head dim (128 here): 256
+    assert rows["hybrid-grown"]["params_M"] > 1.5 * rows["hybrid"]["params_M"] and "hybrid-grown 256" in out
+    assert rows["hybrid-grown"]["plans"].startswith("256+")  # full width first, then one narrow plan
+    (_, _, hcfg), (_, _, gcfg) = bench_train.train_models(bench.get_args(
+        ["train", "--depth", "2", "--vocab-size", "128", "--models", "hybrid,hybrid-grown"]))
+    assert gcfg.n_embd == 256 and gcfg.grown_from == [128] and gcfg.n_layer == hcfg.n_layer
+    with pytest.raises(ValueError, match="--models: 'grown' not among dense, hybrid, hybrid-eq, hybrid-grown"):
+        bench.main(CPU + ["train", "--depth", "2", "--models", "grown"])
+
+
 def test_train_grad_accum_counts_every_micro_batch(capsys):
     res, out = run(capsys, ["train", "--depth", "2", "--seq-len", "16", "--batch", "2", "--vocab-size", "128",
                             "--models", "dense", "--grad-accum", "3", "--compile", "none"])
