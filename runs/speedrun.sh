@@ -81,7 +81,8 @@ MFU_P1=${MFU_P1:-0.232}   # phase 1, 8 GPUs: 10.0k tok/s per GPU (10.9k on 1 GPU
 # GPU with --fsdp-keep-params (MFU 0.105); 1.75k (MFU 0.083) without, over 3 steps
 MFU_SANDWICH_NOKEEP=0.083  # the phase-2 step without --fsdp-keep-params
 MFU_P2=${MFU_P2:-$([ "$KEEP_PARAMS" = 1 ] && echo 0.105 || echo $MFU_SANDWICH_NOKEEP)}
-MFU_P3=${MFU_P3:-$MFU_SANDWICH_NOKEEP}   # phase 3 is the phase-2 step on the grown model, without --fsdp-keep-params (not measured separately)
+MFU_P3=${MFU_P3:-$MFU_SANDWICH_NOKEEP}   # phase 3 is the phase-2 step on the grown model, without --fsdp-keep-params (not measured
+                                         # separately; `python -m scripts.bench train --depth 32 --models hybrid-grown` measures it)
 # These phase-2/3 MFUs were measured on the earlier sandwich step. Today's step is priced at them times its schedule's
 # MFU relative to the sandwich, measured at d32 on one H100 (2026-12-06, `python -m scripts.bench --warmup 2 --iters 3
 # train --depth 32 --batch 2 --grad-accum 2 --models hybrid --phases 2 --exit-strides 8 --recipes
