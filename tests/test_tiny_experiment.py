@@ -224,6 +224,17 @@ def test_lambda_sweep_repeats_the_runs_rl_at_its_own_lambda(quick_run, tmp_path)
     assert on_disk["rows"][1]["auto_accuracy"] == own["auto_accuracy"] and (out / "lambda_sweep.png").stat().st_size > 1000
     with pytest.raises(UserError, match="exists: pass --overwrite"):
         lambda_sweep.main(["--out", str(out), "--lambdas", "0"])
+    # --router-only: RL moves the router and nothing else, so think's answers are the SFT checkpoint's
+    ro = lambda_sweep.main(["--out", str(out), "--lambdas", "1", "--router-only"])
+    assert ro["router_only"] and (out / "lambda_sweep_router_only.json").exists()
+    assert ro["rows"][1]["think_accuracy"] == sft["think_accuracy"]
+    before, _ = load_model(r["chat"]["checkpoint"])
+    after, _ = load_model(str(out / "lambda_sweep_router_only" / "1" / "rl"))
+    moved = {n for (n, a), b in zip(before.state_dict().items(), after.state_dict().values()) if not torch.equal(a, b)}
+    # the router (the width predictor) learned; the model did not; the calibration is marked stale
+    assert any(n.startswith("controllers.predictor.") for n in moved)
+    assert all(n.startswith("controllers.predictor.") or n in ("controllers.gate.calib_on", "controllers.op_on")
+               for n in moved), sorted(moved)
     for bad in ("x", "-1", "0,0", ""):
         with pytest.raises(UserError, match="--lambdas"):
             lambda_sweep.main(["--out", str(out), "--lambdas", bad, "--overwrite"])

@@ -162,7 +162,9 @@ def rl(checkpoint, out_dir, splits, settings, seed, exclude):
                              "--max-new-tokens=4", f"--compute-cost={settings.chat_rl_compute_cost}", "--device=cpu",
                              "--eval-every=-1", "--save-every=-1", f"--seed={seed}", "--device-batch-size=64",
                              f"--router-temperature={settings.chat_rl_router_temperature}",
-                             f"--temperature={settings.chat_rl_temperature}"])
+                             f"--temperature={settings.chat_rl_temperature}"]
+                            + (["--matrix-lr=0", "--embedding-lr=0", "--unembedding-lr=0", "--scalar-lr=0"]
+                               if settings.chat_rl_router_only else []))
     return chat_rl.train(model, tokenizer, task, args)
 
 

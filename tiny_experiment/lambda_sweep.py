@@ -1,7 +1,7 @@
 """
 chat_rl's compute cost swept on a finished tiny_experiment run: the accuracy / compute curve over lambda.
 
-    python -m tiny_experiment.lambda_sweep --out DIR [--lambdas 0,0.25,0.5,1,2] [--threads 1] [--overwrite]
+    python -m tiny_experiment.lambda_sweep --out DIR [--lambdas 0,0.25,0.5,1,2] [--router-only] [--threads 1] [--overwrite]
 
 DIR is a tiny_experiment output with its chat stage (results.json["chat"]). For each lambda, the chat stage's RL
 step runs again from DIR/chat_final with that compute cost and everything else as the run had it (its settings and
@@ -11,7 +11,8 @@ every mode scored on the same test problems. The row at the run's own lambda rep
 Output: a table (lambda, RL's training compute first -> last, auto's accuracy and compute per difficulty and
 overall, think's accuracy), DIR/lambda_sweep.json (written atomically), DIR/lambda_sweep.png (auto's accuracy
 against its compute, one point per lambda, the SFT checkpoint's auto and think beside them). Checkpoints go to
-DIR/lambda_sweep/<lambda>/.
+DIR/lambda_sweep/<lambda>/. --router-only: RL updates the router alone (the model's learning rates 0), into
+DIR/lambda_sweep_router_only* instead.
 """
 import argparse
 import dataclasses
@@ -45,6 +46,8 @@ def get_args(argv=None):
     p.add_argument("--out", type=str, required=True, help="a tiny_experiment output directory with its chat stage")
     p.add_argument("--lambdas", type=str, default="0,0.25,0.5,1,2", help="compute costs, comma-separated")
     p.add_argument("--threads", type=int, default=1, help="torch threads (as tiny_experiment's)")
+    p.add_argument("--router-only", action="store_true",
+                   help="RL trains the router alone (the model's learning rates 0); outputs get a _router_only suffix")
     p.add_argument("--overwrite", action="store_true", help="replace a previous sweep in --out")
     add_runtime_args(p, threads=False)
     return p.parse_args(argv)
@@ -123,7 +126,9 @@ def main(argv=None):
     results, settings, seed = load_run(out)
     chat_final = os.path.join(out, "chat_final")
     cm.resolve_checkpoint(chat_final)  # one line if the run's chat checkpoint is gone
-    sweep_dir = os.path.join(out, SWEEP_DIR)
+    suffix = "_router_only" if args.router_only else ""
+    settings = dataclasses.replace(settings, chat_rl_router_only=args.router_only)
+    sweep_dir = os.path.join(out, SWEEP_DIR + suffix)
     if os.path.exists(sweep_dir):
         if not args.overwrite:
             raise UserError(f"{sweep_dir} exists: pass --overwrite to replace that sweep")
@@ -144,11 +149,12 @@ def main(argv=None):
     finally:
         torch.set_num_threads(threads)
     report = {"run": out, "seed": seed, "rl_steps": settings.chat_rl_steps, "run_lambda": settings.chat_rl_compute_cost,
-              "rows": rows}
-    cm.atomic_json_save(report, os.path.join(out, SWEEP_JSON))
-    plot(rows, os.path.join(out, SWEEP_PNG))
+              "router_only": args.router_only, "rows": rows}
+    json_path, png_path = (os.path.join(out, f.replace(".", suffix + ".")) for f in (SWEEP_JSON, SWEEP_PNG))
+    cm.atomic_json_save(report, json_path)
+    plot(rows, png_path)
     print(format_table(rows))
-    print(f"sweep in {os.path.join(out, SWEEP_JSON)} and {os.path.join(out, SWEEP_PNG)}")
+    print(f"sweep in {json_path} and {png_path}")
     return report
 
 

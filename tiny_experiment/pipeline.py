@@ -97,6 +97,7 @@ class Settings:
     chat_rl_samples: int = 4       # answers sampled per prompt
     chat_rl_compute_cost: float = 0.5  # lambda: reward = exact match - lambda x compute fraction
     chat_rl_router_temperature: float = 4.0  # the router policy's softmax temperature while sampling (exploration)
+    chat_rl_router_only: bool = False  # RL trains the router alone (the model's learning rates 0): lambda_sweep --router-only
     chat_rl_temperature: float = 0.3  # the answers' sampling temperature (at 1 a narrow plan's answers were noisier than
                                       # its greedy ones, which is what auto runs)
 
