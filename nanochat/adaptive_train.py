@@ -53,6 +53,12 @@ def cycle_plans(config):
 SCHEDULES = ("every", "cycle")
 
 
+def schedule_period(config, schedule):
+    """Steps after which step_plans' plans repeat under `schedule`: 2 for every (uniform plans, then the menu's),
+    the length of cycle_plans for cycle (1 when full width is the only level)."""
+    return max(1, len(cycle_plans(config))) if schedule == "cycle" else 2
+
+
 def step_plans(config, matryoshka, rng, n_random=0, per_block=False, step=0, schedule="every"):
     """The plans of one step: [full] without matryoshka, else full width, then the narrow plans (schedule "every":
     narrow_plans(config, step), one per level; "cycle": the step's one plan of cycle_plans(config)), then n_random

@@ -184,11 +184,11 @@ def step_flops(model, every_level):
     """FLOPs per token of one step: full width, or fractal_train's phase-2/3 step under PLAN_SCHEDULE
     (nanochat.adaptive_train.step_plans), the mean over the steps after which its plans repeat: every = full + every
     narrower level, uniform plans on even steps and the router's menu on odd ones; cycle = full + one narrow plan."""
-    from nanochat.adaptive_train import step_plans, cycle_plans
+    from nanochat.adaptive_train import step_plans, schedule_period
     if not every_level:
         return model.estimate_flops()
     schedule = env["PLAN_SCHEDULE"]
-    period = max(1, len(cycle_plans(model.config))) if schedule == "cycle" else 2
+    period = schedule_period(model.config, schedule)
     return sum(sum(model.estimate_flops(p) for p in step_plans(model.config, True, None, 0, False, s, schedule))
                for s in range(period)) / period
 

@@ -38,8 +38,8 @@ def recipe_step_plans(config, step, recipe="adaptive"):
 
 def recipe_period(config, recipe):
     """Steps after which the recipe's plans repeat (its FLOPs are their mean over these)."""
-    from nanochat.adaptive_train import cycle_plans
-    return max(1, len(cycle_plans(config))) if recipe == "cycle" else 2  # 1: full width is the only level
+    from nanochat.adaptive_train import schedule_period
+    return schedule_period(config, "cycle" if recipe == "cycle" else "every")
 
 
 def train_flops(model, kind, phase, plans, T, exits):

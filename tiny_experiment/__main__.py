@@ -25,6 +25,7 @@ import torch
 from nanochat.common import get_base_dir, expand_path, add_runtime_args, run_script
 from nanochat import checkpoint_manager as cm
 from nanochat.run_report import json_safe
+from nanochat.adaptive_train import SCHEDULES
 from tiny_experiment import pipeline, evaluate, report, chat
 from tiny_experiment.tasks import DIFFICULTIES, split_problems, check_disjoint, sample_eval
 
@@ -39,7 +40,7 @@ def parse_args(argv=None):
     p.add_argument("--threads", type=int, default=1,
                    help="torch threads (1: these matmuls are tiny, and on shared cores 2 threads ran ~10x slower)")
     p.add_argument("--overwrite", action="store_true", help="delete a previous tiny_experiment run in --out first")
-    p.add_argument("--plan-schedule", type=str, default="every", choices=("every", "cycle"),
+    p.add_argument("--plan-schedule", type=str, default="every", choices=SCHEDULES,
                    help="phases 2, 3 and chat SFT: every width level each step (default), or full width and one "
                         "narrow plan a step in turn (scripts.fractal_train --plan-schedule)")
     p.add_argument("--no-chat", action="store_true", help="stop after the base pipeline's evaluation (no chat stage: "
