@@ -362,6 +362,10 @@ def get_args(argv=None):
             t.add_argument("--models", type=str, default="dense,hybrid,hybrid-eq",
                            help="comma-separated: dense, hybrid (what scripts.surgery makes), hybrid-eq (as many blocks "
                                 "as dense), hybrid-grown (hybrid grown 1.5x wide: the speedrun's phase 3)")
+            t.add_argument("--layers", type=int, default=None,
+                           help="every hybrid with this many blocks instead of its own (same widths and shapes, fewer "
+                                "of them): the grown d32 model's per-GPU rate where its unsharded optimizer states "
+                                "would not fit one GPU (the table's params say what ran)")
             t.add_argument("--phases", type=str, default="1,2")
             t.add_argument("--exit-strides", type=str, default="1,8", help="phase 2: readouts after every Nth block (1 = the default config)")
             t.add_argument("--exit-loss-weight", type=float, default=0.1, help="as scripts.fractal_train")

@@ -60,7 +60,8 @@ def error_text(e):
 
 
 def measure(fn, device, warmup, iters):
-    """{"ms": median, "first_s": wall time of the first call, "peak_gib"} or {"error": why}.
+    """{"ms": median, "first_s": wall time of the first call, "warmup_s": of all the untimed calls, "peak_gib"} or
+    {"error": why}.
     Any exception of the measured call (out of memory, a kernel or the compiler refusing, a bug in the code
     under test) becomes the row's 'error' and is printed in the table; the other rows still run."""
     free_memory(device)
@@ -71,6 +72,8 @@ def measure(fn, device, warmup, iters):
         first_s = time.perf_counter() - t0
         for _ in range(max(0, warmup - 1)):
             fn()
+        sync(device)
+        warmup_s = time.perf_counter() - t0
         ms = median_ms(fn, iters, device)
     except Exception as e:  # noqa: BLE001 -- reported, not swallowed: the table and the JSON carry it
         msg = error_text(e)
@@ -78,7 +81,7 @@ def measure(fn, device, warmup, iters):
         free_memory(device)
         return {"error": msg}
     peak = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
-    return {"ms": ms, "first_s": first_s, "peak_gib": peak}
+    return {"ms": ms, "first_s": first_s, "warmup_s": warmup_s, "peak_gib": peak}
 
 
 def cuda_graphed(fn, warmup=3):
@@ -187,17 +190,22 @@ def bench_configs(args, seq_len, **hybrid):
     (nanochat's depth dial, GPTConfig.from_depth), the hybrid scripts.surgery makes from it (pattern AM: one
     Mamba block after each attention block), a hybrid of depth blocks in all (about the dense model's parameter
     count), and, when args.models names it, "hybrid-grown": the surgery hybrid grown to 1.5x the width as the
-    speedrun's phase 3 trains it. `hybrid`: more HybridConfig fields for the hybrids."""
+    speedrun's phase 3 trains it. args.layers (when given and not None): every hybrid gets that many blocks of the
+    same shapes, for a model whose unsharded optimizer states would not fit one GPU. `hybrid`: more HybridConfig
+    fields for the hybrids."""
     from nanochat.gpt import GPTConfig
     from nanochat.hybrid_gpt import HybridConfig
     from nanochat.surgery import hybrid_n_layer
     dense = GPTConfig.from_depth(args.depth, vocab_size=args.vocab_size, sequence_len=seq_len)
+    layers = getattr(args, "layers", None)
+    if layers is not None and layers < 1:
+        raise ValueError(f"--layers {layers}: give a positive number of blocks")
     common = dict(sequence_len=seq_len, vocab_size=args.vocab_size, n_head=dense.n_head, n_kv_head=dense.n_kv_head,
                   n_embd=dense.n_embd)
     hyb = dict(layer_pattern="AM", ffn_pattern="DD", mamba_version=args.mamba, **common, **hybrid)
-    out = {"dense": ("gpt", dense),
-           "hybrid": ("hybrid", HybridConfig(n_layer=hybrid_n_layer(args.depth, "AM"), **hyb)),
-           "hybrid-eq": ("hybrid", HybridConfig(n_layer=args.depth, **hyb))}
+    out = {"dense": ("gpt", dense),  # --layers: every hybrid with that many blocks (same shapes, fewer of them)
+           "hybrid": ("hybrid", HybridConfig(n_layer=layers or hybrid_n_layer(args.depth, "AM"), **hyb)),
+           "hybrid-eq": ("hybrid", HybridConfig(n_layer=layers or args.depth, **hyb))}
     names = [n for n in (getattr(args, "models", None) or "").split(",") if n]
     bad = [n for n in names if n not in (*out, "hybrid-grown")]
     if bad:

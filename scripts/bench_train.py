@@ -7,6 +7,10 @@ FLOP convention (MFU), as scripts.fractal_train: FLOPs/token = model.estimate_fl
 and scan, MoE router + top-k experts), summed over the plans a step runs; MFU = that x tokens/s / peak,
 peak = dense bf16 of H100 SXM and H200 (same chip): 989.4e12. The 'exec' MFU column adds what the
 convention leaves out or removes what does not run (exit readouts; frozen weights' gradients in phase 1).
+'update ms' is the clip + optimizer step alone (timed apart, on random gradients of the same shapes), and 'MFU w/o
+update' the step's MFU with that time taken out: the rate of the micro-batches themselves, which a step of many
+micro-batches (the speedrun accumulates 16 per GPU) approaches. 'warm-up s' is the wall time of every untimed step
+(compiles of every plan's graphs when --warmup covers the recipe's plans).
 """
 import torch
 
@@ -140,6 +144,17 @@ def train_one(args, device, name, kind, config, phase, exit_stride, recipe="sand
     row.update(r, batch=B, grad_accum=args.grad_accum)
     if oom:
         row["note"] = f"OOM at batch {oom}"
+    if "ms" in r:  # the update alone (clip + every optimizer) on gradients of the same shapes: what accumulation amortises
+        def update():
+            torch.nn.utils.clip_grad_norm_(params, 1.0)
+            for opt in optimizers:
+                opt.step()
+        for p in params:
+            p.grad = torch.randn_like(p).mul_(1e-3)
+        u = measure(update, device, 1, 3)
+        model.zero_grad(set_to_none=True)
+        if "ms" in u:
+            row["update_ms"] = u["ms"]
     if "ms" in r:
         if adaptive:  # mean over the recipe's period of steps; every plan reads out its exits
             def at_step(s):  # (the gates and the router train on every plan's exits)
@@ -155,6 +170,8 @@ def train_one(args, device, name, kind, config, phase, exit_stride, recipe="sand
         peak = peak_flops(device)
         if peak:
             row.update(mfu=100 * conv * tps / peak, mfu_exec=100 * execf * tps / peak)
+            if row.get("update_ms") is not None and r["ms"] > row["update_ms"]:  # the micro-batches' own rate
+                row["mfu_micro"] = 100 * conv * args.grad_accum * B * T / ((r["ms"] - row["update_ms"]) / 1e3) / peak
         if args.profile:
             row["profile"] = top_kernels(step, device, n=25, steps=1)
     return row
@@ -176,14 +193,17 @@ def cmd_train(args, device):
                     rows.append(train_one(args, device, name, kind, config, phase, stride, recipe))
                     progress(rows[-1])
     widths = ", ".join(f"{name} {config.n_embd}" for name, _, config in models)
+    blocks = f"; --layers {args.layers}: every hybrid {args.layers} blocks" if args.layers else ""
     print_table(f"training step (accum x fwd+bwd of every plan, clip, Muon + AdamW), T={args.seq_len}, vocab {args.vocab_size}, "
-                f"depth {args.depth} (widths: {widths}), compile={args.compile}, Mamba-{args.mamba}", rows,
+                f"depth {args.depth} (widths: {widths}{blocks}), compile={args.compile}, Mamba-{args.mamba}", rows,
                 [("model", "model", ""), ("phase", "phase", ""), ("plans", "plans", ""), ("exit_stride", "exits every", "d"),
                  ("params_M", "params M", ",.0f"), ("trainable_M", "trainable M", ",.0f"), ("batch", "B", "d"),
                  ("grad_accum", "accum", "d"),
                  ("ms", "ms/step", ".0f"), ("tok_per_s", "tokens/s", ",.0f"), ("flops_per_tok_G", "GFLOP/tok", ".2f"),
                  ("mfu", "MFU %", ".1f"), ("exec_flops_per_tok_G", "exec GFLOP/tok", ".2f"), ("mfu_exec", "MFU exec %", ".1f"),
-                 ("peak_gib", "peak GiB", ".1f"), ("first_s", "first step s", ".0f"), ("note", "note", "")])
+                 ("update_ms", "update ms", ".0f"), ("mfu_micro", "MFU w/o update %", ".1f"),
+                 ("peak_gib", "peak GiB", ".1f"), ("first_s", "first step s", ".0f"), ("warmup_s", "warm-up s", ".0f"),
+                 ("note", "note", "")])
     for r in rows:
         if "profile" in r:
             print_profile(f"{r['model']} phase {r['phase']} exits every {r['exit_stride']}", r["profile"])

@@ -159,6 +159,26 @@ def test_train_grown_hybrid_is_the_speedruns_phase_3_model(capsys):
         bench.main(CPU + ["train", "--depth", "2", "--models", "grown"])
 
 
+def test_train_layers_keeps_the_shapes_with_fewer_blocks(capsys):
+    """--layers N: every hybrid (the grown one too) with N blocks of its own widths; the dense model is untouched;
+    0 blocks stops with one line. The row carries the update's own time (clip + optimizers, timed apart)."""
+    base = ["train", "--depth", "2", "--vocab-size", "128", "--models", "dense,hybrid,hybrid-eq,hybrid-grown"]
+    full = {n: c for n, _, c in bench_train.train_models(bench.get_args(base))}
+    cut = {n: c for n, _, c in bench_train.train_models(bench.get_args(base + ["--layers", "3"]))}
+    assert full["hybrid"].n_layer == 4 and full["hybrid-eq"].n_layer == 2
+    assert cut["dense"] == full["dense"]
+    for name in ("hybrid", "hybrid-eq", "hybrid-grown"):
+        assert cut[name].n_layer == 3 and cut[name].n_embd == full[name].n_embd
+    assert cut["hybrid-grown"].n_embd == 256 and cut["hybrid-grown"].grown_from == [128]
+    with pytest.raises(ValueError, match="--layers 0: give a positive number of blocks"):
+        bench.main(CPU + base + ["--layers", "0"])
+    res, out = run(capsys, ["train", "--depth", "2", "--seq-len", "16", "--batch", "2", "--vocab-size", "128",
+                            "--models", "hybrid", "--layers", "2", "--phases", "1", "--compile", "none"])
+    (r,) = res["rows"]
+    assert r["update_ms"] > 0 and "every hybrid 2 blocks" in out and "update ms" in out
+    assert r["warmup_s"] >= r["first_s"] > 0
+
+
 def test_train_grad_accum_counts_every_micro_batch(capsys):
     res, out = run(capsys, ["train", "--depth", "2", "--seq-len", "16", "--batch", "2", "--vocab-size", "128",
                             "--models", "dense", "--grad-accum", "3", "--compile", "none"])
