@@ -53,6 +53,17 @@ def cycle_plans(config):
 SCHEDULES = ("every", "cycle")
 
 
+def distinct_plans(config, matryoshka, n_random=0, per_block=False):
+    """How many different plans a run's steps meet, each one graph of a compiled model: full width, and with
+    matryoshka every narrow uniform and menu plan (both schedules go through all of cycle_plans; random plans of one
+    width for all blocks are among them). None when random per-block plans (--sample-dim) make it unbounded."""
+    if not matryoshka:
+        return 1
+    if n_random and per_block:
+        return None
+    return 1 + len(cycle_plans(config))
+
+
 def schedule_period(config, schedule):
     """Steps after which step_plans' plans repeat under `schedule`: 2 for every (uniform plans, then the menu's),
     the length of cycle_plans for cycle (1 when full width is the only level)."""

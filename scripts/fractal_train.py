@@ -44,8 +44,9 @@ Resume (--resume: the latest checkpoint in --out-dir) is exact: weights, optimiz
 shard's position, and the random plans, which are functions of (seed, step), so there is no RNG state to
 lose. A checkpoint holds the full model and the full optimizer state (one file each, written by rank 0), so
 a run saved on N ranks, with either --parallel, resumes on any number of ranks (same --data-ranks).
---compile compiles the training forward for each distinct plan it meets (recompiles on new
-plans; --sample-dim makes many), so it pays off for long runs with uniform plans.
+--compile compiles the training forward once for each distinct plan it meets: full width and every narrow
+uniform and menu plan (9 graphs at d32's five width levels; dynamo's recompile limit is raised to that count so
+none runs eager); --sample-dim's per-block random plans make them unbounded.
 Ctrl-C or SIGTERM finishes the current step, saves it and prints the command that resumes (exit 130 / 143).
 """
 import os
@@ -68,8 +69,8 @@ from nanochat.tokenizer import compute_token_bytes, save_token_bytes, TOKEN_BYTE
 from nanochat.dataset import get_data_dir, split_parquet_files
 from nanochat.dataloader import tokenizing_distributed_data_loader
 from nanochat.moe_ep import shard_experts, is_expert_shard
-from nanochat.adaptive_train import (SCHEDULES, step_plans as adaptive_step_plans, plan_label, train_micro_batch,
-                                     evaluate_widths, plan_flops)
+from nanochat.adaptive_train import (SCHEDULES, distinct_plans, step_plans as adaptive_step_plans, plan_label,
+                                     train_micro_batch, evaluate_widths, plan_flops)
 from nanochat.surgery import grown_masks
 from nanochat.optim import (setup_optimizers, lr_multiplier, set_lr_multiplier, muon_momentum, set_muon_momentum,
                             optimizer_state_dicts, load_optimizer_state_dicts)
@@ -335,7 +336,16 @@ def prepare_training(args, phase, model, meta, geo):
     params = dict(model.named_parameters())  # masks of DTensor parameters (fsdp, expert shards) sharded like them
     masks = {n: distribute_tensor(m, params[n].device_mesh, params[n].placements)
              if isinstance(params[n], DTensor) else m for n, m in masks.items()}
-    train_model = torch.compile(model, dynamic=False) if args.compile else model
+    train_model = model
+    if args.compile:  # one graph per distinct plan: dynamo's recompile limit (8) must not send the rest to eager
+        import torch._dynamo
+        n_graphs = distinct_plans(model.config, args.matryoshka, args.n_random_plans, args.sample_dim)
+        if n_graphs is None:
+            print0(f"--compile with --sample-dim: every new per-block plan compiles the model again; past "
+                   f"{torch._dynamo.config.recompile_limit} graphs dynamo runs the others eager (and says so)")
+        else:
+            torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, n_graphs)
+        train_model = torch.compile(model, dynamic=False)
     mask_params = [(p, masks[n]) for n, p in model.named_parameters() if n in masks]
     optimizers = setup_optimizers(model, matrix_lr=args.matrix_lr, embedding_lr=args.embedding_lr,
                                   unembedding_lr=args.unembedding_lr, scalar_lr=args.scalar_lr,

@@ -8,7 +8,8 @@ import torch
 
 import copy
 
-from nanochat.adaptive_train import step_plans, plan_label, distill_kl, masked_mean, train_micro_batch, cycle_plans
+from nanochat.adaptive_train import (step_plans, plan_label, distill_kl, masked_mean, train_micro_batch, cycle_plans,
+                                     distinct_plans)
 from nanochat.confidence_probe import plan_menu
 from nanochat.hybrid_gpt import HybridGPT, HybridConfig
 from testutil import fill_zero_matrices
@@ -86,6 +87,21 @@ def test_cycle_schedule_runs_full_and_one_narrow_plan_covering_all_in_turn():
         step_plans(c, True, random.Random(0), schedule="all")
     one = dataclasses.replace(c, width_levels=[c.n_embd])  # full width the only level: nothing narrower to cycle
     assert cycle_plans(one) == [] and step_plans(one, True, random.Random(0), step=3, schedule="cycle") == [[64] * c.n_layer]
+
+
+def test_distinct_plans_counts_the_graphs_a_compiled_run_meets():
+    """fractal_train --compile raises dynamo's recompile limit to distinct_plans: every plan any step of either
+    schedule runs (random uniform plans included) is counted, and per-block random plans are unbounded (None)."""
+    c = build().config
+    for schedule in ("every", "cycle"):
+        for n_random in (0, 2):
+            rng = random.Random(0)
+            seen = {tuple(map(tuple, [p]))[0] for s in range(40)
+                    for p in step_plans(c, True, rng, n_random=n_random, step=s, schedule=schedule)}
+            assert len(seen) == distinct_plans(c, True, n_random) == 5
+    assert distinct_plans(c, False) == 1 and distinct_plans(c, True, 2, per_block=True) is None
+    one = dataclasses.replace(c, width_levels=[c.n_embd])
+    assert distinct_plans(one, True) == 1
 
 
 def test_router_learns_only_the_menu_columns_a_step_ran():

@@ -147,6 +147,26 @@ def test_phase2_cycle_schedule_with_anchor_and_full_weight(pipeline, tiny_data, 
     assert not torch.equal(before["transformer.h.0.attn.c_q.weight"], after["transformer.h.0.attn.c_q.weight"])
 
 
+def test_compile_raises_the_recompile_limit_to_the_runs_plans(pipeline, tiny_data, tmp_path, monkeypatch, capsys):
+    """--compile: one graph per distinct plan, so dynamo's recompile limit is raised to the count (never lowered);
+    with --sample-dim the count is unbounded and the run says so. (torch.compile itself is replaced by the identity:
+    the compiled graphs are the GPU tests' business.)"""
+    import torch._dynamo
+    from nanochat.adaptive_train import distinct_plans
+    compiled = []
+    monkeypatch.setattr(torch, "compile", lambda m, **kw: compiled.append(kw) or m)
+    monkeypatch.setattr(torch._dynamo.config, "recompile_limit", 2)
+    root = pipeline["root"]
+    fractal_train.main(run_args(tiny_data, 2, root / "p1", tmp_path / "c", 1, "--compile", "--plan-schedule=cycle",
+                                "--eval-every=-1"))
+    config = load_model(tmp_path / "c")[0].config
+    assert compiled == [{"dynamic": False}] and torch._dynamo.config.recompile_limit == distinct_plans(config, True) == 3  # full, w32, menu
+    monkeypatch.setattr(torch._dynamo.config, "recompile_limit", 64)
+    fractal_train.main(run_args(tiny_data, 2, root / "p1", tmp_path / "d", 1, "--compile", "--sample-dim",
+                                "--n-random-plans=1", "--eval-every=-1"))
+    assert torch._dynamo.config.recompile_limit == 64 and "every new per-block plan compiles" in capsys.readouterr().out
+
+
 def test_phase3_new_channel_lr_mult_zero_keeps_grown_entries(pipeline):
     root = pipeline["root"]
     before, meta = state_of(root / "grown")
