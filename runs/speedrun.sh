@@ -49,7 +49,7 @@ NPROC=${NPROC:-8}                       # GPUs of this node
 HUB=${HUB:-karpathy/nanochat-d32}        # the source GPT and its tokenizer
 NEW_DIM=${NEW_DIM:-2048}                # width after surgery (d32 is 2048: Mamba blocks are inserted, no growth)
 GROW_DIM=${GROW_DIM:-3072}              # width after growth
-MAMBA=${MAMBA:-1}                       # Mamba version of the new blocks
+MAMBA=${MAMBA:-1}                       # Mamba version of the new blocks: 1, whose every phase is measured (Mamba-2: phase 2 1.09x faster at d32 compiled, 1.1-1.3x slower at d20 eager; phases 1, 3 not measured)
 EXIT_STRIDE=${EXIT_STRIDE:-8}           # a readout every 8th block: at 1, 63 exit readouts add 67.6 GFLOP/token at d32 (1.7x the phase-2 sandwich); MFU_P2 was measured at 8
 SEQ_LEN=${SEQ_LEN:-2048}
 TOTAL_BATCH=${TOTAL_BATCH:-524288}      # tokens per optimizer step, all GPUs (nanochat's)
@@ -73,27 +73,29 @@ CHARS_PER_SHARD=${CHARS_PER_SHARD:-250000000}
 GPU_HOUR_USD=${GPU_HOUR_USD:-3.00}      # an assumption: set your price
 PEAK_FLOPS=${PEAK_FLOPS:-989.4e12}      # dense bf16 per GPU, H100 SXM / H200
 
-# Measured MFU (scripts.fractal_train's convention and step lines): `bash runs/multigpu.sh scale` on 8 NVIDIA H200s,
-# 2026-11-22: this surgery's d32 hybrid (3.80B parameters, random weights), T=2048, DBS1/DBS2 rows per GPU, FSDP2,
-# eager (no --compile), torch 2.11, mamba-ssm 2.3.2.post1 kernels (docs/benchmarks.md, "Multi-GPU"):
-MFU_P1=${MFU_P1:-0.232}   # phase 1, 8 GPUs: 10.0k tok/s per GPU (10.9k on 1 GPU)
-# phase 2 sandwich (full + smallest + one random width), exits every 8, 8 GPUs, 18 timed steps: 2.51k tok/s per
-# GPU with --fsdp-keep-params (MFU 0.105); 1.75k (MFU 0.083) without, over 3 steps
-MFU_SANDWICH_NOKEEP=0.083  # the phase-2 step without --fsdp-keep-params
-MFU_P2=${MFU_P2:-$([ "$KEEP_PARAMS" = 1 ] && echo 0.105 || echo $MFU_SANDWICH_NOKEEP)}
-MFU_P3=${MFU_P3:-$MFU_SANDWICH_NOKEEP}   # phase 3 is the phase-2 step on the grown model, without --fsdp-keep-params (not measured
-                                         # separately; `python -m scripts.bench train --depth 32 --models hybrid-grown` measures it)
-# These phase-2/3 MFUs were measured on the earlier sandwich step. Today's step is priced at them times its schedule's
-# MFU relative to the sandwich, measured at d32 on one H100 (2026-12-06, `python -m scripts.bench --warmup 2 --iters 3
-# train --depth 32 --batch 2 --grad-accum 2 --models hybrid --phases 2 --exit-strides 8 --recipes
-# sandwich,adaptive,cycle --compile none`; batch 2 ran out of memory unsharded, so batch 1): sandwich 8.5%, every level
-# 8.2%, cycle 10.0% MFU (fractal_train's convention), i.e. every 0.96x and cycle 1.18x the sandwich. One GPU without
-# FSDP, batch 1: the ratios, not the MFUs, are what the plan borrows (docs/benchmarks.md).
-SCHEDULE_MFU_RATIO=${SCHEDULE_MFU_RATIO:-$([ "$PLAN_SCHEDULE" = cycle ] && echo 1.18 || echo 0.96)}
+# Measured MFU (scripts.fractal_train's convention), per GPU of the 8-GPU run = one GPU's rate at the d32 shapes, the
+# micro-batch above and per-block compile (--compile=blocks) x the share of a step its micro-batches take (the update
+# runs once per 8-16 micro-batches, each rank 1/8 of it) x the 8-GPU scaling efficiency measured for that phase's
+# FSDP2 setting (`bash runs/multigpu.sh scale`, 8 H200s, 2026-11-22). The one-GPU rates: one H100, 2026-12-06, code
+# 774aef3, `python -m scripts.bench --warmup W --iters I train --depth 32 --batch B --grad-accum 4 --models M --layers N
+# --phases P --exit-strides 8 --recipes cycle --compile blocks`, the "MFU w/o update" column; --layers N keeps the
+# model's shapes with fewer blocks, because the full depth's unsharded optimizer states do not fit one 80 GB GPU
+# (docs/benchmarks.md, "Session 17"):
+#   phase 1: hybrid, 32 blocks, B 4: 47.8% x 0.953 x 92.4% = 0.421
+#   phase 2: hybrid, 32 blocks, B 2, cycle: 23.6% x 0.976 x 95.7% (--fsdp-keep-params) = 0.220; without it 71.8%: 0.165
+#   phase 3: hybrid-grown, 16 blocks, B 2, cycle: 32.2% x 0.967 x 71.8% (FSDP2 defaults, phase 2's 8-GPU figure) = 0.224
+MFU_P1=${MFU_P1:-0.421}
+MFU_P2=${MFU_P2:-$([ "$KEEP_PARAMS" = 1 ] && echo 0.220 || echo 0.165)}
+MFU_P3=${MFU_P3:-0.224}   # SFT runs phase 3's step on the grown model: priced at it (not measured apart)
+# These are the cycle schedule's. Under PLAN_SCHEDULE=every the phase-2/3 step's MFU is priced at cycle's x 0.82, the
+# ratio measured at d32 on one H100 eager (`... train --depth 32 --batch 2 --grad-accum 2 --models hybrid --phases 2
+# --exit-strides 8 --recipes sandwich,adaptive,cycle --compile none`, batch 1: every level 8.2%, cycle 10.0% MFU).
+SCHEDULE_MFU_RATIO=${SCHEDULE_MFU_RATIO:-$([ "$PLAN_SCHEDULE" = cycle ] && echo 1.0 || echo 0.82)}
 if ! [[ "$SCHEDULE_MFU_RATIO" =~ ^[0-9]*\.?[0-9]+$ ]] || [[ "$SCHEDULE_MFU_RATIO" =~ ^[0.]+$ ]]; then
-  echo "SCHEDULE_MFU_RATIO=$SCHEDULE_MFU_RATIO: use a positive number (today's step MFU / the sandwich's)" >&2; exit 2
+  echo "SCHEDULE_MFU_RATIO=$SCHEDULE_MFU_RATIO: use a positive number (the schedule's step MFU / cycle's)" >&2; exit 2
 fi
-# Not measured: --compile at d32, the grown model, more than one node.
+# Not measured: whole-model compile at d32 (one graph per plan: 9 at d32's levels), the full depths on one GPU (the
+# rates above are of fewer blocks of the same shapes), phase 3 on 8 GPUs, Mamba-2 outside phase 2, more than one node.
 
 export NANOCHAT_BASE_DIR=${NANOCHAT_BASE_DIR:-$HOME/.cache/nanochat}
 RUN_DIR=${RUN_DIR:-$NANOCHAT_BASE_DIR/speedrun}
@@ -114,7 +116,7 @@ SHARDS=$($PY -c "import math; print(math.ceil($TOKENS * $CHARS_PER_TOKEN / $CHAR
 
 SURGERY_ARGS=(--hub "$HUB" --new-dim="$NEW_DIM" --mamba "$MAMBA" --exit-stride "$EXIT_STRIDE" --adaptive --dst "$HYB")
 GROW_ARGS=(--src "$P2" --expand-from="$NEW_DIM" --new-dim="$GROW_DIM" --dst "$GROWN")
-TRAIN_COMMON=(--max-seq-len "$SEQ_LEN" --total-batch-size "$TOTAL_BATCH" --parallel fsdp --compile --save-every 500)
+TRAIN_COMMON=(--max-seq-len "$SEQ_LEN" --total-batch-size "$TOTAL_BATCH" --parallel fsdp --compile=blocks --save-every 500)
 TORCHRUN=(torchrun --standalone --nproc_per_node="$NPROC" -m scripts.fractal_train)
 
 final_meta() { printf '%s/meta_%06d.json' "$1" "$2"; }
@@ -207,7 +209,7 @@ for name, model, params, trains, steps, every_level, mfu in (
         # SFT runs phase 3's step on the grown model (conversations instead of text): phase 3's MFU, not measured apart
         ("sft", grown, grown_params, grown_params, int(env["SFT_STEPS"]), True, float(env["MFU_P3"]))):
     f = step_flops(model, every_level)
-    if every_level:  # the sandwich-measured MFU times the schedule's measured ratio to it
+    if every_level:  # the cycle-measured MFU times the schedule's measured ratio to it
         mfu *= float(env["SCHEDULE_MFU_RATIO"])
     hours = steps * tok_step * f / (mfu * peak * gpus) / 3600
     total_h += hours
@@ -266,7 +268,7 @@ else echo "== base eval"; run $PY -m scripts.base_eval --checkpoint "$FINAL" --b
 
 echo "== tasks"; run $PY -m scripts.fetch_tasks   # cached: a second run downloads nothing
 
-CHAT_TRAIN=(--max-seq-len "$SEQ_LEN" --total-batch-size "$TOTAL_BATCH" --parallel fsdp --save-every 500 --device-batch-size "$DBS2")
+CHAT_TRAIN=(--max-seq-len "$SEQ_LEN" --total-batch-size "$TOTAL_BATCH" --parallel fsdp --compile=blocks --save-every 500 --device-batch-size "$DBS2")
 if [ -f "$(final_meta "$SFT" "$SFT_STEPS")" ]; then echo "== sft: done, skipped"
 else
   resume=(); if have_checkpoint "$SFT"; then resume=(--resume); fi

@@ -44,9 +44,11 @@ Resume (--resume: the latest checkpoint in --out-dir) is exact: weights, optimiz
 shard's position, and the random plans, which are functions of (seed, step), so there is no RNG state to
 lose. A checkpoint holds the full model and the full optimizer state (one file each, written by rank 0), so
 a run saved on N ranks, with either --parallel, resumes on any number of ranks (same --data-ranks).
---compile compiles the training forward once for each distinct plan it meets: full width and every narrow
-uniform and menu plan (9 graphs at d32's five width levels; dynamo's recompile limit is raised to that count so
-none runs eager); --sample-dim's per-block random plans make them unbounded.
+--compile (=model) compiles the whole training forward once for each distinct plan it meets: full width and every
+narrow uniform and menu plan (9 graphs at d32's five width levels; dynamo's recompile limit is raised to that count
+so none runs eager); --sample-dim's per-block random plans make them unbounded. --compile=blocks compiles each block
+instead: one graph per block kind, width and grad mode, shared by identical blocks (what runs/speedrun.sh measured
+and runs).
 Ctrl-C or SIGTERM finishes the current step, saves it and prints the command that resumes (exit 130 / 143).
 """
 import os
@@ -149,7 +151,9 @@ def build_parser(description="Fractal training of a hybrid checkpoint: phase 1 (
     p.add_argument("--run", type=str, default="dummy", help="wandb run name ('dummy' = no wandb)")
     p.add_argument("--device", type=str, default="", help="cuda|cpu|mps (empty = autodetect)")
     p.add_argument("--seed", type=int, default=42, help="seed of the plan sampling (a function of seed and step)")
-    p.add_argument("--compile", action="store_true", help="torch.compile the training forward (recompiles per distinct plan)")
+    p.add_argument("--compile", nargs="?", const="model", default=None, choices=("model", "blocks"),
+                   help="torch.compile: the whole model (--compile or --compile=model: one graph per distinct plan) or "
+                        "each block (--compile=blocks: one graph per block kind and width, shared by identical blocks)")
     p.add_argument("--activation-checkpointing", action="store_true", help="recompute block activations in backward")
     p.add_argument("--parallel", type=str, default="ddp", choices=("ddp", "fsdp"))
     p.add_argument("--fsdp-keep-params", action="store_true",
@@ -307,6 +311,32 @@ def batch_geometry(args, config, ddp, rank, world_size, device):
 Trainables = namedtuple("Trainables", "model train_model controllers optimizers train_params mask_params anchor")
 
 
+def compile_model(model, args):
+    """--compile=model: the whole training forward compiled, one graph per distinct plan (adaptive_train.distinct_plans;
+    unbounded with --sample-dim). --compile=blocks: each block compiled, one graph per (block kind, width, grad mode)
+    shared by identical blocks, so bounded whatever the plans. dynamo's recompile limit (8 by default) is raised to
+    the count, so that no plan or width runs eager. Returns what the step calls."""
+    import torch._dynamo
+    config = model.config
+    if args.compile == "blocks":
+        kinds = ({(config.mixer_kind(j), config.ffn_kind(j)) for j in range(config.n_layer)}
+                 if hasattr(config, "mixer_kind") else {"gpt"})
+        n_graphs = len(kinds) * len(getattr(config, "width_levels", None) or [None]) * 2  # training and eval
+        for block in model.transformer.h:
+            block.compile(dynamic=False)
+        out = model
+    else:
+        n_graphs = distinct_plans(config, args.matryoshka, args.n_random_plans, args.sample_dim)
+        out = torch.compile(model, dynamic=False)
+    if n_graphs is None:
+        print0(f"--compile=model with --sample-dim: every new per-block plan compiles the model again; past "
+               f"{torch._dynamo.config.recompile_limit} graphs dynamo runs the others eager (and says so); "
+               f"--compile=blocks has one graph per block kind and width")
+    else:
+        torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, n_graphs)
+    return out
+
+
 def prepare_training(args, phase, model, meta, geo):
     """What trains, as the phase says (the rest: requires_grad=False, in no optimizer); activation checkpointing, FSDP2,
     expert parallel, compile; then Muon + AdamW by kind (optim.setup_optimizers), the controllers a group of their own."""
@@ -336,16 +366,7 @@ def prepare_training(args, phase, model, meta, geo):
     params = dict(model.named_parameters())  # masks of DTensor parameters (fsdp, expert shards) sharded like them
     masks = {n: distribute_tensor(m, params[n].device_mesh, params[n].placements)
              if isinstance(params[n], DTensor) else m for n, m in masks.items()}
-    train_model = model
-    if args.compile:  # one graph per distinct plan: dynamo's recompile limit (8) must not send the rest to eager
-        import torch._dynamo
-        n_graphs = distinct_plans(model.config, args.matryoshka, args.n_random_plans, args.sample_dim)
-        if n_graphs is None:
-            print0(f"--compile with --sample-dim: every new per-block plan compiles the model again; past "
-                   f"{torch._dynamo.config.recompile_limit} graphs dynamo runs the others eager (and says so)")
-        else:
-            torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, n_graphs)
-        train_model = torch.compile(model, dynamic=False)
+    train_model = compile_model(model, args) if args.compile else model
     mask_params = [(p, masks[n]) for n, p in model.named_parameters() if n in masks]
     optimizers = setup_optimizers(model, matrix_lr=args.matrix_lr, embedding_lr=args.embedding_lr,
                                   unembedding_lr=args.unembedding_lr, scalar_lr=args.scalar_lr,

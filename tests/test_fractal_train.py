@@ -147,24 +147,35 @@ def test_phase2_cycle_schedule_with_anchor_and_full_weight(pipeline, tiny_data, 
     assert not torch.equal(before["transformer.h.0.attn.c_q.weight"], after["transformer.h.0.attn.c_q.weight"])
 
 
-def test_compile_raises_the_recompile_limit_to_the_runs_plans(pipeline, tiny_data, tmp_path, monkeypatch, capsys):
-    """--compile: one graph per distinct plan, so dynamo's recompile limit is raised to the count (never lowered);
-    with --sample-dim the count is unbounded and the run says so. (torch.compile itself is replaced by the identity:
-    the compiled graphs are the GPU tests' business.)"""
+def test_compile_modes_raise_the_recompile_limit_to_their_graphs(pipeline, tiny_data, tmp_path, monkeypatch, capsys):
+    """--compile (=model): one graph per distinct plan, so dynamo's recompile limit is raised to the count (never
+    lowered); with --sample-dim the count is unbounded and the run says so. --compile=blocks: one graph per block kind,
+    width and grad mode, bounded. (torch.compile itself is replaced by the identity: the compiled graphs are the GPU
+    tests' business; dynamo's config is patched with its own context manager, which restores it.)"""
     import torch._dynamo
     from nanochat.adaptive_train import distinct_plans
     compiled = []
     monkeypatch.setattr(torch, "compile", lambda m, **kw: compiled.append(kw) or m)
-    monkeypatch.setattr(torch._dynamo.config, "recompile_limit", 2)
     root = pipeline["root"]
-    fractal_train.main(run_args(tiny_data, 2, root / "p1", tmp_path / "c", 1, "--compile", "--plan-schedule=cycle",
-                                "--eval-every=-1"))
-    config = load_model(tmp_path / "c")[0].config
-    assert compiled == [{"dynamic": False}] and torch._dynamo.config.recompile_limit == distinct_plans(config, True) == 3  # full, w32, menu
-    monkeypatch.setattr(torch._dynamo.config, "recompile_limit", 64)
-    fractal_train.main(run_args(tiny_data, 2, root / "p1", tmp_path / "d", 1, "--compile", "--sample-dim",
-                                "--n-random-plans=1", "--eval-every=-1"))
-    assert torch._dynamo.config.recompile_limit == 64 and "every new per-block plan compiles" in capsys.readouterr().out
+    limit = lambda: torch._dynamo.config.recompile_limit  # noqa: E731
+    with torch._dynamo.config.patch(recompile_limit=2):
+        fractal_train.main(run_args(tiny_data, 2, root / "p1", tmp_path / "c", 1, "--compile", "--plan-schedule=cycle",
+                                    "--eval-every=-1"))
+        config = load_model(tmp_path / "c")[0].config
+        assert compiled == [{"dynamic": False}] and limit() == distinct_plans(config, True) == 3  # full, w32, menu
+    with torch._dynamo.config.patch(recompile_limit=64):
+        fractal_train.main(run_args(tiny_data, 2, root / "p1", tmp_path / "d", 1, "--compile", "--sample-dim",
+                                    "--n-random-plans=1", "--eval-every=-1"))
+        assert limit() == 64 and "every new per-block plan compiles" in capsys.readouterr().out
+    # --compile=blocks: every block compiled on its own; (2 block kinds AM) x (2 widths) x (train, eval) graphs
+    compiled.clear()
+    with torch._dynamo.config.patch(recompile_limit=2):
+        fractal_train.main(run_args(tiny_data, 2, root / "p1", tmp_path / "e", 1, "--compile=blocks", "--sample-dim",
+                                    "--n-random-plans=1", "--eval-every=-1"))
+        assert compiled == [{"dynamic": False}] * config.n_layer and config.width_levels == [32, 64]
+        assert limit() == 2 * 2 * 2
+    with pytest.raises(SystemExit):
+        fractal_train.build_parser("x").parse_args(["--compile=graph"])
 
 
 def test_phase3_new_channel_lr_mult_zero_keeps_grown_entries(pipeline):

@@ -17,6 +17,9 @@ def test_speedrun_dry_run_prints_the_plan(tmp_path):
                          timeout=300)
     assert out.returncode == 0, out.stderr[-2000:]
     assert "training total:" in out.stdout and "--phase=3" in out.stdout
+    # the training stages compile per block, the setting their MFU constants were measured with
+    phases = [l for l in out.stdout.splitlines() if "scripts.fractal_train --phase=" in l or "scripts.chat_sft" in l]
+    assert len(phases) == 4 and all("--compile=blocks" in l for l in phases)
     assert not (tmp_path / "speedrun").exists()  # a dry run writes nothing
 
 
