@@ -90,7 +90,8 @@ class SpecStats:
             s += f", draft {1e3 * self.draft_s / self.rounds:.2f} ms + verify {1e3 * self.verify_s / self.rounds:.2f} ms per round"
         if self.remembered:
             s += (f"; plain decoding throughout: speculation with this draft and k measured slower than think in an "
-                  f"earlier generation (retried after {RETRY_AFTER} generations, the wait doubling while it stays slower)")
+                  f"earlier generation (retried once plain decoding has taken {1 / RETRY_OVERHEAD:.0f}x the time that "
+                  f"attempt lost)")
         elif self.fell_back_at is not None:
             s += f"; fell back to plain decoding after {self.fell_back_at} tokens (slower than think)"
         return s
@@ -98,8 +99,10 @@ class SpecStats:
 
 PROBE_STEPS = 4  # plain decode steps before speculating (with the fallback on); the 2nd and 3rd are timed
 JUDGE_ROUNDS = 2  # the fallback judges the last (up to 3) rounds that captured no graphs, once there are this many
-RETRY_AFTER = 16  # an engine whose generation fell back decodes the next ones plain; it tries speculation again after these
-RETRY_MAX = 256   # each retry that falls back again doubles the wait, up to this many generations
+# An engine whose generation fell back decodes the next ones plain; it tries speculation again once the plain decoding
+# since has taken 1 / RETRY_OVERHEAD times what the failed attempt lost against plain steps, so that retries cost at
+# most this share of the decode time (the fallback's floor is 0.95x think's tokens/s)
+RETRY_OVERHEAD = 0.05
 
 
 def step_per_position(mamba, xn, conv_state, ssm_state, keep):
@@ -403,8 +406,10 @@ def generate(engine, prompts, max_tokens, speculate, draft, temperature=0.0, top
     JUDGE_ROUNDS rounds that captured no CUDA graphs have run, speculation stops for the rest of the generation
     when the last (up to three) of them gave tokens slower than the yardstick (from then on the draft is not
     stepped). The engine remembers it: its next generations with this draft, k and batch size are plain think
-    generations (Engine.generate's own loop); the RETRY_AFTER-th tries speculation again (a retry too short to be
-    judged leaves the memory as it was), and each retry that falls back again doubles the wait (up to RETRY_MAX)."""
+    generations (Engine.generate's own loop, timed as the caller sees them), until their time reaches the time the
+    generation's rounds lost against plain steps / RETRY_OVERHEAD; the next one speculates again and is judged
+    afresh (a retry too short to be judged leaves the memory as it was). Retries so cost at most RETRY_OVERHEAD of
+    the plain decoding between them."""
     model = engine.model
     c = model.config
     if engine.dense:
@@ -416,13 +421,16 @@ def generate(engine, prompts, max_tokens, speculate, draft, temperature=0.0, top
         draft = Draft.parse(draft, c.n_layer)
     name = f"plan:{draft.plan}" if draft.kind == "plan" else f"exit:{draft.exit_block}"
     memo_key = (name, speculate, len(prompts))
-    memo = engine.spec_memory.get(memo_key)  # (generations since it measured slower, the wait before a retry)
-    if fallback and memo is not None and memo[0] + 1 < memo[1]:
+    memo = engine.spec_memory.get(memo_key)  # (seconds of plain decoding since it measured slower, those a retry needs)
+    if fallback and memo is not None and memo[0] < memo[1]:
         # remembered: plain think decoding, the engine's own pipelined loop (no draft, no probes, no per-token sync)
-        engine.spec_memory[memo_key] = (memo[0] + 1, memo[1])
         engine.spec_stats = SpecStats(k=speculate, draft=name, fell_back_at=0, remembered=True)
-        yield from engine.generate(prompts, max_tokens, "think", temperature=temperature, top_k=top_k, seed=seed,
-                                   stop_tokens=stop_tokens)
+        t0 = time.perf_counter()
+        try:
+            yield from engine.generate(prompts, max_tokens, "think", temperature=temperature, top_k=top_k, seed=seed,
+                                       stop_tokens=stop_tokens)
+        finally:
+            engine.spec_memory[memo_key] = (memo[0] + time.perf_counter() - t0, memo[1])
         return
     engine.spec_memory.pop(memo_key, None)  # a retry (memo given) speculates and is judged afresh
     engine.spec_stats = SpecStats(k=speculate, draft=name)
@@ -526,5 +534,7 @@ def _speculate(engine, prompts, max_tokens, speculate, draft, name, temperature,
             stats.judged = True
             if sum(n_ for n_, _ in recent) * stats.think_step_s < sum(t_ for _, t_ in recent):
                 stats.fell_back_at, speculating = emitted, False  # its tokens came slower than plain steps
-                wait = RETRY_AFTER if memo is None else min(2 * memo[1], RETRY_MAX)
-                engine.spec_memory[memo_key] = (0, wait)
+                # what this generation's rounds lost against plain steps (graph captures included): a retry waits
+                # for 1 / RETRY_OVERHEAD times that much plain decoding
+                lost = sum(t_ - n_ * stats.think_step_s for n_, t_, _ in stats.round_log)
+                engine.spec_memory[memo_key] = (0.0, max(0.0, lost) / RETRY_OVERHEAD)

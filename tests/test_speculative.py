@@ -7,7 +7,7 @@ from nanochat.engine import Engine
 from nanochat.engine_static import StaticDecode
 from nanochat.layers import token_probs
 from nanochat.speculative import (Draft, accept, accept_prob, residual, rollback, Speculator, JUDGE_ROUNDS,
-                                  PROBE_STEPS, RETRY_AFTER, RETRY_MAX)
+                                  PROBE_STEPS, RETRY_OVERHEAD)
 
 from engine_testutil import HAS_MAMBA, HAS_MOE, build
 
@@ -228,12 +228,13 @@ def test_fallback_switches_to_plain_steps_when_slower():
 
 
 def test_fallback_decides_on_timed_steps_and_stops_stepping_the_draft(monkeypatch):
-    """A clock on which a plain step costs 1 s when queued and rounds 100 s: PROBE_STEPS plain probes (the draft not
+    """A clock on which a plain step costs 1 s when queued and rounds 10 s (for at most 4 tokens): PROBE_STEPS plain probes (the draft not
     stepped with them; it catches up before its first round), JUDGE_ROUNDS rounds (eager: none captures graphs,
     so every one is judged), then plain steps only, with the draft no longer stepped; the tokens stay think's. The
     yardstick is the time between the generator's resumptions. The engine remembers: its next generations decode
-    plain from the start (no draft prefill, no probes) until the RETRY_AFTER-th, which speculates again; a retry too
-    short to be judged leaves the memory as it was; a retry that falls back again doubles the wait."""
+    plain from the start (no draft prefill, no probes), their time counted, until it reaches what the rounds lost
+    against plain steps / RETRY_OVERHEAD; the next generation speculates again; a retry too short to be judged leaves
+    the memory as it was; a retry that falls back again waits for its own loss's worth."""
     import nanochat.speculative as spec_mod
     model = build(layer_pattern="A").eval()
     eng = Engine(model, decode="eager")
@@ -244,7 +245,7 @@ def test_fallback_decides_on_timed_steps_and_stops_stepping_the_draft(monkeypatc
     draft_steps = []
 
     def slow_round(self, t0, k):
-        clock["t"] += 100.0
+        clock["t"] += 10.0
         return real_round(self, t0, k)
 
     def step(self, st, tokens, plan=None):
@@ -270,24 +271,31 @@ def test_fallback_decides_on_timed_steps_and_stops_stepping_the_draft(monkeypatc
     # the draft caught up on the probes' tokens before the first round, stepped in the rounds, never after the fallback
     assert sum(r == 0 for r, _ in draft_steps) == PROBE_STEPS + 3  # and the first round's 3 drafts
     assert len(draft_steps) >= PROBE_STEPS + rounds * 3 and all(f is None for _, f in draft_steps)
-    for n in range(1, RETRY_AFTER):  # remembered: plain throughout, no draft steps, think's tokens
+    key, = eng.spec_memory  # (draft, k, batch)
+
+    def loss(st):  # what the rounds lost against plain steps of the yardstick: 10 s each for their tokens at 1 s
+        return sum(t - n * st.think_step_s for n, t, _ in st.round_log)
+    assert eng.spec_memory == {key: (0.0, pytest.approx(loss(stats) / RETRY_OVERHEAD))}
+    need, plain = eng.spec_memory[key][1], 0
+    while eng.spec_memory[key][0] < need:  # remembered: plain throughout, no draft steps, think's tokens, timed
         draft_steps.clear()
+        t0 = clock["t"]
         again = eng.generate_batch([[3, 1, 4]], 24, speculate=3, draft="plan:64,64,64,32", fallback=True)
         stats = eng.spec_stats
         assert again.tokens == ref.tokens and stats.remembered and stats.rounds == 0 and not draft_steps
         assert "plain decoding throughout" in stats.summary()
+        plain += 1
+        assert eng.spec_memory[key][0] == pytest.approx(plain * (clock["t"] - t0))  # 23 plain steps of 1 s each
+    assert plain == -(-need // 23)  # the retry comes once the plain time reaches the need, not before
     short = eng.generate_batch([[3, 1, 4]], 3, speculate=3, draft="plan:64,64,64,32", fallback=True)  # the retry:
     assert short.tokens == [ref.tokens[0][:3]]  # too short to be judged,
     assert not eng.spec_stats.remembered and not eng.spec_stats.judged  # so the memory stays and the next retries
     retry = eng.generate_batch([[3, 1, 4]], 24, speculate=3, draft="plan:64,64,64,32", fallback=True)
     assert retry.tokens == ref.tokens and not eng.spec_stats.remembered and eng.spec_stats.rounds == rounds
-    # it fell back again: now the wait is twice as long
-    for n in range(1, 2 * RETRY_AFTER):
-        eng.generate_batch([[3, 1, 4]], 24, speculate=3, draft="plan:64,64,64,32", fallback=True)
-        assert eng.spec_stats.remembered
-    eng.generate_batch([[3, 1, 4]], 24, speculate=3, draft="plan:64,64,64,32", fallback=True)
-    assert not eng.spec_stats.remembered and eng.spec_stats.rounds == rounds
-    assert list(eng.spec_memory.values()) == [(0, min(4 * RETRY_AFTER, RETRY_MAX))]
+    # it fell back again: the wait is this attempt's loss / RETRY_OVERHEAD, counted from zero
+    assert eng.spec_memory[key] == (0.0, pytest.approx(loss(eng.spec_stats) / RETRY_OVERHEAD))
+    # retries cost at most RETRY_OVERHEAD of the plain decoding between them
+    assert loss(eng.spec_stats) <= RETRY_OVERHEAD * plain * 23 + 1e-9
     # another k is another measurement; fallback=False never consults the memory
     eng.generate_batch([[3, 1, 4]], 24, speculate=2, draft="plan:64,64,64,32", fallback=True)
     assert not eng.spec_stats.remembered
