@@ -51,6 +51,36 @@ def apply_activation_checkpointing(blocks):
         block.forward = functools.partial(checkpoint, block.forward, use_reentrant=False)
 
 
+def compile_model(model, mode, matryoshka=False, n_random=0, per_block=False):
+    """torch.compile for training. mode "model": the whole forward, one graph per distinct plan the run meets
+    (adaptive_train.distinct_plans; unbounded with random per-block plans); "blocks": each block of
+    model.transformer.h, one graph per (block kind, width, grad mode), shared by identical blocks, so bounded whatever
+    the plans. dynamo's recompile limit (8 by default) is raised to the count, so that no plan or width runs eager.
+    Returns what the training step calls."""
+    import torch._dynamo
+    from nanochat.adaptive_train import distinct_plans
+    config = model.config
+    if mode == "blocks":
+        kinds = ({(config.mixer_kind(j), config.ffn_kind(j)) for j in range(config.n_layer)}
+                 if hasattr(config, "mixer_kind") else {"gpt"})
+        n_graphs = len(kinds) * len(getattr(config, "width_levels", None) or [None]) * 2  # training and eval
+        for block in model.transformer.h:
+            block.compile(dynamic=False)
+        out = model
+    elif mode == "model":
+        n_graphs = distinct_plans(config, matryoshka, n_random, per_block)
+        out = torch.compile(model, dynamic=False)
+    else:
+        raise ValueError(f"compile mode {mode!r}: use model or blocks")
+    if n_graphs is None:
+        print0(f"--compile=model with --sample-dim: every new per-block plan compiles the model again; past "
+               f"{torch._dynamo.config.recompile_limit} graphs dynamo runs the others eager (and says so); "
+               f"--compile=blocks has one graph per block kind and width")
+    else:
+        torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, n_graphs)
+    return out
+
+
 def apply_fsdp(model, blocks, replicated_params=(), device_type="cuda", separate=(), reshard_after_forward=True):
     """
     FSDP2: shard every block, then each module of `separate` on its own, then the root (what is left: the

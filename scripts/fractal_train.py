@@ -71,14 +71,14 @@ from nanochat.tokenizer import compute_token_bytes, save_token_bytes, TOKEN_BYTE
 from nanochat.dataset import get_data_dir, split_parquet_files
 from nanochat.dataloader import tokenizing_distributed_data_loader
 from nanochat.moe_ep import shard_experts, is_expert_shard
-from nanochat.adaptive_train import (SCHEDULES, distinct_plans, step_plans as adaptive_step_plans, plan_label,
-                                     train_micro_batch, evaluate_widths, plan_flops)
+from nanochat.adaptive_train import (SCHEDULES, step_plans as adaptive_step_plans, plan_label, train_micro_batch,
+                                     evaluate_widths, plan_flops)
 from nanochat.surgery import grown_masks
 from nanochat.optim import (setup_optimizers, lr_multiplier, set_lr_multiplier, muon_momentum, set_muon_momentum,
                             optimizer_state_dicts, load_optimizer_state_dicts)
 from nanochat.train_utils import (peak_flops, apply_activation_checkpointing, apply_fsdp, allreduce_gradients,
                                   clip_grad_norm, full_state_dict, optimizer_state_full, optimizer_state_to_dtensor,
-                                  format_eta, GracefulStop, resume_command)
+                                  format_eta, GracefulStop, resume_command, compile_model)
 from nanochat import checkpoint_manager as cm
 from nanochat import run_report
 
@@ -311,32 +311,6 @@ def batch_geometry(args, config, ddp, rank, world_size, device):
 Trainables = namedtuple("Trainables", "model train_model controllers optimizers train_params mask_params anchor")
 
 
-def compile_model(model, args):
-    """--compile=model: the whole training forward compiled, one graph per distinct plan (adaptive_train.distinct_plans;
-    unbounded with --sample-dim). --compile=blocks: each block compiled, one graph per (block kind, width, grad mode)
-    shared by identical blocks, so bounded whatever the plans. dynamo's recompile limit (8 by default) is raised to
-    the count, so that no plan or width runs eager. Returns what the step calls."""
-    import torch._dynamo
-    config = model.config
-    if args.compile == "blocks":
-        kinds = ({(config.mixer_kind(j), config.ffn_kind(j)) for j in range(config.n_layer)}
-                 if hasattr(config, "mixer_kind") else {"gpt"})
-        n_graphs = len(kinds) * len(getattr(config, "width_levels", None) or [None]) * 2  # training and eval
-        for block in model.transformer.h:
-            block.compile(dynamic=False)
-        out = model
-    else:
-        n_graphs = distinct_plans(config, args.matryoshka, args.n_random_plans, args.sample_dim)
-        out = torch.compile(model, dynamic=False)
-    if n_graphs is None:
-        print0(f"--compile=model with --sample-dim: every new per-block plan compiles the model again; past "
-               f"{torch._dynamo.config.recompile_limit} graphs dynamo runs the others eager (and says so); "
-               f"--compile=blocks has one graph per block kind and width")
-    else:
-        torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, n_graphs)
-    return out
-
-
 def prepare_training(args, phase, model, meta, geo):
     """What trains, as the phase says (the rest: requires_grad=False, in no optimizer); activation checkpointing, FSDP2,
     expert parallel, compile; then Muon + AdamW by kind (optim.setup_optimizers), the controllers a group of their own."""
@@ -366,7 +340,8 @@ def prepare_training(args, phase, model, meta, geo):
     params = dict(model.named_parameters())  # masks of DTensor parameters (fsdp, expert shards) sharded like them
     masks = {n: distribute_tensor(m, params[n].device_mesh, params[n].placements)
              if isinstance(params[n], DTensor) else m for n, m in masks.items()}
-    train_model = compile_model(model, args) if args.compile else model
+    train_model = (compile_model(model, args.compile, args.matryoshka, args.n_random_plans, args.sample_dim)
+                   if args.compile else model)
     mask_params = [(p, masks[n]) for n, p in model.named_parameters() if n in masks]
     optimizers = setup_optimizers(model, matrix_lr=args.matrix_lr, embedding_lr=args.embedding_lr,
                                   unembedding_lr=args.unembedding_lr, scalar_lr=args.scalar_lr,
