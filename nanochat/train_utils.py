@@ -51,25 +51,27 @@ def apply_activation_checkpointing(blocks):
         block.forward = functools.partial(checkpoint, block.forward, use_reentrant=False)
 
 
-def compile_model(model, mode, matryoshka=False, n_random=0, per_block=False):
+def compile_model(model, mode, matryoshka=False, n_random=0, per_block=False, backend=None):
     """torch.compile for training. mode "model": the whole forward, one graph per distinct plan the run meets
     (adaptive_train.distinct_plans; unbounded with random per-block plans); "blocks": each block of
     model.transformer.h, one graph per (block kind, width, grad mode), shared by identical blocks, so bounded whatever
     the plans. dynamo's recompile limit (8 by default) is raised to the count, so that no plan or width runs eager.
-    Returns what the training step calls."""
+    backend: torch.compile's (None: its default). Returns what the training step calls (scripts.fractal_train's and
+    scripts.bench train's)."""
     import torch._dynamo
     from nanochat.adaptive_train import distinct_plans
     config = model.config
+    kw = dict(dynamic=False, **({"backend": backend} if backend else {}))
     if mode == "blocks":
         kinds = ({(config.mixer_kind(j), config.ffn_kind(j)) for j in range(config.n_layer)}
                  if hasattr(config, "mixer_kind") else {"gpt"})
         n_graphs = len(kinds) * len(getattr(config, "width_levels", None) or [None]) * 2  # training and eval
         for block in model.transformer.h:
-            block.compile(dynamic=False)
+            block.compile(**kw)
         out = model
     elif mode == "model":
         n_graphs = distinct_plans(config, matryoshka, n_random, per_block)
-        out = torch.compile(model, dynamic=False)
+        out = torch.compile(model, **kw)
     else:
         raise ValueError(f"compile mode {mode!r}: use model or blocks")
     if n_graphs is None:

@@ -15,7 +15,7 @@ micro-batches (the speedrun accumulates 16 per GPU) approaches. 'warm-up s' is t
 import torch
 
 from nanochat.common import autocast_context
-from nanochat.train_utils import peak_flops  # dense bf16 tensor-core FLOP/s per device kind
+from nanochat.train_utils import peak_flops, compile_model  # peak: dense bf16 tensor-core FLOP/s per device kind
 from scripts.bench_common import (free_memory, measure, progress, top_kernels, print_profile, print_table, finish,
                                   bench_configs, build_model)
 
@@ -88,10 +88,8 @@ def train_one(args, device, name, kind, config, phase, exit_stride, recipe="sand
     # Muon + AdamW over the trainable parameters (the controllers a group of their own, as fractal_train)
     optimizers = setup_optimizers(model, controller_lr=1e-3 if adaptive else None)
     params = [p for p in model.parameters() if p.requires_grad]
-    if args.compile == "blocks":
-        for block in model.transformer.h:
-            block.compile(dynamic=False, backend=args.compile_backend)
-    run_model = torch.compile(model, dynamic=False, backend=args.compile_backend) if args.compile == "model" else model
+    # fractal_train's compile (the recompile limit stays cmd_train's 64, above what these models need)
+    run_model = model if args.compile == "none" else compile_model(model, args.compile, backend=args.compile_backend)
     if phase != "2":
         plans = [None]
     elif adaptive:  # the plans of even steps; odd steps run the router's menu (the same widths after the first blocks)
