@@ -83,24 +83,71 @@ def compile_model(model, mode, matryoshka=False, n_random=0, per_block=False, ba
     return out
 
 
-def apply_fsdp(model, blocks, replicated_params=(), device_type="cuda", separate=(), reshard_after_forward=True):
+def bf16_gathered(name, p, param_kind=None):
+    """Whether --fsdp-bf16 gathers this parameter as bf16: the weights that bf16 autocast rounds to bf16 before every
+    use anyway (nanochat.optim's "matrix" and "head" kinds). The rest (embeddings, biases, norm and conv weights,
+    Mamba's A_log, D and dt bias, routers, scalars: computed in fp32 or added to activations) stays fp32."""
+    from nanochat.optim import default_param_kind
+    kind = (param_kind(name, p) if param_kind is not None else None) or default_param_kind(name, p)
+    return kind in ("matrix", "head")
+
+
+def apply_fsdp(model, blocks, replicated_params=(), device_type="cuda", separate=(), reshard_after_forward=True,
+               bf16_matrices=False, mesh=None):
     """
     FSDP2: shard every block, then each module of `separate` on its own, then the root (what is left: the
     head); parameters become DTensors sharded on dim 0 over all ranks. One shard group must hold one
     dtype, so a module whose dtype differs from the rest (nanochat's bf16 embedding on CUDA next to the
     fp32 head) goes in `separate`. `replicated_params` stay whole plain tensors on every rank (small modules
     called through methods outside any forward, whose FSDP hooks would never run, e.g. the adaptive
-    controllers); their gradients must be all-reduced by the caller (allreduce_gradients).
-    reshard_after_forward=False keeps each block's gathered parameters until its backward (one all-gather
-    per block and pass instead of two, for the memory of the unsharded blocks); the root always keeps them.
+    controllers). reshard_after_forward=False keeps each block's gathered parameters until its backward (one
+    all-gather per block and pass instead of two, for the memory of the unsharded blocks); the root always keeps them.
+
+    bf16_matrices=True gathers the weight matrices as bf16 (FSDP2's MixedPrecisionPolicy: the fp32 shards stay the
+    optimizer's master weights, gradients are reduced and accumulated in fp32, forward inputs are not cast): half the
+    all-gather bytes and half the memory of gathered weights, and no autocast copy of a weight per use. Under bf16
+    autocast the forward is unchanged (autocast rounds an fp32 weight to bf16 the same way before each matmul).
+    A block's parameters that autocast does not round (bf16_gathered false: Mamba's A_log, D, dt bias, conv weights,
+    biases, norms; about 0.1% of a d32 hybrid) stay fp32 plain tensors, replicated like `replicated_params` (a shard
+    group holds one dtype, and the model reads them directly, not through a submodule's forward that FSDP could hook).
+    The embedding (`separate`: a lookup) is never cast.
+
+    Returns every parameter left replicated (`replicated_params` and those): the caller all-reduces their gradients
+    (allreduce_gradients), since FSDP does not.
     """
     from torch.distributed.device_mesh import init_device_mesh
-    from torch.distributed.fsdp import fully_shard
-    mesh = init_device_mesh(device_type, (dist.get_world_size(),))
-    for block in [*blocks, *separate]:
-        fully_shard(block, mesh=mesh, reshard_after_forward=reshard_after_forward)
-    fully_shard(model, mesh=mesh, ignored_params=set(replicated_params) or None)
-    return model
+    from torch.distributed.fsdp import fully_shard, MixedPrecisionPolicy
+    mesh = mesh if mesh is not None else init_device_mesh(device_type, (dist.get_world_size(),))
+    kw = dict(mesh=mesh, reshard_after_forward=reshard_after_forward)
+    bf16 = dict(mp_policy=MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32,
+                                               cast_forward_inputs=False)) if bf16_matrices else {}
+    kind = getattr(model, "param_kind", None)
+    fp32 = {id(p) for n, p in model.named_parameters() if bf16_matrices and not bf16_gathered(n, p, kind)}
+    replicated = list(replicated_params)
+    for block in blocks:
+        kept = [p for p in block.parameters() if id(p) in fp32]
+        replicated += kept
+        fully_shard(block, ignored_params=set(kept) or None, **bf16, **kw)
+    for module in separate:
+        fully_shard(module, **kw)
+    # the root keeps what no block or separate module holds (the head): bf16 too when that is matrices only
+    taken = {id(p) for m in [*blocks, *separate] for p in m.parameters()} | {id(p) for p in replicated}
+    rest = [(n, p) for n, p in model.named_parameters() if id(p) not in taken]
+    root_bf16 = bf16 if rest and all(bf16_gathered(n, p, kind) for n, p in rest) else {}
+    fully_shard(model, mesh=mesh, ignored_params=set(replicated) or None, **root_bf16)
+    return replicated
+
+
+def fsdp_before_backward(model, last, keep_params=False, reduce_every_pass=False):
+    """FSDP2 settings for the next backward of a step of several (micro-batches x passes); last: the step's final one.
+    The gradients are reduce-scattered after the last backward only (the unsharded fp32 gradients of the whole model
+    are held across the step: one reduce-scatter per block and step), or after every backward (reduce_every_pass:
+    only the sharded gradients are held, for a reduce-scatter per block and pass, which overlaps the backward).
+    keep_params (reshard_after_forward=False at apply_fsdp): the gathered weights also stay until the last backward,
+    so the step's passes share one all-gather per block."""
+    model.set_requires_gradient_sync(last or reduce_every_pass)
+    if keep_params:
+        model.set_reshard_after_backward(last)
 
 
 def allreduce_gradients(params, bucket_numel=2**25, divide_by=1):

@@ -378,6 +378,13 @@ def get_args(argv=None):
                                 "level, uniform and menu plans on alternate steps, distillation, exit loss, gates and "
                                 "router: nanochat.adaptive_train), cycle = the same with --plan-schedule cycle (full + one "
                                 "narrow plan per step, in turn), sandwich = the earlier full + smallest + one random level")
+            t.add_argument("--fake-world", type=int, default=0, metavar="N",
+                           help="one rank of an N-rank FSDP2 run on this device (fake process group: buffers as on a "
+                                "rank, no communication), at full depth; see scripts.bench_train")
+            t.add_argument("--fsdp-keep-params", action="store_true", help="with --fake-world: fractal_train's flag")
+            t.add_argument("--fsdp-bf16", action="store_true", help="with --fake-world: fractal_train's flag (CUDA)")
+            t.add_argument("--fsdp-reduce", default="step", choices=("step", "pass"),
+                           help="with --fake-world: fractal_train's flag")
             t.add_argument("--readouts", type=str, default="compiled", choices=("compiled", "eager"),
                            help="phase 2's exit readouts after lm_head: HybridGPT.READOUT_COMPILE (CUDA) on or off")
         else:

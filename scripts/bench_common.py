@@ -37,7 +37,7 @@ def free_memory(device):
         torch.cuda.reset_peak_memory_stats(device)
 
 
-def median_ms(fn, iters, device):
+def median_ms(fn, iters, device, stat=statistics.median):
     times = []
     for _ in range(iters):
         if device.type == "cuda":
@@ -51,7 +51,7 @@ def median_ms(fn, iters, device):
             t0 = time.perf_counter()
             fn()
             times.append((time.perf_counter() - t0) * 1e3)
-    return statistics.median(times)
+    return stat(times)
 
 
 def error_text(e):
@@ -59,9 +59,9 @@ def error_text(e):
     return f"{type(e).__name__}: {first[:200]}"
 
 
-def measure(fn, device, warmup, iters):
-    """{"ms": median, "first_s": wall time of the first call, "warmup_s": of all the untimed calls, "peak_gib"} or
-    {"error": why}.
+def measure(fn, device, warmup, iters, stat=statistics.median):
+    """{"ms": median (or `stat`) of the timed calls, "first_s": wall time of the first call, "warmup_s": of all the
+    untimed calls, "peak_gib"} or {"error": why}.
     Any exception of the measured call (out of memory, a kernel or the compiler refusing, a bug in the code
     under test) becomes the row's 'error' and is printed in the table; the other rows still run."""
     free_memory(device)
@@ -74,7 +74,7 @@ def measure(fn, device, warmup, iters):
             fn()
         sync(device)
         warmup_s = time.perf_counter() - t0
-        ms = median_ms(fn, iters, device)
+        ms = median_ms(fn, iters, device, stat)
     except Exception as e:  # noqa: BLE001 -- reported, not swallowed: the table and the JSON carry it
         msg = error_text(e)
         del e

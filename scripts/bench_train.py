@@ -10,12 +10,26 @@ convention leaves out or removes what does not run (exit readouts; frozen weight
 'update ms' is the clip + optimizer step alone (timed apart, on random gradients of the same shapes), and 'MFU w/o
 update' the step's MFU with that time taken out: the rate of the micro-batches themselves, which a step of many
 micro-batches (the speedrun accumulates 16 per GPU) approaches. 'warm-up s' is the wall time of every untimed step
-(compiles of every plan's graphs when --warmup covers the recipe's plans).
+(compiles of every plan's graphs). The adaptive recipes change plans from step to step, with costs that differ (a
+narrow pass at width 2048 costs several at 128): their warm-up is at least one period of the schedule (every plan's
+graphs compiled) and their ms/step the mean over whole periods (--iters rounded up to them), not a median, so the time
+and the FLOPs (the period's mean) cover the same steps.
+
+--fake-world N runs one rank of an N-rank FSDP2 run (scripts.fractal_train --parallel=fsdp: a shard group per block,
+the controllers replicated, the gradients reduced after a step's last backward) on this one device, over torch's fake
+process group: the collectives return at once and move nothing (the gathered weights hold garbage, so losses are not
+meaningful), but every buffer is allocated as on a real rank. Its rows are one rank's memory (sharded weights,
+gradients and optimizer states at 1/N, the gathered weights, the unsharded gradients a step accumulates) and compute
+time without communication, at the full depth: what one GPU could not hold unsharded. --fsdp-keep-params and
+--fsdp-bf16 and --fsdp-reduce are fractal_train's flags.
 """
+import statistics
+
 import torch
 
 from nanochat.common import autocast_context
-from nanochat.train_utils import peak_flops, compile_model  # peak: dense bf16 tensor-core FLOP/s per device kind
+from nanochat.train_utils import (peak_flops, compile_model, apply_fsdp, allreduce_gradients, clip_grad_norm,
+                                  fsdp_before_backward)
 from scripts.bench_common import (free_memory, measure, progress, top_kernels, print_profile, print_table, finish,
                                   bench_configs, build_model)
 
@@ -86,6 +100,12 @@ def train_one(args, device, name, kind, config, phase, exit_stride, recipe="sand
         for n, p in model.named_parameters():
             p.requires_grad_(n.startswith("transformer.h.") and config.mixer_kind(int(n.split(".")[2])) == "M")
     # Muon + AdamW over the trainable parameters (the controllers a group of their own, as fractal_train)
+    controllers = getattr(model, "controllers", None)
+    ctrl_params = list(controllers.parameters()) if controllers is not None else []
+    replicated = []
+    if args.fake_world:  # one rank of fractal_train --parallel=fsdp (the optimizers are built on the DTensors)
+        replicated = apply_fsdp(model, model.transformer.h, ctrl_params, device.type, separate=[model.transformer.wte],
+                                reshard_after_forward=not args.fsdp_keep_params, bf16_matrices=args.fsdp_bf16)
     optimizers = setup_optimizers(model, controller_lr=1e-3 if adaptive else None)
     params = [p for p in model.parameters() if p.requires_grad]
     # fractal_train's compile (the recompile limit stays cmd_train's 64, above what these models need)
@@ -101,6 +121,24 @@ def train_one(args, device, name, kind, config, phase, exit_stride, recipe="sand
            "trainable_M": sum(p.numel() for p in params) / 1e6, "phase": phase + (f" {recipe}" if phase == "2" else ""),
            "plans": "full" if plans == [None] else "+".join(str(p[-1]) for p in plans), "exit_stride": exit_stride}
     counter = [0]  # steps run: the adaptive recipe alternates uniform and menu plans
+    warmup, iters, stat = args.warmup, args.iters, statistics.median
+    if adaptive:  # the plans change from step to step: warm up (compile) a whole period of them, then time whole
+        period = recipe_period(config, recipe)  # periods from where the warm-up ended, and take their mean
+        warmup, iters, stat = max(warmup, period), -(-iters // period) * period, statistics.mean
+        row.update(timed_steps=iters)
+
+    def backward(loss, micro, i, n):  # fractal_train's: under FSDP2 reduce once, after the step's last backward
+        if args.fake_world:
+            fsdp_before_backward(model, micro == args.grad_accum - 1 and i == n - 1, args.fsdp_keep_params,
+                                 args.fsdp_reduce == "pass")
+        loss.backward()
+
+    def update():
+        if replicated:  # the all-reduce of what FSDP left replicated (fractal_train's)
+            allreduce_gradients([p for p in replicated if p.requires_grad], divide_by=args.fake_world)
+        clip_grad_norm(params, 1.0)
+        for opt in optimizers:
+            opt.step()
     B, oom = args.batch, []
     while True:
         x = torch.randint(0, config.vocab_size, (B, T), device=device)
@@ -112,12 +150,13 @@ def train_one(args, device, name, kind, config, phase, exit_stride, recipe="sand
                 step_plans = recipe_step_plans(config, counter[0], recipe)
                 counter[0] += 1
                 scale = 1.0 / (len(step_plans) * args.grad_accum)
-                for _ in range(args.grad_accum):
+                for micro in range(args.grad_accum):
                     with actx:
                         train_micro_batch(model, run_model, x, y, step_plans, model.controllers, args.exit_loss_weight,
-                                          1.0, backward=lambda objective, i: (objective * scale).backward())
+                                          1.0, backward=lambda objective, i, micro=micro, n=len(step_plans):
+                                          backward(objective * scale, micro, i, n))
             else:
-                for _ in range(args.grad_accum):  # the same rows each time: only the timing matters here
+                for micro in range(args.grad_accum):  # the same rows each time: only the timing matters here
                     for i, plan in enumerate(plans):
                         with actx:
                             if exits and i == 0:  # fractal_train's full-width forward: exit readouts + their CE
@@ -127,12 +166,10 @@ def train_one(args, device, name, kind, config, phase, exit_stride, recipe="sand
                                 loss = run_model(x, y)
                             else:
                                 loss = run_model(x, y, width=plan)
-                        (loss / (len(plans) * args.grad_accum)).backward()
-            torch.nn.utils.clip_grad_norm_(params, 1.0)
-            for opt in optimizers:
-                opt.step()
+                        backward(loss / (len(plans) * args.grad_accum), micro, i, len(plans))
+            update()
             model.zero_grad(set_to_none=True)
-        r = measure(step, device, args.warmup, args.iters)
+        r = measure(step, device, warmup, iters, stat)
         if r.get("error", "").startswith("OutOfMemoryError") and B > 1:
             oom.append(B)
             model.zero_grad(set_to_none=True)
@@ -143,10 +180,6 @@ def train_one(args, device, name, kind, config, phase, exit_stride, recipe="sand
     if oom:
         row["note"] = f"OOM at batch {oom}"
     if "ms" in r:  # the update alone (clip + every optimizer) on gradients of the same shapes: what accumulation amortises
-        def update():
-            torch.nn.utils.clip_grad_norm_(params, 1.0)
-            for opt in optimizers:
-                opt.step()
         for p in params:
             p.grad = torch.randn_like(p).mul_(1e-3)
         u = measure(update, device, 1, 3)
@@ -175,6 +208,15 @@ def train_one(args, device, name, kind, config, phase, exit_stride, recipe="sand
     return row
 
 
+def run_rows(args, device, models, rows):
+    for name, kind, config in models:
+        for phase in (["all"] if kind == "gpt" else args.phases.split(",")):
+            for stride in ([int(s) for s in args.exit_strides.split(",")] if phase == "2" else [None]):
+                for recipe in (args.recipes.split(",") if phase == "2" else ["-"]):
+                    rows.append(train_one(args, device, name, kind, config, phase, stride, recipe))
+                    progress(rows[-1])
+
+
 def cmd_train(args, device):
     import torch._dynamo
     torch._dynamo.config.cache_size_limit = 64  # one graph per (block kind, width, grad mode) is expected
@@ -183,17 +225,30 @@ def cmd_train(args, device):
     bad = [r for r in args.recipes.split(",") if r not in RECIPES]
     if bad:
         raise ValueError(f"--recipes: {', '.join(map(repr, bad))} not among {', '.join(RECIPES)}")
+    if (args.fsdp_keep_params or args.fsdp_bf16 or args.fsdp_reduce != "step") and not args.fake_world:
+        raise ValueError("--fsdp-keep-params / --fsdp-bf16 / --fsdp-reduce shape an FSDP2 run: give --fake-world N too")
+    if args.fake_world and args.fake_world < 2:
+        raise ValueError(f"--fake-world {args.fake_world}: give the ranks of the run to stand for, N >= 2")
+    if args.fsdp_bf16 and device.type != "cuda":
+        raise ValueError("--fsdp-bf16 gathers bf16 weights for bf16 autocast, which runs on CUDA only here")
     rows, models = [], train_models(args)
-    for name, kind, config in models:
-        for phase in (["all"] if kind == "gpt" else args.phases.split(",")):
-            for stride in ([int(s) for s in args.exit_strides.split(",")] if phase == "2" else [None]):
-                for recipe in (args.recipes.split(",") if phase == "2" else ["-"]):
-                    rows.append(train_one(args, device, name, kind, config, phase, stride, recipe))
-                    progress(rows[-1])
+    if args.fake_world:
+        import torch.distributed as dist
+        from torch.testing._internal.distributed.fake_pg import FakeStore  # registers the "fake" backend
+        dist.init_process_group("fake", store=FakeStore(), rank=0, world_size=args.fake_world)
+    try:
+        run_rows(args, device, models, rows)
+    finally:
+        if args.fake_world:
+            dist.destroy_process_group()
     widths = ", ".join(f"{name} {config.n_embd}" for name, _, config in models)
     blocks = f"; --layers {args.layers}: every hybrid {args.layers} blocks" if args.layers else ""
+    fsdp = (f"; one rank of a {args.fake_world}-rank FSDP2 run (fake process group: no communication)"
+            f"{', keep-params' if args.fsdp_keep_params else ''}{', bf16 gathered matrices' if args.fsdp_bf16 else ''}"
+            f", reduce-scatter every {args.fsdp_reduce}"
+            if args.fake_world else "")
     print_table(f"training step (accum x fwd+bwd of every plan, clip, Muon + AdamW), T={args.seq_len}, vocab {args.vocab_size}, "
-                f"depth {args.depth} (widths: {widths}{blocks}), compile={args.compile}, Mamba-{args.mamba}", rows,
+                f"depth {args.depth} (widths: {widths}{blocks}), compile={args.compile}, Mamba-{args.mamba}{fsdp}", rows,
                 [("model", "model", ""), ("phase", "phase", ""), ("plans", "plans", ""), ("exit_stride", "exits every", "d"),
                  ("params_M", "params M", ",.0f"), ("trainable_M", "trainable M", ",.0f"), ("batch", "B", "d"),
                  ("grad_accum", "accum", "d"),

@@ -29,9 +29,9 @@ Phase 3: phase 2 on a grown checkpoint (config.grown_from non-empty). The parame
 Data parallel: --parallel=ddp keeps a full replica per rank and sums the gradients with one bucketed
 all-reduce after the last backward of the step (several backwards per step, parameters unused by
 some of them, and controllers called outside the model's forward are why this is not the DDP wrapper);
---parallel=fsdp shards with FSDP2 (fully_shard per block, then the root; the small controllers stay
-replicated, their gradients all-reduced); --fsdp-keep-params keeps the gathered parameters for the whole
-step (one all-gather per block and step; phase 2's three passes otherwise gather every block six times).
+--parallel=fsdp shards with FSDP2 (fully_shard per block, then the root; the controllers stay replicated, their
+gradients all-reduced); --fsdp-keep-params keeps the gathered parameters for the whole step (one all-gather per block
+and step, not two per pass); --fsdp-bf16 gathers bf16 matrices; --fsdp-reduce=pass reduce-scatters after every pass.
 --expert-parallel (with ddp) shards every MoE's experts over the ranks instead of replicating them
 (nanochat.moe_ep: rows travel by all_to_all, one host sync per MoE call, that part runs eager); the
 expert gradients are complete without an all-reduce, and checkpoints hold the full experts.
@@ -77,8 +77,8 @@ from nanochat.surgery import grown_masks
 from nanochat.optim import (setup_optimizers, lr_multiplier, set_lr_multiplier, muon_momentum, set_muon_momentum,
                             optimizer_state_dicts, load_optimizer_state_dicts)
 from nanochat.train_utils import (peak_flops, apply_activation_checkpointing, apply_fsdp, allreduce_gradients,
-                                  clip_grad_norm, full_state_dict, optimizer_state_full, optimizer_state_to_dtensor,
-                                  format_eta, GracefulStop, resume_command, compile_model)
+                                  fsdp_before_backward, clip_grad_norm, full_state_dict, optimizer_state_full,
+                                  optimizer_state_to_dtensor, format_eta, GracefulStop, resume_command, compile_model)
 from nanochat import checkpoint_manager as cm
 from nanochat import run_report
 
@@ -157,9 +157,12 @@ def build_parser(description="Fractal training of a hybrid checkpoint: phase 1 (
     p.add_argument("--activation-checkpointing", action="store_true", help="recompute block activations in backward")
     p.add_argument("--parallel", type=str, default="ddp", choices=("ddp", "fsdp"))
     p.add_argument("--fsdp-keep-params", action="store_true",
-                   help="fsdp: keep the gathered parameters for the whole step (no reshard after a forward, nor between "
-                        "the step's backward passes): one all-gather per block and step instead of two per pass; costs "
-                        "the memory of the unsharded model")
+                   help="fsdp: keep the gathered parameters for the whole step: one all-gather per block and step "
+                        "instead of two per pass, for the memory of the unsharded model")
+    p.add_argument("--fsdp-bf16", action="store_true", help="fsdp, CUDA: gather weight matrices as bf16, fp32 shards the "
+                   "master copy; same forward, half the gather bytes and memory (train_utils.apply_fsdp)")
+    p.add_argument("--fsdp-reduce", default="step", choices=("step", "pass"), help="fsdp: reduce-scatter the gradients "
+                   "once a step (holds unsharded fp32 grads) or after every backward pass (train_utils.fsdp_before_backward)")
     p.add_argument("--expert-parallel", action="store_true",
                    help="ddp: shard every MoE's experts over the ranks (num_experts / world size each, rows sent by "
                         "all_to_all; nanochat.moe_ep); the rest stays replicated")
@@ -239,6 +242,9 @@ def setup_process(args, user_args):
     wandb_run = init_wandb(args.run, "adamba", user_args, rank)
     if args.parallel == "fsdp" and not ddp:
         raise ValueError("--parallel=fsdp shards over ranks: start with torchrun --nproc_per_node=N (N >= 2)")
+    if (args.fsdp_keep_params or args.fsdp_bf16 or args.fsdp_reduce != "step") and (
+            args.parallel != "fsdp" or args.fsdp_bf16 and device.type != "cuda"):
+        raise ValueError("--fsdp-keep-params, --fsdp-bf16, --fsdp-reduce need --parallel=fsdp (--fsdp-bf16: CUDA too)")
     if args.expert_parallel and (args.parallel != "ddp" or world_size < 2):
         raise ValueError("--expert-parallel shards the experts over the ranks of --parallel=ddp: start with torchrun "
                          "--nproc_per_node=N (N >= 2), without --parallel=fsdp")
@@ -308,7 +314,7 @@ def batch_geometry(args, config, ddp, rank, world_size, device):
 
 # The model and what updates it: train_model is what the step calls (compiled or not); the step clips train_params
 # and scales the grown entries of mask_params ([(parameter, mask)])
-Trainables = namedtuple("Trainables", "model train_model controllers optimizers train_params mask_params anchor")
+Trainables = namedtuple("Trainables", "model train_model controllers optimizers train_params mask_params anchor replicated")
 
 
 def prepare_training(args, phase, model, meta, geo):
@@ -327,11 +333,10 @@ def prepare_training(args, phase, model, meta, geo):
     masks = grown_masks(model, meta) if phase.grown and args.new_channel_lr_mult != 1.0 else {}
     if args.activation_checkpointing:
         apply_activation_checkpointing(model.transformer.h)
-    if args.parallel == "fsdp":
-        # NOTE: fully_shard replaces the parameters by DTensors: the optimizers must be built after it
-        # the controllers stay replicated; wte (bf16 on CUDA, as nanochat) is a shard group of its own
-        apply_fsdp(model, model.transformer.h, ctrl_params, geo.device.type, separate=[model.transformer.wte],
-                   reshard_after_forward=not args.fsdp_keep_params)
+    replicated = []  # what FSDP2 leaves whole, all-reduced by the step: the controllers (and fp32 ones, --fsdp-bf16)
+    if args.parallel == "fsdp":  # DTensors replace the parameters: optimizers after it; wte (bf16 on CUDA) apart
+        replicated = apply_fsdp(model, model.transformer.h, ctrl_params, geo.device.type, separate=[model.transformer.wte],
+                                reshard_after_forward=not args.fsdp_keep_params, bf16_matrices=args.fsdp_bf16)
     if args.expert_parallel:  # the experts become DTensors sharded on the expert dim; the rest stays replicated
         from torch.distributed.device_mesh import init_device_mesh
         n_moe = shard_experts(model, init_device_mesh(geo.device.type, (geo.world_size,)))
@@ -352,7 +357,7 @@ def prepare_training(args, phase, model, meta, geo):
         anchor, _ = cm.load_model(cm.model_path(*cm.resolve_checkpoint(args.checkpoint)), device=geo.device)
         anchor.eval().requires_grad_(False)
         print0(f"anchor: full width also learns KL(input || full) x {args.anchor_weight} from {args.checkpoint}")
-    return Trainables(model, train_model, controllers, optimizers, train_params, mask_params, anchor)
+    return Trainables(model, train_model, controllers, optimizers, train_params, mask_params, anchor, replicated)
 
 
 def restore_state(args, meta, paths, optimizers, data_ranks):
@@ -433,11 +438,9 @@ def train_step(args, phase, t, loaders, loader_states, geo, step, plans):
         x, y, loader_states[j] = next(loaders[j])
 
         def backward(objective, i):
-            if args.parallel == "fsdp":  # reduce-scatter once, after the step's last backward
-                last = micro == grad_accum - 1 and i == len(plans) - 1
-                model.set_requires_gradient_sync(last)
-                if args.fsdp_keep_params:  # the step's passes share the weights: gather them once per step
-                    model.set_reshard_after_backward(last)
+            if args.parallel == "fsdp":  # reduce-scatter after the step's last backward (or each: --fsdp-reduce=pass)
+                fsdp_before_backward(model, micro == grad_accum - 1 and i == len(plans) - 1, args.fsdp_keep_params,
+                                     args.fsdp_reduce == "pass")
             (objective * (scale * full_w if i == 0 else scale)).backward()
 
         with autocast_context(geo.device.type):  # bf16 on CUDA, fp32 elsewhere
@@ -447,8 +450,8 @@ def train_step(args, phase, t, loaders, loader_states, geo, step, plans):
                                       anchor=t.anchor, anchor_weight=args.anchor_weight)
     if args.parallel == "ddp":  # expert shards: every rank's tokens already reached them (all_to_all): no all-reduce
         allreduce_gradients([p for p in t.train_params if not is_expert_shard(p)])
-    elif controllers is not None:  # fsdp: the replicated controllers; the loss was not scaled by the world size
-        allreduce_gradients(list(controllers.parameters()), divide_by=world_size)
+    elif t.replicated:  # fsdp: the replicated controllers (and fp32 parameters); loss not scaled by the world size
+        allreduce_gradients(t.replicated, divide_by=world_size)
     if geo.ddp:
         dist.all_reduce(sums, op=dist.ReduceOp.SUM)
     sums = (sums / (grad_accum * world_size)).tolist()  # a device sync: what follows is the update

@@ -179,6 +179,36 @@ def test_train_layers_keeps_the_shapes_with_fewer_blocks(capsys):
     assert r["warmup_s"] >= r["first_s"] > 0
 
 
+def test_train_fake_world_runs_one_fsdp_rank(capsys, monkeypatch):
+    """--fake-world N: the model is sharded as fractal_train --parallel=fsdp shards it over N ranks (this process
+    holds 1/N of every block's rows) and the step runs with fractal_train's FSDP settings over torch's fake process
+    group, which is torn down after; flags that need it or CUDA stop with one line."""
+    import torch.distributed as dist
+    from nanochat import train_utils
+    shares = []
+
+    def spy(model, *a, **kw):
+        out = train_utils.apply_fsdp(model, *a, **kw)
+        blocks = [p for n, p in model.named_parameters() if n.startswith("transformer.h.")]
+        shares.append((sum(p.to_local().numel() for p in blocks) / sum(p.numel() for p in blocks),
+                       kw["reshard_after_forward"], len(out)))
+        return out
+    monkeypatch.setattr(bench_train, "apply_fsdp", spy)
+    res, out = run(capsys, ["train", "--depth", "2", "--seq-len", "16", "--batch", "2", "--vocab-size", "128",
+                            "--models", "dense,hybrid", "--phases", "1,2", "--exit-strides", "1", "--recipes", "cycle",
+                            "--grad-accum", "2", "--compile", "none", "--fake-world", "4", "--fsdp-keep-params"])
+    assert [(r["model"], r["phase"]) for r in res["rows"]] == [("dense", "all"), ("hybrid", "1"), ("hybrid", "2 cycle")]
+    assert all(r["ms"] > 0 and r["update_ms"] > 0 for r in res["rows"]), res["rows"]
+    assert len(shares) == 3 and all(abs(s - 0.25) < 0.02 and keep is False for s, keep, _ in shares), shares
+    assert shares[2][2] > 0  # phase 2's controllers stay replicated
+    assert "one rank of a 4-rank FSDP2 run" in out and not dist.is_initialized()
+    base = ["train", "--depth", "2", "--vocab-size", "128", "--models", "dense", "--compile", "none"]
+    for extra, msg in [(["--fsdp-bf16"], "give --fake-world N too"), (["--fake-world", "1"], "N >= 2"),
+                       (["--fake-world", "2", "--fsdp-bf16"], "runs on CUDA only")]:
+        with pytest.raises(ValueError, match=msg):
+            bench.main(CPU + base + extra)
+
+
 def test_train_grad_accum_counts_every_micro_batch(capsys):
     res, out = run(capsys, ["train", "--depth", "2", "--seq-len", "16", "--batch", "2", "--vocab-size", "128",
                             "--models", "dense", "--grad-accum", "3", "--compile", "none"])
@@ -352,13 +382,27 @@ def test_adaptive_speculate_on_a_checkpoint(capsys, tiny_data, tmp_path):
     assert "self-speculative decoding on" in out
 
 
-def test_train_adaptive_recipe_runs_fractal_trains_step(capsys):
+def test_train_adaptive_recipe_runs_fractal_trains_step(capsys, monkeypatch):
     """--recipes: phase 2 as fractal_train runs it (every level, menu plans on odd steps, controllers) beside the
-    sandwich; its FLOPs are the mean of a uniform and a menu step's plans."""
+    sandwich; its FLOPs are the mean of a uniform and a menu step's plans, and its time the mean over the same whole
+    periods of steps, after a warm-up of at least one period."""
+    import statistics
+    timed = []
+
+    def spy(fn, device, warmup, iters, stat=statistics.median):
+        timed.append((warmup, iters, stat))
+        return measure(fn, device, warmup, iters, stat)
+    measure = bench_train.measure
+    monkeypatch.setattr(bench_train, "measure", spy)
     res, out = run(capsys, ["train", "--depth", "4", "--seq-len", "16", "--batch", "2", "--vocab-size", "128",
                             "--models", "hybrid", "--phases", "2", "--exit-strides", "1", "--compile", "none",
                             "--recipes", "sandwich,adaptive,cycle"])
     rows = {r["phase"]: r for r in res["rows"]}
+    steps = [t for t in timed if t[2] is not statistics.median or t[1] != 3]  # the update's own timing: (1, 3, median)
+    (sw, si, sstat), (aw, ai, astat), (cw, ci, cstat) = steps
+    assert (sw, si, sstat) == (1, 1, statistics.median)  # CPU's --warmup 1 --iters 1
+    assert (aw, ai, astat) == (2, 2, statistics.mean) and rows["2 adaptive"]["timed_steps"] == 2  # period 2
+    assert cw == ci == rows["2 cycle"]["timed_steps"] and cstat is statistics.mean
     assert set(rows) == {"2 sandwich", "2 adaptive", "2 cycle"} and "2 adaptive" in out
     from nanochat.hybrid_gpt import HybridGPT
     from scripts.bench_train import recipe_step_plans

@@ -219,15 +219,17 @@ def parse_losses(text):
 
 
 @pytest.mark.slow  # 2 gloo processes
-@pytest.mark.parametrize("parallel", ["ddp", "fsdp", "fsdp-keep"])
+@pytest.mark.parametrize("parallel", ["ddp", "fsdp", "fsdp-keep", "fsdp-keep-pass"])
 def test_two_gloo_processes_equal_one_process(pipeline, tiny_data, tmp_path, parallel):
     """
     2 ranks x 1 micro-batch vs 1 rank x 2 micro-batches of the same 2 data shards (--data-ranks=2).
     Not bitwise: the per-plan, per-micro-batch and per-rank gradients are summed in another order
     (fp32 addition is not associative), and each torchrun worker runs single-threaded.
-    fsdp-keep: --fsdp-keep-params, the parameters gathered once per step and shared by its passes.
+    fsdp-keep: --fsdp-keep-params, the parameters gathered once per step and shared by its passes; fsdp-keep-pass:
+    with --fsdp-reduce=pass too (a reduce-scatter after every backward pass).
     """
-    flags = [f"--parallel={parallel.split('-')[0]}"] + (["--fsdp-keep-params"] if parallel == "fsdp-keep" else [])
+    flags = ([f"--parallel={parallel.split('-')[0]}"] + (["--fsdp-keep-params"] if "keep" in parallel else [])
+             + (["--fsdp-reduce=pass"] if parallel.endswith("pass") else []))
     root = pipeline["root"]
     # --no-distill: the KL's gradient is p_narrow - p_full, a difference of near-equal numbers where the plans agree,
     # so fp32 summation order leaves sign noise on near-zero entries (rare tokens' wte rows), which Adam's
@@ -244,7 +246,7 @@ def test_two_gloo_processes_equal_one_process(pipeline, tiny_data, tmp_path, par
     a, _ = state_of(tmp_path / "one")
     b, _ = state_of(tmp_path / "two")
     assert max_diff(a, b) < 1e-4
-    if parallel == "fsdp-keep":  # resuming is the same as for fsdp
+    if "keep" in parallel:  # resuming is the same as for fsdp
         return
 
     # the 2-rank checkpoint of step 2 resumes on 1 process: its step 2 is the 2-rank run's step 2
@@ -334,6 +336,9 @@ def test_bad_inputs_stop_before_training(pipeline, tiny_data, tmp_path):
         fractal_train.main(run_args(tiny_data, 1, root / "gpt", tmp_path / "f", 1))
     with pytest.raises(ValueError, match="--expert-parallel shards the experts over the ranks of --parallel=ddp"):
         fractal_train.main(run_args(tiny_data, 2, root / "p1", tmp_path / "i", 1, "--expert-parallel"))
+    for flag in ("--fsdp-keep-params", "--fsdp-bf16", "--fsdp-reduce=pass"):  # FSDP2 settings without --parallel=fsdp
+        with pytest.raises(ValueError, match="--fsdp-keep-params, --fsdp-bf16, --fsdp-reduce need --parallel=fsdp"):
+            fractal_train.main(run_args(tiny_data, 2, root / "p1", tmp_path / "k", 1, flag))
     for bad in ("--full-weight=0", "--anchor-weight=-1"):
         with pytest.raises(ValueError, match="--full-weight > 0"):
             fractal_train.main(run_args(tiny_data, 2, root / "p1", tmp_path / "j", 1, bad))
