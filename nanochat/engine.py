@@ -97,8 +97,8 @@ class Engine:
         self.state = None       # the DecodeState of the last generate()
         self.spec_stats = None  # what speculation did in the last generate(speculate=k) (speculative.SpecStats)
         self.spec_sync = False  # speculative rounds wait for the device after the drafts (benches time them apart)
-        self.spec_memory = {}   # (draft, k, batch) -> (plain seconds since speculation measured slower, seconds a retry
-        #                         waits for) (speculative.generate)
+        self.spec_memory = {}   # (draft, k, batch) -> speculative.SpecMemory: plain decoding since speculation measured
+        #                         slower, what a retry waits for, plain generations' prices (speculative.generate)
 
     # ---- plans and thresholds -----------------------------------------------------------------
     def resolve(self, plan, exit_threshold, expand_threshold):

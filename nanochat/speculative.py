@@ -100,9 +100,34 @@ class SpecStats:
 PROBE_STEPS = 4  # plain decode steps before speculating (with the fallback on); the 2nd and 3rd are timed
 JUDGE_ROUNDS = 2  # the fallback judges the last (up to 3) rounds that captured no graphs, once there are this many
 # An engine whose generation fell back decodes the next ones plain; it tries speculation again once the plain decoding
-# since has taken 1 / RETRY_OVERHEAD times what the failed attempt lost against plain steps, so that retries cost at
-# most this share of the decode time (the fallback's floor is 0.95x think's tokens/s)
-RETRY_OVERHEAD = 0.05
+# since has taken 1 / RETRY_OVERHEAD times what the failed attempt lost against plain decoding, so that retries cost at
+# most this share of the decode time. The fallback's floor is 0.95x think's tokens/s; 3% leaves room for the first
+# attempt (whose loss no plain generation has yet priced) and for timing noise
+RETRY_OVERHEAD = 0.03
+
+
+@dataclass
+class SpecMemory:
+    """Engine.spec_memory's entry for a (draft, k, batch) whose speculation measured slower than plain decoding."""
+    need_s: float             # plain decoding a retry waits for: what the failed attempt lost / RETRY_OVERHEAD
+    plain_s: float = 0.0      # plain decoding since that attempt
+    first_s: float = 0.0      # every plain generation remembered so far: seconds to its first token, summed,
+    decode_s: float = 0.0     # and after it,
+    decode_tokens: int = 0    # for this many tokens
+    generations: int = 0
+
+    def plain_cost(self, decode_tokens):
+        """Seconds a plain generation of 1 + decode_tokens tokens takes (the mean of those remembered), or None."""
+        if not self.generations:
+            return None
+        return self.first_s / self.generations + decode_tokens * self.decode_s / max(1, self.decode_tokens)
+
+    def add_plain(self, first_s, total_s, decode_tokens):
+        self.plain_s += total_s
+        self.first_s += first_s
+        self.decode_s += total_s - first_s
+        self.decode_tokens += decode_tokens
+        self.generations += 1
 
 
 def step_per_position(mamba, xn, conv_state, ssm_state, keep):
@@ -405,11 +430,14 @@ def generate(engine, prompts, max_tokens, speculate, draft, temperature=0.0, top
     Rounds are timed the same way, from the resumption before the round to the one after its last token. Once
     JUDGE_ROUNDS rounds that captured no CUDA graphs have run, speculation stops for the rest of the generation
     when the last (up to three) of them gave tokens slower than the yardstick (from then on the draft is not
-    stepped). The engine remembers it: its next generations with this draft, k and batch size are plain think
-    generations (Engine.generate's own loop, timed as the caller sees them), until their time reaches the time the
-    generation's rounds lost against plain steps / RETRY_OVERHEAD; the next one speculates again and is judged
-    afresh (a retry too short to be judged leaves the memory as it was). Retries so cost at most RETRY_OVERHEAD of
-    the plain decoding between them."""
+    stepped). The engine remembers it (SpecMemory): its next generations with this draft, k and batch size are plain
+    think generations (Engine.generate's own loop, timed as the caller sees them), until their time reaches what the
+    attempt lost / RETRY_OVERHEAD; the next one speculates again and is judged afresh (a retry too short to be judged
+    leaves the memory as it was). What an attempt lost: the whole generation's time against a plain generation of as
+    many tokens (the remembered ones' mean time to the first token + their mean time per later token), which counts
+    the draft's prefill, the probes and the rounds; for the first attempt, with no plain generation to compare, what
+    its rounds lost against the probes' plain steps. Retries so cost about RETRY_OVERHEAD of the plain decoding
+    between them."""
     model = engine.model
     c = model.config
     if engine.dense:
@@ -421,29 +449,39 @@ def generate(engine, prompts, max_tokens, speculate, draft, temperature=0.0, top
         draft = Draft.parse(draft, c.n_layer)
     name = f"plan:{draft.plan}" if draft.kind == "plan" else f"exit:{draft.exit_block}"
     memo_key = (name, speculate, len(prompts))
-    memo = engine.spec_memory.get(memo_key)  # (seconds of plain decoding since it measured slower, those a retry needs)
-    if fallback and memo is not None and memo[0] < memo[1]:
+    memo = engine.spec_memory.get(memo_key)  # a SpecMemory where an earlier attempt measured slower
+    t0, first, tokens = time.perf_counter(), None, 0  # this generation's time as the caller sees it, its tokens
+    if fallback and memo is not None and memo.plain_s < memo.need_s:
         # remembered: plain think decoding, the engine's own pipelined loop (no draft, no probes, no per-token sync)
         engine.spec_stats = SpecStats(k=speculate, draft=name, fell_back_at=0, remembered=True)
-        t0 = time.perf_counter()
         try:
-            yield from engine.generate(prompts, max_tokens, "think", temperature=temperature, top_k=top_k, seed=seed,
-                                       stop_tokens=stop_tokens)
+            for ts in engine.generate(prompts, max_tokens, "think", temperature=temperature, top_k=top_k, seed=seed,
+                                      stop_tokens=stop_tokens):
+                first, tokens = time.perf_counter() - t0 if first is None else first, tokens + 1
+                yield ts
         finally:
-            engine.spec_memory[memo_key] = (memo[0] + time.perf_counter() - t0, memo[1])
+            memo.add_plain(first or 0.0, time.perf_counter() - t0, max(0, tokens - 1))
         return
     engine.spec_memory.pop(memo_key, None)  # a retry (memo given) speculates and is judged afresh
     engine.spec_stats = SpecStats(k=speculate, draft=name)
     try:
-        yield from _speculate(engine, prompts, max_tokens, speculate, draft, name, temperature, top_k, seed,
-                              stop_tokens, fallback, memo_key, memo)
+        for ts in _speculate(engine, prompts, max_tokens, speculate, draft, name, temperature, top_k, seed,
+                             stop_tokens, fallback, memo_key):
+            tokens += 1
+            yield ts
     finally:
-        if memo is not None and not engine.spec_stats.judged and memo_key not in engine.spec_memory:
+        new = engine.spec_memory.get(memo_key)
+        if memo is not None and not engine.spec_stats.judged and new is None:
             engine.spec_memory[memo_key] = memo  # not judged: the next generation retries
+        elif memo is not None and new is not None and memo.generations:  # a retry that fell back: priced whole
+            plain = memo.plain_cost(max(0, tokens - 1))
+            new.need_s = max(new.need_s, (time.perf_counter() - t0 - plain) / RETRY_OVERHEAD)
+            new.first_s, new.decode_s, new.decode_tokens = memo.first_s, memo.decode_s, memo.decode_tokens
+            new.generations = memo.generations  # the plain generations' prices stay valid
 
 
 def _speculate(engine, prompts, max_tokens, speculate, draft, name, temperature, top_k, seed, stop_tokens, fallback,
-               memo_key, memo):
+               memo_key):
     """generate()'s speculative generation (see there)."""
     model = engine.model
     c = model.config
@@ -535,6 +573,6 @@ def _speculate(engine, prompts, max_tokens, speculate, draft, name, temperature,
             if sum(n_ for n_, _ in recent) * stats.think_step_s < sum(t_ for _, t_ in recent):
                 stats.fell_back_at, speculating = emitted, False  # its tokens came slower than plain steps
                 # what this generation's rounds lost against plain steps (graph captures included): a retry waits
-                # for 1 / RETRY_OVERHEAD times that much plain decoding
+                # for 1 / RETRY_OVERHEAD times that much plain decoding (generate() prices a retry's loss whole)
                 lost = sum(t_ - n_ * stats.think_step_s for n_, t_, _ in stats.round_log)
-                engine.spec_memory[memo_key] = (0.0, max(0.0, lost) / RETRY_OVERHEAD)
+                engine.spec_memory[memo_key] = SpecMemory(max(0.0, lost) / RETRY_OVERHEAD)

@@ -275,9 +275,10 @@ def test_fallback_decides_on_timed_steps_and_stops_stepping_the_draft(monkeypatc
 
     def loss(st):  # what the rounds lost against plain steps of the yardstick: 10 s each for their tokens at 1 s
         return sum(t - n * st.think_step_s for n, t, _ in st.round_log)
-    assert eng.spec_memory == {key: (0.0, pytest.approx(loss(stats) / RETRY_OVERHEAD))}
-    need, plain = eng.spec_memory[key][1], 0
-    while eng.spec_memory[key][0] < need:  # remembered: plain throughout, no draft steps, think's tokens, timed
+    memo = eng.spec_memory[key]  # the first attempt: no plain generation yet, so its rounds' loss
+    assert (memo.plain_s, memo.need_s, memo.generations) == (0.0, pytest.approx(loss(stats) / RETRY_OVERHEAD), 0)
+    need, plain = memo.need_s, 0
+    while eng.spec_memory[key].plain_s < need:  # remembered: plain throughout, no draft steps, think's tokens, timed
         draft_steps.clear()
         t0 = clock["t"]
         again = eng.generate_batch([[3, 1, 4]], 24, speculate=3, draft="plan:64,64,64,32", fallback=True)
@@ -285,15 +286,21 @@ def test_fallback_decides_on_timed_steps_and_stops_stepping_the_draft(monkeypatc
         assert again.tokens == ref.tokens and stats.remembered and stats.rounds == 0 and not draft_steps
         assert "plain decoding throughout" in stats.summary()
         plain += 1
-        assert eng.spec_memory[key][0] == pytest.approx(plain * (clock["t"] - t0))  # 23 plain steps of 1 s each
+        assert eng.spec_memory[key].plain_s == pytest.approx(plain * (clock["t"] - t0))  # 23 plain steps of 1 s each
+        assert eng.spec_memory[key].plain_cost(23) == pytest.approx(23.0)  # 0 s to the first token (prefill), 1 s each
     assert plain == -(-need // 23)  # the retry comes once the plain time reaches the need, not before
     short = eng.generate_batch([[3, 1, 4]], 3, speculate=3, draft="plan:64,64,64,32", fallback=True)  # the retry:
     assert short.tokens == [ref.tokens[0][:3]]  # too short to be judged,
     assert not eng.spec_stats.remembered and not eng.spec_stats.judged  # so the memory stays and the next retries
+    t0 = clock["t"]
     retry = eng.generate_batch([[3, 1, 4]], 24, speculate=3, draft="plan:64,64,64,32", fallback=True)
+    whole = clock["t"] - t0 - 23.0  # the retry's time against a plain generation of 24 tokens (23 s)
     assert retry.tokens == ref.tokens and not eng.spec_stats.remembered and eng.spec_stats.rounds == rounds
-    # it fell back again: the wait is this attempt's loss / RETRY_OVERHEAD, counted from zero
-    assert eng.spec_memory[key] == (0.0, pytest.approx(loss(eng.spec_stats) / RETRY_OVERHEAD))
+    # it fell back again: the wait is this attempt's whole loss (its draft's catch-up steps and rounds beyond what the
+    # rounds alone lost) / RETRY_OVERHEAD, counted from zero; the plain generations' prices are kept
+    memo = eng.spec_memory[key]
+    assert whole > loss(eng.spec_stats) and memo.plain_s == 0.0 and memo.generations == plain
+    assert memo.need_s == pytest.approx(whole / RETRY_OVERHEAD)
     # retries cost at most RETRY_OVERHEAD of the plain decoding between them
     assert loss(eng.spec_stats) <= RETRY_OVERHEAD * plain * 23 + 1e-9
     # another k is another measurement; fallback=False never consults the memory
