@@ -56,12 +56,17 @@ TOTAL_BATCH=${TOTAL_BATCH:-524288}      # tokens per optimizer step, all GPUs (n
 DBS1=${DBS1:-4}                         # rows per GPU per micro-batch, phase 1: peak 73.5 GiB per GPU with FSDP2 on 4 H200s
 DBS2=${DBS2:-2}                         # phases 2 and 3: peak 73.9 GiB (sandwich + exit readouts); runs/multigpu.sh scale
 KEEP_PARAMS=${KEEP_PARAMS:-1}           # phase 2: --fsdp-keep-params (1.6x the per-GPU rate; peak 87-94 GiB: 141 GB H200s; 0 on 80 GB GPUs).
-                                        # Not in phase 3: the grown model's gathered weights would not fit (not measured)
+GROWN_KEEP=${GROWN_KEEP:-1}             # phase 3 and SFT (the grown model): --fsdp-keep-params --fsdp-bf16 --fsdp-reduce=pass, gathered
+                                        # weights kept in bf16 and gradients reduce-scattered every pass (peak 66.9 GiB per rank,
+                                        # measured); 0: FSDP2 defaults
 PLAN_SCHEDULE=${PLAN_SCHEDULE:-cycle}   # phases 2, 3 and SFT: fractal_train --plan-schedule (cycle: full width and one narrow
                                         # plan a step in turn; every: every level each step). cycle's step is 2.1x cheaper at d32
                                         # (FLOPs and measured MFU), and the tiny pipeline with it passes issue #28's targets on
                                         # seeds 0, 1, 2 (auto's mean compute 0.706 against every's 0.640; README)
 case "$PLAN_SCHEDULE" in every|cycle) ;; *) echo "PLAN_SCHEDULE=$PLAN_SCHEDULE: use every or cycle" >&2; exit 2 ;; esac
+for v in KEEP_PARAMS GROWN_KEEP; do
+  case "${!v}" in 0|1) ;; *) echo "$v=${!v}: use 0 or 1" >&2; exit 2 ;; esac
+done
 P1_STEPS=${P1_STEPS:-2000}
 P2_STEPS=${P2_STEPS:-4000}
 P3_STEPS=${P3_STEPS:-4000}
@@ -83,10 +88,21 @@ PEAK_FLOPS=${PEAK_FLOPS:-989.4e12}      # dense bf16 per GPU, H100 SXM / H200
 # (docs/benchmarks.md, "Session 17"):
 #   phase 1: hybrid, 32 blocks, B 4: 47.8% x 0.953 x 92.4% = 0.421
 #   phase 2: hybrid, 32 blocks, B 2, cycle: 23.6% x 0.976 x 95.7% (--fsdp-keep-params) = 0.220; without it 71.8%: 0.165
-#   phase 3: hybrid-grown, 16 blocks, B 2, cycle: 32.2% x 0.967 x 71.8% (FSDP2 defaults, phase 2's 8-GPU figure) = 0.224
+#   phase 3, GROWN_KEEP=0: hybrid-grown, 16 blocks, B 2, cycle: 32.2% x 0.967 x 71.8% (FSDP2 defaults, phase 2's 8-GPU
+#     figure) = 0.224
+# Phase 3 with GROWN_KEEP=1 is one rank of the 8-GPU run at full depth (64 blocks), measured on one H100 over a fake
+# process group (`bench train --fake-world 8`: every buffer of a rank, no communication), 2026-12-06, code 4c1ca6f,
+# `python -m scripts.bench --warmup 10 --iters 10 train --depth 32 --batch 2 --grad-accum 2 --phases 2 --exit-strides 8
+# --recipes cycle --compile blocks --fake-world 8 --models hybrid-grown --fsdp-keep-params --fsdp-bf16 --fsdp-reduce
+# pass`, the mean over one whole period of the cycle (10 steps): 33.7% without its update (184 ms a rank) x 0.986 (16
+# micro-batches of 830 ms a step) x 95.7% (phase 2's keep-params 8-GPU efficiency: not measured for this setting, whose
+# reduce-scatters per pass move 32x the gradient bytes of one per step, overlapped with the backward) = 0.318.
+# Phases 1 and 2 were timed as the median of the first steps after the warm-up: for phase 2's cycle those are the
+# cheapest narrow plans (128, 256) while its FLOPs are the period's mean, which overstates its MFU a little (fixed in the
+# bench since; not measured again).
 MFU_P1=${MFU_P1:-0.421}
 MFU_P2=${MFU_P2:-$([ "$KEEP_PARAMS" = 1 ] && echo 0.220 || echo 0.165)}
-MFU_P3=${MFU_P3:-0.224}   # SFT runs phase 3's step on the grown model: priced at it (not measured apart)
+MFU_P3=${MFU_P3:-$([ "$GROWN_KEEP" = 1 ] && echo 0.318 || echo 0.224)}   # SFT runs phase 3's step on the grown model: priced at it
 # These are the cycle schedule's. Under PLAN_SCHEDULE=every the phase-2/3 step's MFU is priced at cycle's x 0.82, the
 # ratio measured at d32 on one H100 eager (`... train --depth 32 --batch 2 --grad-accum 2 --models hybrid --phases 2
 # --exit-strides 8 --recipes sandwich,adaptive,cycle --compile none`, batch 1: every level 8.2%, cycle 10.0% MFU).
@@ -94,8 +110,8 @@ SCHEDULE_MFU_RATIO=${SCHEDULE_MFU_RATIO:-$([ "$PLAN_SCHEDULE" = cycle ] && echo 
 if ! [[ "$SCHEDULE_MFU_RATIO" =~ ^[0-9]*\.?[0-9]+$ ]] || [[ "$SCHEDULE_MFU_RATIO" =~ ^[0.]+$ ]]; then
   echo "SCHEDULE_MFU_RATIO=$SCHEDULE_MFU_RATIO: use a positive number (the schedule's step MFU / cycle's)" >&2; exit 2
 fi
-# Not measured: whole-model compile at d32 (one graph per plan: 9 at d32's levels), the full depths on one GPU (the
-# rates above are of fewer blocks of the same shapes), phase 3 on 8 GPUs, Mamba-2 outside phase 2, more than one node.
+# Not measured: whole-model compile at d32 (one graph per plan: 9 at d32's levels), phases 1 and 2 at full depth (their
+# rates are of fewer blocks of the same shapes), phase 3 on 8 GPUs, Mamba-2 outside phase 2, more than one node.
 
 export NANOCHAT_BASE_DIR=${NANOCHAT_BASE_DIR:-$HOME/.cache/nanochat}
 RUN_DIR=${RUN_DIR:-$NANOCHAT_BASE_DIR/speedrun}
@@ -233,6 +249,7 @@ else echo "== surgery"; run $PY -m scripts.surgery "${SURGERY_ARGS[@]}"; fi
 
 train_phase "phase 1" "$P1" "$P1_STEPS" --phase=1 --checkpoint="$HYB" --device-batch-size "$DBS1" --data-dir "$DATA_DIR"
 KEEP=(); [ "$KEEP_PARAMS" = 1 ] && KEEP=(--fsdp-keep-params)
+GROWN_FSDP=(); [ "$GROWN_KEEP" = 1 ] && GROWN_FSDP=(--fsdp-keep-params --fsdp-bf16 --fsdp-reduce=pass)
 train_phase "phase 2" "$P2" "$P2_STEPS" --phase=2 --checkpoint="$P1" --device-batch-size "$DBS2" --data-dir "$DATA_DIR" --continue-data \
   --plan-schedule "$PLAN_SCHEDULE" "${KEEP[@]}"
 
@@ -241,7 +258,7 @@ else echo "== growth"; run $PY -m scripts.surgery "${GROW_ARGS[@]}"; fi
 
 # NOTE: the grown checkpoint's meta carries no data position, so phase 3 reads the train stream from its start
 train_phase "phase 3" "$P3" "$P3_STEPS" --phase=3 --checkpoint="$GROWN" --expanded-dim="$GROW_DIM" \
-  --device-batch-size "$DBS2" --data-dir "$DATA_DIR" --plan-schedule "$PLAN_SCHEDULE"
+  --device-batch-size "$DBS2" --data-dir "$DATA_DIR" --plan-schedule "$PLAN_SCHEDULE" "${GROWN_FSDP[@]}"
 
 if have_checkpoint "$FINAL"; then echo "== calibrate: $FINAL exists, skipped"
 else echo "== calibrate"; run $PY -m scripts.calibrate_gates --checkpoint "$P3" --out-dir "$FINAL" --data-dir "$DATA_DIR"; fi
@@ -273,7 +290,7 @@ if [ -f "$(final_meta "$SFT" "$SFT_STEPS")" ]; then echo "== sft: done, skipped"
 else
   resume=(); if have_checkpoint "$SFT"; then resume=(--resume); fi
   echo "== sft"; run torchrun --standalone --nproc_per_node="$NPROC" -m scripts.chat_sft --checkpoint "$FINAL" --out-dir "$SFT" \
-    --num-iterations "$SFT_STEPS" --plan-schedule "$PLAN_SCHEDULE" "${CHAT_TRAIN[@]}" "${resume[@]}"
+    --num-iterations "$SFT_STEPS" --plan-schedule "$PLAN_SCHEDULE" "${CHAT_TRAIN[@]}" "${GROWN_FSDP[@]}" "${resume[@]}"
 fi
 if have_checkpoint "$SFT_FINAL"; then echo "== chat calibrate: $SFT_FINAL exists, skipped"
 else echo "== chat calibrate"; run $PY -m scripts.calibrate_gates --checkpoint "$SFT" --out-dir "$SFT_FINAL" --data-dir "$DATA_DIR"; fi

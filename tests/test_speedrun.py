@@ -21,6 +21,19 @@ def test_speedrun_dry_run_prints_the_plan(tmp_path):
     phases = [l for l in out.stdout.splitlines() if "scripts.fractal_train --phase=" in l or "scripts.chat_sft" in l]
     assert len(phases) == 4 and all("--compile=blocks" in l for l in phases)
     assert not (tmp_path / "speedrun").exists()  # a dry run writes nothing
+    # the grown model's stages (phase 3, SFT) keep bf16-gathered weights and reduce every pass, priced at that setting's
+    # measured MFU; GROWN_KEEP=0 runs FSDP2's defaults at theirs; another value stops with one line
+    grown = [l for l in phases if "--phase=3" in l or "chat_sft" in l]
+    assert all("--fsdp-keep-params --fsdp-bf16 --fsdp-reduce=pass" in l for l in grown)
+    assert not any("--fsdp-bf16" in l for l in phases if l not in grown)
+    off = subprocess.run(["bash", "runs/speedrun.sh", "--dry-run"], cwd=ROOT, env=dict(env, GROWN_KEEP="0"),
+                         capture_output=True, text=True, timeout=300)
+    assert off.returncode == 0 and "--fsdp-bf16" not in off.stdout
+    mfu = {o: [l.split()[-3] for l in o.splitlines() if l.startswith("phase 3")] for o in (out.stdout, off.stdout)}
+    assert mfu[out.stdout] == ["0.318"] and mfu[off.stdout] == ["0.224"]
+    bad = subprocess.run(["bash", "runs/speedrun.sh", "--dry-run"], cwd=ROOT, env=dict(env, GROWN_KEEP="yes"),
+                         capture_output=True, text=True, timeout=300)
+    assert bad.returncode == 2 and "GROWN_KEEP=yes: use 0 or 1" in bad.stderr
 
 
 @pytest.mark.slow
