@@ -97,9 +97,9 @@ PEAK_FLOPS=${PEAK_FLOPS:-989.4e12}      # dense bf16 per GPU, H100 SXM / H200
 # pass`, the mean over one whole period of the cycle (10 steps): 33.7% without its update (184 ms a rank) x 0.986 (16
 # micro-batches of 830 ms a step) x 95.7% (phase 2's keep-params 8-GPU efficiency: not measured for this setting, whose
 # reduce-scatters per pass move 32x the gradient bytes of one per step, overlapped with the backward) = 0.318.
-# Phases 1 and 2 were timed as the median of the first steps after the warm-up: for phase 2's cycle those are the
-# cheapest narrow plans (128, 256) while its FLOPs are the period's mean, which overstates its MFU a little (fixed in the
-# bench since; not measured again).
+# Phase 2's rate and GROWN_KEEP=0's were timed as the median of the first steps after the warm-up: under the cycle those
+# are the cheapest narrow plans (128, 256) while the FLOPs are the period's mean, which overstates the MFU a little
+# (the bench times whole periods since 4c1ca6f; not measured again). Phase 1 runs one plan.
 MFU_P1=${MFU_P1:-0.421}
 MFU_P2=${MFU_P2:-$([ "$KEEP_PARAMS" = 1 ] && echo 0.220 || echo 0.165)}
 MFU_P3=${MFU_P3:-$([ "$GROWN_KEEP" = 1 ] && echo 0.318 || echo 0.224)}   # SFT runs phase 3's step on the grown model: priced at it
