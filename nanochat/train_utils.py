@@ -93,7 +93,7 @@ def bf16_gathered(name, p, param_kind=None):
 
 
 def apply_fsdp(model, blocks, replicated_params=(), device_type="cuda", separate=(), reshard_after_forward=True,
-               bf16_matrices=False, mesh=None):
+               bf16_matrices=False):
     """
     FSDP2: shard every block, then each module of `separate` on its own, then the root (what is left: the
     head); parameters become DTensors sharded on dim 0 over all ranks. One shard group must hold one
@@ -111,13 +111,12 @@ def apply_fsdp(model, blocks, replicated_params=(), device_type="cuda", separate
     biases, norms; about 0.1% of a d32 hybrid) stay fp32 plain tensors, replicated like `replicated_params` (a shard
     group holds one dtype, and the model reads them directly, not through a submodule's forward that FSDP could hook).
     The embedding (`separate`: a lookup) is never cast.
-
     Returns every parameter left replicated (`replicated_params` and those): the caller all-reduces their gradients
     (allreduce_gradients), since FSDP does not.
     """
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard, MixedPrecisionPolicy
-    mesh = mesh if mesh is not None else init_device_mesh(device_type, (dist.get_world_size(),))
+    mesh = init_device_mesh(device_type, (dist.get_world_size(),))
     kw = dict(mesh=mesh, reshard_after_forward=reshard_after_forward)
     bf16 = dict(mp_policy=MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32,
                                                cast_forward_inputs=False)) if bf16_matrices else {}

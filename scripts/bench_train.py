@@ -99,13 +99,13 @@ def train_one(args, device, name, kind, config, phase, exit_stride, recipe="sand
     if phase == "1":  # as fractal_train: the blocks surgery added (Mamba mixer + its FFN) train, the rest is frozen
         for n, p in model.named_parameters():
             p.requires_grad_(n.startswith("transformer.h.") and config.mixer_kind(int(n.split(".")[2])) == "M")
-    # Muon + AdamW over the trainable parameters (the controllers a group of their own, as fractal_train)
     controllers = getattr(model, "controllers", None)
     ctrl_params = list(controllers.parameters()) if controllers is not None else []
     replicated = []
     if args.fake_world:  # one rank of fractal_train --parallel=fsdp (the optimizers are built on the DTensors)
         replicated = apply_fsdp(model, model.transformer.h, ctrl_params, device.type, separate=[model.transformer.wte],
                                 reshard_after_forward=not args.fsdp_keep_params, bf16_matrices=args.fsdp_bf16)
+    # Muon + AdamW over the trainable parameters (the controllers a group of their own, as fractal_train)
     optimizers = setup_optimizers(model, controller_lr=1e-3 if adaptive else None)
     params = [p for p in model.parameters() if p.requires_grad]
     # fractal_train's compile (the recompile limit stays cmd_train's 64, above what these models need)
