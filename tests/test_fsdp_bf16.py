@@ -1,7 +1,8 @@
 """
 train_utils.apply_fsdp(bf16_matrices=True) (fractal_train --fsdp-bf16), 2 gloo processes on CPU under bf16 autocast:
 the weight matrices are gathered as bf16, everything autocast leaves in fp32 (Mamba's A_log, D, dt bias, conv and
-norm weights) stays fp32, and the loss and gradients are those of the unsharded fp32 model under the same autocast.
+norm weights) stays fp32, the loss and gradients are those of the unsharded fp32 model under the same autocast, and a
+checkpoint's full state dict is the model's.
 """
 import copy
 
@@ -29,7 +30,7 @@ def small_hybrid(mamba, device="cpu"):
 
 
 def _worker(rank, store_path, mamba, keep, device, world):
-    from nanochat.train_utils import apply_fsdp, allreduce_gradients
+    from nanochat.train_utils import apply_fsdp, allreduce_gradients, full_state_dict
     torch.set_num_threads(1)
     dist.init_process_group("gloo" if device == "cpu" else "nccl", store=dist.FileStore(store_path, world), rank=rank,
                             world_size=world)
@@ -72,6 +73,13 @@ def _worker(rank, store_path, mamba, keep, device, world):
             # fp32 sums in another order (the reduce-scatter's mean): equal to rounding
             g = q.grad.full_tensor() if hasattr(q.grad, "full_tensor") else q.grad
             torch.testing.assert_close(g, p.grad, rtol=1e-5, atol=1e-7, msg=name)
+        # a checkpoint holds the whole model, the replicated fp32 parameters included, in their own dtypes
+        state = full_state_dict(model)  # a collective; rank 0 gets it
+        if rank == 0:
+            want = ref.state_dict()
+            assert state.keys() == want.keys()
+            for k, v in state.items():
+                assert v.dtype == want[k].dtype and torch.equal(v, want[k].cpu()), k
     finally:
         dist.destroy_process_group()
     exit_now()
