@@ -23,7 +23,7 @@ decoding computes, up to the order of floating-point sums in attention and matmu
 Rows of a batch accept the same m (the smallest): tokens a row accepted past it are recomputed next round.
 """
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 
@@ -473,11 +473,9 @@ def generate(engine, prompts, max_tokens, speculate, draft, temperature=0.0, top
         new = engine.spec_memory.get(memo_key)
         if memo is not None and not engine.spec_stats.judged and new is None:
             engine.spec_memory[memo_key] = memo  # not judged: the next generation retries
-        elif memo is not None and new is not None and memo.generations:  # a retry that fell back: priced whole
-            plain = memo.plain_cost(max(0, tokens - 1))
-            new.need_s = max(new.need_s, (time.perf_counter() - t0 - plain) / RETRY_OVERHEAD)
-            new.first_s, new.decode_s, new.decode_tokens = memo.first_s, memo.decode_s, memo.decode_tokens
-            new.generations = memo.generations  # the plain generations' prices stay valid
+        elif memo is not None and new is not None and memo.generations:  # a retry that fell back: priced whole,
+            lost = time.perf_counter() - t0 - memo.plain_cost(max(0, tokens - 1))  # and the plain prices kept
+            engine.spec_memory[memo_key] = replace(memo, plain_s=0.0, need_s=max(new.need_s, lost / RETRY_OVERHEAD))
 
 
 def _speculate(engine, prompts, max_tokens, speculate, draft, name, temperature, top_k, seed, stop_tokens, fallback,

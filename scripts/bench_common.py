@@ -37,7 +37,8 @@ def free_memory(device):
         torch.cuda.reset_peak_memory_stats(device)
 
 
-def median_ms(fn, iters, device, stat=statistics.median):
+def timed_ms(fn, iters, device, stat=statistics.median):
+    """stat (the median unless given) of `iters` timed calls, in ms."""
     times = []
     for _ in range(iters):
         if device.type == "cuda":
@@ -74,7 +75,7 @@ def measure(fn, device, warmup, iters, stat=statistics.median):
             fn()
         sync(device)
         warmup_s = time.perf_counter() - t0
-        ms = median_ms(fn, iters, device, stat)
+        ms = timed_ms(fn, iters, device, stat)
     except Exception as e:  # noqa: BLE001 -- reported, not swallowed: the table and the JSON carry it
         msg = error_text(e)
         del e
