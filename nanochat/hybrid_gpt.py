@@ -435,13 +435,17 @@ class HybridGPT(nn.Module):
 
     READOUT_CHUNK_TOKENS = 4096
     READOUT_COMPILE = True  # CUDA: the exit readouts' soft-cap, loss and top-1 through torch.compile (one fused pass)
+    # recompute each readout chunk's logits in backward (False: keep what its backward needs, about a (chunk, V) bf16
+    # tensor per chunk and exit until the backward: B*T*V*2 bytes per exit, 512 MiB per exit at 4,096 tokens and 65k)
+    READOUT_CHECKPOINT = True
 
     def readout_loss_top1(self, h, targets=None):
         """
         Per-token loss (B, T) (None without targets) and top-1 (B, T) of the readout of h, in chunks of
-        READOUT_CHUNK_TOKENS tokens whose logits are recomputed in backward (activation checkpointing):
-        an exit readout never keeps a (B, T, V) tensor alive, which at a 65k vocabulary and dozens
-        of exits would not fit in memory. On CUDA (READOUT_COMPILE, unless the caller is itself being
+        READOUT_CHUNK_TOKENS tokens whose logits are recomputed in backward (activation checkpointing,
+        READOUT_CHECKPOINT): an exit readout never keeps a (B, T, V) tensor alive, which at a 65k vocabulary and
+        dozens of exits would not fit in memory. With READOUT_CHECKPOINT off the chunks keep their logits for the
+        backward instead (one lm_head forward less per chunk; the same numbers). On CUDA (READOUT_COMPILE, unless the caller is itself being
         compiled) the part after lm_head runs compiled: eager, each chunk writes fp32 (chunk, V) tensors for the
         soft-cap, the log-softmax and their backwards, 13% of a d20 phase-2 step on the H100.
         """
@@ -463,7 +467,7 @@ class HybridGPT(nn.Module):
                 with torch.no_grad():
                     tops.append(chunk_fn(hc, None))
                 continue
-            if hc.requires_grad:
+            if hc.requires_grad and self.READOUT_CHECKPOINT:
                 loss_c, top_c = torch.utils.checkpoint.checkpoint(chunk_fn, hc, tc, use_reentrant=False)
             else:
                 loss_c, top_c = chunk_fn(hc, tc)

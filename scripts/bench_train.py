@@ -9,7 +9,9 @@ peak = dense bf16 of H100 SXM and H200 (same chip): 989.4e12. The 'exec' MFU col
 convention leaves out or removes what does not run (exit readouts; frozen weights' gradients in phase 1).
 'update ms' is the clip + optimizer step alone (timed apart, on random gradients of the same shapes), and 'MFU w/o
 update' the step's MFU with that time taken out: the rate of the micro-batches themselves, which a step of many
-micro-batches (the speedrun accumulates 16 per GPU) approaches. 'warm-up s' is the wall time of every untimed step
+micro-batches (the speedrun accumulates 16 per GPU) approaches. 'same, readouts counted' adds to the convention the exit readouts'
+model FLOPs (3 x 2 x n_embd x vocab per exit before the last, per token of every pass that reads them out; no
+recomputation): the work the exit loss and the gates' agreement need, which the convention leaves out. 'warm-up s' is the wall time of every untimed step
 (compiles of every plan's graphs). The adaptive recipes change plans from step to step, with costs that differ (a
 narrow pass at width 2048 costs several at 128): their warm-up is at least one period of the schedule (every plan's
 graphs compiled) and their ms/step the mean over whole periods (--iters rounded up to them), not a median, so the time
@@ -61,22 +63,25 @@ def recipe_period(config, recipe):
 
 
 def train_flops(model, kind, phase, plans, T, exits):
-    """(convention FLOPs per token, executed FLOPs per token) of one step; see the module docstring."""
+    """(convention FLOPs per token, executed FLOPs per token, the exit readouts' model FLOPs per token of one pass) of
+    one step; see the module docstring."""
     if kind == "gpt":
         f = model.estimate_flops()
-        return f, f
+        return f, f, 0
     conv = sum(model.estimate_flops(p) for p in plans)
     c = model.config
     if phase == "1":  # frozen weights get no weight gradient: 2x forward, + 1x forward of the trainable matmuls
         rows = model.flops_breakdown(T / 2)
         trainable = sum(r.get("mamba_proj", 0) + r.get("mlp", 0) + r.get("moe", 0) for r in rows[:-1] if r["kind"][0] == "M")
-        return conv, 2 * model.forward_flops_per_token(T / 2) + trainable
+        return conv, 2 * model.forward_flops_per_token(T / 2) + trainable, 0
     if not exits:
-        return conv, conv
+        return conv, conv, 0
     # HybridGPT.forward(return_exits=True): every exit but the last (which reuses the final logits) is read out in
-    # checkpointed chunks: forward, recomputed forward in backward, backward (2x) = 4 readouts' FLOPs each
-    n = len(c.exit_blocks())
-    return conv, conv + 4 * 2 * c.n_embd * c.vocab_size * (n - 1)
+    # chunks: forward, the forward again in backward when checkpointed (READOUT_CHECKPOINT), backward (2x) = 4 (3)
+    # readouts' FLOPs each; as model FLOPs (no recomputation) 3
+    readout = 2 * c.n_embd * c.vocab_size * (len(c.exit_blocks()) - 1)
+    passes = 4 if type(model).READOUT_CHECKPOINT else 3
+    return conv, conv + passes * readout, 3 * readout
 
 
 def train_one(args, device, name, kind, config, phase, exit_stride, recipe="sandwich"):
@@ -190,19 +195,23 @@ def train_one(args, device, name, kind, config, phase, exit_stride, recipe="sand
         if adaptive:  # mean over the recipe's period of steps; every plan reads out its exits
             def at_step(s):  # (the gates and the router train on every plan's exits)
                 p = recipe_step_plans(config, s, recipe)
-                c, e = train_flops(model, kind, phase, p, T, exits)
-                return c, c + len(p) * (e - c)
+                c, e, ro = train_flops(model, kind, phase, p, T, exits)
+                return c, c + len(p) * (e - c), c + len(p) * ro
             period = recipe_period(config, recipe)
-            conv, execf = [sum(v) / period for v in zip(*[at_step(s) for s in range(period)])]
-        else:
-            conv, execf = train_flops(model, kind, phase, plans, T, exits)
+            conv, execf, withro = [sum(v) / period for v in zip(*[at_step(s) for s in range(period)])]
+        else:  # the sandwich reads out the full-width plan's exits only
+            conv, execf, ro = train_flops(model, kind, phase, plans, T, exits)
+            withro = conv + ro
         tps = args.grad_accum * B * T / r["ms"] * 1e3
-        row.update(tok_per_s=tps, flops_per_tok_G=conv / 1e9, exec_flops_per_tok_G=execf / 1e9)
+        row.update(tok_per_s=tps, flops_per_tok_G=conv / 1e9, exec_flops_per_tok_G=execf / 1e9,
+                   readout_flops_per_tok_G=(withro - conv) / 1e9)
         peak = peak_flops(device)
         if peak:
             row.update(mfu=100 * conv * tps / peak, mfu_exec=100 * execf * tps / peak)
             if row.get("update_ms") is not None and r["ms"] > row["update_ms"]:  # the micro-batches' own rate
-                row["mfu_micro"] = 100 * conv * args.grad_accum * B * T / ((r["ms"] - row["update_ms"]) / 1e3) / peak
+                micro_tps = args.grad_accum * B * T / ((r["ms"] - row["update_ms"]) / 1e3)
+                row["mfu_micro"] = 100 * conv * micro_tps / peak
+                row["mfu_micro_readouts"] = 100 * withro * micro_tps / peak
         if args.profile:
             row["profile"] = top_kernels(step, device, n=25, steps=1)
     return row
@@ -222,6 +231,7 @@ def cmd_train(args, device):
     torch._dynamo.config.cache_size_limit = 64  # one graph per (block kind, width, grad mode) is expected
     from nanochat.hybrid_gpt import HybridGPT
     HybridGPT.READOUT_COMPILE = args.readouts == "compiled"
+    HybridGPT.READOUT_CHECKPOINT = args.readout_checkpoint == "on"
     bad = [r for r in args.recipes.split(",") if r not in RECIPES]
     if bad:
         raise ValueError(f"--recipes: {', '.join(map(repr, bad))} not among {', '.join(RECIPES)}")
@@ -255,6 +265,7 @@ def cmd_train(args, device):
                  ("ms", "ms/step", ".0f"), ("tok_per_s", "tokens/s", ",.0f"), ("flops_per_tok_G", "GFLOP/tok", ".2f"),
                  ("mfu", "MFU %", ".1f"), ("exec_flops_per_tok_G", "exec GFLOP/tok", ".2f"), ("mfu_exec", "MFU exec %", ".1f"),
                  ("update_ms", "update ms", ".0f"), ("mfu_micro", "MFU w/o update %", ".1f"),
+                 ("mfu_micro_readouts", "same, readouts counted %", ".1f"),
                  ("peak_gib", "peak GiB", ".1f"), ("first_s", "first step s", ".0f"), ("warmup_s", "warm-up s", ".0f"),
                  ("note", "note", "")])
     for r in rows:

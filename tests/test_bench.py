@@ -140,6 +140,17 @@ def test_train(capsys):
     assert p1["trainable_M"] < p1["params_M"] and p1["exec_flops_per_tok_G"] < p1["flops_per_tok_G"]
     # phase 2 reads out at every block: the executed count adds those readouts
     assert rows[("hybrid", "2")]["exec_flops_per_tok_G"] > rows[("hybrid", "2")]["flops_per_tok_G"]
+    # kept readout chunks (--readout-checkpoint off) execute one readout forward less per exit: 2 x d x V x (exits - 1)
+    kept, _ = run(capsys, ["train", "--depth", "2", "--seq-len", "16", "--batch", "2", "--vocab-size", "128",
+                           "--models", "hybrid", "--phases", "2", "--exit-strides", "1", "--compile", "none",
+                           "--recipes", "sandwich", "--readout-checkpoint", "off"])
+    saved = (rows[("hybrid", "2")]["exec_flops_per_tok_G"] - kept["rows"][0]["exec_flops_per_tok_G"]) * 1e9
+    assert saved == pytest.approx(2 * hcfg.n_embd * hcfg.vocab_size * (len(hcfg.exit_blocks()) - 1))
+    # counted as model FLOPs (no recomputation) the sandwich's readouts (its full-width pass's) are 3x that
+    for r in (rows[("hybrid", "2")], kept["rows"][0]):
+        assert r["readout_flops_per_tok_G"] * 1e9 == pytest.approx(3 * saved)
+    assert HybridGPT.READOUT_CHECKPOINT is False
+    HybridGPT.READOUT_CHECKPOINT = True  # the class default, for the tests after this one
 
 
 def test_train_grown_hybrid_is_the_speedruns_phase_3_model(capsys):

@@ -252,3 +252,28 @@ def test_chunked_exit_readouts_equal_direct(monkeypatch):
     final_top1 = out2.logits.argmax(-1)
     for h, agree in zip(out2.exit_hidden, out2.exit_agree):
         assert torch.equal(agree, model.readout(h).argmax(-1) == final_top1)
+
+
+def test_readout_chunks_kept_equal_recomputed(monkeypatch):
+    """READOUT_CHECKPOINT off (each chunk keeps its logits for the backward) gives the recomputed chunks' exit losses
+    and gradients exactly, and recomputes no lm_head forward in the backward."""
+    model = build(n_layer=3)
+    idx = torch.randint(0, V, (2, 10))
+    monkeypatch.setattr(HybridGPT, "READOUT_CHUNK_TOKENS", 7)
+    calls = []
+    model.lm_head.register_forward_hook(lambda *_: calls.append(1))
+    results = []
+    for keep in (False, True):
+        monkeypatch.setattr(HybridGPT, "READOUT_CHECKPOINT", not keep)
+        model.zero_grad()
+        calls.clear()
+        out = model(idx, idx, return_exits=True)
+        n_forward = len(calls)
+        (out.loss + out.exit_losses[:-1].sum()).backward()
+        results.append((out.exit_losses.detach(), {n: p.grad.clone() for n, p in model.named_parameters()
+                                                   if p.grad is not None}, len(calls) - n_forward))
+    (l0, g0, re0), (l1, g1, re1) = results
+    assert torch.equal(l0, l1) and g0.keys() == g1.keys()
+    for n in g0:
+        assert torch.equal(g0[n], g1[n]), n
+    assert re1 == 0 and re0 == 3 * 2  # 2 exits before the last, 3 chunks each, recomputed only when checkpointed
