@@ -25,6 +25,21 @@ PEAK_FLOPS_BF16 = [("H200", 989.4e12), ("H100", 989.4e12), ("A100", 312e12), ("L
                    ("A10G", 125e12), ("RTX 4090", 165e12), ("RTX 3090", 71e12)]
 
 
+def add_parallel_args(p):
+    """scripts.fractal_train's (and chat_sft's) flags of how the ranks share the model; setup_process validates them."""
+    p.add_argument("--parallel", type=str, default="ddp", choices=("ddp", "fsdp"))
+    p.add_argument("--fsdp-keep-params", action="store_true",
+                   help="fsdp: keep the gathered parameters for the whole step: one all-gather per block and step "
+                        "instead of two per pass, for the memory of the unsharded model")
+    p.add_argument("--fsdp-bf16", action="store_true", help="fsdp, CUDA: gather weight matrices as bf16, fp32 shards the "
+                   "master copy; same forward, half the gather bytes and memory (apply_fsdp)")
+    p.add_argument("--fsdp-reduce", default="step", choices=("step", "pass"), help="fsdp: reduce-scatter the gradients "
+                   "once a step (holds unsharded fp32 grads) or after every backward pass (fsdp_before_backward)")
+    p.add_argument("--expert-parallel", action="store_true",
+                   help="ddp: shard every MoE's experts over the ranks (num_experts / world size each, rows sent by "
+                        "all_to_all; nanochat.moe_ep); the rest stays replicated")
+
+
 def peak_flops(device):
     """Peak bf16 FLOP/s of one device of this kind, or None where MFU means nothing (CPU, MPS, unknown GPU)."""
     device = torch.device(device)

@@ -54,8 +54,11 @@ EXIT_STRIDE=${EXIT_STRIDE:-8}           # a readout every 8th block: at 1, 63 ex
 SEQ_LEN=${SEQ_LEN:-2048}
 TOTAL_BATCH=${TOTAL_BATCH:-524288}      # tokens per optimizer step, all GPUs (nanochat's)
 DBS1=${DBS1:-4}                         # rows per GPU per micro-batch, phase 1: peak 73.5 GiB per GPU with FSDP2 on 4 H200s
-DBS2=${DBS2:-2}                         # phases 2 and 3: peak 73.9 GiB (sandwich + exit readouts); runs/multigpu.sh scale
-KEEP_PARAMS=${KEEP_PARAMS:-1}           # phase 2: --fsdp-keep-params (1.6x the per-GPU rate; peak 87-94 GiB: 141 GB H200s; 0 on 80 GB GPUs).
+DBS2=${DBS2:-4}                         # phase 2 with KEEP_PARAMS=1: peak 71.6 GiB per rank of 8 (bench train --fake-world 8)
+DBS3=${DBS3:-2}                         # phase 3, SFT, and phase 2 with KEEP_PARAMS=0: peak 66.9 GiB per rank (grown, GROWN_KEEP=1)
+KEEP_PARAMS=${KEEP_PARAMS:-1}           # phase 2: --fsdp-keep-params --fsdp-bf16 --fsdp-reduce=pass --readout-checkpoint=off
+                                        # (gathered weights kept in bf16, exit readouts' logits kept for the backward: 1.20x at
+                                        # batch 2, measured); 0: FSDP2 defaults at DBS3 rows
 GROWN_KEEP=${GROWN_KEEP:-1}             # phase 3 and SFT (the grown model): --fsdp-keep-params --fsdp-bf16 --fsdp-reduce=pass, gathered
                                         # weights kept in bf16 and gradients reduce-scattered every pass (peak 66.9 GiB per rank,
                                         # measured); 0: FSDP2 defaults
@@ -87,7 +90,7 @@ PEAK_FLOPS=${PEAK_FLOPS:-989.4e12}      # dense bf16 per GPU, H100 SXM / H200
 # model's shapes with fewer blocks, because the full depth's unsharded optimizer states do not fit one 80 GB GPU
 # (docs/benchmarks.md, "Session 17"):
 #   phase 1: hybrid, 32 blocks, B 4: 47.8% x 0.953 x 92.4% = 0.421
-#   phase 2: hybrid, 32 blocks, B 2, cycle: 23.6% x 0.976 x 95.7% (--fsdp-keep-params) = 0.220; without it 71.8%: 0.165
+#   phase 2, KEEP_PARAMS=0: hybrid, 32 blocks, B 2, cycle, without --fsdp-keep-params: 23.6% x 0.976 x 71.8% = 0.165
 #   phase 3, GROWN_KEEP=0: hybrid-grown, 16 blocks, B 2, cycle: 32.2% x 0.967 x 71.8% (FSDP2 defaults, phase 2's 8-GPU
 #     figure) = 0.224
 # Phase 3 with GROWN_KEEP=1 is one rank of the 8-GPU run at full depth (64 blocks), measured on one H100 over a fake
@@ -99,9 +102,13 @@ PEAK_FLOPS=${PEAK_FLOPS:-989.4e12}      # dense bf16 per GPU, H100 SXM / H200
 # reduce-scatters per pass move 32x the gradient bytes of one per step, overlapped with the backward) = 0.318.
 # Phase 2's rate and GROWN_KEEP=0's were timed as the median of the first steps after the warm-up: under the cycle those
 # are the cheapest narrow plans (128, 256) while the FLOPs are the period's mean, which overstates the MFU a little
-# (the bench times whole periods since 4c1ca6f; not measured again). Phase 1 runs one plan.
+# (the bench times whole periods since 4c1ca6f). Phase 1 runs one plan.
+# Phase 2 with KEEP_PARAMS=1, one rank of 8 at full depth the same way, 2026-12-06, code dca6156, `... train --depth 32
+# --batch 4 --grad-accum 2 --phases 2 --exit-strides 8 --recipes cycle --compile blocks --fake-world 8 --models hybrid
+# --fsdp-keep-params --fsdp-bf16 --fsdp-reduce pass --readout-checkpoint off` (mean of one 8-step period): 29.4% without
+# its update (139 ms a rank) x 0.980 (8 micro-batches of 857 ms a step) x 95.7% (assumed, as for phase 3) = 0.276.
 MFU_P1=${MFU_P1:-0.421}
-MFU_P2=${MFU_P2:-$([ "$KEEP_PARAMS" = 1 ] && echo 0.220 || echo 0.165)}
+MFU_P2=${MFU_P2:-$([ "$KEEP_PARAMS" = 1 ] && echo 0.276 || echo 0.165)}
 MFU_P3=${MFU_P3:-$([ "$GROWN_KEEP" = 1 ] && echo 0.318 || echo 0.224)}   # SFT runs phase 3's step on the grown model: priced at it
 # These are the cycle schedule's. Under PLAN_SCHEDULE=every the phase-2/3 step's MFU is priced at cycle's x 0.82, the
 # ratio measured at d32 on one H100 eager (`... train --depth 32 --batch 2 --grad-accum 2 --models hybrid --phases 2
@@ -248,17 +255,18 @@ if have_checkpoint "$HYB"; then echo "== surgery: $HYB exists, skipped"
 else echo "== surgery"; run $PY -m scripts.surgery "${SURGERY_ARGS[@]}"; fi
 
 train_phase "phase 1" "$P1" "$P1_STEPS" --phase=1 --checkpoint="$HYB" --device-batch-size "$DBS1" --data-dir "$DATA_DIR"
-KEEP=(); [ "$KEEP_PARAMS" = 1 ] && KEEP=(--fsdp-keep-params)
+P2_FSDP=(--device-batch-size "$DBS3"); [ "$KEEP_PARAMS" = 1 ] && P2_FSDP=(--device-batch-size "$DBS2" --fsdp-keep-params \
+  --fsdp-bf16 --fsdp-reduce=pass --readout-checkpoint=off)
 GROWN_FSDP=(); [ "$GROWN_KEEP" = 1 ] && GROWN_FSDP=(--fsdp-keep-params --fsdp-bf16 --fsdp-reduce=pass)
-train_phase "phase 2" "$P2" "$P2_STEPS" --phase=2 --checkpoint="$P1" --device-batch-size "$DBS2" --data-dir "$DATA_DIR" --continue-data \
-  --plan-schedule "$PLAN_SCHEDULE" "${KEEP[@]}"
+train_phase "phase 2" "$P2" "$P2_STEPS" --phase=2 --checkpoint="$P1" --data-dir "$DATA_DIR" --continue-data \
+  --plan-schedule "$PLAN_SCHEDULE" "${P2_FSDP[@]}"
 
 if have_checkpoint "$GROWN"; then echo "== growth: $GROWN exists, skipped"
 else echo "== growth"; run $PY -m scripts.surgery "${GROW_ARGS[@]}"; fi
 
 # NOTE: the grown checkpoint's meta carries no data position, so phase 3 reads the train stream from its start
 train_phase "phase 3" "$P3" "$P3_STEPS" --phase=3 --checkpoint="$GROWN" --expanded-dim="$GROW_DIM" \
-  --device-batch-size "$DBS2" --data-dir "$DATA_DIR" --plan-schedule "$PLAN_SCHEDULE" "${GROWN_FSDP[@]}"
+  --device-batch-size "$DBS3" --data-dir "$DATA_DIR" --plan-schedule "$PLAN_SCHEDULE" "${GROWN_FSDP[@]}"
 
 if have_checkpoint "$FINAL"; then echo "== calibrate: $FINAL exists, skipped"
 else echo "== calibrate"; run $PY -m scripts.calibrate_gates --checkpoint "$P3" --out-dir "$FINAL" --data-dir "$DATA_DIR"; fi
@@ -285,7 +293,7 @@ else echo "== base eval"; run $PY -m scripts.base_eval --checkpoint "$FINAL" --b
 
 echo "== tasks"; run $PY -m scripts.fetch_tasks   # cached: a second run downloads nothing
 
-CHAT_TRAIN=(--max-seq-len "$SEQ_LEN" --total-batch-size "$TOTAL_BATCH" --parallel fsdp --compile=blocks --save-every 500 --device-batch-size "$DBS2")
+CHAT_TRAIN=(--max-seq-len "$SEQ_LEN" --total-batch-size "$TOTAL_BATCH" --parallel fsdp --compile=blocks --save-every 500 --device-batch-size "$DBS3")
 if [ -f "$(final_meta "$SFT" "$SFT_STEPS")" ]; then echo "== sft: done, skipped"
 else
   resume=(); if have_checkpoint "$SFT"; then resume=(--resume); fi

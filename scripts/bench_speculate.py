@@ -98,49 +98,57 @@ def speculate_rows(args, device, model, engine, name, L, actx):
 def checkpoint_rows(args, engine, prompts, actx, device, drafts):
     """A trained checkpoint (bench adaptive --speculate K): greedy generation of --decode-tokens tokens from each
     held-out prompt (batch 1), think against speculation for every draft in `drafts` and k = 1..K; tokens/s over all
-    prompts, acceptance, and whether the tokens were think's. Each setting first runs one whole generation untimed;
-    think runs first and last, and the faster of the two is the reference.
+    prompts, acceptance, and whether the tokens were think's. Each setting is timed paired with think: per prompt,
+    think's generation and the setting's back to back (which goes first alternates), each after a 2-token warm-up of
+    the prompt's shapes, and x think is the ratio of the paired sums, so that a drift of the machine's speed falls on
+    both (think's own runs a minute apart differed by 12% on an H100 host). Each setting first runs one whole
+    generation untimed (its graphs captured; with the fallback, the engine's memory of it, as when serving). The think
+    row is every paired think run together.
     """
     n = args.decode_tokens + 1
     ids = [p.tolist() for p in prompts]  # (P,) each
 
-    def run(**kw):
-        total, outs, acc = 0.0, [], [0, 0]
-        with torch.inference_mode(), actx:  # one whole generation first: every graph of the setting captured (and
-            engine.generate_batch([ids[0]], n, **kw)  # with the fallback, the engine's memory of it, as when serving)
-        for p in ids:
-            with torch.inference_mode(), actx:
-                res = engine.generate_batch([p], 2, **kw)  # warm-up of this prompt's shapes (graphs)
-                sync(device)
-                t0 = time.perf_counter()
-                res = engine.generate_batch([p], n, **kw)
-                sync(device)
-            total += time.perf_counter() - t0
-            outs.append(res.tokens[0])
-            if kw.get("speculate"):
-                acc[0] += engine.spec_stats.accepted
-                acc[1] += engine.spec_stats.drafted
-        return total, outs, acc
+    def gen(p, count, kw):
+        with torch.inference_mode(), actx:
+            return engine.generate_batch([p], count, **kw)
 
-    think_s, think_out, _ = run()
-    rows = []
+    def timed(p, kw):  # (seconds, tokens, (accepted, drafted)) of one generation after its shapes' warm-up
+        gen(p, 2, kw)
+        sync(device)
+        t0 = time.perf_counter()
+        res = gen(p, n, kw)
+        sync(device)
+        st = engine.spec_stats if kw else None
+        return time.perf_counter() - t0, res.tokens[0], (st.accepted, st.drafted) if st is not None else (0, 0)
+
+    gen(ids[0], n, {})  # think's graphs
+    rows, think_all, think_out = [], 0.0, None
     for draft in drafts:
         for k in list(range(1, args.speculate + 1)) + ["fallback"]:
             kw = dict(speculate=args.speculate if k == "fallback" else k, draft=draft, fallback=k == "fallback")
-            spec_s, out, acc = run(**kw)
+            gen(ids[0], n, kw)
+            spec_s = think_s = 0.0
+            outs, thinks, acc = [], [], [0, 0]
+            for i, p in enumerate(ids):
+                for which in ((kw, {}) if i % 2 else ({}, kw)):
+                    secs, tokens, (a, d) = timed(p, which)
+                    if which:
+                        spec_s, acc = spec_s + secs, [acc[0] + a, acc[1] + d]
+                        outs.append(tokens)
+                    else:
+                        think_s += secs
+                        thinks.append(tokens)
+            think_out = think_out or thinks
+            think_all += think_s
             rows.append({"what": f"speculate {draft}" + (", fallback" if k == "fallback" else ""), "k": kw["speculate"],
-                         "seconds": spec_s, "tok_per_s": len(ids) * n / spec_s,
-                         "acceptance": acc[0] / max(1, acc[1]), "same_tokens": out == think_out})
-    # think again after them: the faster of its two runs is the reference (a machine's clocks and caches settle)
-    think_again_s, _, _ = run()
-    think_best = min(think_s, think_again_s)
-    for r in rows:
-        r["vs_think"] = think_best / r.pop("seconds")
-    return [{"what": "think", "k": 0, "tok_per_s": len(ids) * n / think_best,
-             "think_runs_tok_per_s": [len(ids) * n / think_s, len(ids) * n / think_again_s]}] + rows
+                         "tok_per_s": len(ids) * n / spec_s, "think_tok_per_s": len(ids) * n / think_s,
+                         "vs_think": think_s / spec_s, "acceptance": acc[0] / max(1, acc[1]),
+                         "same_tokens": outs == thinks == think_out})
+    return [{"what": "think", "k": 0, "tok_per_s": len(ids) * n * len(rows) / think_all if rows else None}] + rows
 
 
-CHECKPOINT_COLUMNS = [("what", "decode", ""), ("k", "k", "d"), ("tok_per_s", "tok/s", ",.1f"), ("vs_think", "x think", ".2f"),
+CHECKPOINT_COLUMNS = [("what", "decode", ""), ("k", "k", "d"), ("tok_per_s", "tok/s", ",.1f"),
+                      ("think_tok_per_s", "paired think tok/s", ",.1f"), ("vs_think", "x think", ".2f"),
                       ("acceptance", "acceptance", ".3f"), ("same_tokens", "tokens = think", "")]
 
 

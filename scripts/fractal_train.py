@@ -77,7 +77,7 @@ from nanochat.surgery import grown_masks
 from nanochat.optim import (setup_optimizers, lr_multiplier, set_lr_multiplier, muon_momentum, set_muon_momentum,
                             optimizer_state_dicts, load_optimizer_state_dicts)
 from nanochat.train_utils import (peak_flops, apply_activation_checkpointing, apply_fsdp, allreduce_gradients,
-                                  fsdp_before_backward, clip_grad_norm, full_state_dict, optimizer_state_full,
+                                  add_parallel_args, fsdp_before_backward, clip_grad_norm, full_state_dict, optimizer_state_full,
                                   optimizer_state_to_dtensor, format_eta, GracefulStop, resume_command, compile_model)
 from nanochat import checkpoint_manager as cm
 from nanochat import run_report
@@ -155,17 +155,9 @@ def build_parser(description="Fractal training of a hybrid checkpoint: phase 1 (
                    help="torch.compile: the whole model (--compile or --compile=model: one graph per distinct plan) or "
                         "each block (--compile=blocks: one graph per block kind and width, shared by identical blocks)")
     p.add_argument("--activation-checkpointing", action="store_true", help="recompute block activations in backward")
-    p.add_argument("--parallel", type=str, default="ddp", choices=("ddp", "fsdp"))
-    p.add_argument("--fsdp-keep-params", action="store_true",
-                   help="fsdp: keep the gathered parameters for the whole step: one all-gather per block and step "
-                        "instead of two per pass, for the memory of the unsharded model")
-    p.add_argument("--fsdp-bf16", action="store_true", help="fsdp, CUDA: gather weight matrices as bf16, fp32 shards the "
-                   "master copy; same forward, half the gather bytes and memory (train_utils.apply_fsdp)")
-    p.add_argument("--fsdp-reduce", default="step", choices=("step", "pass"), help="fsdp: reduce-scatter the gradients "
-                   "once a step (holds unsharded fp32 grads) or after every backward pass (train_utils.fsdp_before_backward)")
-    p.add_argument("--expert-parallel", action="store_true",
-                   help="ddp: shard every MoE's experts over the ranks (num_experts / world size each, rows sent by "
-                        "all_to_all; nanochat.moe_ep); the rest stays replicated")
+    p.add_argument("--readout-checkpoint", default="on", choices=("on", "off"), help="phases 2/3: recompute the exit "
+                   "readouts' logits in backward (off: keep them, B*T*vocab*2 bytes per exit; HybridGPT.READOUT_CHECKPOINT)")
+    add_parallel_args(p)  # --parallel, --fsdp-keep-params, --fsdp-bf16, --fsdp-reduce, --expert-parallel
     # data and batch
     p.add_argument("--data-dir", type=str, default=None, help="parquet shards (default <base_dir>/base_data)")
     p.add_argument("--data-ranks", type=int, default=0, help="interleaved shards of the train stream (0 = world size)")
@@ -331,6 +323,7 @@ def prepare_training(args, phase, model, meta, geo):
     controllers = model.controllers if phase.controllers else None
     ctrl_params = list(controllers.parameters()) if controllers is not None else []
     masks = grown_masks(model, meta) if phase.grown and args.new_channel_lr_mult != 1.0 else {}
+    model.READOUT_CHECKPOINT = args.readout_checkpoint == "on"  # (this model's; the class default is on)
     if args.activation_checkpointing:
         apply_activation_checkpointing(model.transformer.h)
     replicated = []  # what FSDP2 leaves whole, all-reduced by the step: the controllers (and fp32 ones, --fsdp-bf16)

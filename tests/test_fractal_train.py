@@ -381,12 +381,15 @@ def test_allreduce_gradients_single_process_fills_missing_grads():
     assert torch.equal(a.grad, torch.full((3,), 2.0)) and torch.equal(b.grad, torch.zeros(2))
 
 
-def test_activation_checkpointing_changes_nothing_but_memory(pipeline, tiny_data, tmp_path):
+def test_activation_and_readout_checkpointing_change_nothing_but_memory(pipeline, tiny_data, tmp_path):
     root = pipeline["root"]
     args = ["--sample-dim", "--n-random-plans=1", "--eval-every=-1"]
     plain = fractal_train.main(run_args(tiny_data, 2, root / "p1", tmp_path / "plain", 2, *args))
     ac = fractal_train.main(run_args(tiny_data, 2, root / "p1", tmp_path / "ac", 2, *args, "--activation-checkpointing"))
     assert ac["loss"] == plain["loss"] and ac["plan_losses"] == plain["plan_losses"]
+    # kept exit readouts (--readout-checkpoint off) change nothing but memory and time either
+    kept = fractal_train.main(run_args(tiny_data, 2, root / "p1", tmp_path / "kept", 2, *args, "--readout-checkpoint=off"))
+    assert kept["loss"] == plain["loss"] and kept["plan_losses"] == plain["plan_losses"]
 
 
 def test_moe_and_mamba2_hybrid_trains_with_router_losses(pipeline, tiny_data, tmp_path):
