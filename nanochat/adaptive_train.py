@@ -25,6 +25,8 @@ Objective of one plan on one micro-batch (targets -1 carry no loss anywhere, e.g
     (confidence_probe.router_labels), read from the first half (the prompt) pooled over its positions.
 The losses are means over plans (the caller's backward scales by 1 / number of plans).
 """
+import math
+
 import torch
 import torch.nn.functional as F
 
@@ -86,6 +88,32 @@ def step_plans(config, matryoshka, rng, n_random=0, per_block=False, step=0, sch
     return [full] + narrow_plans(config, step) + randoms
 
 
+def rotating_exits(config, per_pass, counter):
+    """The exit blocks that pass number `counter` reads out when each pass reads `per_pass` of the exits before the
+    last, in turn (LayerSkip's rotation: over len / gcd passes every exit is read equally often); None (every exit)
+    when per_pass is 0 or covers them all. The last block's readout is the model's output: always read."""
+    if not per_pass:
+        return None
+    early = exit_blocks_of(config)[:-1]
+    if per_pass >= len(early):
+        return None
+    return sorted(early[(counter * per_pass + i) % len(early)] for i in range(per_pass))
+
+
+def exit_rotation_period(config, per_pass):
+    """Passes after which rotating_exits repeats (the distinct sets of exits it reads): 1 when every exit is read."""
+    if not per_pass:
+        return 1
+    early = len(exit_blocks_of(config)) - 1
+    return 1 if per_pass >= early else early // math.gcd(early, per_pass)
+
+
+def exit_blocks_of(config):
+    if not hasattr(config, "exit_blocks"):
+        raise ValueError("--exit-readouts rotates a hybrid's exit readouts: a dense GPT has none")
+    return config.exit_blocks()
+
+
 def width_kwargs(model, plan):
     """The forward's width argument for a plan; a dense GPT (scripts.chat_sft trains one) has a single width."""
     return {} if model.kind == "gpt" else {"width": plan}
@@ -121,14 +149,15 @@ def distill_kl(logits, full_logits, valid):
 
 
 def train_micro_batch(model, train_model, x, y, plans, controllers=None, exit_weight=0.0, distill_weight=0.0,
-                      prompt_frac=0.5, backward=None, anchor=None, anchor_weight=0.0):
+                      prompt_frac=0.5, backward=None, anchor=None, anchor_weight=0.0, exits=None):
     """
     Forward + backward of every plan on one micro-batch (full width first, then the narrow plans, then any random
     ones); the router learns, for each of its menu's narrow plans among them, whether it gave the full model's top-1.
     backward(objective, plan_index) runs the backward (the caller scales and syncs). Returns [CE per plan..., KL sum
     over narrow plans, MoE router loss (mean over plans), gate loss (mean over plans), router loss], detached floats
     as a tensor. anchor (a frozen model, e.g. the run's input checkpoint): the full-width plan also learns
-    anchor_weight * KL(anchor || full) on the loss-bearing tokens.
+    anchor_weight * KL(anchor || full) on the loss-bearing tokens. exits: per plan, the exit blocks its forward reads
+    out (rotating_exits; None: every one): the exit loss is the mean over those, and the gates learn at those.
     """
     has_moe = "E" in getattr(model.config, "ffn_pattern", "")
     menu = plan_menu(model.config)[:-1] if len(plans) > 1 else []
@@ -144,7 +173,7 @@ def train_micro_batch(model, train_model, x, y, plans, controllers=None, exit_we
     plan_top1 = []
     for i, plan in enumerate(plans):
         if want_exits:
-            out = train_model(x, y, width=plan, return_exits=True)
+            out = train_model(x, y, width=plan, return_exits=True, **({"exits": exits[i]} if exits else {}))
             logits, ce = out.logits, out.loss
         elif len(plans) > 1 or anchor is not None:  # the logits: a teacher or a student of distillation
             out, logits = None, train_model(x, width=plan)

@@ -63,14 +63,17 @@ class ConfidenceGate(nn.Module):
     def logits(self, h, gate=None):
         """
         h (..., D) residual after the exit block. gate: the gate index (int) for every row of h, or None when
-        h's first dim runs over all gates (G, ...). Returns raw logits (...) in fp32.
+        h's first dim runs over all gates (G, ...), or a list of gate indices that h's first dim runs over.
+        Returns raw logits (...) in fp32.
         """
         z = self.fc(norm(h))
-        if gate is None:
-            if h.size(0) != self.n_gates:
-                raise ValueError(f"h has {h.size(0)} entries in dim 0 but there are {self.n_gates} gates")
-            shape = (self.n_gates,) + (1,) * (h.dim() - 2)
-            emb, bias = self.gate_embed.view(*shape, self.hidden), self.out_bias.view(shape)
+        if gate is None or isinstance(gate, list):
+            n = self.n_gates if gate is None else len(gate)
+            if h.size(0) != n:
+                raise ValueError(f"h has {h.size(0)} entries in dim 0 but there are {n} gates")
+            shape = (n,) + (1,) * (h.dim() - 2)
+            emb, bias = (self.gate_embed, self.out_bias) if gate is None else (self.gate_embed[gate], self.out_bias[gate])
+            emb, bias = emb.view(*shape, self.hidden), bias.view(shape)
         else:
             emb, bias = self.gate_embed[gate], self.out_bias[gate]
         return (self.out(F.relu(z + emb)).squeeze(-1) + bias).float()
@@ -274,17 +277,19 @@ def controller_losses(model, idx, targets, out, full_top1=None, router_target=No
     valid = targets != -1 if mask is None else (targets != -1) & mask
     res = {}
 
-    # ---- gates
-    G = len(ctrl.gate_blocks)
+    # ---- gates (those whose exit this forward read out: every one unless model(..., exits=...) chose some)
+    gated = [g for g, j in enumerate(ctrl.gate_blocks) if j in out.exit_blocks]
+    rows = [out.exit_blocks.index(ctrl.gate_blocks[g]) for g in gated]  # their entries in out's exit lists
+    G = len(gated)
     if G > 0:
-        hs = torch.stack(out.exit_hidden[:G]).detach()  # (G, B, T, D)
-        logits = ctrl.gate.logits(hs)  # (G, B, T)
+        hs = torch.stack([out.exit_hidden[r] for r in rows]).detach()  # (G, B, T, D)
+        logits = ctrl.gate.logits(hs, None if G == len(ctrl.gate_blocks) else gated)  # (G, B, T)
         if gate_target == "agree":
-            y = out.exit_agree[:G]
+            y = out.exit_agree[rows]
             if full_top1 is not None:
                 y = y & (out.logits.argmax(-1) == full_top1).unsqueeze(0)
         else:
-            y = (out.exit_losses[:G] - out.exit_losses[-1:]).detach() <= loss_delta
+            y = (out.exit_losses[rows] - out.exit_losses[-1:]).detach() <= loss_delta
         m = valid.unsqueeze(0).expand(G, B, T)
         res["gate_loss"] = F.binary_cross_entropy_with_logits(logits[m], y[m].float())
         res["gate_acc"] = ((logits[m] > 0) == y[m]).float().mean().detach()

@@ -482,7 +482,7 @@ class HybridGPT(nn.Module):
         return softcap(logits)
 
     def forward(self, idx, targets=None, width=None, return_exits=False, exit_after=None, mask=None,
-                loss_reduction="mean"):
+                loss_reduction="mean", exits=None):
         """
         idx (B, T) -> logits (B, T, V) fp32, or the loss if targets are given.
         width: None (full), an int for every block, a plan (one width per block), or a long tensor of
@@ -493,6 +493,8 @@ class HybridGPT(nn.Module):
         mask (B, T) bool, optional: True for real tokens; passed to Mamba and MoE (padding).
         return_exits: give a HybridOutput with the exit readouts' hidden states, per-token losses
             and top-1 agreement with the final readout (all differentiable where they can be).
+        exits: with return_exits, the exit blocks to read out (a subset of config.exit_blocks(); the last block is
+            always read); None: every one.
         """
         c = self.config
         B, T = idx.shape
@@ -506,6 +508,10 @@ class HybridGPT(nn.Module):
         cos_sin = self.rotary(0, T)
         x, side, _ = hybrid_modern.embed(self, idx)
         exit_ids = set(c.exit_blocks()) if return_exits else set()
+        if return_exits and exits is not None:
+            if not set(exits) <= exit_ids:
+                raise ValueError(f"exits {sorted(set(exits) - exit_ids)} are not exit blocks ({sorted(exit_ids)})")
+            exit_ids = set(exits) | {c.n_layer - 1}
         exit_hidden = []
         for j, block in enumerate(self.transformer.h):
             x_new = block(x, plan[j], cos_sin, mask=mask, side=side)

@@ -66,13 +66,14 @@ def apply_activation_checkpointing(blocks):
         block.forward = functools.partial(checkpoint, block.forward, use_reentrant=False)
 
 
-def compile_model(model, mode, matryoshka=False, n_random=0, per_block=False, backend=None):
+def compile_model(model, mode, matryoshka=False, n_random=0, per_block=False, backend=None, exit_sets=1):
     """torch.compile for training. mode "model": the whole forward, one graph per distinct plan the run meets
     (adaptive_train.distinct_plans; unbounded with random per-block plans); "blocks": each block of
     model.transformer.h, one graph per (block kind, width, grad mode), shared by identical blocks, so bounded whatever
     the plans. dynamo's recompile limit (8 by default) is raised to the count, so that no plan or width runs eager.
-    backend: torch.compile's (None: its default). Returns what the training step calls (scripts.fractal_train's and
-    scripts.bench train's)."""
+    backend: torch.compile's (None: its default). exit_sets: the distinct sets of exits the run's passes read out
+    (fractal_train --exit-readouts), each another graph of the whole model. Returns what the training step calls
+    (scripts.fractal_train's and scripts.bench train's)."""
     import torch._dynamo
     from nanochat.adaptive_train import distinct_plans
     config = model.config
@@ -86,6 +87,7 @@ def compile_model(model, mode, matryoshka=False, n_random=0, per_block=False, ba
         out = model
     elif mode == "model":
         n_graphs = distinct_plans(config, matryoshka, n_random, per_block)
+        n_graphs = None if n_graphs is None else n_graphs * exit_sets
         out = torch.compile(model, **kw)
     else:
         raise ValueError(f"compile mode {mode!r}: use model or blocks")

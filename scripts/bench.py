@@ -387,6 +387,8 @@ def get_args(argv=None):
                            help="with --fake-world: fractal_train's flag")
             t.add_argument("--readouts", type=str, default="compiled", choices=("compiled", "eager"),
                            help="phase 2's exit readouts after lm_head: HybridGPT.READOUT_COMPILE (CUDA) on or off")
+            t.add_argument("--exit-readouts", type=int, default=0, help="adaptive recipes: the exits before the last "
+                           "each pass reads, in turn (fractal_train's flag; 0: every one)")
             t.add_argument("--readout-checkpoint", type=str, default="on", choices=("on", "off"),
                            help="phase 2's exit readouts: recompute each chunk's logits in backward (HybridGPT."
                                 "READOUT_CHECKPOINT), or keep them (B*T*V*2 bytes per exit per pass)")

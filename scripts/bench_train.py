@@ -62,9 +62,9 @@ def recipe_period(config, recipe):
     return schedule_period(config, "cycle" if recipe == "cycle" else "every")
 
 
-def train_flops(model, kind, phase, plans, T, exits):
+def train_flops(model, kind, phase, plans, T, exits, per_pass=0):
     """(convention FLOPs per token, executed FLOPs per token, the exit readouts' model FLOPs per token of one pass) of
-    one step; see the module docstring."""
+    one step; see the module docstring. per_pass: the exits before the last that a pass reads (0: every one)."""
     if kind == "gpt":
         f = model.estimate_flops()
         return f, f, 0
@@ -79,7 +79,8 @@ def train_flops(model, kind, phase, plans, T, exits):
     # HybridGPT.forward(return_exits=True): every exit but the last (which reuses the final logits) is read out in
     # chunks: forward, the forward again in backward when checkpointed (READOUT_CHECKPOINT), backward (2x) = 4 (3)
     # readouts' FLOPs each; as model FLOPs (no recomputation) 3
-    readout = 2 * c.n_embd * c.vocab_size * (len(c.exit_blocks()) - 1)
+    early = len(c.exit_blocks()) - 1
+    readout = 2 * c.n_embd * c.vocab_size * (min(per_pass, early) if per_pass else early)
     passes = 4 if type(model).READOUT_CHECKPOINT else 3
     return conv, conv + passes * readout, 3 * readout
 
@@ -151,15 +152,18 @@ def train_one(args, device, name, kind, config, phase, exit_stride, recipe="sand
 
         def step():
             if adaptive:  # fractal_train's micro-batch: every plan's forward + backward, distillation, gates, router
-                from nanochat.adaptive_train import train_micro_batch
+                from nanochat.adaptive_train import train_micro_batch, rotating_exits
                 step_plans = recipe_step_plans(config, counter[0], recipe)
-                counter[0] += 1
-                scale = 1.0 / (len(step_plans) * args.grad_accum)
-                for micro in range(args.grad_accum):
+                scale, n = 1.0 / (len(step_plans) * args.grad_accum), len(step_plans)
+                for micro in range(args.grad_accum):  # fractal_train's --exit-readouts rotation
+                    exit_sets = [rotating_exits(config, args.exit_readouts, (counter[0] * args.grad_accum + micro) * n + i)
+                                 for i in range(n)]
                     with actx:
                         train_micro_batch(model, run_model, x, y, step_plans, model.controllers, args.exit_loss_weight,
-                                          1.0, backward=lambda objective, i, micro=micro, n=len(step_plans):
-                                          backward(objective * scale, micro, i, n))
+                                          1.0, backward=lambda objective, i, micro=micro: backward(objective * scale,
+                                                                                                   micro, i, n),
+                                          exits=exit_sets)
+                counter[0] += 1
             else:
                 for micro in range(args.grad_accum):  # the same rows each time: only the timing matters here
                     for i, plan in enumerate(plans):
@@ -195,7 +199,7 @@ def train_one(args, device, name, kind, config, phase, exit_stride, recipe="sand
         if adaptive:  # mean over the recipe's period of steps; every plan reads out its exits
             def at_step(s):  # (the gates and the router train on every plan's exits)
                 p = recipe_step_plans(config, s, recipe)
-                c, e, ro = train_flops(model, kind, phase, p, T, exits)
+                c, e, ro = train_flops(model, kind, phase, p, T, exits, args.exit_readouts)
                 return c, c + len(p) * (e - c), c + len(p) * ro
             period = recipe_period(config, recipe)
             conv, execf, withro = [sum(v) / period for v in zip(*[at_step(s) for s in range(period)])]
@@ -232,6 +236,8 @@ def cmd_train(args, device):
     from nanochat.hybrid_gpt import HybridGPT
     HybridGPT.READOUT_COMPILE = args.readouts == "compiled"
     HybridGPT.READOUT_CHECKPOINT = args.readout_checkpoint == "on"
+    if args.exit_readouts < 0:
+        raise ValueError(f"--exit-readouts {args.exit_readouts}: give the exits a pass reads (0: every one)")
     bad = [r for r in args.recipes.split(",") if r not in RECIPES]
     if bad:
         raise ValueError(f"--recipes: {', '.join(map(repr, bad))} not among {', '.join(RECIPES)}")

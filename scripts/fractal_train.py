@@ -72,6 +72,7 @@ from nanochat.dataset import get_data_dir, split_parquet_files
 from nanochat.dataloader import tokenizing_distributed_data_loader
 from nanochat.moe_ep import shard_experts, is_expert_shard
 from nanochat.adaptive_train import (SCHEDULES, step_plans as adaptive_step_plans, plan_label, train_micro_batch,
+                                     rotating_exits, exit_rotation_period,
                                      evaluate_widths, plan_flops)
 from nanochat.surgery import grown_masks
 from nanochat.optim import (setup_optimizers, lr_multiplier, set_lr_multiplier, muon_momentum, set_muon_momentum,
@@ -143,6 +144,8 @@ def build_parser(description="Fractal training of a hybrid checkpoint: phase 1 (
                    help="weight of the full-width plan's objective against each narrow plan's (1: all alike)")
     p.add_argument("--expanded-dim", type=int, default=None, help="phase 3: the grown n_embd, checked against the checkpoint")
     p.add_argument("--exit-loss-weight", type=float, default=0.1, help="weight of the exit readouts' CE on the trunk (phases 2/3)")
+    p.add_argument("--exit-readouts", type=int, default=0, help="phases 2/3: exits (before the last) each pass reads out, "
+                   "in turn (adaptive_train.rotating_exits; fewer vocabulary-wide readouts a pass); 0: every exit")
     p.add_argument("--exit-threshold", type=float, default=0.9, help="eval: gate probability above which a token exits")
     p.add_argument("--plan-epsilon", type=float, default=None,
                    help="eval: the router's accepted probability of missing the full model's answer (default: its threshold)")
@@ -210,9 +213,9 @@ def check_args(args, phase=None):
     if args.sample_dim and not args.n_random_plans:
         raise ValueError("--sample-dim shapes the random plans: give --n-random-plans >= 1")
     if min(args.n_random_plans, args.exit_loss_weight, args.new_channel_lr_mult, args.distill_weight,
-           args.anchor_weight) < 0 or args.log_every < 1 or not args.full_weight > 0:
-        raise ValueError("--n-random-plans, --exit-loss-weight, --new-channel-lr-mult, --distill-weight, --anchor-weight "
-                         "must be >= 0, --full-weight > 0 and --log-every >= 1")
+           args.anchor_weight, args.exit_readouts) < 0 or args.log_every < 1 or not args.full_weight > 0:
+        raise ValueError("--n-random-plans, --exit-loss-weight, --new-channel-lr-mult, --distill-weight, --anchor-weight, "
+                         "--exit-readouts must be >= 0, --full-weight > 0 and --log-every >= 1")
     return phase
 
 
@@ -338,7 +341,8 @@ def prepare_training(args, phase, model, meta, geo):
     params = dict(model.named_parameters())  # masks of DTensor parameters (fsdp, expert shards) sharded like them
     masks = {n: distribute_tensor(m, params[n].device_mesh, params[n].placements)
              if isinstance(params[n], DTensor) else m for n, m in masks.items()}
-    train_model = (compile_model(model, args.compile, args.matryoshka, args.n_random_plans, args.sample_dim)
+    train_model = (compile_model(model, args.compile, args.matryoshka, args.n_random_plans, args.sample_dim,
+                                 exit_sets=exit_rotation_period(model.config, args.exit_readouts))
                    if args.compile else model)
     mask_params = [(p, masks[n]) for n, p in model.named_parameters() if n in masks]
     optimizers = setup_optimizers(model, matrix_lr=args.matrix_lr, embedding_lr=args.embedding_lr,
@@ -440,7 +444,10 @@ def train_step(args, phase, t, loaders, loader_states, geo, step, plans):
             sums += train_micro_batch(model, t.train_model, x, y, plans, controllers,
                                       args.exit_loss_weight if phase.exit_loss else 0.0,
                                       args.distill_weight if args.distill else 0.0, backward=backward,
-                                      anchor=t.anchor, anchor_weight=args.anchor_weight)
+                                      anchor=t.anchor, anchor_weight=args.anchor_weight,
+                                      exits=[rotating_exits(model.config, args.exit_readouts,
+                                                            (step * grad_accum + micro) * len(plans) + i)
+                                             for i in range(len(plans))])
     if args.parallel == "ddp":  # expert shards: every rank's tokens already reached them (all_to_all): no all-reduce
         allreduce_gradients([p for p in t.train_params if not is_expert_shard(p)])
     elif t.replicated:  # fsdp: the replicated controllers (and fp32 parameters); loss not scaled by the world size

@@ -135,3 +135,30 @@ def test_anchor_distils_full_width_from_a_frozen_model():
     with torch.no_grad():
         other.lm_head.weight.mul_(-1.0)
     assert (grads(other) - plain).abs().max() > 1e-3
+
+
+def test_rotating_exits_read_every_exit_equally_often():
+    """--exit-readouts N: pass c reads N of the exits before the last, in turn; over the rotation's period every exit
+    is read equally often; 0 or N >= their number reads them all (None)."""
+    from nanochat.adaptive_train import rotating_exits, exit_rotation_period
+    from nanochat.hybrid_gpt import HybridConfig
+    config = HybridConfig(n_layer=16, n_head=2, n_kv_head=2, n_embd=64, exit_stride=2)  # exits 1, 3, .., 15
+    early = config.exit_blocks()[:-1]
+    assert len(early) == 7
+    for n in (1, 2, 3, 6):
+        period = exit_rotation_period(config, n)
+        assert period == 7  # 7 is prime: every set differs until the rotation comes round
+        counts = {j: 0 for j in early}
+        for c in range(period):
+            chosen = rotating_exits(config, n, c)
+            assert len(chosen) == n == len(set(chosen)) and set(chosen) <= set(early)
+            for j in chosen:
+                counts[j] += 1
+        assert set(counts.values()) == {n}
+        assert rotating_exits(config, n, period) == rotating_exits(config, n, 0)
+    assert rotating_exits(config, 0, 3) is None and rotating_exits(config, 7, 3) is None
+    assert exit_rotation_period(config, 0) == exit_rotation_period(config, 9) == 1
+    config4 = HybridConfig(n_layer=8, n_head=2, n_kv_head=2, n_embd=64, exit_stride=2)  # exits 1, 3, 5 before the last
+    assert exit_rotation_period(config4, 2) == 3 and exit_rotation_period(config4, 3) == 1
+    config12 = HybridConfig(n_layer=14, n_head=2, n_kv_head=2, n_embd=64, exit_stride=2)  # 6 exits before the last
+    assert exit_rotation_period(config12, 2) == 3 and exit_rotation_period(config12, 4) == 3

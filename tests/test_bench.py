@@ -435,6 +435,20 @@ def test_train_adaptive_recipe_runs_fractal_trains_step(capsys, monkeypatch):
     assert [recipe_step_plans(cfg, s, "cycle")[1] for s in range(len(cycle))] == cycle
     want = sum(model.estimate_flops(recipe_step_plans(cfg, 0, "cycle")[0]) + model.estimate_flops(p) for p in cycle) / len(cycle)
     assert rows["2 cycle"]["flops_per_tok_G"] * 1e9 == pytest.approx(want)
+    # --exit-readouts 1: each pass reads one of the exits before the last (every block but the last one here), in turn
+    # (fractal_train's rotation)
+    read = []
+    forward = HybridGPT.forward
+    monkeypatch.setattr(HybridGPT, "forward", lambda self, *a, **kw: read.append(kw.get("exits")) or forward(self, *a, **kw))
+    one, _ = run(capsys, ["train", "--depth", "4", "--seq-len", "16", "--batch", "2", "--vocab-size", "128", "--models",
+                          "hybrid", "--phases", "2", "--exit-strides", "1", "--compile", "none", "--recipes", "cycle",
+                          "--exit-readouts", "1"])
+    early = cfg.n_layer - 1
+    assert one["rows"][0]["readout_flops_per_tok_G"] == pytest.approx(rows["2 cycle"]["readout_flops_per_tok_G"] / early)
+    sets = [e for e in read if e is not None]
+    assert {tuple(e) for e in sets} == {(j,) for j in range(early)} and all(len(e) == 1 for e in sets)
+    with pytest.raises(ValueError, match="--exit-readouts -1"):
+        run(capsys, ["train", "--depth", "4", "--models", "hybrid", "--phases", "2", "--exit-readouts", "-1"])
     with pytest.raises(ValueError, match="--recipes: 'sandwitch' not among adaptive, cycle, sandwich"):
         run(capsys, ["train", "--depth", "4", "--seq-len", "16", "--batch", "2", "--vocab-size", "128", "--models",
                      "hybrid", "--phases", "2", "--compile", "none", "--recipes", "sandwitch"])

@@ -71,6 +71,29 @@ def test_gate_target_against_the_full_model():
     assert vs_full == pytest.approx(expected) and vs_full <= same and (own != full_top1).any()
 
 
+def test_gates_learn_only_at_the_exits_a_forward_read_out():
+    """model(..., exits=...) reads out some exits (and always the last): their losses and agreement are the full
+    readout's entries, and the gates' loss is the BCE of those gates alone (every exit chosen: as with all); a block
+    that is no exit stops."""
+    import torch.nn.functional as F
+    model = build()
+    idx = torch.randint(0, V, (2, 12), generator=torch.Generator().manual_seed(0))
+    full = model(idx, idx, return_exits=True)
+    some = model(idx, idx, return_exits=True, exits=[1])
+    assert full.exit_blocks == [0, 1, 2] and some.exit_blocks == [1, 2]
+    assert torch.equal(some.exit_losses, full.exit_losses[1:]) and torch.equal(some.exit_agree, full.exit_agree[1:])
+    every = model(idx, idx, return_exits=True, exits=[0, 1])
+    assert torch.equal(controller_losses(model, idx, idx, every)["gate_loss"],
+                       controller_losses(model, idx, idx, full)["gate_loss"])
+    got = controller_losses(model, idx, idx, some)
+    logits = model.controllers.gate.logits(full.exit_hidden[1], 1)  # gate 1 sits after block 1
+    expected = F.binary_cross_entropy_with_logits(logits.flatten(), full.exit_agree[1].float().flatten())
+    torch.testing.assert_close(got["gate_loss"], expected)
+    assert got["gate_target_rate"].item() == pytest.approx(full.exit_agree[1].float().mean().item())
+    with pytest.raises(ValueError, match="not exit blocks"):
+        model(idx, idx, return_exits=True, exits=[5])
+
+
 def test_router_labels():
     full = torch.tensor([[1, 2, 3, 4], [1, 2, 3, 4]])
     narrow = [torch.tensor([[9, 2, 3, 4], [1, 2, 9, 4]]), torch.tensor([[1, 2, 3, 4], [1, 2, 3, 9]])]

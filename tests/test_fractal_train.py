@@ -339,7 +339,7 @@ def test_bad_inputs_stop_before_training(pipeline, tiny_data, tmp_path):
     for flag in ("--fsdp-keep-params", "--fsdp-bf16", "--fsdp-reduce=pass"):  # FSDP2 settings without --parallel=fsdp
         with pytest.raises(ValueError, match="--fsdp-keep-params, --fsdp-bf16, --fsdp-reduce need --parallel=fsdp"):
             fractal_train.main(run_args(tiny_data, 2, root / "p1", tmp_path / "k", 1, flag))
-    for bad in ("--full-weight=0", "--anchor-weight=-1"):
+    for bad in ("--full-weight=0", "--anchor-weight=-1", "--exit-readouts=-1"):
         with pytest.raises(ValueError, match="--full-weight > 0"):
             fractal_train.main(run_args(tiny_data, 2, root / "p1", tmp_path / "j", 1, bad))
     with pytest.raises(ValueError, match="already holds checkpoints"):
@@ -390,6 +390,10 @@ def test_activation_and_readout_checkpointing_change_nothing_but_memory(pipeline
     # kept exit readouts (--readout-checkpoint off) change nothing but memory and time either
     kept = fractal_train.main(run_args(tiny_data, 2, root / "p1", tmp_path / "kept", 2, *args, "--readout-checkpoint=off"))
     assert kept["loss"] == plain["loss"] and kept["plan_losses"] == plain["plan_losses"]
+    # reading one exit a pass in turn (--exit-readouts=1) is another objective: the first step's CE is the same (same
+    # weights, same batch), what it learns differs
+    one = fractal_train.main(run_args(tiny_data, 2, root / "p1", tmp_path / "one", 2, *args, "--exit-readouts=1"))
+    assert one["plan_losses"][0] == plain["plan_losses"][0] and one["plan_losses"][1] != plain["plan_losses"][1]
 
 
 def test_moe_and_mamba2_hybrid_trains_with_router_losses(pipeline, tiny_data, tmp_path):

@@ -79,7 +79,7 @@ def sft(checkpoint, out_dir, splits, settings, seed):
             f"--max-seq-len={T}", f"--total-batch-size={B * T}", f"--eval-every={settings.chat_sft_steps}",
             f"--seed={seed}", f"--controller-lr={settings.controller_lr}", f"--log-every={settings.log_every}",
             f"--warmdown-ratio={settings.chat_warmdown}", f"--full-weight={settings.chat_full_weight}",
-            f"--plan-schedule={settings.plan_schedule}"]
+            f"--plan-schedule={settings.plan_schedule}", f"--exit-readouts={settings.exit_readouts}"]
     argv += [f"--{name.replace('_', '-')}={settings.chat_lr_scale * getattr(defaults, name)}"
              for name in ("matrix_lr", "embedding_lr", "unembedding_lr", "scalar_lr")]
     return chat_sft.main(argv)

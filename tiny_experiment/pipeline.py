@@ -67,6 +67,7 @@ class Settings:
     full_weight: float = 2.0       # --full-weight: the full plan weighs as two narrow plans
     anchor_weight: float = 1.0     # --anchor-weight: KL(phase input || full) on the answer tokens
     plan_schedule: str = "every"   # --plan-schedule of phases 2, 3 and chat SFT (python -m tiny_experiment --plan-schedule)
+    exit_readouts: int = 0         # --exit-readouts of phases 2, 3 and chat SFT (0: every exit each pass)
     # growth and phase 3
     grow_dim: int = 256
     grown_width_levels: str = "32,64,128,256"
@@ -264,7 +265,8 @@ def fractal_phase(phase, checkpoint, out_dir, data_dir, steps, settings, seed):
             f"--log-every={settings.log_every}"]
     if phase > 1:
         argv += [f"--warmdown-ratio={settings.phase_warmdown}", f"--full-weight={settings.full_weight}",
-                 f"--anchor-weight={settings.anchor_weight}", f"--plan-schedule={settings.plan_schedule}"]
+                 f"--anchor-weight={settings.anchor_weight}", f"--plan-schedule={settings.plan_schedule}",
+                 f"--exit-readouts={settings.exit_readouts}"]
     defaults = fractal_train.get_args(["--phase=1", "--checkpoint=unused"])  # fractal_train's own default rates
     scale = settings.phase3_lr_scale if phase == 3 else settings.phase_lr_scale
     argv += [f"--{name.replace('_', '-')}={scale * getattr(defaults, name)}"
