@@ -72,7 +72,8 @@ class ConfidenceGate(nn.Module):
             if h.size(0) != n:
                 raise ValueError(f"h has {h.size(0)} entries in dim 0 but there are {n} gates")
             shape = (n,) + (1,) * (h.dim() - 2)
-            emb, bias = (self.gate_embed, self.out_bias) if gate is None else (self.gate_embed[gate], self.out_bias[gate])
+            emb, bias = (self.gate_embed, self.out_bias) if gate is None else (self.gate_embed[gate],
+                                                                              self.out_bias[gate])
             emb, bias = emb.view(*shape, self.hidden), bias.view(shape)
         else:
             emb, bias = self.gate_embed[gate], self.out_bias[gate]

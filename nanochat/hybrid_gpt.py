@@ -445,9 +445,9 @@ class HybridGPT(nn.Module):
         READOUT_CHUNK_TOKENS tokens whose logits are recomputed in backward (activation checkpointing,
         READOUT_CHECKPOINT): an exit readout never keeps a (B, T, V) tensor alive, which at a 65k vocabulary and
         dozens of exits would not fit in memory. With READOUT_CHECKPOINT off the chunks keep their logits for the
-        backward instead (one lm_head forward less per chunk; the same numbers). On CUDA (READOUT_COMPILE, unless the caller is itself being
-        compiled) the part after lm_head runs compiled: eager, each chunk writes fp32 (chunk, V) tensors for the
-        soft-cap, the log-softmax and their backwards, 13% of a d20 phase-2 step on the H100.
+        backward instead (one lm_head forward less per chunk; the same numbers). On CUDA (READOUT_COMPILE, unless
+        the caller is itself being compiled) the part after lm_head runs compiled: eager, each chunk writes fp32
+        (chunk, V) tensors for the soft-cap, the log-softmax and their backwards, 13% of a d20 phase-2 step on the H100.
         """
         B, T, D = h.shape
         flat_h = h.reshape(B * T, D)

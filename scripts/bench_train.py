@@ -9,13 +9,13 @@ peak = dense bf16 of H100 SXM and H200 (same chip): 989.4e12. The 'exec' MFU col
 convention leaves out or removes what does not run (exit readouts; frozen weights' gradients in phase 1).
 'update ms' is the clip + optimizer step alone (timed apart, on random gradients of the same shapes), and 'MFU w/o
 update' the step's MFU with that time taken out: the rate of the micro-batches themselves, which a step of many
-micro-batches (the speedrun accumulates 16 per GPU) approaches. 'same, readouts counted' adds to the convention the exit readouts'
-model FLOPs (3 x 2 x n_embd x vocab per exit before the last, per token of every pass that reads them out; no
-recomputation): the work the exit loss and the gates' agreement need, which the convention leaves out. 'warm-up s' is the wall time of every untimed step
-(compiles of every plan's graphs). The adaptive recipes change plans from step to step, with costs that differ (a
-narrow pass at width 2048 costs several at 128): their warm-up is at least one period of the schedule (every plan's
-graphs compiled) and their ms/step the mean over whole periods (--iters rounded up to them), not a median, so the time
-and the FLOPs (the period's mean) cover the same steps.
+micro-batches (the speedrun accumulates 16 per GPU) approaches. 'same, readouts counted' adds to the convention the
+exit readouts' model FLOPs (3 x 2 x n_embd x vocab per exit read before the last, per token of every pass that reads
+them out; no recomputation): the work the exit loss and the gates' agreement need, which the convention leaves out.
+'warm-up s' is the wall time of every untimed step (compiles of every plan's graphs). The adaptive recipes change
+plans from step to step, with costs that differ (a narrow pass at width 2048 costs several at 128): their warm-up is at
+least one period of the schedule (every plan's graphs compiled) and their ms/step the mean over whole periods (--iters
+rounded up to them), not a median, so the time and the FLOPs (the period's mean) cover the same steps.
 
 --fake-world N runs one rank of an N-rank FSDP2 run (scripts.fractal_train --parallel=fsdp: a shard group per block,
 the controllers replicated, the gradients reduced after a step's last backward) on this one device, over torch's fake
@@ -156,8 +156,8 @@ def train_one(args, device, name, kind, config, phase, exit_stride, recipe="sand
                 step_plans = recipe_step_plans(config, counter[0], recipe)
                 scale, n = 1.0 / (len(step_plans) * args.grad_accum), len(step_plans)
                 for micro in range(args.grad_accum):  # fractal_train's --exit-readouts rotation
-                    exit_sets = [rotating_exits(config, args.exit_readouts, (counter[0] * args.grad_accum + micro) * n + i)
-                                 for i in range(n)]
+                    passes = (counter[0] * args.grad_accum + micro) * n
+                    exit_sets = [rotating_exits(config, args.exit_readouts, passes + i) for i in range(n)]
                     with actx:
                         train_micro_batch(model, run_model, x, y, step_plans, model.controllers, args.exit_loss_weight,
                                           1.0, backward=lambda objective, i, micro=micro: backward(objective * scale,

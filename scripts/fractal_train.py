@@ -72,14 +72,14 @@ from nanochat.dataset import get_data_dir, split_parquet_files
 from nanochat.dataloader import tokenizing_distributed_data_loader
 from nanochat.moe_ep import shard_experts, is_expert_shard
 from nanochat.adaptive_train import (SCHEDULES, step_plans as adaptive_step_plans, plan_label, train_micro_batch,
-                                     rotating_exits, exit_rotation_period,
-                                     evaluate_widths, plan_flops)
+                                     evaluate_widths, plan_flops, rotating_exits, exit_rotation_period)
 from nanochat.surgery import grown_masks
 from nanochat.optim import (setup_optimizers, lr_multiplier, set_lr_multiplier, muon_momentum, set_muon_momentum,
                             optimizer_state_dicts, load_optimizer_state_dicts)
 from nanochat.train_utils import (peak_flops, apply_activation_checkpointing, apply_fsdp, allreduce_gradients,
-                                  add_parallel_args, fsdp_before_backward, clip_grad_norm, full_state_dict, optimizer_state_full,
-                                  optimizer_state_to_dtensor, format_eta, GracefulStop, resume_command, compile_model)
+                                  add_parallel_args, fsdp_before_backward, clip_grad_norm, full_state_dict,
+                                  optimizer_state_full, optimizer_state_to_dtensor, format_eta, GracefulStop,
+                                  resume_command, compile_model)
 from nanochat import checkpoint_manager as cm
 from nanochat import run_report
 
