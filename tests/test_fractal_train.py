@@ -163,6 +163,12 @@ def test_compile_modes_raise_the_recompile_limit_to_their_graphs(pipeline, tiny_
                                     "--eval-every=-1"))
         config = load_model(tmp_path / "c")[0].config
         assert compiled == [{"dynamic": False}] and limit() == distinct_plans(config, True) == 3  # full, w32, menu
+    with torch._dynamo.config.patch(recompile_limit=2):  # each set of exits --exit-readouts reads is another graph
+        from nanochat.adaptive_train import exit_rotation_period
+        fractal_train.main(run_args(tiny_data, 2, root / "p1", tmp_path / "x", 1, "--compile", "--plan-schedule=cycle",
+                                    "--eval-every=-1", "--exit-readouts=1"))
+        assert exit_rotation_period(config, 1) == len(config.exit_blocks()) - 1 > 1
+        assert limit() == 3 * exit_rotation_period(config, 1)
     with torch._dynamo.config.patch(recompile_limit=64):
         fractal_train.main(run_args(tiny_data, 2, root / "p1", tmp_path / "d", 1, "--compile", "--sample-dim",
                                     "--n-random-plans=1", "--eval-every=-1"))
