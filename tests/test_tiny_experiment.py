@@ -248,14 +248,22 @@ def test_lambda_sweep_repeats_the_runs_rl_at_its_own_lambda(quick_run, tmp_path)
 
 def test_no_chat_stops_after_the_base_evaluation(tmp_path, monkeypatch):
     """--no-chat: the chat stage does not run (results.json says so) and issue #30's targets are empty. (With
-    --plan-schedule cycle, which phases 2 and 3 then train with and the phase-1 run does not take.)"""
+    --plan-schedule cycle, --exit-stride 1 and --exit-readouts 1, which the surgery and phases 2 and 3 then take.) A
+    stride or readout count that cannot be stops with one line before anything is written."""
     from tiny_experiment import chat
     monkeypatch.setattr(chat, "run_chat_stage", lambda *a, **k: pytest.fail("the chat stage ran"))
-    r = main(["--quick", "--no-chat", "--out", str(tmp_path / "out"), "--seed", "0", "--plan-schedule", "cycle"])
+    r = main(["--quick", "--no-chat", "--out", str(tmp_path / "out"), "--seed", "0", "--plan-schedule", "cycle",
+              "--exit-stride", "1", "--exit-readouts", "1"])
     assert r["chat"] is None and r["issue30_targets"] == {} and "chat_sft" not in r["stages"]
-    assert r["settings"]["plan_schedule"] == "cycle"
-    schedules = {p: load_model(str(tmp_path / "out" / p))[1]["user_args"].get("plan_schedule") for p in ("phase2", "phase3")}
-    assert schedules == {"phase2": "cycle", "phase3": "cycle"}
+    assert r["settings"]["plan_schedule"] == "cycle" and r["settings"]["exit_readouts"] == 1
+    metas = {p: load_model(str(tmp_path / "out" / p)) for p in ("phase2", "phase3")}
+    assert {p: m[1]["user_args"].get("plan_schedule") for p, m in metas.items()} == {"phase2": "cycle", "phase3": "cycle"}
+    assert {p: m[1]["user_args"].get("exit_readouts") for p, m in metas.items()} == {"phase2": 1, "phase3": 1}
+    assert metas["phase2"][0].config.exit_stride == 1
+    for bad in (["--exit-stride", "0"], ["--exit-readouts", "-1"]):
+        with pytest.raises(SystemExit, match=bad[0]):
+            main(["--quick", "--out", str(tmp_path / "bad")] + bad)
+    assert not (tmp_path / "bad").exists()
 
 
 def test_targets_count_a_gap_of_exactly_the_margin_as_within_it():

@@ -2,7 +2,7 @@
 The whole Adamba pipeline at toy scale on a CPU, with numbers measured on held-out problems.
 
     python -m tiny_experiment [--out DIR] [--seed N] [--quick] [--threads N] [--overwrite] [--no-chat]
-                              [--plan-schedule every|cycle] [--mamba 1|2] [--exit-readouts N]
+                              [--plan-schedule every|cycle] [--mamba 1|2] [--exit-stride N] [--exit-readouts N]
 
 Stages (tiny_experiment/pipeline.py): task corpus -> tokenizer -> dense GPT pretraining -> surgery ->
 phase 1 -> phase 2 -> growth -> phase 3 -> gate calibration; then evaluation (tiny_experiment/evaluate.py)
@@ -46,6 +46,8 @@ def parse_args(argv=None):
     p.add_argument("--mamba", type=int, default=2, choices=(1, 2),
                    help="Mamba version of the blocks surgery adds (default 2: on CPU its chunked scan is the faster "
                         "path here; the speedrun uses 1)")
+    p.add_argument("--exit-stride", type=int, default=None, help="surgery's --exit-stride: an exit readout (and a gate) "
+                   "after every Nth block (default 2: three gated exits in the 8 blocks)")
     p.add_argument("--exit-readouts", type=int, default=0, help="phases 2, 3 and chat SFT: exits (before the last) "
                    "each pass reads out, in turn (scripts.fractal_train --exit-readouts; 0: every exit)")
     p.add_argument("--no-chat", action="store_true", help="stop after the base pipeline's evaluation (no chat stage: "
@@ -76,11 +78,16 @@ def heldout_check(train_pages, calib_pages, test):
 
 def main(argv=None):
     args = parse_args(argv)
+    if args.exit_stride is not None and args.exit_stride < 1:
+        raise SystemExit(f"--exit-stride {args.exit_stride}: use a stride >= 1 (blocks between exit readouts)")
+    if args.exit_readouts < 0:
+        raise SystemExit(f"--exit-readouts {args.exit_readouts}: use 0 (every exit) or the exits a pass reads")
     out = expand_path(args.out) or os.path.join(get_base_dir(), "tiny_experiment")
     prepare_out(out, args.overwrite)
     settings = pipeline.quick_settings() if args.quick else pipeline.Settings()
     settings = dataclasses.replace(settings, plan_schedule=args.plan_schedule, mamba_version=args.mamba,
-                                   exit_readouts=args.exit_readouts)
+                                   exit_readouts=args.exit_readouts,
+                                   exit_stride=settings.exit_stride if args.exit_stride is None else args.exit_stride)
     threads = torch.get_num_threads()
     torch.set_num_threads(args.threads)
     try:
