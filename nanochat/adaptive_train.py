@@ -149,15 +149,16 @@ def distill_kl(logits, full_logits, valid):
 
 
 def train_micro_batch(model, train_model, x, y, plans, controllers=None, exit_weight=0.0, distill_weight=0.0,
-                      prompt_frac=0.5, backward=None, anchor=None, anchor_weight=0.0, exits=None):
+                      prompt_frac=0.5, backward=None, anchor=None, anchor_weight=0.0, exit_readouts=0, micro_index=0):
     """
     Forward + backward of every plan on one micro-batch (full width first, then the narrow plans, then any random
     ones); the router learns, for each of its menu's narrow plans among them, whether it gave the full model's top-1.
     backward(objective, plan_index) runs the backward (the caller scales and syncs). Returns [CE per plan..., KL sum
     over narrow plans, MoE router loss (mean over plans), gate loss (mean over plans), router loss], detached floats
     as a tensor. anchor (a frozen model, e.g. the run's input checkpoint): the full-width plan also learns
-    anchor_weight * KL(anchor || full) on the loss-bearing tokens. exits: per plan, the exit blocks its forward reads
-    out (rotating_exits; None: every one): the exit loss is the mean over those, and the gates learn at those.
+    anchor_weight * KL(anchor || full) on the loss-bearing tokens. exit_readouts (fractal_train --exit-readouts): each
+    plan's forward reads out that many exits before the last, pass micro_index * len(plans) + i of the rotation
+    (rotating_exits; 0: every exit); the exit loss is the mean over those, and the gates learn at those.
     """
     has_moe = "E" in getattr(model.config, "ffn_pattern", "")
     menu = plan_menu(model.config)[:-1] if len(plans) > 1 else []
@@ -173,7 +174,8 @@ def train_micro_batch(model, train_model, x, y, plans, controllers=None, exit_we
     plan_top1 = []
     for i, plan in enumerate(plans):
         if want_exits:
-            out = train_model(x, y, width=plan, return_exits=True, **({"exits": exits[i]} if exits else {}))
+            exits = rotating_exits(model.config, exit_readouts, micro_index * len(plans) + i)
+            out = train_model(x, y, width=plan, return_exits=True, exits=exits)
             logits, ce = out.logits, out.loss
         elif len(plans) > 1 or anchor is not None:  # the logits: a teacher or a student of distillation
             out, logits = None, train_model(x, width=plan)

@@ -79,8 +79,8 @@ def train_flops(model, kind, phase, plans, T, exits, per_pass=0):
     # HybridGPT.forward(return_exits=True): every exit but the last (which reuses the final logits) is read out in
     # chunks: forward, the forward again in backward when checkpointed (READOUT_CHECKPOINT), backward (2x) = 4 (3)
     # readouts' FLOPs each; as model FLOPs (no recomputation) 3
-    early = len(c.exit_blocks()) - 1
-    readout = 2 * c.n_embd * c.vocab_size * (min(per_pass, early) if per_pass else early)
+    from nanochat.adaptive_train import rotating_exits
+    readout = 2 * c.n_embd * c.vocab_size * len(rotating_exits(c, per_pass, 0) or c.exit_blocks()[:-1])
     passes = 4 if type(model).READOUT_CHECKPOINT else 3
     return conv, conv + passes * readout, 3 * readout
 
@@ -152,17 +152,16 @@ def train_one(args, device, name, kind, config, phase, exit_stride, recipe="sand
 
         def step():
             if adaptive:  # fractal_train's micro-batch: every plan's forward + backward, distillation, gates, router
-                from nanochat.adaptive_train import train_micro_batch, rotating_exits
+                from nanochat.adaptive_train import train_micro_batch
                 step_plans = recipe_step_plans(config, counter[0], recipe)
                 scale, n = 1.0 / (len(step_plans) * args.grad_accum), len(step_plans)
-                for micro in range(args.grad_accum):  # fractal_train's --exit-readouts rotation
-                    passes = (counter[0] * args.grad_accum + micro) * n
-                    exit_sets = [rotating_exits(config, args.exit_readouts, passes + i) for i in range(n)]
+                for micro in range(args.grad_accum):
                     with actx:
                         train_micro_batch(model, run_model, x, y, step_plans, model.controllers, args.exit_loss_weight,
                                           1.0, backward=lambda objective, i, micro=micro: backward(objective * scale,
                                                                                                    micro, i, n),
-                                          exits=exit_sets)
+                                          exit_readouts=args.exit_readouts,
+                                          micro_index=counter[0] * args.grad_accum + micro)
                 counter[0] += 1
             else:
                 for micro in range(args.grad_accum):  # the same rows each time: only the timing matters here

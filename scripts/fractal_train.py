@@ -72,7 +72,7 @@ from nanochat.dataset import get_data_dir, split_parquet_files
 from nanochat.dataloader import tokenizing_distributed_data_loader
 from nanochat.moe_ep import shard_experts, is_expert_shard
 from nanochat.adaptive_train import (SCHEDULES, step_plans as adaptive_step_plans, plan_label, train_micro_batch,
-                                     evaluate_widths, plan_flops, rotating_exits, exit_rotation_period)
+                                     evaluate_widths, plan_flops, exit_rotation_period)
 from nanochat.surgery import grown_masks
 from nanochat.optim import (setup_optimizers, lr_multiplier, set_lr_multiplier, muon_momentum, set_muon_momentum,
                             optimizer_state_dicts, load_optimizer_state_dicts)
@@ -445,9 +445,7 @@ def train_step(args, phase, t, loaders, loader_states, geo, step, plans):
                                       args.exit_loss_weight if phase.exit_loss else 0.0,
                                       args.distill_weight if args.distill else 0.0, backward=backward,
                                       anchor=t.anchor, anchor_weight=args.anchor_weight,
-                                      exits=[rotating_exits(model.config, args.exit_readouts,
-                                                            (step * grad_accum + micro) * len(plans) + i)
-                                             for i in range(len(plans))])
+                                      exit_readouts=args.exit_readouts, micro_index=step * grad_accum + micro)
     if args.parallel == "ddp":  # expert shards: every rank's tokens already reached them (all_to_all): no all-reduce
         allreduce_gradients([p for p in t.train_params if not is_expert_shard(p)])
     elif t.replicated:  # fsdp: the replicated controllers (and fp32 parameters); loss not scaled by the world size
