@@ -20,7 +20,6 @@ from nanochat.common import (UserError, run_script, is_user_error, choose_cpu_th
 from nanochat.checkpoint_manager import CheckpointError, save_model, copy_tokenizer_files
 from nanochat.gpt import GPT, GPTConfig
 from nanochat import mamba_ops
-from testutil import write_hybrid_checkpoint
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -47,7 +47,7 @@ def test_the_program_runs_in_a_scratch_directory_without_destructive_functions(t
         "import os, sys, subprocess\n"
         "print(os.getcwd())\n"
         "print(sorted(os.environ))\n"
-        f"for f in (os.remove, os.system, os.kill, subprocess.Popen):\n"
+        "for f in (os.remove, os.system, os.kill, subprocess.Popen):\n"
         "    assert f is None\n")
     assert result.passed, result.stderr
     cwd, env = result.stdout.splitlines()

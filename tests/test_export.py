@@ -13,7 +13,7 @@ import huggingface_hub
 from huggingface_hub.utils import HFValidationError
 from nanochat import run_report
 from nanochat.checkpoint_manager import load_model, load_model_and_tokenizer, meta_path
-from nanochat.common import UserError, run_script, DEBUG_ENV
+from nanochat.common import run_script, DEBUG_ENV
 from scripts import export
 from testutil import write_hybrid_checkpoint
 
