@@ -28,21 +28,34 @@ def test_speedrun_dry_run_prints_the_plan(tmp_path):
     # phase 2 too (KEEP_PARAMS=1, the default), at 4 rows, with its exit readouts' logits kept; phase 1 runs FSDP2's defaults
     p2, = [l for l in phases if "--phase=2" in l]
     assert "--device-batch-size 4 --fsdp-keep-params --fsdp-bf16 --fsdp-reduce=pass --readout-checkpoint=off" in p2
+    # phases 2, 3 and SFT read one of the exits before the last a pass (EXIT_READOUTS=1, the default); the grown
+    # model's stages keep their readouts' logits too
+    assert all("--exit-readouts 1" in l for l in phases if "--phase=1" not in l)
+    assert all("--readout-checkpoint=off" in l for l in grown)
     assert not any("--fsdp-" in l for l in phases if "--phase=1" in l)
     keep0 = subprocess.run(["bash", "runs/speedrun.sh", "--dry-run"], cwd=ROOT, env=dict(env, KEEP_PARAMS="0"),
                            capture_output=True, text=True, timeout=300)
     p2_off, = [l for l in keep0.stdout.splitlines() if "scripts.fractal_train --phase=2" in l]
     assert "--device-batch-size 2" in p2_off and "--fsdp-" not in p2_off and "--readout-checkpoint" not in p2_off
     p2_mfu = {o: [l.split()[-3] for l in o.splitlines() if l.startswith("phase 2")] for o in (out.stdout, keep0.stdout)}
-    assert p2_mfu[out.stdout] == ["0.276"] and p2_mfu[keep0.stdout] == ["0.165"]
+    assert p2_mfu[out.stdout] == ["0.333"] and p2_mfu[keep0.stdout] == ["0.165"]
+    # every exit read each pass: the flags say so and the plan prices the measured all-exit rates
+    every = subprocess.run(["bash", "runs/speedrun.sh", "--dry-run"], cwd=ROOT, env=dict(env, EXIT_READOUTS="0"),
+                           capture_output=True, text=True, timeout=300)
+    assert every.returncode == 0 and every.stdout.count("--exit-readouts 0") == 3
+    rates = [l.split()[-3] for l in every.stdout.splitlines() if l.split()[:2] in (["phase", "2"], ["phase", "3"])]
+    assert rates == ["0.276", "0.326"]
     off = subprocess.run(["bash", "runs/speedrun.sh", "--dry-run"], cwd=ROOT, env=dict(env, GROWN_KEEP="0"),
                          capture_output=True, text=True, timeout=300)
     assert off.returncode == 0 and not any("--fsdp-bf16" in l for l in off.stdout.splitlines() if "--phase=2" not in l)
     mfu = {o: [l.split()[-3] for l in o.splitlines() if l.startswith("phase 3")] for o in (out.stdout, off.stdout)}
-    assert mfu[out.stdout] == ["0.318"] and mfu[off.stdout] == ["0.224"]
+    assert mfu[out.stdout] == ["0.369"] and mfu[off.stdout] == ["0.224"]
     bad = subprocess.run(["bash", "runs/speedrun.sh", "--dry-run"], cwd=ROOT, env=dict(env, GROWN_KEEP="yes"),
                          capture_output=True, text=True, timeout=300)
     assert bad.returncode == 2 and "GROWN_KEEP=yes: use 0 or 1" in bad.stderr
+    bad = subprocess.run(["bash", "runs/speedrun.sh", "--dry-run"], cwd=ROOT, env=dict(env, EXIT_READOUTS="-1"),
+                         capture_output=True, text=True, timeout=300)
+    assert bad.returncode == 2 and "EXIT_READOUTS=-1: use 0" in bad.stderr
 
 
 @pytest.mark.slow
