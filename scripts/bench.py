@@ -411,6 +411,8 @@ def get_args(argv=None):
                            "model with k = 1..K drafted tokens per round, against think (scripts/bench_speculate.py)")
             t.add_argument("--draft", type=str, default="plan:ghost", help="with --speculate: plan:<mode or widths> or "
                            "exit:<block> (nanochat.speculative.Draft)")
+            t.add_argument("--speculate-from", type=int, default=1, metavar="K0", help="with --speculate K: the rows "
+                           "for k = K0..K only (each k is its own set of graphs to capture or compile)")
     u = sub.add_parser("muon", help="Muon's step: one Newton-Schulz per matrix vs same-shaped matrices stacked")
     u.add_argument("--depth", type=int, default=20, help="nanochat depth dial of the benchmarked models")
     u.add_argument("--models", type=str, default="dense,hybrid")

@@ -138,6 +138,8 @@ def cmd_decode(args, device):
     actx = nullcontext() if bf16 else autocast_context(device.type)  # autocast_context is a no-op on CPU
     nbytes = 2 if bf16 else 4
     contexts = [int(s) for s in args.contexts.split(",")]
+    if args.speculate and not 1 <= args.speculate_from <= args.speculate:
+        raise ValueError(f"--speculate-from {args.speculate_from}: use 1 .. --speculate ({args.speculate})")
     # the rotary tables hold 10 x sequence_len positions: size them for the longest context
     seq = max(args.seq_len, math.ceil((max(contexts) + args.decode_tokens + 8) / 10))
     configs = bench_configs(args, seq, exit_stride=args.exit_stride)

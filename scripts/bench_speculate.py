@@ -65,7 +65,7 @@ def speculate_rows(args, device, model, engine, name, L, actx):
     rows = [{"model": name, "context": L, "what": "think", "k": 0, "ms_per_token": think_s * 1e3,
              "tok_per_s": B / think_s, "GB_per_step": per_step / 1e9,
              "mbu": None if bw is None else per_step / think_s / bw}]
-    for k in range(1, args.speculate + 1):
+    for k in range(args.speculate_from, args.speculate + 1):
         kw = dict(speculate=k, draft=args.draft, fallback=False)
         # the drafts and the verify timed apart (a sync after the drafts), then the plain speed of the same run
         with torch.inference_mode(), actx:

@@ -276,6 +276,14 @@ def test_decode_speculate(capsys):
     assert any(n.startswith("speculative / think tok/s at context 24") for n in names)
     assert any(n.startswith("speculative with fallback") for n in names)
     assert "self-speculative decoding vs think" in out
+    # --speculate-from: only k = K0..K (and the fallback at K); out of range stops before any model is built
+    res, _ = run(capsys, ["decode", "--depth", "2", "--seq-len", "16", "--vocab-size", "128", "--contexts", "24",
+                          "--decode-tokens", "6", "--prefill-reps", "1", "--modes", "think", "--speculate", "2",
+                          "--speculate-from", "2", "--draft", "exit:0"])
+    assert [(r["what"], r["k"]) for r in res["speculative"]] == [("think", 0), ("speculate exit:0", 2),
+                                                                 ("speculate exit:0, fallback", 2)]
+    with pytest.raises(ValueError, match="--speculate-from 3: use 1 .. --speculate"):
+        bench.main(CPU + ["decode", "--depth", "2", "--speculate", "2", "--speculate-from", "3"])
 
 
 def test_decode_memory_only(capsys):
