@@ -120,10 +120,10 @@ PEAK_FLOPS=${PEAK_FLOPS:-989.4e12}      # dense bf16 per GPU, H100 SXM / H200
 #   phase 3, GROWN_KEEP=1, EXIT_READOUTS=1: 42.2% -> 39.2% x 0.984 (16 of 714 ms, the 184 ms update) x 95.7% = 0.369
 #   phase 3, GROWN_KEEP=1, EXIT_READOUTS=0, readouts kept: 37.2% -> 34.5% x 0.986 x 95.7% = 0.326
 # KEEP_PARAMS=0 and GROWN_KEEP=0 were measured with every exit read; with fewer they are priced at that rate.
-READ1=$([ "$EXIT_READOUTS" = 1 ] && echo 1 || echo 0)   # the measured fewer-readout rates are at 1
+if [ "$EXIT_READOUTS" = 1 ]; then KEEP_MFU_P2=0.333 KEEP_MFU_P3=0.369; else KEEP_MFU_P2=0.276 KEEP_MFU_P3=0.326; fi
 MFU_P1=${MFU_P1:-0.421}
-MFU_P2=${MFU_P2:-$([ "$KEEP_PARAMS" = 1 ] && { [ "$READ1" = 1 ] && echo 0.333 || echo 0.276; } || echo 0.165)}
-MFU_P3=${MFU_P3:-$([ "$GROWN_KEEP" = 1 ] && { [ "$READ1" = 1 ] && echo 0.369 || echo 0.326; } || echo 0.224)}   # SFT runs phase 3's step: priced at it
+MFU_P2=${MFU_P2:-$([ "$KEEP_PARAMS" = 1 ] && echo $KEEP_MFU_P2 || echo 0.165)}
+MFU_P3=${MFU_P3:-$([ "$GROWN_KEEP" = 1 ] && echo $KEEP_MFU_P3 || echo 0.224)}   # SFT runs phase 3's step: priced at it
 # These are the cycle schedule's. Under PLAN_SCHEDULE=every the phase-2/3 step's MFU is priced at cycle's x 0.82, the
 # ratio measured at d32 on one H100 eager (`... train --depth 32 --batch 2 --grad-accum 2 --models hybrid --phases 2
 # --exit-strides 8 --recipes sandwich,adaptive,cycle --compile none`, batch 1: every level 8.2%, cycle 10.0% MFU).
