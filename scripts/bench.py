@@ -399,6 +399,12 @@ def get_args(argv=None):
             t.add_argument("--exit-stride", type=int, default=1, help="the hybrids' gated exits: after every Nth block "
                            "(1 = HybridConfig's default); in gated modes (auto) each gate costs a host-device sync")
             t.add_argument("--prefill-reps", type=int, default=2)
+            t.add_argument("--models", type=str, default="dense,hybrid,hybrid-eq",
+                           help="comma-separated: dense, hybrid (what scripts.surgery makes), hybrid-eq (as many blocks as dense), "
+                           "hybrid-grown (hybrid grown 1.5x wide, think only)")
+            t.add_argument("--mixer-path", type=str, default="auto", choices=("auto", "kernel", "torch"),
+                           help="the Mamba mixers' path (MambaMixer.path): mamba-ssm's kernels where they run (auto), "
+                           "always (kernel), or the PyTorch step, which decode='compiled' hands whole to torch.compile")
             t.add_argument("--engine-decode", type=str, default="auto", choices=DECODE_PATHS,
                            help="the hybrids' decode path (nanochat.engine.Engine): auto = CUDA graphs on CUDA where the "
                            "step allows them (one plan for every row, and one row when gates are on), else the eager step; "

@@ -131,6 +131,14 @@ def decode_one(args, device, model, engine, kind, mode, L, actx):
     return row
 
 
+def set_mixer_path(model, path):
+    """Every Mamba mixer of a hybrid on `path` (MambaMixer.path: auto, kernel or torch); a dense GPT has none."""
+    from nanochat.mamba_block import MambaMixer
+    for m in model.modules():
+        if isinstance(m, MambaMixer):
+            m.path = path
+
+
 def cmd_decode(args, device):
     from nanochat.engine import Engine
     # default as scripts.generate: fp32 weights under bf16 autocast on CUDA; the caches take the weights' dtype
@@ -144,9 +152,12 @@ def cmd_decode(args, device):
     seq = max(args.seq_len, math.ceil((max(contexts) + args.decode_tokens + 8) / 10))
     configs = bench_configs(args, seq, exit_stride=args.exit_stride)
     D = configs["dense"][1].n_embd
+    names = args.models.split(",")  # bench_configs stopped at a name it does not know
+    if args.speculate and "hybrid" not in names:
+        raise ValueError("--speculate times the 'hybrid' model: keep it in --models")
     modes = {"dense": ["-"], "hybrid": args.modes.split(","),  # narrow modes add the stored block inputs (stores_narrow_kv)
-             "hybrid-eq": ["think"]}
-    specs = [(name, kind, config, modes[name]) for name, (kind, config) in configs.items()]
+             "hybrid-eq": ["think"], "hybrid-grown": ["think"]}
+    specs = [(name, kind, config, modes[name]) for name, (kind, config) in configs.items() if name in names]
     B = args.batch
     rows, targets, spec_rows = [], [], []
     for name, kind, config, modes in specs:
@@ -156,6 +167,7 @@ def cmd_decode(args, device):
             model = build_model(kind, config, device).eval()
             if bf16:
                 model = model.to(torch.bfloat16)
+            set_mixer_path(model, args.mixer_path)
             engine = Engine(model, decode=args.engine_decode)
         for L in contexts:
             for mode in modes:
@@ -180,9 +192,11 @@ def cmd_decode(args, device):
         del model, engine
     L = max(contexts)
     by = {(r["model"], r["mode"], r["context"]): r for r in rows}
-    d = by[("dense", "-", L)]
+    d = by.get(("dense", "-", L))
     for name in ("hybrid", "hybrid-eq"):
-        h = by[(name, "think", L)]
+        h = by.get((name, "think", L))
+        if d is None or h is None:  # --models without dense, or without this hybrid (or think)
+            continue
         for key, what in (("cache_measured_MiB", "allocated"), ("cache_counted_MiB", "cache tensors"),
                           ("cache_analytic_MiB", "formula")):
             if key in h and key in d:
@@ -190,7 +204,7 @@ def cmd_decode(args, device):
         targets.append(target(f"{name} K/V + SSM alone / dense (formula, without the head counts)",
                               h["kv_ssm_analytic_MiB"] / d["cache_analytic_MiB"], 0.5, "<=", "(what the layer pattern allows)"))
     wdesc = "bf16 weights and caches" if bf16 else "fp32 weights and caches" + (", bf16 autocast" if device.type == "cuda" else "")
-    print_table(f"decode, batch {B}, {wdesc}, depth {args.depth} (width {D}), Mamba-{args.mamba}, "
+    print_table(f"decode, batch {B}, {wdesc}, depth {args.depth} (width {D}), Mamba-{args.mamba} ({args.mixer_path} path), "
                 f"{args.decode_tokens} decode steps, exits every {args.exit_stride} blocks", rows,
                 [("model", "model", ""), ("mode", "mode", ""), ("path", "step", ""), ("context", "context", "d"), ("prefill_ms", "prefill ms", ".1f"),
                  ("prefill_tok_per_s", "prefill tok/s", ",.0f"), ("decode_ms", "ms/token", ".2f"),

@@ -286,6 +286,26 @@ def test_decode_speculate(capsys):
         bench.main(CPU + ["decode", "--depth", "2", "--speculate", "2", "--speculate-from", "3"])
 
 
+def test_decode_models_and_mixer_path(capsys, monkeypatch):
+    """--models picks the benchmarked models (no dense row: no cache-ratio targets); --mixer-path sets every Mamba
+    mixer's path (seen by the step: path='kernel' cannot run on a CPU and the row says so)."""
+    from nanochat.mamba_block import Mamba
+    seen = []
+    step = Mamba.step
+    monkeypatch.setattr(Mamba, "step", lambda self, *a: seen.append(self.path) or step(self, *a))
+    args = ["decode", "--depth", "2", "--seq-len", "16", "--vocab-size", "128", "--contexts", "24",
+            "--decode-tokens", "2", "--prefill-reps", "1", "--modes", "think", "--models", "hybrid"]
+    res, out = run(capsys, args + ["--mixer-path", "torch"])
+    assert [(r["model"], r["mode"]) for r in res["rows"]] == [("hybrid", "think")] and "error" not in res["rows"][0]
+    assert res["targets"] == [] and seen and set(seen) == {"torch"} and "(torch path)" in out
+    res, _ = run(capsys, args + ["--mixer-path", "kernel"])
+    assert "path='kernel'" in res["rows"][0]["error"]
+    for bad, msg in ((["--models", "hybrid,gpt"], "--models: 'gpt' not among"),
+                     (["--models", "dense", "--speculate", "1"], "--speculate times the 'hybrid' model")):
+        with pytest.raises(ValueError, match=msg):
+            bench.main(CPU + ["decode", "--depth", "2"] + bad)
+
+
 def test_decode_memory_only(capsys):
     """--memory-only builds no model: the formula rows and their targets, for sizes a CPU cannot run."""
     res, _ = run(capsys, ["decode", "--depth", "32", "--contexts", "1024,32768", "--modes", "think,ghost", "--memory-only"])
