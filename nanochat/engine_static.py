@@ -61,7 +61,9 @@ class StaticDecode:
         self.compile_backend = compile_backend
         self.fn = self.compiled(self.segment)
         if decode == "compiled":
-            log_once(logger, f"Engine decode: static segments compiled by torch.compile ({compile_backend})")
+            log_once(logger, f"Engine decode: static segments compiled by torch.compile ({compile_backend}); Mamba "
+                             "steps inside them in PyTorch ops, which it fuses (not mamba-ssm's kernels unless a mixer's "
+                             "path is 'kernel')")
 
     def compiled(self, fn):
         """fn as this decode path runs a static segment: under decode="compiled" through torch.compile (one compile

@@ -159,26 +159,32 @@ class MambaMixer(nn.Module):
         pybind calls, so the kernels run as the custom ops of nanochat/mamba_ops.py (which need causal-conv1d)."""
         return torch.compiler.is_compiling() and conv_state is None and causal_conv1d_fn is not None
 
-    def _use_kernels(self, x, what, unsupported=None):
-        """True to run mamba-ssm's kernels for this call; raises if path='kernel' cannot be honoured."""
+    def _kernel_reason(self, x, what, unsupported=None):
+        """Why this call does not run mamba-ssm's kernels (None: it does). A decode step that torch.compile traces
+        (the engine's decode='compiled') takes the PyTorch ops under path='auto': inductor fuses them with the
+        projections' neighbours, where the kernels are calls it cannot see into (fewer kernels a token)."""
         if self.path not in PATHS:
             raise ValueError(f"{type(self).__name__}.path must be one of {PATHS}, got {self.path!r}")
-        reason = None
         if self.path == "torch":
-            reason = "path='torch'"
-        elif KERNEL_IMPORT_ERROR is not None:
-            reason = f"mamba_ssm kernels not importable ({KERNEL_IMPORT_ERROR})"
-        elif not x.is_cuda:
-            reason = "input is not on CUDA"
-        elif unsupported is not None:
-            reason = unsupported
+            return "path='torch'"
+        if what == "step" and self.path == "auto" and torch.compiler.is_compiling():
+            return "a compiled decode step"
+        if KERNEL_IMPORT_ERROR is not None:
+            return f"mamba_ssm kernels not importable ({KERNEL_IMPORT_ERROR})"
+        if not x.is_cuda:
+            return "input is not on CUDA"
+        return unsupported
+
+    def _use_kernels(self, x, what, unsupported=None):
+        """True to run mamba-ssm's kernels for this call; raises if path='kernel' cannot be honoured."""
+        reason = self._kernel_reason(x, what, unsupported)
         if reason is not None and self.path == "kernel":
             raise RuntimeError(f"{type(self).__name__}.path='kernel' but {reason}; use path='auto' or 'torch'")
         if reason is None:
             conv = "" if CONV_IMPORT_ERROR is None else f", depthwise conv in PyTorch ({CONV_IMPORT_ERROR})"
             log_once(logger, f"{type(self).__name__} {what}: mamba-ssm kernels{conv}")
         if x.is_cuda and self.path == "auto" and KERNEL_IMPORT_ERROR is not None:  # a WARNING, or an error
-            mamba_ops.kernels_missing_on_cuda(reason)
+            mamba_ops.kernels_missing_on_cuda(f"mamba_ssm kernels not importable ({KERNEL_IMPORT_ERROR})")
         elif reason is None and CONV_IMPORT_ERROR is not None:
             mamba_ops.kernels_missing_on_cuda(f"causal_conv1d not importable ({CONV_IMPORT_ERROR})")
         elif reason is not None:  # once per reason, whichever mixer and call meets it

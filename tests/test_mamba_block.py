@@ -422,6 +422,30 @@ def test_paths_and_errors():
     torch.testing.assert_close(m2(u.flatten(0, 1), seqlen=5), m2(u).flatten(0, 1))
 
 
+def test_compiled_step_takes_pytorch_ops(monkeypatch):
+    """Under path='auto' a decode step that torch.compile traces runs the PyTorch ops (inductor fuses them) before
+    any other reason is looked at; path='kernel' keeps the kernels there, and forward and eager steps are unchanged.
+    The kernels are made to look present; this CPU's input then gives the reason a GPU would not have."""
+    import nanochat.mamba_block as mb
+    monkeypatch.setattr(mb, "KERNEL_IMPORT_ERROR", None)
+    x, cpu = torch.randn(1, 1, 16), "input is not on CUDA"
+    m, seen = Mamba(16), []
+
+    @torch.compile(backend="eager", fullgraph=True)
+    def traced(x, what):
+        seen.append(m._kernel_reason(x, what))
+        return x + 1
+
+    for path, want in (("auto", ["a compiled decode step", cpu]), ("kernel", [cpu, cpu]),
+                       ("torch", ["path='torch'"] * 2)):
+        m.path, seen[:] = path, []
+        torch._dynamo.reset()
+        traced(x, "step")
+        traced(x, "forward")
+        assert seen == want, path
+        assert m._kernel_reason(x, "step") == want[1], path  # an eager step: as forward
+
+
 @pytest.mark.parametrize("cls,cfg", [(Mamba, MAMBA1_CONFIGS[0]), (Mamba2, MAMBA2_CONFIGS[0])], ids=["Mamba", "Mamba2"])
 def test_masked_decode_step_leaves_state(cls, cfg):
     """A one-token call with a mask (a finished row in a batch): that row's output is 0, its states stay."""
