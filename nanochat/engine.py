@@ -56,7 +56,7 @@ from nanochat.hybrid_modern import window_slots
 from nanochat.engine_state import DecodeState, TokenStep, GenerationResult, EagerCache, width_groups, start_host_copy
 from nanochat.engine_static import StaticDecode
 
-DECODE_PATHS = ("auto", "eager", "static", "graph", "compiled")
+DECODE_PATHS = ("auto", "eager", "static", "graph", "compiled", "tuned")
 logger = logging.getLogger(__name__)
 
 
@@ -77,6 +77,10 @@ class Engine:
                (compile_backend), so its elementwise ops fuse into fewer kernels. Compiles once per segment kind
                (minutes for a large model; past StaticDecode.COMPILE_LIMIT kinds a new one runs uncompiled).
                Speculative rounds (speculate=k) compile their exit-draft and verify functions the same way.
+      "tuned"  "compiled" with inductor's coordinate-descent tuning: on CUDA its matrix-vector products (batch-1
+               projections, the single query's attention) become Triton reductions whose launch settings it
+               tunes, instead of cuBLAS calls, and fuse with their neighbours; a longer compile. Other backends
+               (tests: aot_eager) take no inductor options: there it is "compiled".
       "auto"   "graph" on CUDA, "eager" elsewhere.
     What cannot run static runs eager; the reason is logged once, and last_path says what the last step ran.
     """

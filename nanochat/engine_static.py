@@ -49,9 +49,9 @@ class StaticCache:
 
 
 class StaticDecode:
-    """The Engine's decode paths "static", "graph" and "compiled" (see Engine's docstring)."""
+    """The Engine's decode paths "static", "graph", "compiled" and "tuned" (see Engine's docstring)."""
     STATIC_MIN_KEYS = 256  # the smallest key bucket of the static step (tests lower it to cross buckets)
-    COMPILE_LIMIT = 256    # decode="compiled": segment kinds compiled (shared by all Engines of a process) before
+    COMPILE_LIMIT = 256    # decode="compiled" / "tuned": segment kinds compiled (shared by all Engines of a process) before
                            # dynamo runs new ones uncompiled
 
     def __init__(self, model, decode, compile_backend="inductor"):
@@ -59,18 +59,25 @@ class StaticDecode:
         self.linears = [m for m in model.modules() if isinstance(m, nn.Linear)]  # weights a graph captures
         # what a static segment runs: segment itself, or compiled (compile_backend: tests use aot_eager)
         self.compile_backend = compile_backend
+        self.compiles = decode in ("compiled", "tuned")
+        # decode="tuned": inductor's coordinate-descent tuning, which also turns batch-1 matrix-vector products into
+        # tuned Triton reductions (torch._inductor.decomposition's mm and bmm), fused with their neighbours
+        self.options = {"coordinate_descent_tuning": True} if decode == "tuned" and compile_backend == "inductor" else None
         self.fn = self.compiled(self.segment)
-        if decode == "compiled":
-            log_once(logger, f"Engine decode: static segments compiled by torch.compile ({compile_backend}); Mamba "
-                             "steps inside them in PyTorch ops, which it fuses (not mamba-ssm's kernels unless a mixer's "
-                             "path is 'kernel')")
+        if self.compiles:
+            tuning = {True: ", coordinate-descent tuning", False: ""}[self.options is not None]
+            if decode == "tuned" and self.options is None:
+                tuning = f" (decode='tuned' without tuning: {compile_backend} takes no inductor options)"
+            log_once(logger, f"Engine decode: static segments compiled by torch.compile ({compile_backend}{tuning}); "
+                             "Mamba steps inside them in PyTorch ops, which it fuses (not mamba-ssm's kernels unless a "
+                             "mixer's path is 'kernel')")
 
     def compiled(self, fn):
-        """fn as this decode path runs a static segment: under decode="compiled" through torch.compile (one compile
-        per segment kind, more kinds than dynamo's default limit of 8 allowed), else fn itself."""
-        if self.decode != "compiled":
+        """fn as this decode path runs a static segment: under decode="compiled" or "tuned" through torch.compile
+        (one compile per segment kind, more kinds than dynamo's default limit of 8 allowed), else fn itself."""
+        if not self.compiles:
             return fn
-        compiled = torch.compile(fn, dynamic=False, backend=self.compile_backend)
+        compiled = torch.compile(fn, dynamic=False, backend=self.compile_backend, options=self.options)
 
         def call(*args):
             with torch._dynamo.config.patch(recompile_limit=self.COMPILE_LIMIT):
@@ -82,7 +89,7 @@ class StaticDecode:
         cuda = self.model.get_device().type == "cuda"
         if self.decode == "auto":
             return "graph" if cuda else "eager"
-        if self.decode == "compiled":  # fn is compiled; captured as graphs where graphs exist
+        if self.compiles:  # fn is compiled; captured as graphs where graphs exist
             return "graph" if cuda else "static"
         return self.decode
 

@@ -369,9 +369,9 @@ class Speculator:
 
     def _run(self, key, fn):
         """fn() (device tensors only) on the static path, or as the workspace's CUDA graph `key` on the graph path;
-        through torch.compile first under the engine's decode="compiled", as its own segments."""
+        through torch.compile first under the engine's decode="compiled" or "tuned", as its own segments."""
         eng, st = self.engine, self.st
-        if eng.static.decode == "compiled":  # compiled where it runs (a captured graph's replay does not call it)
+        if eng.static.compiles:  # compiled where it runs (a captured graph's replay does not call it)
             plain = fn
 
             def fn():

@@ -403,12 +403,14 @@ def get_args(argv=None):
                            help="comma-separated: dense, hybrid (what scripts.surgery makes), hybrid-eq (as many blocks as dense), "
                            "hybrid-grown (hybrid grown 1.5x wide, think only)")
             t.add_argument("--mixer-path", type=str, default="auto", choices=("auto", "kernel", "torch"),
-                           help="the Mamba mixers' path (MambaMixer.path): mamba-ssm's kernels where they run (auto), "
-                           "always (kernel), or the PyTorch step, which decode='compiled' hands whole to torch.compile")
+                           help="the Mamba mixers' path (MambaMixer.path): auto = mamba-ssm's kernels where they run, "
+                           "except in a compiled decode step (the PyTorch ops, which inductor fuses); kernel = always "
+                           "the kernels; torch = never")
             t.add_argument("--engine-decode", type=str, default="auto", choices=DECODE_PATHS,
                            help="the hybrids' decode path (nanochat.engine.Engine): auto = CUDA graphs on CUDA where the "
                            "step allows them (one plan for every row, and one row when gates are on), else the eager step; "
-                           "compiled = the same with each segment compiled by torch.compile first")
+                           "compiled = the same with each segment compiled by torch.compile first; tuned = compiled "
+                           "with inductor's coordinate-descent tuning (matrix-vector products as tuned Triton kernels)")
             t.add_argument("--weights", type=str, default="fp32", choices=("fp32", "bf16"),
                            help="fp32 weights under bf16 autocast (scripts.generate's setting), or bf16 weights and caches")
             t.add_argument("--memory-only", action="store_true", help="only the cache formula per mode (checked against "

@@ -67,7 +67,8 @@ def add_generation_args(parser):
     parser.add_argument("--device", type=str, default=None, help="cuda|cpu|mps (default: autodetect)")
     parser.add_argument("--decode", type=str, default="auto", choices=DECODE_PATHS,
                         help="decode step (nanochat.engine.Engine): auto = CUDA graphs on CUDA, eager elsewhere; compiled "
-                        "= graphs of torch.compile'd segments (fewer kernels, but minutes of compiling first)")
+                        "= graphs of torch.compile'd segments (fewer kernels, but minutes of compiling first); tuned = compiled with "
+                        "inductor's coordinate-descent tuning (matrix-vector products as tuned Triton kernels; longer compile)")
     parser.add_argument("--speculate", type=int, default=0, help="self-speculative decoding: K drafted tokens per round, "
                         "verified by the full model (mode think only; the output is think's)")
     parser.add_argument("--draft", type=str, default="plan:ghost", help="with --speculate: plan:<mode or widths> (a "

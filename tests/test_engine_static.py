@@ -121,6 +121,28 @@ def test_compiled_static_segments_equal_eager_step(backend, monkeypatch):
     assert any(bool(s[3][0]) for s in runs["eager"])  # some widening
 
 
+def test_tuned_decode_compiles_with_coordinate_descent(monkeypatch):
+    """decode='tuned' hands inductor coordinate_descent_tuning (which also decomposes batch-1 matrix-vector
+    products into tuned reductions); 'compiled' hands no options, nor does 'tuned' with another backend, which
+    cannot take them; tuned with aot_eager still gives the eager step's logits."""
+    seen = []
+    real = torch.compile
+    monkeypatch.setattr(torch, "compile", lambda fn, **kw: seen.append((kw["backend"], kw["options"])) or real(fn, **kw))
+    model = build(layer_pattern="AM" if HAS_MAMBA else "A")
+    for decode, backend in (("tuned", "inductor"), ("compiled", "inductor"), ("tuned", "aot_eager")):
+        Engine(model, decode=decode, compile_backend=backend)
+    assert seen == [("inductor", {"coordinate_descent_tuning": True}), ("inductor", None), ("aot_eager", None)]
+    feed = torch.randint(0, V, (4, 1), generator=torch.Generator().manual_seed(2))
+    runs = {}
+    for decode in ("eager", "tuned"):
+        eng = Engine(model, decode=decode, compile_backend="aot_eager")
+        st, _, _, _ = eng.prefill(torch.tensor([[3, 1, 4]]), plan="think", max_len=12)
+        runs[decode] = [eng.step(st, tok)[0] for tok in feed]
+        assert eng.last_path == ("eager" if decode == "eager" else "static")
+    for a, b in zip(runs["eager"], runs["tuned"]):
+        torch.testing.assert_close(b, a, rtol=0, atol=1e-5)
+
+
 def test_static_step_falls_back_to_eager_where_it_cannot_run():
     model = build(layer_pattern="AM" if HAS_MAMBA else "A")
     prompts = torch.tensor([[1, 2, 3], [4, 5, 6]])
@@ -223,19 +245,21 @@ def test_dropless_moe_decodes_eager_on_cuda():
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-def test_compiled_graph_step_equals_eager_step_on_cuda(monkeypatch):
-    """decode='compiled' on CUDA: inductor-compiled segments captured as graphs, against the eager step, fp32."""
+@pytest.mark.parametrize("compiled", ["compiled", "tuned"])
+def test_compiled_graph_step_equals_eager_step_on_cuda(compiled, monkeypatch):
+    """decode='compiled' and 'tuned' on CUDA: inductor-compiled segments (tuned: its matrix-vector products as
+    Triton reductions) captured as graphs, against the eager step, fp32."""
     monkeypatch.setattr(StaticDecode, "STATIC_MIN_KEYS", 4)
     model = build(layer_pattern="AM" if HAS_MAMBA else "A", exit_stride=1).cuda()
     feed = torch.randint(0, V, (8, 1), generator=torch.Generator().manual_seed(1)).cuda()
     kw = dict(plan=[16, 32, 16, 48], max_len=16, exit_threshold=0.8, expand_threshold=0.25)
     runs = {}
-    for path in ("eager", "compiled"):
+    for path in ("eager", compiled):
         eng = Engine(model, decode=path)
         st, _, _, _ = eng.prefill(torch.tensor([[3, 1, 4]], device="cuda"), **kw)
         runs[path] = [eng.step(st, tok) for tok in feed]
         assert eng.last_path == ("eager" if path == "eager" else "graph")
-    for a, b in zip(runs["eager"], runs["compiled"]):
+    for a, b in zip(runs["eager"], runs[compiled]):
         torch.testing.assert_close(b[0], a[0], rtol=0, atol=1e-4)
         for x, y in zip(a[1:], b[1:]):
             assert torch.equal(x, y)
