@@ -183,13 +183,10 @@ class Mamba2(MambaMixer):
             y = torch.cat([F.silu(z0) * x0, y], dim=-1)
         return self.out_proj(y)
 
-    def step(self, hidden_states, conv_state, ssm_state):
-        """One token: (B, 1, d_model) -> (B, 1, d_model); conv_state and ssm_state are updated in place."""
-        if hidden_states.shape[1] != 1:
-            raise ValueError(f"step takes one token (B, 1, D), got {tuple(hidden_states.shape)}; use forward for more")
-        use_kernels = self._use_kernels(hidden_states, "step")
-        dtype, f = hidden_states.dtype, _compute_dtype(hidden_states.dtype)
-        zxbcdt = self.in_proj(hidden_states.squeeze(1))  # (B, d_in_proj)
+    def _recur(self, zxbcdt, conv_state, ssm_state, use_kernels, dtype):
+        """One decode position between the projections: zxbcdt (B, d_in_proj) of in_proj -> y (B, d_inner) for
+        out_proj; the conv, the state update and the gated norm, conv_state and ssm_state updated in place."""
+        f = _compute_dtype(dtype)
         z0, x0, z, xBC, dt = zxbcdt.split(self._split_sizes(zxbcdt.shape[-1]), dim=-1)
         xBC = self._conv_step(xBC, conv_state, use_kernels)
         x, B, C = xBC.split([self.d_ssm, self.ngroups * self.d_state, self.ngroups * self.d_state], dim=-1)
@@ -221,7 +218,7 @@ class Mamba2(MambaMixer):
             y = self.norm(y, z)
         if x0.shape[-1] > 0:
             y = torch.cat([F.silu(z0) * x0, y], dim=-1)
-        return self.out_proj(y).unsqueeze(1), conv_state, ssm_state
+        return y
 
     def allocate_inference_cache(self, batch_size, max_seqlen, dtype=None, **kwargs):
         """(conv_state (B, conv_dim, d_conv) stored channel-last, ssm_state (B, nheads, headdim, d_state)),

@@ -191,6 +191,29 @@ class MambaMixer(nn.Module):
             log_once(logger, f"Mamba mixers: PyTorch path ({reason})")
         return reason is None
 
+    def step(self, hidden_states, conv_state, ssm_state):
+        """One token: (B, 1, d_model) -> (B, 1, d_model); conv_state and ssm_state are updated in place."""
+        if hidden_states.shape[1] != 1:
+            raise ValueError(f"step takes one token (B, 1, D), got {tuple(hidden_states.shape)}; use forward for more")
+        return self.steps(hidden_states, conv_state, ssm_state), conv_state, ssm_state
+
+    def steps(self, hidden_states, conv_state, ssm_state, keep=None):
+        """
+        T tokens, one decode step each: (B, T, d_model) -> (B, T, d_model), conv_state and ssm_state updated in
+        place. What T calls of step compute, position by position (_recur: the conv and the state update), except
+        that in_proj and out_proj, most of the mixer's weights, run over the T positions at once: the speculative
+        verify pass reads them once, not T times. keep(t, conv_state, ssm_state), if given, is handed the states
+        after each position t (the verify pass's rollback points).
+        """
+        use_kernels = self._use_kernels(hidden_states, "step")
+        u = self.in_proj(hidden_states)  # (B, T, d_in_proj)
+        ys = []
+        for t in range(u.size(1)):
+            ys.append(self._recur(u[:, t], conv_state, ssm_state, use_kernels, hidden_states.dtype))
+            if keep is not None:
+                keep(t, conv_state, ssm_state)
+        return self.out_proj(ys[0].unsqueeze(1) if len(ys) == 1 else torch.stack(ys, 1))
+
     def forward(self, hidden_states, inference_params=None, mask=None, seq_idx=None):
         """hidden_states: (B, L, d_model) -> (B, L, d_model). mask: (B, L) bool, True = real token;
         seq_idx: (B, L) int document ids; inference_params: see the module docstring."""
@@ -369,27 +392,23 @@ class Mamba(MambaMixer):
             ssm_state.copy_(last)
         return self.out_proj(y.transpose(1, 2))
 
-    def step(self, hidden_states, conv_state, ssm_state):
-        """One token: (B, 1, d_model) -> (B, 1, d_model); conv_state and ssm_state are updated in place."""
-        if hidden_states.shape[1] != 1:
-            raise ValueError(f"step takes one token (B, 1, D), got {tuple(hidden_states.shape)}; use forward for more")
-        use_kernels = self._use_kernels(hidden_states, "step")
-        dtype, f = hidden_states.dtype, _compute_dtype(hidden_states.dtype)
-        x, z = self.in_proj(hidden_states.squeeze(1)).chunk(2, dim=-1)  # (B, d_inner)
+    def _recur(self, xz, conv_state, ssm_state, use_kernels, dtype):
+        """One decode position between the projections: xz (B, 2 * d_inner) of in_proj -> y (B, d_inner) for
+        out_proj; the depthwise conv and the selective state update, conv_state and ssm_state updated in place."""
+        f = _compute_dtype(dtype)
+        x, z = xz.chunk(2, dim=-1)  # (B, d_inner)
         x = self._conv_step(x, conv_state, use_kernels)
         dt, B, C = self.x_proj(x).split([self.dt_rank, self.d_state, self.d_state], dim=-1)
         dt = F.linear(dt, self.dt_proj.weight)  # (B, d_inner), bias added with the softplus
         if use_kernels:
             A = -torch.exp(self.A_log.float())
-            y = selective_state_update(ssm_state, x, dt, A, B, C, self.D, z=z, dt_bias=self.dt_proj.bias, dt_softplus=True)
-        else:
-            A = -torch.exp(self.A_log.to(f))
-            delta = F.softplus(dt.to(f) + self.dt_proj.bias.to(f))
-            state = ssm_state.to(f) * torch.exp(delta[..., None] * A) + (delta * x.to(f))[..., None] * B.to(f)[:, None]
-            ssm_state.copy_(state)
-            y = torch.einsum("bdn,bn->bd", state, C.to(f)) + self.D.to(f) * x.to(f)
-            y = (y * F.silu(z.to(f))).to(dtype)
-        return self.out_proj(y).unsqueeze(1), conv_state, ssm_state
+            return selective_state_update(ssm_state, x, dt, A, B, C, self.D, z=z, dt_bias=self.dt_proj.bias, dt_softplus=True)
+        A = -torch.exp(self.A_log.to(f))
+        delta = F.softplus(dt.to(f) + self.dt_proj.bias.to(f))
+        state = ssm_state.to(f) * torch.exp(delta[..., None] * A) + (delta * x.to(f))[..., None] * B.to(f)[:, None]
+        ssm_state.copy_(state)
+        y = torch.einsum("bdn,bn->bd", state, C.to(f)) + self.D.to(f) * x.to(f)
+        return (y * F.silu(z.to(f))).to(dtype)
 
     def allocate_inference_cache(self, batch_size, max_seqlen, dtype=None, **kwargs):
         """(conv_state (B, d_inner, d_conv), ssm_state (B, d_inner, d_state)), zeros; mamba-ssm's dtypes."""

@@ -131,13 +131,10 @@ class SpecMemory:
 
 
 def step_per_position(mamba, xn, conv_state, ssm_state, keep):
-    """Mamba over xn (B, T, D) one decode step per position (what plain decoding runs), states updated in place;
-    keep(t, conv_state, ssm_state) is handed the states after position t (the verify pass's rollback points)."""
-    ys = []
-    for t in range(xn.size(1)):
-        ys.append(mamba.step(xn[:, t:t + 1], conv_state, ssm_state)[0])
-        keep(t, conv_state, ssm_state)
-    return torch.cat(ys, 1)
+    """Mamba over xn (B, T, D) one decode step per position (what plain decoding runs; the projections over the T
+    positions at once: MambaMixer.steps), states updated in place; keep(t, conv_state, ssm_state) is handed the
+    states after position t (the verify pass's rollback points)."""
+    return mamba.steps(xn, conv_state, ssm_state, keep)
 
 
 class VerifyCache(EagerCache):

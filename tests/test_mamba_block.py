@@ -446,6 +446,34 @@ def test_compiled_step_takes_pytorch_ops(monkeypatch):
         assert m._kernel_reason(x, "step") == want[1], path  # an eager step: as forward
 
 
+@pytest.mark.parametrize("cls,cfg", [(Mamba, c) for c in MAMBA1_CONFIGS] + [(Mamba2, c) for c in MAMBA2_CONFIGS])
+@pytest.mark.parametrize("B,T", [(1, 1), (3, 4)])
+def test_steps_equal_one_step_per_position(cls, cfg, B, T):
+    """steps() (in_proj and out_proj over the T positions at once: the speculative verify pass) gives what T calls
+    of step() give, fp32: outputs, the states after each position (what keep sees), the final states."""
+    m = build(cls, cfg, dtype=torch.float32)
+    u = torch.randn(B, 2 + T, m.d_model)
+    conv, ssm = m.allocate_inference_cache(B, 2 + T)
+    for t in range(2):  # a history first
+        m.step(u[:, t:t + 1], conv, ssm)
+    ref_conv, ref_ssm = conv.clone(), ssm.clone()
+    ref, ref_kept = [], []
+    for t in range(2, 2 + T):
+        ref.append(m.step(u[:, t:t + 1], ref_conv, ref_ssm)[0])
+        ref_kept.append((ref_conv.clone(), ref_ssm.clone()))
+    kept = []
+    out = m.steps(u[:, 2:], conv, ssm, lambda t, c, s: kept.append((t, c.clone(), s.clone())))
+    torch.testing.assert_close(out, torch.cat(ref, 1), rtol=1e-6, atol=1e-6)
+    assert [t for t, _, _ in kept] == list(range(T))
+    for (_, c, s), (rc, rs) in zip(kept, ref_kept):
+        torch.testing.assert_close(c, rc, rtol=1e-6, atol=1e-6)
+        torch.testing.assert_close(s, rs, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(ssm, ref_ssm, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(conv, ref_conv, rtol=1e-6, atol=1e-6)
+    with pytest.raises(ValueError, match="step takes one token"):
+        m.step(u[:, :2], conv, ssm)
+
+
 @pytest.mark.parametrize("cls,cfg", [(Mamba, MAMBA1_CONFIGS[0]), (Mamba2, MAMBA2_CONFIGS[0])], ids=["Mamba", "Mamba2"])
 def test_masked_decode_step_leaves_state(cls, cfg):
     """A one-token call with a mask (a finished row in a batch): that row's output is 0, its states stay."""

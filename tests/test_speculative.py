@@ -112,7 +112,8 @@ def test_rollback_gives_plain_decodings_states(kind, draft):
     """After a round that accepted m of k drafts, the verifier's cache and Mamba states are those of decoding the m+1
     tokens it consumed plainly (and so is a plain draft's own state). Tolerance 1e-5: the verify pass multiplies k+1
     rows where plain decoding multiplies one, so fp32 sums are taken in another order; the first block's Mamba
-    states, whose inputs are the embeddings in both, must match exactly."""
+    states, whose inputs are the embeddings in both, within 1e-6 (only its in_proj sums in another order: the
+    projections of MambaMixer.steps take the k+1 positions at once)."""
     torch.manual_seed(0)
     model = build(**kind).eval()
     prompts = torch.tensor([[2, 7, 1, 8, 2, 8], [9, 9, 8, 7, 1, 4]])
@@ -138,7 +139,7 @@ def test_rollback_gives_plain_decodings_states(kind, draft):
             assert st.cache.stored[j] == ps.cache.stored[j]
         for j in st.ssm:
             for a, b in zip(st.ssm[j], ps.ssm[j]):
-                tol = 0 if j == 0 else 1e-5
+                tol = 1e-6 if j == 0 else 1e-5
                 torch.testing.assert_close(a, b, rtol=tol, atol=tol)
         if spec.dst is not None:  # the plan draft's own state: its plan's plain decoding of the same tokens
             ds, _, _, _ = plain.prefill(prompts, spec.draft.plan, max_len=32, slot="draft")
