@@ -65,9 +65,9 @@ class StaticDecode:
         self.options = {"coordinate_descent_tuning": True} if decode == "tuned" and compile_backend == "inductor" else None
         self.fn = self.compiled(self.segment)
         if self.compiles:
-            tuning = {True: ", coordinate-descent tuning", False: ""}[self.options is not None]
-            if decode == "tuned" and self.options is None:
-                tuning = f" (decode='tuned' without tuning: {compile_backend} takes no inductor options)"
+            tuning = ", coordinate-descent tuning" if self.options else ""
+            if decode == "tuned" and not self.options:
+                tuning = f"; decode='tuned' without tuning: {compile_backend} takes no inductor options"
             log_once(logger, f"Engine decode: static segments compiled by torch.compile ({compile_backend}{tuning}); "
                              "Mamba steps inside them in PyTorch ops, which it fuses (not mamba-ssm's kernels unless a "
                              "mixer's path is 'kernel')")
