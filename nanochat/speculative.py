@@ -130,13 +130,6 @@ class SpecMemory:
         self.generations += 1
 
 
-def step_per_position(mamba, xn, conv_state, ssm_state, keep):
-    """Mamba over xn (B, T, D) one decode step per position (what plain decoding runs; the projections over the T
-    positions at once: MambaMixer.steps), states updated in place; keep(t, conv_state, ssm_state) is handed the
-    states after position t (the verify pass's rollback points)."""
-    return mamba.steps(xn, conv_state, ssm_state, keep)
-
-
 class VerifyCache(EagerCache):
     """An EagerCache that steps Mamba blocks once per position, keeping the states after each (rollback), and
     routes MoE FFNs per position: the verify pass computes what one-token decode steps compute."""
@@ -148,7 +141,7 @@ class VerifyCache(EagerCache):
 
     def step_mamba(self, mamba, xn):
         kept = self.saved.setdefault(self.j, [])
-        return step_per_position(mamba, xn, *self.st.ssm[self.j], lambda t, c, s: kept.append((c.clone(), s.clone())))
+        return mamba.steps(xn, *self.st.ssm[self.j], lambda t, c, s: kept.append((c.clone(), s.clone())))
 
 
 class StaticVerifyCache(StaticCache):
@@ -169,7 +162,7 @@ class StaticVerifyCache(StaticCache):
         def keep(t, conv_state, ssm_state):  # into the fixed buffers a CUDA graph writes
             conv_buf[t].copy_(conv_state)
             ssm_buf[t].copy_(ssm_state)
-        return step_per_position(mamba, xn, *self.st.ssm[self.j], keep)
+        return mamba.steps(xn, *self.st.ssm[self.j], keep)
 
 
 def snapshot_ssm(st):
