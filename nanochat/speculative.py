@@ -147,21 +147,27 @@ class VerifyCache(EagerCache):
 class StaticVerifyCache(StaticCache):
     """The verify pass on the static path: T positions held on the device (pos (T,)), attention over key slots
     0..L-1 with each query's later slots masked out, Mamba stepped per position with each position's states copied
-    into fixed buffers (saved: block -> (conv (T, ...), ssm (T, ...))). Device tensors only: a CUDA graph captures
-    it once per (T, L)."""
+    into fixed buffers (saved: block -> (conv (T, ...), ssm (T, ...))), or for an exit draft's single position, into
+    the slot `at` ((1,) on the device: one compiled function serves every draft position). Device tensors only: a
+    CUDA graph captures it once per (T, L)."""
     moe_per_position = True
 
-    def __init__(self, model, st, L, pos, saved):
-        self.st, self.j, self.pos, self.L, self.saved = st, None, pos, L, saved
+    def __init__(self, model, st, L, pos, saved, at=None):
+        self.st, self.j, self.pos, self.L, self.saved, self.slot = st, None, pos, L, saved, at
         self.cos_sin = (model.cos.index_select(1, pos), model.sin.index_select(1, pos))
         self.keep = (torch.arange(L, device=pos.device)[None, :] <= pos[:, None]).view(1, 1, pos.numel(), L)
 
     def step_mamba(self, mamba, xn):
         conv_buf, ssm_buf = self.saved[self.j]
+        at = self.slot
 
         def keep(t, conv_state, ssm_state):  # into the fixed buffers a CUDA graph writes
-            conv_buf[t].copy_(conv_state)
-            ssm_buf[t].copy_(ssm_state)
+            if at is None:  # the positions are the buffers' own
+                conv_buf[t].copy_(conv_state)
+                ssm_buf[t].copy_(ssm_state)
+            else:  # one position, its buffer slot held on the device
+                conv_buf.index_copy_(0, at + t, conv_state[None])
+                ssm_buf.index_copy_(0, at + t, ssm_state[None])
         return mamba.steps(xn, *self.st.ssm[self.j], keep)
 
 
@@ -272,7 +278,8 @@ class Speculator:
                 snaps.append(snapshot_ssm(self.dst))
             else:
                 if static:  # blocks 0..N of position i, its residual kept in vb["hidden"], then the readout
-                    logits = self._run(("exit", B, T, i, L), lambda i=i: self._exit_static(vb, i, L, readout=True))
+                    logits = self._run(("exit", B, T, i, L),
+                                       lambda at=vb["at"][i]: self._exit_static(vb, at, L, readout=True))
                     self._note(0, N, pos + i, 1)
                     eng._count(st, 0, N, 1, widths, active, flops, pos=pos + i)
                 else:
@@ -295,7 +302,7 @@ class Speculator:
         j0 = 0 if self.draft.kind == "plan" else N + 1
         if static:
             if self.draft.kind == "exit":
-                self._run(("exit", B, T, k, L), lambda: self._exit_static(vb, k, L, readout=False))
+                self._run(("exit", B, T, k, L), lambda: self._exit_static(vb, vb["at"][k], L, readout=False))
                 self._note(0, N, pos + k, 1)
                 eng._count(st, 0, N, 1, widths, active, flops, pos=pos + k)
             v = self._run(("verify", B, T, j0, L), lambda: self._verify_static(vb, j0, L))
@@ -351,6 +358,7 @@ class Speculator:
         if vb is None:
             vb = st.ws.spec_buffers[(B, T)] = {
                 "seq": torch.zeros(B, T, dtype=torch.long, device=dev),
+                "at": [torch.full((1,), i, dtype=torch.long, device=dev) for i in range(T)],
                 "pos": torch.zeros(T, dtype=torch.long, device=dev), "base": torch.arange(T, device=dev),
                 "hidden": torch.zeros(B, T, self.D, dtype=model.transformer.wte.weight.dtype, device=dev),
                 "saved": {j: (torch.zeros(T, *c.shape, dtype=c.dtype, device=dev),
@@ -373,27 +381,28 @@ class Speculator:
         states = [t for pair in st.ssm.values() for t in pair]  # what a capture's warm-up steps
         return replay(st.ws, key + (cast,), fn, states, cast, eng.static.linears)
 
-    def _blocks_static(self, vb, j0, j1, x, t0, t1, L):
-        """Blocks j0..j1 at full width over the round's positions t0..t1-1 (x (B, t1 - t0, D)), each Mamba block's
-        states after each position into vb["saved"]."""
-        saved = {j: (c[t0:t1], s_[t0:t1]) for j, (c, s_) in vb["saved"].items()}
-        view = StaticVerifyCache(self.model, self.st, L, vb["pos"][t0:t1], saved)
+    def _blocks_static(self, vb, j0, j1, x, at, L):
+        """Blocks j0..j1 at full width over the round's positions (x (B, T, D)), or over the one position `at`
+        ((1,) on the device; x (B, 1, D)); each Mamba block's states after each position into vb["saved"]."""
+        pos = vb["pos"] if at is None else vb["pos"].index_select(0, at)
+        view = StaticVerifyCache(self.model, self.st, L, pos, vb["saved"], at)
         group = [(self.D, range(x.size(0)), slice(None))]
         for j in range(j0, j1 + 1):
             x = self.model.transformer.h[j].decode(x, view.at(j), group, group)
         return x
 
-    def _exit_static(self, vb, i, L, readout):
-        """An exit draft's blocks 0..N for the round's position i; the residual into vb["hidden"][:, i]."""
-        x = norm(self.model.transformer.wte(vb["seq"][:, i:i + 1]))
-        x = self._blocks_static(vb, 0, self.draft.exit_block, x, i, i + 1, L)
-        vb["hidden"][:, i:i + 1].copy_(x)
+    def _exit_static(self, vb, at, L, readout):
+        """An exit draft's blocks 0..N for the round's position `at` ((1,) on the device, so that torch.compile
+        compiles one function for every position); the residual into vb["hidden"][:, at]."""
+        x = norm(self.model.transformer.wte(vb["seq"].index_select(1, at)))
+        x = self._blocks_static(vb, 0, self.draft.exit_block, x, at, L)
+        vb["hidden"].index_copy_(1, at, x)
         return self.model.readout(x[:, 0]) if readout else None
 
     def _verify_static(self, vb, j0, L):
         """Blocks j0.. over the round's T positions: from the embeddings (j0 = 0) or the exit draft's residuals."""
         x = norm(self.model.transformer.wte(vb["seq"])) if j0 == 0 else vb["hidden"]
-        return self.model.readout(self._blocks_static(vb, j0, self.n - 1, x, 0, x.size(1), L))
+        return self.model.readout(self._blocks_static(vb, j0, self.n - 1, x, None, L))
 
     def _note(self, j0, j1, pos, T):
         """The cache's host-side summary of a static store of positions pos..pos+T-1 in blocks j0..j1."""

@@ -88,6 +88,37 @@ def test_compiled_rounds_equal_eager_think(monkeypatch):
     assert counters["frames"]["ok"] == counters["frames"]["total"] > 0
 
 
+def test_exit_draft_compiles_once_for_every_position(monkeypatch):
+    """decode='compiled': an exit draft's blocks compile once per key bucket for the k readout positions (the
+    position is a device index, not a constant dynamo would specialise on) and once for position k (no readout),
+    beside one verify pass: at d20, each compile is a minute under decode='tuned'."""
+    torch._dynamo.reset()  # compiles counted from nothing (earlier tests compiled the same functions)
+    monkeypatch.setattr(StaticDecode, "STATIC_MIN_KEYS", 8)
+    model = build(**KINDS[-1]).eval()
+    ref = Engine(model, decode="eager").generate_batch([[2, 7, 1, 8]], 20)
+    graphs, keys = [], []
+
+    def backend(gm, example_inputs):
+        graphs.append(gm)
+        return gm.forward
+    real = Speculator._run
+
+    def run(self, key, fn):
+        before = len(graphs)
+        out = real(self, key, fn)
+        keys.extend([key] * (len(graphs) - before))
+        return out
+    monkeypatch.setattr(Speculator, "_run", run)
+    eng = Engine(model, decode="compiled", compile_backend=backend)
+    res = eng.generate_batch([[2, 7, 1, 8]], 20, speculate=4, draft="exit:1", fallback=False)
+    assert res.tokens == ref.tokens
+    buckets = {key[-1] for key in keys}
+    assert len(buckets) == 2  # positions 5.. in bucket 16, then the cache's end (29)
+    for L in buckets:
+        got = sorted((key[0], key[3]) for key in keys if key[-1] == L)
+        assert got == [("exit", 0), ("exit", 4), ("verify", 2)], (L, got)
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 @pytest.mark.parametrize("kind", KINDS, ids=kind_id)
 @pytest.mark.parametrize("draft", ["plan:64,64,64,32", "exit:1"])
