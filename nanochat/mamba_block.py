@@ -152,6 +152,7 @@ def conv_state_after(x, prev, valid, seg, W):
 
 class MambaMixer(nn.Module):
     """What both mixers share: path choice, mask compaction, the cache protocol."""
+    _recur_many = None  # steps()'s PyTorch path over T > 1 positions, where a mixer has one
 
     @staticmethod
     def _kernel_ops(conv_state):
@@ -203,10 +204,13 @@ class MambaMixer(nn.Module):
         place. What T calls of step compute, position by position (_recur: the conv and the state update), except
         that in_proj and out_proj, most of the mixer's weights, run over the T positions at once: the speculative
         verify pass reads them once, not T times. keep(t, conv_state, ssm_state), if given, is handed the states
-        after each position t (the verify pass's rollback points).
+        after each position t (the verify pass's rollback points). On the PyTorch path a mixer may compute more of
+        the T positions at once (_recur_many: what _recur position by position computes, the reference beside it).
         """
         use_kernels = self._use_kernels(hidden_states, "step")
         u = self.in_proj(hidden_states)  # (B, T, d_in_proj)
+        if u.size(1) > 1 and not use_kernels and self._recur_many is not None:
+            return self.out_proj(self._recur_many(u, conv_state, ssm_state, keep, hidden_states.dtype))
         ys = []
         for t in range(u.size(1)):
             ys.append(self._recur(u[:, t], conv_state, ssm_state, use_kernels, hidden_states.dtype))
@@ -408,6 +412,40 @@ class Mamba(MambaMixer):
         state = ssm_state.to(f) * torch.exp(delta[..., None] * A) + (delta * x.to(f))[..., None] * B.to(f)[:, None]
         ssm_state.copy_(state)
         y = torch.einsum("bdn,bn->bd", state, C.to(f)) + self.D.to(f) * x.to(f)
+        return (y * F.silu(z.to(f))).to(dtype)
+
+    def _recur_many(self, xz, conv_state, ssm_state, keep, dtype):
+        """T decode positions between the projections on the PyTorch path: what T calls of _recur compute, with
+        the conv, x_proj and dt_proj over the T positions at once (none of them reads the SSM state) and only the
+        state update position by position. xz (B, T, 2 * d_inner) -> y (B, T, d_inner); the states updated in
+        place, keep(t, conv_state, ssm_state) handed those after each position (steps' docstring)."""
+        f = _compute_dtype(dtype)
+        T, W = xz.size(1), conv_state.size(-1)
+        x, z = xz.chunk(2, dim=-1)  # (B, T, d_inner)
+        # the conv state after position t is the W inputs ending there: windows of history + the T inputs, held
+        # in the state's dtype as _conv_step holds them
+        seq = torch.cat([conv_state, x.transpose(1, 2).to(conv_state.dtype)], dim=-1)  # (B, d_inner, W + T)
+        windows = seq.unfold(-1, W, 1)[:, :, 1:]  # (B, d_inner, T, W)
+        out = (windows.to(f) * self.conv1d.weight.squeeze(1).to(f)[:, None]).sum(-1)  # (B, d_inner, T)
+        if self.conv1d.bias is not None:
+            out = out + self.conv1d.bias.to(f)[:, None]
+        x = F.silu(out).to(xz.dtype).transpose(1, 2)  # (B, T, d_inner)
+        dt, B, C = self.x_proj(x).split([self.dt_rank, self.d_state, self.d_state], dim=-1)
+        dt = F.linear(dt, self.dt_proj.weight)  # (B, T, d_inner)
+        A = -torch.exp(self.A_log.to(f))
+        delta = F.softplus(dt.to(f) + self.dt_proj.bias.to(f))
+        decay = torch.exp(delta[..., None] * A)  # (B, T, d_inner, d_state)
+        inject = (delta * x.to(f))[..., None] * B.to(f)[:, :, None]
+        C = C.to(f)
+        ys = []
+        for t in range(T):
+            state = ssm_state.to(f) * decay[:, t] + inject[:, t]
+            ssm_state.copy_(state)
+            ys.append(torch.einsum("bdn,bn->bd", state, C[:, t]))
+            if keep is not None:
+                keep(t, windows[:, :, t], ssm_state)
+        conv_state.copy_(seq[..., T:])
+        y = torch.stack(ys, 1) + self.D.to(f) * x.to(f)
         return (y * F.silu(z.to(f))).to(dtype)
 
     def allocate_inference_cache(self, batch_size, max_seqlen, dtype=None, **kwargs):

@@ -474,6 +474,25 @@ def test_steps_equal_one_step_per_position(cls, cfg, B, T):
         m.step(u[:, :2], conv, ssm)
 
 
+@pytest.mark.parametrize("cfg", MAMBA1_CONFIGS)
+def test_steps_in_bf16_round_states_as_one_step_per_position(cfg):
+    """bf16 weights and states: steps() (Mamba's _recur_many: the conv and x_proj / dt_proj over the positions at
+    once) rounds the conv inputs and each position's SSM state to bf16 where step() does, so it gives step()'s
+    outputs and states to bf16's default tolerance (exactly, on this CPU)."""
+    m = build(Mamba, cfg, dtype=torch.bfloat16)
+    u = torch.randn(3, 7, m.d_model, dtype=torch.bfloat16)
+    conv, ssm = m.allocate_inference_cache(3, 7)
+    assert conv.dtype == ssm.dtype == torch.bfloat16
+    for t in range(2):
+        m.step(u[:, t:t + 1], conv, ssm)
+    ref_conv, ref_ssm = conv.clone(), ssm.clone()
+    ref = torch.cat([m.step(u[:, t:t + 1], ref_conv, ref_ssm)[0] for t in range(2, 7)], 1)
+    out = m.steps(u[:, 2:], conv, ssm)
+    torch.testing.assert_close(out, ref)
+    torch.testing.assert_close(ssm, ref_ssm)
+    assert torch.equal(conv, ref_conv)
+
+
 @pytest.mark.parametrize("cls,cfg", [(Mamba, MAMBA1_CONFIGS[0]), (Mamba2, MAMBA2_CONFIGS[0])], ids=["Mamba", "Mamba2"])
 def test_masked_decode_step_leaves_state(cls, cfg):
     """A one-token call with a mask (a finished row in a batch): that row's output is 0, its states stay."""
