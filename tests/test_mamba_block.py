@@ -474,12 +474,12 @@ def test_steps_equal_one_step_per_position(cls, cfg, B, T):
         m.step(u[:, :2], conv, ssm)
 
 
-@pytest.mark.parametrize("cfg", MAMBA1_CONFIGS)
-def test_steps_in_bf16_round_states_as_one_step_per_position(cfg):
-    """bf16 weights and states: steps() (Mamba's _recur_many: the conv and x_proj / dt_proj over the positions at
-    once) rounds the conv inputs and each position's SSM state to bf16 where step() does, so it gives step()'s
+@pytest.mark.parametrize("cls,cfg", MODULES, ids=IDS)
+def test_steps_in_bf16_round_states_as_one_step_per_position(cls, cfg):
+    """bf16 weights and states: steps() (_recur_many: the conv and what else reads no SSM state over the positions
+    at once) rounds the conv inputs and each position's SSM state to bf16 where step() does, so it gives step()'s
     outputs and states to bf16's default tolerance (exactly, on this CPU)."""
-    m = build(Mamba, cfg, dtype=torch.bfloat16)
+    m = build(cls, cfg, dtype=torch.bfloat16)
     u = torch.randn(3, 7, m.d_model, dtype=torch.bfloat16)
     conv, ssm = m.allocate_inference_cache(3, 7)
     assert conv.dtype == ssm.dtype == torch.bfloat16
