@@ -226,15 +226,8 @@ class Mamba2(MambaMixer):
         the state update position by position. zxbcdt (B, T, d_in_proj) -> y (B, T, d_inner); the states updated
         in place, keep(t, conv_state, ssm_state) handed those after each position (MambaMixer.steps)."""
         f = _compute_dtype(dtype)
-        T, W = zxbcdt.size(1), conv_state.size(-1)
         z0, x0, z, xBC, dt = zxbcdt.split(self._split_sizes(zxbcdt.shape[-1]), dim=-1)
-        # the conv state after position t is the W inputs ending there (held in the state's dtype, as _conv_step)
-        seq = torch.cat([conv_state, xBC.transpose(1, 2).to(conv_state.dtype)], dim=-1)  # (B, conv_dim, W + T)
-        windows = seq.unfold(-1, W, 1)[:, :, 1:]  # (B, conv_dim, T, W)
-        out = (windows.to(f) * self.conv1d.weight.squeeze(1).to(f)[:, None]).sum(-1)
-        if self.conv1d.bias is not None:
-            out = out + self.conv1d.bias.to(f)[:, None]
-        xBC = F.silu(out).to(xBC.dtype).transpose(1, 2)  # (B, T, conv_dim)
+        xBC, windows = self._conv_steps(xBC, conv_state)  # (B, T, conv_dim)
         x, B, C = xBC.split([self.d_ssm, self.ngroups * self.d_state, self.ngroups * self.d_state], dim=-1)
         H, P, G, N = self.nheads, self.headdim, self.ngroups, self.d_state
         x, B, C = x.unflatten(-1, (H, P)).to(f), B.unflatten(-1, (G, N)), C.unflatten(-1, (G, N))
@@ -245,15 +238,7 @@ class Mamba2(MambaMixer):
         Bh, Ch = B.to(f).repeat_interleave(H // G, dim=2), C.to(f).repeat_interleave(H // G, dim=2)  # (B, T, H, N)
         decay = torch.exp(dt * A)[..., None, None]  # (B, T, H, 1, 1)
         inject = (dt[..., None] * x)[..., None] * Bh[:, :, :, None, :]  # (B, T, H, P, N)
-        ys = []
-        for t in range(T):
-            state = ssm_state.to(f) * decay[:, t] + inject[:, t]
-            ssm_state.copy_(state)
-            ys.append(torch.einsum("bhpn,bhn->bhp", state, Ch[:, t]))
-            if keep is not None:
-                keep(t, windows[:, :, t], ssm_state)
-        conv_state.copy_(seq[..., T:])
-        y = torch.stack(ys, 1) + D * x  # (B, T, H, P)
+        y = self._state_steps(ssm_state, decay, inject, Ch, "bhpn,bhn->bhp", conv_state, windows, keep) + D * x
         if not self.rmsnorm:
             y = y * F.silu(z.unflatten(-1, (H, P)).to(f))
         y = y.to(dtype).flatten(2)  # (B, T, d_ssm)

@@ -275,6 +275,35 @@ class MambaMixer(nn.Module):
         return F.silu(out).to(x.dtype)
 
 
+    def _conv_steps(self, x, conv_state):
+        """The depthwise conv + silu of T positions x (B, T, C) after the history in conv_state (B, C, W): what T
+        calls of _conv_step give (the inputs held in the state's dtype), conv_state left as it is. Returns
+        (out (B, T, C), windows (B, C, T, W): the conv state after each position)."""
+        f = _compute_dtype(x.dtype)
+        seq = torch.cat([conv_state, x.transpose(1, 2).to(conv_state.dtype)], dim=-1)  # (B, C, W + T)
+        windows = seq.unfold(-1, conv_state.size(-1), 1)[:, :, 1:]
+        out = (windows.to(f) * self.conv1d.weight.squeeze(1).to(f)[:, None]).sum(-1)  # (B, C, T)
+        if self.conv1d.bias is not None:
+            out = out + self.conv1d.bias.to(f)[:, None]
+        return F.silu(out).to(x.dtype).transpose(1, 2), windows
+
+    @staticmethod
+    def _state_steps(ssm_state, decay, inject, C, readout, conv_state, windows, keep):
+        """The SSM state update position by position, state = state * decay[:, t] + inject[:, t] (rounded to the
+        state's dtype between positions, as step() keeps it), each position read out by the einsum `readout` with
+        C[:, t]; returns those stacked (B, T, ...). conv_state ends at the last window; keep(t, conv, ssm) is
+        handed each position's states."""
+        ys = []
+        for t in range(decay.size(1)):
+            state = ssm_state.to(decay.dtype) * decay[:, t] + inject[:, t]
+            ssm_state.copy_(state)
+            ys.append(torch.einsum(readout, state, C[:, t]))
+            if keep is not None:
+                keep(t, windows[:, :, t], ssm_state)
+        conv_state.copy_(windows[:, :, -1])
+        return torch.stack(ys, 1)
+
+
 class Mamba(MambaMixer):
     """Mamba-1 mixer; the arguments, parameters and init of mamba_ssm.modules.mamba_simple.Mamba."""
 
@@ -420,32 +449,16 @@ class Mamba(MambaMixer):
         state update position by position. xz (B, T, 2 * d_inner) -> y (B, T, d_inner); the states updated in
         place, keep(t, conv_state, ssm_state) handed those after each position (steps' docstring)."""
         f = _compute_dtype(dtype)
-        T, W = xz.size(1), conv_state.size(-1)
         x, z = xz.chunk(2, dim=-1)  # (B, T, d_inner)
-        # the conv state after position t is the W inputs ending there: windows of history + the T inputs, held
-        # in the state's dtype as _conv_step holds them
-        seq = torch.cat([conv_state, x.transpose(1, 2).to(conv_state.dtype)], dim=-1)  # (B, d_inner, W + T)
-        windows = seq.unfold(-1, W, 1)[:, :, 1:]  # (B, d_inner, T, W)
-        out = (windows.to(f) * self.conv1d.weight.squeeze(1).to(f)[:, None]).sum(-1)  # (B, d_inner, T)
-        if self.conv1d.bias is not None:
-            out = out + self.conv1d.bias.to(f)[:, None]
-        x = F.silu(out).to(xz.dtype).transpose(1, 2)  # (B, T, d_inner)
+        x, windows = self._conv_steps(x, conv_state)
         dt, B, C = self.x_proj(x).split([self.dt_rank, self.d_state, self.d_state], dim=-1)
         dt = F.linear(dt, self.dt_proj.weight)  # (B, T, d_inner)
         A = -torch.exp(self.A_log.to(f))
         delta = F.softplus(dt.to(f) + self.dt_proj.bias.to(f))
         decay = torch.exp(delta[..., None] * A)  # (B, T, d_inner, d_state)
         inject = (delta * x.to(f))[..., None] * B.to(f)[:, :, None]
-        C = C.to(f)
-        ys = []
-        for t in range(T):
-            state = ssm_state.to(f) * decay[:, t] + inject[:, t]
-            ssm_state.copy_(state)
-            ys.append(torch.einsum("bdn,bn->bd", state, C[:, t]))
-            if keep is not None:
-                keep(t, windows[:, :, t], ssm_state)
-        conv_state.copy_(seq[..., T:])
-        y = torch.stack(ys, 1) + self.D.to(f) * x.to(f)
+        y = self._state_steps(ssm_state, decay, inject, C.to(f), "bdn,bn->bd", conv_state, windows, keep)
+        y = y + self.D.to(f) * x.to(f)
         return (y * F.silu(z.to(f))).to(dtype)
 
     def allocate_inference_cache(self, batch_size, max_seqlen, dtype=None, **kwargs):
