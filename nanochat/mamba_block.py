@@ -274,7 +274,6 @@ class MambaMixer(nn.Module):
             out = out + self.conv1d.bias.to(f)
         return F.silu(out).to(x.dtype)
 
-
     def _conv_steps(self, x, conv_state):
         """The depthwise conv + silu of T positions x (B, T, C) after the history in conv_state (B, C, W): what T
         calls of _conv_step give (the inputs held in the state's dtype), conv_state left as it is. Returns

@@ -302,7 +302,7 @@ class Speculator:
         j0 = 0 if self.draft.kind == "plan" else N + 1
         if static:
             if self.draft.kind == "exit":
-                self._run(("exit", B, T, k, L), lambda: self._exit_static(vb, vb["at"][k], L, readout=False))
+                self._run(("exit", B, T, k, L), lambda at=vb["at"][k]: self._exit_static(vb, at, L, readout=False))
                 self._note(0, N, pos + k, 1)
                 eng._count(st, 0, N, 1, widths, active, flops, pos=pos + k)
             v = self._run(("verify", B, T, j0, L), lambda: self._verify_static(vb, j0, L))
