@@ -118,6 +118,8 @@ def decode_one(args, device, model, engine, kind, mode, L, actx):
     if kind != "gpt":
         row["compute_frac"] = statistics.mean(fracs)
         row["path"] = "+".join(sorted(paths))
+    if args.profile and mode in ("-", "think"):  # before generate(), whose prefill replaces this state's cache
+        row["profile"] = top_kernels(lambda: one(tok), device, steps=4)
     # Engine.generate, greedy: what scripts.generate runs, with the next step queued before each token is read
     # back. The same max_len, so a hybrid reuses the workspace and graphs of the steps above.
     ids, n_gen, t_first = prompt.tolist(), max_len - L, None
@@ -126,8 +128,6 @@ def decode_one(args, device, model, engine, kind, mode, L, actx):
             t_first = t_first or time.perf_counter()  # the first token is the prefill's: time from there on
     sync(device)
     row["generate_ms"] = (time.perf_counter() - t_first) * 1e3 / (n_gen - 1)
-    if args.profile and mode in ("-", "think"):
-        row["profile"] = top_kernels(lambda: one(tok), device, steps=4)
     return row
 
 

@@ -306,6 +306,18 @@ def test_decode_models_and_mixer_path(capsys, monkeypatch):
             bench.main(CPU + ["decode", "--depth", "2"] + bad)
 
 
+def test_decode_profile_on_the_static_path(capsys):
+    """--profile with a static decode path: think's step is profiled on the row's own decode state, before
+    Engine.generate's prefill takes that state's cache (profiling after it stopped the row with an error)."""
+    res, out = run(capsys, ["decode", "--depth", "2", "--seq-len", "16", "--vocab-size", "128", "--contexts", "24",
+                            "--decode-tokens", "2", "--prefill-reps", "1", "--modes", "think", "--models", "hybrid",
+                            "--engine-decode", "static"], pre=["--profile"])
+    (r,) = res["rows"]
+    assert "error" not in r, r
+    assert r["path"] == "static" and r["profile"][-1]["count_per_call"] > 0
+    assert "profile: hybrid think decode step, context 24" in out
+
+
 def test_decode_memory_only(capsys):
     """--memory-only builds no model: the formula rows and their targets, for sizes a CPU cannot run."""
     res, _ = run(capsys, ["decode", "--depth", "32", "--contexts", "1024,32768", "--modes", "think,ghost", "--memory-only"])

@@ -122,13 +122,15 @@ def test_exit_draft_compiles_once_for_every_position(monkeypatch):
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 @pytest.mark.parametrize("kind", KINDS, ids=kind_id)
 @pytest.mark.parametrize("draft", ["plan:64,64,64,32", "exit:1"])
-def test_graph_speculation_equals_eager_on_cuda(kind, draft, monkeypatch):
-    """On CUDA (decode='graph'): the drafts' steps and the verify pass replay CUDA graphs; tokens and logits are
-    the eager think's (fp32)."""
+@pytest.mark.parametrize("decode", ["graph", "compiled"])
+def test_graph_speculation_equals_eager_on_cuda(kind, draft, decode, monkeypatch):
+    """On CUDA (decode='graph', and 'compiled': inductor's segments captured as graphs, the exit draft's position a
+    device index inside them): the drafts' steps and the verify pass replay CUDA graphs; tokens and logits are the
+    eager think's (fp32)."""
     monkeypatch.setattr(StaticDecode, "STATIC_MIN_KEYS", 8)
     model = build(**kind).cuda().eval()
     ref = Engine(model, decode="eager").generate_batch([[2, 7, 1, 8], [3, 3, 1, 2]], 20)
-    eng = Engine(model, decode="graph")
+    eng = Engine(model, decode=decode)
     for k in (1, 4, 4):  # a second generate() with k = 4 replays the graphs the first captured
         res = eng.generate_batch([[2, 7, 1, 8], [3, 3, 1, 2]], 20, speculate=k, draft=draft, fallback=False)
         assert res.tokens == ref.tokens
