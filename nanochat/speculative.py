@@ -264,6 +264,8 @@ class Speculator:
         static = self.static_round(B, T)
         vb = self._buffers(B, T) if static else None
         if static:
+            if eng.static.wanted_path() == "graph":  # once a round: the weights cannot change inside it
+                eng.static.refresh(st.ws)
             vb["seq"][:, 0].copy_(t0)
             torch.add(vb["base"], pos, out=vb["pos"])
         L = eng.static.bucket(pos + T, st.cache.max_len)
@@ -307,8 +309,6 @@ class Speculator:
                 eng._count(st, 0, N, 1, widths, active, flops, pos=pos + k)
             v = self._run(("verify", B, T, j0, L), lambda: self._verify_static(vb, j0, L))
             self._note(j0, n - 1, pos, T)
-            for j, (conv_buf, ssm_buf) in vb["saved"].items():
-                saved[j] = [(conv_buf[t], ssm_buf[t]) for t in range(T)]
         else:
             if self.draft.kind == "plan":
                 x = norm(model.transformer.wte(torch.cat([t0[:, None], d], 1)))
@@ -322,7 +322,11 @@ class Speculator:
             flops[b] += T * eng.flops.head
         m, nxt = accept(v, d, torch.stack(qs, 1) if qs else None, self.temperature, self.top_k, self.rng)
         # roll back to t0, d1 .. dm consumed
-        rollback(st, pos, saved, m + 1)
+        if static:  # the Mamba states from the round's buffers in one static function (one graph replay on CUDA)
+            self._run(("rollback", B, T, m), lambda at=vb["at"][m]: self._rollback_static(vb, at))
+            rollback(st, pos, {}, m + 1)
+        else:
+            rollback(st, pos, saved, m + 1)
         if self.draft.kind == "plan":
             if m < k:  # the draft consumed t0, d1 .. d(k-1): back to m+1 of them
                 rollback(self.dst, pos, {j: [s[j] for s in snaps] for j in self.dst.ssm}, m + 1)
@@ -367,7 +371,8 @@ class Speculator:
 
     def _run(self, key, fn):
         """fn() (device tensors only) on the static path, or as the workspace's CUDA graph `key` on the graph path;
-        through torch.compile first under the engine's decode="compiled" or "tuned", as its own segments."""
+        through torch.compile first under the engine's decode="compiled" or "tuned", as its own segments. round()
+        drops stale graphs (StaticDecode.refresh) once, before its first call."""
         eng, st = self.engine, self.st
         if eng.static.compiles:  # compiled where it runs (a captured graph's replay does not call it)
             plain = fn
@@ -376,7 +381,6 @@ class Speculator:
                 return eng.static.compiled(plain)()
         if eng.static.wanted_path() != "graph":
             return fn()
-        eng.static.refresh(st.ws)
         cast = torch.get_autocast_dtype("cuda") if torch.is_autocast_enabled("cuda") else None
         states = [t for pair in st.ssm.values() for t in pair]  # what a capture's warm-up steps
         return replay(st.ws, key + (cast,), fn, states, cast, eng.static.linears)
@@ -403,6 +407,14 @@ class Speculator:
         """Blocks j0.. over the round's T positions: from the embeddings (j0 = 0) or the exit draft's residuals."""
         x = norm(self.model.transformer.wte(vb["seq"])) if j0 == 0 else vb["hidden"]
         return self.model.readout(self._blocks_static(vb, j0, self.n - 1, x, None, L))
+
+    def _rollback_static(self, vb, at):
+        """Every Mamba block's states to those the round kept after its position `at` ((1,) on the device): what
+        rollback() does from per-position lists on the eager path, here from the round's fixed buffers."""
+        for j, (conv_buf, ssm_buf) in vb["saved"].items():
+            conv_state, ssm_state = self.st.ssm[j]
+            conv_state.copy_(conv_buf.index_select(0, at)[0])
+            ssm_state.copy_(ssm_buf.index_select(0, at)[0])
 
     def _note(self, j0, j1, pos, T):
         """The cache's host-side summary of a static store of positions pos..pos+T-1 in blocks j0..j1."""

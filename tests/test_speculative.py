@@ -91,7 +91,8 @@ def test_compiled_rounds_equal_eager_think(monkeypatch):
 def test_exit_draft_compiles_once_for_every_position(monkeypatch):
     """decode='compiled': an exit draft's blocks compile once per key bucket for the k readout positions (the
     position is a device index, not a constant dynamo would specialise on) and once for position k (no readout),
-    beside one verify pass: at d20, each compile is a minute under decode='tuned'."""
+    beside one verify pass, and the rollback once for every accepted count: at d20, each compile of blocks is a
+    minute under decode='tuned'."""
     torch._dynamo.reset()  # compiles counted from nothing (earlier tests compiled the same functions)
     monkeypatch.setattr(StaticDecode, "STATIC_MIN_KEYS", 8)
     model = build(**KINDS[-1]).eval()
@@ -112,10 +113,13 @@ def test_exit_draft_compiles_once_for_every_position(monkeypatch):
     eng = Engine(model, decode="compiled", compile_backend=backend)
     res = eng.generate_batch([[2, 7, 1, 8]], 20, speculate=4, draft="exit:1", fallback=False)
     assert res.tokens == ref.tokens
-    buckets = {key[-1] for key in keys}
+    rollbacks = [key for key in keys if key[0] == "rollback"]
+    assert len(rollbacks) == 1  # the accepted count is a device index too: one rollback for every round
+    assert len(set(eng.spec_stats.accepted_hist)) > 1  # ... of rounds that accepted different counts
+    buckets = {key[-1] for key in keys if key[0] != "rollback"}
     assert len(buckets) == 2  # positions 5.. in bucket 16, then the cache's end (29)
     for L in buckets:
-        got = sorted((key[0], key[3]) for key in keys if key[-1] == L)
+        got = sorted((key[0], key[3]) for key in keys if key[0] != "rollback" and key[-1] == L)
         assert got == [("exit", 0), ("exit", 4), ("verify", 2)], (L, got)
 
 
