@@ -17,13 +17,15 @@ CPU); the first call's wall time (compilation, autotuning) is reported apart. We
 the work done does not depend on their values, except where routing or gating decides it (MoE
 loads, decode mode 'auto'), which the tables say; `adaptive` loads a trained checkpoint instead.
 --profile adds the top kernels (torch.profiler, self device time) of the rows the targets compare, so a
-missed target comes with its cause.
+missed target comes with its cause. --inductor-option KEY=VALUE (repeatable) tries an option of torch's inductor
+on the command's compiles (e.g. `--inductor-option combo_kernels=true decode ... --engine-decode tuned`).
 
 The mamba and moe subcommands and the command line are here; train is in scripts/bench_train.py (with the FLOP
 convention of its MFU), decode in scripts/bench_decode.py, adaptive in scripts/bench_adaptive.py, moe-ep in scripts/bench_ep.py, and what all
 of them share (timing, tables, targets, the JSON line, the benchmarked models) in scripts/bench_common.py.
 """
 import contextlib
+import json
 import os
 os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
 import argparse
@@ -325,6 +327,9 @@ def get_args(argv=None):
     p.add_argument("--iters", type=int, default=10, help="timed calls; the median is reported")
     p.add_argument("--profile", action="store_true", help="top kernels of the rows the targets compare")
     p.add_argument("--compile-backend", type=str, default="inductor", help="torch.compile backend ('eager' for smoke tests)")
+    p.add_argument("--inductor-option", action="append", default=[], metavar="KEY=VALUE",
+                   help="set torch._inductor.config's KEY (dotted: triton.enable_pdl) to the JSON VALUE (true, 8, "
+                   "\"x\") for the command's compiles, on top of what the code passes; repeatable")
     add_runtime_args(p)  # --debug, --threads, --require-kernels (before the command; read by run_script)
     sub = p.add_subparsers(dest="cmd", required=True)
     m = sub.add_parser("mamba", help="Mamba/Mamba2 mixers: fwd+bwd and decode step")
@@ -432,14 +437,57 @@ def get_args(argv=None):
     return p.parse_args(argv)
 
 
+def _same_kind(default, value):
+    """Whether a JSON value fits an inductor option whose value now is `default` (ints for floats too)."""
+    if default is None:
+        return True
+    if isinstance(default, bool) or isinstance(value, bool):
+        return isinstance(default, bool) and isinstance(value, bool)
+    if isinstance(default, float):
+        return isinstance(value, (int, float))
+    return isinstance(value, type(default))
+
+
+def inductor_options(pairs):
+    """--inductor-option KEY=VALUE flags as {key: value} for torch._inductor.config.patch: each key one of the
+    installed torch's options, each value JSON of that option's type (an option whose default is None takes any)."""
+    import torch._inductor.config as inductor_config
+    known, out = inductor_config.get_config_copy(), {}
+    for pair in pairs:
+        key, eq, text = pair.partition("=")
+        if not eq or not key:
+            raise ValueError(f"--inductor-option {pair!r}: give KEY=VALUE")
+        if key not in known:
+            raise ValueError(f"--inductor-option {key}: torch {torch.__version__}'s inductor has no such option")
+        try:
+            value = json.loads(text)
+        except json.JSONDecodeError:
+            raise ValueError(f"--inductor-option {key}={text}: the value is not JSON (true, 8, 0.5, \"name\")") from None
+        default = known[key]
+        if not _same_kind(default, value):
+            raise ValueError(f"--inductor-option {key}={text}: {key} takes a value of type {type(default).__name__} "
+                             f"(now {default!r})")
+        out[key] = value
+    return out
+
+
 def main(argv=None):
     args = get_args(argv)
+    options = inductor_options(args.inductor_option)
     device = torch.device(args.device or autodetect_device_type())
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
-    return {"mamba": cmd_mamba, "moe": cmd_moe, "train": cmd_train, "decode": cmd_decode,
-            "adaptive": bench_adaptive.cmd_adaptive, "moe-ep": bench_ep.cmd_moe_ep, "muon": cmd_muon}[args.cmd](args, device)
+    if options:
+        import torch._inductor.config as inductor_config
+        print("inductor options: " + ", ".join(f"{k}={v!r}" for k, v in options.items()), flush=True)
+        with inductor_config.patch(options):  # restored when the command ends
+            return COMMANDS[args.cmd](args, device)
+    return COMMANDS[args.cmd](args, device)
+
+
+COMMANDS = {"mamba": cmd_mamba, "moe": cmd_moe, "train": cmd_train, "decode": cmd_decode,
+            "adaptive": bench_adaptive.cmd_adaptive, "moe-ep": bench_ep.cmd_moe_ep, "muon": cmd_muon}
 
 
 if __name__ == "__main__":

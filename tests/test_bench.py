@@ -502,3 +502,23 @@ def test_muon_per_matrix_and_stacked(capsys):
     assert set(rows) == {"dense", "hybrid"} and rows["hybrid"]["matrices"] > rows["dense"]["matrices"]
     assert all(r["per_matrix"] > 0 and r["stacked"] > 0 and r["speedup"] > 0 for r in rows.values())
     assert "Muon step" in out
+
+
+def test_inductor_options_are_checked_and_last_for_the_command(capsys, monkeypatch):
+    """--inductor-option KEY=VALUE: the key must be one of the installed inductor's options and the JSON value of
+    its kind; the options hold while the command runs (its compiles see them) and are restored after."""
+    import torch._inductor.config as inductor_config
+    got = bench.inductor_options(["combo_kernels=true", "combo_kernel_max_num_nodes=3"])
+    assert got == {"combo_kernels": True, "combo_kernel_max_num_nodes": 3}
+    for bad, msg in ((["combo_kernels"], "give KEY=VALUE"), (["no_such_option=1"], "has no such option"),
+                     (["combo_kernels=yes"], "not JSON"), (["combo_kernels=1"], "type bool"),
+                     (["combo_kernel_max_num_nodes=true"], "type int")):
+        with pytest.raises(ValueError, match=msg):
+            bench.inductor_options(bad)
+    seen = []
+    monkeypatch.setitem(bench.COMMANDS, "decode", lambda args, device: seen.append(
+        (inductor_config.combo_kernels, inductor_config.combo_kernel_max_num_nodes)))
+    before = (inductor_config.combo_kernels, inductor_config.combo_kernel_max_num_nodes)
+    bench.main(CPU + ["--inductor-option", "combo_kernels=true", "--inductor-option", "combo_kernel_max_num_nodes=3", "decode"])
+    assert seen == [(True, 3)] and (inductor_config.combo_kernels, inductor_config.combo_kernel_max_num_nodes) == before
+    assert "inductor options: combo_kernels=True, combo_kernel_max_num_nodes=3" in capsys.readouterr().out
