@@ -264,8 +264,7 @@ class Speculator:
         static = self.static_round(B, T)
         vb = self._buffers(B, T) if static else None
         if static:
-            if eng.static.wanted_path() == "graph":  # once a round: the weights cannot change inside it
-                eng.static.refresh(st.ws)
+            eng.static.refresh(st.ws)  # stale graphs dropped once a round: the weights cannot change inside it
             vb["seq"][:, 0].copy_(t0)
             torch.add(vb["base"], pos, out=vb["pos"])
         L = eng.static.bucket(pos + T, st.cache.max_len)
