@@ -11,6 +11,8 @@ import torch
 import torch.nn.functional as F
 from torch.nn.attention import sdpa_kernel, SDPBackend
 
+from nanochat import decode_attention
+
 LOGIT_SOFTCAP = 15.0
 ROTARY_BASE = 10000.0
 
@@ -59,8 +61,12 @@ def attention(q, k, v, scale=None, keep=None):
     keep: a bool mask broadcastable to (B, Hq, Tq, Tk), True = may see, replacing that rule (the engine's
     static decode step: a key buffer of fixed size, valid up to a position held on the device).
     k and v may be in another dtype than q (an fp32 cache under bf16 autocast); the output is in q's.
+    With keep on CUDA (decode steps, the verify pass) nanochat.decode_attention's split-key kernel runs where it
+    can (decode_attention.usable); single_query_attention and SDPA are its reference paths.
     """
     Tq, Tk = q.size(2), k.size(2)
+    if decode_attention.usable(q, k, v, keep):  # CUDA, a few queries a KV head, no gradient: split over the keys
+        return decode_attention.attend(q, k, v, scale, keep)
     if keep is not None and Tq == 1:
         return single_query_attention(q, k, v, scale, keep)
     k, v = k.to(q.dtype), v.to(q.dtype)
