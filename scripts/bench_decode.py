@@ -228,4 +228,8 @@ def cmd_decode(args, device):
                     f"(fresh weights: acceptance is chance's; the 'at a' columns model a draft accepted at rate a)",
                     spec_rows, COLUMNS)
         targets += speculate_targets(spec_rows)
+        for r in spec_rows:
+            if "profile" in r:
+                print_profile(f"{r['model']} {r['what']} k={r['k']}, one round (a generation's kernels less its prefill's, over its rounds), "
+                              f"context {r['context']}", r["profile"])
     return finish("decode", args, device, {"rows": rows, "targets": targets, "speculative": spec_rows})

@@ -10,6 +10,8 @@ import time
 
 import torch
 
+from scripts.bench_common import top_kernels
+
 from nanochat.common import synchronize as sync
 
 # peak DRAM bandwidth (bytes/s) by device name, for memory-bandwidth utilisation (SXM parts; PCIe ones read less)
@@ -55,6 +57,29 @@ def timed_generate(engine, prompt, n, actx, device, **kw):
     return (time.perf_counter() - t_first) / (n - 1)
 
 
+def round_profile(engine, prompt, n, kw, actx, device, top=16):
+    """The device kernels (CPU ops on a CPU) of one speculative round: a generation of n tokens profiled, less a
+    generation of one token (its prefill), divided by the rounds; rows as bench_common.top_kernels'."""
+    def kernels(count):
+        with torch.inference_mode(), actx:
+            rows = top_kernels(lambda: engine.generate_batch(prompt, count, **kw), device, n=10 ** 6, steps=1)
+        return {r["name"]: r for r in rows[:-1]}
+    full = kernels(n)
+    rounds = max(1, engine.spec_stats.rounds)
+    prefill = kernels(1)
+    out = []
+    for name, r in full.items():
+        p = prefill.get(name, {"ms_per_call": 0.0, "count_per_call": 0.0})
+        out.append({"name": name, "ms_per_call": (r["ms_per_call"] - p["ms_per_call"]) / rounds,
+                    "count_per_call": (r["count_per_call"] - p["count_per_call"]) / rounds})
+    total = sum(r["ms_per_call"] for r in out) or 1.0
+    out.sort(key=lambda r: r["ms_per_call"], reverse=True)
+    rows = [dict(r, pct=100 * r["ms_per_call"] / total) for r in out[:top]]
+    rows.append({"name": f"(total of all {len(out)} kinds)", "ms_per_call": total, "pct": 100.0,
+                 "count_per_call": sum(r["count_per_call"] for r in out)})
+    return rows
+
+
 def speculate_rows(args, device, model, engine, name, L, actx):
     """The rows for one hybrid model at context L (see the module docstring)."""
     B, n = args.batch, args.decode_tokens
@@ -83,6 +108,8 @@ def speculate_rows(args, device, model, engine, name, L, actx):
         round_ms = k * draft_ms + verify_ms
         for a in ACCEPTANCES:  # what a draft accepted at rate a would give, from these step times
             row[f"tok_s_at_{a}"] = B * expected_tokens_per_round(a, k) / round_ms * 1e3
+        if args.profile and k == args.speculate:
+            row["profile"] = round_profile(engine, prompt, n, kw, actx, device)
         rows.append(row)
     # the setting scripts.generate uses: k = K with the fallback on (plain steps once speculation measures slower)
     kw = dict(speculate=args.speculate, draft=args.draft, fallback=True)

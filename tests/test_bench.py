@@ -254,7 +254,7 @@ def test_decode(capsys):
     assert [t["pass"] for t in res["targets"]][0] is False
 
 
-def test_decode_speculate(capsys):
+def test_decode_speculate(capsys, monkeypatch):
     """--speculate K: think, k = 1..K and the fallback row per context, with the modelled tok/s from the measured
     draft-step and verify times; the targets' arithmetic."""
     from scripts.bench_speculate import expected_tokens_per_round
@@ -276,12 +276,19 @@ def test_decode_speculate(capsys):
     assert any(n.startswith("speculative / think tok/s at context 24") for n in names)
     assert any(n.startswith("speculative with fallback") for n in names)
     assert "self-speculative decoding vs think" in out
-    # --speculate-from: only k = K0..K (and the fallback at K); out of range stops before any model is built
-    res, _ = run(capsys, ["decode", "--depth", "2", "--seq-len", "16", "--vocab-size", "128", "--contexts", "24",
-                          "--decode-tokens", "6", "--prefill-reps", "1", "--modes", "think", "--speculate", "2",
-                          "--speculate-from", "2", "--draft", "exit:0"])
+    # --speculate-from: only k = K0..K (and the fallback at K); out of range stops before any model is built.
+    # --profile: also a round's kernels (ops on a CPU) at k = K, and --attention-path reaches decode_attention
+    from nanochat import decode_attention
+    monkeypatch.setattr(decode_attention, "PATH", "auto")  # restored after the test
+    res, out = run(capsys, ["decode", "--depth", "2", "--seq-len", "16", "--vocab-size", "128",
+                            "--contexts", "24", "--decode-tokens", "6", "--prefill-reps", "1", "--modes", "think",
+                            "--speculate", "2", "--speculate-from", "2", "--draft", "exit:0", "--attention-path", "torch"],
+                   pre=["--profile"])
     assert [(r["what"], r["k"]) for r in res["speculative"]] == [("think", 0), ("speculate exit:0", 2),
                                                                  ("speculate exit:0, fallback", 2)]
+    prof = res["speculative"][1]["profile"]
+    assert prof[-1]["name"].startswith("(total of all") and any(r["name"] == "aten::mm" for r in prof[:-1])
+    assert "one round" in out and "attention PyTorch" in out and decode_attention.PATH == "torch"
     with pytest.raises(ValueError, match="--speculate-from 3: use 1 .. --speculate"):
         bench.main(CPU + ["decode", "--depth", "2", "--speculate", "2", "--speculate-from", "3"])
 
