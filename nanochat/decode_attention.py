@@ -106,7 +106,7 @@ def build():
     @triton.jit
     def split_kernel(Q, K, V, Keep, Mo, Lo, Ao,
                      sqb, sqh, sqt, sqd, skb, skh, skl, skd, svb, svh, svl, svd, smb, smh, smt, sml,
-                     Hkv, L, chunk, scale,
+                     Hkv, L, scale, CHUNK: tl.constexpr,
                      G: tl.constexpr, T: tl.constexpr, D: tl.constexpr, BLOCK_M: tl.constexpr,
                      BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, BF16_QK: tl.constexpr):
         bh = tl.program_id(0)   # row b, KV head h
@@ -127,11 +127,9 @@ def build():
         m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
         l_i = tl.zeros([BLOCK_M], tl.float32)
         acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
-        lo = c * chunk
-        hi = tl.minimum(lo + chunk, L)
-        for n0 in range(lo, hi, BLOCK_N):
-            n = n0 + tl.arange(0, BLOCK_N)
-            n_ok = n < hi
+        for i in range(0, CHUNK, BLOCK_N):  # past L the keys are masked off: nothing is read
+            n = c * CHUNK + i + tl.arange(0, BLOCK_N)
+            n_ok = n < L
             seen = tl.load(Keep + b * smb + hq[:, None] * smh + t[:, None] * smt + n[None, :] * sml,
                            mask=r_ok[:, None] & n_ok[None, :], other=0) != 0
             if tl.max(tl.max(seen.to(tl.int32), axis=1), axis=0) > 0:  # a block no query may see is not read
@@ -141,7 +139,7 @@ def build():
                     s = tl.dot(q, tl.trans(kb))  # exact bf16 products, fp32 sums
                 else:
                     s = tl.dot(q, tl.trans(kb.to(tl.float32)), input_precision="ieee")
-                s = tl.where(seen, s * scale, float("-inf"))
+                s = tl.where(seen, (s * scale).to(tl.float32), float("-inf"))  # inductor may pass scale as fp64
                 m_new = tl.maximum(m_i, tl.max(s, axis=1))
                 m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
                 alpha = tl.exp(m_i - m_safe)
@@ -174,7 +172,7 @@ def build():
         torch.library.wrap_triton(split_kernel)[(B * Hkv, n_chunks)](
             q, k, v, keep, mo, lo, ao, *q.stride(), *k.stride(), *v.stride(),
             *[st if n > 1 else 0 for n, st in zip(keep.shape, keep.stride())],
-            Hkv, L, chunk, scale, G=G, T=T, D=D, BLOCK_M=BLOCK_M, BLOCK_D=BLOCK_D, BLOCK_N=BLOCK_N,
+            Hkv, L, scale, CHUNK=chunk, G=G, T=T, D=D, BLOCK_M=BLOCK_M, BLOCK_D=BLOCK_D, BLOCK_N=BLOCK_N,
             BF16_QK=bf16, num_warps=4)
         # combine the chunks: weights exp(m_c - max_c m_c); a chunk that saw nothing has m = -inf, weight 0
         R = G * T
