@@ -1,8 +1,8 @@
 """
 Attention of a few queries over a long key buffer with a mask (the engine's static decode step and the
-speculative verify pass), split over the keys: flash-decoding. layers.attention calls `attend` on CUDA when
-Triton is importable, and `masked_attention`, its plain PyTorch reference, where it is not (the CPU keeps
-layers.single_query_attention, which computes the same function).
+speculative verify pass), split over the keys: flash-decoding, as a Triton kernel, beside `masked_attention`, its
+plain PyTorch reference. Opt-in until measured (PATH below): by default layers.attention keeps its PyTorch paths
+(single_query_attention for one query, SDPA with the mask for more), which compute the same function.
 
 Why: batch-1 decode has one query per head. The reference's two batched matrix-vector products, under
 torch.compile, give a head's keys to one program: ten programs at d20 on a 132-SM H100, which read K and V at
@@ -15,12 +15,15 @@ key bucket's unwritten tail costs nothing.
 Numerics: scores and the weighted sum in fp32 (bf16 x bf16 products are exact in fp32 and the tensor cores add
 them in fp32; with fp32 inputs the products are IEEE fp32, no TF32), as the reference: only the order of the
 additions differs. tests/test_decode_attention.py compares the two (Triton's interpreter on the CPU, the
-kernel on CUDA).
+kernel on CUDA) and compiles the kernel for sm_90 with the argument types eager launches and inductor pass.
 
-PATH: "auto" (the kernel on CUDA when Triton imports) or "torch" (always the reference paths; bench decode's
---attention-path). Set it before an Engine compiles or captures a step: a captured graph keeps its path.
+PATH: "torch" (the default: the reference paths) or "triton" (the kernel on CUDA where Triton imports, for calls
+usable() accepts). Set by the environment variable ADAMBA_DECODE_ATTENTION or bench decode's --attention-path,
+before an Engine compiles or captures a step: a captured graph keeps its path. The default becomes "triton" once
+bench decode measures it faster on a GPU (docs/benchmarks.md, session 24: not measured yet).
 """
 import math
+import os
 
 import torch
 
@@ -28,7 +31,10 @@ from nanochat.common import get_logger, log_once
 
 logger = get_logger(__name__)
 
-PATH = "auto"
+PATHS = ("torch", "triton")
+PATH = os.environ.get("ADAMBA_DECODE_ATTENTION", "torch")
+if PATH not in PATHS:
+    raise ValueError(f"ADAMBA_DECODE_ATTENTION={PATH!r}: use one of {', '.join(PATHS)}")
 MAX_ROWS = 64    # queries a KV head (GQA group x positions) the kernel takes; more go to SDPA
 BLOCK_N = 64     # keys a program step reads
 BF16_DOT = True  # bf16 q and k: their products on the tensor cores (exact in fp32); False: converted to fp32 first
@@ -67,10 +73,10 @@ def _load_triton():
 
 
 def usable(q, k, v, keep):
-    """Whether attend() takes this call: PATH 'auto', a CUDA tensor, the op built (Triton importable: the module
+    """Whether attend() takes this call: PATH 'triton', a CUDA tensor, the op built (Triton importable: the module
     builds it on import where CUDA is available), no gradient wanted (the kernel has no backward), at most
     MAX_ROWS queries a KV head and a head size up to 256. Reads module globals only: torch.compile traces it."""
-    if PATH != "auto" or keep is None or not q.is_cuda or _op is None:
+    if PATH != "triton" or keep is None or not q.is_cuda or _op is None:
         return False
     if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad):
         return False
@@ -204,6 +210,8 @@ def attend(q, k, v, scale, keep, chunk=None):
         return op(q, k, v, keep, float(scale), int(chunk))
 
 
-if torch.cuda.is_available() and build() is None:
-    log_once(logger, "Triton is not importable: decode attention on the GPU runs the PyTorch reference "
-                     "(layers.single_query_attention / SDPA), not the split-key kernel", level=30)
+if torch.cuda.is_available():
+    build()  # where Triton imports; PATH 'triton' without it: bench decode stops, layers.attention keeps PyTorch
+    if PATH == "triton" and _op is None:
+        log_once(logger, "ADAMBA_DECODE_ATTENTION=triton, but Triton does not import: decode attention runs the "
+                         "PyTorch reference (layers.single_query_attention / SDPA)", level=30)

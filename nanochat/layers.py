@@ -61,11 +61,11 @@ def attention(q, k, v, scale=None, keep=None):
     keep: a bool mask broadcastable to (B, Hq, Tq, Tk), True = may see, replacing that rule (the engine's
     static decode step: a key buffer of fixed size, valid up to a position held on the device).
     k and v may be in another dtype than q (an fp32 cache under bf16 autocast); the output is in q's.
-    With keep on CUDA (decode steps, the verify pass) nanochat.decode_attention's split-key kernel runs where it
-    can (decode_attention.usable); single_query_attention and SDPA are its reference paths.
+    With keep on CUDA (decode steps, the verify pass) and decode_attention.PATH 'triton', its split-key kernel
+    runs where it can (decode_attention.usable); single_query_attention and SDPA compute the same function.
     """
     Tq, Tk = q.size(2), k.size(2)
-    if decode_attention.usable(q, k, v, keep):  # CUDA, a few queries a KV head, no gradient: split over the keys
+    if decode_attention.usable(q, k, v, keep):  # opted in, CUDA, a few queries a KV head, no gradient
         return decode_attention.attend(q, k, v, scale, keep)
     if keep is not None and Tq == 1:
         return single_query_attention(q, k, v, scale, keep)

@@ -411,9 +411,10 @@ def get_args(argv=None):
                            help="the Mamba mixers' path (MambaMixer.path): auto = mamba-ssm's kernels where they run, "
                            "except in a compiled decode step (the PyTorch ops, which inductor fuses); kernel = always "
                            "the kernels; torch = never")
-            t.add_argument("--attention-path", type=str, default="auto", choices=("auto", "torch"),
-                           help="decode steps' attention over the key buffer (nanochat.decode_attention.PATH): auto = "
-                           "the split-key Triton kernel on CUDA, torch = the PyTorch reference (matrix-vector products, SDPA)")
+            t.add_argument("--attention-path", type=str, default=None, choices=("torch", "triton"),
+                           help="decode steps' and the verify pass's attention over the key buffer (nanochat."
+                           "decode_attention.PATH; default: $ADAMBA_DECODE_ATTENTION or torch): torch = PyTorch's "
+                           "(matrix-vector products, SDPA), triton = the split-key Triton kernel (CUDA)")
             t.add_argument("--engine-decode", type=str, default="auto", choices=DECODE_PATHS,
                            help="the hybrids' decode path (nanochat.engine.Engine): auto = CUDA graphs on CUDA where the "
                            "step allows them (one plan for every row, and one row when gates are on), else the eager step; "

@@ -142,7 +142,9 @@ def set_mixer_path(model, path):
 def cmd_decode(args, device):
     from nanochat import decode_attention
     from nanochat.engine import Engine
-    decode_attention.PATH = args.attention_path
+    decode_attention.PATH = args.attention_path or decode_attention.PATH
+    if decode_attention.PATH == "triton" and device.type == "cuda" and decode_attention.build() is None:
+        raise ValueError("--attention-path triton: Triton does not import on this machine")
     # default as scripts.generate: fp32 weights under bf16 autocast on CUDA; the caches take the weights' dtype
     bf16 = args.weights == "bf16"
     actx = nullcontext() if bf16 else autocast_context(device.type)  # autocast_context is a no-op on CPU
@@ -207,7 +209,7 @@ def cmd_decode(args, device):
                               h["kv_ssm_analytic_MiB"] / d["cache_analytic_MiB"], 0.5, "<=", "(what the layer pattern allows)"))
     wdesc = "bf16 weights and caches" if bf16 else "fp32 weights and caches" + (", bf16 autocast" if device.type == "cuda" else "")
     print_table(f"decode, batch {B}, {wdesc}, depth {args.depth} (width {D}), Mamba-{args.mamba} ({args.mixer_path} path), "
-                f"attention {'split-key kernel' if args.attention_path == 'auto' and device.type == 'cuda' and decode_attention._op else 'PyTorch'}, "
+                f"attention {'split-key Triton kernel' if decode_attention.PATH == 'triton' and device.type == 'cuda' else 'PyTorch'}, "
                 f"{args.decode_tokens} decode steps, exits every {args.exit_stride} blocks", rows,
                 [("model", "model", ""), ("mode", "mode", ""), ("path", "step", ""), ("context", "context", "d"), ("prefill_ms", "prefill ms", ".1f"),
                  ("prefill_tok_per_s", "prefill tok/s", ",.0f"), ("decode_ms", "ms/token", ".2f"),

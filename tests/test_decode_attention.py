@@ -1,8 +1,8 @@
 """
 nanochat.decode_attention: the split-key kernel against its PyTorch reference (masked_attention), and the
-reference against the paths layers.attention took before (single_query_attention, SDPA with a mask).
+reference against layers.attention's own paths (single_query_attention, SDPA with a mask).
 On the CPU the kernel runs in Triton's interpreter (a subprocess with TRITON_INTERPRET=1; skipped where Triton
-is not installed); on CUDA, eagerly, under torch.compile and inside a CUDA graph.
+is not installed) and compiles for sm_90; on CUDA it runs eagerly, under torch.compile and inside a CUDA graph.
 Tolerances: fp32 1e-5 (only the order of the additions differs); bf16 outputs within two of bf16's steps of the reference's
 (both round an fp32 result to bf16).
 """
@@ -68,10 +68,52 @@ def test_reference_matches_the_paths_it_replaces():
         assert (ref - old).abs().max().item() < 1e-5
 
 
-def test_cpu_keeps_the_reference_paths():
+def test_cpu_keeps_the_reference_paths(monkeypatch):
     q, k, v, keep, _ = make_case(*CASES[0])
-    assert not da.usable(q, k, v, keep)
+    assert da.PATH == "torch" and not da.usable(q, k, v, keep)  # the default (no ADAMBA_DECODE_ATTENTION here)
+    monkeypatch.setattr(da, "PATH", "triton")
+    assert not da.usable(q, k, v, keep)  # opted in, but a CPU tensor
     assert torch.equal(attention(q, k, v, keep=keep), single_query_attention(q, k, v, None, keep))
+
+
+def test_path_from_the_environment():
+    code = "from nanochat import decode_attention as da; print(da.PATH)"
+    for value, ok in (("triton", True), ("torch", True), ("flash", False)):
+        r = subprocess.run([sys.executable, "-c", code], env=dict(os.environ, ADAMBA_DECODE_ATTENTION=value),
+                           capture_output=True, text=True, cwd=ROOT)
+        if ok:
+            assert r.returncode == 0 and r.stdout.strip() == value, r.stderr[-500:]
+        else:
+            assert r.returncode != 0 and "ADAMBA_DECODE_ATTENTION='flash': use one of torch, triton" in r.stderr
+
+
+HAS_NVIDIA_BACKEND = HAS_TRITON and importlib.util.find_spec("triton.backends.nvidia") is not None
+
+
+@pytest.mark.skipif(not HAS_NVIDIA_BACKEND, reason="needs Triton with its NVIDIA backend (the wheel bundles ptxas)")
+def test_kernel_compiles_for_sm90_with_the_argument_types_it_is_given():
+    """Triton compiles the kernel to a cubin for an H100 (no GPU needed) for each way it is called: bf16 q and K/V
+    (the tensor-core dot), fp32 ones, bf16 queries over an fp32 cache (autocast), and the scale as fp32 (an eager
+    launch) or fp64 (inductor passes a Python float so: session 24's first GPU call failed there)."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+    assert da.build() is not None
+    consts = {"CHUNK": 128, "G": 1, "T": 1, "D": 128, "BLOCK_M": 16, "BLOCK_D": 128, "BLOCK_N": da.BLOCK_N}
+    for q_t, kv_t, scale_t in (("bf16", "bf16", "fp32"), ("bf16", "bf16", "fp64"), ("fp32", "fp32", "fp64"),
+                               ("bf16", "fp32", "fp32")):
+        bf16 = q_t == kv_t == "bf16"
+        sig = {}
+        for name in da._kernel.arg_names:
+            if name in consts or name == "BF16_QK":
+                sig[name] = "constexpr"
+            else:
+                sig[name] = {"Q": f"*{q_t}", "K": f"*{kv_t}", "V": f"*{kv_t}", "Keep": "*u8", "Mo": "*fp32",
+                             "Lo": "*fp32", "Ao": "*fp32", "scale": scale_t}.get(name, "i32")
+        src = ASTSource(da._kernel, signature=sig, constexprs=dict(consts, BF16_QK=bf16))
+        compiled = triton.compile(src, target=GPUTarget("cuda", 90, 32))
+        assert compiled.asm["cubin"], (q_t, kv_t, scale_t)
+        assert ("mma" in compiled.asm["ptx"]) == bf16, "the bf16 scores on the tensor cores, the fp32 ones not"
 
 
 INTERPRETED = r"""
@@ -113,8 +155,9 @@ def test_attend_validates():
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-def test_kernel_on_cuda_eager_compiled_and_in_a_graph():
+def test_kernel_on_cuda_eager_compiled_and_in_a_graph(monkeypatch):
     assert da.build() is not None, "Triton does not import on this GPU machine"
+    monkeypatch.setattr(da, "PATH", "triton")
     for case in CASES:
         q, k, v, keep, chunk = make_case(*case, device="cuda")
         ref = da.masked_attention(q, k, v, None, keep)
@@ -141,7 +184,8 @@ def test_kernel_on_cuda_eager_compiled_and_in_a_graph():
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-def test_training_keeps_sdpa_on_cuda():
+def test_training_keeps_sdpa_on_cuda(monkeypatch):
+    monkeypatch.setattr(da, "PATH", "triton")
     q, k, v, keep, _ = make_case(*CASES[0], device="cuda")
     q.requires_grad_(True)
     assert not da.usable(q, k, v, keep)
