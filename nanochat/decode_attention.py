@@ -39,6 +39,7 @@ MAX_ROWS = 64    # queries a KV head (GQA group x positions) the kernel takes; m
 BLOCK_N = 64     # keys a program step reads
 BF16_DOT = True  # bf16 q and k: their products on the tensor cores (exact in fp32); False: converted to fp32 first
 _triton = None   # (triton, tl) once imported, False when Triton is unavailable
+ON_CPU = False   # tests only: take CPU tensors too (Triton's interpreter, TRITON_INTERPRET=1, runs the kernel there)
 
 
 def masked_attention(q, k, v, scale, keep):
@@ -76,7 +77,7 @@ def usable(q, k, v, keep):
     """Whether attend() takes this call: PATH 'triton', a CUDA tensor, the op built (Triton importable: the module
     builds it on import where CUDA is available), no gradient wanted (the kernel has no backward), at most
     MAX_ROWS queries a KV head and a head size up to 256. Reads module globals only: torch.compile traces it."""
-    if PATH != "triton" or keep is None or not q.is_cuda or _op is None:
+    if PATH != "triton" or keep is None or not (q.is_cuda or ON_CPU) or _op is None:
         return False
     if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad):
         return False

@@ -78,7 +78,7 @@ def test_cpu_keeps_the_reference_paths(monkeypatch):
 
 def test_path_from_the_environment():
     code = "from nanochat import decode_attention as da; print(da.PATH)"
-    for value, ok in (("triton", True), ("torch", True), ("flash", False)):
+    for value, ok in (("triton", True), ("flash", False)):
         r = subprocess.run([sys.executable, "-c", code], env=dict(os.environ, ADAMBA_DECODE_ATTENTION=value),
                            capture_output=True, text=True, cwd=ROOT)
         if ok:
@@ -142,6 +142,58 @@ def test_kernel_in_triton_interpreter_matches_reference():
     results = json.loads(r.stdout.strip().splitlines()[-1])
     for case, (ok, diff) in zip(CASES, results):
         assert ok, f"{case}: max abs diff {diff}"
+
+
+ENGINE = r"""
+import json, sys, torch
+sys.path[:0] = [sys.argv[1], sys.argv[1] + "/tests"]
+from nanochat import decode_attention as da
+from nanochat.engine import Engine
+from nanochat.engine_static import StaticDecode
+from engine_testutil import build, HAS_MAMBA
+from test_engine_modern import modern_hybrid, prompts
+assert da.build() is not None
+da.BF16_DOT, da.ON_CPU = False, True  # the interpreter: fp32 dots, CPU tensors
+StaticDecode.STATIC_MIN_KEYS = 8
+calls, attend = [0], da.attend
+def counted(*a, **kw):
+    calls[0] += 1
+    return attend(*a, **kw)
+da.attend = counted
+out = []
+def compare(model, **kw):
+    res = {}
+    for path in ("torch", "triton"):
+        da.PATH, n0 = path, calls[0]
+        res[path] = Engine(model, decode="static").generate_batch(**kw)
+    a, b = res["torch"], res["triton"]
+    diff = max((x.logits - y.logits).abs().max().item() for x, y in zip(a.steps, b.steps))
+    out.append([str(kw), a.tokens == b.tokens, diff, calls[0] - n0])
+P = [[2, 7, 1, 8, 2, 8], [9, 9, 8, 7, 1, 4]]
+for kind in [dict(layer_pattern="A")] + ([dict(layer_pattern="AM"), dict(layer_pattern="MA", mamba_version=2)] if HAS_MAMBA else []):
+    model = build(**kind).eval()
+    compare(model, prompts=P, max_tokens=10)
+    compare(model, prompts=P, max_tokens=10, plan=[16, 32, 16, 48])  # 1 and 3 query heads over 2 KV heads
+    compare(model, prompts=P, max_tokens=10, speculate=3, draft="exit:1", fallback=False)
+    compare(model, prompts=P[:1], max_tokens=10, speculate=3, draft="plan:64,64,64,32", fallback=False)
+compare(modern_hybrid(), prompts=prompts(1), max_tokens=5)  # sliding windows over a ring of key slots
+print(json.dumps(out))
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not HAS_TRITON, reason="Triton is not installed (its interpreter runs the kernel on the CPU)")
+def test_engine_with_the_kernel_decodes_as_with_pytorch():
+    """The engine's static decode step and speculative verify pass with the kernel (Triton's interpreter) against
+    PyTorch's attention paths, same model and prompts: think, a narrow plan (query heads that do not fill a GQA
+    group), exit and plan drafts at k = 3 over batch 2 and 1, Mamba-1 and Mamba-2 hybrids, and today's-nanochat
+    hybrid with sliding windows. The same tokens, logits within 1e-5 (fp32); the kernel ran in every case."""
+    env = dict(os.environ, TRITON_INTERPRET="1")
+    r = subprocess.run([sys.executable, "-c", ENGINE, ROOT], env=env, capture_output=True, text=True, timeout=600,
+                       cwd=ROOT)
+    assert r.returncode == 0, r.stderr[-2000:]
+    for job, same, diff, calls in json.loads(r.stdout.strip().splitlines()[-1]):
+        assert same and diff <= 1e-5 and calls > 0, (job, same, diff, calls)
 
 
 @pytest.mark.skipif(not HAS_TRITON, reason="Triton is not installed")
