@@ -1,0 +1,60 @@
+"""runs/decode_gpu.sh --dry-run: every stage's commands, checked against scripts.bench's own argument parser and the
+test files they name, so the GPU runbook keeps up with the flags; bad stages and settings stop with one line."""
+import os
+import shlex
+import subprocess
+
+from scripts import bench
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def dry(stage, **env):
+    r = subprocess.run(["bash", "runs/decode_gpu.sh", stage, "--dry-run"], cwd=ROOT, capture_output=True, text=True,
+                       env=dict(os.environ, **env), timeout=60)
+    cmds = [shlex.split(line[2:]) for line in r.stdout.splitlines() if line.startswith("+ ")]
+    return r, cmds
+
+
+def strip_env(cmd):
+    env = {}
+    if cmd[0] == "env":
+        cmd = cmd[1:]
+        while "=" in cmd[0]:
+            k, v = cmd.pop(0).split("=", 1)
+            env[k] = v
+    return env, cmd
+
+
+def test_every_stage_parses():
+    seen = {}
+    for stage, env in (("check", {}), ("think", {}), ("speculate", {}), ("speculate", {"ATTN": "torch"}),
+                       ("tiny", {"CKPT": "/ckpt", "DATA": "/data"})):
+        r, cmds = dry(stage, **env)
+        assert r.returncode == 0 and cmds, (stage, r.stderr)
+        for cmd in cmds:
+            var, cmd = strip_env(cmd)
+            assert cmd[:2] == ["python", "-m"], cmd
+            if cmd[2] == "pytest":
+                assert var == {"ADAMBA_DECODE_ATTENTION": "triton"}
+                files = [a for a in cmd if a.startswith("tests/")]
+                assert files and all(os.path.exists(os.path.join(ROOT, f)) for f in files)
+                continue
+            assert cmd[2] == "scripts.bench"
+            args = bench.get_args(cmd[3:])
+            seen.setdefault(stage, []).append((args, var))
+    think = [a.attention_path for a, _ in seen["think"]]
+    assert think == ["torch", "triton"] and all(a.engine_decode == "tuned" and a.profile for a, _ in seen["think"])
+    spec = seen["speculate"]
+    assert [a.attention_path for a, _ in spec] == ["triton", "torch"] and all(a.speculate == 4 for a, _ in spec)
+    (tiny, var), = seen["tiny"]
+    assert tiny.cmd == "adaptive" and tiny.checkpoint == "/ckpt" and tiny.draft == "exit:5;ghost"
+    assert var == {"ADAMBA_DECODE_ATTENTION": "triton"}
+
+
+def test_bad_input_stops_with_one_line():
+    for stage, env, msg in (("bogus", {}, "usage: bash runs/decode_gpu.sh"), ("think", {"ATTN": "flash"}, "ATTN=flash"),
+                            ("tiny", {"CKPT": "", "DATA": "/d"}, "set CKPT")):
+        r, cmds = dry(stage, **env)
+        assert r.returncode != 0 and not cmds and msg in r.stderr, (stage, r.stderr)
+        assert len(r.stderr.strip().splitlines()) == 1
