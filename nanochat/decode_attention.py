@@ -18,8 +18,8 @@ additions differs. tests/test_decode_attention.py compares the two (Triton's int
 kernel on CUDA) and compiles the kernel for sm_90 with the argument types eager launches and inductor pass.
 
 PATH: "torch" (the default: the reference paths) or "triton" (the kernel on CUDA where Triton imports, for calls
-usable() accepts). Set by the environment variable ADAMBA_DECODE_ATTENTION or bench decode's --attention-path,
-before an Engine compiles or captures a step: a captured graph keeps its path. The default becomes "triton" once
+usable() accepts). Set by the environment variable ADAMBA_DECODE_ATTENTION (read on import) or set_path() (bench
+decode's --attention-path), before an Engine compiles or captures a step: a captured graph keeps its path. The default becomes "triton" once
 bench decode measures it faster on a GPU (docs/benchmarks.md, session 24: not measured yet).
 """
 import math
@@ -74,8 +74,8 @@ def _load_triton():
 
 
 def usable(q, k, v, keep):
-    """Whether attend() takes this call: PATH 'triton', a CUDA tensor, the op built (Triton importable: the module
-    builds it on import where CUDA is available), no gradient wanted (the kernel has no backward), at most
+    """Whether attend() takes this call: PATH 'triton', a CUDA tensor, the op built (set_path, or on import with
+    ADAMBA_DECODE_ATTENTION=triton where CUDA is available), no gradient wanted (the kernel has no backward), at most
     MAX_ROWS queries a KV head and a head size up to 256. Reads module globals only: torch.compile traces it."""
     if PATH != "triton" or keep is None or not (q.is_cuda or ON_CPU) or _op is None:
         return False
@@ -211,8 +211,18 @@ def attend(q, k, v, scale, keep, chunk=None):
         return op(q, k, v, keep, float(scale), int(chunk))
 
 
-if torch.cuda.is_available():
-    build()  # where Triton imports; PATH 'triton' without it: bench decode stops, layers.attention keeps PyTorch
-    if PATH == "triton" and _op is None:
-        log_once(logger, "ADAMBA_DECODE_ATTENTION=triton, but Triton does not import: decode attention runs the "
-                         "PyTorch reference (layers.single_query_attention / SDPA)", level=30)
+
+def set_path(path):
+    """PATH = path, validated; 'triton' builds the op, and stops with one line on a CUDA machine where Triton does
+    not import (bench decode --attention-path). Call it before an Engine compiles or captures a step."""
+    global PATH
+    if path not in PATHS:
+        raise ValueError(f"decode attention path {path!r}: use one of {', '.join(PATHS)}")
+    if path == "triton" and build() is None and torch.cuda.is_available():
+        raise ValueError("decode attention path 'triton': Triton does not import on this machine")
+    PATH = path
+
+
+if PATH == "triton" and torch.cuda.is_available() and build() is None:  # ADAMBA_DECODE_ATTENTION=triton
+    log_once(logger, "ADAMBA_DECODE_ATTENTION=triton, but Triton does not import: decode attention runs the "
+                     "PyTorch reference (layers.single_query_attention / SDPA)", level=30)

@@ -142,9 +142,7 @@ def set_mixer_path(model, path):
 def cmd_decode(args, device):
     from nanochat import decode_attention
     from nanochat.engine import Engine
-    decode_attention.PATH = args.attention_path or decode_attention.PATH
-    if decode_attention.PATH == "triton" and device.type == "cuda" and decode_attention.build() is None:
-        raise ValueError("--attention-path triton: Triton does not import on this machine")
+    decode_attention.set_path(args.attention_path or decode_attention.PATH)
     # default as scripts.generate: fp32 weights under bf16 autocast on CUDA; the caches take the weights' dtype
     bf16 = args.weights == "bf16"
     actx = nullcontext() if bf16 else autocast_context(device.type)  # autocast_context is a no-op on CPU

@@ -87,6 +87,14 @@ def test_path_from_the_environment():
             assert r.returncode != 0 and "ADAMBA_DECODE_ATTENTION='flash': use one of torch, triton" in r.stderr
 
 
+def test_set_path_validates(monkeypatch):
+    monkeypatch.setattr(da, "PATH", "torch")  # restored after the test
+    with pytest.raises(ValueError, match="decode attention path 'flash': use one of torch, triton"):
+        da.set_path("flash")
+    da.set_path("triton")  # a CPU machine: allowed (the CPU keeps PyTorch's paths), built where Triton imports
+    assert da.PATH == "triton" and (da._op is not None) == HAS_TRITON
+
+
 HAS_NVIDIA_BACKEND = HAS_TRITON and importlib.util.find_spec("triton.backends.nvidia") is not None
 
 
