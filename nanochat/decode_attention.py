@@ -119,7 +119,7 @@ def build():
         bh = tl.program_id(0)   # row b, KV head h
         c = tl.program_id(1)    # chunk of keys
         n_chunks = tl.num_programs(1)
-        b = bh // Hkv
+        b = (bh // Hkv).to(tl.int64)  # b * (its stride) passes 2**31 elements at batch 64, 8 KV heads, 32K keys
         h = bh % Hkv
         r = tl.arange(0, BLOCK_M)          # query r = g * T + t of this KV head
         r_ok = r < G * T
