@@ -103,8 +103,9 @@ _op = None
 
 
 def build():
-    """The Triton kernel and the torch.library op around it; None where Triton does not import. The module calls
-    it on import where CUDA is available; the CPU tests call it to run the kernel in Triton's interpreter."""
+    """The Triton kernel and the torch.library op around it; None where Triton does not import. Called by
+    set_path('triton'), on import with ADAMBA_DECODE_ATTENTION=triton where CUDA is available, and by the CPU tests
+    (which run the kernel in Triton's interpreter)."""
     global _kernel, _op
     if _op is not None or not _load_triton():
         return _op
