@@ -45,17 +45,20 @@ ON_CPU = False   # tests only: take CPU tensors too (Triton's interpreter, TRITO
 def masked_attention(q, k, v, scale, keep):
     """
     The reference: q (B, Hq, T, D) over k, v (B, Hkv, L, D) with keep broadcastable to (B, Hq, T, L) (True =
-    may see; at least one True per query), GQA: query head i reads KV head i // (Hq // Hkv). fp32 throughout;
-    returns (B, Hq, T, D) in q's dtype.
+    may see; at least one True per query), GQA: query head i reads KV head i // (Hq // Hkv): two batched
+    matrix products with an fp32 softmax between them, in fp32; returns (B, Hq, T, D) in q's dtype. With one query
+    it is layers.single_query_attention, the decode step's PyTorch path.
     """
     B, Hq, T, D = q.shape
     Hkv, L = k.size(1), k.size(2)
-    G = Hq // Hkv
+    G = Hq // Hkv  # a KV head's queries are rows g * T + t
     scale = D ** -0.5 if scale is None else scale
     with torch.autocast(device_type=q.device.type, enabled=False):
-        qf = q.float().reshape(B, Hkv, G * T, D)
-        s = torch.matmul(qf, k.float().transpose(-1, -2)) * scale  # (B, Hkv, G*T, L)
-        m = keep.expand(B, Hq, T, L).reshape(B, Hkv, G * T, L)
+        s = torch.matmul(q.reshape(B, Hkv, G * T, D).float(), k.float().transpose(-1, -2)) * scale  # (B, Hkv, G*T, L)
+        if keep.size(1) == 1 and (G == 1 or T == 1):
+            m = keep  # broadcasts as it is
+        else:
+            m = keep.expand(B, Hq, T, L).reshape(B, Hkv, G * T, L)
         p = s.masked_fill(~m, float("-inf")).softmax(dim=-1)
         y = torch.matmul(p, v.float())
     return y.reshape(B, Hq, T, D).to(q.dtype)

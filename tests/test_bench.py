@@ -279,7 +279,7 @@ def test_decode_speculate(capsys, monkeypatch):
     # --speculate-from: only k = K0..K (and the fallback at K); out of range stops before any model is built.
     # --profile: also a round's kernels (ops on a CPU) at k = K, and --attention-path reaches decode_attention
     from nanochat import decode_attention
-    monkeypatch.setattr(decode_attention, "PATH", "auto")  # restored after the test
+    monkeypatch.setattr(decode_attention, "PATH", decode_attention.PATH)  # restored after the test
     res, out = run(capsys, ["decode", "--depth", "2", "--seq-len", "16", "--vocab-size", "128",
                             "--contexts", "24", "--decode-tokens", "6", "--prefill-reps", "1", "--modes", "think",
                             "--speculate", "2", "--speculate-from", "2", "--draft", "exit:0", "--attention-path", "torch"],
