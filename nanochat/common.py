@@ -43,6 +43,33 @@ def get_logger(name):
     return logging.getLogger(name)
 
 
+_triton = None  # (triton, triton.language) once imported, False where Triton does not import
+
+
+def load_triton():
+    """(triton, triton.language), imported on the first call, or False where Triton does not import: the decode
+    kernels (decode_attention, decode_matvec) import it only when asked for."""
+    global _triton
+    if _triton is None:
+        try:
+            import triton
+            import triton.language as tl
+            _triton = (triton, tl)
+        except ImportError:
+            _triton = False
+    return _triton
+
+
+def set_kernel_path(what, path, paths, build):
+    """Validate a decode kernel's path setting ('torch' or 'triton'); 'triton' builds the kernel (build() -> None
+    where Triton does not import), which must succeed on a CUDA machine. Returns path. One-line errors."""
+    if path not in paths:
+        raise ValueError(f"{what} path {path!r}: use one of {', '.join(paths)}")
+    if path == "triton" and build() is None and torch.cuda.is_available():
+        raise ValueError(f"{what} path 'triton': Triton does not import on this machine")
+    return path
+
+
 _logged = set()
 
 

@@ -27,7 +27,7 @@ import os
 
 import torch
 
-from nanochat.common import get_logger, log_once
+from nanochat.common import get_logger, load_triton, log_once, set_kernel_path
 
 logger = get_logger(__name__)
 
@@ -38,7 +38,6 @@ if PATH not in PATHS:
 MAX_ROWS = 64    # queries a KV head (GQA group x positions) the kernel takes; more go to SDPA
 BLOCK_N = 64     # keys a program step reads
 BF16_DOT = True  # bf16 q and k: their products on the tensor cores (exact in fp32); False: converted to fp32 first
-_triton = None   # (triton, tl) once imported, False when Triton is unavailable
 ON_CPU = False   # tests only: take CPU tensors too (Triton's interpreter, TRITON_INTERPRET=1, runs the kernel there)
 
 
@@ -62,18 +61,6 @@ def masked_attention(q, k, v, scale, keep):
         p = s.masked_fill(~m, float("-inf")).softmax(dim=-1)
         y = torch.matmul(p, v.float())
     return y.reshape(B, Hq, T, D).to(q.dtype)
-
-
-def _load_triton():
-    global _triton
-    if _triton is None:
-        try:
-            import triton
-            import triton.language as tl
-            _triton = (triton, tl)
-        except ImportError:
-            _triton = False
-    return _triton
 
 
 def usable(q, k, v, keep):
@@ -110,9 +97,9 @@ def build():
     set_path('triton'), on import with ADAMBA_DECODE_ATTENTION=triton where CUDA is available, and by the CPU tests
     (which run the kernel in Triton's interpreter)."""
     global _kernel, _op
-    if _op is not None or not _load_triton():
+    if _op is not None or not load_triton():
         return _op
-    triton, tl = _triton
+    triton, tl = load_triton()
 
     @triton.jit
     def split_kernel(Q, K, V, Keep, Mo, Lo, Ao,
@@ -220,11 +207,7 @@ def set_path(path):
     """PATH = path, validated; 'triton' builds the op, and stops with one line on a CUDA machine where Triton does
     not import (bench decode --attention-path). Call it before an Engine compiles or captures a step."""
     global PATH
-    if path not in PATHS:
-        raise ValueError(f"decode attention path {path!r}: use one of {', '.join(PATHS)}")
-    if path == "triton" and build() is None and torch.cuda.is_available():
-        raise ValueError("decode attention path 'triton': Triton does not import on this machine")
-    PATH = path
+    PATH = set_kernel_path("decode attention", path, PATHS, build)
 
 
 if PATH == "triton" and torch.cuda.is_available() and build() is None:  # ADAMBA_DECODE_ATTENTION=triton

@@ -36,7 +36,7 @@ from nanochat.layers import norm, rotary_inv_freq, rotary_cos_sin, linear_init_s
 from nanochat.matryoshka import (default_width_levels, validate_levels, expand_plan, check_plan, MatryoshkaAttention,
                                  MatryoshkaMLP)
 from nanochat.common import get_logger, log_once
-from nanochat import hybrid_modern
+from nanochat import decode_matvec, hybrid_modern
 from nanochat.flops import flop_table
 
 logger = get_logger(__name__)
@@ -478,7 +478,7 @@ class HybridGPT(nn.Module):
 
     def readout(self, x):
         """Shared final norm + lm_head + soft-cap: (B, T, D) -> fp32 logits (B, T, V)."""
-        logits = self.lm_head(norm(x).to(self.lm_head.weight.dtype))
+        logits = decode_matvec.linear(norm(x).to(self.lm_head.weight.dtype), self.lm_head.weight)  # = self.lm_head
         return softcap(logits)
 
     def forward(self, idx, targets=None, width=None, return_exits=False, exit_after=None, mask=None,

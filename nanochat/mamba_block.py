@@ -37,7 +37,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from nanochat.mamba_scan import _compute_dtype, _segment_ids, selective_scan
-from nanochat import mamba_ops
+from nanochat import decode_matvec, mamba_ops
 from nanochat.common import log_once
 
 logger = logging.getLogger(__name__)
@@ -150,6 +150,12 @@ def conv_state_after(x, prev, valid, seg, W):
 # -----------------------------------------------------------------------------
 # modules
 
+def _project(layer, x):
+    """A decode step's in/out projection: decode_matvec.linear (its kernel where usable) for a bias-free
+    nn.Linear, the layer itself otherwise."""
+    return decode_matvec.linear(x, layer.weight) if layer.bias is None else layer(x)
+
+
 class MambaMixer(nn.Module):
     """What both mixers share: path choice, mask compaction, the cache protocol."""
     _recur_many = None  # steps()'s PyTorch path over T > 1 positions, where a mixer has one
@@ -208,15 +214,15 @@ class MambaMixer(nn.Module):
         the T positions at once (_recur_many: what _recur position by position computes, the reference beside it).
         """
         use_kernels = self._use_kernels(hidden_states, "step")
-        u = self.in_proj(hidden_states)  # (B, T, d_in_proj)
+        u = _project(self.in_proj, hidden_states)  # (B, T, d_in_proj)
         if u.size(1) > 1 and not use_kernels and self._recur_many is not None:
-            return self.out_proj(self._recur_many(u, conv_state, ssm_state, keep, hidden_states.dtype))
+            return _project(self.out_proj, self._recur_many(u, conv_state, ssm_state, keep, hidden_states.dtype))
         ys = []
         for t in range(u.size(1)):
             ys.append(self._recur(u[:, t], conv_state, ssm_state, use_kernels, hidden_states.dtype))
             if keep is not None:
                 keep(t, conv_state, ssm_state)
-        return self.out_proj(ys[0].unsqueeze(1) if len(ys) == 1 else torch.stack(ys, 1))
+        return _project(self.out_proj, ys[0].unsqueeze(1) if len(ys) == 1 else torch.stack(ys, 1))
 
     def forward(self, hidden_states, inference_params=None, mask=None, seq_idx=None):
         """hidden_states: (B, L, d_model) -> (B, L, d_model). mask: (B, L) bool, True = real token;

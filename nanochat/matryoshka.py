@@ -17,6 +17,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from nanochat import decode_matvec
 from nanochat.layers import norm, apply_rotary_emb, attention
 from nanochat.modern_layers import VE_GATE_CHANNELS, VE_GATE_RANGE
 
@@ -177,8 +178,8 @@ class MatryoshkaAttention(nn.Module):
         B, T, _ = xn.shape
         _, hkv = self.heads_at(w)
         x = xn[..., :w]
-        k = F.linear(x, self.c_k.weight[:hkv * self.head_dim, :w]).view(B, T, hkv, self.head_dim)
-        v = F.linear(x, self.c_v.weight[:hkv * self.head_dim, :w]).view(B, T, hkv, self.head_dim)
+        k = decode_matvec.linear(x, self.c_k.weight[:hkv * self.head_dim, :w]).view(B, T, hkv, self.head_dim)
+        v = decode_matvec.linear(x, self.c_v.weight[:hkv * self.head_dim, :w]).view(B, T, hkv, self.head_dim)
         v = self.mix_value_embed(v, x, ids, 0, hkv)
         k = norm(apply_rotary_emb(k, *cos_sin))
         return k.transpose(1, 2), v.transpose(1, 2)
@@ -189,8 +190,8 @@ class MatryoshkaAttention(nn.Module):
         module docstring)."""
         B, T, _ = xn.shape
         hd = self.head_dim
-        k = F.linear(xn, self.c_k.weight[a * hd:need * hd]).view(B, T, need - a, hd)
-        v = self.mix_value_embed(F.linear(xn, self.c_v.weight[a * hd:need * hd]).view(B, T, need - a, hd), xn, ids, a, need)
+        k = decode_matvec.linear(xn, self.c_k.weight[a * hd:need * hd]).view(B, T, need - a, hd)
+        v = self.mix_value_embed(decode_matvec.linear(xn, self.c_v.weight[a * hd:need * hd]).view(B, T, need - a, hd), xn, ids, a, need)
         k = norm(apply_rotary_emb(k, *cos_sin))
         return k.transpose(1, 2), v.transpose(1, 2)
 
@@ -211,7 +212,7 @@ class MatryoshkaAttention(nn.Module):
         B, T, _ = xn.shape
         h, _ = self.heads_at(w)
         hd = self.head_dim
-        q = F.linear(xn[..., :w], self.c_q.weight[:h * hd, :w]).view(B, T, h, hd)
+        q = decode_matvec.linear(xn[..., :w], self.c_q.weight[:h * hd, :w]).view(B, T, h, hd)
         q = norm(apply_rotary_emb(q, *cos_sin)).transpose(1, 2)  # (B, h, T, hd)
         if h % k.size(1) != 0:
             # a width whose query heads do not fill whole GQA groups: give each query head its KV head
@@ -219,7 +220,7 @@ class MatryoshkaAttention(nn.Module):
             k = k.repeat_interleave(group, dim=1)[:, :h]
             v = v.repeat_interleave(group, dim=1)[:, :h]
         y = attention(q, k, v, scale=self.scale, keep=keep)  # a cache may hold fp32: attention() casts
-        return F.linear(y.transpose(1, 2).reshape(B, T, h * hd), self.c_proj.weight[:w, :h * hd])
+        return decode_matvec.linear(y.transpose(1, 2).reshape(B, T, h * hd), self.c_proj.weight[:w, :h * hd])
 
     def forward(self, xn, w, cos_sin, kv_cache=None, ids=None, keep=None):
         """xn: (B, T, n_embd) normalised input; returns (B, T, w). ids: the tokens (value embeddings); keep: a
@@ -268,5 +269,5 @@ class MatryoshkaMLP(nn.Module):
     def forward(self, x, w):
         """x: (B, T, w) -> (B, T, w)."""
         hw = self.hidden * w // self.n_embd
-        h = F.relu(F.linear(x, self.c_fc.weight[:hw, :w])).square()
-        return F.linear(h, self.c_proj.weight[:w, :hw])
+        h = decode_matvec.linear(x, self.c_fc.weight[:hw, :w], "relu2")
+        return decode_matvec.linear(h, self.c_proj.weight[:w, :hw])

@@ -1,12 +1,16 @@
 #!/usr/bin/env bash
 # Issue #29's GPU measurements in stages that each fit one device call of 10 minutes (an H100 or H200, one GPU):
 #
-#   bash runs/decode_gpu.sh check        # CUDA tests of the split-key decode attention (nanochat/decode_attention.py)
-#                                        # and of the engine's graph / compiled steps and speculation with it (~5 min)
-#   bash runs/decode_gpu.sh think        # tuned think at d20, bf16, 1K and 8K context, PyTorch's attention against the
-#                                        # kernel, with --profile: ms/token, MBU, where the step goes (~7 min)
+#   bash runs/decode_gpu.sh check        # CUDA tests of the split-key decode attention (nanochat/decode_attention.py),
+#                                        # the decode matvec kernel (nanochat/decode_matvec.py) and of the engine's
+#                                        # graph / compiled steps and speculation with them (~5 min)
+#   bash runs/decode_gpu.sh matvec       # the matvec kernel against cuBLAS and inductor at the d20 hybrid's shapes,
+#                                        # with a sweep of its configs (~3 min)
+#   bash runs/decode_gpu.sh think        # tuned think at d20, bf16, 1K and 8K context: PyTorch's paths, the attention
+#                                        # kernel, both kernels; with --profile: ms/token, MBU, where the step goes
 #   bash runs/decode_gpu.sh speculate    # tuned speculation (exit:10, k = 4) at 1K with --profile: x think, draft and
-#                                        # verify ms, one round's kernels (~6 min); ATTN=torch|triton (default triton)
+#                                        # verify ms, one round's kernels (~6 min); ATTN=torch|triton and
+#                                        # MATVEC=torch|triton (default triton both)
 #   bash runs/decode_gpu.sh tiny         # the tiny chat checkpoint: think against exit:5 and ghost drafts, k = 1..3,
 #                                        # with the fallback, CUDA graphs (CKPT=<chat_final dir> DATA=<its data dir>)
 #
@@ -22,7 +26,9 @@ DRY_RUN=0
 [ "${2:-}" != "" ] && [ "${2:-}" != "--dry-run" ] && { echo "unknown argument ${2} (use --dry-run or none)" >&2; exit 2; }
 PY="${PY:-python}"
 ATTN="${ATTN:-triton}"
+MATVEC="${MATVEC:-triton}"
 case "$ATTN" in torch|triton) ;; *) echo "ATTN=$ATTN: use torch or triton" >&2; exit 2 ;; esac
+case "$MATVEC" in torch|triton) ;; *) echo "MATVEC=$MATVEC: use torch or triton" >&2; exit 2 ;; esac
 
 run() {  # print the command (quoted to be pasted), run it unless --dry-run
     printf '+'; printf ' %q' "$@"; echo
@@ -30,8 +36,8 @@ run() {  # print the command (quoted to be pasted), run it unless --dry-run
 }
 
 case "$STAGE" in
-    check|think|speculate|tiny) ;;
-    *) echo "usage: bash runs/decode_gpu.sh check|think|speculate|tiny [--dry-run]" >&2; exit 2 ;;
+    check|matvec|think|speculate|tiny) ;;
+    *) echo "usage: bash runs/decode_gpu.sh check|matvec|think|speculate|tiny [--dry-run]" >&2; exit 2 ;;
 esac
 if [ "$DRY_RUN" = 0 ] && [ -d .whl ] && ! "$PY" -c "import rustbpe" 2>/dev/null; then
     "$PY" -m pip install -q --no-index --find-links .whl rustbpe
@@ -40,22 +46,27 @@ fi
 D20=(--models hybrid --depth 20 --weights bf16 --modes think --decode-tokens 32 --engine-decode tuned)
 case "$STAGE" in
     check)
-        run env ADAMBA_DECODE_ATTENTION=triton "$PY" -m pytest -p no:cacheprovider tests/test_decode_attention.py \
-            tests/test_engine_static.py tests/test_speculative.py \
+        run env ADAMBA_DECODE_ATTENTION=triton ADAMBA_DECODE_MATVEC=triton "$PY" -m pytest -p no:cacheprovider \
+            tests/test_decode_attention.py tests/test_decode_matvec.py tests/test_engine_static.py tests/test_speculative.py \
             -k "on_cuda or (test_graph_speculation_equals_eager_on_cuda and not compiled)"
         ;;
+    matvec)
+        run "$PY" -m scripts.bench matvec --sweep
+        ;;
     think)
-        for attn in torch triton; do
-            run "$PY" -m scripts.bench --profile decode "${D20[@]}" --contexts 1024,8192 --attention-path "$attn"
+        for paths in "torch torch" "triton torch" "triton triton"; do
+            set -- $paths
+            run "$PY" -m scripts.bench --profile decode "${D20[@]}" --contexts 1024,8192 --attention-path "$1" \
+                --matvec-path "$2"
         done
         ;;
     speculate)
         run "$PY" -m scripts.bench --profile decode "${D20[@]}" --contexts 1024 --speculate 4 --speculate-from 4 \
-            --draft exit:10 --attention-path "$ATTN"
+            --draft exit:10 --attention-path "$ATTN" --matvec-path "$MATVEC"
         ;;
     tiny)
         : "${CKPT:?set CKPT to the chat_final directory of the tiny pipeline}" "${DATA:?set DATA to its data directory}"
-        run env ADAMBA_DECODE_ATTENTION="$ATTN" "$PY" -m scripts.bench adaptive --checkpoint "$CKPT" --data-dir "$DATA" \
+        run env ADAMBA_DECODE_ATTENTION="$ATTN" ADAMBA_DECODE_MATVEC="$MATVEC" "$PY" -m scripts.bench adaptive --checkpoint "$CKPT" --data-dir "$DATA" \
             --rows 16 --prompt-len 12 --decode-tokens 20 --modes think --engine-decode graph --speculate 3 \
             --draft "exit:5;ghost"
         ;;

@@ -10,6 +10,7 @@ and, as its LAST line, one JSON object with the environment (device, torch, date
     python -m scripts.bench decode  # prefill/decode tokens/s and KV + SSM cache memory: dense GPT vs hybrid modes
     python -m scripts.bench adaptive --checkpoint PATH  # a trained hybrid's modes: held-out decode loss and tokens/s
     python -m scripts.bench muon    # Muon's step over a model's matrices: one Newton-Schulz per matrix vs same shapes stacked
+    python -m scripts.bench matvec  # decode's matrix products (CUDA): cuBLAS vs inductor's tuned reduction vs a Triton kernel
     torchrun --standalone --nproc_per_node=2 -m scripts.bench moe-ep  # MoE fwd+bwd, experts replicated vs sharded
 
 Timing: CUDA events around each timed iteration after warmup, median over iterations (perf_counter on
@@ -21,7 +22,8 @@ missed target comes with its cause. --inductor-option KEY=VALUE (repeatable) tri
 on the command's compiles (e.g. `--inductor-option combo_kernels=true decode ... --engine-decode tuned`).
 
 The mamba and moe subcommands and the command line are here; train is in scripts/bench_train.py (with the FLOP
-convention of its MFU), decode in scripts/bench_decode.py, adaptive in scripts/bench_adaptive.py, moe-ep in scripts/bench_ep.py, and what all
+convention of its MFU), decode in scripts/bench_decode.py, adaptive in scripts/bench_adaptive.py, moe-ep in scripts/bench_ep.py, matvec in
+scripts/bench_matvec.py, and what all
 of them share (timing, tables, targets, the JSON line, the benchmarked models) in scripts/bench_common.py.
 """
 import contextlib
@@ -38,7 +40,7 @@ from scripts.bench_common import (measure, cuda_graphed, error_text, progress, t
                                   target, finish, ratio)
 from scripts.bench_train import cmd_train
 from scripts.bench_decode import cmd_decode
-from scripts import bench_adaptive, bench_ep
+from scripts import bench_adaptive, bench_ep, bench_matvec
 
 
 # -----------------------------------------------------------------------------
@@ -415,6 +417,10 @@ def get_args(argv=None):
                            help="decode steps' and the verify pass's attention over the key buffer (nanochat."
                            "decode_attention.PATH; default: $ADAMBA_DECODE_ATTENTION or torch): torch = PyTorch's "
                            "(matrix-vector products, SDPA), triton = the split-key Triton kernel (CUDA)")
+            t.add_argument("--matvec-path", type=str, default=None, choices=("torch", "triton"),
+                           help="decode steps' and the verify pass's projections and head (nanochat.decode_matvec.PATH; "
+                           "default: $ADAMBA_DECODE_MATVEC or torch): torch = F.linear (cuBLAS, or inductor's reductions "
+                           "under --engine-decode tuned), triton = nanochat.decode_matvec's kernel (CUDA, bf16 weights)")
             t.add_argument("--engine-decode", type=str, default="auto", choices=DECODE_PATHS,
                            help="the hybrids' decode path (nanochat.engine.Engine): auto = CUDA graphs on CUDA where the "
                            "step allows them (one plan for every row, and one row when gates are on), else the eager step; "
@@ -438,6 +444,7 @@ def get_args(argv=None):
     u.add_argument("--seed", type=int, default=0)
     bench_adaptive.add_args(sub, DECODE_PATHS)
     bench_ep.add_args(sub)
+    bench_matvec.add_args(sub)
     return p.parse_args(argv)
 
 
@@ -491,7 +498,8 @@ def main(argv=None):
 
 
 COMMANDS = {"mamba": cmd_mamba, "moe": cmd_moe, "train": cmd_train, "decode": cmd_decode,
-            "adaptive": bench_adaptive.cmd_adaptive, "moe-ep": bench_ep.cmd_moe_ep, "muon": cmd_muon}
+            "adaptive": bench_adaptive.cmd_adaptive, "moe-ep": bench_ep.cmd_moe_ep, "muon": cmd_muon,
+            "matvec": bench_matvec.cmd_matvec}
 
 
 if __name__ == "__main__":

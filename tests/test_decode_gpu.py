@@ -28,32 +28,37 @@ def strip_env(cmd):
 
 def test_every_stage_parses():
     seen = {}
-    for stage, env in (("check", {}), ("think", {}), ("speculate", {}), ("speculate", {"ATTN": "torch"}),
-                       ("tiny", {"CKPT": "/ckpt", "DATA": "/data"})):
+    for stage, env in (("check", {}), ("matvec", {}), ("think", {}), ("speculate", {}),
+                       ("speculate", {"ATTN": "torch", "MATVEC": "torch"}), ("tiny", {"CKPT": "/ckpt", "DATA": "/data"})):
         r, cmds = dry(stage, **env)
         assert r.returncode == 0 and cmds, (stage, r.stderr)
         for cmd in cmds:
             var, cmd = strip_env(cmd)
             assert cmd[:2] == ["python", "-m"], cmd
             if cmd[2] == "pytest":
-                assert var == {"ADAMBA_DECODE_ATTENTION": "triton"}
+                assert var == {"ADAMBA_DECODE_ATTENTION": "triton", "ADAMBA_DECODE_MATVEC": "triton"}
                 files = [a for a in cmd if a.startswith("tests/")]
                 assert files and all(os.path.exists(os.path.join(ROOT, f)) for f in files)
                 continue
             assert cmd[2] == "scripts.bench"
             args = bench.get_args(cmd[3:])
             seen.setdefault(stage, []).append((args, var))
-    think = [a.attention_path for a, _ in seen["think"]]
-    assert think == ["torch", "triton"] and all(a.engine_decode == "tuned" and a.profile for a, _ in seen["think"])
+    think = [(a.attention_path, a.matvec_path) for a, _ in seen["think"]]
+    assert think == [("torch", "torch"), ("triton", "torch"), ("triton", "triton")]
+    assert all(a.engine_decode == "tuned" and a.profile for a, _ in seen["think"])
     spec = seen["speculate"]
-    assert [a.attention_path for a, _ in spec] == ["triton", "torch"] and all(a.speculate == 4 for a, _ in spec)
+    assert [(a.attention_path, a.matvec_path) for a, _ in spec] == [("triton", "triton"), ("torch", "torch")]
+    assert all(a.speculate == 4 for a, _ in spec)
+    (mv, _), = seen["matvec"]
+    assert mv.cmd == "matvec" and mv.sweep
     (tiny, var), = seen["tiny"]
     assert tiny.cmd == "adaptive" and tiny.checkpoint == "/ckpt" and tiny.draft == "exit:5;ghost"
-    assert var == {"ADAMBA_DECODE_ATTENTION": "triton"}
+    assert var == {"ADAMBA_DECODE_ATTENTION": "triton", "ADAMBA_DECODE_MATVEC": "triton"}
 
 
 def test_bad_input_stops_with_one_line():
     for stage, env, msg in (("bogus", {}, "usage: bash runs/decode_gpu.sh"), ("think", {"ATTN": "flash"}, "ATTN=flash"),
+                            ("speculate", {"MATVEC": "cublas"}, "MATVEC=cublas"),
                             ("tiny", {"CKPT": "", "DATA": "/d"}, "set CKPT")):
         r, cmds = dry(stage, **env)
         assert r.returncode != 0 and not cmds and msg in r.stderr, (stage, r.stderr)
