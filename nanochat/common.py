@@ -169,15 +169,24 @@ def compute_init(device_type=None):
     return ddp, rank, local_rank, world_size, device
 
 
+_last_barrier = []  # compute_cleanup's final barrier, freed by the interpreter at exit (see there)
+
+
 def compute_cleanup():
     """End the process group of a torchrun run; a group this process did not join through compute_init (say,
     a test calling a script's main() in-process) is left alone."""
     if get_dist_info()[0] and dist.is_available() and dist.is_initialized():
-        # on a normal exit every rank arrives first: a rank that tore the gloo group down while another was still
-        # writing (rank 0's checkpoint or run report) was aborted at exit ("terminate called without an active
-        # exception"). Not while an exception propagates (a `finally`): the other ranks may never get here.
+        # On a normal exit every rank arrives first (not while an exception propagates, in a `finally`: the other
+        # ranks may never get here). Then this thread keeps the barrier's work: gloo's worker thread drops its own
+        # reference a moment after the wait returns, and a barrier holds the collectives still in flight when it
+        # was queued (the checkpoint's all_gather_object). Where the worker's drop was the last, it freed their
+        # tensors, which needs the GIL, while the interpreter was finalizing: std::terminate, "terminate called
+        # without an active exception" (gdb on a core of tests/test_fractal_train.py's resumed expert-parallel
+        # run, about 1 exit in 60-200 on a 2-core CPU). Kept here, the work is freed by this thread at exit.
         if sys.exc_info()[0] is None:
-            dist.barrier()
+            work = dist.barrier(async_op=True)
+            work.wait()
+            _last_barrier.append(work)
         dist.destroy_process_group()
 
 
