@@ -188,7 +188,7 @@ def usable(x, w):
         return False
     if torch.is_autocast_enabled(x.device.type) and torch.get_autocast_dtype(x.device.type) != x.dtype:
         return False
-    return x.numel() // max(1, x.size(-1)) <= MAX_ROWS
+    return 1 <= x.numel() // max(1, x.size(-1)) <= MAX_ROWS
 
 
 def linear(x, w, act="none"):

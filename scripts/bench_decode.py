@@ -209,7 +209,7 @@ def cmd_decode(args, device):
     wdesc = "bf16 weights and caches" if bf16 else "fp32 weights and caches" + (", bf16 autocast" if device.type == "cuda" else "")
     print_table(f"decode, batch {B}, {wdesc}, depth {args.depth} (width {D}), Mamba-{args.mamba} ({args.mixer_path} path), "
                 f"attention {'split-key Triton kernel' if decode_attention.PATH == 'triton' and device.type == 'cuda' else 'PyTorch'}, "
-                f"projections {'decode_matvec kernel' if decode_matvec.PATH == 'triton' and device.type == 'cuda' else 'F.linear'}, "
+                f"projections {'decode_matvec kernel' if decode_matvec.PATH == 'triton' and device.type == 'cuda' and bf16 else 'F.linear'}, "
                 f"{args.decode_tokens} decode steps, exits every {args.exit_stride} blocks", rows,
                 [("model", "model", ""), ("mode", "mode", ""), ("path", "step", ""), ("context", "context", "d"), ("prefill_ms", "prefill ms", ".1f"),
                  ("prefill_tok_per_s", "prefill tok/s", ",.0f"), ("decode_ms", "ms/token", ".2f"),

@@ -62,13 +62,16 @@ def time_per_call(fn_of_weight, weights, x, calls, device, iters):
 
 def cmd_matvec(args, device):
     from nanochat import decode_matvec as dm
+    try:
+        rows_m = [int(m) for m in args.rows.split(",") if m]
+    except ValueError:
+        raise SystemExit(f"--rows {args.rows}: comma-separated integers") from None
+    if not rows_m or any(not 1 <= m <= dm.MAX_ROWS for m in rows_m):
+        raise SystemExit(f"--rows {args.rows}: each 1 to {dm.MAX_ROWS}")
     if device.type != "cuda":
         raise SystemExit("bench matvec times CUDA kernels: run it on a GPU")
     if dm.build() is None:
         raise SystemExit("bench matvec: Triton does not import here")
-    rows_m = [int(m) for m in args.rows.split(",") if m]
-    if any(not 1 <= m <= dm.MAX_ROWS for m in rows_m):
-        raise SystemExit(f"--rows {args.rows}: each 1 to {dm.MAX_ROWS}")
     shapes = weight_shapes(args)
     bf = torch.bfloat16
     rows, totals = [], {}

@@ -529,3 +529,16 @@ def test_inductor_options_are_checked_and_last_for_the_command(capsys, monkeypat
     bench.main(CPU + ["--inductor-option", "combo_kernels=true", "--inductor-option", "combo_kernel_max_num_nodes=3", "decode"])
     assert seen == [(True, 3)] and (inductor_config.combo_kernels, inductor_config.combo_kernel_max_num_nodes) == before
     assert "inductor options: combo_kernels=True, combo_kernel_max_num_nodes=3" in capsys.readouterr().out
+
+
+def test_matvec_shapes_and_bad_input():
+    """bench matvec times CUDA kernels: on a CPU it stops with one line (after checking --rows); its shapes are the
+    d20 hybrid's weights a think step multiplies, counted, without the controllers' small matrices."""
+    from scripts.bench_matvec import weight_shapes
+    for argv, msg in ((["--rows", "0,5"], "--rows 0,5: each 1 to 16"), (["--rows", "a"], "comma-separated integers"),
+                      ([], "run it on a GPU")):
+        with pytest.raises(SystemExit, match=msg):
+            bench.main(["--device", "cpu", "matvec", *argv])
+    shapes = weight_shapes(bench.get_args(["matvec"]))
+    assert shapes[(65536, 1280)] == 1 and shapes[(5120, 1280)] == 60 and shapes[(1280, 5120)] == 40, shapes
+    assert all(n * k >= 2**16 for n, k in shapes)  # the gates and the width predictor: think does not run them

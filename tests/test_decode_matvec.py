@@ -147,6 +147,7 @@ def test_usable_only_where_the_kernel_computes_the_same(monkeypatch):
     x, w, _, _ = make_case(2, 8, 16, "float32", "none", None)
     assert dm.usable(x, w) and dm.usable(x.view(1, 2, 16), w)
     assert not dm.usable(torch.zeros(17, 16), w)  # a prefill: more rows than MAX_ROWS
+    assert not dm.usable(torch.zeros(0, 16), w)  # no rows
     assert not dm.usable(x.requires_grad_(), w) and dm.usable(x.detach(), w)
     with torch.no_grad():
         assert dm.usable(x, w.requires_grad_())  # evaluation of a trainable weight
