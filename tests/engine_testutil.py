@@ -1,4 +1,5 @@
-"""The tiny models and checks the engine tests share (tests/test_engine.py, tests/test_engine_static.py)."""
+"""The tiny models and checks the engine tests share (tests/test_engine.py, tests/test_engine_static.py, the decode
+kernels' interpreter tests)."""
 import importlib.util
 
 import torch
@@ -57,3 +58,30 @@ def decode_steps(eng, prompt, n, **kw):
     for _ in range(n):
         out.append(eng.step(st, out[-1].argmax(-1))[0])
     return st, out
+
+
+def kernel_path_comparer(module, entry):
+    """For the decode kernels' interpreter tests (tests/test_decode_attention.py, tests/test_decode_matvec.py):
+    (compare, out). compare(model, **generate_kwargs) runs Engine(model, decode="static").generate_batch once with
+    module.PATH 'torch' and once with 'triton', and appends [kwargs, same tokens, max logit difference, calls of
+    module.<entry> (the kernel's entry, counted) in the 'triton' run] to out."""
+    from nanochat.engine import Engine
+    calls, fn = [0], getattr(module, entry)
+
+    def counted(*a, **kw):
+        calls[0] += 1
+        return fn(*a, **kw)
+
+    setattr(module, entry, counted)
+    out = []
+
+    def compare(model, **kw):
+        res = {}
+        for path in ("torch", "triton"):
+            module.PATH, n0 = path, calls[0]
+            res[path] = Engine(model, decode="static").generate_batch(**kw)
+        a, b = res["torch"], res["triton"]
+        diff = max((x.logits - y.logits).abs().max().item() for x, y in zip(a.steps, b.steps))
+        out.append([str(kw), a.tokens == b.tokens, diff, calls[0] - n0])
+
+    return compare, out

@@ -125,7 +125,7 @@ def test_kernel_compiles_for_sm90_with_the_argument_types_it_is_given():
 
 
 INTERPRETED = r"""
-import json, sys, torch
+import json, sys
 sys.path.insert(0, sys.argv[1])
 from nanochat import decode_attention as da
 from tests.test_decode_attention import CASES, make_case, close
@@ -153,30 +153,16 @@ def test_kernel_in_triton_interpreter_matches_reference():
 
 
 ENGINE = r"""
-import json, sys, torch
+import json, sys
 sys.path[:0] = [sys.argv[1], sys.argv[1] + "/tests"]
 from nanochat import decode_attention as da
-from nanochat.engine import Engine
 from nanochat.engine_static import StaticDecode
-from engine_testutil import build, HAS_MAMBA
+from engine_testutil import build, kernel_path_comparer, HAS_MAMBA
 from test_engine_modern import modern_hybrid, prompts
 assert da.build() is not None
 da.BF16_DOT, da.ON_CPU = False, True  # the interpreter: fp32 dots, CPU tensors
 StaticDecode.STATIC_MIN_KEYS = 8
-calls, attend = [0], da.attend
-def counted(*a, **kw):
-    calls[0] += 1
-    return attend(*a, **kw)
-da.attend = counted
-out = []
-def compare(model, **kw):
-    res = {}
-    for path in ("torch", "triton"):
-        da.PATH, n0 = path, calls[0]
-        res[path] = Engine(model, decode="static").generate_batch(**kw)
-    a, b = res["torch"], res["triton"]
-    diff = max((x.logits - y.logits).abs().max().item() for x, y in zip(a.steps, b.steps))
-    out.append([str(kw), a.tokens == b.tokens, diff, calls[0] - n0])
+compare, out = kernel_path_comparer(da, "attend")
 P = [[2, 7, 1, 8, 2, 8], [9, 9, 8, 7, 1, 4]]
 for kind in [dict(layer_pattern="A")] + ([dict(layer_pattern="AM"), dict(layer_pattern="MA", mamba_version=2)] if HAS_MAMBA else []):
     model = build(**kind).eval()

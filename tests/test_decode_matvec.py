@@ -47,7 +47,7 @@ def close(out, ref, dtype):
 
 
 INTERPRETED = r"""
-import json, sys, torch
+import json, sys
 sys.path.insert(0, sys.argv[1])
 from nanochat import decode_matvec as dm
 from tests.test_decode_matvec import CASES, make_case, close
@@ -188,30 +188,15 @@ def test_kernel_on_cuda_eager_compiled_and_in_a_graph(case):
 
 
 ENGINE = r"""
-import json, sys, torch
+import json, sys
 sys.path[:0] = [sys.argv[1], sys.argv[1] + "/tests"]
 from nanochat import decode_matvec as dm
-from nanochat.engine import Engine
 from nanochat.engine_static import StaticDecode
-from engine_testutil import build, HAS_MAMBA
+from engine_testutil import build, kernel_path_comparer, HAS_MAMBA
 assert dm.build() is not None
 dm.ON_CPU = True  # the interpreter: CPU tensors
 StaticDecode.STATIC_MIN_KEYS = 8
-calls, matvec = [0], dm.matvec
-def counted(*a, **kw):
-    calls[0] += 1
-    return matvec(*a, **kw)
-dm.matvec = counted
-out = []
-def compare(model, **kw):
-    res = {}
-    for path in ("torch", "triton"):
-        dm.PATH, n0 = path, calls[0]
-        with torch.no_grad():
-            res[path] = Engine(model, decode="static").generate_batch(**kw)
-    a, b = res["torch"], res["triton"]
-    diff = max((x.logits - y.logits).abs().max().item() for x, y in zip(a.steps, b.steps))
-    out.append([str(kw), a.tokens == b.tokens, diff, calls[0] - n0])
+compare, out = kernel_path_comparer(dm, "matvec")
 P = [[2, 7, 1, 8, 2, 8], [9, 9, 8, 7, 1, 4]]
 for kind in [dict(layer_pattern="AM"), dict(layer_pattern="MA", mamba_version=2)] if HAS_MAMBA else [dict(layer_pattern="A")]:
     model = build(**kind).eval()
