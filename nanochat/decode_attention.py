@@ -2,7 +2,7 @@
 Attention of a few queries over a long key buffer with a mask (the engine's static decode step and the
 speculative verify pass), split over the keys: flash-decoding, as a Triton kernel, beside `masked_attention`, its
 plain PyTorch reference. Opt-in until measured (PATH below): by default layers.attention keeps its PyTorch paths
-(single_query_attention for one query, SDPA with the mask for more), which compute the same function.
+(this reference for up to layers.FEW_QUERIES queries, SDPA with the mask for more), which compute the same function.
 
 Why: batch-1 decode has one query per head. The reference's two batched matrix-vector products, under
 torch.compile, give a head's keys to one program: ten programs at d20 on a 132-SM H100, which read K and V at
@@ -35,7 +35,7 @@ PATHS = ("torch", "triton")
 PATH = os.environ.get("ADAMBA_DECODE_ATTENTION", "torch")
 if PATH not in PATHS:
     raise ValueError(f"ADAMBA_DECODE_ATTENTION={PATH!r}: use one of {', '.join(PATHS)}")
-MAX_ROWS = 64    # queries a KV head (GQA group x positions) the kernel takes; more go to SDPA
+MAX_ROWS = 64    # queries a KV head (GQA group x positions) the kernel takes; more go to layers.attention's paths
 BLOCK_N = 64     # keys a program step reads
 BF16_DOT = True  # bf16 q and k: their products on the tensor cores (exact in fp32); False: converted to fp32 first
 ON_CPU = False   # tests only: take CPU tensors too (Triton's interpreter, TRITON_INTERPRET=1, runs the kernel there)
@@ -212,4 +212,4 @@ def set_path(path):
 
 if PATH == "triton" and torch.cuda.is_available() and build() is None:  # ADAMBA_DECODE_ATTENTION=triton
     log_once(logger, "ADAMBA_DECODE_ATTENTION=triton, but Triton does not import: decode attention runs the "
-                     "PyTorch reference (layers.single_query_attention / SDPA)", level=30)
+                     "PyTorch reference (masked_attention / SDPA)", level=30)

@@ -47,6 +47,9 @@ def apply_rotary_emb(x, cos, sin):
 
 
 _NO_CUDNN = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
+# Masked attention of at most this many queries a row (a speculative verify pass: k + 1 positions) runs as two
+# batched matrix products (decode_attention.masked_attention), not SDPA: see single_query_attention.
+FEW_QUERIES = 16
 
 
 def softcap(logits):
@@ -61,14 +64,15 @@ def attention(q, k, v, scale=None, keep=None):
     keep: a bool mask broadcastable to (B, Hq, Tq, Tk), True = may see, replacing that rule (the engine's
     static decode step: a key buffer of fixed size, valid up to a position held on the device).
     k and v may be in another dtype than q (an fp32 cache under bf16 autocast); the output is in q's.
-    With keep on CUDA (decode steps, the verify pass) and decode_attention.PATH 'triton', its split-key kernel
-    runs where it can (decode_attention.usable); single_query_attention and SDPA compute the same function.
+    With keep and at most FEW_QUERIES queries (decode steps, the verify pass): decode_attention.masked_attention
+    (single_query_attention's reason holds for a verify pass's few queries too), or its split-key Triton kernel
+    where decode_attention.PATH is 'triton' and it can (decode_attention.usable); with more, SDPA with the mask.
     """
     Tq, Tk = q.size(2), k.size(2)
     if decode_attention.usable(q, k, v, keep):  # opted in, CUDA, a few queries a KV head, no gradient
         return decode_attention.attend(q, k, v, scale, keep)
-    if keep is not None and Tq == 1:
-        return single_query_attention(q, k, v, scale, keep)
+    if keep is not None and Tq <= FEW_QUERIES:  # a decode step, a verify pass: single_query_attention's reason
+        return decode_attention.masked_attention(q, k, v, scale, keep)
     k, v = k.to(q.dtype), v.to(q.dtype)
     gqa = q.size(1) != k.size(1)
     if Tq == Tk and keep is None:
@@ -93,7 +97,8 @@ def single_query_attention(q, k, v, scale, keep):
     batched matrix-vector products with an fp32 softmax between them, in fp32.
     Why not SDPA: with a mask, only the memory-efficient kernel runs, and at batch 1 it streams the whole
     buffer through one block per head (10 blocks on 132 SMs at d20). It took 1.28 ms per call at 32K keys
-    on the H100, while these matrix-vector products run at memory bandwidth.
+    on the H100, while these matrix-vector products run at memory bandwidth. The same held for the verify pass's
+    5 queries at 1K keys: 49 us a call (0.69 ms of a d20 round, 14 calls; docs/benchmarks.md, session 26).
     """
     return decode_attention.masked_attention(q, k, v, scale, keep)
 

@@ -287,10 +287,12 @@ class MambaMixer(nn.Module):
         f = _compute_dtype(x.dtype)
         seq = torch.cat([conv_state, x.transpose(1, 2).to(conv_state.dtype)], dim=-1)  # (B, C, W + T)
         windows = seq.unfold(-1, conv_state.size(-1), 1)[:, :, 1:]
-        out = (windows.to(f) * self.conv1d.weight.squeeze(1).to(f)[:, None]).sum(-1)  # (B, C, T)
+        # reduced in (B, T, C) order, so that x_proj reads rows: out of (B, C, T) transposed, its matrix product
+        # had a stride-T operand (cuBLAS's unaligned kernel, 87 us a call at d20 on the H100; session 26)
+        out = (windows.transpose(1, 2).to(f) * self.conv1d.weight.squeeze(1).to(f)).sum(-1)  # (B, T, C)
         if self.conv1d.bias is not None:
-            out = out + self.conv1d.bias.to(f)[:, None]
-        return F.silu(out).to(x.dtype).transpose(1, 2), windows
+            out = out + self.conv1d.bias.to(f)
+        return F.silu(out).to(x.dtype), windows
 
     @staticmethod
     def _state_steps(ssm_state, decay, inject, C, readout, conv_state, windows, keep):
