@@ -493,24 +493,6 @@ def test_steps_in_bf16_round_states_as_one_step_per_position(cls, cfg):
     assert torch.equal(conv, ref_conv)
 
 
-@pytest.mark.parametrize("cls,cfg", MODULES, ids=IDS)
-def test_conv_steps_give_rows_the_projection_reads(cls, cfg):
-    """_conv_steps' output (B, T, C) is contiguous: Mamba-1's x_proj reads it as a matrix of T rows, and a
-    transposed (stride-T) operand sent cuBLAS to an unaligned kernel (87 us a call in a d20 verify pass, H100).
-    Its values: one _conv_step per position (fp32, 1e-6)."""
-    m = build(cls, cfg)
-    C = m.conv1d.weight.size(0)
-    x = rnd(2, 5, C)
-    conv_state = rnd(2, C, m.d_conv)
-    out, windows = m._conv_steps(x, conv_state)
-    assert out.shape == (2, 5, C) and out.is_contiguous() and windows.shape == (2, C, 5, m.d_conv)
-    ref_state = conv_state.clone()
-    for t in range(5):
-        ref = m._conv_step(x[:, t], ref_state, use_kernels=False)
-        torch.testing.assert_close(out[:, t], ref, rtol=1e-6, atol=1e-6)
-        torch.testing.assert_close(windows[:, :, t], ref_state, rtol=0, atol=0)
-
-
 @pytest.mark.parametrize("cls,cfg", [(Mamba, MAMBA1_CONFIGS[0]), (Mamba2, MAMBA2_CONFIGS[0])], ids=["Mamba", "Mamba2"])
 def test_masked_decode_step_leaves_state(cls, cfg):
     """A one-token call with a mask (a finished row in a batch): that row's output is 0, its states stay."""

@@ -3,7 +3,8 @@ The custom-op plumbing of nanochat/mamba_ops.py on CPU: the kernels are replaced
 same calling conventions and output shapes), so what is checked here is ours: the op schemas, the fake
 implementations (torch.library.opcheck), the autograd formulas, the Mamba-1 composition against the mixer's
 PyTorch path, and that torch.compile traces it all into one graph (fullgraph=True). The real kernels are
-checked the same way on a GPU in tests/test_gpu_kernels.py.
+checked the same way on a GPU in tests/test_gpu_kernels.py. Also the layout the PyTorch path's conv over several
+decode positions hands the matrix products (test_conv_steps_give_rows_the_projection_reads).
 """
 import math
 from concurrent.futures import ThreadPoolExecutor
@@ -14,6 +15,7 @@ import torch.nn.functional as F
 
 from nanochat import mamba_block as mb, mamba_ops
 from nanochat.mamba_block import Mamba
+from nanochat.mamba2_block import Mamba2
 from nanochat.mamba_scan import selective_scan, ssd_chunk_scan
 
 
@@ -202,3 +204,22 @@ def test_conv_and_ssd_ops_compile_to_one_graph(stand_ins):
     x, B, C = _conv_ref(xBC.transpose(1, 2), w, b, True).transpose(1, 2).split([4, 2, 2], dim=-1)
     ref = ssd_chunk_scan(x.unflatten(-1, (2, 2)), dt, A, B[:, :, None], C[:, :, None], 5, D=D)
     torch.testing.assert_close(f(*inputs), ref, rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("make", [lambda: Mamba(32, d_state=4, dtype=torch.float64),
+                                  lambda: Mamba2(32, d_state=8, headdim=8, chunk_size=4, dtype=torch.float64)],
+                         ids=["Mamba", "Mamba2"])
+def test_conv_steps_give_rows_the_projection_reads(make):
+    """_conv_steps (the PyTorch path of a verify pass's T positions): its output (B, T, C) is contiguous, because
+    Mamba-1's x_proj reads it as T rows (a stride-T operand got an unaligned cuBLAS kernel, 87 us a call in a d20
+    verify pass on the H100); each position equals one _conv_step (1e-6), each window the state after it."""
+    torch.manual_seed(0)
+    m = make()
+    C = m.conv1d.weight.size(0)
+    x, conv_state = torch.randn(2, 5, C, dtype=torch.float64), torch.randn(2, C, m.d_conv, dtype=torch.float64)
+    out, windows = m._conv_steps(x, conv_state)
+    assert out.shape == (2, 5, C) and out.is_contiguous() and windows.shape == (2, C, 5, m.d_conv)
+    for t in range(5):
+        ref = m._conv_step(x[:, t], conv_state, use_kernels=False)
+        torch.testing.assert_close(out[:, t], ref, rtol=1e-6, atol=1e-6)
+        assert torch.equal(windows[:, :, t], conv_state)
