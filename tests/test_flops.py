@@ -55,3 +55,19 @@ def test_table_is_kept_on_the_model_and_plans_are_checked():
     assert flop_table(model) is flop_table(model)
     with pytest.raises(ValueError, match="impossible"):
         flop_table(model).forward(0, width=24)
+
+
+@pytest.mark.parametrize("windows", [[], [5, 0, 0, 0], [0, 0, 11, 0]])
+def test_forward_is_the_total_of_its_breakdown(windows):
+    """forward() (kept per-width terms for a uniform width) = the sum of breakdown's rows: every context (across
+    a sliding window's edge; a fractional one as training's mean context), widths None / an int / a plan, each
+    asked twice (the second from the kept terms)."""
+    table = flop_table(hybrid(n_layer=4, layer_pattern="A" if windows else "AM", windows=windows))
+    for width in (None, 32, 16, [64, 32, 16, 64]):
+        for _ in range(2):
+            for ctx in (0, 1, 4, 5, 6, 11, 12, 13, 31, 16.5):
+                want = sum(r["total"] for r in table.breakdown(ctx, width))
+                assert table.forward(ctx, width) == pytest.approx(want, rel=1e-15, abs=0)
+                if isinstance(ctx, int):
+                    assert table.forward(ctx, width) == want
+    assert set(table._forward_terms) == {None, 32, 16}
