@@ -72,6 +72,8 @@ class SpecStats:
     emitted: int = 0
     draft_s: float = 0.0
     verify_s: float = 0.0
+    between_s: float = 0.0       # host time from a round's return to the next round's start (its tokens handed out)
+    betweens: int = 0            # such intervals (a plain step between two rounds ends one uncounted)
     think_step_s: float = None   # the fastest plain decode step timed (the fallback's yardstick)
     fell_back_at: int = None     # tokens emitted when speculation stopped paying and plain decoding took over
     remembered: bool = False     # plain from the start: an earlier generation of this engine measured it slower
@@ -88,6 +90,8 @@ class SpecStats:
              f"({self.accepted}/{self.drafted}), {self.emitted / max(1, self.rounds):.2f} tokens/round")
         if self.rounds:
             s += f", draft {1e3 * self.draft_s / self.rounds:.2f} ms + verify {1e3 * self.verify_s / self.rounds:.2f} ms per round"
+        if self.betweens:
+            s += f", {1e3 * self.between_s / self.betweens:.2f} ms of host time between rounds"
         if self.remembered:
             s += (f"; plain decoding throughout: speculation with this draft and k measured slower than think in an "
                   f"earlier generation (retried once plain decoding has taken {1 / RETRY_OVERHEAD:.0f}x the time that "
@@ -524,6 +528,7 @@ def _speculate(engine, prompts, max_tokens, speculate, draft, name, temperature,
     owed = []  # tokens the verifier consumed in plain steps that a plan draft has not (it catches up before a round)
     pending = None  # a plain step already queued on tok: (position, logits, FLOPs)
     host_tok = torch.empty(B, dtype=torch.long, pin_memory=cuda)
+    returned = None  # when the last round returned, until a plain step intervenes
 
     def plain_next():
         return not speculating or max_tokens - emitted < 2 or (fallback and plain_steps < PROBE_STEPS)
@@ -537,7 +542,7 @@ def _speculate(engine, prompts, max_tokens, speculate, draft, name, temperature,
     while emitted < max_tokens and not bool(done.all()):
         if plain_next():
             pos, lg, fl = pending if pending is not None else queue_plain(tok)
-            pending = None
+            pending, returned = None, None
             probing = fallback and speculating and plain_steps < PROBE_STEPS
             tok = sample_next_token(lg, rng, temperature, top_k)
             copied = start_host_copy(tok, host_tok)
@@ -560,7 +565,11 @@ def _speculate(engine, prompts, max_tokens, speculate, draft, name, temperature,
             owed.clear()
             mark = time.perf_counter()  # a one-off per plain stretch: not charged to the round the fallback judges
         pos, graphs = st.pos, n_graphs()
+        if returned is not None:  # the GPU waits through this (the round's one device read came before it)
+            stats.between_s += time.perf_counter() - returned
+            stats.betweens += 1
         tokens, lg, fl, m = spec.round(tok, speculate)
+        returned = time.perf_counter()
         fl = fl + sum(caught_up)
         tokens_host = tokens.cpu()
         out = 0

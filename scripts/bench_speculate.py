@@ -1,7 +1,8 @@
 """
 Speculative decoding rows of `python -m scripts.bench decode --speculate K [--draft D]` (nanochat/speculative.py):
 for each hybrid model and context, Engine.generate with speculation against mode think, greedy, batch --batch:
-tokens/s of both, acceptance, draft-step and verify-pass ms (the device waited for after the drafts); and for
+tokens/s of both, acceptance, draft-step and verify-pass ms (the device waited for after the drafts), the host
+time between rounds (the timed generation's, while the device has nothing queued but the rollback); and for
 k = 1..K the tokens/s that the measured draft-step and verify times give at acceptance 0.5, 0.7 and 0.9 (no trained
 draft exists at bench scale: fresh weights accept what chance gives). Memory-bandwidth utilisation of think:
 bytes of weights and cache read per token / time per token / the GPU's peak bandwidth.
@@ -104,7 +105,8 @@ def speculate_rows(args, device, model, engine, name, L, actx):
         draft_ms, verify_ms = st.draft_s / max(1, st.rounds * k) * 1e3, st.verify_s / max(1, st.rounds) * 1e3
         row = {"model": name, "context": L, "what": f"speculate {args.draft}", "k": k, "ms_per_token": spec_s * 1e3,
                "tok_per_s": B / spec_s, "vs_think": think_s / spec_s, "acceptance": st2.acceptance,
-               "draft_ms": draft_ms, "verify_ms": verify_ms}
+               "draft_ms": draft_ms, "verify_ms": verify_ms,
+               "between_ms": st2.between_s / st2.betweens * 1e3 if st2.betweens else None}
         round_ms = k * draft_ms + verify_ms
         for a in ACCEPTANCES:  # what a draft accepted at rate a would give, from these step times
             row[f"tok_s_at_{a}"] = B * expected_tokens_per_round(a, k) / round_ms * 1e3
@@ -202,4 +204,4 @@ def speculate_targets(rows):
 COLUMNS = [("model", "model", ""), ("context", "context", "d"), ("what", "decode", ""), ("k", "k", "d"),
            ("ms_per_token", "ms/token", ".2f"), ("tok_per_s", "tok/s", ",.1f"), ("vs_think", "x think", ".2f"),
            ("acceptance", "acceptance", ".2f"), ("draft_ms", "draft step ms", ".2f"), ("verify_ms", "verify ms", ".2f"),
-           ("GB_per_step", "GB/step", ".3f"), ("mbu", "MBU", ".1%")] + [(f"tok_s_at_{a}", f"tok/s at {a}", ",.0f") for a in ACCEPTANCES]
+           ("between_ms", "host between rounds ms", ".2f"), ("GB_per_step", "GB/step", ".3f"), ("mbu", "MBU", ".1%")] + [(f"tok_s_at_{a}", f"tok/s at {a}", ",.0f") for a in ACCEPTANCES]

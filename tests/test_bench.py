@@ -267,7 +267,7 @@ def test_decode_speculate(capsys, monkeypatch):
     think = spec[0]
     assert think["GB_per_step"] > 0 and think["mbu"] is None  # no peak bandwidth on a CPU
     for r in spec[1:3]:
-        assert 0 <= r["acceptance"] <= 1 and r["draft_ms"] > 0 and r["verify_ms"] > 0
+        assert 0 <= r["acceptance"] <= 1 and r["draft_ms"] > 0 and r["verify_ms"] > 0 and r["between_ms"] > 0
         assert r["vs_think"] == pytest.approx(r["tok_per_s"] / think["tok_per_s"])
         round_ms = r["k"] * r["draft_ms"] + r["verify_ms"]
         assert r["tok_s_at_0.7"] == pytest.approx(expected_tokens_per_round(0.7, r["k"]) / round_ms * 1e3)
@@ -287,7 +287,10 @@ def test_decode_speculate(capsys, monkeypatch):
     assert [(r["what"], r["k"]) for r in res["speculative"]] == [("think", 0), ("speculate exit:0", 2),
                                                                  ("speculate exit:0, fallback", 2)]
     prof = res["speculative"][1]["profile"]
-    assert prof[-1]["name"].startswith("(total of all") and any(r["name"] == "aten::mm" for r in prof[:-1])
+    # a round's CPU ops, largest first (which kinds make the top 16 varies: each is a difference of two profiles,
+    # and aten::mm, the prefill's largest, was left out about one run in ten)
+    assert prof[-1]["name"].startswith("(total of all") and all(r["name"].startswith("aten::") for r in prof[:3])
+    assert [r["ms_per_call"] for r in prof[:-1]] == sorted((r["ms_per_call"] for r in prof[:-1]), reverse=True)
     assert "one round" in out and "attention PyTorch" in out and decode_attention.PATH == "torch"
     with pytest.raises(ValueError, match="--speculate-from 3: use 1 .. --speculate"):
         bench.main(CPU + ["decode", "--depth", "2", "--speculate", "2", "--speculate-from", "3"])

@@ -237,7 +237,9 @@ def test_sampled_speculation_runs_and_stays_in_vocab():
     res = eng.generate_batch([[3, 1, 4], [1, 5, 9]], 12, speculate=3, draft="exit:1", temperature=1.0, top_k=20,
                              fallback=False)
     assert all(len(t) == 12 and all(0 <= x < model.config.vocab_size for x in t) for t in res.tokens)
-    assert eng.spec_stats.rounds > 0
+    st = eng.spec_stats
+    assert st.rounds > 1 and st.betweens == st.rounds - 1 and st.between_s > 0  # no plain step between the rounds
+    assert "of host time between rounds" in st.summary()
 
 
 def test_draft_specs_and_refusals():
