@@ -287,8 +287,8 @@ class MambaMixer(nn.Module):
         f = _compute_dtype(x.dtype)
         seq = torch.cat([conv_state, x.transpose(1, 2).to(conv_state.dtype)], dim=-1)  # (B, C, W + T)
         windows = seq.unfold(-1, conv_state.size(-1), 1)[:, :, 1:]
-        # reduced in (B, T, C) order, so that x_proj reads rows: out of (B, C, T) transposed, its matrix product
-        # had a stride-T operand (cuBLAS's unaligned kernel, 87 us a call at d20 on the H100; session 26)
+        # reduced in (B, T, C) order, so that x_proj reads rows: out of (B, C, T) transposed gave its matrix product
+        # a stride-T operand (the likely cause of an unaligned cuBLAS kernel, 87 us a call at d20 on the H100)
         out = (windows.transpose(1, 2).to(f) * self.conv1d.weight.squeeze(1).to(f)).sum(-1)  # (B, T, C)
         if self.conv1d.bias is not None:
             out = out + self.conv1d.bias.to(f)

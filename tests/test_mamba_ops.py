@@ -211,8 +211,9 @@ def test_conv_and_ssd_ops_compile_to_one_graph(stand_ins):
                          ids=["Mamba", "Mamba2"])
 def test_conv_steps_give_rows_the_projection_reads(make):
     """_conv_steps (the PyTorch path of a verify pass's T positions): its output (B, T, C) is contiguous, because
-    Mamba-1's x_proj reads it as T rows (a stride-T operand got an unaligned cuBLAS kernel, 87 us a call in a d20
-    verify pass on the H100); each position equals one _conv_step (1e-6), each window the state after it."""
+    Mamba-1's x_proj reads it as T rows (a stride-T operand, the likely cause of an unaligned cuBLAS kernel, 87 us a
+    call in a d20 verify pass on the H100); each position equals one _conv_step (1e-6), each window the state after
+    it."""
     torch.manual_seed(0)
     m = make()
     C = m.conv1d.weight.size(0)
