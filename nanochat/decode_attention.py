@@ -46,7 +46,7 @@ def masked_attention(q, k, v, scale, keep):
     The reference: q (B, Hq, T, D) over k, v (B, Hkv, L, D) with keep broadcastable to (B, Hq, T, L) (True =
     may see; at least one True per query), GQA: query head i reads KV head i // (Hq // Hkv): two batched
     matrix products with an fp32 softmax between them, in fp32; returns (B, Hq, T, D) in q's dtype. With one query
-    it is layers.single_query_attention, the decode step's PyTorch path.
+    it is the decode step's PyTorch path (layers.attention).
     """
     B, Hq, T, D = q.shape
     Hkv, L = k.size(1), k.size(2)

@@ -47,8 +47,12 @@ def apply_rotary_emb(x, cos, sin):
 
 
 _NO_CUDNN = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
-# Masked attention of at most this many queries a row (a speculative verify pass: k + 1 positions) runs as two
-# batched matrix products (decode_attention.masked_attention), not SDPA: see single_query_attention.
+# Masked attention of at most this many queries a row (a decode step's one, a speculative verify pass's k + 1)
+# runs as decode_attention.masked_attention: two batched matrix products with an fp32 softmax between them. Not
+# SDPA: with a mask only its memory-efficient kernel runs, and at batch 1 it streams the whole key buffer through
+# one block per head (10 blocks on 132 SMs at d20): 1.28 ms a call for one query at 32K keys on the H100, and 49 us
+# for a verify pass's 5 queries at 1K keys (0.69 ms of a d20 round; docs/benchmarks.md, session 26), while the
+# matrix products run at memory bandwidth.
 FEW_QUERIES = 16
 
 
@@ -65,13 +69,13 @@ def attention(q, k, v, scale=None, keep=None):
     static decode step: a key buffer of fixed size, valid up to a position held on the device).
     k and v may be in another dtype than q (an fp32 cache under bf16 autocast); the output is in q's.
     With keep and at most FEW_QUERIES queries (decode steps, the verify pass): decode_attention.masked_attention
-    (single_query_attention's reason holds for a verify pass's few queries too), or its split-key Triton kernel
-    where decode_attention.PATH is 'triton' and it can (decode_attention.usable); with more, SDPA with the mask.
+    (FEW_QUERIES says why), or its split-key Triton kernel where decode_attention.PATH is 'triton' and it can
+    (decode_attention.usable); with more, SDPA with the mask.
     """
     Tq, Tk = q.size(2), k.size(2)
     if decode_attention.usable(q, k, v, keep):  # opted in, CUDA, a few queries a KV head, no gradient
         return decode_attention.attend(q, k, v, scale, keep)
-    if keep is not None and Tq <= FEW_QUERIES:  # a decode step, a verify pass: single_query_attention's reason
+    if keep is not None and Tq <= FEW_QUERIES:  # a decode step, a verify pass
         return decode_attention.masked_attention(q, k, v, scale, keep)
     k, v = k.to(q.dtype), v.to(q.dtype)
     gqa = q.size(1) != k.size(1)
@@ -88,19 +92,6 @@ def attention(q, k, v, scale=None, keep=None):
         prefix = Tk - Tq
         mask = torch.ones(Tq, Tk, dtype=torch.bool, device=q.device).tril(diagonal=prefix)
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=gqa, scale=scale)
-
-
-def single_query_attention(q, k, v, scale, keep):
-    """
-    One query per row, q (B, Hq, 1, D), over a key buffer k, v (B, Hkv, L, D) where keep (broadcastable to
-    (B, Hq, 1, L), at least one True per row) says which slots count: decode_attention.masked_attention, two
-    batched matrix-vector products with an fp32 softmax between them, in fp32.
-    Why not SDPA: with a mask, only the memory-efficient kernel runs, and at batch 1 it streams the whole
-    buffer through one block per head (10 blocks on 132 SMs at d20). It took 1.28 ms per call at 32K keys
-    on the H100, while these matrix-vector products run at memory bandwidth. The same held for the verify pass's
-    5 queries at 1K keys: 49 us a call (0.69 ms of a d20 round, 14 calls; docs/benchmarks.md, session 26).
-    """
-    return decode_attention.masked_attention(q, k, v, scale, keep)
 
 
 def linear_init_std(fan_out, fan_in):

@@ -1,6 +1,6 @@
 """
 nanochat.decode_attention: the split-key kernel against its PyTorch reference (masked_attention), and the
-reference against layers.attention's own paths (single_query_attention, SDPA with a mask).
+reference against SDPA with a mask, the path layers.attention takes beyond FEW_QUERIES.
 On the CPU the kernel runs in Triton's interpreter (a subprocess with TRITON_INTERPRET=1; skipped where Triton
 is not installed) and compiles for sm_90; on CUDA it runs eagerly, under torch.compile and inside a CUDA graph.
 Tolerances: fp32 1e-5 (only the order of the additions differs); bf16 outputs within two of bf16's steps of the reference's
@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 
 from nanochat import decode_attention as da
-from nanochat.layers import attention, single_query_attention
+from nanochat.layers import attention
 
 HAS_TRITON = importlib.util.find_spec("triton") is not None
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -61,10 +61,7 @@ def test_reference_matches_the_paths_it_replaces():
     for B, Hq, Hkv, T, L, D, dtype, chunk, mask in CASES:
         q, k, v, keep, _ = make_case(B, Hq, Hkv, T, L, D, "float32", chunk, mask)
         ref = da.masked_attention(q, k, v, None, keep)
-        if T == 1:
-            old = single_query_attention(q, k, v, None, keep)
-        else:
-            old = F.scaled_dot_product_attention(q, k, v, attn_mask=keep, enable_gqa=Hq != Hkv)
+        old = F.scaled_dot_product_attention(q, k, v, attn_mask=keep, enable_gqa=Hq != Hkv)
         assert (ref - old).abs().max().item() < 1e-5
 
 
@@ -92,7 +89,7 @@ def test_cpu_keeps_the_reference_paths(monkeypatch):
     assert da.PATH == "torch" and not da.usable(q, k, v, keep)  # the default (no ADAMBA_DECODE_ATTENTION here)
     monkeypatch.setattr(da, "PATH", "triton")
     assert not da.usable(q, k, v, keep)  # opted in, but a CPU tensor
-    assert torch.equal(attention(q, k, v, keep=keep), single_query_attention(q, k, v, None, keep))
+    assert torch.equal(attention(q, k, v, keep=keep), da.masked_attention(q, k, v, None, keep))
 
 
 def test_path_from_the_environment():

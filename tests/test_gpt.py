@@ -129,10 +129,11 @@ def test_gqa_equals_mha_with_repeated_kv_heads():
 
 @pytest.mark.parametrize("hq,hkv", [(4, 4), (4, 2), (6, 1)])
 @pytest.mark.parametrize("per_head_mask", [False, True])
-def test_single_query_attention_equals_masked_sdpa(hq, hkv, per_head_mask):
+def test_one_query_masked_attention_equals_masked_sdpa(hq, hkv, per_head_mask):
     # the static decode step's path (one query over a key buffer with a mask) against SDPA's masked math in
     # float64; fp32 1e-5; bf16 queries over an fp32 cache (autocast's case) 2e-2, bf16's rounding of the output
-    from nanochat.layers import attention, single_query_attention
+    from nanochat.layers import attention
+    from nanochat.decode_attention import masked_attention
     torch.manual_seed(0)
     B, L, D = 3, 37, 16
     q = torch.randn(B, hq, 1, D)
@@ -146,7 +147,7 @@ def test_single_query_attention_equals_masked_sdpa(hq, hkv, per_head_mask):
                                                            enable_gqa=hq != hkv)
     got = attention(q, k, v, keep=keep)
     torch.testing.assert_close(got.double(), ref, rtol=1e-5, atol=1e-5)
-    got16 = single_query_attention(q.bfloat16(), k, v, None, keep)
+    got16 = masked_attention(q.bfloat16(), k, v, None, keep)
     assert got16.dtype == torch.bfloat16
     torch.testing.assert_close(got16.double(), ref, rtol=2e-2, atol=2e-2)
     if per_head_mask:  # a per-head mask shared by every row (batch dim 1)
