@@ -60,6 +60,14 @@ def load_triton():
     return _triton
 
 
+def kernel_path_from_env(var, paths):
+    """A decode kernel's path from environment variable `var` ('torch' when unset), validated: one-line error."""
+    path = os.environ.get(var, "torch")
+    if path not in paths:
+        raise ValueError(f"{var}={path!r}: use one of {', '.join(paths)}")
+    return path
+
+
 def set_kernel_path(what, path, paths, build):
     """Validate a decode kernel's path setting ('torch' or 'triton'); 'triton' builds the kernel (build() -> None
     where Triton does not import), which must succeed on a CUDA machine. Returns path. One-line errors."""

@@ -1,8 +1,9 @@
 """
 Attention of a few queries over a long key buffer with a mask (the engine's static decode step and the
 speculative verify pass), split over the keys: flash-decoding, as a Triton kernel, beside `masked_attention`, its
-plain PyTorch reference. Opt-in until measured (PATH below): by default layers.attention keeps its PyTorch paths
-(this reference for up to layers.FEW_QUERIES queries, SDPA with the mask for more), which compute the same function.
+plain PyTorch reference. Opt-in (PATH below; measured slower, see there): by default layers.attention keeps its
+PyTorch paths (this reference for up to layers.FEW_QUERIES queries, SDPA with the mask for more), which compute
+the same function.
 
 Why: batch-1 decode has one query per head. The reference's two batched matrix-vector products, under
 torch.compile, give a head's keys to one program: ten programs at d20 on a 132-SM H100, which read K and V at
@@ -19,22 +20,20 @@ kernel on CUDA) and compiles the kernel for sm_90 with the argument types eager 
 
 PATH: "torch" (the default: the reference paths) or "triton" (the kernel on CUDA where Triton imports, for calls
 usable() accepts). Set by the environment variable ADAMBA_DECODE_ATTENTION (read on import) or set_path() (bench
-decode's --attention-path), before an Engine compiles or captures a step: a captured graph keeps its path. The default becomes "triton" once
-bench decode measures it faster on a GPU (docs/benchmarks.md, session 24: not measured yet).
+decode's --attention-path), before an Engine compiles or captures a step: a captured graph keeps its path. It
+stays opt-in: on the H100, tuned think with it was slower than with the PyTorch path at 1K, 8K and 32K keys
+(1.94 / 2.46 / 4.47 against 1.81 / 2.36 / 3.76 ms a token; docs/benchmarks.md, session 26).
 """
 import math
-import os
 
 import torch
 
-from nanochat.common import get_logger, load_triton, log_once, set_kernel_path
+from nanochat.common import get_logger, kernel_path_from_env, load_triton, log_once, set_kernel_path
 
 logger = get_logger(__name__)
 
 PATHS = ("torch", "triton")
-PATH = os.environ.get("ADAMBA_DECODE_ATTENTION", "torch")
-if PATH not in PATHS:
-    raise ValueError(f"ADAMBA_DECODE_ATTENTION={PATH!r}: use one of {', '.join(PATHS)}")
+PATH = kernel_path_from_env("ADAMBA_DECODE_ATTENTION", PATHS)
 MAX_ROWS = 64    # queries a KV head (GQA group x positions) the kernel takes; more go to layers.attention's paths
 BLOCK_N = 64     # keys a program step reads
 BF16_DOT = True  # bf16 q and k: their products on the tensor cores (exact in fp32); False: converted to fp32 first

@@ -1,10 +1,12 @@
 """
 Batch-1 (and few-row) matrix products of decode, y = act(x @ W^T) for x (M, K) with M <= MAX_ROWS and a weight
 W (N, K) of any strides (a Matryoshka slice W[:n, :k] included), as a Triton kernel beside `matvec_reference`, its
-plain PyTorch function. Opt-in until measured (PATH below): `linear` is what the decode step's projections call
-(attention, MLP, the Mamba mixers' in/out projections, the head); it runs the kernel where usable() says so and
-F.linear otherwise. `python -m scripts.bench matvec` times the kernel against cuBLAS (F.linear) and inductor's
-tuned reductions at the model's shapes; `bench decode --matvec-path triton` times a step with it.
+plain PyTorch function. Opt-in (PATH below): on the H100 a d20 step's matrices took 1.54 ms with it (1.20 at
+the best of 114 configs) against 1.18 with inductor's tuned reductions (docs/benchmarks.md, session 26).
+`linear` is what the decode step's projections call (attention, MLP, the Mamba mixers' in/out projections, the
+head); it runs the kernel where usable() says so and F.linear otherwise. `python -m scripts.bench matvec` times
+the kernel against cuBLAS (F.linear) and inductor's tuned reductions at the model's shapes; `bench decode
+--matvec-path triton` times a step with it.
 
 Why: session 23's profile of tuned think at d20 (docs/benchmarks.md) had inductor's matrix-vector reductions read
 the weights at 1.5-1.9 TB/s, 45-57% of an H100's 3.35 TB/s; they are two thirds of the step. Here a program owns
@@ -16,19 +18,15 @@ K and few columns: the MLP's down projection).
 Numerics: products and sums in fp32 (bf16 x bf16 products are exact in fp32; with fp32 inputs IEEE fp32, no
 TF32), rounded once to the output dtype, as cuBLAS's bf16 GEMM: only the order of the additions differs.
 """
-import os
-
 import torch
 import torch.nn.functional as F
 
-from nanochat.common import get_logger, load_triton, log_once, set_kernel_path
+from nanochat.common import get_logger, kernel_path_from_env, load_triton, log_once, set_kernel_path
 
 logger = get_logger(__name__)
 
 PATHS = ("torch", "triton")
-PATH = os.environ.get("ADAMBA_DECODE_MATVEC", "torch")
-if PATH not in PATHS:
-    raise ValueError(f"ADAMBA_DECODE_MATVEC={PATH!r}: use one of {', '.join(PATHS)}")
+PATH = kernel_path_from_env("ADAMBA_DECODE_MATVEC", PATHS)
 ON_CPU = False    # tests only: take CPU tensors too (Triton's interpreter, TRITON_INTERPRET=1, runs the kernel there)
 MAX_ROWS = 16     # rows of x the kernel takes (a verify pass of k + 1 <= 16 positions)
 ACTS = ("none", "relu2")

@@ -1,6 +1,9 @@
 """The tiny models and checks the engine tests share (tests/test_engine.py, tests/test_engine_static.py, the decode
-kernels' interpreter tests)."""
+kernels' interpreter and path tests)."""
 import importlib.util
+import os
+import subprocess
+import sys
 
 import torch
 
@@ -85,3 +88,17 @@ def kernel_path_comparer(module, entry):
         out.append([str(kw), a.tokens == b.tokens, diff, calls[0] - n0])
 
     return compare, out
+
+
+def check_path_from_env(module, var, bad):
+    """A decode kernel module (nanochat.<module>) imported with var=triton reports PATH 'triton'; with var=bad the
+    import stops with the one-line error naming the variable and the choices."""
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    code = f"from nanochat import {module} as m; print(m.PATH)"
+    for value, ok in (("triton", True), (bad, False)):
+        r = subprocess.run([sys.executable, "-c", code], env=dict(os.environ, **{var: value}),
+                           capture_output=True, text=True, cwd=root)
+        if ok:
+            assert r.returncode == 0 and r.stdout.strip() == value, r.stderr[-500:]
+        else:
+            assert r.returncode != 0 and f"{var}={bad!r}: use one of torch, triton" in r.stderr

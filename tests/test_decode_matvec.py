@@ -123,14 +123,9 @@ def test_matvec_validates():
 
 
 def test_path_from_the_environment_and_set_path(monkeypatch):
-    code = "from nanochat import decode_matvec as dm; print(dm.PATH)"
-    for value, ok in (("triton", True), ("cublas", False)):
-        r = subprocess.run([sys.executable, "-c", code], env=dict(os.environ, ADAMBA_DECODE_MATVEC=value),
-                           capture_output=True, text=True, cwd=ROOT)
-        if ok:
-            assert r.returncode == 0 and r.stdout.strip() == value, r.stderr[-500:]
-        else:
-            assert r.returncode != 0 and "ADAMBA_DECODE_MATVEC='cublas': use one of torch, triton" in r.stderr
+    # imported here: the interpreter subprocesses import this file without tests/ on their path
+    from engine_testutil import check_path_from_env
+    check_path_from_env("decode_matvec", "ADAMBA_DECODE_MATVEC", "cublas")
     monkeypatch.setattr(dm, "PATH", "torch")  # restored after the test
     with pytest.raises(ValueError, match="decode matvec path 'cublas': use one of torch, triton"):
         dm.set_path("cublas")
