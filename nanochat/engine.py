@@ -99,9 +99,9 @@ class Engine:
         self.last_path = None  # the path step() took last ("eager", "static" or "graph")
         self._workspaces = {}   # slot -> the last Workspace of that slot, kept where decode steps may be CUDA graphs
         self.state = None       # the DecodeState of the last generate()
-        self.spec_stats = None  # what speculation did in the last generate(speculate=k) (speculative.SpecStats)
+        self.spec_stats = None  # what speculation did in the last generate(speculate=k) (speculative_rules.SpecStats)
         self.spec_sync = False  # speculative rounds wait for the device after the drafts (benches time them apart)
-        self.spec_memory = {}   # (draft, k, batch) -> speculative.SpecMemory: plain decoding since speculation measured
+        self.spec_memory = {}   # (draft, k, batch) -> speculative_rules.SpecMemory: plain decoding since speculation measured
         #                         slower, what a retry waits for, plain generations' prices (speculative.generate)
 
     # ---- plans and thresholds -----------------------------------------------------------------

@@ -138,10 +138,13 @@ class StaticDecode:
         return self.bucket(pos + 1, st.cache.max_len)
 
     def refresh(self, ws):
-        """Drop the workspace's graphs when the weights changed since their capture (they read stale copies)."""
+        """Drop the workspace's graphs when the weights changed since their capture (they read stale copies).
+        Returns whether it dropped them."""
         if ws.graphs and ws.weights_version != weights_version(self.linears):
             ws.graphs.clear()
             ws.weight_copies.clear()
+            return True
+        return False
 
     def bucket(self, end, max_len):
         """The key bucket for attention over positions < end: a power of two >= end, at least STATIC_MIN_KEYS,

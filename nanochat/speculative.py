@@ -21,6 +21,9 @@ Mamba blocks once per position (the decode step plain decoding runs, which also 
 states) and routes MoE FFNs per position (the capacities of one-token steps), so it computes what plain
 decoding computes, up to the order of floating-point sums in attention and matmuls over k+1 rows.
 Rows of a batch accept the same m (the smallest): tokens a row accepted past it are recomputed next round.
+The acceptance rule runs on the device and the rollback is queued before the round's one host read (m and the
+tokens together). On the static path (CUDA graphs) the next round's first draft is queued right after that read,
+before the tokens are handed out, so that the device drafts while the host and the caller work.
 """
 import time
 from dataclasses import dataclass, field, replace
@@ -31,107 +34,8 @@ from nanochat.cuda_graphs import replay
 from nanochat.engine_state import EagerCache, TokenStep, start_host_copy
 from nanochat.engine_static import StaticCache
 from nanochat.layers import norm, token_probs, sample_next_token
-from nanochat.matryoshka import MODES
-
-
-@dataclass(frozen=True)
-class Draft:
-    kind: str          # "plan" or "exit"
-    plan: object = None  # a mode name or a list of widths (kind "plan")
-    exit_block: int = -1  # the last block the draft runs (kind "exit")
-
-    @staticmethod
-    def parse(spec, n_layer):
-        """'plan:ghost', 'ghost' (any mode name), 'plan:64,64,128,...' or 'exit:N' -> Draft."""
-        kind, _, arg = spec.partition(":") if ":" in spec else ("plan", "", spec)
-        if kind == "exit":
-            if not arg.isdigit() or not 0 <= int(arg) < n_layer - 1:
-                raise ValueError(f"draft {spec!r}: exit:N needs a block N in [0, {n_layer - 2}]")
-            return Draft("exit", exit_block=int(arg))
-        if kind != "plan":
-            raise ValueError(f"draft {spec!r}: use plan:<mode or widths> or exit:<block>")
-        if arg in MODES:
-            if MODES[arg].predicted or arg == "think":
-                raise ValueError(f"draft {spec!r}: a draft plan must be a fixed narrower mode or widths, not {arg!r}")
-            return Draft("plan", plan=arg)
-        try:
-            widths = [int(w) for w in arg.split(",")]
-            return Draft("plan", plan=widths[0] if len(widths) == 1 else widths)  # one width: every block
-        except ValueError:
-            raise ValueError(f"draft {spec!r}: {arg!r} is neither a mode ({', '.join(MODES)}) nor widths") from None
-
-
-@dataclass
-class SpecStats:
-    """What speculation did in one generate(): rounds, drafted and accepted tokens, time in draft and verify."""
-    k: int
-    draft: str
-    rounds: int = 0
-    drafted: int = 0
-    accepted: int = 0
-    emitted: int = 0
-    draft_s: float = 0.0
-    verify_s: float = 0.0
-    between_s: float = 0.0       # host time from a round's return to the next round's start (its tokens handed out)
-    betweens: int = 0            # such intervals (a plain step between two rounds ends one uncounted)
-    think_step_s: float = None   # the fastest plain decode step timed (the fallback's yardstick)
-    fell_back_at: int = None     # tokens emitted when speculation stopped paying and plain decoding took over
-    remembered: bool = False     # plain from the start: an earlier generation of this engine measured it slower
-    judged: bool = False         # the fallback compared rounds with the yardstick at least once
-    accepted_hist: list = field(default_factory=list)
-    round_log: list = field(default_factory=list)  # (tokens emitted, seconds, whether it captured graphs) per round
-
-    @property
-    def acceptance(self):
-        return self.accepted / max(1, self.drafted)
-
-    def summary(self):
-        s = (f"speculative k={self.k} draft={self.draft}: {self.rounds} rounds, acceptance {self.acceptance:.3f} "
-             f"({self.accepted}/{self.drafted}), {self.emitted / max(1, self.rounds):.2f} tokens/round")
-        if self.rounds:
-            s += f", draft {1e3 * self.draft_s / self.rounds:.2f} ms + verify {1e3 * self.verify_s / self.rounds:.2f} ms per round"
-        if self.betweens:
-            s += f", {1e3 * self.between_s / self.betweens:.2f} ms of host time between rounds"
-        if self.remembered:
-            s += (f"; plain decoding throughout: speculation with this draft and k measured slower than think in an "
-                  f"earlier generation (retried once plain decoding has taken {1 / RETRY_OVERHEAD:.0f}x the time that "
-                  f"attempt lost)")
-        elif self.fell_back_at is not None:
-            s += f"; fell back to plain decoding after {self.fell_back_at} tokens (slower than think)"
-        return s
-
-
-PROBE_STEPS = 4  # plain decode steps before speculating (with the fallback on); the 2nd and 3rd are timed
-JUDGE_ROUNDS = 2  # the fallback judges the last (up to 3) rounds that captured no graphs, once there are this many
-# An engine whose generation fell back decodes the next ones plain; it tries speculation again once the plain decoding
-# since has taken 1 / RETRY_OVERHEAD times what the failed attempt lost against plain decoding, so that retries cost at
-# most this share of the decode time. The fallback's floor is 0.95x think's tokens/s; 3% leaves room for the first
-# attempt (whose loss no plain generation has yet priced) and for timing noise
-RETRY_OVERHEAD = 0.03
-
-
-@dataclass
-class SpecMemory:
-    """Engine.spec_memory's entry for a (draft, k, batch) whose speculation measured slower than plain decoding."""
-    need_s: float             # plain decoding a retry waits for: what the failed attempt lost / RETRY_OVERHEAD
-    plain_s: float = 0.0      # plain decoding since that attempt
-    first_s: float = 0.0      # every plain generation remembered so far: seconds to its first token, summed,
-    decode_s: float = 0.0     # and after it,
-    decode_tokens: int = 0    # for this many tokens
-    generations: int = 0
-
-    def plain_cost(self, decode_tokens):
-        """Seconds a plain generation of 1 + decode_tokens tokens takes (the mean of those remembered), or None."""
-        if not self.generations:
-            return None
-        return self.first_s / self.generations + decode_tokens * self.decode_s / max(1, self.decode_tokens)
-
-    def add_plain(self, first_s, total_s, decode_tokens):
-        self.plain_s += total_s
-        self.first_s += first_s
-        self.decode_s += total_s - first_s
-        self.decode_tokens += decode_tokens
-        self.generations += 1
+from nanochat.speculative_rules import (Draft, SpecStats, SpecMemory, accept, PROBE_STEPS, JUDGE_ROUNDS,
+                                        RETRY_OVERHEAD)
 
 
 class VerifyCache(EagerCache):
@@ -164,6 +68,13 @@ class StaticVerifyCache(StaticCache):
     def step_mamba(self, mamba, xn):
         conv_buf, ssm_buf = self.saved[self.j]
         at = self.slot
+        conv_state, ssm_state = self.st.ssm[self.j]
+        if at is not None:  # an exit draft's position: it steps from the states after the position before it (the
+            # verifier's own at the round's first), copied, so that the verifier's stay as they were until the
+            # rollback and a round begun but never finished leaves them alone (Speculator.can_begin_early)
+            first, prev = at == 0, (at - 1).clamp(min=0)
+            conv_state = torch.where(first, conv_state, conv_buf.index_select(0, prev)[0])
+            ssm_state = torch.where(first, ssm_state, ssm_buf.index_select(0, prev)[0])
 
         def keep(t, conv_state, ssm_state):  # into the fixed buffers a CUDA graph writes
             if at is None:  # the positions are the buffers' own
@@ -172,7 +83,7 @@ class StaticVerifyCache(StaticCache):
             else:  # one position, its buffer slot held on the device
                 conv_buf.index_copy_(0, at + t, conv_state[None])
                 ssm_buf.index_copy_(0, at + t, ssm_state[None])
-        return mamba.steps(xn, *self.st.ssm[self.j], keep)
+        return mamba.steps(xn, conv_state, ssm_state, keep)
 
 
 def snapshot_ssm(st):
@@ -190,42 +101,23 @@ def rollback(st, pos, saved, n):
     st.pos = pos + n
 
 
-def accept(v_logits, d_tokens, q_probs, temperature, top_k, rng):
-    """
-    The acceptance rule for B rows. v_logits (B, k+1, V): the verifier's logits at the k+1 positions; d_tokens
-    (B, k): the drafts; q_probs (B, k, V) the draft's distributions (None when greedy). Returns (m, nxt): the number
-    of drafts every row accepts (the smallest over rows) and each row's token after them (B,).
-    """
-    B, k = d_tokens.shape
-    if temperature == 0.0:
-        ok = v_logits[:, :k].argmax(-1) == d_tokens  # (B, k)
-        m = int(torch.cumprod(ok.int(), 1).sum(1).min())  # the drafts every row agrees on
-        # a row that agreed past m has argmax v_m == its draft there: argmax v_m is every row's next token
-        return m, v_logits[:, m].argmax(-1)
-    p = token_probs(v_logits.reshape(B * (k + 1), -1), temperature, top_k).view(B, k + 1, -1)
-    pd = p[:, :k].gather(-1, d_tokens[..., None]).squeeze(-1)  # (B, k)
-    qd = q_probs.gather(-1, d_tokens[..., None]).squeeze(-1)
-    u = torch.rand(B, k, generator=rng, device=p.device)
-    ok = u < accept_prob(pd, qd)
-    m_rows = torch.cumprod(ok.int(), 1).sum(1)
-    m = int(m_rows.min())
-    if m == k:
-        return m, torch.multinomial(p[:, k], 1, generator=rng).squeeze(-1)
-    # rows rejected at position m draw from the residual there; rows that accepted past m keep their draft
-    drawn = torch.multinomial(residual(p[:, m], q_probs[:, m]), 1, generator=rng).squeeze(-1)
-    return m, torch.where(m_rows > m, d_tokens[:, m], drawn)
-
-
-def accept_prob(p_d, q_d):
-    """The probability of accepting a drafted token: min(1, p(d) / q(d)) (q(d) > 0: the draft drew d from q)."""
-    return torch.clamp(p_d / q_d, max=1.0)
-
-
-def residual(p, q):
-    """What a rejection draws from: max(0, p - q) normalised (..., V); p itself where p == q (never rejected)."""
-    r = (p - q).clamp(min=0)
-    total = r.sum(-1, keepdim=True)
-    return torch.where(total > 0, r / total.clamp(min=torch.finfo(r.dtype).tiny), p)
+@dataclass
+class _Round:
+    """A round between Speculator.begin() and finish(): its input, the drafts so far and what they left."""
+    t0: torch.Tensor
+    k: int
+    pos: int
+    flops: list
+    static: bool
+    early: bool = False  # begun right after the last round's read, before its tokens were handed out
+    vb: dict = None
+    L: int = None
+    t_start: float = 0.0
+    drafts: list = field(default_factory=list)
+    qs: list = field(default_factory=list)  # the draft's distributions (sampling)
+    snaps: list = field(default_factory=list)  # a plan draft's Mamba states after each of its steps
+    saved: dict = field(default_factory=dict)  # the eager path's per-position Mamba states
+    hidden: list = field(default_factory=list)  # the eager exit path's residuals after block N
 
 
 class Speculator:
@@ -239,6 +131,8 @@ class Speculator:
         self.dst = None
         self.dflops = 0.0
         self.sync = engine.spec_sync  # wait for the device after the drafts, so draft and verify times are apart
+        self._r = None  # the round begin() started and finish() has not
+        self._host = {}  # (B, k) -> the pinned host buffer of a round's one read
         if draft.kind == "plan":  # its own caches, on a workspace of its own (the engine keeps the verifier's)
             self.dst, _, fl, _ = engine.prefill(prompts, draft.plan, max_len=max_len, slot="draft")
             self.dflops = fl
@@ -259,80 +153,143 @@ class Speculator:
 
     @torch.inference_mode()
     def round(self, t0, k):
-        """One round of k drafts from the input token t0 (B,). Returns (tokens (B, m+1), logits (B, m+1, V) they
-        are read from, FLOPs (B,) float64 of the round, m)."""
-        eng, st, model = self.engine, self.st, self.model
-        B, pos, T, n, N = t0.size(0), st.pos, k + 1, self.n, self.draft.exit_block
-        flops, saved, snaps = [0.0] * B, {}, []
+        """One round of k drafts from the input token t0 (B,) on the device: begin() then finish()."""
+        self.begin(t0, k)
+        return self.finish()
+
+    def can_begin_early(self, B, k):
+        """Whether the generator may queue the next round's first draft before it hands out this round's tokens:
+        on the static path, where an exit draft's steps leave the verifier's Mamba states as they were (a round that
+        never finishes then changes nothing the next plain step reads), and not while the bench times the drafts
+        apart from the verify (engine.spec_sync)."""
+        return not self.sync and self.static_round(B, k + 1)
+
+    @torch.inference_mode()
+    def begin(self, t0, k, early=False):
+        """A round's set-up and its first draft step, queued on the device; finish() does the rest. early: right
+        after the last round's read, before its tokens are handed out; that round's finish() compared the weights'
+        version just before its read (while the device worked), so the graphs need no refresh here, and the draft
+        time counts from finish() (the caller's work comes between)."""
+        eng, st = self.engine, self.st
+        B, T = t0.size(0), k + 1
+        r = self._r = _Round(t0=t0, k=k, pos=st.pos, flops=[0.0] * B, static=self.static_round(B, T), early=early)
+        if r.static:
+            if not early:
+                eng.static.refresh(st.ws)  # stale graphs dropped once a round: the weights cannot change inside it
+            r.vb = self._buffers(B, T)
+            r.vb["seq"][:, 0].copy_(t0)
+            torch.add(r.vb["base"], r.pos, out=r.vb["pos"])
+            r.L = eng.static.bucket(r.pos + T, st.cache.max_len)
+        r.t_start = time.perf_counter()
+        self._draft(r, 0)
+
+    def _draft(self, r, i):
+        """Draft step i of the round: the token after r.tok (t0 for i = 0), into r.drafts."""
+        tok = r.t0 if i == 0 else r.drafts[-1]
+        if self.draft.kind == "plan":
+            logits, fl = self._draft_logits_plan(tok)
+            for b in range(len(r.flops)):
+                r.flops[b] += float(fl[b])
+            r.snaps.append(snapshot_ssm(self.dst))
+        elif r.static:  # blocks 0..N of position i, its residual kept in vb["hidden"], then the readout
+            vb = r.vb
+            logits = self._run(("exit", len(r.flops), r.k + 1, i, r.L),
+                               lambda at=vb["at"][i]: self._exit_static(vb, at, r.L, readout=True))
+        else:
+            x = self._exit_blocks(tok, r.pos + i, r.saved, r.flops)
+            r.hidden.append(x)
+            logits = self.model.readout(x[:, 0])
+        if not self.temperature == 0.0:
+            r.qs.append(token_probs(logits, self.temperature, self.top_k))
+        tok = sample_next_token(logits, self.rng, self.temperature, self.top_k)
+        r.drafts.append(tok)
+        if r.static:
+            r.vb["seq"][:, i + 1].copy_(tok)
+
+    def abandon(self):
+        """Forget the round begin() started (the fallback stopped speculating): its draft step wrote K/V past the
+        verifier's position (overwritten before any query reads them) and stepped copies of Mamba states, or a
+        plan draft's own state, which nothing steps after the fallback. Returns None."""
+        self._r = None
+
+    def _note_exit(self, r, i):
+        """The host's account of an exit draft's step i on the static path: its cache stores and FLOPs."""
+        eng, N, B = self.engine, self.draft.exit_block, len(r.flops)
+        self._note(0, N, r.pos + i, 1)
+        eng._count(self.st, 0, N, 1, [[self.D] * self.n for _ in range(B)], [True] * B, r.flops, pos=r.pos + i)
+
+    @torch.inference_mode()
+    def finish(self):
+        """The rest of the round begin() started: drafts 1 .. k-1, the verify pass, the acceptance rule and the
+        rollback, all queued; then the round's one device read (the accepted count and the tokens, together).
+        Returns (tokens (B, m+1) on the host, logits (B, m+1, V) they are read from, FLOPs (B,) float64 of the
+        round, m, the next round's input token (B,) on the device)."""
+        eng, st, model, r = self.engine, self.st, self.model, self._r
+        self._r = None
+        if r.early:  # its first draft step was queued before the caller's work: draft time counts from here
+            r.t_start = time.perf_counter()
+        B, k, pos, n, N, flops = len(r.flops), r.k, r.pos, self.n, self.draft.exit_block, r.flops
+        T, vb, L = k + 1, r.vb, r.L
         widths, active = [[self.D] * n for _ in range(B)], [True] * B
-        static = self.static_round(B, T)
-        vb = self._buffers(B, T) if static else None
-        if static:
-            eng.static.refresh(st.ws)  # stale graphs dropped once a round: the weights cannot change inside it
-            vb["seq"][:, 0].copy_(t0)
-            torch.add(vb["base"], pos, out=vb["pos"])
-        L = eng.static.bucket(pos + T, st.cache.max_len)
-        drafts, qs, hidden = [], [], []
-        t_start = time.perf_counter()
-        tok = t0
-        for i in range(k):
-            if self.draft.kind == "plan":
-                logits, fl = self._draft_logits_plan(tok)
-                for b in range(B):
-                    flops[b] += float(fl[b])
-                snaps.append(snapshot_ssm(self.dst))
-            else:
-                if static:  # blocks 0..N of position i, its residual kept in vb["hidden"], then the readout
-                    logits = self._run(("exit", B, T, i, L),
-                                       lambda at=vb["at"][i]: self._exit_static(vb, at, L, readout=True))
-                    self._note(0, N, pos + i, 1)
-                    eng._count(st, 0, N, 1, widths, active, flops, pos=pos + i)
-                else:
-                    x = self._exit_blocks(tok, pos + i, saved, flops)
-                    hidden.append(x)
-                    logits = model.readout(x[:, 0])
+        if r.static and eng.static.refresh(st.ws) and self.draft.kind == "exit":
+            r.drafts, r.qs = [], []  # the weights changed since begin(): its draft step read them stale; the
+            self._draft(r, 0)  # verifier reads what it wrote, so it runs again (it left the Mamba states alone)
+        if self.draft.kind == "exit":
+            for b in range(B):
+                flops[b] += eng.flops.head
+            if r.static:
+                self._note_exit(r, 0)
+        for i in range(1, k):
+            self._draft(r, i)
+            if self.draft.kind == "exit":
                 for b in range(B):
                     flops[b] += eng.flops.head
-            if not self.temperature == 0.0:
-                qs.append(token_probs(logits, self.temperature, self.top_k))
-            tok = sample_next_token(logits, self.rng, self.temperature, self.top_k)
-            drafts.append(tok)
-            if static:
-                vb["seq"][:, i + 1].copy_(tok)
-        d = torch.stack(drafts, 1)  # (B, k)
+                if r.static:
+                    self._note_exit(r, i)
+        d = torch.stack(r.drafts, 1)  # (B, k)
         if self.sync and d.is_cuda:
             torch.cuda.synchronize()  # time the drafts apart from the verify (benches)
         t1 = time.perf_counter()
         # verify t0, d1 .. dk: k+1 positions at full width (for an exit draft, dk's first blocks, then the rest)
         j0 = 0 if self.draft.kind == "plan" else N + 1
-        if static:
+        if r.static:
             if self.draft.kind == "exit":
                 self._run(("exit", B, T, k, L), lambda at=vb["at"][k]: self._exit_static(vb, at, L, readout=False))
-                self._note(0, N, pos + k, 1)
-                eng._count(st, 0, N, 1, widths, active, flops, pos=pos + k)
+                self._note_exit(r, k)
             v = self._run(("verify", B, T, j0, L), lambda: self._verify_static(vb, j0, L))
             self._note(j0, n - 1, pos, T)
         else:
             if self.draft.kind == "plan":
-                x = norm(model.transformer.wte(torch.cat([t0[:, None], d], 1)))
+                x = norm(model.transformer.wte(torch.cat([r.t0[:, None], d], 1)))
             else:
-                hidden.append(self._exit_blocks(d[:, -1], pos + k, saved, flops))
-                x = torch.cat(hidden, 1)  # (B, k+1, D): the residuals after block N
-            x = eng._blocks(st, j0, n - 1, x, widths, active, flops, view=VerifyCache(model, st, T, flops, pos, saved))
+                r.hidden.append(self._exit_blocks(d[:, -1], pos + k, r.saved, flops))
+                x = torch.cat(r.hidden, 1)  # (B, k+1, D): the residuals after block N
+            x = eng._blocks(st, j0, n - 1, x, widths, active, flops, view=VerifyCache(model, st, T, flops, pos, r.saved))
             v = model.readout(x)  # (B, k+1, V)
         eng._count(st, j0, n - 1, T, widths, active, flops, pos=pos)
         for b in range(B):
             flops[b] += T * eng.flops.head
-        m, nxt = accept(v, d, torch.stack(qs, 1) if qs else None, self.temperature, self.top_k, self.rng)
-        # roll back to t0, d1 .. dm consumed
-        if static:  # the Mamba states from the round's buffers in one static function (one graph replay on CUDA)
-            self._run(("rollback", B, T, m), lambda at=vb["at"][m]: self._rollback_static(vb, at))
-            rollback(st, pos, {}, m + 1)
-        else:
-            rollback(st, pos, saved, m + 1)
+        m, nxt = accept(v, d, torch.stack(r.qs, 1) if r.qs else None, self.temperature, self.top_k, self.rng)
+        if r.static:  # the Mamba states to those after position m: one static function of m on the device
+            vb["m"].copy_(m.view(1))
+            self._run(("rollback", B, T), lambda: self._rollback_static(vb, vb["m"]))
+        # the round's tokens d1 .. dm, nxt (in slots 0 .. m of k+1) and m, read back together
+        out = torch.cat([d, nxt[:, None]], 1).scatter_(1, m.view(1, 1).expand(B, 1), nxt[:, None])
+        packed = torch.cat([out, m.view(1, 1).expand(B, 1)], 1)
+        if r.static:
+            eng.static.refresh(st.ws)  # the next round's check, while the device works (begin(early=True))
+        host = self._host.get((B, k))
+        if host is None:
+            host = self._host[(B, k)] = torch.empty(B, k + 2, dtype=torch.long, pin_memory=packed.is_cuda)
+        copied = start_host_copy(packed, host)
+        if copied is not None:
+            copied.synchronize()
+        m = int(host[0, -1])
+        tokens = host[:, :m + 1].clone()
+        rollback(st, pos, {} if r.static else r.saved, m + 1)  # the cache's account (and the eager path's states)
         if self.draft.kind == "plan":
             if m < k:  # the draft consumed t0, d1 .. d(k-1): back to m+1 of them
-                rollback(self.dst, pos, {j: [s[j] for s in snaps] for j in self.dst.ssm}, m + 1)
+                rollback(self.dst, pos, {j: [s[j] for s in r.snaps] for j in self.dst.ssm}, m + 1)
             else:  # it consumed k; it still owes dk
                 _, fl = self._draft_logits_plan(d[:, -1])
                 for b in range(B):
@@ -343,10 +300,9 @@ class Speculator:
         stats.drafted += k
         stats.accepted += m
         stats.accepted_hist.append(m)
-        stats.draft_s += t1 - t_start
+        stats.draft_s += t1 - r.t_start
         stats.verify_s += t2 - t1
-        tokens = torch.cat([d[:, :m], nxt[:, None]], 1)
-        return tokens, v[:, :m + 1], torch.tensor(flops, dtype=torch.float64), m
+        return tokens, v[:, :m + 1], torch.tensor(flops, dtype=torch.float64), m, nxt
 
     # ---- the static path (a CUDA graph per shape on CUDA) -----------------------------------------
     def static_round(self, B, T):
@@ -367,6 +323,7 @@ class Speculator:
                 "seq": torch.zeros(B, T, dtype=torch.long, device=dev),
                 "at": [torch.full((1,), i, dtype=torch.long, device=dev) for i in range(T)],
                 "pos": torch.zeros(T, dtype=torch.long, device=dev), "base": torch.arange(T, device=dev),
+                "m": torch.zeros(1, dtype=torch.long, device=dev),  # the accepted drafts: the rollback's slot
                 "hidden": torch.zeros(B, T, self.D, dtype=model.transformer.wte.weight.dtype, device=dev),
                 "saved": {j: (torch.zeros(T, *c.shape, dtype=c.dtype, device=dev),
                               torch.zeros(T, *s_.shape, dtype=s_.dtype, device=dev)) for j, (c, s_) in st.ssm.items()}}
@@ -451,7 +408,8 @@ def generate(engine, prompts, max_tokens, speculate, draft, temperature=0.0, top
     many tokens (the remembered ones' mean time to the first token + their mean time per later token), which counts
     the draft's prefill, the probes and the rounds; for the first attempt, with no plain generation to compare, what
     its rounds lost against the probes' plain steps. Retries so cost about RETRY_OVERHEAD of the plain decoding
-    between them."""
+    between them. A round begun early (the module docstring) that the fallback's decision leaves unfinished is dropped
+    (Speculator.abandon): its draft step changed nothing the plain steps read."""
     model = engine.model
     c = model.config
     if engine.dense:
@@ -530,8 +488,9 @@ def _speculate(engine, prompts, max_tokens, speculate, draft, name, temperature,
     host_tok = torch.empty(B, dtype=torch.long, pin_memory=cuda)
     returned = None  # when the last round returned, until a plain step intervenes
 
-    def plain_next():
-        return not speculating or max_tokens - emitted < 2 or (fallback and plain_steps < PROBE_STEPS)
+    def plain_next(e=None):  # whether the token after e emitted ones (default: so far) comes from a plain step
+        e = emitted if e is None else e
+        return not speculating or max_tokens - e < 2 or (fallback and plain_steps < PROBE_STEPS)
 
     def queue_plain(tok):
         if speculating and spec.dst is not None:
@@ -539,6 +498,7 @@ def _speculate(engine, prompts, max_tokens, speculate, draft, name, temperature,
         pos = st.pos
         return (pos,) + spec.plain_step(tok)
 
+    early = None  # (position, graphs) of a round begun before the last one's tokens were handed out
     while emitted < max_tokens and not bool(done.all()):
         if plain_next():
             pos, lg, fl = pending if pending is not None else queue_plain(tok)
@@ -560,30 +520,38 @@ def _speculate(engine, prompts, max_tokens, speculate, draft, name, temperature,
             mark = now
             done = done | torch.isin(host_tok, stop)
             continue
-        caught_up = [engine.step(spec.dst, t)[4] for t in owed]  # the plan draft consumes what the verifier did
-        if owed:
-            owed.clear()
-            mark = time.perf_counter()  # a one-off per plain stretch: not charged to the round the fallback judges
-        pos, graphs = st.pos, n_graphs()
-        if returned is not None:  # the GPU waits through this (the round's one device read came before it)
-            stats.between_s += time.perf_counter() - returned
-            stats.betweens += 1
-        tokens, lg, fl, m = spec.round(tok, speculate)
+        caught_up = []
+        if early is not None:  # its first draft ran while the last round's tokens were handed out
+            (pos, graphs), early = early, None
+            tokens, lg, fl, m, tok = spec.finish()
+        else:
+            caught_up = [engine.step(spec.dst, t)[4] for t in owed]  # the plan draft consumes what the verifier did
+            if owed:
+                owed.clear()
+                mark = time.perf_counter()  # a one-off per plain stretch: not charged to the round the fallback judges
+            pos, graphs = st.pos, n_graphs()
+            if returned is not None:  # the GPU waits through this (the round's one device read came before it)
+                stats.between_s += time.perf_counter() - returned
+                stats.betweens += 1
+            tokens, lg, fl, m, tok = spec.round(tok, speculate)
         returned = time.perf_counter()
         fl = fl + sum(caught_up)
-        tokens_host = tokens.cpu()
-        out = 0
-        for i in range(m + 1):
-            if emitted >= max_tokens or bool(done.all()):
-                break
-            yield step(tokens_host[:, i], lg[:, i], fl / (m + 1), pos + i, "speculative")
-            emitted, done = emitted + 1, done | torch.isin(tokens_host[:, i], stop)
+        out, done_after = 0, done  # the round's tokens that are handed out: known before the first is
+        while out <= m and emitted + out < max_tokens and not bool(done_after.all()):
+            done_after, out = done_after | torch.isin(tokens[:, out], stop), out + 1
+        if (emitted + out < max_tokens and not bool(done_after.all()) and not plain_next(emitted + out)
+                and spec.can_begin_early(B, speculate)):  # the next round's first draft, queued now: the device
+            stats.between_s += time.perf_counter() - returned  # drafts while the host hands out these tokens
+            stats.betweens += 1
+            early = (st.pos, n_graphs())
+            spec.begin(tok, speculate, early=True)
+        for i in range(out):
+            yield step(tokens[:, i], lg[:, i], fl / (m + 1), pos + i, "speculative")
+            emitted, done = emitted + 1, done | torch.isin(tokens[:, i], stop)
             stats.emitted += 1
-            out += 1
         now = time.perf_counter()
         stats.round_log.append((out, now - mark, n_graphs() > graphs))
         mark = now
-        tok = tokens[:, -1]
         recent = [(n_, t_) for n_, t_, captured in stats.round_log if not captured][-3:]
         if fallback and len(recent) >= JUDGE_ROUNDS and stats.think_step_s is not None:
             stats.judged = True
@@ -593,3 +561,5 @@ def _speculate(engine, prompts, max_tokens, speculate, draft, name, temperature,
                 # for 1 / RETRY_OVERHEAD times that much plain decoding (generate() prices a retry's loss whole)
                 lost = sum(t_ - n_ * stats.think_step_s for n_, t_, _ in stats.round_log)
                 engine.spec_memory[memo_key] = SpecMemory(max(0.0, lost) / RETRY_OVERHEAD)
+                if early is not None:  # the round begun early is dropped: it changed nothing plain steps read
+                    early = spec.abandon()

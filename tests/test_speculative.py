@@ -6,8 +6,8 @@ import torch
 from nanochat.engine import Engine
 from nanochat.engine_static import StaticDecode
 from nanochat.layers import token_probs
-from nanochat.speculative import (Draft, accept, accept_prob, residual, rollback, Speculator, JUDGE_ROUNDS,
-                                  PROBE_STEPS, RETRY_OVERHEAD)
+from nanochat.speculative import rollback, Speculator
+from nanochat.speculative_rules import Draft, accept, accept_prob, residual, JUDGE_ROUNDS, PROBE_STEPS, RETRY_OVERHEAD
 
 from engine_testutil import HAS_MAMBA, HAS_MOE, build
 
@@ -48,22 +48,119 @@ def test_greedy_speculation_is_think_token_for_token(kind):
 def test_static_rounds_equal_eager_think(kind, draft, monkeypatch):
     """decode='static': the drafts and the verify pass run the static functions a CUDA graph captures (a plan draft
     steps its own static segments; an exit draft's blocks and the verify pass run over StaticVerifyCache); tokens and
-    logits are think's, and the rounds took the static path."""
+    logits are think's, and the rounds took the static path. Rounds after the first begin early (their first draft
+    queued before the last round's tokens are handed out), batch 1 and 3."""
     monkeypatch.setattr(StaticDecode, "STATIC_MIN_KEYS", 8)  # cross key buckets within 20 tokens
     model = build(**kind).eval()
-    ref = Engine(model, decode="eager").generate_batch([[2, 7, 1, 8]], 20)
     eng = Engine(model, decode="static")
-    calls = []
-    real, real_exit = Speculator._verify_static, Speculator._exit_static
+    calls, begins = [], []
+    real, real_exit, real_begin = Speculator._verify_static, Speculator._exit_static, Speculator.begin
     monkeypatch.setattr(Speculator, "_verify_static", lambda self, *a: calls.append("verify") or real(self, *a))
     monkeypatch.setattr(Speculator, "_exit_static",
                         lambda self, *a, **kw: calls.append("exit") or real_exit(self, *a, **kw))
-    for k in (1, 4, 4):
-        res = eng.generate_batch([[2, 7, 1, 8]], 20, speculate=k, draft=draft, fallback=False)
-        assert res.tokens == ref.tokens
-        for a, b in zip(res.steps, ref.steps):
-            torch.testing.assert_close(a.logits, b.logits, rtol=0, atol=1e-4)
+    monkeypatch.setattr(Speculator, "begin", lambda self, t0, k, early=False: begins.append(early)
+                        or real_begin(self, t0, k, early))
+    for prompts, ks in (([[2, 7, 1, 8]], (1, 4, 4)), ([[2, 7, 1, 8], [9, 9, 8, 7], [5, 5, 5, 5]], (3,))):
+        ref = Engine(model, decode="eager").generate_batch(prompts, 20)
+        for k in ks:
+            begins.clear()
+            res = eng.generate_batch(prompts, 20, speculate=k, draft=draft, fallback=False)
+            assert res.tokens == ref.tokens
+            for a, b in zip(res.steps, ref.steps):
+                torch.testing.assert_close(a.logits, b.logits, rtol=0, atol=1e-4)
+            stats = eng.spec_stats
+            assert begins.count(True) == stats.rounds - 1 and not begins[0]  # every round but the first, early
     assert "verify" in calls and ("exit" in calls) == draft.startswith("exit")  # the rounds ran static
+
+
+@pytest.mark.parametrize("draft", ["plan:64,64,64,32", "exit:1"])
+def test_a_fallback_drops_a_round_begun_early(draft, monkeypatch):
+    """On the static path, a clock on which rounds cost 10 s and plain steps 1 s: the fallback judges after the
+    second round, whose successor has begun early (its first draft step queued); the round is dropped and plain
+    steps follow from the verifier's state, which that draft step left alone: the tokens stay think's."""
+    import nanochat.speculative as spec_mod
+    model = build(layer_pattern="AM" if HAS_MAMBA else "A").eval()
+    ref = Engine(model, decode="eager").generate_batch([[3, 1, 4]], 24)
+    eng = Engine(model, decode="static")
+    clock = {"t": 0.0}
+    monkeypatch.setattr(spec_mod.time, "perf_counter", lambda: clock["t"])
+    real_finish, real_step, real_abandon = Speculator.finish, Engine.step, Speculator.abandon
+    dropped = []
+
+    def finish(self):
+        clock["t"] += 10.0
+        return real_finish(self)
+
+    def step(self, st, tokens, plan=None):
+        clock["t"] += 1.0
+        return real_step(self, st, tokens, plan)
+    monkeypatch.setattr(Speculator, "finish", finish)
+    monkeypatch.setattr(Engine, "step", step)
+    monkeypatch.setattr(Speculator, "abandon", lambda self: dropped.append(self._r.pos) or real_abandon(self))
+    res = eng.generate_batch([[3, 1, 4]], 24, speculate=3, draft=draft, fallback=True)
+    stats = eng.spec_stats
+    assert stats.rounds == JUDGE_ROUNDS and stats.fell_back_at is not None and len(dropped) == 1
+    assert res.tokens == ref.tokens
+    for a, b in zip(res.steps, ref.steps):  # the plain steps after the drop read the states think's did
+        torch.testing.assert_close(a.logits, b.logits, rtol=0, atol=1e-5)
+
+
+def test_a_round_begun_before_the_weights_changed_drafts_again(monkeypatch):
+    """Weights written between begin() and finish() (while the generator hands out tokens): when finish()'s check
+    finds the graphs stale (StaticDecode.refresh True, as on CUDA after such a write), an exit draft's first step
+    runs again, so the verifier reads blocks 0..N of position 0 as the new weights give them: the round equals one
+    begun after the write. Off CUDA no graph is stale (refresh False), so the check is made to report it here."""
+    monkeypatch.setattr(StaticDecode, "STATIC_MIN_KEYS", 8)
+    model = build(layer_pattern="AM" if HAS_MAMBA else "A").eval()
+    prompts, k, t0 = torch.tensor([[2, 7, 1, 8]]), 3, torch.tensor([5])
+    w = model.transformer.h[0].attn.c_v.weight  # block 0's values at position 0: what every later query reads
+    old = w.detach().clone()
+    new = old + 0.5 * torch.randn(old.shape, generator=torch.Generator().manual_seed(1))
+
+    def round_(write_between):
+        eng = Engine(model, decode="static")
+        st, _, _, _ = eng.prefill(prompts, "think", max_len=32)
+        eng.spec_stats = type("S", (), {"rounds": 0, "drafted": 0, "accepted": 0, "accepted_hist": [],
+                                        "draft_s": 0.0, "verify_s": 0.0})()
+        spec = Speculator(eng, st, prompts, Draft.parse("exit:1", model.config.n_layer), k, 0.0, None, None, 32)
+        stale = []
+        monkeypatch.setattr(StaticDecode, "refresh", lambda self, ws: bool(stale and stale.pop()))
+        with torch.no_grad():
+            if not write_between:
+                w.copy_(new)
+            spec.begin(t0, k)
+            if write_between:
+                w.copy_(new)
+                stale.append(True)  # the write the graphs' version check would find
+        tokens, logits, _, m, _ = spec.finish()
+        with torch.no_grad():
+            w.copy_(old)
+        return tokens, logits, {j: [t.clone() for t in s] for j, s in st.ssm.items()}
+    a, b = round_(True), round_(False)
+    assert a[0].tolist() == b[0].tolist()
+    torch.testing.assert_close(a[1], b[1], rtol=0, atol=1e-6)
+    for j in a[2]:
+        for x, y in zip(a[2][j], b[2][j]):
+            torch.testing.assert_close(x, y, rtol=0, atol=1e-6)
+
+
+def test_sampled_acceptance_keeps_drafts_past_m_and_draws_the_rest_on_the_device():
+    """accept() with sampling, on distributions sure of one token each (so its draws are determined): m is the
+    batch's shortest accepted prefix; a row that accepted past m keeps its draft there, a row rejected at m draws
+    from the residual; with every draft accepted, the bonus comes from v_k. m stays a device tensor (no host read)."""
+    V, k = 6, 3
+
+    def sure(tokens):  # (B, T) -> logits with all the mass on these tokens
+        return torch.full((*tokens.shape, V), -60.0).scatter_(-1, tokens[..., None], 60.0)
+    d = torch.tensor([[1, 2, 3], [1, 2, 3]])
+    q = token_probs(sure(d).view(-1, V), 1.0, None).view(2, k, V)
+    v = sure(torch.tensor([[1, 2, 3, 5], [1, 4, 3, 0]]))  # row 0 takes every draft; row 1 wants 4 at position 1
+    g = torch.Generator().manual_seed(0)
+    m, nxt = accept(v, d, q, 1.0, None, g)
+    assert isinstance(m, torch.Tensor) and m.dim() == 0
+    assert int(m) == 1 and nxt.tolist() == [2, 4]  # row 0 keeps its draft at 1; row 1 draws the residual there
+    m, nxt = accept(v[:1], d[:1], q[:1], 1.0, None, g)
+    assert int(m) == 3 and nxt.tolist() == [5]  # all accepted: the bonus, from v_k
 
 
 def test_compiled_rounds_equal_eager_think(monkeypatch):
@@ -163,7 +260,7 @@ def test_rollback_gives_plain_decodings_states(kind, draft):
                                         "draft_s": 0.0, "verify_s": 0.0})()
         t0 = torch.randint(0, model.config.vocab_size, (2,), generator=torch.Generator().manual_seed(trial))
         pos = st.pos
-        tokens, _, _, m = spec.round(t0, k)
+        tokens, _, _, m, _ = spec.round(t0, k)
         consumed = torch.cat([t0[:, None], tokens[:, :m]], 1)  # t0, d1 .. dm
         plain = Engine(model, decode="eager")
         ps, _, _, _ = plain.prefill(prompts, "think", max_len=32)
@@ -226,9 +323,9 @@ def test_accept_counts_leading_agreement_per_batch():
         for i, t in enumerate(seq):
             v[b, i, t] = 5.0
     m, nxt = accept(v, d, None, 0.0, None, None)
-    assert m == 1 and nxt.tolist() == [2, 5]  # the batch keeps the shortest agreement; row 0's next is its draft
+    assert int(m) == 1 and nxt.tolist() == [2, 5]  # the batch keeps the shortest agreement; row 0's next is its draft
     m, nxt = accept(v[:1], d[:1], None, 0.0, None, None)
-    assert m == 3 and nxt.tolist() == [6]  # all accepted: the bonus token
+    assert int(m) == 3 and nxt.tolist() == [6]  # all accepted: the bonus token
 
 
 def test_sampled_speculation_runs_and_stays_in_vocab():
