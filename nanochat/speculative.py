@@ -184,7 +184,7 @@ class Speculator:
         self._draft(r, 0)
 
     def _draft(self, r, i):
-        """Draft step i of the round: the token after r.tok (t0 for i = 0), into r.drafts."""
+        """Draft step i of the round: from t0 (i = 0) or the last draft, the next draft token, into r.drafts."""
         tok = r.t0 if i == 0 else r.drafts[-1]
         if self.draft.kind == "plan":
             logits, fl = self._draft_logits_plan(tok)
