@@ -2,7 +2,8 @@
 Speculative decoding rows of `python -m scripts.bench decode --speculate K [--draft D]` (nanochat/speculative.py):
 for each hybrid model and context, Engine.generate with speculation against mode think, greedy, batch --batch:
 tokens/s of both, acceptance, draft-step and verify-pass ms (the device waited for after the drafts), the host
-time between rounds (the timed generation's, while the device has nothing queued but the rollback); and for
+time between rounds (the timed generation's: from a round's one device read, when the device has nothing queued,
+to the next round's first draft queued, which on the graph path comes before the tokens are handed out); and for
 k = 1..K the tokens/s that the measured draft-step and verify times give at acceptance 0.5, 0.7 and 0.9 (no trained
 draft exists at bench scale: fresh weights accept what chance gives). Memory-bandwidth utilisation of think:
 bytes of weights and cache read per token / time per token / the GPU's peak bandwidth.
