@@ -234,13 +234,9 @@ class Speculator:
         if r.static and eng.static.refresh(st.ws) and self.draft.kind == "exit":
             r.drafts, r.qs = [], []  # the weights changed since begin(): its draft step read them stale; the
             self._draft(r, 0)  # verifier reads what it wrote, so it runs again (it left the Mamba states alone)
-        if self.draft.kind == "exit":
-            for b in range(B):
-                flops[b] += eng.flops.head
-            if r.static:
-                self._note_exit(r, 0)
-        for i in range(1, k):
-            self._draft(r, i)
+        for i in range(k):
+            if i:
+                self._draft(r, i)
             if self.draft.kind == "exit":
                 for b in range(B):
                     flops[b] += eng.flops.head
