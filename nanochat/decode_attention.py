@@ -18,11 +18,15 @@ them in fp32; with fp32 inputs the products are IEEE fp32, no TF32), as the refe
 additions differs. tests/test_decode_attention.py compares the two (Triton's interpreter on the CPU, the
 kernel on CUDA) and compiles the kernel for sm_90 with the argument types eager launches and inductor pass.
 
-PATH: "torch" (the default: the reference paths) or "triton" (the kernel on CUDA where Triton imports, for calls
-usable() accepts). Set by the environment variable ADAMBA_DECODE_ATTENTION (read on import) or set_path() (bench
-decode's --attention-path), before an Engine compiles or captures a step: a captured graph keeps its path. It
-stays opt-in: on the H100, tuned think with it was slower than with the PyTorch path at 1K, 8K and 32K keys
-(1.94 / 2.46 / 4.47 against 1.81 / 2.36 / 3.76 ms a token; docs/benchmarks.md, session 26).
+PATH: "torch" (the default: the reference paths), "triton" (the kernel on CUDA where Triton imports, for calls
+usable() accepts) or "reduce" (below). Set by the environment variable ADAMBA_DECODE_ATTENTION (read on import)
+or set_path() (bench decode's --attention-path), before an Engine compiles or captures a step: a captured graph
+keeps its path. The kernel stays opt-in: on the H100, tuned think with it was slower than with the PyTorch path
+at 1K, 8K and 32K keys (1.94 / 2.46 / 4.47 against 1.81 / 2.36 / 3.76 ms a token; docs/benchmarks.md, session 26).
+"reduce": reduced_attention (the reference's function as broadcast products and sums) in compiled steps, the
+reference in eager ones. Why: a session-27 trace of the verify pass (5 queries) found inductor's matrix products
+there reading fp32 copies of K and V (about 45 us a block at 1K keys; think's one-query products become
+reductions that convert in registers). Opt-in and not yet timed on a GPU (no device came in session 28).
 """
 import math
 
@@ -32,7 +36,7 @@ from nanochat.common import get_logger, kernel_path_from_env, load_triton, log_o
 
 logger = get_logger(__name__)
 
-PATHS = ("torch", "triton")
+PATHS = ("torch", "triton", "reduce")
 PATH = kernel_path_from_env("ADAMBA_DECODE_ATTENTION", PATHS)
 MAX_ROWS = 64    # queries a KV head (GQA group x positions) the kernel takes; more go to layers.attention's paths
 BLOCK_N = 64     # keys a program step reads
@@ -59,6 +63,30 @@ def masked_attention(q, k, v, scale, keep):
             m = keep.expand(B, Hq, T, L).reshape(B, Hkv, G * T, L)
         p = s.masked_fill(~m, float("-inf")).softmax(dim=-1)
         y = torch.matmul(p, v.float())
+    return y.reshape(B, Hq, T, D).to(q.dtype)
+
+
+def reduced_attention(q, k, v, scale, keep):
+    """
+    masked_attention's function written as broadcast products and sums where the reference has matrix products
+    (PATH 'reduce'; the same fp32 arithmetic, another order of additions). Under torch.compile inductor turns each
+    into a reduction that reads K and V once in their own dtype and converts them in registers; the reference's
+    matrix products of more than one query make fp32 copies of K and V first (a verify pass: two copies a block).
+    Eager it would hold (B, Hkv, G*T, L, D) fp32 products, so layers.attention calls it only while compiling.
+    """
+    B, Hq, T, D = q.shape
+    Hkv, L = k.size(1), k.size(2)
+    G = Hq // Hkv
+    scale = D ** -0.5 if scale is None else scale
+    with torch.autocast(device_type=q.device.type, enabled=False):
+        qf = q.reshape(B, Hkv, G * T, 1, D).float()
+        s = (qf * k.float().unsqueeze(2)).sum(dim=-1) * scale  # (B, Hkv, G*T, L)
+        if keep.size(1) == 1 and (G == 1 or T == 1):
+            m = keep
+        else:
+            m = keep.expand(B, Hq, T, L).reshape(B, Hkv, G * T, L)
+        p = s.masked_fill(~m, float("-inf")).softmax(dim=-1)
+        y = (p.unsqueeze(-1) * v.float().unsqueeze(2)).sum(dim=-2)  # (B, Hkv, G*T, D)
     return y.reshape(B, Hq, T, D).to(q.dtype)
 
 

@@ -70,12 +70,15 @@ def attention(q, k, v, scale=None, keep=None):
     k and v may be in another dtype than q (an fp32 cache under bf16 autocast); the output is in q's.
     With keep and at most FEW_QUERIES queries (decode steps, the verify pass): decode_attention.masked_attention
     (FEW_QUERIES says why), or its split-key Triton kernel where decode_attention.PATH is 'triton' and it can
-    (decode_attention.usable); with more, SDPA with the mask.
+    (decode_attention.usable), or decode_attention.reduced_attention where PATH is 'reduce' and torch.compile
+    traces the call; with more, SDPA with the mask.
     """
     Tq, Tk = q.size(2), k.size(2)
     if decode_attention.usable(q, k, v, keep):  # opted in, CUDA, a few queries a KV head, no gradient
         return decode_attention.attend(q, k, v, scale, keep)
     if keep is not None and Tq <= FEW_QUERIES:  # a decode step, a verify pass
+        if decode_attention.PATH == "reduce" and torch.compiler.is_compiling():
+            return decode_attention.reduced_attention(q, k, v, scale, keep)
         return decode_attention.masked_attention(q, k, v, scale, keep)
     k, v = k.to(q.dtype), v.to(q.dtype)
     gqa = q.size(1) != k.size(1)

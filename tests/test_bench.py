@@ -310,6 +310,11 @@ def test_decode_models_and_mixer_path(capsys, monkeypatch):
     assert res["targets"] == [] and seen and set(seen) == {"torch"} and "(torch path)" in out
     res, _ = run(capsys, args + ["--mixer-path", "kernel"])
     assert "path='kernel'" in res["rows"][0]["error"]
+    from nanochat import decode_attention  # --attention-path reduce: set, and named in the table's header
+    monkeypatch.setattr(decode_attention, "PATH", decode_attention.PATH)  # restored after the test
+    res, out = run(capsys, args + ["--attention-path", "reduce"])
+    assert "error" not in res["rows"][0] and decode_attention.PATH == "reduce"
+    assert "attention PyTorch, broadcast sums when compiled" in out
     for bad, msg in ((["--models", "hybrid,gpt"], "--models: 'gpt' not among"),
                      (["--models", "dense", "--speculate", "1"], "--speculate times the 'hybrid' model")):
         with pytest.raises(ValueError, match=msg):

@@ -84,6 +84,24 @@ def test_attention_with_a_mask_takes_few_queries_as_matrix_products(monkeypatch)
     assert calls == [1, 5, layers.FEW_QUERIES]
 
 
+def test_reduced_attention_is_the_reference(monkeypatch):
+    """PATH 'reduce': reduced_attention against masked_attention (fp32 1e-5, bf16 two steps) on every case, and
+    layers.attention takes it only while compiling (eager keeps the reference, which holds no (L, D) products)."""
+    from nanochat import layers
+    for case in CASES:
+        q, k, v, keep, _ = make_case(*case)
+        ok, diff = close(da.reduced_attention(q, k, v, None, keep), da.masked_attention(q, k, v, None, keep), case[6])
+        assert ok, (case, diff)
+    monkeypatch.setattr(da, "PATH", "reduce")
+    calls, real = [], da.reduced_attention
+    monkeypatch.setattr(da, "reduced_attention", lambda *a: calls.append(a[0].size(2)) or real(*a))
+    q, k, v, keep, _ = make_case(*CASES[2])
+    assert torch.equal(attention(q, k, v, keep=keep), da.masked_attention(q, k, v, None, keep)) and calls == []
+    compiled = torch.compile(lambda q, k, v, keep: layers.attention(q, k, v, keep=keep), dynamic=False)
+    ok, diff = close(compiled(q, k, v, keep), da.masked_attention(q, k, v, None, keep), "float32")
+    assert ok and calls == [5], (diff, calls)
+
+
 def test_cpu_keeps_the_reference_paths(monkeypatch):
     q, k, v, keep, _ = make_case(*CASES[0])
     assert da.PATH == "torch" and not da.usable(q, k, v, keep)  # the default (no ADAMBA_DECODE_ATTENTION here)
@@ -100,7 +118,7 @@ def test_path_from_the_environment():
 
 def test_set_path_validates(monkeypatch):
     monkeypatch.setattr(da, "PATH", "torch")  # restored after the test
-    with pytest.raises(ValueError, match="decode attention path 'flash': use one of torch, triton"):
+    with pytest.raises(ValueError, match="decode attention path 'flash': use one of torch, triton, reduce"):
         da.set_path("flash")
     da.set_path("triton")  # a CPU machine: allowed (the CPU keeps PyTorch's paths), built where Triton imports
     assert da.PATH == "triton" and (da._op is not None) == HAS_TRITON
