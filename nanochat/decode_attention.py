@@ -44,25 +44,30 @@ BF16_DOT = True  # bf16 q and k: their products on the tensor cores (exact in fp
 ON_CPU = False   # tests only: take CPU tensors too (Triton's interpreter, TRITON_INTERPRET=1, runs the kernel there)
 
 
-def masked_attention(q, k, v, scale, keep):
+def masked_attention(q, k, v, scale, keep, sums=False):
     """
     The reference: q (B, Hq, T, D) over k, v (B, Hkv, L, D) with keep broadcastable to (B, Hq, T, L) (True =
     may see; at least one True per query), GQA: query head i reads KV head i // (Hq // Hkv): two batched
     matrix products with an fp32 softmax between them, in fp32; returns (B, Hq, T, D) in q's dtype. With one query
-    it is the decode step's PyTorch path (layers.attention).
+    it is the decode step's PyTorch path (layers.attention). sums: the two products written as broadcast products
+    and sums instead (reduced_attention).
     """
     B, Hq, T, D = q.shape
     Hkv, L = k.size(1), k.size(2)
     G = Hq // Hkv  # a KV head's queries are rows g * T + t
     scale = D ** -0.5 if scale is None else scale
     with torch.autocast(device_type=q.device.type, enabled=False):
-        s = torch.matmul(q.reshape(B, Hkv, G * T, D).float(), k.float().transpose(-1, -2)) * scale  # (B, Hkv, G*T, L)
+        qg = q.reshape(B, Hkv, G * T, D).float()
+        if sums:
+            s = (qg.unsqueeze(3) * k.float().unsqueeze(2)).sum(dim=-1) * scale  # (B, Hkv, G*T, L)
+        else:
+            s = torch.matmul(qg, k.float().transpose(-1, -2)) * scale  # (B, Hkv, G*T, L)
         if keep.size(1) == 1 and (G == 1 or T == 1):
             m = keep  # broadcasts as it is
         else:
             m = keep.expand(B, Hq, T, L).reshape(B, Hkv, G * T, L)
         p = s.masked_fill(~m, float("-inf")).softmax(dim=-1)
-        y = torch.matmul(p, v.float())
+        y = (p.unsqueeze(-1) * v.float().unsqueeze(2)).sum(dim=-2) if sums else torch.matmul(p, v.float())
     return y.reshape(B, Hq, T, D).to(q.dtype)
 
 
@@ -74,20 +79,7 @@ def reduced_attention(q, k, v, scale, keep):
     matrix products of more than one query make fp32 copies of K and V first (a verify pass: two copies a block).
     Eager it would hold (B, Hkv, G*T, L, D) fp32 products, so layers.attention calls it only while compiling.
     """
-    B, Hq, T, D = q.shape
-    Hkv, L = k.size(1), k.size(2)
-    G = Hq // Hkv
-    scale = D ** -0.5 if scale is None else scale
-    with torch.autocast(device_type=q.device.type, enabled=False):
-        qf = q.reshape(B, Hkv, G * T, 1, D).float()
-        s = (qf * k.float().unsqueeze(2)).sum(dim=-1) * scale  # (B, Hkv, G*T, L)
-        if keep.size(1) == 1 and (G == 1 or T == 1):
-            m = keep
-        else:
-            m = keep.expand(B, Hq, T, L).reshape(B, Hkv, G * T, L)
-        p = s.masked_fill(~m, float("-inf")).softmax(dim=-1)
-        y = (p.unsqueeze(-1) * v.float().unsqueeze(2)).sum(dim=-2)  # (B, Hkv, G*T, D)
-    return y.reshape(B, Hq, T, D).to(q.dtype)
+    return masked_attention(q, k, v, scale, keep, sums=True)
 
 
 def usable(q, k, v, keep):
