@@ -13,10 +13,6 @@ from nanochat.common import autocast_context, synchronize as sync
 from scripts.bench_common import (free_memory, error_text, progress, top_kernels, print_profile, print_table, target,
                                   finish, bench_configs, build_model)
 
-# the table's header: which attention a decode step and a verify pass run (decode_attention.PATH, device)
-REDUCE_NAME = "PyTorch, broadcast sums when compiled"
-ATTENTION_NAMES = {("triton", "cuda"): "split-key Triton kernel", ("reduce", "cuda"): REDUCE_NAME, ("reduce", "cpu"): REDUCE_NAME}
-
 
 # -----------------------------------------------------------------------------
 # decode: prefill and per-token decode, cache memory (measured, counted, analytic)
@@ -212,7 +208,8 @@ def cmd_decode(args, device):
                               h["kv_ssm_analytic_MiB"] / d["cache_analytic_MiB"], 0.5, "<=", "(what the layer pattern allows)"))
     wdesc = "bf16 weights and caches" if bf16 else "fp32 weights and caches" + (", bf16 autocast" if device.type == "cuda" else "")
     print_table(f"decode, batch {B}, {wdesc}, depth {args.depth} (width {D}), Mamba-{args.mamba} ({args.mixer_path} path), "
-                f"attention {ATTENTION_NAMES.get((decode_attention.PATH, device.type), 'PyTorch')}, "
+                f"attention {'split-key Triton kernel' if decode_attention.PATH == 'triton' and device.type == 'cuda' else 'PyTorch'}"
+                f"{', broadcast sums when compiled' if decode_attention.PATH == 'reduce' else ''}, "
                 f"projections {'decode_matvec kernel' if decode_matvec.PATH == 'triton' and device.type == 'cuda' and bf16 else 'F.linear'}, "
                 f"{args.decode_tokens} decode steps, exits every {args.exit_stride} blocks", rows,
                 [("model", "model", ""), ("mode", "mode", ""), ("path", "step", ""), ("context", "context", "d"), ("prefill_ms", "prefill ms", ".1f"),
