@@ -210,7 +210,8 @@ def cmd_decode(args, device):
     print_table(f"decode, batch {B}, {wdesc}, depth {args.depth} (width {D}), Mamba-{args.mamba} ({args.mixer_path} path), "
                 f"attention {'split-key Triton kernel' if decode_attention.PATH == 'triton' and device.type == 'cuda' else 'PyTorch'}"
                 f"{', broadcast sums when compiled' if decode_attention.PATH == 'reduce' else ''}, "
-                f"projections {'decode_matvec kernel' if decode_matvec.PATH == 'triton' and device.type == 'cuda' and bf16 else 'F.linear'}, "
+                f"projections {'decode_matvec kernel' if decode_matvec.PATH == 'triton' and device.type == 'cuda' and bf16 else 'F.linear'}"
+                f"{' (few rows: broadcast sums when compiled)' if decode_matvec.PATH == 'reduce' else ''}, "
                 f"{args.decode_tokens} decode steps, exits every {args.exit_stride} blocks", rows,
                 [("model", "model", ""), ("mode", "mode", ""), ("path", "step", ""), ("context", "context", "d"), ("prefill_ms", "prefill ms", ".1f"),
                  ("prefill_tok_per_s", "prefill tok/s", ",.0f"), ("decode_ms", "ms/token", ".2f"),

@@ -105,6 +105,32 @@ def test_default_config_fills_the_card():
         assert -(-N // bn) * sk >= 2 * 132 or K // (2 * sk) < bk, (M, N, K, bn, sk)
 
 
+def test_reduced_matvec_is_the_reference(monkeypatch):
+    """PATH 'reduce': reduced_matvec against matvec_reference on every case (the tolerances above), leading dims kept;
+    linear() takes it only while compiling and for 2 to MAX_ROWS rows (eager keeps F.linear bit for bit)."""
+    for case in CASES:
+        x, w, act, _ = make_case(*case)
+        ok, diff = close(dm.reduced_matvec(x, w, act), dm.matvec_reference(x, w, act), case[3])
+        assert ok, (case, diff)
+    x, w, _, _ = make_case(6, 30, 70, "float32", "none", None)
+    assert dm.reduced_matvec(x.view(2, 3, 70), w).shape == (2, 3, 30)
+    monkeypatch.setattr(dm, "PATH", "reduce")
+    calls, real = [], dm.reduced_matvec
+    monkeypatch.setattr(dm, "reduced_matvec", lambda x, w, act="none": calls.append(x.shape[:-1]) or real(x, w, act))
+    xs = x.view(1, 6, 70)
+    assert torch.equal(dm.linear(xs, w, "relu2"), torch.relu(torch.nn.functional.linear(xs, w)).square()) and not calls
+    compiled = torch.compile(lambda a, b: dm.linear(a, b, "relu2"), dynamic=False)
+    ok, diff = close(compiled(xs, w), dm.matvec_reference(xs, w, "relu2"), "float32")
+    assert ok and calls == [(1, 6)], (diff, calls)
+    calls.clear()
+    one = xs[:, :1]
+    assert torch.allclose(compiled(one, w), dm.matvec_reference(one, w, "relu2"), atol=1e-4) and not calls
+    with torch.enable_grad():  # a gradient wanted: F.linear
+        wg = w.clone().requires_grad_()
+        torch.compile(lambda a, b: dm.linear(a, b), dynamic=False)(xs, wg).sum().backward()
+    assert not calls and wg.grad is not None
+
+
 def test_matvec_validates():
     x, w, _, _ = make_case(2, 8, 16, "float32", "none", None)
     with pytest.raises(ValueError, match="act 'gelu'"):
@@ -127,7 +153,7 @@ def test_path_from_the_environment_and_set_path(monkeypatch):
     from engine_testutil import check_path_from_env
     check_path_from_env("decode_matvec", "ADAMBA_DECODE_MATVEC", "cublas")
     monkeypatch.setattr(dm, "PATH", "torch")  # restored after the test
-    with pytest.raises(ValueError, match="decode matvec path 'cublas': use one of torch, triton"):
+    with pytest.raises(ValueError, match="decode matvec path 'cublas': use one of torch, triton, reduce"):
         dm.set_path("cublas")
     dm.set_path("triton")  # a CPU machine: allowed (CPU tensors keep F.linear), built where Triton imports
     assert dm.PATH == "triton" and (dm._op is not None) == HAS_TRITON
