@@ -183,15 +183,21 @@ def usable(x, w):
     ADAMBA_DECODE_MATVEC=triton where CUDA is available), no gradient wanted (the kernel has no backward), x and w in
     one dtype that autocast (if on) would not change, at most MAX_ROWS rows. Reads module globals: torch.compile
     traces it."""
-    if PATH != "triton" or _op is None or not (x.is_cuda or ON_CPU) or w.dim() != 2:
+    if PATH != "triton" or _op is None or not (x.is_cuda or ON_CPU):
         return False
-    if torch.is_grad_enabled() and (x.requires_grad or w.requires_grad):
+    return _inference_operands(x, w, 1)
+
+
+def _inference_operands(x, w, min_rows):
+    """w a matrix, no gradient wanted, x and w in one dtype (bf16 or fp32) that autocast (if on) would not change,
+    min_rows to MAX_ROWS rows of x: what the kernel and reduced_matvec take."""
+    if w.dim() != 2 or (torch.is_grad_enabled() and (x.requires_grad or w.requires_grad)):
         return False
     if x.dtype != w.dtype or x.dtype not in (torch.bfloat16, torch.float32):
         return False
     if torch.is_autocast_enabled(x.device.type) and torch.get_autocast_dtype(x.device.type) != x.dtype:
         return False
-    return 1 <= x.numel() // max(1, x.size(-1)) <= MAX_ROWS
+    return min_rows <= x.numel() // max(1, x.size(-1)) <= MAX_ROWS
 
 
 def reduced_matvec(x, w, act="none"):
@@ -217,15 +223,9 @@ def reduced_matvec(x, w, act="none"):
 def reducible(x, w):
     """Whether linear() runs reduced_matvec: PATH 'reduce' while torch.compile traces, 2 to MAX_ROWS rows (one row
     is left to inductor's own reduction), no gradient wanted, x and w in one dtype autocast would not change."""
-    if PATH != "reduce" or not torch.compiler.is_compiling() or w.dim() != 2:
+    if PATH != "reduce" or not torch.compiler.is_compiling():
         return False
-    if torch.is_grad_enabled() and (x.requires_grad or w.requires_grad):
-        return False
-    if x.dtype != w.dtype or x.dtype not in (torch.bfloat16, torch.float32):
-        return False
-    if torch.is_autocast_enabled(x.device.type) and torch.get_autocast_dtype(x.device.type) != x.dtype:
-        return False
-    return 2 <= x.numel() // max(1, x.size(-1)) <= MAX_ROWS
+    return _inference_operands(x, w, 2)
 
 
 def linear(x, w, act="none"):
