@@ -32,6 +32,8 @@ logger = get_logger(__name__)
 
 PATHS = ("torch", "triton", "reduce")
 PATH = kernel_path_from_env("ADAMBA_DECODE_MATVEC", PATHS)
+HEAD_PATHS = ("torch", "cublas")
+HEAD_PATH = kernel_path_from_env("ADAMBA_DECODE_HEAD", HEAD_PATHS)  # head() below
 ON_CPU = False    # tests only: take CPU tensors too (Triton's interpreter, TRITON_INTERPRET=1, runs the kernel there)
 MAX_ROWS = 16     # rows of x the kernel takes (a verify pass of k + 1 <= 16 positions)
 ACTS = ("none", "relu2")
@@ -188,16 +190,16 @@ def usable(x, w):
     return _inference_operands(x, w, 1)
 
 
-def _inference_operands(x, w, min_rows):
+def _inference_operands(x, w, min_rows, max_rows=MAX_ROWS):
     """w a matrix, no gradient wanted, x and w in one dtype (bf16 or fp32) that autocast (if on) would not change,
-    min_rows to MAX_ROWS rows of x: what the kernel and reduced_matvec take."""
+    min_rows to max_rows rows of x: what the kernel, reduced_matvec and opaque_linear take."""
     if w.dim() != 2 or (torch.is_grad_enabled() and (x.requires_grad or w.requires_grad)):
         return False
     if x.dtype != w.dtype or x.dtype not in (torch.bfloat16, torch.float32):
         return False
     if torch.is_autocast_enabled(x.device.type) and torch.get_autocast_dtype(x.device.type) != x.dtype:
         return False
-    return min_rows <= x.numel() // max(1, x.size(-1)) <= MAX_ROWS
+    return min_rows <= x.numel() // max(1, x.size(-1)) <= max_rows
 
 
 def reduced_matvec(x, w, act="none"):
@@ -239,6 +241,41 @@ def linear(x, w, act="none"):
         return reduced_matvec(x, w, act)
     y = F.linear(x, w)
     return F.relu(y).square() if act == "relu2" else y
+
+
+@torch.library.custom_op("adamba::opaque_linear", mutates_args=())
+def opaque_linear(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """F.linear(x, w) as an operator torch.compile cannot see into: inductor calls it as it is (cuBLAS on CUDA) and
+    fuses nothing into it. No backward: head() calls it only when no gradient is wanted."""
+    return F.linear(x, w)
+
+
+@opaque_linear.register_fake
+def _(x, w):
+    return x.new_empty(*x.shape[:-1], w.size(0))
+
+
+def head(x, w):
+    """
+    The readout's product x @ w^T (the normed residual times lm_head's weight): linear() unless HEAD_PATH is
+    'cublas' (ADAMBA_DECODE_HEAD, set_head_path) and torch.compile traces the call with operands the kernel would take
+    (_inference_operands, any number of rows); then
+    opaque_linear, the same F.linear kept out of inductor's fusion. Why: on the H100 inductor fused the readout's
+    norm and soft-cap into the head's reduction (a 168 MB weight at d20), and that kernel took 106 us a token against
+    54 us for the bare product compiled alone and 58 us for cuBLAS's (docs/benchmarks.md, sessions 26-27): 0.4 ms
+    of an exit draft's round. Opt-in and not yet timed in a decode step (session 29).
+    """
+    if HEAD_PATH == "cublas" and torch.compiler.is_compiling() and _inference_operands(x, w, 1, x.numel()):
+        return opaque_linear(x, w)
+    return linear(x, w)
+
+
+def set_head_path(path):
+    """HEAD_PATH = path, validated (bench decode --head-path); before an Engine compiles a step."""
+    global HEAD_PATH
+    if path not in HEAD_PATHS:
+        raise ValueError(f"decode head path {path!r}: use one of {', '.join(HEAD_PATHS)}")
+    HEAD_PATH = path
 
 
 def set_path(path):
