@@ -4,9 +4,9 @@ W (N, K) of any strides (a Matryoshka slice W[:n, :k] included), as a Triton ker
 plain PyTorch function. Opt-in (PATH below): on the H100 a d20 step's matrices took 1.54 ms with it (1.20 at
 the best of 114 configs) against 1.18 with inductor's tuned reductions (docs/benchmarks.md, session 26).
 `linear` is what the decode step's projections call (attention, MLP, the Mamba mixers' in/out projections, the
-head); it runs the kernel where usable() says so, reduced_matvec where reducible() does, and F.linear otherwise. `python -m scripts.bench matvec` times
-the kernel against cuBLAS (F.linear) and inductor's tuned reductions at the model's shapes; `bench decode
---matvec-path triton` times a step with it.
+head); it runs the kernel where usable() says so, reduced_matvec where reducible() does, and F.linear otherwise.
+`python -m scripts.bench matvec` times the kernel against cuBLAS (F.linear) and inductor's tuned reductions at the
+model's shapes; `bench decode --matvec-path triton` times a step with it.
 
 Why: session 23's profile of tuned think at d20 (docs/benchmarks.md) had inductor's matrix-vector reductions read
 the weights at 1.5-1.9 TB/s, 45-57% of an H100's 3.35 TB/s; they are two thirds of the step. Here a program owns
@@ -258,9 +258,9 @@ def _(x, w):
 def head(x, w):
     """
     The readout's product x @ w^T (the normed residual times lm_head's weight): linear() unless HEAD_PATH is
-    'cublas' (ADAMBA_DECODE_HEAD, set_head_path) and torch.compile traces the call with operands the kernel would take
-    (_inference_operands, any number of rows); then
-    opaque_linear, the same F.linear kept out of inductor's fusion. Why: on the H100 inductor fused the readout's
+    'cublas' (ADAMBA_DECODE_HEAD, set_head_path) and torch.compile traces the call with operands the kernel would
+    take (_inference_operands, any number of rows); then opaque_linear, the same F.linear kept out of inductor's
+    fusion. Why: on the H100 inductor fused the readout's
     norm and soft-cap into the head's reduction (a 168 MB weight at d20), and that kernel took 106 us a token against
     54 us for the bare product compiled alone and 58 us for cuBLAS's (docs/benchmarks.md, sessions 26-27): 0.4 ms
     of an exit draft's round. Opt-in and not yet timed in a decode step (session 29).
