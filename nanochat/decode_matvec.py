@@ -260,10 +260,9 @@ def head(x, w):
     The readout's product x @ w^T (the normed residual times lm_head's weight): linear() unless HEAD_PATH is
     'cublas' (ADAMBA_DECODE_HEAD, set_head_path) and torch.compile traces the call with operands the kernel would
     take (_inference_operands, any number of rows); then opaque_linear, the same F.linear kept out of inductor's
-    fusion. Why: on the H100 inductor fused the readout's
-    norm and soft-cap into the head's reduction (a 168 MB weight at d20), and that kernel took 106 us a token against
-    54 us for the bare product compiled alone and 58 us for cuBLAS's (docs/benchmarks.md, sessions 26-27): 0.4 ms
-    of an exit draft's round. Opt-in and not yet timed in a decode step (session 29).
+    fusion. Why: on the H100 inductor fused the readout's norm and soft-cap into the head's reduction (a 168 MB
+    weight at d20), and that kernel took 106 us a token against 54 us for the bare product compiled alone and 58 us
+    for cuBLAS's (docs/benchmarks.md, sessions 26-27): 0.4 ms of an exit draft's round. Opt-in and not yet timed in a decode step (session 29).
     """
     if HEAD_PATH == "cublas" and torch.compiler.is_compiling() and _inference_operands(x, w, 1, x.numel()):
         return opaque_linear(x, w)
