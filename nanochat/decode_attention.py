@@ -26,7 +26,9 @@ at 1K, 8K and 32K keys (1.94 / 2.46 / 4.47 against 1.81 / 2.36 / 3.76 ms a token
 "reduce": reduced_attention (the reference's function as broadcast products and sums) in compiled steps, the
 reference in eager ones. Why: a session-27 trace of the verify pass (5 queries) found inductor's matrix products
 there reading fp32 copies of K and V (about 45 us a block at 1K keys; think's one-query products become
-reductions that convert in registers). Opt-in and not yet timed on a GPU (no device came in session 28).
+reductions that convert in registers). Alone on an H100 (session 29, in a CUDA graph, d20 shapes) a 5-query call
+took 27 us with it against 38 for the reference at 1K keys, and 103 against 373 at 8K; one query about the same.
+Opt-in until an end-to-end speculation row measures it (`bench decode --attention-path reduce`).
 """
 import math
 

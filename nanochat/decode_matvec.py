@@ -4,9 +4,9 @@ W (N, K) of any strides (a Matryoshka slice W[:n, :k] included), as a Triton ker
 plain PyTorch function. Opt-in (PATH below): on the H100 a d20 step's matrices took 1.54 ms with it (1.20 at
 the best of 114 configs) against 1.18 with inductor's tuned reductions (docs/benchmarks.md, session 26).
 `linear` is what the decode step's projections call (attention, MLP, the Mamba mixers' in/out projections, the
-head); it runs the kernel where usable() says so, reduced_matvec where reducible() does, and F.linear otherwise.
-`python -m scripts.bench matvec` times the kernel against cuBLAS (F.linear) and inductor's tuned reductions at the
-model's shapes; `bench decode --matvec-path triton` times a step with it.
+head); it runs the kernel where usable() says so and F.linear otherwise. `python -m scripts.bench matvec` times
+the kernel against cuBLAS (F.linear) and inductor's tuned reductions at the model's shapes; `bench decode
+--matvec-path triton` times a step with it.
 
 Why: session 23's profile of tuned think at d20 (docs/benchmarks.md) had inductor's matrix-vector reductions read
 the weights at 1.5-1.9 TB/s, 45-57% of an H100's 3.35 TB/s; they are two thirds of the step. Here a program owns
@@ -14,11 +14,6 @@ BLOCK_N output columns and streams their weight rows once, for every row of x; i
 products and reduces them once at the end (one row of x), or sums them on the tensor cores (several rows). With
 SPLIT_K > 1 the K axis is shared by SPLIT_K programs, which write fp32 partial sums that PyTorch adds (for a wide
 K and few columns: the MLP's down projection).
-
-PATH: "torch" (the default: F.linear), "triton" (the kernel, where usable()) or "reduce" (reduced_matvec for 2 to
-MAX_ROWS rows in compiled steps: the verify pass's projections as broadcast sums that inductor turns into
-reductions; F.linear elsewhere). Set by ADAMBA_DECODE_MATVEC (read on import) or set_path() before an Engine
-compiles or captures a step. "reduce" is opt-in and not yet timed on a GPU (session 29).
 
 Numerics: products and sums in fp32 (bf16 x bf16 products are exact in fp32; with fp32 inputs IEEE fp32, no
 TF32), rounded once to the output dtype, as cuBLAS's bf16 GEMM: only the order of the additions differs.
@@ -30,10 +25,8 @@ from nanochat.common import get_logger, kernel_path_from_env, load_triton, log_o
 
 logger = get_logger(__name__)
 
-PATHS = ("torch", "triton", "reduce")
+PATHS = ("torch", "triton")
 PATH = kernel_path_from_env("ADAMBA_DECODE_MATVEC", PATHS)
-HEAD_PATHS = ("torch", "cublas")
-HEAD_PATH = kernel_path_from_env("ADAMBA_DECODE_HEAD", HEAD_PATHS)  # head() below
 ON_CPU = False    # tests only: take CPU tensors too (Triton's interpreter, TRITON_INTERPRET=1, runs the kernel there)
 MAX_ROWS = 16     # rows of x the kernel takes (a verify pass of k + 1 <= 16 positions)
 ACTS = ("none", "relu2")
@@ -185,96 +178,25 @@ def usable(x, w):
     ADAMBA_DECODE_MATVEC=triton where CUDA is available), no gradient wanted (the kernel has no backward), x and w in
     one dtype that autocast (if on) would not change, at most MAX_ROWS rows. Reads module globals: torch.compile
     traces it."""
-    if PATH != "triton" or _op is None or not (x.is_cuda or ON_CPU):
+    if PATH != "triton" or _op is None or not (x.is_cuda or ON_CPU) or w.dim() != 2:
         return False
-    return _inference_operands(x, w, 1)
-
-
-def _inference_operands(x, w, min_rows, max_rows=MAX_ROWS):
-    """w a matrix, no gradient wanted, x and w in one dtype (bf16 or fp32) that autocast (if on) would not change,
-    min_rows to max_rows rows of x: what the kernel, reduced_matvec and opaque_linear take."""
-    if w.dim() != 2 or (torch.is_grad_enabled() and (x.requires_grad or w.requires_grad)):
+    if torch.is_grad_enabled() and (x.requires_grad or w.requires_grad):
         return False
     if x.dtype != w.dtype or x.dtype not in (torch.bfloat16, torch.float32):
         return False
     if torch.is_autocast_enabled(x.device.type) and torch.get_autocast_dtype(x.device.type) != x.dtype:
         return False
-    return min_rows <= x.numel() // max(1, x.size(-1)) <= max_rows
-
-
-def reduced_matvec(x, w, act="none"):
-    """
-    matvec_reference's function written as a broadcast product and a sum over K (PATH 'reduce'): x (..., K), w (N,
-    K), products and sums in fp32, rounded once to x's dtype. The sum runs over (N, rows) with the rows inner, so
-    under torch.compile inductor makes one reduction whose neighbouring outputs share a weight row: it reads W once,
-    in its own dtype, for all the rows. Inductor does that itself for one row under coordinate-descent tuning (the
-    'tuned' decode) and hands several rows (a verify pass's k + 1 positions) to cuBLAS, whose few-row kernels took
-    0.9 ms of a d20 round's 5.7 (docs/benchmarks.md, session 27). Eager it would hold (N, rows, K) fp32 products, so
-    linear() calls it only while compiling.
-    """
-    if act not in ACTS:
-        raise ValueError(f"act {act!r}: use one of {', '.join(ACTS)}")
-    lead = x.shape[:-1]
-    with torch.autocast(device_type=x.device.type, enabled=False):
-        y = (w.float().unsqueeze(1) * x.reshape(1, -1, x.size(-1)).float()).sum(-1).t()  # (rows, N)
-        if act == "relu2":
-            y = torch.relu(y).square()
-    return y.to(x.dtype).reshape(*lead, w.size(0))
-
-
-def reducible(x, w):
-    """Whether linear() runs reduced_matvec: PATH 'reduce' while torch.compile traces, 2 to MAX_ROWS rows (one row
-    is left to inductor's own reduction), no gradient wanted, x and w in one dtype autocast would not change."""
-    if PATH != "reduce" or not torch.compiler.is_compiling():
-        return False
-    return _inference_operands(x, w, 2)
+    return 1 <= x.numel() // max(1, x.size(-1)) <= MAX_ROWS
 
 
 def linear(x, w, act="none"):
     """act(F.linear(x, w)) (act: 'none' or 'relu2', ReLU squared): the decode projections' entry. The kernel where
-    usable(), reduced_matvec where reducible(), else F.linear and PyTorch's ReLU and square, the ops the model ran
-    before (training is unchanged)."""
+    usable(), else F.linear and PyTorch's ReLU and square, the ops the model ran before (training is unchanged)."""
     if usable(x, w):
         with torch.autocast(device_type=x.device.type, enabled=False):
             return matvec(x, w, act)
-    if reducible(x, w):
-        return reduced_matvec(x, w, act)
     y = F.linear(x, w)
     return F.relu(y).square() if act == "relu2" else y
-
-
-@torch.library.custom_op("adamba::opaque_linear", mutates_args=())
-def opaque_linear(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
-    """F.linear(x, w) as an operator torch.compile cannot see into: inductor calls it as it is (cuBLAS on CUDA) and
-    fuses nothing into it. No backward: head() calls it only when no gradient is wanted."""
-    return F.linear(x, w)
-
-
-@opaque_linear.register_fake
-def _(x, w):
-    return x.new_empty(*x.shape[:-1], w.size(0))
-
-
-def head(x, w):
-    """
-    The readout's product x @ w^T (the normed residual times lm_head's weight): linear() unless HEAD_PATH is
-    'cublas' (ADAMBA_DECODE_HEAD, set_head_path) and torch.compile traces the call with operands the kernel would
-    take (_inference_operands, any number of rows); then opaque_linear, the same F.linear kept out of inductor's
-    fusion. Why: on the H100 inductor fused the readout's norm and soft-cap into the head's reduction (a 168 MB
-    weight at d20), and that kernel took 106 us a token against 54 us for the bare product compiled alone and 58 us
-    for cuBLAS's (docs/benchmarks.md, sessions 26-27): 0.4 ms of an exit draft's round. Opt-in and not yet timed in a decode step (session 29).
-    """
-    if HEAD_PATH == "cublas" and torch.compiler.is_compiling() and _inference_operands(x, w, 1, x.numel()):
-        return opaque_linear(x, w)
-    return linear(x, w)
-
-
-def set_head_path(path):
-    """HEAD_PATH = path, validated (bench decode --head-path); before an Engine compiles a step."""
-    global HEAD_PATH
-    if path not in HEAD_PATHS:
-        raise ValueError(f"decode head path {path!r}: use one of {', '.join(HEAD_PATHS)}")
-    HEAD_PATH = path
 
 
 def set_path(path):

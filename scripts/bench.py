@@ -418,15 +418,10 @@ def get_args(argv=None):
                            "decode_attention.PATH; default: $ADAMBA_DECODE_ATTENTION or torch): torch = PyTorch's "
                            "(matrix-vector products, SDPA), triton = the split-key Triton kernel (CUDA), reduce = the "
                            "products written as broadcast sums in compiled steps (--engine-decode compiled/tuned)")
-            t.add_argument("--matvec-path", type=str, default=None, choices=("torch", "triton", "reduce"),
+            t.add_argument("--matvec-path", type=str, default=None, choices=("torch", "triton"),
                            help="decode steps' and the verify pass's projections and head (nanochat.decode_matvec.PATH; "
                            "default: $ADAMBA_DECODE_MATVEC or torch): torch = F.linear (cuBLAS, or inductor's reductions "
-                           "under --engine-decode tuned), triton = nanochat.decode_matvec's kernel (CUDA, bf16 weights), "
-                           "reduce = products of 2-16 rows (the verify pass) as broadcast sums in compiled steps")
-            t.add_argument("--head-path", type=str, default=None, choices=("torch", "cublas"),
-                           help="the readout's product in compiled steps (nanochat.decode_matvec.HEAD_PATH; default: "
-                           "$ADAMBA_DECODE_HEAD or torch): torch = as the projections, cublas = F.linear kept out of "
-                           "inductor's fusion with the norm and soft-cap")
+                           "under --engine-decode tuned), triton = nanochat.decode_matvec's kernel (CUDA, bf16 weights)")
             t.add_argument("--engine-decode", type=str, default="auto", choices=DECODE_PATHS,
                            help="the hybrids' decode path (nanochat.engine.Engine): auto = CUDA graphs on CUDA where the "
                            "step allows them (one plan for every row, and one row when gates are on), else the eager step; "

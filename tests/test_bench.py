@@ -315,15 +315,6 @@ def test_decode_models_and_mixer_path(capsys, monkeypatch):
     res, out = run(capsys, args + ["--attention-path", "reduce"])
     assert "error" not in res["rows"][0] and decode_attention.PATH == "reduce"
     assert "attention PyTorch, broadcast sums when compiled" in out
-    from nanochat import decode_matvec  # --matvec-path reduce likewise
-    monkeypatch.setattr(decode_matvec, "PATH", decode_matvec.PATH)
-    res, out = run(capsys, args + ["--matvec-path", "reduce"])
-    assert "error" not in res["rows"][0] and decode_matvec.PATH == "reduce"
-    assert "projections F.linear (few rows: broadcast sums when compiled)" in out
-    monkeypatch.setattr(decode_matvec, "HEAD_PATH", decode_matvec.HEAD_PATH)  # --head-path cublas likewise
-    res, out = run(capsys, args + ["--head-path", "cublas"])
-    assert "error" not in res["rows"][0] and decode_matvec.HEAD_PATH == "cublas"
-    assert ", head through cuBLAS when compiled" in out
     for bad, msg in ((["--models", "hybrid,gpt"], "--models: 'gpt' not among"),
                      (["--models", "dense", "--speculate", "1"], "--speculate times the 'hybrid' model")):
         with pytest.raises(ValueError, match=msg):

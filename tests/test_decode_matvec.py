@@ -105,61 +105,6 @@ def test_default_config_fills_the_card():
         assert -(-N // bn) * sk >= 2 * 132 or K // (2 * sk) < bk, (M, N, K, bn, sk)
 
 
-def test_reduced_matvec_is_the_reference(monkeypatch):
-    """PATH 'reduce': reduced_matvec against matvec_reference on every case (the tolerances above), leading dims kept;
-    linear() takes it only while compiling and for 2 to MAX_ROWS rows (eager keeps F.linear bit for bit)."""
-    for case in CASES:
-        x, w, act, _ = make_case(*case)
-        ok, diff = close(dm.reduced_matvec(x, w, act), dm.matvec_reference(x, w, act), case[3])
-        assert ok, (case, diff)
-    x, w, _, _ = make_case(6, 30, 70, "float32", "none", None)
-    assert dm.reduced_matvec(x.view(2, 3, 70), w).shape == (2, 3, 30)
-    monkeypatch.setattr(dm, "PATH", "reduce")
-    calls, real = [], dm.reduced_matvec
-    monkeypatch.setattr(dm, "reduced_matvec", lambda x, w, act="none": calls.append(x.shape[:-1]) or real(x, w, act))
-    xs = x.view(1, 6, 70)
-    assert torch.equal(dm.linear(xs, w, "relu2"), torch.relu(torch.nn.functional.linear(xs, w)).square()) and not calls
-    compiled = torch.compile(lambda a, b: dm.linear(a, b, "relu2"), dynamic=False)
-    ok, diff = close(compiled(xs, w), dm.matvec_reference(xs, w, "relu2"), "float32")
-    assert ok and calls == [(1, 6)], (diff, calls)
-    calls.clear()
-    one = xs[:, :1]
-    assert torch.allclose(compiled(one, w), dm.matvec_reference(one, w, "relu2"), atol=1e-4) and not calls
-    with torch.enable_grad():  # a gradient wanted: F.linear
-        wg = w.clone().requires_grad_()
-        torch.compile(lambda a, b: dm.linear(a, b), dynamic=False)(xs, wg).sum().backward()
-    assert not calls and wg.grad is not None
-
-
-def test_head_path_keeps_the_product_apart(monkeypatch):
-    """HEAD_PATH 'cublas': head() is F.linear as an opaque operator while compiling (the compiled readout equals the
-    eager one, and the operator is called), linear() eager or with a gradient wanted; set_head_path validates."""
-    x, w, _, _ = make_case(3, 40, 64, "float32", "none", None)
-    monkeypatch.setattr(dm, "HEAD_PATH", "cublas")
-    calls, real = [], dm.opaque_linear
-    monkeypatch.setattr(dm, "opaque_linear", lambda a, b: calls.append(a.shape) or real(a, b))
-    assert torch.equal(dm.head(x, w), torch.nn.functional.linear(x, w)) and not calls
-    readout = torch.compile(lambda a, b: torch.tanh(dm.head(torch.nn.functional.rms_norm(a, (64,)), b) / 15) * 15,
-                            dynamic=False)
-    ref = torch.tanh(torch.nn.functional.linear(torch.nn.functional.rms_norm(x, (64,)), w) / 15) * 15
-    assert torch.allclose(readout(x, w), ref, atol=1e-6, rtol=0) and calls == [(3, 64)]
-    calls.clear()
-    with torch.enable_grad():
-        wg = w.clone().requires_grad_()
-        torch.compile(lambda a, b: dm.head(a, b), dynamic=False)(x, wg).sum().backward()
-    assert not calls and wg.grad is not None
-    with pytest.raises(ValueError, match="decode head path 'fused': use one of torch, cublas"):
-        dm.set_head_path("fused")
-    dm.set_head_path("torch")
-    assert dm.HEAD_PATH == "torch"
-    code = "from nanochat import decode_matvec as m; print(m.HEAD_PATH)"
-    for value, ok in (("cublas", True), ("fused", False)):
-        r = subprocess.run([sys.executable, "-c", code], env=dict(os.environ, ADAMBA_DECODE_HEAD=value),
-                           capture_output=True, text=True, cwd=ROOT)
-        assert (r.returncode == 0 and r.stdout.strip() == value) if ok else (
-            r.returncode != 0 and "ADAMBA_DECODE_HEAD='fused': use one of torch, cublas" in r.stderr), r.stderr[-300:]
-
-
 def test_matvec_validates():
     x, w, _, _ = make_case(2, 8, 16, "float32", "none", None)
     with pytest.raises(ValueError, match="act 'gelu'"):
@@ -182,7 +127,7 @@ def test_path_from_the_environment_and_set_path(monkeypatch):
     from engine_testutil import check_path_from_env
     check_path_from_env("decode_matvec", "ADAMBA_DECODE_MATVEC", "cublas")
     monkeypatch.setattr(dm, "PATH", "torch")  # restored after the test
-    with pytest.raises(ValueError, match="decode matvec path 'cublas': use one of torch, triton, reduce"):
+    with pytest.raises(ValueError, match="decode matvec path 'cublas': use one of torch, triton"):
         dm.set_path("cublas")
     dm.set_path("triton")  # a CPU machine: allowed (CPU tensors keep F.linear), built where Triton imports
     assert dm.PATH == "triton" and (dm._op is not None) == HAS_TRITON
