@@ -83,20 +83,27 @@ def round_profile(engine, prompt, n, kw, actx, device, top=16):
 
 
 def speculate_rows(args, device, model, engine, name, L, actx):
-    """The rows for one hybrid model at context L (see the module docstring)."""
+    """The rows for one hybrid model at context L (see the module docstring), yielded one by one as each is
+    measured (a timeout during a later k's compiles keeps the earlier rows). warmup_s: the wall time of the
+    row's first, untimed generation (its graphs captured or compiled)."""
     B, n = args.batch, args.decode_tokens
     prompt = torch.randint(0, model.config.vocab_size, (B, L), device=device).tolist()
+    t0 = time.perf_counter()
     timed_generate(engine, prompt, n, actx, device)  # warm-up: graphs captured, kernels chosen
+    warmup_s = time.perf_counter() - t0
     think_s = timed_generate(engine, prompt, n, actx, device)
     bw, per_step = peak_bandwidth(device), bytes_per_step(model, engine.state, L)
-    rows = [{"model": name, "context": L, "what": "think", "k": 0, "ms_per_token": think_s * 1e3,
-             "tok_per_s": B / think_s, "GB_per_step": per_step / 1e9,
-             "mbu": None if bw is None else per_step / think_s / bw}]
+    yield {"model": name, "context": L, "what": "think", "k": 0, "ms_per_token": think_s * 1e3,
+           "tok_per_s": B / think_s, "GB_per_step": per_step / 1e9,
+           "mbu": None if bw is None else per_step / think_s / bw, "warmup_s": warmup_s}
     for k in range(args.speculate_from, args.speculate + 1):
         kw = dict(speculate=k, draft=args.draft, fallback=False)
         # the drafts and the verify timed apart (a sync after the drafts), then the plain speed of the same run
         with torch.inference_mode(), actx:
+            t0 = time.perf_counter()
             engine.generate_batch(prompt, n, **kw)  # warm-up for this k
+            sync(device)
+            warmup_s = time.perf_counter() - t0
             engine.spec_sync = True
             engine.generate_batch(prompt, n, **kw)
             engine.spec_sync = False
@@ -107,22 +114,21 @@ def speculate_rows(args, device, model, engine, name, L, actx):
         row = {"model": name, "context": L, "what": f"speculate {args.draft}", "k": k, "ms_per_token": spec_s * 1e3,
                "tok_per_s": B / spec_s, "vs_think": think_s / spec_s, "acceptance": st2.acceptance,
                "draft_ms": draft_ms, "verify_ms": verify_ms,
-               "between_ms": st2.between_s / st2.betweens * 1e3 if st2.betweens else None}
+               "between_ms": st2.between_s / st2.betweens * 1e3 if st2.betweens else None, "warmup_s": warmup_s}
         round_ms = k * draft_ms + verify_ms
         for a in ACCEPTANCES:  # what a draft accepted at rate a would give, from these step times
             row[f"tok_s_at_{a}"] = B * expected_tokens_per_round(a, k) / round_ms * 1e3
         if args.profile and k == args.speculate:
             row["profile"] = round_profile(engine, prompt, n, kw, actx, device)
-        rows.append(row)
+        yield row
     # the setting scripts.generate uses: k = K with the fallback on (plain steps once speculation measures slower)
     kw = dict(speculate=args.speculate, draft=args.draft, fallback=True)
     timed_generate(engine, prompt, n, actx, device, **kw)  # warm-up: the plain steps' and rounds' shapes
     spec_s = timed_generate(engine, prompt, n, actx, device, **kw)
     st = engine.spec_stats
-    rows.append({"model": name, "context": L, "what": f"speculate {args.draft}, fallback", "k": args.speculate,
-                 "ms_per_token": spec_s * 1e3, "tok_per_s": B / spec_s, "vs_think": think_s / spec_s,
-                 "acceptance": st.acceptance, "fell_back": st.fell_back_at is not None})
-    return rows
+    yield {"model": name, "context": L, "what": f"speculate {args.draft}, fallback", "k": args.speculate,
+           "ms_per_token": spec_s * 1e3, "tok_per_s": B / spec_s, "vs_think": think_s / spec_s,
+           "acceptance": st.acceptance, "fell_back": st.fell_back_at is not None}
 
 
 def checkpoint_rows(args, engine, prompts, actx, device, drafts):

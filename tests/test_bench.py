@@ -294,6 +294,23 @@ def test_decode_speculate(capsys, monkeypatch):
     assert "one round" in out and "attention PyTorch" in out and decode_attention.PATH == "torch"
     with pytest.raises(ValueError, match="--speculate-from 3: use 1 .. --speculate"):
         bench.main(CPU + ["decode", "--depth", "2", "--speculate", "2", "--speculate-from", "3"])
+    # each row is printed once measured: a failure in the fallback's run (a timeout, say) keeps think's and k's rows
+    from scripts import bench_speculate
+    real = bench_speculate.timed_generate
+
+    def fails_with_fallback(*a, **kw):
+        if kw.get("fallback"):
+            raise RuntimeError("stopped")
+        return real(*a, **kw)
+    monkeypatch.setattr(bench_speculate, "timed_generate", fails_with_fallback)
+    with pytest.raises(RuntimeError, match="stopped"):
+        bench.main(CPU + ["decode", "--depth", "2", "--seq-len", "16", "--vocab-size", "128", "--contexts", "24",
+                          "--decode-tokens", "6", "--prefill-reps", "1", "--modes", "think", "--speculate", "1",
+                          "--draft", "exit:0"])
+    printed = [json.loads(line[4:]) for line in capsys.readouterr().out.splitlines() if line.startswith("row {")]
+    spec = [r for r in printed if "what" in r]
+    assert [(r["what"], r["k"]) for r in spec] == [("think", 0), ("speculate exit:0", 1)]
+    assert all(r["warmup_s"] > 0 for r in spec)
 
 
 def test_decode_models_and_mixer_path(capsys, monkeypatch):
