@@ -12,7 +12,7 @@ import time
 
 import torch
 
-from scripts.bench_common import top_kernels
+from scripts.bench_common import progress, top_kernels
 
 from nanochat.common import synchronize as sync
 
@@ -139,7 +139,7 @@ def checkpoint_rows(args, engine, prompts, actx, device, drafts):
     the prompt's shapes, and x think is the ratio of the paired sums, so that a drift of the machine's speed falls on
     both (think's own runs a minute apart differed by 12% on an H100 host). Each setting first runs one whole
     generation untimed (its graphs captured; with the fallback, the engine's memory of it, as when serving). The think
-    row is every paired think run together.
+    row is every paired think run together. Each setting's row is printed (bench_common.progress) once measured.
     """
     n = args.decode_tokens + 1
     ids = [p.tolist() for p in prompts]  # (P,) each
@@ -180,6 +180,7 @@ def checkpoint_rows(args, engine, prompts, actx, device, drafts):
                          "tok_per_s": len(ids) * n / spec_s, "think_tok_per_s": len(ids) * n / think_s,
                          "vs_think": think_s / spec_s, "acceptance": acc[0] / max(1, acc[1]),
                          "same_tokens": outs == thinks == think_out})
+            progress(rows[-1])  # printed once measured: a timeout in a later setting keeps it
     return [{"what": "think", "k": 0, "tok_per_s": len(ids) * n * len(rows) / think_all if rows else None}] + rows
 
 

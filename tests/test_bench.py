@@ -458,6 +458,9 @@ def test_adaptive_speculate_on_a_checkpoint(capsys, tiny_data, tmp_path):
     assert [(r["what"], r["k"]) for r in spec] == [("think", 0), ("speculate ghost", 1), ("speculate ghost", 2),
                                                    ("speculate ghost, fallback", 2), ("speculate exit:0", 1),
                                                    ("speculate exit:0", 2), ("speculate exit:0, fallback", 2)]
+    printed = [json.loads(line[4:]) for line in out.splitlines() if line.startswith("row {")]
+    assert [r for r in printed if "same_tokens" in r] == [json.loads(json.dumps(  # each setting printed once measured
+        {k: (round(v, 4) if isinstance(v, float) else v) for k, v in r.items()})) for r in spec[1:]]
     assert all(r["same_tokens"] for r in spec[1:]) and all(0 <= r["acceptance"] <= 1 for r in spec[1:])
     # each setting against its own paired think runs; the think row is all of them together
     assert all(r["vs_think"] == pytest.approx(r["tok_per_s"] / r["think_tok_per_s"]) for r in spec[1:])
