@@ -103,10 +103,19 @@ def cuda_graphed(fn, warmup=3):
     return graph.replay
 
 
+def progress_record(row):
+    """What progress() prints of a row: floats to 4 places, the profile left out."""
+    return {k: (round(v, 4) if isinstance(v, float) else v) for k, v in row.items() if k != "profile"}
+
+
 def progress(row):
     """One line per finished row, flushed, so a later crash or timeout cannot lose it."""
-    print("row " + json.dumps({k: (round(v, 4) if isinstance(v, float) else v) for k, v in row.items() if k != "profile"},
-                              default=str), flush=True)
+    print("row " + json.dumps(progress_record(row), default=str), flush=True)
+
+
+def printed_rows(text):
+    """The rows progress() printed into text, parsed back."""
+    return [json.loads(line[len("row "):]) for line in text.splitlines() if line.startswith("row {")]
 
 
 def top_kernels(fn, device, n=12, steps=2):

@@ -307,8 +307,8 @@ def test_decode_speculate(capsys, monkeypatch):
         bench.main(CPU + ["decode", "--depth", "2", "--seq-len", "16", "--vocab-size", "128", "--contexts", "24",
                           "--decode-tokens", "6", "--prefill-reps", "1", "--modes", "think", "--speculate", "1",
                           "--draft", "exit:0"])
-    printed = [json.loads(line[4:]) for line in capsys.readouterr().out.splitlines() if line.startswith("row {")]
-    spec = [r for r in printed if "what" in r]
+    from scripts.bench_common import printed_rows
+    spec = [r for r in printed_rows(capsys.readouterr().out) if "what" in r]
     assert [(r["what"], r["k"]) for r in spec] == [("think", 0), ("speculate exit:0", 1)]
     assert all(r["warmup_s"] > 0 for r in spec)
 
@@ -458,9 +458,9 @@ def test_adaptive_speculate_on_a_checkpoint(capsys, tiny_data, tmp_path):
     assert [(r["what"], r["k"]) for r in spec] == [("think", 0), ("speculate ghost", 1), ("speculate ghost", 2),
                                                    ("speculate ghost, fallback", 2), ("speculate exit:0", 1),
                                                    ("speculate exit:0", 2), ("speculate exit:0, fallback", 2)]
-    printed = [json.loads(line[4:]) for line in out.splitlines() if line.startswith("row {")]
-    assert [r for r in printed if "same_tokens" in r] == [json.loads(json.dumps(  # each setting printed once measured
-        {k: (round(v, 4) if isinstance(v, float) else v) for k, v in r.items()})) for r in spec[1:]]
+    from scripts.bench_common import printed_rows, progress_record
+    assert [r for r in printed_rows(out) if "same_tokens" in r] == [  # each setting printed once measured
+        json.loads(json.dumps(progress_record(r), default=str)) for r in spec[1:]]
     assert all(r["same_tokens"] for r in spec[1:]) and all(0 <= r["acceptance"] <= 1 for r in spec[1:])
     # each setting against its own paired think runs; the think row is all of them together
     assert all(r["vs_think"] == pytest.approx(r["tok_per_s"] / r["think_tok_per_s"]) for r in spec[1:])
