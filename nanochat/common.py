@@ -60,9 +60,9 @@ def load_triton():
     return _triton
 
 
-def kernel_path_from_env(var, paths):
-    """A decode kernel's path from environment variable `var` ('torch' when unset), validated: one-line error."""
-    path = os.environ.get(var, "torch")
+def kernel_path_from_env(var, paths, default="torch"):
+    """A decode kernel's path from environment variable `var` (`default` when unset), validated: one-line error."""
+    path = os.environ.get(var, default)
     if path not in paths:
         raise ValueError(f"{var}={path!r}: use one of {', '.join(paths)}")
     return path

@@ -6,11 +6,13 @@
 #                                        # graph / compiled steps and speculation with them (~5 min)
 #   bash runs/decode_gpu.sh matvec       # the matvec kernel against cuBLAS and inductor at the d20 hybrid's shapes,
 #                                        # with a sweep of its configs (~3 min)
-#   bash runs/decode_gpu.sh think        # tuned think at d20, bf16, 1K and 8K context: PyTorch's paths, the attention
-#                                        # kernel, both kernels; with --profile: ms/token, MBU, where the step goes
+#   bash runs/decode_gpu.sh think        # tuned think at d20, bf16, 1K and 8K context, attention path reduce (the
+#                                        # default), torch and triton (the kernel); with --profile: ms/token, MBU,
+#                                        # where the step goes
 #   bash runs/decode_gpu.sh speculate    # tuned speculation (exit:10, k = 4) at 1K with --profile: x think, draft and
-#                                        # verify ms, one round's kernels (~6 min); ATTN=torch|triton and
-#                                        # MATVEC=torch|triton (default triton both)
+#                                        # verify ms, one round's kernels (~6 min); ATTN=reduce|torch|triton
+#                                        # (default reduce) and MATVEC=torch|triton (default torch): the defaults
+#                                        # are the library's, the kernels opt-in (measured slower, session 26)
 #   bash runs/decode_gpu.sh tiny         # the tiny chat checkpoint: think against exit:5 and ghost drafts, k = 1..3,
 #                                        # with the fallback, CUDA graphs (CKPT=<chat_final dir> DATA=<its data dir>)
 #
@@ -25,9 +27,9 @@ DRY_RUN=0
 [ "${2:-}" = "--dry-run" ] && DRY_RUN=1
 [ "${2:-}" != "" ] && [ "${2:-}" != "--dry-run" ] && { echo "unknown argument ${2} (use --dry-run or none)" >&2; exit 2; }
 PY="${PY:-python}"
-ATTN="${ATTN:-triton}"
-MATVEC="${MATVEC:-triton}"
-case "$ATTN" in torch|triton) ;; *) echo "ATTN=$ATTN: use torch or triton" >&2; exit 2 ;; esac
+ATTN="${ATTN:-reduce}"
+MATVEC="${MATVEC:-torch}"
+case "$ATTN" in reduce|torch|triton) ;; *) echo "ATTN=$ATTN: use reduce, torch or triton" >&2; exit 2 ;; esac
 case "$MATVEC" in torch|triton) ;; *) echo "MATVEC=$MATVEC: use torch or triton" >&2; exit 2 ;; esac
 
 run() {  # print the command (quoted to be pasted), run it unless --dry-run
@@ -54,7 +56,7 @@ case "$STAGE" in
         run "$PY" -m scripts.bench matvec --sweep
         ;;
     think)
-        for paths in "torch torch" "triton torch" "triton triton"; do
+        for paths in "reduce torch" "torch torch" "triton torch"; do
             set -- $paths
             run "$PY" -m scripts.bench --profile decode "${D20[@]}" --contexts 1024,8192 --attention-path "$1" \
                 --matvec-path "$2"

@@ -415,9 +415,9 @@ def get_args(argv=None):
                            "the kernels; torch = never")
             t.add_argument("--attention-path", type=str, default=None, choices=("torch", "triton", "reduce"),
                            help="decode steps' and the verify pass's attention over the key buffer (nanochat."
-                           "decode_attention.PATH; default: $ADAMBA_DECODE_ATTENTION or torch): torch = PyTorch's "
-                           "(matrix-vector products, SDPA), triton = the split-key Triton kernel (CUDA), reduce = the "
-                           "products written as broadcast sums in compiled steps (--engine-decode compiled/tuned)")
+                           "decode_attention.PATH; default: $ADAMBA_DECODE_ATTENTION or reduce): reduce = PyTorch's, the "
+                           "products written as broadcast sums in compiled steps (--engine-decode compiled/tuned), "
+                           "torch = PyTorch's (matrix-vector products, SDPA), triton = the split-key Triton kernel (CUDA)")
             t.add_argument("--matvec-path", type=str, default=None, choices=("torch", "triton"),
                            help="decode steps' and the verify pass's projections and head (nanochat.decode_matvec.PATH; "
                            "default: $ADAMBA_DECODE_MATVEC or torch): torch = F.linear (cuBLAS, or inductor's reductions "

@@ -104,7 +104,8 @@ def test_reduced_attention_is_the_reference(monkeypatch):
 
 def test_cpu_keeps_the_reference_paths(monkeypatch):
     q, k, v, keep, _ = make_case(*CASES[0])
-    assert da.PATH == "torch" and not da.usable(q, k, v, keep)  # the default (no ADAMBA_DECODE_ATTENTION here)
+    assert da.PATH == "reduce" and not da.usable(q, k, v, keep)  # the default (no ADAMBA_DECODE_ATTENTION here)
+    assert torch.equal(attention(q, k, v, keep=keep), da.masked_attention(q, k, v, None, keep))  # eager: the reference
     monkeypatch.setattr(da, "PATH", "triton")
     assert not da.usable(q, k, v, keep)  # opted in, but a CPU tensor
     assert torch.equal(attention(q, k, v, keep=keep), da.masked_attention(q, k, v, None, keep))

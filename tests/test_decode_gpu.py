@@ -29,7 +29,7 @@ def strip_env(cmd):
 def test_every_stage_parses():
     seen = {}
     for stage, env in (("check", {}), ("matvec", {}), ("think", {}), ("speculate", {}),
-                       ("speculate", {"ATTN": "torch", "MATVEC": "torch"}), ("tiny", {"CKPT": "/ckpt", "DATA": "/data"})):
+                       ("speculate", {"ATTN": "triton", "MATVEC": "triton"}), ("tiny", {"CKPT": "/ckpt", "DATA": "/data"})):
         r, cmds = dry(stage, **env)
         assert r.returncode == 0 and cmds, (stage, r.stderr)
         for cmd in cmds:
@@ -44,16 +44,16 @@ def test_every_stage_parses():
             args = bench.get_args(cmd[3:])
             seen.setdefault(stage, []).append((args, var))
     think = [(a.attention_path, a.matvec_path) for a, _ in seen["think"]]
-    assert think == [("torch", "torch"), ("triton", "torch"), ("triton", "triton")]
+    assert think == [("reduce", "torch"), ("torch", "torch"), ("triton", "torch")]
     assert all(a.engine_decode == "tuned" and a.profile for a, _ in seen["think"])
     spec = seen["speculate"]
-    assert [(a.attention_path, a.matvec_path) for a, _ in spec] == [("triton", "triton"), ("torch", "torch")]
+    assert [(a.attention_path, a.matvec_path) for a, _ in spec] == [("reduce", "torch"), ("triton", "triton")]
     assert all(a.speculate == 4 for a, _ in spec)
     (mv, _), = seen["matvec"]
     assert mv.cmd == "matvec" and mv.sweep
     (tiny, var), = seen["tiny"]
     assert tiny.cmd == "adaptive" and tiny.checkpoint == "/ckpt" and tiny.draft == "exit:5;ghost"
-    assert var == {"ADAMBA_DECODE_ATTENTION": "triton", "ADAMBA_DECODE_MATVEC": "triton"}
+    assert var == {"ADAMBA_DECODE_ATTENTION": "reduce", "ADAMBA_DECODE_MATVEC": "torch"}
 
 
 def test_bad_input_stops_with_one_line():
