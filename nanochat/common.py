@@ -69,7 +69,7 @@ def kernel_path_from_env(var, paths, default="torch"):
 
 
 def set_kernel_path(what, path, paths, build):
-    """Validate a decode kernel's path setting ('torch' or 'triton'); 'triton' builds the kernel (build() -> None
+    """Validate a decode kernel's path setting (one of paths); 'triton' builds the kernel (build() -> None
     where Triton does not import), which must succeed on a CUDA machine. Returns path. One-line errors."""
     if path not in paths:
         raise ValueError(f"{what} path {path!r}: use one of {', '.join(paths)}")
