@@ -101,8 +101,9 @@ class Engine:
         self.state = None       # the DecodeState of the last generate()
         self.spec_stats = None  # what speculation did in the last generate(speculate=k) (speculative_rules.SpecStats)
         self.spec_sync = False  # speculative rounds wait for the device after the drafts (benches time them apart)
+        self.spec_ahead = True  # an exit draft's next round queued before this one's read (static path; benches compare)
         self.spec_memory = {}   # (draft, k, batch) -> speculative_rules.SpecMemory: plain decoding since speculation measured
-        #                         slower, what a retry waits for, plain generations' prices (speculative.generate)
+        #                         slower, what a retry waits for, plain generations' prices (speculative_loop.generate)
 
     # ---- plans and thresholds -----------------------------------------------------------------
     def resolve(self, plan, exit_threshold, expand_threshold):
@@ -341,7 +342,7 @@ class Engine:
             if plan not in (None, "think") or exit_threshold not in (None, 1.0) or expand_threshold not in (None, 0.0):
                 raise ValueError("speculative decoding gives mode think's output: plan must be 'think', without "
                                  "exit/expand thresholds")
-            from nanochat.speculative import generate as speculative_generate
+            from nanochat.speculative_loop import generate as speculative_generate
             yield from speculative_generate(self, prompts, max_tokens, speculate, draft, temperature, top_k, seed,
                                             stop_tokens, fallback)
             return

@@ -22,20 +22,22 @@ states) and routes MoE FFNs per position (the capacities of one-token steps), so
 decoding computes, up to the order of floating-point sums in attention and matmuls over k+1 rows.
 Rows of a batch accept the same m (the smallest): tokens a row accepted past it are recomputed next round.
 The acceptance rule runs on the device and the rollback is queued before the round's one host read (m and the
-tokens together). On the static path (CUDA graphs) the next round's first draft is queued right after that read,
-before the tokens are handed out, so that the device drafts while the host and the caller work.
+tokens together). On the static path (CUDA graphs) an exit draft's next round is queued whole before that read
+(queue_ahead: its positions advance on the device by the accepted count, and the host's account of it waits for
+its own read), so the device works through the read, the handing out of the tokens and the caller's work; a plan
+draft's next round has its first draft queued right after the read, before the tokens are handed out. The loop
+that runs rounds, plain steps and the fallback is speculative_loop.generate.
 """
 import time
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 
 import torch
 
 from nanochat.cuda_graphs import replay
-from nanochat.engine_state import EagerCache, TokenStep, start_host_copy
+from nanochat.engine_state import EagerCache, start_host_copy
 from nanochat.engine_static import StaticCache
 from nanochat.layers import norm, token_probs, sample_next_token
-from nanochat.speculative_rules import (Draft, SpecStats, SpecMemory, accept, PROBE_STEPS, JUDGE_ROUNDS,
-                                        RETRY_OVERHEAD)
+from nanochat.speculative_rules import accept
 
 
 class VerifyCache(EagerCache):
@@ -106,10 +108,11 @@ class _Round:
     """A round between Speculator.begin() and finish(): its input, the drafts so far and what they left."""
     t0: torch.Tensor
     k: int
-    pos: int
+    pos: int  # None for a round queued ahead until collect(): it begins where the round before it ends
     flops: list
     static: bool
     early: bool = False  # begun right after the last round's read, before its tokens were handed out
+    ahead: bool = False  # queued whole before the last round's read (Speculator.queue_ahead)
     vb: dict = None
     L: int = None
     t_start: float = 0.0
@@ -118,6 +121,19 @@ class _Round:
     snaps: list = field(default_factory=list)  # a plan draft's Mamba states after each of its steps
     saved: dict = field(default_factory=dict)  # the eager path's per-position Mamba states
     hidden: list = field(default_factory=list)  # the eager exit path's residuals after block N
+
+
+@dataclass
+class _Queued:
+    """A round queue() put on the device and collect() has not read: the round, its verify logits (B, k+1, V), the
+    drafts (B, k), the next round's input token (B,), the host buffer its read lands in and the copy's event."""
+    r: _Round
+    v: torch.Tensor
+    d: torch.Tensor
+    nxt: torch.Tensor
+    host: torch.Tensor
+    copied: object
+    t1: float
 
 
 class Speculator:
@@ -132,7 +148,9 @@ class Speculator:
         self.dflops = 0.0
         self.sync = engine.spec_sync  # wait for the device after the drafts, so draft and verify times are apart
         self._r = None  # the round begin() started and finish() has not
-        self._host = {}  # (B, k) -> the pinned host buffer of a round's one read
+        self._host = {}  # (B, k, 0 or 1) -> the pinned host buffers of a round's one read (two: a round queued
+        self._flip = 0  # ahead reads into the one its predecessor does not)
+        self.max_len = max_len
         if draft.kind == "plan":  # its own caches, on a workspace of its own (the engine keeps the verifier's)
             self.dst, _, fl, _ = engine.prefill(prompts, draft.plan, max_len=max_len, slot="draft")
             self.dflops = fl
@@ -157,6 +175,29 @@ class Speculator:
         self.begin(t0, k)
         return self.finish()
 
+    def finish(self):
+        """The rest of the round begin() started, queued, then read: collect(queue())."""
+        return self.collect(self.queue())
+
+    def can_run_ahead(self, B, k):
+        """Whether the next round may be queued whole before this one's read (queue_ahead): an exit draft on the
+        static path, whose every input is on the device (the position advanced there by the accepted count, the
+        rollback a function of it), with room in the cache for two rounds from this one's start, and not while the
+        bench times the drafts apart from the verify (engine.spec_sync), nor with engine.spec_ahead off (the bench's
+        comparison). A plan draft's rollback of its own state needs the count on the host."""
+        T = k + 1
+        return (self.engine.spec_ahead and not self.sync and self.draft.kind == "exit" and self.static_round(B, T)
+                and self.st.pos + 2 * T <= self.max_len)
+
+    @torch.inference_mode()
+    def queue_ahead(self, q):
+        """Queue the round after q (queued, not read) whole, from q's next token: the device runs it while the host
+        reads q and hands its tokens out. Its key bucket covers the furthest it can reach (two rounds from q's
+        start); its host-side accounting waits for collect(), when q's count is known. Returns its _Queued."""
+        q.v = q.v.clone()  # the verify graph's output is overwritten by this round's replay
+        self.begin(q.nxt, q.r.k, ahead=True)
+        return self.queue()
+
     def can_begin_early(self, B, k):
         """Whether the generator may queue the next round's first draft before it hands out this round's tokens:
         on the static path, where an exit draft's steps leave the verifier's Mamba states as they were (a round that
@@ -165,21 +206,25 @@ class Speculator:
         return not self.sync and self.static_round(B, k + 1)
 
     @torch.inference_mode()
-    def begin(self, t0, k, early=False):
-        """A round's set-up and its first draft step, queued on the device; finish() does the rest. early: right
-        after the last round's read, before its tokens are handed out; that round's finish() compared the weights'
+    def begin(self, t0, k, early=False, ahead=False):
+        """A round's set-up and its first draft step, queued on the device; queue() does the rest. early: right
+        after the last round's read, before its tokens are handed out; that round's queue() compared the weights'
         version just before its read (while the device worked), so the graphs need no refresh here, and the draft
-        time counts from finish() (the caller's work comes between)."""
+        time counts from queue() (the caller's work comes between). ahead: queued before the last round's read
+        (queue_ahead), right after that round's queue() made the same check; its positions are those the last
+        round's accepted count advanced on the device."""
         eng, st = self.engine, self.st
         B, T = t0.size(0), k + 1
-        r = self._r = _Round(t0=t0, k=k, pos=st.pos, flops=[0.0] * B, static=self.static_round(B, T), early=early)
+        r = self._r = _Round(t0=t0, k=k, pos=None if ahead else st.pos, flops=[0.0] * B,
+                             static=self.static_round(B, T), early=early, ahead=ahead)
         if r.static:
-            if not early:
+            if not (early or ahead):
                 eng.static.refresh(st.ws)  # stale graphs dropped once a round: the weights cannot change inside it
             r.vb = self._buffers(B, T)
             r.vb["seq"][:, 0].copy_(t0)
-            torch.add(r.vb["base"], r.pos, out=r.vb["pos"])
-            r.L = eng.static.bucket(r.pos + T, st.cache.max_len)
+            if not ahead:
+                torch.add(r.vb["base"], st.pos, out=r.vb["pos"])
+            r.L = eng.static.bucket(st.pos + (2 * T if ahead else T), st.cache.max_len)
         r.t_start = time.perf_counter()
         self._draft(r, 0)
 
@@ -219,11 +264,11 @@ class Speculator:
         eng._count(self.st, 0, N, 1, [[self.D] * self.n for _ in range(B)], [True] * B, r.flops, pos=r.pos + i)
 
     @torch.inference_mode()
-    def finish(self):
-        """The rest of the round begin() started: drafts 1 .. k-1, the verify pass, the acceptance rule and the
-        rollback, all queued; then the round's one device read (the accepted count and the tokens, together).
-        Returns (tokens (B, m+1) on the host, logits (B, m+1, V) they are read from, FLOPs (B,) float64 of the
-        round, m, the next round's input token (B,) on the device)."""
+    def queue(self):
+        """The rest of the round begin() started, queued on the device: drafts 1 .. k-1, the verify pass, the
+        acceptance rule, the rollback (on the static path: on the device, and the positions advanced by the accepted
+        count) and the copy of the round's one read (the accepted count and the tokens, together). Returns a
+        _Queued for collect()."""
         eng, st, model, r = self.engine, self.st, self.model, self._r
         self._r = None
         if r.early:  # its first draft step was queued before the caller's work: draft time counts from here
@@ -240,8 +285,6 @@ class Speculator:
             if self.draft.kind == "exit":
                 for b in range(B):
                     flops[b] += eng.flops.head
-                if r.static:
-                    self._note_exit(r, i)
         d = torch.stack(r.drafts, 1)  # (B, k)
         if self.sync and d.is_cuda:
             torch.cuda.synchronize()  # time the drafts apart from the verify (benches)
@@ -251,9 +294,7 @@ class Speculator:
         if r.static:
             if self.draft.kind == "exit":
                 self._run(("exit", B, T, k, L), lambda at=vb["at"][k]: self._exit_static(vb, at, L, readout=False))
-                self._note_exit(r, k)
             v = self._run(("verify", B, T, j0, L), lambda: self._verify_static(vb, j0, L))
-            self._note(j0, n - 1, pos, T)
         else:
             if self.draft.kind == "plan":
                 x = norm(model.transformer.wte(torch.cat([r.t0[:, None], d], 1)))
@@ -262,32 +303,51 @@ class Speculator:
                 x = torch.cat(r.hidden, 1)  # (B, k+1, D): the residuals after block N
             x = eng._blocks(st, j0, n - 1, x, widths, active, flops, view=VerifyCache(model, st, T, flops, pos, r.saved))
             v = model.readout(x)  # (B, k+1, V)
-        eng._count(st, j0, n - 1, T, widths, active, flops, pos=pos)
-        for b in range(B):
-            flops[b] += T * eng.flops.head
         m, nxt = accept(v, d, torch.stack(r.qs, 1) if r.qs else None, self.temperature, self.top_k, self.rng)
         if r.static:  # the Mamba states to those after position m: one static function of m on the device
             vb["m"].copy_(m.view(1))
             self._run(("rollback", B, T), lambda: self._rollback_static(vb, vb["m"]))
+            vb["pos"].add_(m + 1)  # where a round queued ahead begins
         # the round's tokens d1 .. dm, nxt (in slots 0 .. m of k+1) and m, read back together
         out = torch.cat([d, nxt[:, None]], 1).scatter_(1, m.view(1, 1).expand(B, 1), nxt[:, None])
         packed = torch.cat([out, m.view(1, 1).expand(B, 1)], 1)
         if r.static:
             eng.static.refresh(st.ws)  # the next round's check, while the device works (begin(early=True))
-        host = self._host.get((B, k))
+        self._flip ^= 1
+        host = self._host.get((B, k, self._flip))
         if host is None:
-            host = self._host[(B, k)] = torch.empty(B, k + 2, dtype=torch.long, pin_memory=packed.is_cuda)
-        copied = start_host_copy(packed, host)
-        if copied is not None:
-            copied.synchronize()
-        m = int(host[0, -1])
-        tokens = host[:, :m + 1].clone()
+            host = self._host[(B, k, self._flip)] = torch.empty(B, k + 2, dtype=torch.long, pin_memory=packed.is_cuda)
+        return _Queued(r, v, d, nxt, host, start_host_copy(packed, host), t1)
+
+    @torch.inference_mode()
+    def collect(self, q):
+        """Wait for the read of the round queue() returned as q, then its host-side accounting: the cache's summary
+        of its stores, its FLOPs, the rollback's host part (and a plan draft's own state's). Returns (tokens (B, m+1)
+        on the host, logits (B, m+1, V) they are read from, FLOPs (B,) float64 of the round, m, the next round's input
+        token (B,) on the device)."""
+        eng, st, r = self.engine, self.st, q.r
+        if q.copied is not None:
+            q.copied.synchronize()
+        m = int(q.host[0, -1])
+        tokens = q.host[:, :m + 1].clone()
+        if r.pos is None:  # queued ahead: it began where the round before it, collected just now, ended
+            r.pos = st.pos
+        B, k, pos, n, N, flops = len(r.flops), r.k, r.pos, self.n, self.draft.exit_block, r.flops
+        T, j0 = k + 1, 0 if self.draft.kind == "plan" else N + 1
+        if r.static:  # what the static functions stored, on the host
+            if self.draft.kind == "exit":
+                for i in range(T):
+                    self._note_exit(r, i)
+            self._note(j0, n - 1, pos, T)
+        eng._count(st, j0, n - 1, T, [[self.D] * n for _ in range(B)], [True] * B, flops, pos=pos)
+        for b in range(B):
+            flops[b] += T * eng.flops.head
         rollback(st, pos, {} if r.static else r.saved, m + 1)  # the cache's account (and the eager path's states)
         if self.draft.kind == "plan":
             if m < k:  # the draft consumed t0, d1 .. d(k-1): back to m+1 of them
                 rollback(self.dst, pos, {j: [s[j] for s in r.snaps] for j in self.dst.ssm}, m + 1)
             else:  # it consumed k; it still owes dk
-                _, fl = self._draft_logits_plan(d[:, -1])
+                _, fl = self._draft_logits_plan(q.d[:, -1])
                 for b in range(B):
                     flops[b] += float(fl[b])
         t2 = time.perf_counter()
@@ -296,9 +356,9 @@ class Speculator:
         stats.drafted += k
         stats.accepted += m
         stats.accepted_hist.append(m)
-        stats.draft_s += t1 - r.t_start
-        stats.verify_s += t2 - t1
-        return tokens, v[:, :m + 1], torch.tensor(flops, dtype=torch.float64), m, nxt
+        stats.draft_s += q.t1 - r.t_start
+        stats.verify_s += t2 - q.t1
+        return tokens, q.v[:, :m + 1], torch.tensor(flops, dtype=torch.float64), m, q.nxt
 
     # ---- the static path (a CUDA graph per shape on CUDA) -----------------------------------------
     def static_round(self, B, T):
@@ -384,178 +444,3 @@ class Speculator:
         return logits, fl
 
 
-def generate(engine, prompts, max_tokens, speculate, draft, temperature=0.0, top_k=None, seed=42, stop_tokens=(),
-             fallback=True):
-    """Engine.generate(..., speculate=k, draft=...) for a hybrid model: yields TokenStep per generated position,
-    the tokens and logits mode think gives. engine.spec_stats holds what speculation did. Every round drafts k
-    (one shape for the CUDA graphs; tokens past max_tokens are dropped); a last single token is a plain step.
-    Plain steps are pipelined as Engine.generate's think loop is (the next step is queued before the host waits
-    for this token), and a plan draft does not step with them: it catches up on the tokens it missed before its
-    next round (not charged to that round's time). With fallback, the first PROBE_STEPS decode tokens are plain, and the time from one resumption of
-    this generator to the next (what the caller sees per token, its own work included) is the yardstick: the
-    faster of the second and third probes (the first may capture graphs; after the last no step is queued).
-    Rounds are timed the same way, from the resumption before the round to the one after its last token. Once
-    JUDGE_ROUNDS rounds that captured no CUDA graphs have run, speculation stops for the rest of the generation
-    when the last (up to three) of them gave tokens slower than the yardstick (from then on the draft is not
-    stepped). The engine remembers it (SpecMemory): its next generations with this draft, k and batch size are plain
-    think generations (Engine.generate's own loop, timed as the caller sees them), until their time reaches what the
-    attempt lost / RETRY_OVERHEAD; the next one speculates again and is judged afresh (a retry too short to be judged
-    leaves the memory as it was). What an attempt lost: the whole generation's time against a plain generation of as
-    many tokens (the remembered ones' mean time to the first token + their mean time per later token), which counts
-    the draft's prefill, the probes and the rounds; for the first attempt, with no plain generation to compare, what
-    its rounds lost against the probes' plain steps. Retries so cost about RETRY_OVERHEAD of the plain decoding
-    between them. A round begun early (the module docstring) that the fallback's decision leaves unfinished is dropped
-    (Speculator.abandon): its draft step changed nothing the plain steps read."""
-    model = engine.model
-    c = model.config
-    if engine.dense:
-        raise ValueError("speculative decoding drafts with the model's own narrow widths or early exits: a dense GPT "
-                         "checkpoint has neither")
-    if speculate < 1:
-        raise ValueError(f"speculate must be >= 1 drafted tokens per round, got {speculate}")
-    if not isinstance(draft, Draft):
-        draft = Draft.parse(draft, c.n_layer)
-    name = f"plan:{draft.plan}" if draft.kind == "plan" else f"exit:{draft.exit_block}"
-    memo_key = (name, speculate, len(prompts))
-    memo = engine.spec_memory.get(memo_key)  # a SpecMemory where an earlier attempt measured slower
-    t0, first, tokens = time.perf_counter(), None, 0  # this generation's time as the caller sees it, its tokens
-    if fallback and memo is not None and memo.plain_s < memo.need_s:
-        # remembered: plain think decoding, the engine's own pipelined loop (no draft, no probes, no per-token sync)
-        engine.spec_stats = SpecStats(k=speculate, draft=name, fell_back_at=0, remembered=True)
-        try:
-            for ts in engine.generate(prompts, max_tokens, "think", temperature=temperature, top_k=top_k, seed=seed,
-                                      stop_tokens=stop_tokens):
-                first, tokens = time.perf_counter() - t0 if first is None else first, tokens + 1
-                yield ts
-        finally:
-            memo.add_plain(first or 0.0, time.perf_counter() - t0, max(0, tokens - 1))
-        return
-    engine.spec_memory.pop(memo_key, None)  # a retry (memo given) speculates and is judged afresh
-    engine.spec_stats = SpecStats(k=speculate, draft=name)
-    try:
-        for ts in _speculate(engine, prompts, max_tokens, speculate, draft, name, temperature, top_k, seed,
-                             stop_tokens, fallback, memo_key):
-            tokens += 1
-            yield ts
-    finally:
-        new = engine.spec_memory.get(memo_key)
-        if memo is not None and not engine.spec_stats.judged and new is None:
-            engine.spec_memory[memo_key] = memo  # not judged: the next generation retries
-        elif memo is not None and new is not None and memo.generations:  # a retry that fell back: priced whole,
-            lost = time.perf_counter() - t0 - memo.plain_cost(max(0, tokens - 1))  # and the plain prices kept
-            engine.spec_memory[memo_key] = replace(memo, plain_s=0.0, need_s=max(new.need_s, lost / RETRY_OVERHEAD))
-
-
-def _speculate(engine, prompts, max_tokens, speculate, draft, name, temperature, top_k, seed, stop_tokens, fallback,
-               memo_key):
-    """generate()'s speculative generation (see there)."""
-    model = engine.model
-    c = model.config
-    dev = model.get_device()
-    cuda = dev.type == "cuda"
-    ids = torch.tensor(prompts, dtype=torch.long, device=dev)
-    B, T = ids.shape
-    rng = torch.Generator(device=dev).manual_seed(seed) if temperature > 0 else None
-    max_len = T + max_tokens + speculate + 1
-    st, logits, flops, full = engine.prefill(ids, "think", max_len=max_len)
-    engine.state = st
-    spec = Speculator(engine, st, ids, draft, speculate, temperature, top_k, rng, max_len)
-    stats = engine.spec_stats
-
-    def n_graphs():  # CUDA graphs captured so far on the verifier's and the draft's workspaces
-        return len(st.ws.graphs) + (len(spec.dst.ws.graphs) if spec.dst is not None else 0)
-    n, stop = c.n_layer, torch.tensor(sorted(stop_tokens), dtype=torch.long)
-    widths = torch.full((B, n), c.n_embd, dtype=torch.long)
-    no_exit, no_wide = torch.full((B,), n - 1, dtype=torch.long), torch.zeros(B, dtype=torch.bool)
-
-    def step(tok, lg, fl, pos, source):
-        """The TokenStep of a token read from the logits at input position pos (its context: pos + 1 positions)."""
-        full = torch.full((B,), float(engine.flops.forward(pos + 1)), dtype=torch.float64)
-        return TokenStep(tok.tolist(), lg.float(), no_exit, widths, no_wide, fl, full, source)
-
-    tok = sample_next_token(logits, rng, temperature, top_k)
-    yield TokenStep(tok.tolist(), logits.float(), no_exit, st.prompt_widths.clone(), no_wide, flops + spec.dflops, full,
-                    "prompt")
-    mark = time.perf_counter()  # when this generator last resumed after a yield
-    emitted, done = 1, torch.isin(tok.cpu(), stop)
-    speculating, plain_steps = True, 0
-    owed = []  # tokens the verifier consumed in plain steps that a plan draft has not (it catches up before a round)
-    pending = None  # a plain step already queued on tok: (position, logits, FLOPs)
-    host_tok = torch.empty(B, dtype=torch.long, pin_memory=cuda)
-    returned = None  # when the last round returned, until a plain step intervenes
-
-    def plain_next(e=None):  # whether the token after e emitted ones (default: so far) comes from a plain step
-        e = emitted if e is None else e
-        return not speculating or max_tokens - e < 2 or (fallback and plain_steps < PROBE_STEPS)
-
-    def queue_plain(tok):
-        if speculating and spec.dst is not None:
-            owed.append(tok)
-        pos = st.pos
-        return (pos,) + spec.plain_step(tok)
-
-    early = None  # (position, graphs) of a round begun before the last one's tokens were handed out
-    while emitted < max_tokens and not bool(done.all()):
-        if plain_next():
-            pos, lg, fl = pending if pending is not None else queue_plain(tok)
-            pending, returned = None, None
-            probing = fallback and speculating and plain_steps < PROBE_STEPS
-            tok = sample_next_token(lg, rng, temperature, top_k)
-            copied = start_host_copy(tok, host_tok)
-            emitted, plain_steps = emitted + 1, plain_steps + 1
-            if emitted < max_tokens and plain_next():  # pipelined: the device runs the next step while the host waits
-                pending = queue_plain(tok)
-            queued = pending is not None
-            if copied is not None:
-                copied.synchronize()
-            yield step(host_tok, lg, fl, pos, "decode")
-            now = time.perf_counter()
-            if probing and plain_steps > 1 and queued:  # steady pipelining: not the first (graphs may be captured,
-                # nothing was queued before it) nor the last (the round's work follows it, not a queued step)
-                stats.think_step_s = now - mark if stats.think_step_s is None else min(now - mark, stats.think_step_s)
-            mark = now
-            done = done | torch.isin(host_tok, stop)
-            continue
-        caught_up = []
-        if early is not None:  # its first draft ran while the last round's tokens were handed out
-            (pos, graphs), early = early, None
-            tokens, lg, fl, m, tok = spec.finish()
-        else:
-            caught_up = [engine.step(spec.dst, t)[4] for t in owed]  # the plan draft consumes what the verifier did
-            if owed:
-                owed.clear()
-                mark = time.perf_counter()  # a one-off per plain stretch: not charged to the round the fallback judges
-            pos, graphs = st.pos, n_graphs()
-            if returned is not None:  # the GPU waits through this (the round's one device read came before it)
-                stats.between_s += time.perf_counter() - returned
-                stats.betweens += 1
-            tokens, lg, fl, m, tok = spec.round(tok, speculate)
-        returned = time.perf_counter()
-        fl = fl + sum(caught_up)
-        out, done_after = 0, done  # the round's tokens that are handed out: known before the first is
-        while out <= m and emitted + out < max_tokens and not bool(done_after.all()):
-            done_after, out = done_after | torch.isin(tokens[:, out], stop), out + 1
-        if (emitted + out < max_tokens and not bool(done_after.all()) and not plain_next(emitted + out)
-                and spec.can_begin_early(B, speculate)):  # the next round's first draft, queued now: the device
-            stats.between_s += time.perf_counter() - returned  # drafts while the host hands out these tokens
-            stats.betweens += 1
-            early = (st.pos, n_graphs())
-            spec.begin(tok, speculate, early=True)
-        for i in range(out):
-            yield step(tokens[:, i], lg[:, i], fl / (m + 1), pos + i, "speculative")
-            emitted, done = emitted + 1, done | torch.isin(tokens[:, i], stop)
-            stats.emitted += 1
-        now = time.perf_counter()
-        stats.round_log.append((out, now - mark, n_graphs() > graphs))
-        mark = now
-        recent = [(n_, t_) for n_, t_, captured in stats.round_log if not captured][-3:]
-        if fallback and len(recent) >= JUDGE_ROUNDS and stats.think_step_s is not None:
-            stats.judged = True
-            if sum(n_ for n_, _ in recent) * stats.think_step_s < sum(t_ for _, t_ in recent):
-                stats.fell_back_at, speculating = emitted, False  # its tokens came slower than plain steps
-                # what this generation's rounds lost against plain steps (graph captures included): a retry waits
-                # for 1 / RETRY_OVERHEAD times that much plain decoding (generate() prices a retry's loss whole)
-                lost = sum(t_ - n_ * stats.think_step_s for n_, t_, _ in stats.round_log)
-                engine.spec_memory[memo_key] = SpecMemory(max(0.0, lost) / RETRY_OVERHEAD)
-                if early is not None:  # the round begun early is dropped: it changed nothing plain steps read
-                    early = spec.abandon()

@@ -53,6 +53,7 @@ class SpecStats:
     between_s: float = 0.0       # host time from a round's device read to the next round's first draft queued (the
     #                              device idles through it): before the read's tokens are handed out on the static path
     betweens: int = 0            # such intervals (a plain step between two rounds ends one uncounted)
+    ahead: int = 0               # rounds queued whole before the read of the round before them (no such interval)
     think_step_s: float = None   # the fastest plain decode step timed (the fallback's yardstick)
     fell_back_at: int = None     # tokens emitted when speculation stopped paying and plain decoding took over
     remembered: bool = False     # plain from the start: an earlier generation of this engine measured it slower
@@ -71,6 +72,8 @@ class SpecStats:
             s += f", draft {1e3 * self.draft_s / self.rounds:.2f} ms + verify {1e3 * self.verify_s / self.rounds:.2f} ms per round"
         if self.betweens:
             s += f", {1e3 * self.between_s / self.betweens:.2f} ms of host time between rounds"
+        if self.ahead:
+            s += f", {self.ahead} rounds queued ahead of the last one's read"
         if self.remembered:
             s += (f"; plain decoding throughout: speculation with this draft and k measured slower than think in an "
                   f"earlier generation (retried once plain decoding has taken {1 / RETRY_OVERHEAD:.0f}x the time that "

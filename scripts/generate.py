@@ -123,7 +123,7 @@ def check_mode(model, args):
     try:
         engine.resolve(plan, args.exit_threshold, args.expand_threshold)
         if getattr(args, "speculate", 0):
-            from nanochat.speculative import Draft
+            from nanochat.speculative_rules import Draft
             if engine.dense:
                 raise ValueError("a dense GPT has no narrow widths or exits to draft with")
             Draft.parse(args.draft, model.config.n_layer)

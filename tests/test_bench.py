@@ -276,6 +276,16 @@ def test_decode_speculate(capsys, monkeypatch):
     assert any(n.startswith("speculative / think tok/s at context 24") for n in names)
     assert any(n.startswith("speculative with fallback") for n in names)
     assert "self-speculative decoding vs think" in out
+    # the static path (as on a GPU, without graphs): rounds queued ahead, and a row at k = K without, the same rounds
+    res, _ = run(capsys, ["decode", "--depth", "2", "--seq-len", "16", "--vocab-size", "128", "--contexts", "24",
+                          "--decode-tokens", "12", "--prefill-reps", "1", "--modes", "think", "--speculate", "2",
+                          "--speculate-from", "2", "--draft", "exit:0", "--engine-decode", "static"])
+    rows = {r["what"]: r for r in res["speculative"]}
+    assert list(rows) == ["think", "speculate exit:0", "speculate exit:0, none queued ahead",
+                          "speculate exit:0, fallback"]
+    slow = rows["speculate exit:0, none queued ahead"]
+    assert slow["k"] == 2 and slow["acceptance"] == rows["speculate exit:0"]["acceptance"] and slow["between_ms"] > 0
+    assert not any("queued ahead" in t["target"] for t in res["targets"])
     # --speculate-from: only k = K0..K (and the fallback at K); out of range stops before any model is built.
     # --profile: also a round's kernels (ops on a CPU) at k = K, and --attention-path reaches decode_attention
     from nanochat import decode_attention

@@ -48,8 +48,9 @@ def test_greedy_speculation_is_think_token_for_token(kind):
 def test_static_rounds_equal_eager_think(kind, draft, monkeypatch):
     """decode='static': the drafts and the verify pass run the static functions a CUDA graph captures (a plan draft
     steps its own static segments; an exit draft's blocks and the verify pass run over StaticVerifyCache); tokens and
-    logits are think's, and the rounds took the static path. Rounds after the first begin early (their first draft
-    queued before the last round's tokens are handed out), batch 1 and 3."""
+    logits are think's, and the rounds took the static path. Every round after the first is queued whole before the
+    last one's read (an exit draft: Speculator.queue_ahead) or begins early (a plan draft: its first draft queued
+    before the last round's tokens are handed out), batch 1 and 3."""
     monkeypatch.setattr(StaticDecode, "STATIC_MIN_KEYS", 8)  # cross key buckets within 20 tokens
     model = build(**kind).eval()
     eng = Engine(model, decode="static")
@@ -58,8 +59,9 @@ def test_static_rounds_equal_eager_think(kind, draft, monkeypatch):
     monkeypatch.setattr(Speculator, "_verify_static", lambda self, *a: calls.append("verify") or real(self, *a))
     monkeypatch.setattr(Speculator, "_exit_static",
                         lambda self, *a, **kw: calls.append("exit") or real_exit(self, *a, **kw))
-    monkeypatch.setattr(Speculator, "begin", lambda self, t0, k, early=False: begins.append(early)
-                        or real_begin(self, t0, k, early))
+    monkeypatch.setattr(Speculator, "begin", lambda self, t0, k, early=False, ahead=False:
+                        begins.append("ahead" if ahead else "early" if early else "after")
+                        or real_begin(self, t0, k, early, ahead))
     for prompts, ks in (([[2, 7, 1, 8]], (1, 4, 4)), ([[2, 7, 1, 8], [9, 9, 8, 7], [5, 5, 5, 5]], (3,))):
         ref = Engine(model, decode="eager").generate_batch(prompts, 20)
         for k in ks:
@@ -69,37 +71,47 @@ def test_static_rounds_equal_eager_think(kind, draft, monkeypatch):
             for a, b in zip(res.steps, ref.steps):
                 torch.testing.assert_close(a.logits, b.logits, rtol=0, atol=1e-4)
             stats = eng.spec_stats
-            assert begins.count(True) == stats.rounds - 1 and not begins[0]  # every round but the first, early
+            later = "ahead" if draft.startswith("exit") else "early"
+            assert begins[0] == "after" and len(begins) == stats.rounds  # no round queued and left unread
+            assert stats.ahead == begins.count("ahead")
+            # an exit draft's round is queued ahead when the generation needs tokens past the last round's k+1;
+            # later ones (each gives at least one token: at most k+1) begin early, as a plan draft's do
+            assert set(begins[1:]) <= {later, "early"}, begins
+            assert len(begins) - 1 - begins.count(later) <= (k + 1 if later == "ahead" else 0), begins
     assert "verify" in calls and ("exit" in calls) == draft.startswith("exit")  # the rounds ran static
 
 
 @pytest.mark.parametrize("draft", ["plan:64,64,64,32", "exit:1"])
 def test_a_fallback_drops_a_round_begun_early(draft, monkeypatch):
     """On the static path, a clock on which rounds cost 10 s and plain steps 1 s: the fallback judges after the
-    second round, whose successor has begun early (its first draft step queued); the round is dropped and plain
-    steps follow from the verifier's state, which that draft step left alone: the tokens stay think's."""
+    second round, whose successor is under way. A plan draft's has begun early (its first draft step queued): it is
+    dropped and plain steps follow from the verifier's state, which that draft step left alone. An exit draft's was
+    queued whole (it moved the verifier's caches): it is read and handed out, then plain steps follow. Either way
+    the tokens stay think's."""
     import nanochat.speculative as spec_mod
     model = build(layer_pattern="AM" if HAS_MAMBA else "A").eval()
     ref = Engine(model, decode="eager").generate_batch([[3, 1, 4]], 24)
     eng = Engine(model, decode="static")
     clock = {"t": 0.0}
     monkeypatch.setattr(spec_mod.time, "perf_counter", lambda: clock["t"])
-    real_finish, real_step, real_abandon = Speculator.finish, Engine.step, Speculator.abandon
+    real_collect, real_step, real_abandon = Speculator.collect, Engine.step, Speculator.abandon
     dropped = []
 
-    def finish(self):
+    def collect(self, q):
         clock["t"] += 10.0
-        return real_finish(self)
+        return real_collect(self, q)
 
     def step(self, st, tokens, plan=None):
         clock["t"] += 1.0
         return real_step(self, st, tokens, plan)
-    monkeypatch.setattr(Speculator, "finish", finish)
+    monkeypatch.setattr(Speculator, "collect", collect)
     monkeypatch.setattr(Engine, "step", step)
     monkeypatch.setattr(Speculator, "abandon", lambda self: dropped.append(self._r.pos) or real_abandon(self))
     res = eng.generate_batch([[3, 1, 4]], 24, speculate=3, draft=draft, fallback=True)
     stats = eng.spec_stats
-    assert stats.rounds == JUDGE_ROUNDS and stats.fell_back_at is not None and len(dropped) == 1
+    queued = draft.startswith("exit")  # the round after the judged one was queued whole, so it is read
+    assert stats.fell_back_at is not None and stats.rounds == JUDGE_ROUNDS + queued and len(dropped) == 1 - queued
+    assert stats.ahead == queued * JUDGE_ROUNDS and len(stats.round_log) == stats.rounds
     assert res.tokens == ref.tokens
     for a, b in zip(res.steps, ref.steps):  # the plain steps after the drop read the states think's did
         torch.testing.assert_close(a.logits, b.logits, rtol=0, atol=1e-5)
@@ -336,10 +348,12 @@ def test_sampled_speculation_runs_and_stays_in_vocab(decode):
                                fallback=False) for _ in range(2)]
     res = runs[0]
     assert all(len(t) == 12 and all(0 <= x < model.config.vocab_size for x in t) for t in res.tokens)
-    assert runs[1].tokens == res.tokens  # the seed fixes the draws (a round begun early draws in the same order)
+    assert runs[1].tokens == res.tokens  # the seed fixes the draws (rounds begun early or ahead draw in the same order)
     st = eng.spec_stats
-    assert st.rounds > 1 and st.betweens == st.rounds - 1 and st.between_s > 0  # no plain step between the rounds
-    assert "of host time between rounds" in st.summary()
+    # no plain step between the rounds: each began after the last one's read or was queued ahead of it (static)
+    assert st.rounds > 1 and st.betweens + st.ahead == st.rounds - 1 and (st.ahead > 0) == (decode != "eager")
+    assert ("of host time between rounds" in st.summary()) == (st.betweens > 0 and st.between_s > 0)
+    assert ("queued ahead" in st.summary()) == (st.ahead > 0)
 
 
 def test_draft_specs_and_refusals():
@@ -381,19 +395,19 @@ def test_fallback_decides_on_timed_steps_and_stops_stepping_the_draft(monkeypatc
     ref = eng.generate_batch([[3, 1, 4]], 24)
     clock = {"t": 0.0}
     monkeypatch.setattr(spec_mod.time, "perf_counter", lambda: clock["t"])
-    real_round, real_step = spec_mod.Speculator.round, Engine.step
+    real_collect, real_step = spec_mod.Speculator.collect, Engine.step
     draft_steps = []
 
-    def slow_round(self, t0, k):
+    def slow_round(self, q):
         clock["t"] += 10.0
-        return real_round(self, t0, k)
+        return real_collect(self, q)
 
     def step(self, st, tokens, plan=None):
         clock["t"] += 1.0
         if self.spec_stats is not None and getattr(self, "_draft_state", None) is st:
             draft_steps.append((self.spec_stats.rounds, self.spec_stats.fell_back_at))
         return real_step(self, st, tokens, plan)
-    monkeypatch.setattr(spec_mod.Speculator, "round", slow_round)
+    monkeypatch.setattr(spec_mod.Speculator, "collect", slow_round)
     monkeypatch.setattr(Engine, "step", step)
     real_init = spec_mod.Speculator.__init__
 
@@ -460,21 +474,25 @@ def test_plan_draft_catches_up_on_the_probes_when_speculation_pays(monkeypatch):
     ref = eng.generate_batch([[3, 1, 4], [2, 7, 1]], 20)
     clock = {"t": 0.0}
     monkeypatch.setattr(spec_mod.time, "perf_counter", lambda: clock["t"])
-    real_round, real_step = spec_mod.Speculator.round, Engine.step
+    real_begin, real_collect, real_step = spec_mod.Speculator.begin, spec_mod.Speculator.collect, Engine.step
     positions, in_round = [], [False]
 
-    def round_(self, t0, k):
+    def begin(self, t0, k, **kw):
         positions.append((self.st.pos, self.dst.pos))
         in_round[0] = True
+        return real_begin(self, t0, k, **kw)
+
+    def collect(self, q):
         try:
-            return real_round(self, t0, k)
+            return real_collect(self, q)
         finally:
             in_round[0] = False
 
     def step(self, st, tokens, plan=None):
         clock["t"] += 0.0 if in_round[0] else 1.0  # the draft's steps in a round cost nothing either
         return real_step(self, st, tokens, plan)
-    monkeypatch.setattr(spec_mod.Speculator, "round", round_)
+    monkeypatch.setattr(spec_mod.Speculator, "begin", begin)
+    monkeypatch.setattr(spec_mod.Speculator, "collect", collect)
     monkeypatch.setattr(Engine, "step", step)
     res = eng.generate_batch([[3, 1, 4], [2, 7, 1]], 20, speculate=2, draft="plan:64,64,64,32", fallback=True)
     stats = eng.spec_stats
