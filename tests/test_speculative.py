@@ -82,6 +82,27 @@ def test_static_rounds_equal_eager_think(kind, draft, monkeypatch):
 
 
 @pytest.mark.parametrize("draft", ["plan:64,64,64,32", "exit:1"])
+def test_a_stop_token_ends_speculation_and_the_next_generation_is_thinks(draft, monkeypatch):
+    """A stop token inside a round ends the generation there (think's tokens up to it), also when the next round was
+    already queued ahead (static path, exit draft) and is left unread, as think's loop leaves its one step too many;
+    the engine's next generation, on the same workspace and buffers, is think's token for token."""
+    monkeypatch.setattr(StaticDecode, "STATIC_MIN_KEYS", 8)
+    model = build(layer_pattern="AM" if HAS_MAMBA else "A").eval()
+    prompts = [[2, 7, 1, 8]]
+    ref = Engine(model, decode="eager").generate_batch(prompts, 20)
+    eng = Engine(model, decode="static")
+    stop = ref.tokens[0][9]
+    cut = ref.tokens[0].index(stop)
+    res = eng.generate_batch(prompts, 20, stop_tokens=(stop,), speculate=3, draft=draft, fallback=False)
+    assert res.tokens == [ref.tokens[0][:cut]] and len(res.steps) == cut + 1  # the stop token's step is the last
+    assert eng.spec_stats.ahead > 0 or draft.startswith("plan")
+    again = eng.generate_batch(prompts, 20, speculate=3, draft=draft, fallback=False)
+    assert again.tokens == ref.tokens
+    for a, b in zip(again.steps, ref.steps):
+        torch.testing.assert_close(a.logits, b.logits, rtol=0, atol=1e-4)
+
+
+@pytest.mark.parametrize("draft", ["plan:64,64,64,32", "exit:1"])
 def test_a_fallback_drops_a_round_begun_early(draft, monkeypatch):
     """On the static path, a clock on which rounds cost 10 s and plain steps 1 s: the fallback judges after the
     second round, whose successor is under way. A plan draft's has begun early (its first draft step queued): it is
