@@ -194,7 +194,7 @@ class Speculator:
         """Queue the round after q (queued, not read) whole, from q's next token: the device runs it while the host
         reads q and hands its tokens out. Its key bucket covers the furthest it can reach (two rounds from q's
         start); its host-side accounting waits for collect(), when q's count is known. Returns its _Queued."""
-        q.v = q.v.clone()  # the verify graph's output is overwritten by this round's replay
+        # (q's logits survive this round's replays: cuda_graphs.replay hands out a copy of a graph's output)
         self.begin(q.nxt, q.r.k, ahead=True)
         return self.queue()
 
