@@ -260,7 +260,8 @@ def test_exit_draft_compiles_once_for_every_position(monkeypatch):
 def test_graph_speculation_equals_eager_on_cuda(kind, draft, decode, monkeypatch):
     """On CUDA (decode='graph', and 'compiled': inductor's segments captured as graphs, the exit draft's position a
     device index inside them): the drafts' steps and the verify pass replay CUDA graphs; tokens and logits are the
-    eager think's (fp32)."""
+    eager think's (fp32). An exit draft's rounds are queued ahead of the last one's read (the device runs a round
+    while the host reads the one before)."""
     monkeypatch.setattr(StaticDecode, "STATIC_MIN_KEYS", 8)
     model = build(**kind).cuda().eval()
     ref = Engine(model, decode="eager").generate_batch([[2, 7, 1, 8], [3, 3, 1, 2]], 20)
@@ -270,6 +271,7 @@ def test_graph_speculation_equals_eager_on_cuda(kind, draft, decode, monkeypatch
         assert res.tokens == ref.tokens
         for a, b in zip(res.steps, ref.steps):
             torch.testing.assert_close(a.logits, b.logits, rtol=0, atol=1e-4)
+        assert (eng.spec_stats.ahead > 0) == draft.startswith("exit")
     assert any(key[0] == "verify" for key in eng.state.ws.graphs)
 
 
