@@ -150,7 +150,6 @@ class Speculator:
         self._r = None  # the round begin() started and finish() has not
         self._host = {}  # (B, k, 0 or 1) -> the pinned host buffers of a round's one read (two: a round queued
         self._flip = 0  # ahead reads into the one its predecessor does not)
-        self.max_len = max_len
         if draft.kind == "plan":  # its own caches, on a workspace of its own (the engine keeps the verifier's)
             self.dst, _, fl, _ = engine.prefill(prompts, draft.plan, max_len=max_len, slot="draft")
             self.dflops = fl
@@ -187,7 +186,7 @@ class Speculator:
         comparison). A plan draft's rollback of its own state needs the count on the host."""
         T = k + 1
         return (self.engine.spec_ahead and not self.sync and self.draft.kind == "exit" and self.static_round(B, T)
-                and self.st.pos + 2 * T <= self.max_len)
+                and self.st.pos + 2 * T <= self.st.cache.max_len)
 
     @torch.inference_mode()
     def queue_ahead(self, q):
@@ -276,7 +275,8 @@ class Speculator:
         B, k, pos, n, N, flops = len(r.flops), r.k, r.pos, self.n, self.draft.exit_block, r.flops
         T, vb, L = k + 1, r.vb, r.L
         widths, active = [[self.D] * n for _ in range(B)], [True] * B
-        if r.static and eng.static.refresh(st.ws) and self.draft.kind == "exit":
+        # (a round queued ahead follows its predecessor's check at the end of queue() with nothing between)
+        if r.static and not r.ahead and eng.static.refresh(st.ws) and self.draft.kind == "exit":
             r.drafts, r.qs = [], []  # the weights changed since begin(): its draft step read them stale; the
             self._draft(r, 0)  # verifier reads what it wrote, so it runs again (it left the Mamba states alone)
         for i in range(k):

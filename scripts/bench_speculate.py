@@ -53,6 +53,11 @@ def expected_tokens_per_round(alpha, k):
     return (1 - alpha ** (k + 1)) / (1 - alpha)
 
 
+def between_ms(stats):
+    """Mean host time between rounds (ms) of a generation's SpecStats, None where no interval was timed."""
+    return stats.between_s / stats.betweens * 1e3 if stats.betweens else None
+
+
 def timed_generate(engine, prompt, n, actx, device, reps=1, **kw):
     """Seconds per token of Engine.generate after its first (the prefill's) token, the fastest of `reps`
     generations; engine.spec_stats is the last one's."""
@@ -123,7 +128,7 @@ def speculate_rows(args, device, model, engine, name, L, actx):
         row = {"model": name, "context": L, "what": f"speculate {args.draft}", "k": k, "ms_per_token": spec_s * 1e3,
                "tok_per_s": B / spec_s, "vs_think": think_s / spec_s, "acceptance": st2.acceptance,
                "draft_ms": draft_ms, "verify_ms": verify_ms,
-               "between_ms": st2.between_s / st2.betweens * 1e3 if st2.betweens else None, "warmup_s": warmup_s}
+               "between_ms": between_ms(st2), "warmup_s": warmup_s}
         round_ms = k * draft_ms + verify_ms
         for a in ACCEPTANCES:  # what a draft accepted at rate a would give, from these step times
             row[f"tok_s_at_{a}"] = B * expected_tokens_per_round(a, k) / round_ms * 1e3
@@ -139,8 +144,7 @@ def speculate_rows(args, device, model, engine, name, L, actx):
             st3 = engine.spec_stats
             yield {"model": name, "context": L, "what": f"speculate {args.draft}, none queued ahead", "k": k,
                    "ms_per_token": slow_s * 1e3, "tok_per_s": B / slow_s, "vs_think": think_s / slow_s,
-                   "acceptance": st3.acceptance,
-                   "between_ms": st3.between_s / st3.betweens * 1e3 if st3.betweens else None}
+                   "acceptance": st3.acceptance, "between_ms": between_ms(st3)}
     # the setting scripts.generate uses: k = K with the fallback on (plain steps once speculation measures slower)
     kw = dict(speculate=args.speculate, draft=args.draft, fallback=True)
     timed_generate(engine, prompt, n, actx, device, **kw)  # warm-up: the plain steps' and rounds' shapes
