@@ -4,6 +4,9 @@
 #   bash runs/decode_gpu.sh check        # CUDA tests of the split-key decode attention (nanochat/decode_attention.py),
 #                                        # the decode matvec kernel (nanochat/decode_matvec.py) and of the engine's
 #                                        # graph / compiled steps and speculation with them (~5 min)
+#   bash runs/decode_gpu.sh compiled     # CUDA tests of speculation through compiled segments (inductor; each case
+#                                        # compiles for 35-95 s): exit drafts (rounds queued ahead) first, then plan
+#                                        # drafts (~8 min)
 #   bash runs/decode_gpu.sh matvec       # the matvec kernel against cuBLAS and inductor at the d20 hybrid's shapes,
 #                                        # with a sweep of its configs (~3 min)
 #   bash runs/decode_gpu.sh think        # tuned think at d20, bf16, 1K and 8K context, attention path reduce (the
@@ -19,6 +22,9 @@
 # Add --dry-run to print the commands without running them (tests/test_decode_gpu.py checks them against the bench's
 # own argument parser). The bench's tables go to stdout; record them in docs/benchmarks.md with the device, date,
 # commit and command. The GPU image lacks rustbpe: put its wheel in .whl/ (pip download rustbpe, carried in).
+# Inductor's cache stays in its default place (/tmp/torchinductor_$USER), outside the working tree, so that stages run
+# one after another on one machine reuse each other's compiles (a device call replaces or removes the tree's ignored
+# paths).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -38,8 +44,8 @@ run() {  # print the command (quoted to be pasted), run it unless --dry-run
 }
 
 case "$STAGE" in
-    check|matvec|think|speculate|tiny) ;;
-    *) echo "usage: bash runs/decode_gpu.sh check|matvec|think|speculate|tiny [--dry-run]" >&2; exit 2 ;;
+    check|compiled|matvec|think|speculate|tiny) ;;
+    *) echo "usage: bash runs/decode_gpu.sh check|compiled|matvec|think|speculate|tiny [--dry-run]" >&2; exit 2 ;;
 esac
 if [ "$DRY_RUN" = 0 ] && [ -d .whl ] && ! "$PY" -c "import rustbpe" 2>/dev/null; then
     "$PY" -m pip install -q --no-index --find-links .whl rustbpe
@@ -51,6 +57,12 @@ case "$STAGE" in
         run env ADAMBA_DECODE_ATTENTION=triton ADAMBA_DECODE_MATVEC=triton "$PY" -m pytest -p no:cacheprovider \
             tests/test_decode_attention.py tests/test_decode_matvec.py tests/test_engine_static.py tests/test_speculative.py \
             -k "on_cuda or (test_graph_speculation_equals_eager_on_cuda and not compiled)"
+        ;;
+    compiled)
+        for draft in exit plan; do
+            run "$PY" -m pytest -p no:cacheprovider tests/test_speculative.py \
+                -k "test_graph_speculation_equals_eager_on_cuda and compiled and $draft"
+        done
         ;;
     matvec)
         run "$PY" -m scripts.bench matvec --sweep

@@ -28,7 +28,7 @@ def strip_env(cmd):
 
 def test_every_stage_parses():
     seen = {}
-    for stage, env in (("check", {}), ("matvec", {}), ("think", {}), ("speculate", {}),
+    for stage, env in (("check", {}), ("compiled", {}), ("matvec", {}), ("think", {}), ("speculate", {}),
                        ("speculate", {"ATTN": "triton", "MATVEC": "triton"}), ("tiny", {"CKPT": "/ckpt", "DATA": "/data"})):
         r, cmds = dry(stage, **env)
         assert r.returncode == 0 and cmds, (stage, r.stderr)
@@ -36,9 +36,11 @@ def test_every_stage_parses():
             var, cmd = strip_env(cmd)
             assert cmd[:2] == ["python", "-m"], cmd
             if cmd[2] == "pytest":
-                assert var == {"ADAMBA_DECODE_ATTENTION": "triton", "ADAMBA_DECODE_MATVEC": "triton"}
+                assert var == ({} if stage == "compiled" else
+                               {"ADAMBA_DECODE_ATTENTION": "triton", "ADAMBA_DECODE_MATVEC": "triton"})
                 files = [a for a in cmd if a.startswith("tests/")]
                 assert files and all(os.path.exists(os.path.join(ROOT, f)) for f in files)
+                seen.setdefault(stage, []).append(cmd[cmd.index("-k") + 1])
                 continue
             assert cmd[2] == "scripts.bench"
             args = bench.get_args(cmd[3:])
@@ -49,6 +51,9 @@ def test_every_stage_parses():
     spec = seen["speculate"]
     assert [(a.attention_path, a.matvec_path) for a, _ in spec] == [("reduce", "torch"), ("triton", "triton")]
     assert all(a.speculate == 4 for a, _ in spec)
+    # the compiled stage: the CUDA speculation test's compiled cases, exit drafts first; the names match test ids
+    assert seen["compiled"] == [f"test_graph_speculation_equals_eager_on_cuda and compiled and {d}" for d in ("exit",
+                                                                                                             "plan")]
     (mv, _), = seen["matvec"]
     assert mv.cmd == "matvec" and mv.sweep
     (tiny, var), = seen["tiny"]
