@@ -52,8 +52,8 @@ def test_every_stage_parses():
     assert [(a.attention_path, a.matvec_path) for a, _ in spec] == [("reduce", "torch"), ("triton", "triton")]
     assert all(a.speculate == 4 for a, _ in spec)
     # the compiled stage: the CUDA speculation test's compiled cases, exit drafts first; the names match test ids
-    assert seen["compiled"] == [f"test_graph_speculation_equals_eager_on_cuda and compiled and {d}" for d in ("exit",
-                                                                                                             "plan")]
+    case = "test_graph_speculation_equals_eager_on_cuda and compiled and"
+    assert seen["compiled"] == [f"{case} exit", f"{case} plan"]
     (mv, _), = seen["matvec"]
     assert mv.cmd == "matvec" and mv.sweep
     (tiny, var), = seen["tiny"]
