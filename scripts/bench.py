@@ -328,6 +328,9 @@ def get_args(argv=None):
     p.add_argument("--warmup", type=int, default=3, help="untimed calls first (the first also reports its wall time)")
     p.add_argument("--iters", type=int, default=10, help="timed calls; the median is reported")
     p.add_argument("--profile", action="store_true", help="top kernels of the rows the targets compare")
+    p.add_argument("--profile-top", type=int, default=12, metavar="N",
+                   help="with --profile, how many kernel kinds `decode` lists for think's step (default 12; the rest "
+                   "summed in its total row)")
     p.add_argument("--compile-backend", type=str, default="inductor", help="torch.compile backend ('eager' for smoke tests)")
     p.add_argument("--inductor-option", action="append", default=[], metavar="KEY=VALUE",
                    help="set torch._inductor.config's KEY (dotted: triton.enable_pdl) to the JSON VALUE (true, 8, "
@@ -446,7 +449,10 @@ def get_args(argv=None):
     bench_adaptive.add_args(sub, DECODE_PATHS)
     bench_ep.add_args(sub)
     bench_matvec.add_args(sub)
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    if args.profile_top < 1:
+        p.error(f"--profile-top {args.profile_top}: list at least one kernel kind")
+    return args
 
 
 def _same_kind(default, value):

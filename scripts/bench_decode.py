@@ -119,7 +119,7 @@ def decode_one(args, device, model, engine, kind, mode, L, actx):
         row["compute_frac"] = statistics.mean(fracs)
         row["path"] = "+".join(sorted(paths))
     if args.profile and mode in ("-", "think"):  # before generate(), whose prefill replaces this state's cache
-        row["profile"] = top_kernels(lambda: one(tok), device, steps=4)
+        row["profile"] = top_kernels(lambda: one(tok), device, n=args.profile_top, steps=4)
     # Engine.generate, greedy: what scripts.generate runs, with the next step queued before each token is read
     # back. The same max_len, so a hybrid reuses the workspace and graphs of the steps above.
     ids, n_gen, t_first = prompt.tolist(), max_len - L, None

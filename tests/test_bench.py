@@ -353,11 +353,17 @@ def test_decode_profile_on_the_static_path(capsys):
     Engine.generate's prefill takes that state's cache (profiling after it stopped the row with an error)."""
     res, out = run(capsys, ["decode", "--depth", "2", "--seq-len", "16", "--vocab-size", "128", "--contexts", "24",
                             "--decode-tokens", "2", "--prefill-reps", "1", "--modes", "think", "--models", "hybrid",
-                            "--engine-decode", "static"], pre=["--profile"])
+                            "--engine-decode", "static"], pre=["--profile", "--profile-top", "3"])
     (r,) = res["rows"]
     assert "error" not in r, r
     assert r["path"] == "static" and r["profile"][-1]["count_per_call"] > 0
     assert "profile: hybrid think decode step, context 24" in out
+    # --profile-top 3: three kinds and the total row, whose count covers more kinds than those listed
+    assert len(r["profile"]) == 4 and r["profile"][-1]["name"].startswith("(total of all")
+    assert r["profile"][-1]["count_per_call"] > sum(p["count_per_call"] for p in r["profile"][:3])
+    with pytest.raises(SystemExit):
+        bench.get_args(["--profile-top", "0", "decode"])
+    assert "--profile-top 0: list at least one kernel kind" in capsys.readouterr().err
 
 
 def test_decode_memory_only(capsys):
