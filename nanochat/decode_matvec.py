@@ -27,6 +27,8 @@ logger = get_logger(__name__)
 
 PATHS = ("torch", "triton")
 PATH = kernel_path_from_env("ADAMBA_DECODE_MATVEC", PATHS)
+HEAD_PATHS = ("torch", "cublas")
+HEAD_PATH = kernel_path_from_env("ADAMBA_DECODE_HEAD", HEAD_PATHS)  # head() below
 ON_CPU = False    # tests only: take CPU tensors too (Triton's interpreter, TRITON_INTERPRET=1, runs the kernel there)
 MAX_ROWS = 16     # rows of x the kernel takes (a verify pass of k + 1 <= 16 positions)
 ACTS = ("none", "relu2")
@@ -197,6 +199,43 @@ def linear(x, w, act="none"):
             return matvec(x, w, act)
     y = F.linear(x, w)
     return F.relu(y).square() if act == "relu2" else y
+
+
+@torch.library.custom_op("adamba::opaque_linear", mutates_args=())
+def opaque_linear(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """F.linear(x, w) as an operator torch.compile does not look into: inductor calls it as it is (cuBLAS on CUDA)
+    and fuses nothing into it. No backward: head() calls it only where no gradient is wanted."""
+    return F.linear(x, w)
+
+
+@opaque_linear.register_fake
+def _(x, w):
+    return x.new_empty(*x.shape[:-1], w.size(0))
+
+
+def head(x, w):
+    """
+    The readout's product x @ w^T (the normed residual times lm_head's weight): linear() unless HEAD_PATH is
+    'cublas' (ADAMBA_DECODE_HEAD, set_head_path), torch.compile is tracing the call, no gradient is wanted and x and
+    w share a dtype that autocast (if on) keeps; then opaque_linear, the same F.linear kept out of inductor's fusion.
+    Why: under decode "tuned" inductor fuses the last block's residual adds, the final norm and the soft-cap into
+    the head's reduction (a 168 MB weight at d20, 65,536 outputs), and each of its programs re-reads the residual's
+    parts: that kernel took 112 us of a tuned think step on the H100 (session 33's profile) against 58 us for
+    cuBLAS's product (session 29).
+    """
+    if (HEAD_PATH == "cublas" and torch.compiler.is_compiling() and w.dim() == 2 and x.dtype == w.dtype
+            and not (torch.is_grad_enabled() and (x.requires_grad or w.requires_grad))
+            and not (torch.is_autocast_enabled(x.device.type) and torch.get_autocast_dtype(x.device.type) != x.dtype)):
+        return opaque_linear(x, w)
+    return linear(x, w)
+
+
+def set_head_path(path):
+    """HEAD_PATH = path, validated (bench decode --head-path); call it before an Engine compiles a step."""
+    global HEAD_PATH
+    if path not in HEAD_PATHS:
+        raise ValueError(f"decode head path {path!r}: use one of {', '.join(HEAD_PATHS)}")
+    HEAD_PATH = path
 
 
 def set_path(path):

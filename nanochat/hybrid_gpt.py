@@ -478,7 +478,7 @@ class HybridGPT(nn.Module):
 
     def readout(self, x):
         """Shared final norm + lm_head + soft-cap: (B, T, D) -> fp32 logits (B, T, V)."""
-        logits = decode_matvec.linear(norm(x).to(self.lm_head.weight.dtype), self.lm_head.weight)  # = self.lm_head
+        logits = decode_matvec.head(norm(x).to(self.lm_head.weight.dtype), self.lm_head.weight)  # = self.lm_head
         return softcap(logits)
 
     def forward(self, idx, targets=None, width=None, return_exits=False, exit_after=None, mask=None,

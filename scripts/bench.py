@@ -425,6 +425,10 @@ def get_args(argv=None):
                            help="decode steps' and the verify pass's projections and head (nanochat.decode_matvec.PATH; "
                            "default: $ADAMBA_DECODE_MATVEC or torch): torch = F.linear (cuBLAS, or inductor's reductions "
                            "under --engine-decode tuned), triton = nanochat.decode_matvec's kernel (CUDA, bf16 weights)")
+            t.add_argument("--head-path", type=str, default=None, choices=("torch", "cublas"),
+                           help="the readout's product in compiled steps (nanochat.decode_matvec.HEAD_PATH; default: "
+                           "$ADAMBA_DECODE_HEAD or torch): torch = as the projections (under tuned: one reduction with "
+                           "the final norm and soft-cap), cublas = F.linear kept out of inductor's fusion")
             t.add_argument("--engine-decode", type=str, default="auto", choices=DECODE_PATHS,
                            help="the hybrids' decode path (nanochat.engine.Engine): auto = CUDA graphs on CUDA where the "
                            "step allows them (one plan for every row, and one row when gates are on), else the eager step; "

@@ -144,6 +144,7 @@ def cmd_decode(args, device):
     from nanochat.engine import Engine
     decode_attention.set_path(args.attention_path or decode_attention.PATH)
     decode_matvec.set_path(args.matvec_path or decode_matvec.PATH)
+    decode_matvec.set_head_path(args.head_path or decode_matvec.HEAD_PATH)
     # default as scripts.generate: fp32 weights under bf16 autocast on CUDA; the caches take the weights' dtype
     bf16 = args.weights == "bf16"
     actx = nullcontext() if bf16 else autocast_context(device.type)  # autocast_context is a no-op on CPU
@@ -210,7 +211,8 @@ def cmd_decode(args, device):
     print_table(f"decode, batch {B}, {wdesc}, depth {args.depth} (width {D}), Mamba-{args.mamba} ({args.mixer_path} path), "
                 f"attention {'split-key Triton kernel' if decode_attention.PATH == 'triton' and device.type == 'cuda' else 'PyTorch'}"
                 f"{', broadcast sums when compiled' if decode_attention.PATH == 'reduce' else ''}, "
-                f"projections {'decode_matvec kernel' if decode_matvec.PATH == 'triton' and device.type == 'cuda' and bf16 else 'F.linear'}, "
+                f"projections {'decode_matvec kernel' if decode_matvec.PATH == 'triton' and device.type == 'cuda' and bf16 else 'F.linear'}"
+                f"{', head through cuBLAS when compiled' if decode_matvec.HEAD_PATH == 'cublas' else ''}, "
                 f"{args.decode_tokens} decode steps, exits every {args.exit_stride} blocks", rows,
                 [("model", "model", ""), ("mode", "mode", ""), ("path", "step", ""), ("context", "context", "d"), ("prefill_ms", "prefill ms", ".1f"),
                  ("prefill_tok_per_s", "prefill tok/s", ",.0f"), ("decode_ms", "ms/token", ".2f"),

@@ -342,6 +342,11 @@ def test_decode_models_and_mixer_path(capsys, monkeypatch):
     res, out = run(capsys, args + ["--attention-path", "reduce"])
     assert "error" not in res["rows"][0] and decode_attention.PATH == "reduce"
     assert "attention PyTorch, broadcast sums when compiled" in out
+    from nanochat import decode_matvec  # --head-path cublas reaches decode_matvec and the table's title
+    monkeypatch.setattr(decode_matvec, "HEAD_PATH", decode_matvec.HEAD_PATH)
+    res, out = run(capsys, args + ["--head-path", "cublas"])
+    assert "error" not in res["rows"][0] and decode_matvec.HEAD_PATH == "cublas"
+    assert ", head through cuBLAS when compiled" in out
     for bad, msg in ((["--models", "hybrid,gpt"], "--models: 'gpt' not among"),
                      (["--models", "dense", "--speculate", "1"], "--speculate times the 'hybrid' model")):
         with pytest.raises(ValueError, match=msg):

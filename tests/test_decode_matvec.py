@@ -105,6 +105,40 @@ def test_default_config_fills_the_card():
         assert -(-N // bn) * sk >= 2 * 132 or K // (2 * sk) < bk, (M, N, K, bn, sk)
 
 
+def test_head_path_keeps_the_product_apart(monkeypatch):
+    """HEAD_PATH 'cublas': head() is F.linear as an opaque operator while compiling (the compiled readout equals the
+    eager one, and the operator is called), linear() eager or with a gradient wanted; set_head_path and
+    ADAMBA_DECODE_HEAD validate."""
+    x, w, _, _ = make_case(3, 40, 64, "float32", "none", None)
+    monkeypatch.setattr(dm, "HEAD_PATH", "cublas")
+    calls, real = [], dm.opaque_linear
+    monkeypatch.setattr(dm, "opaque_linear", lambda a, b: calls.append(a.shape) or real(a, b))
+    assert torch.equal(dm.head(x, w), torch.nn.functional.linear(x, w)) and not calls
+    readout = torch.compile(lambda a, b: torch.tanh(dm.head(torch.nn.functional.rms_norm(a, (64,)), b) / 15) * 15,
+                            dynamic=False)
+    ref = torch.tanh(torch.nn.functional.linear(torch.nn.functional.rms_norm(x, (64,)), w) / 15) * 15
+    # the product is F.linear either way; inductor's norm and tanh differ from eager's by a few fp32 ulps of 13
+    assert torch.allclose(readout(x, w), ref, atol=1e-5, rtol=0) and calls == [(3, 64)]
+    calls.clear()
+    with torch.enable_grad():
+        wg = w.clone().requires_grad_()
+        torch.compile(lambda a, b: dm.head(a, b), dynamic=False)(x, wg).sum().backward()
+    assert not calls and wg.grad is not None
+    monkeypatch.setattr(dm, "HEAD_PATH", "torch")  # the default: linear() while compiling too
+    assert torch.allclose(torch.compile(lambda a, b: dm.head(a, b), dynamic=False)(x, w), ref * 0 + x @ w.T,
+                          atol=1e-5, rtol=0) and not calls
+    with pytest.raises(ValueError, match="decode head path 'fused': use one of torch, cublas"):
+        dm.set_head_path("fused")
+    dm.set_head_path("cublas")
+    assert dm.HEAD_PATH == "cublas"
+    code = "from nanochat import decode_matvec as m; print(m.HEAD_PATH)"
+    for value, ok in (("cublas", True), ("fused", False)):
+        r = subprocess.run([sys.executable, "-c", code], env=dict(os.environ, ADAMBA_DECODE_HEAD=value),
+                           capture_output=True, text=True, cwd=ROOT)
+        assert (r.returncode == 0 and r.stdout.strip() == value) if ok else (
+            r.returncode != 0 and "ADAMBA_DECODE_HEAD='fused': use one of torch, cublas" in r.stderr), r.stderr[-300:]
+
+
 def test_matvec_validates():
     x, w, _, _ = make_case(2, 8, 16, "float32", "none", None)
     with pytest.raises(ValueError, match="act 'gelu'"):
