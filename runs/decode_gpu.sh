@@ -16,6 +16,9 @@
 #                                        # verify ms, one round's kernels (~6 min); ATTN=reduce|torch|triton
 #                                        # (default reduce) and MATVEC=torch|triton (default torch): the defaults
 #                                        # are the library's, the kernels opt-in (measured slower, session 26)
+#   bash runs/decode_gpu.sh head         # tuned think at d20, 1K, the readout's product through cuBLAS (--head-path
+#                                        # cublas) against inductor's fused readout, profiled, then tuned speculation
+#                                        # (exit:10, k = 4) with it (~8 min)
 #   bash runs/decode_gpu.sh tiny         # the tiny chat checkpoint: think against exit:5 and ghost drafts, k = 1..3,
 #                                        # with the fallback, CUDA graphs (CKPT=<chat_final dir> DATA=<its data dir>)
 #
@@ -44,8 +47,8 @@ run() {  # print the command (quoted to be pasted), run it unless --dry-run
 }
 
 case "$STAGE" in
-    check|compiled|matvec|think|speculate|tiny) ;;
-    *) echo "usage: bash runs/decode_gpu.sh check|compiled|matvec|think|speculate|tiny [--dry-run]" >&2; exit 2 ;;
+    check|compiled|matvec|think|speculate|head|tiny) ;;
+    *) echo "usage: bash runs/decode_gpu.sh check|compiled|matvec|think|speculate|head|tiny [--dry-run]" >&2; exit 2 ;;
 esac
 if [ "$DRY_RUN" = 0 ] && [ -d .whl ] && ! "$PY" -c "import rustbpe" 2>/dev/null; then
     "$PY" -m pip install -q --no-index --find-links .whl rustbpe
@@ -77,6 +80,13 @@ case "$STAGE" in
     speculate)
         run "$PY" -m scripts.bench --profile decode "${D20[@]}" --contexts 1024 --speculate 4 --speculate-from 4 \
             --draft exit:10 --attention-path "$ATTN" --matvec-path "$MATVEC"
+        ;;
+    head)
+        for head in cublas torch; do
+            run "$PY" -m scripts.bench --profile decode "${D20[@]}" --contexts 1024 --head-path "$head"
+        done
+        run "$PY" -m scripts.bench decode "${D20[@]}" --contexts 1024 --speculate 4 --speculate-from 4 --draft exit:10 \
+            --head-path cublas
         ;;
     tiny)
         : "${CKPT:?set CKPT to the chat_final directory of the tiny pipeline}" "${DATA:?set DATA to its data directory}"

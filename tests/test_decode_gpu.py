@@ -29,7 +29,7 @@ def strip_env(cmd):
 def test_every_stage_parses():
     seen = {}
     for stage, env in (("check", {}), ("compiled", {}), ("matvec", {}), ("think", {}), ("speculate", {}),
-                       ("speculate", {"ATTN": "triton", "MATVEC": "triton"}), ("tiny", {"CKPT": "/ckpt", "DATA": "/data"})):
+                       ("speculate", {"ATTN": "triton", "MATVEC": "triton"}), ("head", {}), ("tiny", {"CKPT": "/ckpt", "DATA": "/data"})):
         r, cmds = dry(stage, **env)
         assert r.returncode == 0 and cmds, (stage, r.stderr)
         for cmd in cmds:
@@ -54,6 +54,9 @@ def test_every_stage_parses():
     # the compiled stage: the CUDA speculation test's compiled cases, exit drafts first; the names match test ids
     case = "test_graph_speculation_equals_eager_on_cuda and compiled and"
     assert seen["compiled"] == [f"{case} exit", f"{case} plan"]
+    head = seen["head"]  # the readout through cuBLAS against inductor's fused one, then speculation with it
+    assert [(a.head_path, a.speculate) for a, _ in head] == [("cublas", 0), ("torch", 0), ("cublas", 4)]
+    assert all(a.engine_decode == "tuned" and a.contexts == "1024" for a, _ in head) and head[0][0].profile
     (mv, _), = seen["matvec"]
     assert mv.cmd == "matvec" and mv.sweep
     (tiny, var), = seen["tiny"]
