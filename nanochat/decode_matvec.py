@@ -180,15 +180,17 @@ def usable(x, w):
     ADAMBA_DECODE_MATVEC=triton where CUDA is available), no gradient wanted (the kernel has no backward), x and w in
     one dtype that autocast (if on) would not change, at most MAX_ROWS rows. Reads module globals: torch.compile
     traces it."""
-    if PATH != "triton" or _op is None or not (x.is_cuda or ON_CPU) or w.dim() != 2:
+    if PATH != "triton" or _op is None or not (x.is_cuda or ON_CPU) or not _inference_operands(x, w):
         return False
-    if torch.is_grad_enabled() and (x.requires_grad or w.requires_grad):
+    return x.dtype in (torch.bfloat16, torch.float32) and 1 <= x.numel() // max(1, x.size(-1)) <= MAX_ROWS
+
+
+def _inference_operands(x, w):
+    """w a matrix, no gradient wanted, x in w's dtype, which autocast (if on) would keep: what usable() and head()
+    ask before they take F.linear's place."""
+    if w.dim() != 2 or x.dtype != w.dtype or (torch.is_grad_enabled() and (x.requires_grad or w.requires_grad)):
         return False
-    if x.dtype != w.dtype or x.dtype not in (torch.bfloat16, torch.float32):
-        return False
-    if torch.is_autocast_enabled(x.device.type) and torch.get_autocast_dtype(x.device.type) != x.dtype:
-        return False
-    return 1 <= x.numel() // max(1, x.size(-1)) <= MAX_ROWS
+    return not (torch.is_autocast_enabled(x.device.type) and torch.get_autocast_dtype(x.device.type) != x.dtype)
 
 
 def linear(x, w, act="none"):
@@ -223,9 +225,7 @@ def head(x, w):
     parts: that kernel took 112 us of a tuned think step on the H100 (session 33's profile) against 58 us for
     cuBLAS's product (session 29).
     """
-    if (HEAD_PATH == "cublas" and torch.compiler.is_compiling() and w.dim() == 2 and x.dtype == w.dtype
-            and not (torch.is_grad_enabled() and (x.requires_grad or w.requires_grad))
-            and not (torch.is_autocast_enabled(x.device.type) and torch.get_autocast_dtype(x.device.type) != x.dtype)):
+    if HEAD_PATH == "cublas" and torch.compiler.is_compiling() and _inference_operands(x, w):
         return opaque_linear(x, w)
     return linear(x, w)
 
@@ -233,9 +233,7 @@ def head(x, w):
 def set_head_path(path):
     """HEAD_PATH = path, validated (bench decode --head-path); call it before an Engine compiles a step."""
     global HEAD_PATH
-    if path not in HEAD_PATHS:
-        raise ValueError(f"decode head path {path!r}: use one of {', '.join(HEAD_PATHS)}")
-    HEAD_PATH = path
+    HEAD_PATH = set_kernel_path("decode head", path, HEAD_PATHS, build=None)  # no kernel to build
 
 
 def set_path(path):
