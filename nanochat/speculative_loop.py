@@ -12,7 +12,8 @@ import torch
 from nanochat.engine_state import TokenStep, start_host_copy
 from nanochat.layers import sample_next_token
 from nanochat.speculative import Speculator
-from nanochat.speculative_rules import Draft, SpecStats, SpecMemory, PROBE_STEPS, JUDGE_ROUNDS, RETRY_OVERHEAD
+from nanochat.speculative_rules import Draft, SpecStats, SpecMemory, PROBE_STEPS, JUDGE_ROUNDS, RETRY_OVERHEAD, \
+    retry_share
 
 def generate(engine, prompts, max_tokens, speculate, draft, temperature=0.0, top_k=None, seed=42, stop_tokens=(),
              fallback=True):
@@ -30,12 +31,13 @@ def generate(engine, prompts, max_tokens, speculate, draft, temperature=0.0, top
     when the last (up to three) of them gave tokens slower than the yardstick (from then on the draft is not
     stepped). The engine remembers it (SpecMemory): its next generations with this draft, k and batch size are plain
     think generations (Engine.generate's own loop, timed as the caller sees them), until their time reaches what the
-    attempt lost / RETRY_OVERHEAD; the next one speculates again and is judged afresh (a retry too short to be judged
+    attempt lost / the retry share (RETRY_OVERHEAD, halved for each retry in a row that fell back again:
+    speculative_rules.retry_share); the next one speculates again and is judged afresh (a retry too short to be judged
     leaves the memory as it was). What an attempt lost: the whole generation's time against a plain generation of as
     many tokens (the remembered ones' mean time to the first token + their mean time per later token), which counts
     the draft's prefill, the probes and the rounds; for the first attempt, with no plain generation to compare, what
     its rounds lost against the probes' plain steps. Retries so cost about RETRY_OVERHEAD of the plain decoding
-    between them. On the static path an exit draft's next round is queued whole before this round's read
+    between them, and less once retries have fallen back in a row. On the static path an exit draft's next round is queued whole before this round's read
     (Speculator.queue_ahead) whenever the generation needs tokens after this round's last; a round so queued is
     always read and handed out (it has moved the verifier's caches), also when the fallback stops speculating
     after the round before it; only a stop token or max_tokens leaves it unread, as think's loop leaves its one step
@@ -57,7 +59,8 @@ def generate(engine, prompts, max_tokens, speculate, draft, temperature=0.0, top
     t0, first, tokens = time.perf_counter(), None, 0  # this generation's time as the caller sees it, its tokens
     if fallback and memo is not None and memo.plain_s < memo.need_s:
         # remembered: plain think decoding, the engine's own pipelined loop (no draft, no probes, no per-token sync)
-        engine.spec_stats = SpecStats(k=speculate, draft=name, fell_back_at=0, remembered=True)
+        engine.spec_stats = SpecStats(k=speculate, draft=name, fell_back_at=0, remembered=True,
+                                      retry_after=1 / retry_share(memo.failures))
         try:
             for ts in engine.generate(prompts, max_tokens, "think", temperature=temperature, top_k=top_k, seed=seed,
                                       stop_tokens=stop_tokens):
@@ -78,8 +81,10 @@ def generate(engine, prompts, max_tokens, speculate, draft, temperature=0.0, top
         if memo is not None and not engine.spec_stats.judged and new is None:
             engine.spec_memory[memo_key] = memo  # not judged: the next generation retries
         elif memo is not None and new is not None and memo.generations:  # a retry that fell back: priced whole,
-            lost = time.perf_counter() - t0 - memo.plain_cost(max(0, tokens - 1))  # and the plain prices kept
-            engine.spec_memory[memo_key] = replace(memo, plain_s=0.0, need_s=max(new.need_s, lost / RETRY_OVERHEAD))
+            lost = time.perf_counter() - t0 - memo.plain_cost(max(0, tokens - 1))  # the plain prices kept, and the
+            failures = memo.failures + 1  # share of the decode time the next retries may cost halved
+            engine.spec_memory[memo_key] = replace(memo, plain_s=0.0, failures=failures,
+                                                   need_s=max(new.need_s * RETRY_OVERHEAD, lost) / retry_share(failures))
 
 
 def _speculate(engine, prompts, max_tokens, speculate, draft, name, temperature, top_k, seed, stop_tokens, fallback,

@@ -57,6 +57,7 @@ class SpecStats:
     think_step_s: float = None   # the fastest plain decode step timed (the fallback's yardstick)
     fell_back_at: int = None     # tokens emitted when speculation stopped paying and plain decoding took over
     remembered: bool = False     # plain from the start: an earlier generation of this engine measured it slower
+    retry_after: float = None    # remembered: the retry comes once plain decoding has taken this many times that loss
     judged: bool = False         # the fallback compared rounds with the yardstick at least once
     accepted_hist: list = field(default_factory=list)
     round_log: list = field(default_factory=list)  # (tokens emitted, seconds, whether it captured graphs) per round
@@ -76,7 +77,7 @@ class SpecStats:
             s += f", {self.ahead} rounds queued ahead of the last one's read"
         if self.remembered:
             s += (f"; plain decoding throughout: speculation with this draft and k measured slower than think in an "
-                  f"earlier generation (retried once plain decoding has taken {1 / RETRY_OVERHEAD:.0f}x the time that "
+                  f"earlier generation (retried once plain decoding has taken {self.retry_after:.0f}x the time that "
                   f"attempt lost)")
         elif self.fell_back_at is not None:
             s += f"; fell back to plain decoding after {self.fell_back_at} tokens (slower than think)"
@@ -86,21 +87,30 @@ class SpecStats:
 PROBE_STEPS = 4  # plain decode steps before speculating (with the fallback on); the 2nd and 3rd are timed
 JUDGE_ROUNDS = 2  # the fallback judges the last (up to 3) rounds that captured no graphs, once there are this many
 # An engine whose generation fell back decodes the next ones plain; it tries speculation again once the plain decoding
-# since has taken 1 / RETRY_OVERHEAD times what the failed attempt lost against plain decoding, so that retries cost at
-# most this share of the decode time. The fallback's floor is 0.95x think's tokens/s; 3% leaves room for the first
-# attempt (whose loss no plain generation has yet priced) and for timing noise
+# since has taken 1 / share times what the failed attempt lost against plain decoding, so that retries cost at most
+# that share of the decode time. The share starts at RETRY_OVERHEAD and halves with each retry in a row that falls back
+# again (at most RETRY_HALVINGS times): where speculation never pays, retries cost 3%, then 1.5%, ... of the decode
+# time, not 3% for ever. The fallback's floor is 0.95x think's tokens/s; 3% leaves room for the first attempt (whose
+# loss no plain generation has yet priced) and for timing noise
 RETRY_OVERHEAD = 0.03
+RETRY_HALVINGS = 4
+
+
+def retry_share(failures):
+    """The share of the decode time retries may cost after `failures` attempts in a row fell back (>= 1)."""
+    return RETRY_OVERHEAD / 2 ** min(failures - 1, RETRY_HALVINGS)
 
 
 @dataclass
 class SpecMemory:
     """Engine.spec_memory's entry for a (draft, k, batch) whose speculation measured slower than plain decoding."""
-    need_s: float             # plain decoding a retry waits for: what the failed attempt lost / RETRY_OVERHEAD
+    need_s: float             # plain decoding a retry waits for: what the failed attempt lost / retry_share(failures)
     plain_s: float = 0.0      # plain decoding since that attempt
     first_s: float = 0.0      # every plain generation remembered so far: seconds to its first token, summed,
     decode_s: float = 0.0     # and after it,
     decode_tokens: int = 0    # for this many tokens
     generations: int = 0
+    failures: int = 1         # attempts in a row that fell back (the first, then each retry that fell back again)
 
     def plain_cost(self, decode_tokens):
         """Seconds a plain generation of 1 + decode_tokens tokens takes (the mean of those remembered), or None."""

@@ -7,7 +7,8 @@ from nanochat.engine import Engine
 from nanochat.engine_static import StaticDecode
 from nanochat.layers import token_probs
 from nanochat.speculative import rollback, Speculator
-from nanochat.speculative_rules import Draft, accept, accept_prob, residual, JUDGE_ROUNDS, PROBE_STEPS, RETRY_OVERHEAD
+from nanochat.speculative_rules import Draft, accept, accept_prob, residual, retry_share, JUDGE_ROUNDS, PROBE_STEPS, \
+    RETRY_HALVINGS, RETRY_OVERHEAD
 
 from engine_testutil import HAS_MAMBA, HAS_MOE, build
 
@@ -411,7 +412,8 @@ def test_fallback_decides_on_timed_steps_and_stops_stepping_the_draft(monkeypatc
     yardstick is the time between the generator's resumptions. The engine remembers: its next generations decode
     plain from the start (no draft prefill, no probes), their time counted, until it reaches what the rounds lost
     against plain steps / RETRY_OVERHEAD; the next generation speculates again; a retry too short to be judged leaves
-    the memory as it was; a retry that falls back again waits for its own loss's worth."""
+    the memory as it was; a retry that falls back again waits for its own loss's worth at half the share, and the next
+    one that falls back at a quarter."""
     import nanochat.speculative as spec_mod
     model = build(layer_pattern="A").eval()
     eng = Engine(model, decode="eager")
@@ -474,17 +476,33 @@ def test_fallback_decides_on_timed_steps_and_stops_stepping_the_draft(monkeypatc
     whole = clock["t"] - t0 - 23.0  # the retry's time against a plain generation of 24 tokens (23 s)
     assert retry.tokens == ref.tokens and not eng.spec_stats.remembered and eng.spec_stats.rounds == rounds
     # it fell back again: the wait is this attempt's whole loss (its draft's catch-up steps and rounds beyond what the
-    # rounds alone lost) / RETRY_OVERHEAD, counted from zero; the plain generations' prices are kept
+    # rounds alone lost) / half of RETRY_OVERHEAD, counted from zero; the plain generations' prices are kept
     memo = eng.spec_memory[key]
     assert whole > loss(eng.spec_stats) and memo.plain_s == 0.0 and memo.generations == plain
-    assert memo.need_s == pytest.approx(whole / RETRY_OVERHEAD)
+    assert memo.failures == 2 and memo.need_s == pytest.approx(whole / (RETRY_OVERHEAD / 2))
     # retries cost at most RETRY_OVERHEAD of the plain decoding between them
     assert loss(eng.spec_stats) <= RETRY_OVERHEAD * plain * 23 + 1e-9
+    remembered = 0
+    while eng.spec_memory[key].plain_s < memo.need_s:  # twice the wait before the next retry
+        eng.generate_batch([[3, 1, 4]], 24, speculate=3, draft="plan:64,64,64,32", fallback=True)
+        assert eng.spec_stats.remembered and f"{2 / RETRY_OVERHEAD:.0f}x" in eng.spec_stats.summary()
+        remembered += 1
+    assert remembered == -(-memo.need_s // 23) and remembered > 2 * (plain - 1)
+    t0 = clock["t"]
+    eng.generate_batch([[3, 1, 4]], 24, speculate=3, draft="plan:64,64,64,32", fallback=True)  # falls back again
+    memo = eng.spec_memory[key]
+    assert memo.failures == 3 and memo.need_s == pytest.approx((clock["t"] - t0 - 23.0) / (RETRY_OVERHEAD / 4))
     # another k is another measurement; fallback=False never consults the memory
     eng.generate_batch([[3, 1, 4]], 24, speculate=2, draft="plan:64,64,64,32", fallback=True)
     assert not eng.spec_stats.remembered
     eng.generate_batch([[3, 1, 4]], 24, speculate=3, draft="plan:64,64,64,32", fallback=False)
     assert not eng.spec_stats.remembered and eng.spec_stats.rounds > rounds
+
+
+def test_retry_share_halves_with_each_failure_down_to_its_floor():
+    assert [retry_share(f) for f in (1, 2, 3)] == [RETRY_OVERHEAD, RETRY_OVERHEAD / 2, RETRY_OVERHEAD / 4]
+    floor = RETRY_OVERHEAD / 2 ** RETRY_HALVINGS
+    assert retry_share(RETRY_HALVINGS + 1) == floor and retry_share(RETRY_HALVINGS + 9) == floor
 
 
 def test_plan_draft_catches_up_on_the_probes_when_speculation_pays(monkeypatch):
