@@ -29,7 +29,8 @@ def strip_env(cmd):
 def test_every_stage_parses():
     seen = {}
     for stage, env in (("check", {}), ("compiled", {}), ("matvec", {}), ("think", {}), ("speculate", {}),
-                       ("speculate", {"ATTN": "triton", "MATVEC": "triton"}), ("head", {}), ("tiny", {"CKPT": "/ckpt", "DATA": "/data"})):
+                       ("speculate", {"ATTN": "triton", "MATVEC": "triton"}), ("head", {}), ("prefetch", {}),
+                       ("tiny", {"CKPT": "/ckpt", "DATA": "/data"})):
         r, cmds = dry(stage, **env)
         assert r.returncode == 0 and cmds, (stage, r.stderr)
         for cmd in cmds:
@@ -59,6 +60,8 @@ def test_every_stage_parses():
     assert all(a.engine_decode == "tuned" and a.contexts == "1024" for a, _ in head) and head[0][0].profile
     (mv, _), = seen["matvec"]
     assert mv.cmd == "matvec" and mv.sweep
+    (pf, _), = seen["prefetch"]
+    assert pf.cmd == "prefetch" and pf.depth == 20
     (tiny, var), = seen["tiny"]
     assert tiny.cmd == "adaptive" and tiny.checkpoint == "/ckpt" and tiny.draft == "exit:5;ghost"
     assert var == {"ADAMBA_DECODE_ATTENTION": "reduce", "ADAMBA_DECODE_MATVEC": "torch"}
