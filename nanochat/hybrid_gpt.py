@@ -202,9 +202,9 @@ def make_moe(config):
 
 def place_update(y, x, idx, w, out):
     """Put a row group's sublayer output out (R, T, w) into y, the block's update (B, T, D) for x (None: nothing
-    placed yet). A group of every row at full width is the update itself."""
-    if y is None and isinstance(idx, slice) and w == x.size(-1):
-        return out.to(x.dtype)
+    placed yet). A group of every row is the update itself, zero-padded to D where narrower."""
+    if y is None and isinstance(idx, slice):  # every row (row_index's slice): padded in one op, not zeros + copy
+        return out.to(x.dtype) if w == x.size(-1) else F.pad(out.to(x.dtype), (0, x.size(-1) - w))
     if y is None:
         y = torch.zeros_like(x)
     y[idx, :, :w] = out.to(y.dtype)  # bf16 under autocast
