@@ -37,7 +37,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from nanochat.mamba_scan import _compute_dtype, _segment_ids, selective_scan
-from nanochat import decode_matvec, mamba_ops
+from nanochat import decode_mamba, decode_matvec, mamba_ops
 from nanochat.common import log_once
 
 logger = logging.getLogger(__name__)
@@ -434,7 +434,10 @@ class Mamba(MambaMixer):
 
     def _recur(self, xz, conv_state, ssm_state, use_kernels, dtype):
         """One decode position between the projections: xz (B, 2 * d_inner) of in_proj -> y (B, d_inner) for
-        out_proj; the depthwise conv and the selective state update, conv_state and ssm_state updated in place."""
+        out_proj; the depthwise conv and the selective state update, conv_state and ssm_state updated in place.
+        On the PyTorch path the same function may run as nanochat/decode_mamba.py's kernels (opt-in)."""
+        if not use_kernels and decode_mamba.usable(self, xz, conv_state, ssm_state):
+            return decode_mamba.step(self, xz, conv_state, ssm_state)
         f = _compute_dtype(dtype)
         x, z = xz.chunk(2, dim=-1)  # (B, d_inner)
         x = self._conv_step(x, conv_state, use_kernels)

@@ -19,6 +19,8 @@
 #   bash runs/decode_gpu.sh head         # tuned think at d20, 1K, the readout's product through cuBLAS (--head-path
 #                                        # cublas) against inductor's fused readout, profiled, then tuned speculation
 #                                        # (exit:10, k = 4) with it (~8 min)
+#   bash runs/decode_gpu.sh mamba        # the two-kernel Mamba-1 decode position (nanochat/decode_mamba.py): its CUDA
+#                                        # tests, then tuned think at d20, 1K with it and without, profiled (~6 min)
 #   bash runs/decode_gpu.sh prefetch     # an experiment for the bandwidth goal: a skeleton of the d20 step (its matrices
 #                                        # in order, small kernels between) with each group's weights prefetched into
 #                                        # L2 ahead of its products, against none (scripts/bench_prefetch.py; ~1 min)
@@ -50,8 +52,8 @@ run() {  # print the command (quoted to be pasted), run it unless --dry-run
 }
 
 case "$STAGE" in
-    check|compiled|matvec|think|speculate|head|prefetch|tiny) ;;
-    *) echo "usage: bash runs/decode_gpu.sh check|compiled|matvec|think|speculate|head|prefetch|tiny [--dry-run]" >&2; exit 2 ;;
+    check|compiled|matvec|think|speculate|head|mamba|prefetch|tiny) ;;
+    *) echo "usage: bash runs/decode_gpu.sh check|compiled|matvec|think|speculate|head|mamba|prefetch|tiny [--dry-run]" >&2; exit 2 ;;
 esac
 if [ "$DRY_RUN" = 0 ] && [ -d .whl ] && ! "$PY" -c "import rustbpe" 2>/dev/null; then
     "$PY" -m pip install -q --no-index --find-links .whl rustbpe
@@ -90,6 +92,12 @@ case "$STAGE" in
         done
         run "$PY" -m scripts.bench decode "${D20[@]}" --contexts 1024 --speculate 4 --speculate-from 4 --draft exit:10 \
             --head-path cublas
+        ;;
+    mamba)
+        run "$PY" -m pytest -p no:cacheprovider tests/test_decode_mamba.py -k cuda
+        for path in triton torch; do
+            run "$PY" -m scripts.bench --profile decode "${D20[@]}" --contexts 1024 --mamba-step-path "$path"
+        done
         ;;
     prefetch)
         run "$PY" -m scripts.bench prefetch

@@ -430,6 +430,11 @@ def get_args(argv=None):
                            help="the readout's product in compiled steps (nanochat.decode_matvec.HEAD_PATH; default: "
                            "$ADAMBA_DECODE_HEAD or torch): torch = as the projections (under tuned: one reduction with "
                            "the final norm and soft-cap), cublas = F.linear kept out of inductor's fusion")
+            t.add_argument("--mamba-step-path", type=str, default=None, choices=("torch", "triton"),
+                           help="a Mamba-1 decode position between its projections (nanochat.decode_mamba.PATH; "
+                           "default: $ADAMBA_DECODE_MAMBA or torch): torch = the PyTorch ops (fused by inductor when "
+                           "compiled), triton = nanochat.decode_mamba's two kernels (CUDA; weights and activations "
+                           "of one dtype)")
             t.add_argument("--engine-decode", type=str, default="auto", choices=DECODE_PATHS,
                            help="the hybrids' decode path (nanochat.engine.Engine): auto = CUDA graphs on CUDA where the "
                            "step allows them (one plan for every row, and one row when gates are on), else the eager step; "

@@ -140,9 +140,10 @@ def set_mixer_path(model, path):
 
 
 def cmd_decode(args, device):
-    from nanochat import decode_attention, decode_matvec
+    from nanochat import decode_attention, decode_mamba, decode_matvec
     from nanochat.engine import Engine
     decode_attention.set_path(args.attention_path or decode_attention.PATH)
+    decode_mamba.set_path(args.mamba_step_path or decode_mamba.PATH)
     decode_matvec.set_path(args.matvec_path or decode_matvec.PATH)
     decode_matvec.set_head_path(args.head_path or decode_matvec.HEAD_PATH)
     # default as scripts.generate: fp32 weights under bf16 autocast on CUDA; the caches take the weights' dtype
@@ -212,7 +213,8 @@ def cmd_decode(args, device):
                 f"attention {'split-key Triton kernel' if decode_attention.PATH == 'triton' and device.type == 'cuda' else 'PyTorch'}"
                 f"{', broadcast sums when compiled' if decode_attention.PATH == 'reduce' else ''}, "
                 f"projections {'decode_matvec kernel' if decode_matvec.PATH == 'triton' and device.type == 'cuda' and bf16 else 'F.linear'}"
-                f"{', head through cuBLAS when compiled' if decode_matvec.HEAD_PATH == 'cublas' else ''}, "
+                f"{', head through cuBLAS when compiled' if decode_matvec.HEAD_PATH == 'cublas' else ''}"
+                f"{', Mamba-1 steps in decode_mamba kernels' if decode_mamba.PATH == 'triton' and device.type == 'cuda' else ''}, "
                 f"{args.decode_tokens} decode steps, exits every {args.exit_stride} blocks", rows,
                 [("model", "model", ""), ("mode", "mode", ""), ("path", "step", ""), ("context", "context", "d"), ("prefill_ms", "prefill ms", ".1f"),
                  ("prefill_tok_per_s", "prefill tok/s", ",.0f"), ("decode_ms", "ms/token", ".2f"),

@@ -347,6 +347,10 @@ def test_decode_models_and_mixer_path(capsys, monkeypatch):
     res, out = run(capsys, args + ["--head-path", "cublas"])
     assert "error" not in res["rows"][0] and decode_matvec.HEAD_PATH == "cublas"
     assert ", head through cuBLAS when compiled" in out
+    from nanochat import decode_mamba  # --mamba-step-path triton reaches decode_mamba (the CPU keeps PyTorch's ops)
+    monkeypatch.setattr(decode_mamba, "PATH", decode_mamba.PATH)
+    res, out = run(capsys, args + ["--mamba-step-path", "triton"])
+    assert "error" not in res["rows"][0] and decode_mamba.PATH == "triton" and "decode_mamba kernels" not in out
     for bad, msg in ((["--models", "hybrid,gpt"], "--models: 'gpt' not among"),
                      (["--models", "dense", "--speculate", "1"], "--speculate times the 'hybrid' model")):
         with pytest.raises(ValueError, match=msg):

@@ -29,7 +29,7 @@ def strip_env(cmd):
 def test_every_stage_parses():
     seen = {}
     for stage, env in (("check", {}), ("compiled", {}), ("matvec", {}), ("think", {}), ("speculate", {}),
-                       ("speculate", {"ATTN": "triton", "MATVEC": "triton"}), ("head", {}), ("prefetch", {}),
+                       ("speculate", {"ATTN": "triton", "MATVEC": "triton"}), ("head", {}), ("mamba", {}), ("prefetch", {}),
                        ("tiny", {"CKPT": "/ckpt", "DATA": "/data"})):
         r, cmds = dry(stage, **env)
         assert r.returncode == 0 and cmds, (stage, r.stderr)
@@ -37,7 +37,7 @@ def test_every_stage_parses():
             var, cmd = strip_env(cmd)
             assert cmd[:2] == ["python", "-m"], cmd
             if cmd[2] == "pytest":
-                assert var == ({} if stage == "compiled" else
+                assert var == ({} if stage in ("compiled", "mamba") else
                                {"ADAMBA_DECODE_ATTENTION": "triton", "ADAMBA_DECODE_MATVEC": "triton"})
                 files = [a for a in cmd if a.startswith("tests/")]
                 assert files and all(os.path.exists(os.path.join(ROOT, f)) for f in files)
@@ -60,6 +60,9 @@ def test_every_stage_parses():
     assert all(a.engine_decode == "tuned" and a.contexts == "1024" for a, _ in head) and head[0][0].profile
     (mv, _), = seen["matvec"]
     assert mv.cmd == "matvec" and mv.sweep
+    assert seen["mamba"][0] == "cuda"  # its CUDA tests, then tuned think with the kernels and without, profiled
+    assert [a.mamba_step_path for a, _ in seen["mamba"][1:]] == ["triton", "torch"]
+    assert all(a.engine_decode == "tuned" and a.profile and a.mamba == 1 for a, _ in seen["mamba"][1:])
     (pf, _), = seen["prefetch"]
     assert pf.cmd == "prefetch" and pf.depth == 20
     (tiny, var), = seen["tiny"]
