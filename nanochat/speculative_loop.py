@@ -37,13 +37,13 @@ def generate(engine, prompts, max_tokens, speculate, draft, temperature=0.0, top
     many tokens (the remembered ones' mean time to the first token + their mean time per later token), which counts
     the draft's prefill, the probes and the rounds; for the first attempt, with no plain generation to compare, what
     its rounds lost against the probes' plain steps. Retries so cost about RETRY_OVERHEAD of the plain decoding
-    between them, and less once retries have fallen back in a row. On the static path an exit draft's next round is queued whole before this round's read
-    (Speculator.queue_ahead) whenever the generation needs tokens after this round's last; a round so queued is
-    always read and handed out (it has moved the verifier's caches), also when the fallback stops speculating
-    after the round before it; only a stop token or max_tokens leaves it unread, as think's loop leaves its one step
-    too many. A plan draft's next round has its first draft queued before this round's tokens are handed out; one
-    that the fallback's decision leaves unfinished is dropped (Speculator.abandon): its draft step changed nothing
-    the plain steps read."""
+    between them, and less once retries have fallen back in a row. On the static path an exit draft's next round
+    is queued whole before this round's read (Speculator.queue_ahead) whenever the generation needs tokens after
+    this round's last; a round so queued is always read and handed out (it has moved the verifier's caches), also
+    when the fallback stops speculating after the round before it; only a stop token or max_tokens leaves it unread,
+    as think's loop leaves its one step too many. A plan draft's next round has its first draft queued before this
+    round's tokens are handed out; one that the fallback's decision leaves unfinished is dropped
+    (Speculator.abandon): its draft step changed nothing the plain steps read."""
     model = engine.model
     c = model.config
     if engine.dense:
