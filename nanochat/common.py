@@ -81,6 +81,13 @@ def set_kernel_path(what, path, paths, build):
 _logged = set()
 
 
+def autocast_keeps(t):
+    """Whether autocast, if on for t's device, keeps t's dtype: the decode kernels (decode_matvec, decode_mamba)
+    take a call only where they would compute in the dtype PyTorch's ops would. Read while torch.compile traces."""
+    dev = t.device.type
+    return not (torch.is_autocast_enabled(dev) and torch.get_autocast_dtype(dev) != t.dtype)
+
+
 def log_once(logger, msg, level=logging.INFO):
     """logger.log(level, msg) the first time this process sees msg (which path runs, say). Silent while
     torch.compile traces: a log call there would break the graph."""

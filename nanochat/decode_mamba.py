@@ -26,7 +26,7 @@ or set_path() (bench decode's --mamba-step-path), before an Engine compiles or c
 """
 import torch
 
-from nanochat.common import get_logger, kernel_path_from_env, load_triton, log_once, set_kernel_path
+from nanochat.common import autocast_keeps, get_logger, kernel_path_from_env, load_triton, log_once, set_kernel_path
 
 logger = get_logger(__name__)
 
@@ -37,10 +37,6 @@ MAX_CONV = 8      # the widest conv window the kernels take (mamba-ssm's d_conv 
 ON_CPU = False    # tests only: take CPU tensors too (Triton's interpreter, TRITON_INTERPRET=1, runs the kernels there)
 _kernels = None
 _op = None
-
-
-def _next_pow2(n):
-    return 1 << max(0, (n - 1).bit_length())
 
 
 def build():
@@ -60,19 +56,19 @@ def build():
         B, Dn = xz.size(0), xz.size(1) // 2
         W, R2, R, N = conv_weight.size(1), x_proj_weight.size(0), dt_proj_weight.size(1), A_log.size(1)
         NB = triton.cdiv(Dn, block)
-        RP = _next_pow2(R2)
+        RP = triton.next_power_of_2(R2)
         xc = torch.empty(B, Dn, device=xz.device, dtype=xz.dtype)
         part = torch.empty(B, NB, RP, device=xz.device, dtype=torch.float32)
         y = torch.empty(B, Dn, device=xz.device, dtype=xz.dtype)
         act_bf16, st_bf16 = xz.dtype == torch.bfloat16, conv_state.dtype == torch.bfloat16
         torch.library.wrap_triton(conv_kernel)[(B, NB)](
             xz, conv_state, conv_weight, conv_bias, x_proj_weight, xc, part, xz.stride(0), *conv_state.stride(),
-            Dn, R2, HAS_BIAS=has_bias, W=W, WP=_next_pow2(W), BLOCK=block, RP=RP, ACT_BF16=act_bf16,
+            Dn, R2, HAS_BIAS=has_bias, W=W, WP=triton.next_power_of_2(W), BLOCK=block, RP=RP, ACT_BF16=act_bf16,
             ST_BF16=st_bf16, num_warps=4)
         torch.library.wrap_triton(state_kernel)[(B, NB)](
             xz, xc, part, dt_proj_weight, dt_proj_bias, A_log, D, ssm_state, y, xz.stride(0), *ssm_state.stride(),
-            Dn, R, N, NB, BLOCK=block, RP=RP, RRP=_next_pow2(R), NP=_next_pow2(N), NBP=_next_pow2(NB),
-            ACT_BF16=act_bf16, ST_BF16=ssm_state.dtype == torch.bfloat16, num_warps=4)
+            Dn, R, N, NB, BLOCK=block, RP=RP, RRP=triton.next_power_of_2(R), NP=triton.next_power_of_2(N),
+            NBP=triton.next_power_of_2(NB), ACT_BF16=act_bf16, ST_BF16=ssm_state.dtype == torch.bfloat16, num_warps=4)
         return y
 
     _op = mamba1_decode_step
@@ -93,7 +89,7 @@ def usable(mixer, xz, conv_state, ssm_state):
         return False
     if any(s.dtype not in (torch.bfloat16, torch.float32) for s in (conv_state, ssm_state)):
         return False
-    if torch.is_autocast_enabled(xz.device.type) and torch.get_autocast_dtype(xz.device.type) != xz.dtype:
+    if not autocast_keeps(xz):
         return False
     return (all(w.is_contiguous() for w in weights) and mixer.A_log.is_contiguous() and mixer.x_proj.bias is None
             and mixer.d_conv <= MAX_CONV and xz.stride(1) == 1)

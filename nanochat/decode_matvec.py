@@ -21,7 +21,7 @@ TF32), rounded once to the output dtype, as cuBLAS's bf16 GEMM: only the order o
 import torch
 import torch.nn.functional as F
 
-from nanochat.common import get_logger, kernel_path_from_env, load_triton, log_once, set_kernel_path
+from nanochat.common import autocast_keeps, get_logger, kernel_path_from_env, load_triton, log_once, set_kernel_path
 
 logger = get_logger(__name__)
 
@@ -190,7 +190,7 @@ def _inference_operands(x, w):
     ask before they take F.linear's place."""
     if w.dim() != 2 or x.dtype != w.dtype or (torch.is_grad_enabled() and (x.requires_grad or w.requires_grad)):
         return False
-    return not (torch.is_autocast_enabled(x.device.type) and torch.get_autocast_dtype(x.device.type) != x.dtype)
+    return autocast_keeps(x)
 
 
 def linear(x, w, act="none"):
