@@ -187,4 +187,4 @@ class StaticDecode:
         for j in range(j0, j1 + 1):
             if j in st.cache.k:
                 hkv = st.cache.n_kv_head if st.all_heads else self.model.transformer.h[j].attn.heads_at(widths[j])[1]
-                st.cache.note_store(j, range(B), st.pos, 1, hkv)
+                st.cache.note_static_store(j, st.pos, 1, hkv)

@@ -12,7 +12,10 @@ class MatryoshkaKVCache:
     Per attention block j:
     - k[j], v[j] (B, H_kv, T_max, hd): slots for every KV head of every position.
     - heads[j] (B, T_max) int16: how many KV heads of each position are valid (always a prefix: own heads
-      first, lacked heads filled in order; 0 = position not stored yet).
+      first, lacked heads filled in order; 0 = position not stored yet). Only fill() reads it. The static step's
+      full-width stores (store_at with every KV head: mode think's every block) leave it unwritten, one kernel a
+      block and token fewer; note_static_store keeps those positions in `owed[j]` (ranges of every row, on the
+      host) and settle(j) writes them before anything reads or overwrites their counts.
     - xn[j] (B, T_max, D), the cache's dtype: the normalised block input, kept only for positions stored
       with fewer than n_kv_head heads (the only ones fill() may read). Allocated (zeros) on block j's first
       such store, so a cache that only sees full-KV-width stores (mode think) has no xn[j]: the dict holds
@@ -40,6 +43,7 @@ class MatryoshkaKVCache:
         self._xn_shape = (batch_size, c.n_embd)
         self.stored = {j: [0] * batch_size for j in self.layers}
         self.fewest = {j: [c.n_kv_head] * batch_size for j in self.layers}
+        self.owed = {j: [] for j in self.layers}  # block -> [(lo, hi)]: positions of every row whose heads[j] is due
 
     def reset(self):
         """Empty again, keeping every tensor (the CUDA graphs of nanochat.engine were captured on them)."""
@@ -48,6 +52,7 @@ class MatryoshkaKVCache:
         for j in self.layers:
             self.stored[j] = [0] * len(self.stored[j])
             self.fewest[j] = [self.n_kv_head] * len(self.fewest[j])
+            self.owed[j] = []
 
     def store(self, j, rows, idx, pos, k, v, xn):
         """Own heads of positions pos.. of `rows`: k, v (R, hkv, T, hd); xn (R, T, D), kept if hkv < n_kv_head."""
@@ -56,6 +61,7 @@ class MatryoshkaKVCache:
             raise RuntimeError(f"KV cache full: {pos + T} tokens > capacity {self.max_len}")
         if self.slots[j] < self.max_len:
             return self.store_ring(j, rows, idx, pos, k, v, xn)
+        self.settle(j, pos, pos + T)  # a count due there would overwrite this store's
         self.k[j][idx, :hkv, pos:pos + T] = k.to(self.k[j].dtype)
         self.v[j][idx, :hkv, pos:pos + T] = v.to(self.v[j].dtype)
         if hkv < self.n_kv_head:  # a wider query may need the lacked heads later
@@ -81,15 +87,16 @@ class MatryoshkaKVCache:
         self.note_store(j, rows, pos, T, hkv)
 
     def store_at(self, j, pos, k, v, xn):
-        """store() of every row at one position held on the device, pos (1,) long, for the static decode step,
-        which reads nothing back: k, v (B, hkv, 1, hd), xn (B, 1, D). The caller owes note_store its host side."""
+        """store() of every row at positions held on the device, pos (T,) long, for the static steps, which read
+        nothing back: k, v (B, hkv, T, hd), xn (B, T, D). The head counts are written only for a store with fewer
+        than every KV head (see heads above); the caller owes note_static_store the host side."""
         hkv = k.size(1)
         pos = pos % self.slots[j]  # its slot (the position itself unless a ring)
         self.k[j][:, :hkv].index_copy_(2, pos, k.to(self.k[j].dtype))
         self.v[j][:, :hkv].index_copy_(2, pos, v.to(self.v[j].dtype))
         if hkv < self.n_kv_head:
             self.xn[j].index_copy_(1, pos, xn.to(self.xn[j].dtype))  # allocated (ensure_xn) before any capture
-        self.heads[j].index_fill_(1, pos, hkv)
+            self.heads[j].index_fill_(1, pos, hkv)
 
     def truncate(self, end):
         """Forget positions >= end of every row (speculative decoding's rollback): the host summary stops there, and
@@ -99,6 +106,37 @@ class MatryoshkaKVCache:
             raise RuntimeError("a ring (sliding-window) cache cannot roll back: its older slots were overwritten")
         for j in self.layers:
             self.stored[j] = [min(s, end) for s in self.stored[j]]
+            self.owed[j] = [(lo, min(hi, end)) for lo, hi in self.owed[j] if lo < end]
+
+    def note_static_store(self, j, pos, T, hkv):
+        """The host side of store_at's store of positions pos..pos+T-1 of every row with hkv heads: note_store, and
+        the head counts it left unwritten (hkv = every KV head) owed, or, for a narrower store (which wrote its
+        counts), no longer owed there."""
+        self.note_store(j, range(self.k[j].size(0)), pos, T, hkv)
+        if self.slots[j] < self.max_len:
+            return  # a ring's counts are never read
+        owed = [(lo, min(hi, pos)) for lo, hi in self.owed[j] if lo < pos] + \
+               [(max(lo, pos + T), hi) for lo, hi in self.owed[j] if hi > pos + T]
+        if hkv == self.n_kv_head:
+            owed.append((pos, pos + T))
+        owed.sort()
+        merged = []
+        for lo, hi in owed:  # consecutive stores make one range
+            if merged and lo <= merged[-1][1]:
+                merged[-1] = (merged[-1][0], max(merged[-1][1], hi))
+            else:
+                merged.append((lo, hi))
+        self.owed[j] = merged
+
+    def settle(self, j, lo=0, hi=None):
+        """Write block j's owed head counts (every KV head) when any of them lies in positions lo..hi-1 (all of
+        them: a few slice fills); after it heads[j] holds every stored position's count."""
+        hi = self.max_len if hi is None else hi
+        if any(a < hi and b > lo for a, b in self.owed[j]):
+            with torch.inference_mode():  # the engine's caches are inference tensors
+                for a, b in self.owed[j]:
+                    self.heads[j][:, a:b] = self.n_kv_head
+            self.owed[j] = []
 
     def note_store(self, j, rows, pos, T, hkv):
         """The host-side summary of a store of positions pos..pos+T-1 of `rows` with hkv heads."""
@@ -131,6 +169,7 @@ class MatryoshkaKVCache:
             raise RuntimeError(f"block {j} keeps a ring of its window: lazy KV-head fills are not supported there "
                                "(a width plan that widens writes every head up front: expand_threshold > 0)")
         host_rows = rows.tolist() if torch.is_tensor(rows) else list(rows)
+        self.settle(j)
         rows = torch.as_tensor(rows, dtype=torch.long, device=self.heads[j].device)
         have = self.heads[j][rows, :end]  # (R, end)
         flops = torch.zeros(len(rows), dtype=torch.float64)

@@ -436,7 +436,7 @@ class Speculator:
         """The cache's host-side summary of a static store of positions pos..pos+T-1 in blocks j0..j1."""
         for j in range(j0, j1 + 1):
             if j in self.st.cache.k:
-                self.st.cache.note_store(j, range(self.st.cache.k[j].size(0)), pos, T, self.st.cache.n_kv_head)
+                self.st.cache.note_static_store(j, pos, T, self.st.cache.n_kv_head)
 
     def plain_step(self, tok):
         """One plain decode step of the verifier (think), queued (nothing read back). Returns (logits, FLOPs)."""

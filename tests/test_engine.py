@@ -321,6 +321,91 @@ def test_cache_covers_tracks_stores():
     assert not cache.covers(0, [1], 1, 8)
 
 
+def test_static_stores_owe_full_width_head_counts():
+    """store_at writes no head counts for a store of every KV head; note_static_store keeps them owed (ranges of every
+    row), truncate forgets those past the end, a narrower store (which writes its own) takes its positions out, and
+    settle, fill and an eager store over an owed position write them before anything reads or overwrites them."""
+    from nanochat.matryoshka_kv import MatryoshkaKVCache
+    model = build()
+    cache = MatryoshkaKVCache(model, 2, 16)
+    hd, n = model.config.head_dim, model.config.n_kv_head
+    assert n > 1
+
+    def static(pos, T, hkv):
+        kv = torch.randn(2, hkv, T, hd)
+        if hkv < n:
+            cache.ensure_xn(0)
+        cache.store_at(0, torch.arange(pos, pos + T), kv, kv, torch.randn(2, T, model.config.n_embd))
+        cache.note_static_store(0, pos, T, hkv)
+
+    with torch.inference_mode():
+        static(0, 5, n)
+        static(5, 3, n)
+        assert cache.owed[0] == [(0, 8)] and (cache.heads[0] == 0).all()  # unwritten, owed as one range
+        cache.truncate(6)
+        assert cache.owed[0] == [(0, 6)]
+        static(6, 2, 1)  # narrower: its counts written, not owed
+        assert cache.owed[0] == [(0, 6)] and (cache.heads[0][:, 6:8] == 1).all()
+        cache.settle(0, 6, 16)  # nothing owed there: nothing written
+        assert cache.owed[0] == [(0, 6)] and (cache.heads[0][:, :6] == 0).all()
+        cache.settle(0)
+        assert cache.owed[0] == [] and (cache.heads[0][:, :6] == n).all() and (cache.heads[0][:, 6:8] == 1).all()
+        static(8, 2, n)
+        one = torch.zeros(1, 1, 1, hd)
+        cache.store(0, [0], torch.tensor([0]), 9, one, one, torch.zeros(1, 1, model.config.n_embd))  # over an owed one
+        assert cache.owed[0] == [] and cache.heads[0][:, 8:10].tolist() == [[n, 1], [n, n]]
+        static(10, 2, n)
+        cache.truncate(11)
+        cache.fill(0, [0, 1], 1, 11, model.transformer.h[0].attn, model.cos, model.sin)  # reads the counts: settles
+        assert cache.owed[0] == [] and (cache.heads[0][:, 10] == n).all() and (cache.heads[0][:, 11] == 0).all()
+
+
+def test_static_think_then_wider_query_fills_from_settled_counts():
+    """Static think steps (head counts owed), a narrow step, then a full-width one whose queries need the narrow
+    position's lacked heads: fill() settles the owed counts first (else it would take the think positions for never
+    stored and stop), and every step's logits equal the eager engine's."""
+    model = build()
+    prompts = torch.tensor([[1, 2, 3], [4, 5, 6]])
+    plans = [None, None, None, torch.full((2, 4), 16), torch.full((2, 4), 64), None]
+    out = {}
+    for path in ("eager", "static"):
+        eng = Engine(model, decode=path)
+        st, logits, _, _ = eng.prefill(prompts, plan="think", max_len=16)
+        tok, seen = logits.argmax(-1), []
+        for plan in plans:
+            logits = eng.step(st, tok, plan=plan)[0] if plan is not None else eng.step(st, tok)[0]
+            seen.append(logits)
+            tok = logits.argmax(-1)
+        out[path] = seen
+        if path == "static":
+            assert all(st.cache.owed[j] == [(8, 9)] for j in st.cache.layers)  # the last think step's, after the fill
+    for a, b in zip(out["eager"], out["static"]):
+        torch.testing.assert_close(b, a, rtol=0, atol=1e-5)
+
+
+def test_static_think_step_writes_no_head_counts():
+    """A static think step stores K/V (index_copy) but no head counts (no index_fill): one op a block fewer."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Ops(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.names = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.names.append(func.overloadpacket.__name__)
+            return func(*args, **(kwargs or {}))
+
+    model = build()
+    for plan, fills in (("think", 0), ([16, 16, 16, 16], len(model.config.n_layer * "A"))):
+        eng = Engine(model, decode="static")
+        st, logits, _, _ = eng.prefill(torch.tensor([[1, 2, 3]]), plan=plan, max_len=16)
+        with Ops() as ops:
+            eng.step(st, logits.argmax(-1))
+        assert eng.last_path == "static"
+        assert ops.names.count("index_copy_") >= 2 * model.config.n_layer and ops.names.count("index_fill_") == fills
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_decode_step_does_not_sync_on_cuda():
     """torch.cuda.set_sync_debug_mode('error') raises on any host-device sync inside a decode step."""
