@@ -91,7 +91,8 @@ class MatryoshkaKVCache:
         nothing back: k, v (B, hkv, T, hd), xn (B, T, D). The head counts are written only for a store with fewer
         than every KV head (see heads above); the caller owes note_static_store the host side."""
         hkv = k.size(1)
-        pos = pos % self.slots[j]  # its slot (the position itself unless a ring)
+        if self.slots[j] < self.max_len:  # a ring: the position's slot
+            pos = pos % self.slots[j]
         self.k[j][:, :hkv].index_copy_(2, pos, k.to(self.k[j].dtype))
         self.v[j][:, :hkv].index_copy_(2, pos, v.to(self.v[j].dtype))
         if hkv < self.n_kv_head:

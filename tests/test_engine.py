@@ -384,7 +384,8 @@ def test_static_think_then_wider_query_fills_from_settled_counts():
 
 
 def test_static_think_step_writes_no_head_counts():
-    """A static think step stores K/V (index_copy) but no head counts (no index_fill): one op a block fewer."""
+    """A static think step stores K/V (index_copy) but no head counts (no index_fill), and takes no slot of its
+    position (no remainder: only a ring's slot is one): two ops a block fewer."""
     from torch.utils._python_dispatch import TorchDispatchMode
 
     class Ops(TorchDispatchMode):
@@ -404,6 +405,7 @@ def test_static_think_step_writes_no_head_counts():
             eng.step(st, logits.argmax(-1))
         assert eng.last_path == "static"
         assert ops.names.count("index_copy_") >= 2 * model.config.n_layer and ops.names.count("index_fill_") == fills
+        assert "remainder" not in ops.names
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
