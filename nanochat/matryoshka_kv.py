@@ -116,6 +116,13 @@ class MatryoshkaKVCache:
         self.note_store(j, range(self.k[j].size(0)), pos, T, hkv)
         if self.slots[j] < self.max_len:
             return  # a ring's counts are never read
+        owed = self.owed[j]
+        if hkv == self.n_kv_head and (not owed or owed[-1][1] <= pos):  # the usual case, past everything owed
+            if owed and owed[-1][1] == pos:
+                owed[-1] = (owed[-1][0], pos + T)
+            else:
+                owed.append((pos, pos + T))
+            return
         owed = [(lo, min(hi, pos)) for lo, hi in self.owed[j] if lo < pos] + \
                [(max(lo, pos + T), hi) for lo, hi in self.owed[j] if hi > pos + T]
         if hkv == self.n_kv_head:
