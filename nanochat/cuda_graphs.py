@@ -11,6 +11,10 @@ import torch
 
 from nanochat.matryoshka_kv import MatryoshkaKVCache
 
+# scripts.bench host only: replay() runs a segment once for a new key and hands out that output ever after (no
+# capture, nothing computed), and the engine takes its graph path on any device, so that a decode's time is the host's
+HOST_ONLY = False
+
 
 @dataclass
 class Workspace:
@@ -72,28 +76,35 @@ def replay(ws, key, fn, states, cast, linears):
     steps in place: Mamba states, the residual) restored, then the capture. cast: autocast's dtype or None;
     under autocast the capture runs with autocast's cache off and reads copies of `linears`' weights in that
     dtype (cast_weights). Returns a copy of fn's output (the next replay overwrites it), or None.
+    With HOST_ONLY (scripts.bench host): fn() runs once for a new key, and its output is handed out ever after.
     """
     if key not in ws.graphs:
         if not ws.graphs:
             ws.weights_version = weights_version(linears)
-        ac = torch.autocast("cuda", dtype=cast, cache_enabled=False) if cast else nullcontext()
-        if cast and cast not in ws.weight_copies:  # made here, on the current stream, before the side stream's warm-up
-            ws.weight_copies[cast] = {m: m.weight.detach().to(cast) for m in linears if m.weight.dtype != cast}
-        weights = (lambda: cast_weights(ws.weight_copies[cast])) if cast else nullcontext
-        saved = [t.clone() for t in states]
-        side = torch.cuda.Stream()
-        side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side), ac, weights():
-            fn()
-        torch.cuda.current_stream().wait_stream(side)
-        for t, t0 in zip(states, saved):
-            t.copy_(t0)  # the warm-up stepped them; its cache writes repeat at the same places
-        if ws.graph_pool is None:  # one memory pool for all of the workspace's graphs: they replay one at a time
-            ws.graph_pool = torch.cuda.graph_pool_handle()
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, pool=ws.graph_pool), ac, weights():
-            out = fn()
-        ws.graphs[key] = (graph, out)
+        ws.graphs[key] = (None, fn()) if HOST_ONLY else capture(ws, fn, states, cast, linears)
     graph, out = ws.graphs[key]
-    graph.replay()
+    if graph is not None:
+        graph.replay()
     return None if out is None else out.clone()
+
+
+def capture(ws, fn, states, cast, linears):
+    """(CUDAGraph, output) of fn captured on ws's memory pool after a warm-up on a side stream (replay())."""
+    ac = torch.autocast("cuda", dtype=cast, cache_enabled=False) if cast else nullcontext()
+    if cast and cast not in ws.weight_copies:  # made here, on the current stream, before the side stream's warm-up
+        ws.weight_copies[cast] = {m: m.weight.detach().to(cast) for m in linears if m.weight.dtype != cast}
+    weights = (lambda: cast_weights(ws.weight_copies[cast])) if cast else nullcontext
+    saved = [t.clone() for t in states]
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side), ac, weights():
+        fn()
+    torch.cuda.current_stream().wait_stream(side)
+    for t, t0 in zip(states, saved):
+        t.copy_(t0)  # the warm-up stepped them; its cache writes repeat at the same places
+    if ws.graph_pool is None:  # one memory pool for all of the workspace's graphs: they replay one at a time
+        ws.graph_pool = torch.cuda.graph_pool_handle()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph, pool=ws.graph_pool), ac, weights():
+        out = fn()
+    return graph, out

@@ -11,6 +11,7 @@ import torch
 import torch.nn as nn
 
 from nanochat.common import log_once, get_logger
+from nanochat import cuda_graphs
 from nanochat.cuda_graphs import replay, weights_version
 
 logger = get_logger(__name__)
@@ -99,7 +100,7 @@ class StaticDecode:
         want = self.wanted_path()
         if want == "eager":
             return "eager", "decode='auto' off CUDA" if self.decode == "auto" else "decode='eager'"
-        if want == "graph" and model.get_device().type != "cuda":
+        if want == "graph" and model.get_device().type != "cuda" and not cuda_graphs.HOST_ONLY:
             raise ValueError("Engine(decode='graph') needs the model on CUDA")
         if B > 1 and (st.exit_threshold < 1.0 or st.expand_threshold > 0.0):
             return "eager", "gates on with more than one row (rows would take different paths)"

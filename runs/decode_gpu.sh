@@ -25,7 +25,8 @@
 #                                        # in order, small kernels between) with each group's weights prefetched into
 #                                        # L2 ahead of its products, against none (scripts/bench_prefetch.py; ~1 min)
 #   bash runs/decode_gpu.sh tiny         # the tiny chat checkpoint: think against exit:5 and ghost drafts, k = 1..3,
-#                                        # with the fallback, CUDA graphs (CKPT=<chat_final dir> DATA=<its data dir>)
+#                                        # with the fallback, CUDA graphs (CKPT=<chat_final dir> DATA=<its data dir>);
+#                                        # then the same decodes' host time with the graphs taken out (bench host)
 #
 # Add --dry-run to print the commands without running them (tests/test_decode_gpu.py checks them against the bench's
 # own argument parser). The bench's tables go to stdout; record them in docs/benchmarks.md with the device, date,
@@ -107,5 +108,6 @@ case "$STAGE" in
         run env ADAMBA_DECODE_ATTENTION="$ATTN" ADAMBA_DECODE_MATVEC="$MATVEC" "$PY" -m scripts.bench adaptive --checkpoint "$CKPT" --data-dir "$DATA" \
             --rows 16 --prompt-len 12 --decode-tokens 20 --modes think --engine-decode graph --speculate 3 \
             --draft "exit:5;ghost"
+        run "$PY" -m scripts.bench host --checkpoint "$CKPT" --tokens 20 --speculate 3 --draft "exit:5;plan:ghost"
         ;;
 esac

@@ -12,6 +12,7 @@ and, as its LAST line, one JSON object with the environment (device, torch, date
     python -m scripts.bench muon    # Muon's step over a model's matrices: one Newton-Schulz per matrix vs same shapes stacked
     python -m scripts.bench matvec  # decode's matrix products (CUDA): cuBLAS vs inductor's tuned reduction vs a Triton kernel
     python -m scripts.bench prefetch  # an experiment (CUDA, sm_90): a decode step's weights prefetched into L2 ahead of use
+    python -m scripts.bench host --checkpoint PATH  # the host's time a token on the graph path, the graphs taken out
     torchrun --standalone --nproc_per_node=2 -m scripts.bench moe-ep  # MoE fwd+bwd, experts replicated vs sharded
 
 Timing: CUDA events around each timed iteration after warmup, median over iterations (perf_counter on
@@ -24,7 +25,7 @@ on the command's compiles (e.g. `--inductor-option combo_kernels=true decode ...
 
 The mamba and moe subcommands and the command line are here; train is in scripts/bench_train.py (with the FLOP
 convention of its MFU), decode in scripts/bench_decode.py, adaptive in scripts/bench_adaptive.py, moe-ep in scripts/bench_ep.py, matvec in
-scripts/bench_matvec.py, prefetch in scripts/bench_prefetch.py, and what all
+scripts/bench_matvec.py, prefetch in scripts/bench_prefetch.py, host in scripts/bench_host.py, and what all
 of them share (timing, tables, targets, the JSON line, the benchmarked models) in scripts/bench_common.py.
 """
 import contextlib
@@ -41,7 +42,7 @@ from scripts.bench_common import (measure, cuda_graphed, error_text, progress, t
                                   target, finish, ratio)
 from scripts.bench_train import cmd_train
 from scripts.bench_decode import cmd_decode
-from scripts import bench_adaptive, bench_ep, bench_matvec, bench_prefetch
+from scripts import bench_adaptive, bench_ep, bench_host, bench_matvec, bench_prefetch
 
 
 # -----------------------------------------------------------------------------
@@ -460,6 +461,7 @@ def get_args(argv=None):
     bench_ep.add_args(sub)
     bench_matvec.add_args(sub)
     bench_prefetch.add_args(sub)
+    bench_host.add_args(sub)
     args = p.parse_args(argv)
     if args.profile_top < 1:
         p.error(f"--profile-top {args.profile_top}: list at least one kernel kind")
@@ -517,7 +519,8 @@ def main(argv=None):
 
 COMMANDS = {"mamba": cmd_mamba, "moe": cmd_moe, "train": cmd_train, "decode": cmd_decode,
             "adaptive": bench_adaptive.cmd_adaptive, "moe-ep": bench_ep.cmd_moe_ep, "muon": cmd_muon,
-            "matvec": bench_matvec.cmd_matvec, "prefetch": bench_prefetch.cmd_prefetch}
+            "matvec": bench_matvec.cmd_matvec, "prefetch": bench_prefetch.cmd_prefetch,
+            "host": bench_host.cmd_host}
 
 
 if __name__ == "__main__":

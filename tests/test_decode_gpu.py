@@ -65,9 +65,10 @@ def test_every_stage_parses():
     assert all(a.engine_decode == "tuned" and a.profile and a.mamba == 1 for a, _ in seen["mamba"][1:])
     (pf, _), = seen["prefetch"]
     assert pf.cmd == "prefetch" and pf.depth == 20
-    (tiny, var), = seen["tiny"]
+    (tiny, var), (host, _) = seen["tiny"]  # then the same drafts' host time, the graphs taken out
     assert tiny.cmd == "adaptive" and tiny.checkpoint == "/ckpt" and tiny.draft == "exit:5;ghost"
     assert var == {"ADAMBA_DECODE_ATTENTION": "reduce", "ADAMBA_DECODE_MATVEC": "torch"}
+    assert host.cmd == "host" and host.checkpoint == "/ckpt" and host.draft == "exit:5;plan:ghost" and host.speculate == 3
 
 
 def test_bad_input_stops_with_one_line():

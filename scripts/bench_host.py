@@ -1,0 +1,108 @@
+"""
+`python -m scripts.bench host --checkpoint PATH`: what a batch-1 decode costs the host on the engine's CUDA-graph
+path, with the graphs taken out (nanochat.cuda_graphs.HOST_ONLY: each segment runs once, for its first key, and its
+output is handed out ever after, nothing captured or computed): the Python around the replays (the step's
+bookkeeping, sampling, a speculative round's drafts, verify pass, acceptance and rollback). Issue #29: on the tiny
+chat checkpoint a step is kernel latency, so the host's share of a token decides what speculation can gain there.
+
+Per setting (think, then every --draft at k = 1..--speculate, greedy, without the fallback), --reps generations of
+--tokens tokens and of one token (the prefill(s) and the first token) from one prompt of --prompt-len token ids,
+alternating; the table gives medians: the one-token generation's ms, the ms a token after it, rounds a generation
+and host ms a round, and each setting's ms a token against think's. Runs on any device; off CUDA the prefill is
+the eager forward's compute, not host alone. The replayed outputs are stale, so acceptance is not the model's: only
+the host's time a round (and, from it, a token at any acceptance) is meaningful.
+"""
+import statistics
+import time
+
+import torch
+
+from nanochat import cuda_graphs
+from scripts.bench_common import finish, print_table, progress
+
+COLUMNS = [("what", "decode", ""), ("k", "k", "d"), ("first_ms", "prefill + 1st token ms", ".2f"),
+           ("ms_per_token", "host ms a token after", ".3f"), ("rounds", "rounds a generation", ".1f"),
+           ("ms_per_round", "host ms a round", ".3f"), ("vs_think", "x think's ms a token", ".2f")]
+
+
+def add_args(sub):
+    p = sub.add_parser("host", help="the host's time a token on the CUDA-graph decode path, the graphs taken out "
+                       "(think and speculation)")
+    p.add_argument("--checkpoint", type=str, required=True, help="hybrid checkpoint directory (latest step) or "
+                   "model_<step>.pt")
+    p.add_argument("--prompt-len", type=int, default=12, help="prompt tokens (ids 1..)")
+    p.add_argument("--tokens", type=int, default=21, help="tokens a timed generation produces (at least 2)")
+    p.add_argument("--speculate", type=int, default=3, help="k = 1..K for every draft (0: think only)")
+    p.add_argument("--draft", type=str, default="exit:1;plan:ghost", help="drafts separated by ';' (plan:<mode or "
+                   "widths>, exit:<block>)")
+    p.add_argument("--reps", type=int, default=5, help="timed generations a setting (medians reported)")
+
+
+def host_only(on):
+    """Set cuda_graphs.HOST_ONLY; returns the value it had."""
+    was, cuda_graphs.HOST_ONLY = cuda_graphs.HOST_ONLY, on
+    return was
+
+
+def measure(engine, prompt, n, reps, kw, device):
+    """(median ms of a 1-token generation, median ms a token after it, rounds a generation or None)."""
+    def gen(count):
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        for _ in engine.generate([prompt], count, **kw):
+            pass
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        return (time.perf_counter() - t0) * 1e3
+
+    gen(n)  # each key's first (computed) run, outside the timing
+    gen(n)
+    firsts, afters, rounds = [], [], []
+    for _ in range(reps):
+        full = gen(n)
+        if kw:
+            rounds.append(engine.spec_stats.rounds)
+        first = gen(1)
+        firsts.append(first)
+        afters.append((full - first) / (n - 1))
+    return statistics.median(firsts), statistics.median(afters), statistics.median(rounds) if rounds else None
+
+
+def cmd_host(args, device):
+    from nanochat.engine import Engine
+    from nanochat.checkpoint_manager import load_model
+    if args.prompt_len < 1 or args.tokens < 2 or args.reps < 1 or args.speculate < 0:
+        raise SystemExit("--prompt-len >= 1, --tokens >= 2, --reps >= 1 and --speculate >= 0, please")
+    model, meta = load_model(args.checkpoint, device)
+    c = model.config
+    if not hasattr(c, "layer_pattern"):
+        raise SystemExit(f"{args.checkpoint} holds a dense GPT: bench host measures the hybrid engine's decode")
+    if args.prompt_len + args.tokens > c.sequence_len:
+        raise SystemExit(f"--prompt-len + --tokens = {args.prompt_len + args.tokens} exceeds the checkpoint's "
+                         f"sequence_len {c.sequence_len}")
+    drafts = [d for d in args.draft.split(";") if d] if args.speculate else []
+    prompt = [1 + i % (c.vocab_size - 1) for i in range(args.prompt_len)]
+    rows = []
+    was = host_only(True)
+    try:
+        engine = Engine(model, decode="graph")
+        settings = [("think", 0, {})] + [(f"speculate {d}", k, dict(speculate=k, draft=d, fallback=False))
+                                         for d in drafts for k in range(1, args.speculate + 1)]
+        for what, k, kw in settings:
+            with torch.inference_mode():
+                first, per_token, rounds = measure(engine, prompt, args.tokens, args.reps, kw, device)
+            row = {"what": what, "k": k, "first_ms": first, "ms_per_token": per_token}
+            if rounds:
+                row.update(rounds=rounds, ms_per_round=per_token * (args.tokens - 1) / rounds)
+            row["vs_think"] = per_token / rows[0]["ms_per_token"] if rows else 1.0
+            progress(row)
+            rows.append(row)
+    finally:
+        host_only(was)
+    print_table(f"host time of batch-1 decode on the graph path, the graphs taken out ({meta['checkpoint_dir']}, "
+                f"step {meta['checkpoint_step']}; {device.type}; prompt {args.prompt_len}, {args.tokens} tokens, "
+                f"medians of {args.reps}; acceptance is not the model's: stale outputs)", rows, COLUMNS)
+    print(f"  {c.n_layer} blocks ({c.layer_pattern}/{c.ffn_pattern}), n_embd {c.n_embd}: the host's ms a token is "
+          f"what a graph-path token costs beyond its kernels unless the device works beside it")
+    return finish("host", args, device, {"rows": rows, "checkpoint": meta["checkpoint_dir"]})

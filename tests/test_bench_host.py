@@ -1,0 +1,69 @@
+"""scripts/bench_host.py and the seam it uses (cuda_graphs.HOST_ONLY): the graph path with the graphs taken out runs
+each segment once and hands out its output after, on any device; the bench's rows, flags and bad input."""
+import json
+
+import pytest
+import torch
+
+from nanochat import cuda_graphs
+from nanochat.checkpoint_manager import CheckpointError, save_model
+from nanochat.engine import Engine
+from scripts import bench
+
+from engine_testutil import HAS_MAMBA, build
+
+
+def test_host_only_replays_run_each_segment_once():
+    """Off by default; on, Engine(decode='graph') runs on the CPU, each segment key computes once (its first step)
+    and later steps of that key hand out the same output, computing nothing: the Mamba states stay where that first
+    run left them. Without it the CPU refuses the graph path with one line."""
+    assert cuda_graphs.HOST_ONLY is False
+    model = build(layer_pattern="AM" if HAS_MAMBA else "A")
+    eng = Engine(model, decode="graph")
+    st, _, _, _ = eng.prefill(torch.tensor([[1, 2, 3]]), max_len=16)
+    with pytest.raises(ValueError, match="needs the model on CUDA"):
+        eng.step(st, torch.tensor([4]))
+    cuda_graphs.HOST_ONLY = True
+    try:
+        eng = Engine(model, decode="graph")
+        st, logits, _, _ = eng.prefill(torch.tensor([[1, 2, 3]]), max_len=16)
+        with torch.inference_mode():
+            first = eng.step(st, torch.tensor([4]))[0]
+            assert eng.last_path == "graph" and all(g is None for g, _ in st.ws.graphs.values())
+            states = {j: [t.clone() for t in pair] for j, pair in st.ssm.items()}
+            again = eng.step(st, torch.tensor([9]))[0]  # another token, the same key (bucket 256): nothing computed
+        assert torch.equal(first, again) and again.data_ptr() != first.data_ptr()  # a copy, as a replay hands out
+        assert len(st.ws.graphs) == 1 and st.pos == 5
+        for j, pair in st.ssm.items():
+            assert all(torch.equal(a, b) for a, b in zip(pair, states[j]))
+    finally:
+        cuda_graphs.HOST_ONLY = False
+
+
+def test_bench_host_rows_and_bad_input(tmp_path, capsys):
+    """bench host on a small hybrid checkpoint: think, then each draft at k = 1..2, with the host's ms a token
+    (positive), rounds and ms a round for speculation (rounds x ms a round = the tokens after the first x ms a
+    token), think's row the 1.0 of the ratio; HOST_ONLY is off again afterwards. Bad flags stop with one line."""
+    model = build(layer_pattern="AM" if HAS_MAMBA else "A")
+    save_model(str(tmp_path / "ckpt"), 5, model)
+    argv = ["--device", "cpu", "host", "--checkpoint", str(tmp_path / "ckpt"), "--prompt-len", "4", "--tokens", "5",
+            "--speculate", "2", "--draft", "exit:1;plan:ghost", "--reps", "1"]
+    res = bench.main(argv)
+    out = capsys.readouterr().out
+    assert json.loads(out.strip().splitlines()[-1])["bench"] == "host" and cuda_graphs.HOST_ONLY is False
+    rows = res["rows"]
+    assert [(r["what"], r["k"]) for r in rows] == [("think", 0), ("speculate exit:1", 1), ("speculate exit:1", 2),
+                                                   ("speculate plan:ghost", 1), ("speculate plan:ghost", 2)]
+    assert rows[0]["vs_think"] == 1.0 and "rounds" not in rows[0]
+    for r in rows:
+        assert r["first_ms"] > 0 and r["ms_per_token"] > 0
+        assert r["vs_think"] == pytest.approx(r["ms_per_token"] / rows[0]["ms_per_token"])
+    for r in rows[1:]:
+        assert 1 <= r["rounds"] <= 4 and r["ms_per_round"] == pytest.approx(r["ms_per_token"] * 4 / r["rounds"])
+    assert "host ms a round" in out
+    for extra, msg in ((["--tokens", "1"], "--tokens >= 2"), (["--prompt-len", "30"], "exceeds the checkpoint's"),
+                       (["--reps", "0"], "--reps >= 1")):
+        with pytest.raises(SystemExit, match=msg):
+            bench.main(argv + extra)
+    with pytest.raises(CheckpointError, match="does not exist"):
+        bench.main(["--device", "cpu", "host", "--checkpoint", str(tmp_path / "nope")])
