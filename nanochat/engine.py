@@ -273,7 +273,7 @@ class Engine:
         gates = {b: g for g, b in enumerate(model.controllers.gate_blocks)} if gating else {}
         gate = model.controllers.gate if gating else None
         if path != "eager":
-            L = self.static.prepare(st, tokens)
+            L = self.static.prepare(st, tokens, widths)
         x, logits, ran = None, None, set()  # x: the residual when the eager step holds it (else in st.ws.static_x)
         j0 = 0
         for j1 in sorted(b for b in gates if b < n - 1) + [n - 1]:

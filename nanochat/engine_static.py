@@ -58,6 +58,10 @@ class StaticDecode:
     def __init__(self, model, decode, compile_backend="inductor"):
         self.model, self.decode = model, decode
         self.linears = [m for m in model.modules() if isinstance(m, nn.Linear)]  # weights a graph captures
+        # the host's per-step checks read these (indexing the ModuleList and its modules costs more than the checks)
+        blocks = list(model.transformer.h)
+        self.attn = {j: b.attn for j, b in enumerate(blocks) if hasattr(b, "attn")}
+        self.moe = [b.moe for b in blocks if getattr(b, "ffn_kind", None) == "E"]  # a dense GPT's blocks have no kind
         # what a static segment runs: segment itself, or compiled (compile_backend: tests use aot_eager)
         self.compile_backend = compile_backend
         self.compiles = decode in ("compiled", "tuned")
@@ -106,7 +110,7 @@ class StaticDecode:
             return "eager", "gates on with more than one row (rows would take different paths)"
         if B > 1 and not bool((st.plan == st.plan[0]).all()):
             return "eager", "rows have different plans"
-        if want == "graph" and any(block.ffn_kind == "E" and not block.moe.drop_tokens for block in model.transformer.h):
+        if want == "graph" and any(not moe.drop_tokens for moe in self.moe):
             # a capacity fixes every shape of the expert dispatch; dropless, its batched fallback pads to the
             # largest expert load, which it reads back (a capture cannot)
             return "eager", "dropless MoE blocks"
@@ -118,17 +122,19 @@ class StaticDecode:
         """Whether blocks j0..j1 can run static: an active token's queries need every KV head already stored."""
         if not active:
             return True  # an exited token only stores K/V and steps Mamba states
-        h = self.model.transformer.h
-        return all(st.cache.covers(j, range(B), h[j].attn.heads_at(widths[j])[1], st.pos)
-                   for j in range(j0, j1 + 1) if j in st.cache.k)
+        rows, k = range(B), st.cache.k
+        return all(st.cache.covers(j, rows, self.attn[j].heads_at(widths[j])[1], st.pos)
+                   for j in range(j0, j1 + 1) if j in k)
 
-    def prepare(self, st, tokens):
-        """The static inputs for this token; returns the key bucket L (a power of two > position, capped)."""
+    def prepare(self, st, tokens, widths):
+        """The static inputs for this token (widths: st.plan as lists, a row's width per block); returns the key
+        bucket L (a power of two > position, capped)."""
         model, pos = self.model, st.pos
         B, dev = tokens.size(0), model.get_device()
-        for j in st.cache.layers:  # a store with fewer KV heads keeps block inputs: allocate before any capture
-            if not st.all_heads and model.transformer.h[j].attn.heads_at(int(st.plan[:, j].min()))[1] < st.cache.n_kv_head:
-                st.cache.ensure_xn(j)
+        if not st.all_heads:
+            for j in st.cache.layers:  # a store with fewer KV heads keeps block inputs: allocate before any capture
+                if j not in st.cache.xn and self.attn[j].heads_at(min(w[j] for w in widths))[1] < st.cache.n_kv_head:
+                    st.cache.ensure_xn(j)
         ws = st.ws
         self.refresh(ws)
         if ws.static_in is None:
@@ -185,7 +191,7 @@ class StaticDecode:
 
     def note_stores(self, st, j0, j1, widths, B):
         """The cache's host-side summary of what a static segment stored (the eager store writes its own)."""
+        cache, n_kv = st.cache, st.cache.n_kv_head
         for j in range(j0, j1 + 1):
-            if j in st.cache.k:
-                hkv = st.cache.n_kv_head if st.all_heads else self.model.transformer.h[j].attn.heads_at(widths[j])[1]
-                st.cache.note_static_store(j, st.pos, 1, hkv)
+            if j in cache.k:
+                cache.note_static_store(j, st.pos, 1, n_kv if st.all_heads else self.attn[j].heads_at(widths[j])[1])

@@ -10,7 +10,7 @@ from nanochat.checkpoint_manager import CheckpointError, save_model
 from nanochat.engine import Engine
 from scripts import bench
 
-from engine_testutil import HAS_MAMBA, build
+from engine_testutil import HAS_MAMBA, HAS_MOE, build
 
 
 def test_host_only_replays_run_each_segment_once():
@@ -67,3 +67,21 @@ def test_bench_host_rows_and_bad_input(tmp_path, capsys):
             bench.main(argv + extra)
     with pytest.raises(CheckpointError, match="does not exist"):
         bench.main(["--device", "cpu", "host", "--checkpoint", str(tmp_path / "nope")])
+
+
+@pytest.mark.skipif(not HAS_MOE, reason="needs the MoE")
+def test_graph_path_rules_off_cuda_with_host_only():
+    """The graph path's conditions hold on the CPU under HOST_ONLY as on CUDA: a dropless MoE decodes eager (its
+    fallback reads the largest expert load back), one with a capacity takes the graph path."""
+    cuda_graphs.HOST_ONLY = True
+    try:
+        for drop, path in ((False, "eager"), (True, "graph")):
+            model = build(layer_pattern="A", ffn_pattern="ED", moe_drop_tokens=drop)
+            eng = Engine(model, decode="graph")
+            st, logits, _, _ = eng.prefill(torch.tensor([[3, 1, 4]]), max_len=16)
+            with torch.inference_mode():
+                eng.step(st, logits.argmax(-1))
+            assert eng.last_path == path
+            assert eng.static.path(st, 1) == (("eager", "dropless MoE blocks") if not drop else ("graph", None))
+    finally:
+        cuda_graphs.HOST_ONLY = False
