@@ -6,11 +6,11 @@ bookkeeping, sampling, a speculative round's drafts, verify pass, acceptance and
 chat checkpoint a step is kernel latency, so the host's share of a token decides what speculation can gain there.
 
 Per setting (think, then every --draft at k = 1..--speculate, greedy, without the fallback), --reps generations of
---tokens tokens and of one token (the prefill(s) and the first token) from one prompt of --prompt-len token ids,
-alternating; the table gives medians: the one-token generation's ms, the ms a token after it, rounds a generation
-and host ms a round, and each setting's ms a token against think's. Runs on any device; off CUDA the prefill is
-the eager forward's compute, not host alone. The replayed outputs are stale, so acceptance is not the model's: only
-the host's time a round (and, from it, a token at any acceptance) is meaningful.
+--tokens tokens from one prompt of --prompt-len token ids, each timed to its first token (the prefill(s) and the
+prompt's next token) and from there to its last; the table gives medians: ms to the first token, ms a token after
+it, rounds a generation and host ms a round, and each setting's ms a token against think's. Runs on any device;
+off CUDA the prefill is the eager forward's compute, not host alone. The replayed outputs are stale, so acceptance
+is not the model's: only the host's time a round (and, from it, a token at any acceptance) is meaningful.
 """
 import statistics
 import time
@@ -20,7 +20,7 @@ import torch
 from nanochat import cuda_graphs
 from scripts.bench_common import finish, print_table, progress
 
-COLUMNS = [("what", "decode", ""), ("k", "k", "d"), ("first_ms", "prefill + 1st token ms", ".2f"),
+COLUMNS = [("what", "decode", ""), ("k", "k", "d"), ("first_ms", "ms to the first token", ".2f"),
            ("ms_per_token", "host ms a token after", ".3f"), ("rounds", "rounds a generation", ".1f"),
            ("ms_per_round", "host ms a round", ".3f"), ("vs_think", "x think's ms a token", ".2f")]
 
@@ -45,27 +45,32 @@ def host_only(on):
 
 
 def measure(engine, prompt, n, reps, kw, device):
-    """(median ms of a 1-token generation, median ms a token after it, rounds a generation or None)."""
-    def gen(count):
+    """(median ms to the first token handed out: the prefill(s) and the prompt's next token, median ms a token after
+    it, median rounds a generation or None), each from one generation of n tokens (the same shapes every time, so
+    the workspace and its segments are reused)."""
+    def wait():
         if device.type == "cuda":
             torch.cuda.synchronize()
-        t0 = time.perf_counter()
-        for _ in engine.generate([prompt], count, **kw):
-            pass
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        return (time.perf_counter() - t0) * 1e3
 
-    gen(n)  # each key's first (computed) run, outside the timing
-    gen(n)
+    def gen():
+        wait()
+        t0 = time.perf_counter()
+        t1 = None
+        for _ in engine.generate([prompt], n, **kw):
+            if t1 is None:
+                t1 = time.perf_counter()
+        wait()
+        return (t1 - t0) * 1e3, (time.perf_counter() - t1) * 1e3 / (n - 1)
+
+    gen()  # each key's first (computed) run, outside the timing
+    gen()
     firsts, afters, rounds = [], [], []
     for _ in range(reps):
-        full = gen(n)
+        first, after = gen()
+        firsts.append(first)
+        afters.append(after)
         if kw:
             rounds.append(engine.spec_stats.rounds)
-        first = gen(1)
-        firsts.append(first)
-        afters.append((full - first) / (n - 1))
     return statistics.median(firsts), statistics.median(afters), statistics.median(rounds) if rounds else None
 
 
