@@ -85,3 +85,28 @@ def test_graph_path_rules_off_cuda_with_host_only():
             assert eng.static.path(st, 1) == (("eager", "dropless MoE blocks") if not drop else ("graph", None))
     finally:
         cuda_graphs.HOST_ONLY = False
+
+
+def test_timed_generations_compute_no_segment(monkeypatch):
+    """bench host's timed generations reuse the warm-up's workspace and segments: more reps run no more segments
+    (a generation of another length would take another workspace and run its segments again)."""
+    from nanochat.engine_static import StaticDecode
+    from scripts.bench_host import measure
+    calls = []
+    segment = StaticDecode.segment
+    monkeypatch.setattr(StaticDecode, "segment", lambda self, *a: calls.append(1) or segment(self, *a))
+    model = build(layer_pattern="AM" if HAS_MAMBA else "A")
+    counts = []
+    cuda_graphs.HOST_ONLY = True
+    try:
+        for reps in (1, 3):
+            calls.clear()
+            eng = Engine(model, decode="graph")
+            for kw in ({}, dict(speculate=2, draft="exit:1", fallback=False)):
+                with torch.inference_mode():
+                    first, after, rounds = measure(eng, [1, 2, 3, 4], 6, reps, kw, torch.device("cpu"))
+                assert first > 0 and after > 0 and (rounds is None) == (not kw)
+            counts.append(len(calls))
+    finally:
+        cuda_graphs.HOST_ONLY = False
+    assert counts[0] == counts[1] > 0, counts
