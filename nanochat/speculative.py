@@ -256,11 +256,12 @@ class Speculator:
         plan draft's own state, which nothing steps after the fallback. Returns None."""
         self._r = None
 
-    def _note_exit(self, r, i):
-        """The host's account of an exit draft's step i on the static path: its cache stores and FLOPs."""
+    def _note_exit(self, r, T):
+        """The host's account of an exit draft's blocks 0..N over the round's T positions on the static path (its k
+        steps and dk's in the verify pass): their cache stores and FLOPs, the T positions at once."""
         eng, N, B = self.engine, self.draft.exit_block, len(r.flops)
-        self._note(0, N, r.pos + i, 1)
-        eng._count(self.st, 0, N, 1, [[self.D] * self.n for _ in range(B)], [True] * B, r.flops, pos=r.pos + i)
+        self._note(0, N, r.pos, T)
+        eng._count(self.st, 0, N, T, [[self.D] * self.n for _ in range(B)], [True] * B, r.flops, pos=r.pos)
 
     @torch.inference_mode()
     def queue(self):
@@ -336,8 +337,7 @@ class Speculator:
         T, j0 = k + 1, 0 if self.draft.kind == "plan" else N + 1
         if r.static:  # what the static functions stored, on the host
             if self.draft.kind == "exit":
-                for i in range(T):
-                    self._note_exit(r, i)
+                self._note_exit(r, T)
             self._note(j0, n - 1, pos, T)
         eng._count(st, j0, n - 1, T, [[self.D] * n for _ in range(B)], [True] * B, flops, pos=pos)
         for b in range(B):

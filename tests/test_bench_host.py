@@ -67,6 +67,14 @@ def test_bench_host_rows_and_bad_input(tmp_path, capsys):
             bench.main(argv + extra)
     with pytest.raises(CheckpointError, match="does not exist"):
         bench.main(["--device", "cpu", "host", "--checkpoint", str(tmp_path / "nope")])
+    # without a checkpoint: bench decode's hybrid at --depth, narrowed (depth 2: 4 blocks, one head of 128)
+    fresh = ["--device", "cpu", "host", "--depth", "2", "--tokens", "4", "--speculate", "1", "--draft", "exit:0",
+             "--reps", "1"]
+    res = bench.main(fresh)
+    assert res["model"] == "a fresh d2 hybrid at n_embd 128" and [r["k"] for r in res["rows"]] == [0, 1]
+    assert "4 blocks (AM/DD), n_embd 128" in capsys.readouterr().out  # surgery puts a Mamba block after each
+    with pytest.raises(SystemExit, match="--n-embd 100: a positive multiple of 128"):
+        bench.main(fresh + ["--n-embd", "100"])
 
 
 @pytest.mark.skipif(not HAS_MOE, reason="needs the MoE")

@@ -83,6 +83,22 @@ def test_static_rounds_equal_eager_think(kind, draft, monkeypatch):
 
 
 @pytest.mark.parametrize("draft", ["plan:64,64,64,32", "exit:1"])
+def test_static_rounds_count_the_eager_rounds_flops(draft, monkeypatch):
+    """The FLOPs each token of a speculative generation reports are the same whether its rounds ran the static
+    functions (the host's account of an exit draft's positions made at once, in collect) or the eager ones (counted
+    as they run), with the same rounds accepted."""
+    monkeypatch.setattr(StaticDecode, "STATIC_MIN_KEYS", 8)
+    model = build(layer_pattern="AM" if HAS_MAMBA else "A").eval()
+    runs = {}
+    for path in ("eager", "static"):
+        eng = Engine(model, decode=path)
+        res = eng.generate_batch([[2, 7, 1, 8], [9, 9, 8, 7]], 14, speculate=3, draft=draft, fallback=False)
+        runs[path] = ([s.flops.tolist() for s in res.steps], list(eng.spec_stats.accepted_hist), res.tokens)
+    assert runs["static"][1:] == runs["eager"][1:] and runs["static"][1]  # the same rounds and tokens
+    assert runs["static"][0] == runs["eager"][0]
+
+
+@pytest.mark.parametrize("draft", ["plan:64,64,64,32", "exit:1"])
 def test_a_stop_token_ends_speculation_and_the_next_generation_is_thinks(draft, monkeypatch):
     """A stop token inside a round ends the generation there (think's tokens up to it), also when the next round was
     already queued ahead (static path, exit draft) and is left unread, as think's loop leaves its one step too many;
