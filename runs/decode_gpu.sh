@@ -13,7 +13,8 @@
 #                                        # default), torch and triton (the kernel); with --profile: ms/token, MBU,
 #                                        # where the step goes
 #   bash runs/decode_gpu.sh speculate    # tuned speculation (exit:10, k = 4) at 1K with --profile: x think, draft and
-#                                        # verify ms, one round's kernels (~6 min); ATTN=reduce|torch|triton
+#                                        # verify ms, one round's kernels, then the d20 hybrid's host time a token
+#                                        # and a round with the graphs taken out (~7 min); ATTN=reduce|torch|triton
 #                                        # (default reduce) and MATVEC=torch|triton (default torch): the defaults
 #                                        # are the library's, the kernels opt-in (measured slower, session 26)
 #   bash runs/decode_gpu.sh head         # tuned think at d20, 1K, the readout's product through cuBLAS (--head-path
@@ -86,6 +87,7 @@ case "$STAGE" in
     speculate)
         run "$PY" -m scripts.bench --profile decode "${D20[@]}" --contexts 1024 --speculate 4 --speculate-from 4 \
             --draft exit:10 --attention-path "$ATTN" --matvec-path "$MATVEC"
+        run "$PY" -m scripts.bench host --depth 20 --n-embd 1280 --vocab-size 65536 --speculate 4 --draft exit:10
         ;;
     head)
         for head in cublas torch; do

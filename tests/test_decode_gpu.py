@@ -49,9 +49,12 @@ def test_every_stage_parses():
     think = [(a.attention_path, a.matvec_path) for a, _ in seen["think"]]
     assert think == [("reduce", "torch"), ("torch", "torch"), ("triton", "torch")]
     assert all(a.engine_decode == "tuned" and a.profile for a, _ in seen["think"])
-    spec = seen["speculate"]
+    spec = [(a, v) for a, v in seen["speculate"] if a.cmd == "decode"]
     assert [(a.attention_path, a.matvec_path) for a, _ in spec] == [("reduce", "torch"), ("triton", "triton")]
     assert all(a.speculate == 4 for a, _ in spec)
+    host = [a for a, _ in seen["speculate"] if a.cmd == "host"]  # after each: the d20 hybrid's host time
+    assert len(host) == 2 and all(a.checkpoint is None and a.depth == 20 and a.n_embd == 1280 and a.draft == "exit:10"
+                                  for a in host)
     # the compiled stage: the CUDA speculation test's compiled cases, exit drafts first; the names match test ids
     case = "test_graph_speculation_equals_eager_on_cuda and compiled and"
     assert seen["compiled"] == [f"{case} exit", f"{case} plan"]
