@@ -39,7 +39,7 @@ def add_args(sub):
                    "of the logits and the sampling over them are the CPU's compute, which a GPU's host leaves to it)")
     p.add_argument("--mamba", type=int, default=1, choices=(1, 2), help="without --checkpoint")
     p.add_argument("--prompt-len", type=int, default=12, help="prompt tokens (ids 1..)")
-    p.add_argument("--tokens", type=int, default=21, help="tokens a timed generation produces (at least 2)")
+    p.add_argument("--tokens", type=int, default=20, help="tokens a timed generation produces (at least 2)")
     p.add_argument("--speculate", type=int, default=3, help="k = 1..K for every draft (0: think only)")
     p.add_argument("--draft", type=str, default="exit:1;plan:ghost", help="drafts separated by ';' (plan:<mode or "
                    "widths>, exit:<block>)")
