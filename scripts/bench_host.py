@@ -101,6 +101,7 @@ def fresh_model(args, device):
 def cmd_host(args, device):
     from nanochat.engine import Engine
     from nanochat.checkpoint_manager import load_model
+    from nanochat.speculative_rules import Draft
     if args.prompt_len < 1 or args.tokens < 2 or args.reps < 1 or args.speculate < 0:
         raise SystemExit("--prompt-len >= 1, --tokens >= 2, --reps >= 1 and --speculate >= 0, please")
     if args.checkpoint:
@@ -116,6 +117,11 @@ def cmd_host(args, device):
         raise SystemExit(f"--prompt-len + --tokens = {args.prompt_len + args.tokens} exceeds the checkpoint's "
                          f"sequence_len {c.sequence_len}")
     drafts = [d for d in args.draft.split(";") if d] if args.speculate else []
+    for d in drafts:  # a bad draft stops before anything is timed
+        try:
+            Draft.parse(d, c.n_layer)
+        except ValueError as e:
+            raise SystemExit(str(e)) from None
     prompt = [1 + i % (c.vocab_size - 1) for i in range(args.prompt_len)]
     rows = []
     was = host_only(True)

@@ -62,7 +62,7 @@ def test_bench_host_rows_and_bad_input(tmp_path, capsys):
         assert 1 <= r["rounds"] <= 4 and r["ms_per_round"] == pytest.approx(r["ms_per_token"] * 4 / r["rounds"])
     assert "host ms a round" in out
     for extra, msg in ((["--tokens", "1"], "--tokens >= 2"), (["--prompt-len", "30"], "exceeds the checkpoint's"),
-                       (["--reps", "0"], "--reps >= 1")):
+                       (["--reps", "0"], "--reps >= 1"), (["--draft", "exit:9"], "exit:N needs a block N")):
         with pytest.raises(SystemExit, match=msg):
             bench.main(argv + extra)
     with pytest.raises(CheckpointError, match="does not exist"):
