@@ -7,20 +7,17 @@ Tolerances: fp32 1e-5 (only the order of the additions differs); bf16 outputs wi
 (both round an fp32 result to bf16).
 """
 import importlib.util
-import json
-import os
-import subprocess
-import sys
 
 import pytest
 import torch
 import torch.nn.functional as F
 
 from nanochat import decode_attention as da
+
+from testutil import interpreted
 from nanochat.layers import attention
 
 HAS_TRITON = importlib.util.find_spec("triton") is not None
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 # (B, Hq, Hkv, T, L, D, dtype, chunk, mask): GQA, several queries, ragged rows, head sizes off a power of two,
 # chunks that split the keys and chunks the mask hides entirely (skipped by the kernel)
@@ -156,7 +153,7 @@ def test_kernel_compiles_for_sm90_with_the_argument_types_it_is_given():
 
 INTERPRETED = r"""
 import json, sys
-sys.path.insert(0, sys.argv[1])
+sys.path[:0] = [sys.argv[1], sys.argv[1] + "/tests"]  # tests/ for testutil, which the test module imports
 from nanochat import decode_attention as da
 from tests.test_decode_attention import CASES, make_case, close
 assert da.build() is not None
@@ -173,11 +170,7 @@ print(json.dumps(out))
 
 @pytest.mark.skipif(not HAS_TRITON, reason="Triton is not installed (its interpreter runs the kernel on the CPU)")
 def test_kernel_in_triton_interpreter_matches_reference():
-    env = dict(os.environ, TRITON_INTERPRET="1")
-    r = subprocess.run([sys.executable, "-c", INTERPRETED, ROOT], env=env, capture_output=True, text=True,
-                       timeout=300, cwd=ROOT)
-    assert r.returncode == 0, r.stderr[-2000:]
-    results = json.loads(r.stdout.strip().splitlines()[-1])
+    results = interpreted(INTERPRETED, 300)
     for case, (ok, diff) in zip(CASES, results):
         assert ok, f"{case}: max abs diff {diff}"
 
@@ -212,11 +205,7 @@ def test_engine_with_the_kernel_decodes_as_with_pytorch():
     PyTorch's attention paths, same model and prompts: think, a narrow plan (query heads that do not fill a GQA
     group), exit and plan drafts at k = 3 over batch 2 and 1, Mamba-1 and Mamba-2 hybrids, and today's-nanochat
     hybrid with sliding windows. The same tokens, logits within 1e-5 (fp32); the kernel ran in every case."""
-    env = dict(os.environ, TRITON_INTERPRET="1")
-    r = subprocess.run([sys.executable, "-c", ENGINE, ROOT], env=env, capture_output=True, text=True, timeout=600,
-                       cwd=ROOT)
-    assert r.returncode == 0, r.stderr[-2000:]
-    for job, same, diff, calls in json.loads(r.stdout.strip().splitlines()[-1]):
+    for job, same, diff, calls in interpreted(ENGINE, 600):
         assert same and diff <= 1e-5 and calls > 0, (job, same, diff, calls)
 
 

@@ -10,10 +10,6 @@ order of additions flips can differ (in the interpreter on this project's CPU th
 equal). The conv state, a shift of stored values, must match exactly.
 """
 import importlib.util
-import json
-import os
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -21,9 +17,10 @@ import torch
 from nanochat import decode_mamba as dm
 from nanochat.mamba_block import Mamba
 
+from testutil import interpreted
+
 HAS_TRITON = importlib.util.find_spec("triton") is not None
 HAS_NVIDIA_BACKEND = HAS_TRITON and importlib.util.find_spec("triton.backends.nvidia") is not None
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 # (d_model, d_state, d_conv, conv bias, weights' dtype, states' dtype, rows, channels a program): channel blocks
 # that split d_inner (96 over 16 and 64, a ragged last block), a narrower conv without bias, bf16 with both state dtypes
@@ -77,7 +74,7 @@ def compare(case, run, device="cpu"):
 
 INTERPRETED = r"""
 import json, sys
-sys.path.insert(0, sys.argv[1])
+sys.path[:0] = [sys.argv[1], sys.argv[1] + "/tests"]  # tests/ for testutil, which the test module imports
 from nanochat import decode_mamba as dm
 from tests.test_decode_mamba import CASES, compare
 assert dm.build() is not None
@@ -88,11 +85,7 @@ print(json.dumps([compare(case, lambda m, xz, c, s, b=case[7]: dm.step(m, xz, c,
 
 @pytest.mark.skipif(not HAS_TRITON, reason="Triton is not installed (its interpreter runs the kernels on the CPU)")
 def test_kernels_in_triton_interpreter_match_reference():
-    env = dict(os.environ, TRITON_INTERPRET="1", OMP_NUM_THREADS="1")
-    r = subprocess.run([sys.executable, "-c", INTERPRETED, ROOT], env=env, capture_output=True, text=True,
-                       timeout=300, cwd=ROOT)
-    assert r.returncode == 0, r.stderr[-2000:]
-    for case, (ok, diff) in zip(CASES, json.loads(r.stdout.strip().splitlines()[-1])):
+    for case, (ok, diff) in zip(CASES, interpreted(INTERPRETED, 300, one_thread=True)):
         assert ok, f"{case}: worst relative diff {diff}"
 
 
@@ -121,11 +114,7 @@ def test_engine_with_the_kernels_decodes_as_with_pytorch():
     """The engine's static decode step with the kernels (Triton's interpreter) against PyTorch's ops, an AM hybrid
     (Mamba-1) over two rows: think, a narrow plan, and an exit draft at k = 3 (its draft steps take the kernels; the
     verify pass's four positions keep PyTorch's). The same tokens, logits within 1e-5 (fp32); the kernels ran."""
-    env = dict(os.environ, TRITON_INTERPRET="1", OMP_NUM_THREADS="1")
-    r = subprocess.run([sys.executable, "-c", ENGINE, ROOT], env=env, capture_output=True, text=True, timeout=600,
-                       cwd=ROOT)
-    assert r.returncode == 0, r.stderr[-2000:]
-    for job, same, diff, calls in json.loads(r.stdout.strip().splitlines()[-1]):
+    for job, same, diff, calls in interpreted(ENGINE, 600, one_thread=True):
         assert same and diff <= 1e-5 and calls > 0, (job, same, diff, calls)
 
 

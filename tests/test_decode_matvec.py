@@ -6,7 +6,6 @@ Tolerances: fp32 within 2e-6 of the output's largest magnitude (only the order o
 within two of bf16's steps there (both round an fp32 result once).
 """
 import importlib.util
-import json
 import os
 import subprocess
 import sys
@@ -15,6 +14,8 @@ import pytest
 import torch
 
 from nanochat import decode_matvec as dm
+
+from testutil import interpreted
 
 HAS_TRITON = importlib.util.find_spec("triton") is not None
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -48,7 +49,7 @@ def close(out, ref, dtype):
 
 INTERPRETED = r"""
 import json, sys
-sys.path.insert(0, sys.argv[1])
+sys.path[:0] = [sys.argv[1], sys.argv[1] + "/tests"]  # tests/ for testutil, which the test module imports
 from nanochat import decode_matvec as dm
 from tests.test_decode_matvec import CASES, make_case, close
 out = []
@@ -64,10 +65,7 @@ print(json.dumps(out))
 
 @pytest.mark.skipif(not HAS_TRITON, reason="Triton is not installed (its interpreter runs the kernel on the CPU)")
 def test_kernel_in_triton_interpreter_matches_reference():
-    env = dict(os.environ, TRITON_INTERPRET="1", OMP_NUM_THREADS="1")
-    r = subprocess.run([sys.executable, "-c", INTERPRETED, ROOT], capture_output=True, text=True, env=env, timeout=600)
-    assert r.returncode == 0, r.stderr[-3000:]
-    results = json.loads(r.stdout.strip().splitlines()[-1])
+    results = interpreted(INTERPRETED, 600, one_thread=True)
     assert len(results) == len(CASES) and all(ok for ok, _ in results), results
 
 
@@ -242,9 +240,5 @@ def test_engine_with_the_kernel_decodes_as_with_pytorch():
     kernel (Triton's interpreter) against F.linear, same model and prompts: a narrow plan (sliced weights) on a
     Mamba-1 hybrid, think on a Mamba-2 one, an exit draft at k = 3 on each, batch 2. The same tokens, logits within
     1e-5 (fp32); the kernel ran in every case."""
-    env = dict(os.environ, TRITON_INTERPRET="1")
-    r = subprocess.run([sys.executable, "-c", ENGINE, ROOT], env=env, capture_output=True, text=True, timeout=900,
-                       cwd=ROOT)
-    assert r.returncode == 0, r.stderr[-2000:]
-    for job, same, diff, calls in json.loads(r.stdout.strip().splitlines()[-1]):
+    for job, same, diff, calls in interpreted(ENGINE, 900):
         assert same and diff <= 1e-5 and calls > 0, (job, same, diff, calls)

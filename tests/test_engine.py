@@ -9,7 +9,7 @@ from nanochat.hybrid_gpt import HybridGPT
 from nanochat.engine import Engine, MODES
 from nanochat.checkpoint_manager import save_model, CheckpointError
 
-from testutil import device_reads
+from testutil import device_reads, dispatched_ops
 from engine_testutil import HAS_MAMBA, HAS_MOE, V, ATOL, tiny_config, build, check_against_forward
 
 KINDS = [dict(layer_pattern="A")]
@@ -386,26 +386,14 @@ def test_static_think_then_wider_query_fills_from_settled_counts():
 def test_static_think_step_writes_no_head_counts():
     """A static think step stores K/V (index_copy) but no head counts (no index_fill), and takes no slot of its
     position (no remainder: only a ring's slot is one): two ops a block fewer."""
-    from torch.utils._python_dispatch import TorchDispatchMode
-
-    class Ops(TorchDispatchMode):
-        def __init__(self):
-            super().__init__()
-            self.names = []
-
-        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            self.names.append(func.overloadpacket.__name__)
-            return func(*args, **(kwargs or {}))
-
     model = build()
-    for plan, fills in (("think", 0), ([16, 16, 16, 16], len(model.config.n_layer * "A"))):
+    for plan, fills in (("think", 0), ([16, 16, 16, 16], model.config.n_layer)):
         eng = Engine(model, decode="static")
         st, logits, _, _ = eng.prefill(torch.tensor([[1, 2, 3]]), plan=plan, max_len=16)
-        with Ops() as ops:
-            eng.step(st, logits.argmax(-1))
+        _, names = dispatched_ops(lambda: eng.step(st, logits.argmax(-1)))
         assert eng.last_path == "static"
-        assert ops.names.count("index_copy_") >= 2 * model.config.n_layer and ops.names.count("index_fill_") == fills
-        assert "remainder" not in ops.names
+        assert names.count("index_copy_") >= 2 * model.config.n_layer and names.count("index_fill_") == fills
+        assert "remainder" not in names
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")

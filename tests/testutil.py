@@ -1,4 +1,5 @@
 """Helpers shared by the model tests."""
+import json
 import os
 import subprocess
 import sys
@@ -71,6 +72,34 @@ def write_hybrid_checkpoint(d, tiny_data, gate_std=None):
     save_model(str(d), 5, model)
     copy_tokenizer_files(tiny_data["tokenizer_dir"], str(d))
     return model
+
+
+def dispatched_ops(fn):
+    """(fn(), the names of every aten op it dispatched, in order)."""
+    class Ops(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.names = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.names.append(func.overloadpacket.__name__)
+            return func(*args, **(kwargs or {}))
+
+    with Ops() as ops:
+        out = fn()
+    return out, ops.names
+
+
+def interpreted(script, timeout, one_thread=False):
+    """`python -c script <repository root>` from the root with TRITON_INTERPRET=1 (Triton's interpreter runs the
+    kernels on the CPU; one_thread: OMP_NUM_THREADS=1 too); asserts that it succeeded (else shows its stderr's tail)
+    and returns the JSON of its last stdout line."""
+    root = str(Path(__file__).resolve().parents[1])
+    env = dict(os.environ, TRITON_INTERPRET="1", **({"OMP_NUM_THREADS": "1"} if one_thread else {}))
+    r = subprocess.run([sys.executable, "-c", script, root], env=env, capture_output=True, text=True, timeout=timeout,
+                       cwd=root)
+    assert r.returncode == 0, r.stderr[-3000:]
+    return json.loads(r.stdout.strip().splitlines()[-1])
 
 
 def exit_now():
