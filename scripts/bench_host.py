@@ -20,6 +20,7 @@ import time
 import torch
 
 from nanochat import cuda_graphs
+from nanochat.common import synchronize as sync
 from scripts.bench_common import finish, print_table, progress
 
 COLUMNS = [("what", "decode", ""), ("k", "k", "d"), ("first_ms", "ms to the first token", ".2f"),
@@ -56,18 +57,14 @@ def measure(engine, prompt, n, reps, kw, device):
     """(median ms to the first token handed out: the prefill(s) and the prompt's next token, median ms a token after
     it, median rounds a generation or None), each from one generation of n tokens (the same shapes every time, so
     the workspace and its segments are reused)."""
-    def wait():
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-
     def gen():
-        wait()
+        sync(device)
         t0 = time.perf_counter()
         t1 = None
         for _ in engine.generate([prompt], n, **kw):
             if t1 is None:
                 t1 = time.perf_counter()
-        wait()
+        sync(device)
         return (t1 - t0) * 1e3, (time.perf_counter() - t1) * 1e3 / (n - 1)
 
     gen()  # each key's first (computed) run, outside the timing
